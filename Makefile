@@ -1,0 +1,43 @@
+# fedpeft — one entry point for people and CI.
+#   make run     set up, fetch models and data, build, run a small federated trial (the main job)
+#   make test    the whole test suite (what CI runs)
+#   make bench   benchmarks (figures quoted in README.md)
+#   make lint    rustfmt + clippy -D warnings
+SHELL := /bin/bash
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= auto
+
+.PHONY: setup run test test-rust check-nostd bench lint fmt models clean
+
+setup:
+	@scripts/setup.sh
+
+run: setup
+	@echo "fedpeft: the federated trial (aggregator + embedded broker + edge clients) is not built yet;"
+	@echo "         'make test' runs everything that exists today."
+
+check-nostd:
+	$(CARGO) check -p fedpeft-protocol --no-default-features --target thumbv7em-none-eabihf
+
+test-rust:
+	@if command -v cargo-nextest >/dev/null; then \
+	  $(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+	  $(CARGO) test --workspace --no-fail-fast; \
+	fi
+	$(CARGO) test --workspace --doc
+
+test: setup check-nostd test-rust
+
+bench:
+	$(CARGO) bench -p fedpeft-protocol --bench codec
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,3 @@
+//! fedpeft wire format (being built).
+#![no_std]
+extern crate alloc;

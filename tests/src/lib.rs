@@ -1,0 +1,1 @@
+//! End-to-end tests for fedpeft live in `tests/tests/` (being built).

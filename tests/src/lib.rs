@@ -1,1 +1,211 @@
-//! End-to-end tests for fedpeft live in `tests/tests/` (being built).
+//! Helpers for fedpeft's end-to-end tests (`tests/tests/*.rs`).
+//!
+//! The end-to-end tests run the real binaries (`aggregator`, `edge-client`) as separate
+//! processes against a real MQTT broker on loopback: the aggregator's embedded rumqttd, or a
+//! Mosquitto started here on a free port. Every process is owned by a guard that kills it when
+//! the test ends, pass or fail.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The workspace root (the folder holding the top-level `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Where cargo put this build's binaries (honours `CARGO_TARGET_DIR`).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
+/// Path of a workspace binary built in the same profile as this test. The Makefile builds the
+/// binaries before the tests run; a missing binary is a clear failure, not a skip.
+pub fn binary(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps; binaries in target/<profile>.
+    let exe = std::env::current_exe().expect("current test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| target_dir().join("debug"));
+    let path = profile_dir.join(name);
+    assert!(
+        path.is_file(),
+        "binary `{name}` not found at {}: build it first with `cargo build --bins` (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral loopback port")
+}
+
+/// Waits until something accepts TCP connections on `127.0.0.1:port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A child process that is killed when dropped, with its output captured line by line.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    output: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr captured (and echoed to the test's stderr, prefixed
+    /// with `name`, so a failing test shows what each process said).
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name} ({cmd:?}): {e}"));
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("piped stdout");
+        let err = child.stderr.take().expect("piped stderr");
+        Self::pump(name, out, output.clone());
+        Self::pump(name, err, output.clone());
+        Proc { name: name.to_string(), child: Some(child), output }
+    }
+
+    fn pump(name: &str, stream: impl Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>) {
+        let name = name.to_string();
+        thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                eprintln!("[{name}] {line}");
+                sink.lock().expect("output lock").push(line);
+            }
+        });
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> Vec<String> {
+        self.output.lock().expect("output lock").clone()
+    }
+
+    /// Waits for a printed line containing `needle`; returns it.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(line) = self.output().into_iter().find(|l| l.contains(needle)) {
+                return Some(line);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Waits for the process to exit by itself; `None` on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The operating-system process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// SIGKILL: the process gets no chance to clean up (crash testing).
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.pid();
+        if pid == 0 {
+            return None;
+        }
+        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let status = self.wait_exit(grace);
+        if status.is_none() {
+            self.kill_hard();
+        }
+        self.child = None;
+        status
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+/// A Mosquitto broker on a free loopback port, stopped when dropped.
+#[derive(Debug)]
+pub struct Mosquitto {
+    pub port: u16,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts `mosquitto` (Debian package `mosquitto`, installed by `scripts/setup.sh`) with
+    /// anonymous access on 127.0.0.1 only and an explicit packet size limit.
+    pub fn start(max_packet_bytes: u32) -> Mosquitto {
+        let dir = tempfile::tempdir().expect("temp dir for mosquitto");
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_packet_size {max_packet_bytes}\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .expect("mosquitto not installed: run scripts/setup.sh (apt package `mosquitto`)");
+        let mut cmd = Command::new(exe);
+        cmd.arg("-c").arg(&conf);
+        let proc = Proc::spawn("mosquitto", cmd);
+        assert!(
+            wait_for_port(port, Duration::from_secs(10)),
+            "mosquitto did not listen on 127.0.0.1:{port}"
+        );
+        Mosquitto { port, _proc: proc, _dir: dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}

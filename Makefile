@@ -20,6 +20,7 @@ check-nostd:
 	$(CARGO) check -p fedpeft-protocol --no-default-features --target thumbv7em-none-eabihf
 
 test-rust:
+	$(CARGO) build --workspace --bins
 	@if command -v cargo-nextest >/dev/null; then \
 	  $(CARGO) nextest run --workspace --no-fail-fast; \
 	else \

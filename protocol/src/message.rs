@@ -1,0 +1,422 @@
+//! The messages of a federation's lifecycle. Each travels as the body of an
+//! [`Envelope`](crate::Envelope); see `docs/protocol.md` for topics and field-by-field layout.
+//!
+//! Field order is the wire order (postcard is positional): append-only changes need a new
+//! protocol version, so never reorder or insert fields.
+
+use alloc::vec::Vec;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::ClientId;
+use crate::tensor::{DType, Tensor, TensorError};
+
+/// Longest backbone id, in bytes.
+pub const MAX_BACKBONE_ID_LEN: usize = 64;
+
+/// The parameter-efficient fine-tuning method a client trains.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum PeftMethod {
+    /// Classifier head only.
+    Head,
+    /// Bias terms (BitFit) plus the head.
+    Bias,
+    /// Low-rank adapters of rank `rank`, scaled by `alpha / rank`.
+    Lora {
+        /// Rank r.
+        rank: u16,
+        /// Scaling numerator alpha.
+        alpha: f32,
+    },
+    /// Bottleneck adapters of width `bottleneck`.
+    Adapter {
+        /// Hidden width of the adapter.
+        bottleneck: u16,
+    },
+    /// `tokens` learned prompt tokens prepended at the tail's input.
+    Prompt {
+        /// Number of prompt tokens.
+        tokens: u16,
+    },
+    /// Every tail weight (the accuracy baseline).
+    FullTail,
+}
+
+/// What a client can do; sent once in [`Join`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Backbone identifier, e.g. `efficientnet-lite0@split-6`.
+    pub backbone_id: heapless::String<MAX_BACKBONE_ID_LEN>,
+    /// SHA-256 of the backbone's trunk file, so clients with a different trunk are refused.
+    pub backbone_sha256: [u8; 32],
+    /// PEFT method trained.
+    pub peft: PeftMethod,
+    /// Update dtypes the client can produce and global adapter dtypes it can read.
+    pub accepted_dtypes: heapless::Vec<DType, 3>,
+    /// Largest MQTT packet the client accepts, in bytes; larger payloads must be chunked.
+    pub max_packet_size: u32,
+}
+
+/// A client announces itself and its capabilities.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Join {
+    /// Who.
+    pub client: ClientId,
+    /// What it can do.
+    pub capabilities: Capabilities,
+    /// Local training examples (the FedAvg weight).
+    pub num_examples: u64,
+}
+
+/// Which clients take part in a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Sampling {
+    /// Every connected client.
+    All,
+    /// Exactly these clients.
+    Clients(Vec<ClientId>),
+    /// Each client joins independently with this probability (decided from the round seed).
+    Rate(f32),
+}
+
+/// Client optimizer for local training.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Optimizer {
+    /// SGD with (heavy-ball) momentum and L2 weight decay.
+    Sgd {
+        /// Momentum, 0 for plain SGD.
+        momentum: f32,
+        /// L2 weight decay.
+        weight_decay: f32,
+    },
+    /// Adam with decoupled weight decay (AdamW; weight_decay 0 is plain Adam).
+    AdamW {
+        /// First-moment decay.
+        beta1: f32,
+        /// Second-moment decay.
+        beta2: f32,
+        /// Denominator epsilon.
+        epsilon: f32,
+        /// Decoupled weight decay.
+        weight_decay: f32,
+    },
+}
+
+/// Sample-level DP-SGD on the client.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DpSgd {
+    /// Per-sample gradient L2 clipping norm.
+    pub clip_norm: f32,
+    /// Gaussian noise standard deviation as a multiple of `clip_norm`.
+    pub noise_multiplier: f32,
+}
+
+/// Local training hyper-parameters for one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalConfig {
+    /// Local epochs.
+    pub epochs: u16,
+    /// Mini-batch size.
+    pub batch_size: u32,
+    /// Learning rate.
+    pub learning_rate: f32,
+    /// Optimizer.
+    pub optimizer: Optimizer,
+    /// FedProx proximal coefficient mu (0 = FedAvg).
+    pub fedprox_mu: f32,
+    /// DP-SGD, if any.
+    pub dp_sgd: Option<DpSgd>,
+    /// Encoding for the update.
+    pub update_dtype: DType,
+    /// Top-k fraction for the update, if sparsified.
+    pub top_k_fraction: Option<f32>,
+    /// Seed for sampling, shuffling and stochastic rounding this round.
+    pub seed: u64,
+}
+
+/// The aggregator opens a round (published retained).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundAnnounce {
+    /// Round number.
+    pub round: u32,
+    /// Updates arriving after this instant (Unix time, ms) are late.
+    pub deadline_unix_ms: u64,
+    /// Who takes part.
+    pub sampling: Sampling,
+    /// How to train.
+    pub config: LocalConfig,
+}
+
+/// The aggregated adapter after `round` (published retained); round 0 is the initial one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GlobalAdapter {
+    /// The round that produced it.
+    pub round: u32,
+    /// Full adapter weights (not deltas).
+    pub tensors: Vec<Tensor>,
+}
+
+/// Local training metrics sent with an update.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainMetrics {
+    /// Mean training loss over the last local epoch.
+    pub loss: f32,
+    /// Training accuracy over the last local epoch, in `[0, 1]`.
+    pub accuracy: f32,
+    /// Optimizer steps taken.
+    pub steps: u32,
+    /// Wall time of local training, ms.
+    pub elapsed_ms: u32,
+    /// Privacy spent so far (epsilon at the run's delta), when DP-SGD is on.
+    pub epsilon: Option<f32>,
+}
+
+/// A client's update: `local - global` for every trainable tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientUpdate {
+    /// Who.
+    pub client: ClientId,
+    /// The round trained (the global adapter it started from is `round - 1`'s).
+    pub round: u32,
+    /// Per-client counter, increasing across rounds: a redelivered duplicate has the same
+    /// `(client, round, sequence)` and is dropped; an older one is stale.
+    pub sequence: u32,
+    /// Examples used (the FedAvg weight).
+    pub num_examples: u64,
+    /// Training metrics.
+    pub metrics: TrainMetrics,
+    /// Deltas.
+    pub tensors: Vec<Tensor>,
+}
+
+/// A client's evaluation of the global adapter on its local held-out data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    /// Who.
+    pub client: ClientId,
+    /// The global adapter's round.
+    pub round: u32,
+    /// Examples evaluated.
+    pub num_examples: u64,
+    /// Mean loss.
+    pub loss: f32,
+    /// Accuracy in `[0, 1]`.
+    pub accuracy: f32,
+}
+
+/// A client's state, published retained on its status topic; the `Offline` status is also the
+/// MQTT last will registered at connect time, so the broker publishes it if the client vanishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ClientState {
+    /// Connected, not yet joined to a round.
+    Online,
+    /// Joined, waiting for a round.
+    Idle,
+    /// Training for the envelope's round.
+    Training,
+    /// Gone (graceful disconnect or last will).
+    Offline,
+}
+
+/// A client's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Who.
+    pub client: ClientId,
+    /// State.
+    pub state: ClientState,
+}
+
+/// One piece of a payload too large for one MQTT packet; see [`crate::chunk`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// Identifies the chunked payload among the sender's in-flight ones.
+    pub message_id: u32,
+    /// Position, `0..count`.
+    pub index: u32,
+    /// Number of chunks.
+    pub count: u32,
+    /// Length of the reassembled payload, bytes.
+    pub total_len: u32,
+    /// CRC-32 (ISO-HDLC) of the reassembled payload.
+    pub crc32: u32,
+    /// This chunk's bytes.
+    #[serde(with = "crate::bytes::field")]
+    pub data: Vec<u8>,
+}
+
+/// Message kind codes: the byte after the envelope header fields. 0 is reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum MessageKind {
+    /// [`Join`].
+    Join = 1,
+    /// [`RoundAnnounce`].
+    RoundAnnounce = 2,
+    /// [`GlobalAdapter`].
+    GlobalAdapter = 3,
+    /// [`ClientUpdate`].
+    ClientUpdate = 4,
+    /// [`EvalResult`].
+    EvalResult = 5,
+    /// [`Status`].
+    Status = 6,
+    /// [`Chunk`].
+    Chunk = 7,
+}
+
+impl MessageKind {
+    /// All kinds, in code order.
+    pub const ALL: [MessageKind; 7] = [
+        MessageKind::Join,
+        MessageKind::RoundAnnounce,
+        MessageKind::GlobalAdapter,
+        MessageKind::ClientUpdate,
+        MessageKind::EvalResult,
+        MessageKind::Status,
+        MessageKind::Chunk,
+    ];
+
+    /// The kind with wire code `code`, if any.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| *k as u8 == code)
+    }
+
+    /// snake_case name, as printed by tools.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Join => "join",
+            MessageKind::RoundAnnounce => "round_announce",
+            MessageKind::GlobalAdapter => "global_adapter",
+            MessageKind::ClientUpdate => "client_update",
+            MessageKind::EvalResult => "eval_result",
+            MessageKind::Status => "status",
+            MessageKind::Chunk => "chunk",
+        }
+    }
+}
+
+impl core::fmt::Display for MessageKind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Any message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// See [`Join`].
+    Join(Join),
+    /// See [`RoundAnnounce`].
+    RoundAnnounce(RoundAnnounce),
+    /// See [`GlobalAdapter`].
+    GlobalAdapter(GlobalAdapter),
+    /// See [`ClientUpdate`].
+    ClientUpdate(ClientUpdate),
+    /// See [`EvalResult`].
+    EvalResult(EvalResult),
+    /// See [`Status`].
+    Status(Status),
+    /// See [`Chunk`].
+    Chunk(Chunk),
+}
+
+impl Message {
+    /// The message's kind.
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Message::Join(_) => MessageKind::Join,
+            Message::RoundAnnounce(_) => MessageKind::RoundAnnounce,
+            Message::GlobalAdapter(_) => MessageKind::GlobalAdapter,
+            Message::ClientUpdate(_) => MessageKind::ClientUpdate,
+            Message::EvalResult(_) => MessageKind::EvalResult,
+            Message::Status(_) => MessageKind::Status,
+            Message::Chunk(_) => MessageKind::Chunk,
+        }
+    }
+
+    /// The round named inside the body, for the kinds that carry one.
+    pub fn body_round(&self) -> Option<u32> {
+        match self {
+            Message::RoundAnnounce(m) => Some(m.round),
+            Message::GlobalAdapter(m) => Some(m.round),
+            Message::ClientUpdate(m) => Some(m.round),
+            Message::EvalResult(m) => Some(m.round),
+            Message::Join(_) | Message::Status(_) | Message::Chunk(_) => None,
+        }
+    }
+
+    /// The sending client, for the kinds that name one.
+    pub fn client(&self) -> Option<&ClientId> {
+        match self {
+            Message::Join(m) => Some(&m.client),
+            Message::ClientUpdate(m) => Some(&m.client),
+            Message::EvalResult(m) => Some(&m.client),
+            Message::Status(m) => Some(&m.client),
+            Message::RoundAnnounce(_) | Message::GlobalAdapter(_) | Message::Chunk(_) => None,
+        }
+    }
+
+    /// The tensors carried, if any.
+    pub fn tensors(&self) -> &[Tensor] {
+        match self {
+            Message::GlobalAdapter(m) => &m.tensors,
+            Message::ClientUpdate(m) => &m.tensors,
+            _ => &[],
+        }
+    }
+
+    /// Structural checks beyond what the serde layer sees: every tensor consistent, tensor
+    /// names unique within the message.
+    pub(crate) fn check(&self) -> Result<(), TensorError> {
+        let tensors = self.tensors();
+        for (i, t) in tensors.iter().enumerate() {
+            t.check()?;
+            if tensors[..i].iter().any(|u| u.name() == t.name()) {
+                return Err(TensorError::DuplicateName {
+                    name: t.name().into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports the first NaN or infinity in any tensor, naming it. Aggregators call this and
+    /// reject the update; decoding alone keeps such values so they can be inspected.
+    pub fn validate(&self) -> Result<(), crate::tensor::NonFinite> {
+        self.tensors().iter().try_for_each(Tensor::validate)
+    }
+}
+
+impl ClientUpdate {
+    /// See [`Message::validate`].
+    pub fn validate(&self) -> Result<(), crate::tensor::NonFinite> {
+        self.tensors.iter().try_for_each(Tensor::validate)
+    }
+}
+
+impl GlobalAdapter {
+    /// See [`Message::validate`].
+    pub fn validate(&self) -> Result<(), crate::tensor::NonFinite> {
+        self.tensors.iter().try_for_each(Tensor::validate)
+    }
+}
+
+macro_rules! from_body {
+    ($($t:ident),*) => {$(
+        impl From<$t> for Message {
+            fn from(m: $t) -> Message {
+                Message::$t(m)
+            }
+        }
+    )*};
+}
+from_body!(
+    Join,
+    RoundAnnounce,
+    GlobalAdapter,
+    ClientUpdate,
+    EvalResult,
+    Status,
+    Chunk
+);

@@ -1,0 +1,116 @@
+//! Frozen tail weights: from a `tail.safetensors` file or an in-memory name → array map.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use ndarray::ArrayD;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{PeftError, Result};
+use crate::params::array_from_f32;
+use crate::real::Real;
+
+/// Frozen f32 tensors by name (PyTorch layout, row-major).
+#[derive(Debug, Clone, Default)]
+pub struct FrozenWeights {
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    source: String,
+}
+
+impl FrozenWeights {
+    /// An in-memory map `name → (shape, values)`.
+    pub fn from_map(tensors: HashMap<String, (Vec<usize>, Vec<f32>)>) -> Result<Self> {
+        for (name, (shape, values)) in &tensors {
+            let expected: usize = shape.iter().product();
+            if expected != values.len() {
+                return Err(PeftError::Length {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    expected,
+                    got: values.len(),
+                });
+            }
+        }
+        Ok(Self {
+            tensors,
+            source: "the in-memory weight map".into(),
+        })
+    }
+
+    /// Reads a safetensors file (all tensors must be F32).
+    pub fn from_safetensors(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| PeftError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut w = Self::from_safetensors_bytes(&bytes, &path.display().to_string())?;
+        w.source = path.display().to_string();
+        Ok(w)
+    }
+
+    /// Parses safetensors bytes; `label` names the origin in errors.
+    pub fn from_safetensors_bytes(bytes: &[u8], label: &str) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| PeftError::SafeTensors {
+            path: label.to_string(),
+            why: e.to_string(),
+        })?;
+        let mut tensors = HashMap::new();
+        for (name, view) in st.tensors() {
+            if view.dtype() != Dtype::F32 {
+                return Err(PeftError::Dtype {
+                    name,
+                    dtype: format!("{:?}", view.dtype()),
+                });
+            }
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            tensors.insert(name, (view.shape().to_vec(), values));
+        }
+        Ok(Self {
+            tensors,
+            source: label.to_string(),
+        })
+    }
+
+    /// Whether a tensor is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The shape of a tensor, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|(s, _)| s.as_slice())
+    }
+
+    /// Where these weights came from (for error messages).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// A tensor converted to `T`, checked against `expected` (`None` entries match any size).
+    pub fn get<T: Real>(&self, name: &str, expected: &[Option<usize>]) -> Result<ArrayD<T>> {
+        let (shape, values) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| PeftError::MissingWeight {
+                name: name.to_string(),
+                source_desc: self.source.clone(),
+            })?;
+        let ok = shape.len() == expected.len()
+            && shape
+                .iter()
+                .zip(expected)
+                .all(|(&s, e)| e.is_none_or(|e| e == s));
+        if !ok {
+            return Err(PeftError::Shape {
+                name: name.to_string(),
+                expected: expected.iter().map(|e| e.unwrap_or(0)).collect(),
+                got: shape.clone(),
+            });
+        }
+        array_from_f32(name, shape, values)
+    }
+}

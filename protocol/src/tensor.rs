@@ -624,7 +624,7 @@ impl Tensor {
     }
 }
 
-/// Picks the `ceil(fraction * n)` largest-magnitude positions, returned in increasing order.
+/// Picks the `max(1, round(fraction * n))` largest-magnitude positions, returned in increasing order.
 /// NaN counts as largest so it is sent (and then rejected by validation) rather than hidden.
 fn top_k_indices(name: &str, data: &[f32], fraction: f32) -> Result<Vec<u32>, TensorError> {
     if !(fraction > 0.0 && fraction <= 1.0) {
@@ -634,14 +634,8 @@ fn top_k_indices(name: &str, data: &[f32], fraction: f32) -> Result<Vec<u32>, Te
         });
     }
     let n = data.len();
-    let k = ((fraction as f64 * n as f64) as usize).max(usize::from(n > 0));
-    // ceil without std: bump when the product had a fractional part.
-    let k = if (k as f64) < fraction as f64 * n as f64 {
-        k + 1
-    } else {
-        k
-    }
-    .min(n);
+    // Nearest, not ceiling: 0.1f32 is 0.100000001..., and ceil(0.100000001 * 1000) = 101.
+    let k = ((f64::from(fraction) * n as f64 + 0.5) as usize).clamp(usize::from(n > 0), n);
     let mut order: Vec<u32> = (0..n as u32).collect();
     if k < n {
         let magnitude = |i: &u32| {
@@ -842,7 +836,7 @@ mod tests {
     #[test]
     fn top_k_keeps_the_largest_magnitudes_in_index_order() {
         let data = [0.1, -5.0, 0.2, 3.0, -0.3, 0.0];
-        let idx = top_k_indices("t", &data, 0.34).unwrap();
+        let idx = top_k_indices("t", &data, 0.5).unwrap();
         assert_eq!(idx, alloc::vec![1, 3, 4]);
         assert_eq!(top_k_indices("t", &data, 1.0).unwrap().len(), 6);
         assert_eq!(top_k_indices("t", &data, 0.01).unwrap(), alloc::vec![1]);

@@ -302,16 +302,16 @@ struct Partial {
     started_ms: u64,
 }
 
+/// Length chunk `index` must have, or `None` when `count` and `total_len` cannot come from
+/// [`split`] (the last chunk would be empty or negative: then earlier chunks would also run past
+/// the end of the buffer).
 fn expected_len(total_len: u32, count: u32, index: u32) -> Option<usize> {
     let total = total_len as usize;
     let size = total.div_ceil(count as usize);
-    let before = size.checked_mul(index as usize)?;
-    if index + 1 < count {
-        Some(size)
-    } else {
-        // A last chunk with no bytes means count and total_len cannot come from `split`.
-        total.checked_sub(before).filter(|&n| n > 0)
-    }
+    let last = total
+        .checked_sub(size.checked_mul(count as usize - 1)?)
+        .filter(|&n| n > 0)?;
+    Some(if index + 1 < count { size } else { last })
 }
 
 /// Reassembles chunked payloads from many senders with bounded memory. `K` identifies the

@@ -371,7 +371,7 @@ impl Message {
     pub(crate) fn check(&self) -> Result<(), TensorError> {
         let tensors = self.tensors();
         for (i, t) in tensors.iter().enumerate() {
-            t.check()?;
+            t.check_structure()?;
             if tensors[..i].iter().any(|u| u.name() == t.name()) {
                 return Err(TensorError::DuplicateName {
                     name: t.name().into(),

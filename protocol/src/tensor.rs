@@ -111,6 +111,21 @@ impl Values {
         }
     }
 
+    /// Calls `f(i, value_i as f32)` for every value; one dtype dispatch, not one per element.
+    pub fn for_each_f32(&self, mut f: impl FnMut(usize, f32)) {
+        match self {
+            Values::F32(v) => v.iter().enumerate().for_each(|(i, &x)| f(i, x)),
+            Values::F16(v) => v
+                .iter()
+                .enumerate()
+                .for_each(|(i, &h)| f(i, f16_bits_to_f32(h))),
+            Values::I8 { scale, values } => values
+                .iter()
+                .enumerate()
+                .for_each(|(i, &q)| f(i, f32::from(q) * scale)),
+        }
+    }
+
     /// All values as f32.
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
@@ -339,7 +354,8 @@ impl fmt::Display for NonFinite {
 impl core::error::Error for NonFinite {}
 
 /// A named tensor, dense or top-k sparse. Fields are private so every `Tensor` obtained through
-/// a constructor or [`crate::Envelope::decode`] is structurally consistent.
+/// a constructor or [`crate::Envelope::decode`] is structurally consistent. (The serde
+/// `Deserialize` impl alone does not check: see [`Tensor::check_structure`].)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tensor {
     name: String,
@@ -388,12 +404,13 @@ impl Tensor {
             values,
             indices,
         };
-        t.check()?;
+        t.check_structure()?;
         Ok(t)
     }
 
-    /// Checks structural consistency; called on every decoded tensor.
-    pub(crate) fn check(&self) -> Result<(), TensorError> {
+    /// Checks structural consistency. [`crate::Envelope::decode`] and the constructors call it;
+    /// call it yourself only if you deserialize a bare `Tensor` with serde.
+    pub fn check_structure(&self) -> Result<(), TensorError> {
         let name = || self.name.clone();
         if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
             return Err(TensorError::BadName { name: name() });
@@ -507,19 +524,23 @@ impl Tensor {
 
     /// `out[i] -= decoded[i]` without materialising the dense tensor (used by error feedback).
     fn subtract_from(&self, out: &mut [f32]) {
+        self.for_each_dense(|i, x| {
+            if let Some(o) = out.get_mut(i) {
+                *o -= x;
+            }
+        });
+    }
+
+    /// Calls `f(position, value)` for every value sent: position is the flat element index
+    /// (the sparse index for top-k tensors).
+    pub fn for_each_dense(&self, mut f: impl FnMut(usize, f32)) {
         match &self.indices {
-            None => {
-                for (i, o) in out.iter_mut().enumerate() {
-                    *o -= self.values.get_f32(i).unwrap_or(0.0);
+            None => self.values.for_each_f32(f),
+            Some(indices) => self.values.for_each_f32(|k, x| {
+                if let Some(&i) = indices.get(k) {
+                    f(i as usize, x)
                 }
-            }
-            Some(indices) => {
-                for (k, &i) in indices.iter().enumerate() {
-                    if let Some(o) = out.get_mut(i as usize) {
-                        *o -= self.values.get_f32(k).unwrap_or(0.0);
-                    }
-                }
-            }
+            }),
         }
     }
 
@@ -558,11 +579,13 @@ impl Tensor {
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.indices {
             None => self.values.to_f32(),
-            Some(indices) => {
+            Some(_) => {
                 let mut out = alloc::vec![0.0f32; self.num_elements()];
-                for (k, &i) in indices.iter().enumerate() {
-                    out[i as usize] = self.values.get_f32(k).unwrap_or(0.0);
-                }
+                self.for_each_dense(|i, x| {
+                    if let Some(o) = out.get_mut(i) {
+                        *o = x;
+                    }
+                });
                 out
             }
         }
@@ -578,18 +601,11 @@ impl Tensor {
                 found: acc.len(),
             });
         }
-        match &self.indices {
-            None => {
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a += weight * self.values.get_f32(i).unwrap_or(0.0);
-                }
+        self.for_each_dense(|i, x| {
+            if let Some(a) = acc.get_mut(i) {
+                *a += weight * x;
             }
-            Some(indices) => {
-                for (k, &i) in indices.iter().enumerate() {
-                    acc[i as usize] += weight * self.values.get_f32(k).unwrap_or(0.0);
-                }
-            }
-        }
+        });
         Ok(())
     }
 
@@ -605,17 +621,20 @@ impl Tensor {
                 value: *scale,
             });
         }
-        for i in 0..self.values.len() {
-            let v = self.values.get_f32(i).unwrap_or(0.0);
-            if !v.is_finite() {
-                return Err(NonFinite {
-                    tensor: self.name.clone(),
-                    position: Some(i),
-                    value: v,
-                });
+        let mut first = None;
+        self.values.for_each_f32(|i, v| {
+            if first.is_none() && !v.is_finite() {
+                first = Some((i, v));
             }
+        });
+        match first {
+            Some((i, v)) => Err(NonFinite {
+                tensor: self.name.clone(),
+                position: Some(i),
+                value: v,
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Bytes of value and index payload, excluding name and shape (for size reports).

@@ -170,6 +170,20 @@ fn chunks_with_the_wrong_length_or_impossible_headers_are_rejected() {
             "{index} {count} {total_len}"
         );
     }
+    // 4 chunks of ceil(5/4) = 2 bytes: chunk 2 would end at byte 6 of a 5-byte payload. Found
+    // by the reassembly property test (it panicked on a slice index before this check).
+    let c = Chunk {
+        message_id: 2,
+        index: 2,
+        count: 4,
+        total_len: 5,
+        crc32: 0,
+        data: vec![0, 0],
+    };
+    assert!(matches!(
+        r.push("a", c, 0),
+        Err(ReassemblyError::Malformed { .. })
+    ));
     // count and total_len no splitter could produce: 4 chunks of ceil(9/4) = 3 leave nothing
     // for the last one.
     let c = Chunk {

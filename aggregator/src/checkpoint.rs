@@ -1,0 +1,122 @@
+//! Checkpoints: the whole [`MachineState`] (global adapter, round, strategy state, accepted
+//! (client, round, sequence) set, counters, ledger, report rows), written atomically.
+//!
+//! File layout: `FPCK` magic, format version (u32 LE), SHA-256 of the body (32 bytes), body
+//! (postcard). postcard keeps every f32 bit-exact; the hash turns a torn or corrupted file into a
+//! clear error instead of a wrong resume. Writing goes to `<file>.tmp`, fsync, then rename over
+//! the old file (and fsync of the directory), so a crash leaves either the previous checkpoint or
+//! the new one, never a mix; a corrupt new file never replaces a good old one because the rename
+//! only happens after the complete write.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::round::MachineState;
+
+const MAGIC: &[u8; 4] = b"FPCK";
+const FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 4 + 4 + 32;
+
+/// Why a checkpoint could not be written or read. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("checkpoint {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("checkpoint {path}: cannot encode state: {reason}")]
+    Encode { path: PathBuf, reason: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Serializes a state to checkpoint bytes.
+pub fn to_bytes(state: &MachineState, path: &Path) -> Result<Vec<u8>, CheckpointError> {
+    let body = postcard::to_stdvec(state).map_err(|e| CheckpointError::Encode {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&Sha256::digest(&body));
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Parses checkpoint bytes read from `path` (named in errors).
+pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<MachineState, CheckpointError> {
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if bytes.len() < HEADER_LEN {
+        return Err(corrupt(format!(
+            "{} bytes, shorter than the {HEADER_LEN}-byte header",
+            bytes.len()
+        )));
+    }
+    if &bytes[..4] != MAGIC {
+        return Err(corrupt("does not start with FPCK".into()));
+    }
+    let version = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    if version != FORMAT_VERSION {
+        return Err(corrupt(format!(
+            "format version {version}, this build reads {FORMAT_VERSION}"
+        )));
+    }
+    let body = &bytes[HEADER_LEN..];
+    if Sha256::digest(body).as_slice() != &bytes[8..40] {
+        return Err(corrupt(
+            "SHA-256 of the body does not match the header (truncated or modified)".into(),
+        ));
+    }
+    postcard::from_bytes(body).map_err(|e| corrupt(format!("body does not decode: {e}")))
+}
+
+/// Writes `state` to `path` atomically (temp file, fsync, rename, fsync directory).
+pub fn save(state: &MachineState, path: &Path) -> Result<(), CheckpointError> {
+    let bytes = to_bytes(state, path)?;
+    let tmp = tmp_path(path);
+    {
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Make the rename itself durable. Some filesystems refuse to open a directory for
+        // syncing; the data is already safe in the file, so that is not an error.
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint; `Ok(None)` if the file does not exist.
+pub fn load(path: &Path) -> Result<Option<MachineState>, CheckpointError> {
+    match fs::read(path) {
+        Ok(bytes) => from_bytes(&bytes, path).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}

@@ -1,0 +1,653 @@
+//! Configuration: a TOML file (every field optional, unknown keys rejected) plus command-line
+//! overrides, validated into a typed [`Config`] before anything starts.
+//!
+//! ```toml
+//! fleet = "demo"              # topic namespace fedpeft/v1/{fleet}/…   default "fedpeft"
+//! run_id = 1                  # tags every message; clients drop other runs   default 1
+//! rounds = 5                  # rounds after the initial adapter             default 5
+//! seed = 42                   # sampling and per-round seeds                  default 42
+//! min_clients = 2             # joined clients needed to start a round; fewest sampled  default 2
+//! fraction = 1.0              # fraction of available clients sampled, in (0, 1]     default 1.0
+//! quorum = 2                  # accepted updates needed at the deadline  default = min_clients
+//! round_timeout_secs = 120.0  # deadline after the announcement                 default 120
+//! on_quorum_failure = "skip"  # or { extend = { max_extensions = 2 } }          default "skip"
+//! max_update_bytes = 16777216 # largest update on the wire (all chunks)        default 16 MiB
+//! max_payload_bytes = 262144  # publishes above this are chunked               default 256 KiB
+//! # max_update_norm = 10.0    # L2 bound on each client delta                  default none
+//! backbone_params = 0         # whole-backbone parameters, for the full-model comparison;
+//!                             # 0 = take it from the model host                 default 0
+//!
+//! [strategy]                  # kind = fedavg | fedadam | fedyogi | median | trimmed-mean
+//! kind = "fedavg"             # fedadam/fedyogi: server_lr (0.01), beta1 (0.9), beta2 (0.99),
+//!                             # tau (1e-3); trimmed-mean: trim (fraction per end, < 0.5)
+//! [local]                     # announced to clients every round
+//! epochs = 1                  # default 1
+//! batch_size = 32             # default 32
+//! learning_rate = 0.05        # default 0.05
+//! optimizer = "sgd"           # sgd | adamw                                     default sgd
+//! momentum = 0.0              # sgd                                             default 0
+//! weight_decay = 0.0          #                                                 default 0
+//! fedprox_mu = 0.0            # FedProx proximal term                           default 0
+//! update_dtype = "f32"        # f32 | f16 | int8                                default f32
+//! # top_k_fraction = 0.1      # sparsify updates                                default none
+//! # dp_clip_norm = 1.0        # DP-SGD: both or neither                         default none
+//! # dp_noise_multiplier = 1.0
+//!
+//! [broker]
+//! url = "embedded"            # "embedded" (in-process rumqttd) or mqtt://host:port  default
+//! host = "127.0.0.1"          # embedded: listen address                        default loopback
+//! port = 0                    # embedded: 0 = pick a free port                  default 0
+//! max_packet_bytes = 1048576  # MQTT packet limit, both ways and in the broker  default 1 MiB
+//! client_id = "fedpeft-aggregator"  #                                           default
+//! keep_alive_secs = 30        #                                                 default 30
+//!
+//! [model]                     # what the run trains: see `ModelHost`
+//! # backbone = "models/efficientnet-lite0"  # backbone directory (manifest)       default none
+//! peft = "head"               # head | bias | lora | adapter | prompt | full-tail  default head
+//! lora_rank = 8               # lora                                            default 8
+//! lora_alpha = 16.0           # lora                                            default 16
+//! bottleneck = 16             # adapter                                         default 16
+//! prompt_tokens = 4           # prompt                                          default 4
+//! eval_examples = 2000        # held-out examples evaluated each round          default 2000
+//! # Without a backbone the adapter is these zero tensors and nothing is evaluated:
+//! # tensors = [{ name = "head.weight", shape = [10, 1280] }]
+//!
+//! [output]
+//! dir = "runs/latest"         # report.json, report.csv, aggregator.ckpt       default
+//! resume = true               # resume from dir/aggregator.ckpt if present     default true
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use fedpeft_protocol::{DType, DpSgd, FleetName, LocalConfig, Optimizer, PeftMethod};
+use serde::Deserialize;
+
+use crate::round::QuorumFailure;
+use crate::strategy::StrategyKind;
+
+/// A config that cannot be used. Every variant names the field (and file, when read from one).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// The file as written: every field optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub fleet: Option<String>,
+    pub run_id: Option<u64>,
+    pub rounds: Option<u32>,
+    pub seed: Option<u64>,
+    pub min_clients: Option<usize>,
+    pub fraction: Option<f64>,
+    pub quorum: Option<usize>,
+    pub round_timeout_secs: Option<f64>,
+    pub on_quorum_failure: Option<RawQuorumFailure>,
+    pub max_update_bytes: Option<u64>,
+    pub max_payload_bytes: Option<usize>,
+    pub max_update_norm: Option<f64>,
+    pub backbone_params: Option<u64>,
+    pub strategy: Option<StrategyKind>,
+    #[serde(default)]
+    pub local: RawLocal,
+    #[serde(default)]
+    pub broker: RawBroker,
+    #[serde(default)]
+    pub model: RawModel,
+    #[serde(default)]
+    pub output: RawOutput,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum RawQuorumFailure {
+    Skip,
+    Extend { max_extensions: u32 },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocal {
+    pub epochs: Option<u16>,
+    pub batch_size: Option<u32>,
+    pub learning_rate: Option<f32>,
+    pub optimizer: Option<String>,
+    pub momentum: Option<f32>,
+    pub weight_decay: Option<f32>,
+    pub fedprox_mu: Option<f32>,
+    pub update_dtype: Option<String>,
+    pub top_k_fraction: Option<f32>,
+    pub dp_clip_norm: Option<f32>,
+    pub dp_noise_multiplier: Option<f32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBroker {
+    pub url: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub max_packet_bytes: Option<usize>,
+    pub client_id: Option<String>,
+    pub keep_alive_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub backbone: Option<PathBuf>,
+    pub peft: Option<String>,
+    pub lora_rank: Option<u16>,
+    pub lora_alpha: Option<f32>,
+    pub bottleneck: Option<u16>,
+    pub prompt_tokens: Option<u16>,
+    pub eval_examples: Option<usize>,
+    pub tensors: Option<Vec<RawTensor>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTensor {
+    pub name: String,
+    pub shape: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutput {
+    pub dir: Option<PathBuf>,
+    pub resume: Option<bool>,
+}
+
+/// Where the MQTT broker is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BrokerTarget {
+    /// Run rumqttd in-process on `host:port` (port 0 = a free one).
+    Embedded { host: String, port: u16 },
+    /// Connect to an external broker.
+    External { host: String, port: u16 },
+}
+
+/// Broker connection settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerConfig {
+    pub target: BrokerTarget,
+    pub max_packet_bytes: usize,
+    pub client_id: String,
+    pub keep_alive_secs: u64,
+}
+
+/// The model part: which PEFT method on which backbone, or a model-less adapter layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub backbone: Option<PathBuf>,
+    pub peft: PeftMethod,
+    pub eval_examples: usize,
+    pub tensors: Vec<(String, Vec<u32>)>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub fleet: FleetName,
+    pub run_id: u64,
+    pub rounds: u32,
+    pub seed: u64,
+    pub min_clients: usize,
+    pub fraction: f64,
+    pub quorum: usize,
+    pub round_timeout_ms: u64,
+    pub on_quorum_failure: QuorumFailure,
+    pub max_update_bytes: u64,
+    pub max_payload_bytes: usize,
+    pub max_update_norm: Option<f64>,
+    pub backbone_params: u64,
+    pub strategy: StrategyKind,
+    pub local: LocalConfig,
+    pub broker: BrokerConfig,
+    pub model: ModelConfig,
+    pub output_dir: PathBuf,
+    pub resume: bool,
+}
+
+impl RawConfig {
+    /// Parses TOML text; `path` names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn read(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Checks every field and fills in defaults.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let fleet_s = self.fleet.unwrap_or_else(|| "fedpeft".into());
+        let fleet = FleetName::new(&fleet_s).map_err(|e| invalid("fleet", e.to_string()))?;
+        let rounds = self.rounds.unwrap_or(5);
+        if rounds == 0 {
+            return Err(invalid("rounds", "must be at least 1"));
+        }
+        let min_clients = self.min_clients.unwrap_or(2);
+        if min_clients == 0 {
+            return Err(invalid("min_clients", "must be at least 1"));
+        }
+        let fraction = self.fraction.unwrap_or(1.0);
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(invalid("fraction", format!("{fraction} is not in (0, 1]")));
+        }
+        let quorum = self.quorum.unwrap_or(min_clients);
+        if quorum == 0 || quorum > min_clients {
+            return Err(invalid(
+                "quorum",
+                format!("{quorum} must be between 1 and min_clients ({min_clients})"),
+            ));
+        }
+        let timeout = self.round_timeout_secs.unwrap_or(120.0);
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(invalid(
+                "round_timeout_secs",
+                format!("{timeout} is not a positive number of seconds"),
+            ));
+        }
+        let on_quorum_failure = match self.on_quorum_failure.unwrap_or(RawQuorumFailure::Skip) {
+            RawQuorumFailure::Skip => QuorumFailure::Skip,
+            RawQuorumFailure::Extend { max_extensions } => QuorumFailure::Extend { max_extensions },
+        };
+        let broker = validate_broker(self.broker)?;
+        let max_payload_bytes = self.max_payload_bytes.unwrap_or(256 * 1024);
+        // Chunks carry a header, and the PUBLISH a topic: leave 1 KiB of room in the packet.
+        if max_payload_bytes < 1024 || max_payload_bytes + 1024 > broker.max_packet_bytes {
+            return Err(invalid(
+                "max_payload_bytes",
+                format!(
+                    "{max_payload_bytes} must be at least 1024 and at most broker.max_packet_bytes - 1024 ({})",
+                    broker.max_packet_bytes.saturating_sub(1024)
+                ),
+            ));
+        }
+        let max_update_norm = match self.max_update_norm {
+            Some(n) if !(n.is_finite() && n > 0.0) => {
+                return Err(invalid("max_update_norm", format!("{n} is not positive")));
+            }
+            n => n,
+        };
+        let strategy = self.strategy.unwrap_or(StrategyKind::FedAvg);
+        match &strategy {
+            StrategyKind::TrimmedMean { trim } if !(0.0..0.5).contains(trim) => {
+                return Err(invalid(
+                    "strategy.trim",
+                    format!("{trim} is not in [0, 0.5)"),
+                ));
+            }
+            StrategyKind::FedAdam(p) | StrategyKind::FedYogi(p) => {
+                if p.server_lr.is_nan() || p.server_lr <= 0.0 || !(0.0..1.0).contains(&p.beta1) {
+                    return Err(invalid(
+                        "strategy",
+                        "server_lr must be > 0 and beta1 in [0, 1)",
+                    ));
+                }
+                if !(0.0..1.0).contains(&p.beta2) || p.tau.is_nan() || p.tau <= 0.0 {
+                    return Err(invalid("strategy", "beta2 must be in [0, 1) and tau > 0"));
+                }
+            }
+            _ => {}
+        }
+        let local = validate_local(self.local)?;
+        let model = validate_model(self.model)?;
+        let output = self.output;
+        Ok(Config {
+            fleet,
+            run_id: self.run_id.unwrap_or(1),
+            rounds,
+            seed: self.seed.unwrap_or(42),
+            min_clients,
+            fraction,
+            quorum,
+            round_timeout_ms: (timeout * 1000.0).round() as u64,
+            on_quorum_failure,
+            max_update_bytes: self.max_update_bytes.unwrap_or(16 << 20),
+            max_payload_bytes,
+            max_update_norm,
+            backbone_params: self.backbone_params.unwrap_or(0),
+            strategy,
+            local,
+            broker,
+            model,
+            output_dir: output.dir.unwrap_or_else(|| PathBuf::from("runs/latest")),
+            resume: output.resume.unwrap_or(true),
+        })
+    }
+}
+
+fn validate_broker(b: RawBroker) -> Result<BrokerConfig, ConfigError> {
+    let url = b.url.unwrap_or_else(|| "embedded".into());
+    let target = if url == "embedded" {
+        BrokerTarget::Embedded {
+            host: b.host.unwrap_or_else(|| "127.0.0.1".into()),
+            port: b.port.unwrap_or(0),
+        }
+    } else {
+        if b.host.is_some() || b.port.is_some() {
+            return Err(invalid(
+                "broker.host",
+                "host and port are for the embedded broker; put them in the url",
+            ));
+        }
+        let (host, port) = parse_mqtt_url(&url)?;
+        BrokerTarget::External { host, port }
+    };
+    let max_packet_bytes = b.max_packet_bytes.unwrap_or(1 << 20);
+    if !(4096..=256 << 20).contains(&max_packet_bytes) {
+        return Err(invalid(
+            "broker.max_packet_bytes",
+            format!("{max_packet_bytes} is not between 4096 and 256 MiB"),
+        ));
+    }
+    let client_id = b.client_id.unwrap_or_else(|| "fedpeft-aggregator".into());
+    if client_id.is_empty() || client_id.len() > 64 {
+        return Err(invalid("broker.client_id", "must be 1 to 64 bytes"));
+    }
+    Ok(BrokerConfig {
+        target,
+        max_packet_bytes,
+        client_id,
+        keep_alive_secs: b.keep_alive_secs.unwrap_or(30).max(5),
+    })
+}
+
+/// `mqtt://host:port` (port default 1883). TLS (`mqtts://`) is not supported yet.
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), ConfigError> {
+    if url.starts_with("mqtts://") {
+        return Err(invalid(
+            "broker.url",
+            "mqtts:// (TLS) is not supported yet; use mqtt:// or the embedded broker",
+        ));
+    }
+    let rest = url.strip_prefix("mqtt://").ok_or_else(|| {
+        invalid(
+            "broker.url",
+            format!("`{url}` is neither \"embedded\" nor mqtt://host:port"),
+        )
+    })?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| invalid("broker.url", format!("port `{p}` is not a number")))?,
+        ),
+        None => (rest, 1883),
+    };
+    if host.is_empty() {
+        return Err(invalid("broker.url", format!("`{url}` has no host")));
+    }
+    Ok((host.to_string(), port))
+}
+
+fn validate_local(l: RawLocal) -> Result<LocalConfig, ConfigError> {
+    let learning_rate = l.learning_rate.unwrap_or(0.05);
+    if !(learning_rate.is_finite() && learning_rate > 0.0) {
+        return Err(invalid("local.learning_rate", "must be positive"));
+    }
+    let weight_decay = l.weight_decay.unwrap_or(0.0);
+    let optimizer = match l.optimizer.as_deref().unwrap_or("sgd") {
+        "sgd" => Optimizer::Sgd {
+            momentum: l.momentum.unwrap_or(0.0),
+            weight_decay,
+        },
+        "adamw" | "adam" => Optimizer::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+            weight_decay,
+        },
+        other => {
+            return Err(invalid(
+                "local.optimizer",
+                format!("`{other}` is not sgd or adamw"),
+            ));
+        }
+    };
+    let update_dtype = match l.update_dtype.as_deref().unwrap_or("f32") {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "int8" | "i8" => DType::I8,
+        other => {
+            return Err(invalid(
+                "local.update_dtype",
+                format!("`{other}` is not f32, f16 or int8"),
+            ));
+        }
+    };
+    if let Some(k) = l.top_k_fraction
+        && !(k > 0.0 && k <= 1.0)
+    {
+        return Err(invalid(
+            "local.top_k_fraction",
+            format!("{k} is not in (0, 1]"),
+        ));
+    }
+    let dp_sgd = match (l.dp_clip_norm, l.dp_noise_multiplier) {
+        (None, None) => None,
+        (Some(clip_norm), Some(noise_multiplier)) if clip_norm > 0.0 && noise_multiplier >= 0.0 => {
+            Some(DpSgd {
+                clip_norm,
+                noise_multiplier,
+            })
+        }
+        _ => {
+            return Err(invalid(
+                "local.dp_clip_norm",
+                "DP-SGD needs both dp_clip_norm > 0 and dp_noise_multiplier >= 0",
+            ));
+        }
+    };
+    let epochs = l.epochs.unwrap_or(1);
+    let batch_size = l.batch_size.unwrap_or(32);
+    if epochs == 0 || batch_size == 0 {
+        return Err(invalid(
+            "local.epochs",
+            "epochs and batch_size must be at least 1",
+        ));
+    }
+    Ok(LocalConfig {
+        epochs,
+        batch_size,
+        learning_rate,
+        optimizer,
+        fedprox_mu: l.fedprox_mu.unwrap_or(0.0),
+        dp_sgd,
+        update_dtype,
+        top_k_fraction: l.top_k_fraction,
+        seed: 0,
+    })
+}
+
+fn validate_model(m: RawModel) -> Result<ModelConfig, ConfigError> {
+    let peft = match m.peft.as_deref().unwrap_or("head") {
+        "head" => PeftMethod::Head,
+        "bias" => PeftMethod::Bias,
+        "lora" => PeftMethod::Lora {
+            rank: m.lora_rank.unwrap_or(8),
+            alpha: m.lora_alpha.unwrap_or(16.0),
+        },
+        "adapter" => PeftMethod::Adapter {
+            bottleneck: m.bottleneck.unwrap_or(16),
+        },
+        "prompt" => PeftMethod::Prompt {
+            tokens: m.prompt_tokens.unwrap_or(4),
+        },
+        "full-tail" => PeftMethod::FullTail,
+        other => {
+            return Err(invalid(
+                "model.peft",
+                format!("`{other}` is not head, bias, lora, adapter, prompt or full-tail"),
+            ));
+        }
+    };
+    let tensors: Vec<(String, Vec<u32>)> = m
+        .tensors
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| (t.name, t.shape))
+        .collect();
+    if m.backbone.is_none() && tensors.is_empty() {
+        return Err(invalid(
+            "model.backbone",
+            "set a backbone directory, or list the adapter's tensors in model.tensors",
+        ));
+    }
+    for (i, (name, shape)) in tensors.iter().enumerate() {
+        if name.is_empty() || shape.is_empty() || shape.contains(&0) {
+            return Err(invalid(
+                "model.tensors",
+                format!("tensor #{i} `{name}` needs a name and a non-empty shape without zeros"),
+            ));
+        }
+        if tensors[..i].iter().any(|(n, _)| n == name) {
+            return Err(invalid(
+                "model.tensors",
+                format!("tensor `{name}` listed twice"),
+            ));
+        }
+    }
+    Ok(ModelConfig {
+        backbone: m.backbone,
+        peft,
+        eval_examples: m.eval_examples.unwrap_or(2000),
+        tensors,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[model]\ntensors = [{ name = \"w\", shape = [2, 3] }]\n";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        RawConfig::parse(text, Path::new("agg.toml"))?.validate()
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.fleet.as_str(), "fedpeft");
+        assert_eq!((c.rounds, c.min_clients, c.quorum), (5, 2, 2));
+        assert_eq!(c.round_timeout_ms, 120_000);
+        assert_eq!(c.strategy, StrategyKind::FedAvg);
+        assert_eq!(c.broker.max_packet_bytes, 1 << 20);
+        assert_eq!(
+            c.broker.target,
+            BrokerTarget::Embedded {
+                host: "127.0.0.1".into(),
+                port: 0
+            }
+        );
+        assert_eq!(c.model.tensors, vec![("w".to_string(), vec![2, 3])]);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_naming_the_file_and_key() {
+        let err = parse("roundz = 3\n").unwrap_err().to_string();
+        assert!(err.contains("agg.toml") && err.contains("roundz"), "{err}");
+        let err = parse("[broker]\nprot = 1\n").unwrap_err().to_string();
+        assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_field() {
+        for (text, field) in [
+            ("fraction = 0.0\n", "fraction"),
+            ("min_clients = 2\nquorum = 3\n", "quorum"),
+            ("round_timeout_secs = -1.0\n", "round_timeout_secs"),
+            ("fleet = \"a/b\"\n", "fleet"),
+            ("[local]\nupdate_dtype = \"f8\"\n", "local.update_dtype"),
+            ("[local]\ndp_clip_norm = 1.0\n", "local.dp_clip_norm"),
+            ("[broker]\nurl = \"http://x\"\n", "broker.url"),
+            (
+                "[broker]\nmax_packet_bytes = 100\n",
+                "broker.max_packet_bytes",
+            ),
+            ("max_payload_bytes = 2000000\n", "max_payload_bytes"),
+            (
+                "[strategy]\nkind = \"trimmed-mean\"\ntrim = 0.5\n",
+                "strategy.trim",
+            ),
+            ("[model]\npeft = \"lorax\"\n", "model.peft"),
+        ] {
+            let full = if text.contains("[model]") {
+                text.to_string()
+            } else {
+                format!("{text}{MINIMAL}")
+            };
+            let err = parse(&full).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{field}`")), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn strategies_and_external_broker_parse() {
+        let c = parse(&format!(
+            "[strategy]\nkind = \"fedyogi\"\nserver_lr = 0.1\n[broker]\nurl = \"mqtt://10.0.0.2:1884\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert!(
+            matches!(c.strategy, StrategyKind::FedYogi(ref p) if p.server_lr == 0.1 && p.beta1 == 0.9)
+        );
+        assert_eq!(
+            c.broker.target,
+            BrokerTarget::External {
+                host: "10.0.0.2".into(),
+                port: 1884
+            }
+        );
+        let c = parse(&format!("[strategy]\nkind = \"median\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.strategy, StrategyKind::Median);
+        assert_eq!(
+            parse_mqtt_url("mqtt://host").unwrap(),
+            ("host".into(), 1883)
+        );
+    }
+
+    #[test]
+    fn quorum_failure_policy_parses_both_forms() {
+        let c = parse(&format!(
+            "on_quorum_failure = {{ extend = {{ max_extensions = 2 }} }}\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.on_quorum_failure,
+            QuorumFailure::Extend { max_extensions: 2 }
+        );
+    }
+}

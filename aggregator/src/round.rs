@@ -1,0 +1,1116 @@
+//! The round state machine: pure, no I/O, no clock.
+//!
+//! [`RoundMachine::on_event`] takes one [`Event`] (a client joined, a status / last will, an
+//! update arrived, an evaluation finished, a deadline tick) and the current Unix time in ms, and
+//! returns the [`Action`]s the async shell carries out in order (publish, checkpoint, evaluate,
+//! finish). Round lifecycle:
+//!
+//! ```text
+//! wait for min_clients ─► sample (fraction, minimum, seeded) ─► publish global (retained)
+//!   ─► announce (retained) ─► collect until every sampled client replied,
+//!      or the deadline passed with at least `quorum` accepted updates
+//!   ─► aggregate (strategy) ─► publish new global ─► checkpoint ─► evaluate ─► next round
+//! ```
+//!
+//! Every update is validated (run, version, checksum and structure by the decoder; here: client
+//! known and sampled, round current, not a duplicate or stale sequence, size, layout, finite
+//! values) and either folded into the strategy's accumulator or rejected with a log line naming
+//! client, round and reason, and counted per reason. The whole machine state is serializable:
+//! a [`MachineState`] checkpoint restores a machine that behaves exactly like the original.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use fedpeft_protocol::{
+    ClientId, ClientState, ClientUpdate, Codec, DType, Envelope, FleetName, GlobalAdapter,
+    LocalConfig, PeftMethod, QoS, RoundAnnounce, Sampling, SplitMix64, Topic, TopicKind,
+};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::accounting::{Ledger, Traffic, full_model_round_bytes, wire_size};
+use crate::adapter::{Adapter, Tensor, first_non_finite};
+use crate::strategy::{Accumulator, Strategy, StrategyError, StrategyState, bound_norm};
+
+/// Why an update (or a join) was refused. The `as_str` names are the report's keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum RejectReason {
+    /// Not decodable as a fedpeft envelope (truncated, bad varint, wrong kind on the topic, …).
+    Malformed,
+    /// Envelope of a protocol version this aggregator does not speak.
+    WrongVersion,
+    /// Envelope or chunk CRC-32 mismatch.
+    BadChecksum,
+    /// Envelope of another run (e.g. a retained leftover on an external broker).
+    WrongRun,
+    /// Larger than `max_update_bytes` on the wire.
+    Oversized,
+    /// Chunks that never completed within the reassembly timeout.
+    Incomplete,
+    /// The client never joined (or its join was refused).
+    UnknownClient,
+    /// The client id in the body differs from the one in the topic.
+    ClientMismatch,
+    /// The client is not sampled in this round.
+    NotSampled,
+    /// For the round that just closed: arrived after its deadline.
+    Late,
+    /// For an older round, or a sequence number older than one already accepted.
+    Stale,
+    /// For a round that has not been announced.
+    FutureRound,
+    /// Same client already has an accepted update this round (a redelivery is idempotent).
+    Duplicate,
+    /// Tensor names, order or shapes differ from the global adapter.
+    WrongShape,
+    /// A NaN or infinity in a tensor.
+    NonFinite,
+    /// A join whose backbone or PEFT method does not match the run's.
+    Incompatible,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 16] = [
+        RejectReason::Malformed,
+        RejectReason::WrongVersion,
+        RejectReason::BadChecksum,
+        RejectReason::WrongRun,
+        RejectReason::Oversized,
+        RejectReason::Incomplete,
+        RejectReason::UnknownClient,
+        RejectReason::ClientMismatch,
+        RejectReason::NotSampled,
+        RejectReason::Late,
+        RejectReason::Stale,
+        RejectReason::FutureRound,
+        RejectReason::Duplicate,
+        RejectReason::WrongShape,
+        RejectReason::NonFinite,
+        RejectReason::Incompatible,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Malformed => "malformed",
+            RejectReason::WrongVersion => "wrong_version",
+            RejectReason::BadChecksum => "bad_checksum",
+            RejectReason::WrongRun => "wrong_run",
+            RejectReason::Oversized => "oversized",
+            RejectReason::Incomplete => "incomplete",
+            RejectReason::UnknownClient => "unknown_client",
+            RejectReason::ClientMismatch => "client_mismatch",
+            RejectReason::NotSampled => "not_sampled",
+            RejectReason::Late => "late",
+            RejectReason::Stale => "stale",
+            RejectReason::FutureRound => "future_round",
+            RejectReason::Duplicate => "duplicate",
+            RejectReason::WrongShape => "wrong_shape",
+            RejectReason::NonFinite => "non_finite",
+            RejectReason::Incompatible => "incompatible",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An update the decoder could not turn into a [`ClientUpdate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeFailure {
+    pub reason: RejectReason,
+    /// The round from the envelope header, when it was readable.
+    pub round: Option<u32>,
+    pub detail: String,
+}
+
+/// What a joining client says about itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinInfo {
+    pub num_examples: u64,
+    pub backbone_id: String,
+    pub backbone_sha256: [u8; 32],
+    pub peft: PeftMethod,
+}
+
+/// Something that happened, as the shell saw it. `wire_bytes` is the MQTT packet size(s).
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The shell is connected and ready: (re)publish the current state.
+    Start,
+    /// A Join message.
+    Joined {
+        client: ClientId,
+        info: JoinInfo,
+        wire_bytes: u64,
+    },
+    /// A Status message (the last will arrives as `Offline`).
+    Status {
+        client: ClientId,
+        state: ClientState,
+        wire_bytes: u64,
+    },
+    /// A ClientUpdate on `update/{topic_client}`, decoded, or the reason it could not be.
+    Update {
+        topic_client: ClientId,
+        update: Box<Result<ClientUpdate, DecodeFailure>>,
+        wire_bytes: u64,
+    },
+    /// The shell evaluated the global adapter of `round` on the held-out set.
+    Evaluated {
+        round: u32,
+        loss: f64,
+        accuracy: f64,
+    },
+    /// Time passed (deadlines are checked on every event, this just guarantees one).
+    Tick,
+}
+
+/// What the shell must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Publish `payload` on `topic`.
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        qos: QoS,
+    },
+    /// Write this state atomically as the checkpoint.
+    Checkpoint(Box<MachineState>),
+    /// Evaluate this adapter (the global after `round`) and send back [`Event::Evaluated`].
+    Evaluate { round: u32, adapter: Adapter },
+    /// A round closed (ok or failed): its record, for progress display.
+    RoundClosed(Box<RoundRecord>),
+    /// The run is over: the shell may shut down.
+    Finished,
+}
+
+/// What to do when a round's deadline passes with fewer than `quorum` accepted updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum QuorumFailure {
+    /// Record the round as failed, keep the global adapter, go on with the next round.
+    Skip,
+    /// Keep the accepted updates and extend the deadline by one round timeout, at most
+    /// `max_extensions` times; then skip.
+    Extend { max_extensions: u32 },
+}
+
+/// The rules of a run (the validated config's round part).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rules {
+    pub run_id: u64,
+    pub fleet: FleetName,
+    /// Rounds to run (numbered 1..=rounds; the initial adapter is round 0).
+    pub rounds: u32,
+    /// Clients that must have joined before a round starts, and the fewest sampled.
+    pub min_clients: usize,
+    /// Fraction of available clients sampled each round (at least `min_clients`).
+    pub fraction: f64,
+    /// Accepted updates needed to aggregate at the deadline.
+    pub quorum: usize,
+    pub round_timeout_ms: u64,
+    pub on_quorum_failure: QuorumFailure,
+    /// Seed of client sampling (and of each round's announced seed).
+    pub seed: u64,
+    /// Local training instructions (the seed is replaced per round).
+    pub local: LocalConfig,
+    /// Largest accepted update on the wire, bytes (all chunks together).
+    pub max_update_bytes: u64,
+    /// Payloads above this many bytes are chunked.
+    pub max_payload_bytes: usize,
+    /// Optional L2 bound on each client delta (scaled down to it).
+    pub max_update_norm: Option<f64>,
+    /// Parameters of the whole backbone, for the full-model FedAvg comparison.
+    pub backbone_params: u64,
+    /// Joins must match these (when set).
+    pub backbone_id: Option<String>,
+    pub backbone_sha256: Option<[u8; 32]>,
+    pub peft: Option<PeftMethod>,
+}
+
+/// A client as the aggregator knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub num_examples: u64,
+    pub online: bool,
+    /// Highest sequence accepted from this client.
+    pub last_sequence: Option<u32>,
+}
+
+/// Where the run is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Waiting for `min_clients` to be available before announcing `next_round`.
+    Waiting { next_round: u32 },
+    /// Round `round` is open.
+    Collecting(OpenRound),
+    /// All rounds done.
+    Done,
+}
+
+/// The open round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenRound {
+    pub round: u32,
+    pub started_unix_ms: u64,
+    pub deadline_unix_ms: u64,
+    pub extensions: u32,
+    pub sampled: BTreeSet<String>,
+    /// Sampled clients whose update was accepted, with (sequence, num_examples).
+    pub accepted: BTreeMap<String, (u32, u64)>,
+    /// Sampled clients that failed (went offline, or sent a rejected update).
+    pub failed: BTreeMap<String, String>,
+    pub rejected: BTreeMap<String, u64>,
+    pub acc: Accumulator,
+    /// Σ nᵢ·lossᵢ, Σ nᵢ·accuracyᵢ and Σ nᵢ of the clients' training metrics.
+    pub train_loss_sum: f64,
+    pub train_acc_sum: f64,
+    pub train_weight: f64,
+}
+
+/// One row of the report. The JSON schema is documented in README.md ("Aggregator").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u32,
+    /// "ok" (aggregated), "failed" (quorum not reached; global unchanged) or "initial" (round 0).
+    pub status: String,
+    pub sampled: Vec<String>,
+    pub clients_ok: usize,
+    pub clients_failed: usize,
+    pub failed_clients: BTreeMap<String, String>,
+    pub rejected: BTreeMap<String, u64>,
+    pub train_loss: Option<f64>,
+    pub train_accuracy: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    pub traffic: Traffic,
+    pub full_model_fedavg_bytes: u64,
+    pub started_unix_ms: u64,
+    pub duration_ms: u64,
+}
+
+/// Everything the machine knows: what a checkpoint holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineState {
+    pub run_id: u64,
+    pub strategy: String,
+    pub global: Adapter,
+    /// Round that produced `global` (0 = initial).
+    pub global_round: u32,
+    pub phase: Phase,
+    pub clients: BTreeMap<String, ClientInfo>,
+    /// Every accepted (client, round, sequence), so a redelivery after a restart stays a duplicate.
+    pub accepted_updates: BTreeSet<(String, u32, u32)>,
+    pub strategy_state: StrategyState,
+    pub rejected_total: BTreeMap<String, u64>,
+    pub ledger: Ledger,
+    pub records: Vec<RoundRecord>,
+    /// Message id for the next chunked publish.
+    pub next_message_id: u32,
+}
+
+/// The round state machine.
+#[derive(Debug)]
+pub struct RoundMachine {
+    rules: Rules,
+    strategy: Box<dyn Strategy>,
+    s: MachineState,
+}
+
+/// A checkpoint that does not belong to this run's configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("checkpoint is for run {found}, the config says run {expected}")]
+    RunMismatch { expected: u64, found: u64 },
+    #[error("checkpoint used strategy `{found}`, the config says `{expected}`")]
+    StrategyMismatch { expected: String, found: String },
+    #[error(transparent)]
+    Strategy(#[from] StrategyError),
+}
+
+impl RoundMachine {
+    /// A fresh run starting from `initial` (the round-0 global adapter).
+    pub fn new(rules: Rules, strategy: Box<dyn Strategy>, initial: Adapter) -> RoundMachine {
+        let s = MachineState {
+            run_id: rules.run_id,
+            strategy: strategy.name().to_string(),
+            global: initial,
+            global_round: 0,
+            phase: Phase::Waiting { next_round: 1 },
+            clients: BTreeMap::new(),
+            accepted_updates: BTreeSet::new(),
+            strategy_state: strategy.state(),
+            rejected_total: BTreeMap::new(),
+            ledger: Ledger::default(),
+            records: Vec::new(),
+            next_message_id: 0,
+        };
+        RoundMachine { rules, strategy, s }
+    }
+
+    /// A machine resuming from a checkpoint. Clients are marked offline until they reconnect
+    /// (their persistent sessions re-send Status and Join); an open round keeps its accepted
+    /// updates and gets a fresh deadline when [`Event::Start`] re-announces it.
+    pub fn restore(
+        rules: Rules,
+        mut strategy: Box<dyn Strategy>,
+        mut state: MachineState,
+    ) -> Result<RoundMachine, RestoreError> {
+        if state.run_id != rules.run_id {
+            return Err(RestoreError::RunMismatch {
+                expected: rules.run_id,
+                found: state.run_id,
+            });
+        }
+        if state.strategy != strategy.name() {
+            return Err(RestoreError::StrategyMismatch {
+                expected: strategy.name().into(),
+                found: state.strategy,
+            });
+        }
+        strategy.restore(state.strategy_state.clone())?;
+        for c in state.clients.values_mut() {
+            c.online = false;
+        }
+        Ok(RoundMachine {
+            rules,
+            strategy,
+            s: state,
+        })
+    }
+
+    /// The current state (what a checkpoint would hold).
+    pub fn state(&self) -> &MachineState {
+        &self.s
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// Whether all rounds are done.
+    pub fn is_done(&self) -> bool {
+        matches!(self.s.phase, Phase::Done)
+    }
+
+    /// The open round's deadline, if a round is open (the shell's next tick).
+    pub fn deadline(&self) -> Option<u64> {
+        match &self.s.phase {
+            Phase::Collecting(open) => Some(open.deadline_unix_ms),
+            _ => None,
+        }
+    }
+
+    /// Feeds one event; returns what to do.
+    pub fn on_event(&mut self, event: Event, now: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::Start => self.on_start(now, &mut out),
+            Event::Joined {
+                client,
+                info,
+                wire_bytes,
+            } => {
+                self.s.ledger.client_up(client.as_str(), wire_bytes);
+                self.on_join(client, info, now, &mut out);
+            }
+            Event::Status {
+                client,
+                state,
+                wire_bytes,
+            } => {
+                self.s.ledger.client_up(client.as_str(), wire_bytes);
+                self.on_status(client, state, now, &mut out);
+            }
+            Event::Update {
+                topic_client,
+                update,
+                wire_bytes,
+            } => {
+                self.s.ledger.client_up(topic_client.as_str(), wire_bytes);
+                self.on_update(topic_client, *update, wire_bytes, now, &mut out);
+            }
+            Event::Evaluated {
+                round,
+                loss,
+                accuracy,
+            } => {
+                if let Some(r) = self.s.records.iter_mut().rev().find(|r| r.round == round) {
+                    r.eval_loss = Some(loss);
+                    r.eval_accuracy = Some(accuracy);
+                }
+                info!(round, loss, accuracy, "evaluated global adapter");
+            }
+            Event::Tick => {}
+        }
+        self.check_deadline(now, &mut out);
+        out
+    }
+
+    fn on_start(&mut self, now: u64, out: &mut Vec<Action>) {
+        if self.s.records.is_empty() {
+            // Round 0: the initial adapter, evaluated so later rounds have a baseline.
+            self.s.records.push(RoundRecord {
+                round: 0,
+                status: "initial".into(),
+                sampled: vec![],
+                clients_ok: 0,
+                clients_failed: 0,
+                failed_clients: BTreeMap::new(),
+                rejected: BTreeMap::new(),
+                train_loss: None,
+                train_accuracy: None,
+                eval_loss: None,
+                eval_accuracy: None,
+                traffic: Traffic::default(),
+                full_model_fedavg_bytes: 0,
+                started_unix_ms: now,
+                duration_ms: 0,
+            });
+            out.push(Action::Evaluate {
+                round: 0,
+                adapter: self.s.global.clone(),
+            });
+        }
+        match self.s.phase.clone() {
+            Phase::Waiting { .. } => {
+                self.publish_global(out);
+                self.maybe_start_round(now, out);
+            }
+            Phase::Collecting(mut open) => {
+                // Resumed mid-round: same round, same sample, fresh deadline.
+                open.deadline_unix_ms = now + self.rules.round_timeout_ms;
+                self.s.phase = Phase::Collecting(open);
+                self.publish_global(out);
+                self.publish_announce(out);
+            }
+            Phase::Done => {
+                self.publish_done(out);
+                out.push(Action::Finished);
+            }
+        }
+    }
+
+    fn on_join(&mut self, client: ClientId, info: JoinInfo, now: u64, out: &mut Vec<Action>) {
+        let name = client.as_str().to_string();
+        if let Some(why) = self.incompatibility(&info) {
+            warn!(client = %name, reason = %RejectReason::Incompatible, detail = %why, "join rejected");
+            self.count_rejection(RejectReason::Incompatible);
+            return;
+        }
+        let entry = self.s.clients.entry(name.clone()).or_insert(ClientInfo {
+            num_examples: info.num_examples,
+            online: true,
+            last_sequence: None,
+        });
+        entry.num_examples = info.num_examples;
+        entry.online = true;
+        info!(client = %name, num_examples = info.num_examples, available = self.available().len(), "client joined");
+        if matches!(self.s.phase, Phase::Waiting { .. }) {
+            self.maybe_start_round(now, out);
+        }
+    }
+
+    fn incompatibility(&self, info: &JoinInfo) -> Option<String> {
+        if let Some(id) = &self.rules.backbone_id
+            && *id != info.backbone_id
+        {
+            return Some(format!(
+                "backbone `{}`, the run uses `{id}`",
+                info.backbone_id
+            ));
+        }
+        if let Some(sha) = &self.rules.backbone_sha256
+            && *sha != info.backbone_sha256
+        {
+            return Some(format!(
+                "backbone sha256 {}, the run's is {}",
+                hex::encode(info.backbone_sha256),
+                hex::encode(sha)
+            ));
+        }
+        if let Some(peft) = &self.rules.peft
+            && *peft != info.peft
+        {
+            return Some(format!(
+                "PEFT method {:?}, the run uses {peft:?}",
+                info.peft
+            ));
+        }
+        None
+    }
+
+    fn on_status(&mut self, client: ClientId, state: ClientState, now: u64, out: &mut Vec<Action>) {
+        let name = client.as_str();
+        let Some(info) = self.s.clients.get_mut(name) else {
+            // Online status before the Join: nothing to do until it joins.
+            return;
+        };
+        match state {
+            ClientState::Offline => {
+                info.online = false;
+                if let Phase::Collecting(open) = &mut self.s.phase
+                    && open.sampled.contains(name)
+                    && !open.accepted.contains_key(name)
+                    && !open.failed.contains_key(name)
+                {
+                    warn!(client = %name, round = open.round, "sampled client went offline; counted as failed");
+                    open.failed.insert(name.to_string(), "offline".into());
+                    self.maybe_close(now, out);
+                }
+            }
+            ClientState::Online | ClientState::Idle | ClientState::Training => {
+                info.online = true;
+                if matches!(self.s.phase, Phase::Waiting { .. }) {
+                    self.maybe_start_round(now, out);
+                }
+            }
+        }
+    }
+
+    fn current_round(&self) -> (Option<u32>, u32) {
+        match &self.s.phase {
+            Phase::Collecting(open) => (Some(open.round), open.round.saturating_sub(1)),
+            Phase::Waiting { next_round } => (None, next_round.saturating_sub(1)),
+            Phase::Done => (None, self.rules.rounds),
+        }
+    }
+
+    fn on_update(
+        &mut self,
+        topic_client: ClientId,
+        update: Result<ClientUpdate, DecodeFailure>,
+        wire_bytes: u64,
+        now: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let client = topic_client.as_str().to_string();
+        let (open_round, last_closed) = self.current_round();
+        let update = match update {
+            Ok(u) => u,
+            Err(f) => {
+                let round = f.round.or(open_round).unwrap_or(last_closed);
+                self.reject(&client, round, f.reason, &f.detail, now, out);
+                return;
+            }
+        };
+        let round = update.round;
+        if wire_bytes > self.rules.max_update_bytes {
+            let detail = format!(
+                "{wire_bytes} bytes on the wire, limit {}",
+                self.rules.max_update_bytes
+            );
+            self.reject(&client, round, RejectReason::Oversized, &detail, now, out);
+            return;
+        }
+        if update.client != topic_client {
+            let detail = format!("body names client `{}`", update.client);
+            self.reject(
+                &client,
+                round,
+                RejectReason::ClientMismatch,
+                &detail,
+                now,
+                out,
+            );
+            return;
+        }
+        let Some(info) = self.s.clients.get(&client) else {
+            self.reject(
+                &client,
+                round,
+                RejectReason::UnknownClient,
+                "never joined",
+                now,
+                out,
+            );
+            return;
+        };
+        let key = (client.clone(), round, update.sequence);
+        if self.s.accepted_updates.contains(&key) {
+            let detail = format!("sequence {} already accepted (redelivery)", update.sequence);
+            self.reject(&client, round, RejectReason::Duplicate, &detail, now, out);
+            return;
+        }
+        let Some(open) = open_round else {
+            let reason = if round == last_closed && round > 0 {
+                RejectReason::Late
+            } else if round <= last_closed {
+                RejectReason::Stale
+            } else {
+                RejectReason::FutureRound
+            };
+            self.reject(&client, round, reason, "no round open", now, out);
+            return;
+        };
+        if round != open {
+            let (reason, detail) = if round > open {
+                (RejectReason::FutureRound, format!("round {open} is open"))
+            } else if round + 1 == open {
+                (
+                    RejectReason::Late,
+                    format!("round {round} closed; round {open} is open"),
+                )
+            } else {
+                (RejectReason::Stale, format!("round {open} is open"))
+            };
+            self.reject(&client, round, reason, &detail, now, out);
+            return;
+        }
+        if let Some(last) = info.last_sequence
+            && update.sequence <= last
+        {
+            let detail = format!(
+                "sequence {} not after the last accepted {last}",
+                update.sequence
+            );
+            self.reject(&client, round, RejectReason::Stale, &detail, now, out);
+            return;
+        }
+        let Phase::Collecting(o) = &self.s.phase else {
+            return;
+        };
+        if !o.sampled.contains(&client) {
+            self.reject(&client, round, RejectReason::NotSampled, "", now, out);
+            return;
+        }
+        if let Some((seq, _)) = o.accepted.get(&client) {
+            let detail = format!("already accepted sequence {seq} this round");
+            self.reject(&client, round, RejectReason::Duplicate, &detail, now, out);
+            return;
+        }
+        // Decode to dense f32 and check the layout against the global adapter.
+        let mut delta: Vec<Tensor> = update
+            .tensors
+            .iter()
+            .map(|t| Tensor {
+                name: t.name().to_string(),
+                shape: t.shape().to_vec(),
+                data: t.to_f32(),
+            })
+            .collect();
+        if let Err(e) = self.s.global.check_layout(&delta) {
+            self.reject(
+                &client,
+                round,
+                RejectReason::WrongShape,
+                &e.to_string(),
+                now,
+                out,
+            );
+            return;
+        }
+        if let Some((tensor, index)) = first_non_finite(&delta) {
+            let detail = format!("tensor `{tensor}` value #{index}");
+            self.reject(&client, round, RejectReason::NonFinite, &detail, now, out);
+            return;
+        }
+        if let Some(max) = self.rules.max_update_norm {
+            let norm = bound_norm(&mut delta, max);
+            if norm > max {
+                info!(client = %client, round, norm, bound = max, "update norm bounded");
+            }
+        }
+        let Phase::Collecting(o) = &mut self.s.phase else {
+            return;
+        };
+        if !o.acc.fold(update.num_examples, &delta) {
+            self.reject(
+                &client,
+                round,
+                RejectReason::Duplicate,
+                "accumulator full",
+                now,
+                out,
+            );
+            return;
+        }
+        o.accepted
+            .insert(client.clone(), (update.sequence, update.num_examples));
+        let w = update.num_examples as f64;
+        if update.metrics.loss.is_finite() && update.metrics.accuracy.is_finite() {
+            o.train_loss_sum += w * f64::from(update.metrics.loss);
+            o.train_acc_sum += w * f64::from(update.metrics.accuracy);
+            o.train_weight += w;
+        }
+        let (accepted, sampled) = (o.accepted.len(), o.sampled.len());
+        self.s.accepted_updates.insert(key);
+        if let Some(info) = self.s.clients.get_mut(&client) {
+            info.last_sequence = Some(update.sequence);
+        }
+        info!(client = %client, round, sequence = update.sequence, num_examples = update.num_examples,
+              wire_bytes, accepted, sampled, "update accepted");
+        self.maybe_close(now, out);
+    }
+
+    fn count_rejection(&mut self, reason: RejectReason) {
+        *self
+            .s
+            .rejected_total
+            .entry(reason.as_str().to_string())
+            .or_default() += 1;
+    }
+
+    fn reject(
+        &mut self,
+        client: &str,
+        round: u32,
+        reason: RejectReason,
+        detail: &str,
+        now: u64,
+        out: &mut Vec<Action>,
+    ) {
+        warn!(client = %client, round, reason = %reason, detail = %detail, "update rejected");
+        self.count_rejection(reason);
+        if let Phase::Collecting(open) = &mut self.s.phase {
+            *open
+                .rejected
+                .entry(reason.as_str().to_string())
+                .or_default() += 1;
+            // A sampled client whose update for this round was refused (for a reason other than
+            // being a redelivery) will not send another: it counts as failed, so the round can
+            // close without waiting for the deadline.
+            if round == open.round
+                && reason != RejectReason::Duplicate
+                && open.sampled.contains(client)
+                && !open.accepted.contains_key(client)
+            {
+                open.failed
+                    .entry(client.to_string())
+                    .or_insert_with(|| format!("rejected: {reason}"));
+                self.maybe_close(now, out);
+            }
+        }
+    }
+
+    /// Clients that have joined and are online, sorted (so sampling is reproducible).
+    fn available(&self) -> Vec<String> {
+        self.s
+            .clients
+            .iter()
+            .filter(|(_, c)| c.online)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    fn maybe_start_round(&mut self, now: u64, out: &mut Vec<Action>) {
+        let Phase::Waiting { next_round } = self.s.phase else {
+            return;
+        };
+        let available = self.available();
+        if available.len() < self.rules.min_clients.max(1) {
+            return;
+        }
+        let sampled = sample_clients(
+            &available,
+            self.rules.fraction,
+            self.rules.min_clients,
+            self.rules.seed,
+            next_round,
+        );
+        let acc =
+            self.strategy
+                .configure_round(u64::from(next_round), &self.s.global, sampled.len());
+        info!(round = next_round, sampled = ?sampled, available = available.len(), "round started");
+        self.s.phase = Phase::Collecting(OpenRound {
+            round: next_round,
+            started_unix_ms: now,
+            deadline_unix_ms: now + self.rules.round_timeout_ms,
+            extensions: 0,
+            sampled: sampled.into_iter().collect(),
+            accepted: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            rejected: BTreeMap::new(),
+            acc,
+            train_loss_sum: 0.0,
+            train_acc_sum: 0.0,
+            train_weight: 0.0,
+        });
+        self.publish_announce(out);
+    }
+
+    fn check_deadline(&mut self, now: u64, out: &mut Vec<Action>) {
+        let Phase::Collecting(open) = &mut self.s.phase else {
+            return;
+        };
+        if now < open.deadline_unix_ms {
+            return;
+        }
+        if open.accepted.len() >= self.rules.quorum.min(open.sampled.len()) {
+            self.close_round(now, out);
+            return;
+        }
+        if let QuorumFailure::Extend { max_extensions } = self.rules.on_quorum_failure
+            && open.extensions < max_extensions
+        {
+            open.extensions += 1;
+            open.deadline_unix_ms = now + self.rules.round_timeout_ms;
+            warn!(
+                round = open.round,
+                accepted = open.accepted.len(),
+                quorum = self.rules.quorum,
+                extension = open.extensions,
+                "quorum not reached at the deadline; extending"
+            );
+            self.publish_announce(out);
+            return;
+        }
+        self.close_round(now, out);
+    }
+
+    /// Closes the round early once every sampled client has replied (accepted or failed).
+    fn maybe_close(&mut self, now: u64, out: &mut Vec<Action>) {
+        let Phase::Collecting(open) = &self.s.phase else {
+            return;
+        };
+        let replied = open.accepted.len() + open.failed.len();
+        if replied < open.sampled.len() {
+            return;
+        }
+        // Nobody left to wait for: with or without quorum, waiting longer changes nothing.
+        self.close_round(now, out);
+    }
+
+    fn close_round(&mut self, now: u64, out: &mut Vec<Action>) {
+        let Phase::Collecting(open) = std::mem::replace(&mut self.s.phase, Phase::Done) else {
+            return;
+        };
+        let round = open.round;
+        let quorum = self.rules.quorum.min(open.sampled.len()).max(1);
+        let mut failed_clients = open.failed.clone();
+        for c in &open.sampled {
+            if !open.accepted.contains_key(c) && !failed_clients.contains_key(c) {
+                failed_clients.insert(c.clone(), "no reply by the deadline".into());
+            }
+        }
+        let mut status = "failed";
+        if open.accepted.len() >= quorum {
+            match self
+                .strategy
+                .aggregate(u64::from(round), &self.s.global, &open.acc)
+            {
+                Ok(next) => {
+                    self.s.global = next;
+                    self.s.global_round = round;
+                    self.s.strategy_state = self.strategy.state();
+                    status = "ok";
+                }
+                Err(e) => warn!(round, error = %e, "aggregation failed; global adapter unchanged"),
+            }
+        } else {
+            warn!(
+                round,
+                accepted = open.accepted.len(),
+                quorum,
+                "round failed: quorum not reached; global adapter unchanged"
+            );
+        }
+        let next_round = round + 1;
+        self.s.phase = if round >= self.rules.rounds {
+            Phase::Done
+        } else {
+            Phase::Waiting { next_round }
+        };
+        // Publish the new global before recording the round so its bytes count in this round.
+        self.publish_global(out);
+        let traffic = self.s.ledger.take_round();
+        let w = open.train_weight;
+        let record = RoundRecord {
+            round,
+            status: status.into(),
+            sampled: open.sampled.iter().cloned().collect(),
+            clients_ok: open.accepted.len(),
+            clients_failed: failed_clients.len(),
+            failed_clients,
+            rejected: open.rejected.clone(),
+            train_loss: (w > 0.0).then(|| open.train_loss_sum / w),
+            train_accuracy: (w > 0.0).then(|| open.train_acc_sum / w),
+            eval_loss: None,
+            eval_accuracy: None,
+            traffic,
+            full_model_fedavg_bytes: full_model_round_bytes(
+                self.rules.backbone_params,
+                open.sampled.len(),
+            ),
+            started_unix_ms: open.started_unix_ms,
+            duration_ms: now.saturating_sub(open.started_unix_ms),
+        };
+        info!(
+            round,
+            status,
+            ok = record.clients_ok,
+            failed = record.clients_failed,
+            up_bytes = record.traffic.up_bytes,
+            down_bytes = record.traffic.down_bytes,
+            duration_ms = record.duration_ms,
+            "round closed"
+        );
+        self.s.records.push(record.clone());
+        out.push(Action::Checkpoint(Box::new(self.s.clone())));
+        if status == "ok" {
+            out.push(Action::Evaluate {
+                round,
+                adapter: self.s.global.clone(),
+            });
+        }
+        out.push(Action::RoundClosed(Box::new(record)));
+        if self.is_done() {
+            info!(rounds = self.rules.rounds, "all rounds done");
+            self.publish_done(out);
+            out.push(Action::Finished);
+        } else {
+            self.maybe_start_round(now, out);
+        }
+    }
+
+    fn receivers(&self) -> Vec<String> {
+        self.available()
+    }
+
+    fn publish(&mut self, kind: TopicKind, payload: Vec<u8>, out: &mut Vec<Action>) {
+        let topic = Topic::new(self.rules.fleet.clone(), kind);
+        let name = topic.to_topic_string().to_string();
+        let bytes = wire_size(&name, payload.len(), topic.qos());
+        let receivers = self.receivers();
+        self.s
+            .ledger
+            .aggregator_publish(bytes, receivers.iter().map(String::as_str));
+        out.push(Action::Publish {
+            topic: name,
+            payload,
+            retain: topic.retain(),
+            qos: topic.qos(),
+        });
+    }
+
+    /// Publishes the global adapter (retained), chunked on `global/{n}` above the payload limit.
+    fn publish_global(&mut self, out: &mut Vec<Action>) {
+        let mut rng = SplitMix64::new(0);
+        let tensors: Result<Vec<_>, _> = self
+            .s
+            .global
+            .tensors
+            .iter()
+            .map(|t| {
+                fedpeft_protocol::Tensor::encode(
+                    &t.name,
+                    &t.shape,
+                    &t.data,
+                    Codec::dense(DType::F32),
+                    &mut rng,
+                )
+            })
+            .collect();
+        let encoded = tensors.map_err(|e| e.to_string()).and_then(|tensors| {
+            let msg = GlobalAdapter {
+                round: self.s.global_round,
+                tensors,
+            };
+            Envelope::new(self.rules.run_id, self.s.global_round, msg)
+                .encode()
+                .map_err(|e| e.to_string())
+        });
+        let payload = match encoded {
+            Ok(p) => p,
+            Err(e) => {
+                // The global adapter is built by strategies that refuse non-finite values, so
+                // this means a tensor is too large for the wire format: nothing sensible to send.
+                warn!(round = self.s.global_round, error = %e, "global adapter cannot be encoded");
+                return;
+            }
+        };
+        let id = self.s.next_message_id;
+        self.s.next_message_id = id.wrapping_add(1);
+        match fedpeft_protocol::chunk::split(
+            &payload,
+            self.rules.max_payload_bytes,
+            self.rules.run_id,
+            self.s.global_round,
+            id,
+        ) {
+            Ok(parts) if parts.len() == 1 => {
+                self.publish(TopicKind::Global, payload, out);
+            }
+            Ok(parts) => {
+                for (i, part) in parts.into_iter().enumerate() {
+                    self.publish(TopicKind::GlobalChunk(i as u32), part, out);
+                }
+            }
+            Err(e) => warn!(error = %e, "global adapter cannot be chunked"),
+        }
+    }
+
+    fn announce_message(&self, round: u32, deadline: u64, sampled: Vec<ClientId>) -> RoundAnnounce {
+        let mut config = self.rules.local.clone();
+        config.seed = round_seed(self.rules.seed, round);
+        RoundAnnounce {
+            round,
+            deadline_unix_ms: deadline,
+            sampling: Sampling::Clients(sampled),
+            config,
+        }
+    }
+
+    fn publish_announce(&mut self, out: &mut Vec<Action>) {
+        let Phase::Collecting(open) = &self.s.phase else {
+            return;
+        };
+        let sampled = open
+            .sampled
+            .iter()
+            .filter_map(|c| ClientId::new(c).ok())
+            .collect();
+        let msg = self.announce_message(open.round, open.deadline_unix_ms, sampled);
+        match Envelope::new(self.rules.run_id, open.round, msg).encode() {
+            Ok(p) => self.publish(TopicKind::Round, p, out),
+            Err(e) => warn!(error = %e, "round announcement cannot be encoded"),
+        }
+    }
+
+    /// The run is over: see [`is_run_done`].
+    fn publish_done(&mut self, out: &mut Vec<Action>) {
+        let msg = self.announce_message(self.rules.rounds + 1, 0, Vec::new());
+        match Envelope::new(self.rules.run_id, self.rules.rounds + 1, msg).encode() {
+            Ok(p) => self.publish(TopicKind::Round, p, out),
+            Err(e) => warn!(error = %e, "final announcement cannot be encoded"),
+        }
+    }
+}
+
+/// The "run done" announcement: a [`RoundAnnounce`] for round `rounds + 1` with
+/// `deadline_unix_ms == 0` and an empty client list. Clients exit when they see it.
+pub fn is_run_done(a: &RoundAnnounce) -> bool {
+    a.deadline_unix_ms == 0 && matches!(&a.sampling, Sampling::Clients(c) if c.is_empty())
+}
+
+/// The seed announced for `round` (local shuffling, stochastic rounding).
+pub fn round_seed(seed: u64, round: u32) -> u64 {
+    SplitMix64::new(seed ^ (u64::from(round) << 32)).next_u64()
+}
+
+/// Samples `max(min_clients, ⌈fraction·n⌉)` of `available` (capped at n), reproducibly from
+/// `(seed, round)`. Returned sorted.
+pub fn sample_clients(
+    available: &[String],
+    fraction: f64,
+    min_clients: usize,
+    seed: u64,
+    round: u32,
+) -> Vec<String> {
+    let n = available.len();
+    let k = ((fraction * n as f64).ceil() as usize)
+        .max(min_clients)
+        .min(n);
+    let mut rng = StdRng::seed_from_u64(round_seed(seed, round));
+    let mut picked: Vec<String> = rand::seq::index::sample(&mut rng, n, k)
+        .into_iter()
+        .map(|i| available[i].clone())
+        .collect();
+    picked.sort();
+    picked
+}

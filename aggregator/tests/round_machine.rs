@@ -1,0 +1,529 @@
+//! The round state machine driven event by event: no broker, no models, no clock.
+
+use fedpeft_aggregator::adapter::{Adapter, Tensor};
+use fedpeft_aggregator::checkpoint;
+use fedpeft_aggregator::round::{
+    Action, DecodeFailure, Event, JoinInfo, MachineState, Phase, QuorumFailure, RejectReason,
+    RoundMachine, Rules, is_run_done,
+};
+use fedpeft_aggregator::strategy::{self, StrategyKind};
+use fedpeft_protocol::{
+    ClientId, ClientState, ClientUpdate, Codec, DType, Envelope, FleetName, LocalConfig, Message,
+    Optimizer, PeftMethod, SplitMix64, TrainMetrics,
+};
+
+const T0: u64 = 1_700_000_000_000;
+const TIMEOUT: u64 = 10_000;
+
+fn rules(rounds: u32, min_clients: usize, quorum: usize) -> Rules {
+    Rules {
+        run_id: 7,
+        fleet: FleetName::new("test").unwrap(),
+        rounds,
+        min_clients,
+        fraction: 1.0,
+        quorum,
+        round_timeout_ms: TIMEOUT,
+        on_quorum_failure: QuorumFailure::Skip,
+        seed: 42,
+        local: LocalConfig {
+            epochs: 1,
+            batch_size: 32,
+            learning_rate: 0.1,
+            optimizer: Optimizer::Sgd {
+                momentum: 0.0,
+                weight_decay: 0.0,
+            },
+            fedprox_mu: 0.0,
+            dp_sgd: None,
+            update_dtype: DType::F32,
+            top_k_fraction: None,
+            seed: 0,
+        },
+        max_update_bytes: 10_000,
+        max_payload_bytes: 1 << 20,
+        max_update_norm: None,
+        backbone_params: 1000,
+        backbone_id: Some("bb".into()),
+        backbone_sha256: None,
+        peft: Some(PeftMethod::Head),
+    }
+}
+
+fn initial() -> Adapter {
+    Adapter::new(vec![
+        Tensor::new("w", vec![2], vec![1.0, -1.0]).unwrap(),
+        Tensor::new("b", vec![1], vec![0.5]).unwrap(),
+    ])
+}
+
+fn machine(rounds: u32, min_clients: usize, quorum: usize) -> RoundMachine {
+    RoundMachine::new(
+        rules(rounds, min_clients, quorum),
+        strategy::build(&StrategyKind::FedAvg),
+        initial(),
+    )
+}
+
+fn id(c: &str) -> ClientId {
+    ClientId::new(c).unwrap()
+}
+
+fn join(c: &str, n: u64) -> Event {
+    Event::Joined {
+        client: id(c),
+        info: JoinInfo {
+            num_examples: n,
+            backbone_id: "bb".into(),
+            backbone_sha256: [0; 32],
+            peft: PeftMethod::Head,
+        },
+        wire_bytes: 50,
+    }
+}
+
+fn update_msg(c: &str, round: u32, seq: u32, n: u64, w: [f32; 2], b: f32) -> ClientUpdate {
+    let mut rng = SplitMix64::new(1);
+    let enc = |name: &str, shape: &[u32], v: &[f32], rng: &mut SplitMix64| {
+        fedpeft_protocol::Tensor::encode(name, shape, v, Codec::dense(DType::F32), rng).unwrap()
+    };
+    ClientUpdate {
+        client: id(c),
+        round,
+        sequence: seq,
+        num_examples: n,
+        metrics: TrainMetrics {
+            loss: 1.0,
+            accuracy: 0.5,
+            steps: 1,
+            elapsed_ms: 1,
+            epsilon: None,
+        },
+        tensors: vec![enc("w", &[2], &w, &mut rng), enc("b", &[1], &[b], &mut rng)],
+    }
+}
+
+fn update(c: &str, round: u32, seq: u32, n: u64, w: [f32; 2], b: f32) -> Event {
+    raw_update(c, update_msg(c, round, seq, n, w, b))
+}
+
+fn raw_update(topic_client: &str, u: ClientUpdate) -> Event {
+    Event::Update {
+        topic_client: id(topic_client),
+        update: Box::new(Ok(u)),
+        wire_bytes: 100,
+    }
+}
+
+fn offline(c: &str) -> Event {
+    Event::Status {
+        client: id(c),
+        state: ClientState::Offline,
+        wire_bytes: 10,
+    }
+}
+
+fn decoded(actions: &[Action]) -> Vec<(String, Message)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Publish { topic, payload, .. } => {
+                Some((topic.clone(), Envelope::decode(payload).unwrap().message))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn rejected(m: &RoundMachine, reason: RejectReason) -> u64 {
+    m.state()
+        .rejected_total
+        .get(reason.as_str())
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Starts a 3-client machine and opens round 1.
+fn started(rounds: u32, quorum: usize) -> RoundMachine {
+    let mut m = machine(rounds, 3, quorum);
+    m.on_event(Event::Start, T0);
+    for c in ["a", "b", "c"] {
+        m.on_event(join(c, 10), T0);
+    }
+    assert!(matches!(m.state().phase, Phase::Collecting(ref o) if o.round == 1));
+    m
+}
+
+#[test]
+fn round_starts_once_min_clients_joined_with_global_then_announce() {
+    let mut m = machine(2, 2, 2);
+    let start = m.on_event(Event::Start, T0);
+    assert!(
+        start
+            .iter()
+            .any(|a| matches!(a, Action::Evaluate { round: 0, .. }))
+    );
+    let msgs = decoded(&start);
+    assert_eq!(msgs.len(), 1);
+    assert!(msgs[0].0.ends_with("/global"));
+    assert!(matches!(&msgs[0].1, Message::GlobalAdapter(g) if g.round == 0));
+    assert!(decoded(&m.on_event(join("a", 10), T0)).is_empty());
+    let msgs = decoded(&m.on_event(join("b", 10), T0 + 5));
+    assert_eq!(msgs.len(), 1);
+    let Message::RoundAnnounce(a) = &msgs[0].1 else {
+        panic!("expected an announcement, got {:?}", msgs[0].1)
+    };
+    assert!(msgs[0].0.ends_with("/round"));
+    assert_eq!(a.round, 1);
+    assert_eq!(a.deadline_unix_ms, T0 + 5 + TIMEOUT);
+    assert!(!is_run_done(a));
+}
+
+#[test]
+fn round_closes_when_all_sampled_replied_with_weighted_fedavg() {
+    let mut m = started(1, 3);
+    m.on_event(update("a", 1, 0, 10, [1.0, 0.0], 0.0), T0 + 1);
+    m.on_event(update("b", 1, 0, 30, [0.0, 4.0], 1.0), T0 + 2);
+    let acts = m.on_event(update("c", 1, 0, 60, [0.0, 0.0], -1.0), T0 + 3);
+    // w = [1, -1] + (10·[1,0] + 30·[0,4]) / 100 = [1.1, 0.2]; b = 0.5 + (30 − 60)/100 = 0.2.
+    let g = &m.state().global;
+    assert_eq!(
+        g.tensors[0].data,
+        vec![(1.0f64 + 0.1) as f32, (-1.0f64 + 1.2) as f32]
+    );
+    assert_eq!(g.tensors[1].data, vec![(0.5f64 - 0.3) as f32]);
+    let msgs = decoded(&acts);
+    assert!(matches!(&msgs[0].1, Message::GlobalAdapter(ga) if ga.round == 1));
+    assert!(acts.iter().any(|a| matches!(a, Action::Checkpoint(_))));
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::Evaluate { round: 1, .. }))
+    );
+    assert!(matches!(acts.last(), Some(Action::Finished)));
+    let Message::RoundAnnounce(done) = &msgs.last().unwrap().1 else {
+        panic!("last publish is not the final announcement")
+    };
+    assert!(is_run_done(done));
+    let rec = &m.state().records[1];
+    assert_eq!(
+        (rec.status.as_str(), rec.clients_ok, rec.clients_failed),
+        ("ok", 3, 0)
+    );
+    assert_eq!(rec.traffic.up_bytes, 3 * 50 + 3 * 100);
+    assert_eq!(rec.full_model_fedavg_bytes, 1000 * 4 * 2 * 3);
+    assert_eq!(rec.train_loss, Some(1.0));
+    assert!(m.is_done());
+}
+
+#[test]
+fn deadline_with_quorum_closes_the_round_and_counts_silent_clients_as_failed() {
+    let mut m = started(2, 2);
+    m.on_event(update("a", 1, 0, 10, [1.0, 1.0], 1.0), T0 + 1);
+    m.on_event(update("b", 1, 0, 10, [3.0, 3.0], 3.0), T0 + 2);
+    assert!(m.on_event(Event::Tick, T0 + TIMEOUT - 1).is_empty());
+    m.on_event(Event::Tick, T0 + TIMEOUT);
+    let rec = &m.state().records[1];
+    assert_eq!(rec.status, "ok");
+    assert_eq!(rec.clients_failed, 1);
+    assert_eq!(rec.failed_clients["c"], "no reply by the deadline");
+    assert_eq!(m.state().global.tensors[0].data, vec![3.0, 1.0]);
+    // Round 2 opened right away.
+    assert!(matches!(m.state().phase, Phase::Collecting(ref o) if o.round == 2));
+}
+
+#[test]
+fn deadline_without_quorum_fails_the_round_and_keeps_the_global_adapter() {
+    let mut m = started(2, 2);
+    m.on_event(update("a", 1, 0, 10, [1.0, 1.0], 1.0), T0 + 1);
+    m.on_event(Event::Tick, T0 + TIMEOUT);
+    let rec = &m.state().records[1];
+    assert_eq!(rec.status, "failed");
+    assert_eq!(rec.clients_ok, 1);
+    assert_eq!(m.state().global, initial());
+    assert!(matches!(m.state().phase, Phase::Collecting(ref o) if o.round == 2));
+}
+
+#[test]
+fn extend_policy_keeps_accepted_updates_and_moves_the_deadline() {
+    let mut r = rules(1, 3, 2);
+    r.on_quorum_failure = QuorumFailure::Extend { max_extensions: 1 };
+    let mut m = RoundMachine::new(r, strategy::build(&StrategyKind::FedAvg), initial());
+    m.on_event(Event::Start, T0);
+    for c in ["a", "b", "c"] {
+        m.on_event(join(c, 10), T0);
+    }
+    m.on_event(update("a", 1, 0, 10, [1.0, 1.0], 1.0), T0 + 1);
+    let acts = m.on_event(Event::Tick, T0 + TIMEOUT);
+    let msgs = decoded(&acts);
+    assert!(
+        matches!(&msgs[0].1, Message::RoundAnnounce(a) if a.deadline_unix_ms == T0 + 2 * TIMEOUT)
+    );
+    m.on_event(update("b", 1, 0, 10, [3.0, 3.0], 3.0), T0 + TIMEOUT + 1);
+    m.on_event(Event::Tick, T0 + 2 * TIMEOUT);
+    assert_eq!(m.state().records[1].status, "ok");
+    assert_eq!(m.state().global.tensors[1].data, vec![2.5]);
+}
+
+#[test]
+fn last_will_of_a_sampled_client_counts_as_failure_and_closes_the_round_early() {
+    let mut m = started(1, 2);
+    m.on_event(update("a", 1, 0, 10, [1.0, 1.0], 1.0), T0 + 1);
+    m.on_event(update("b", 1, 0, 10, [1.0, 1.0], 1.0), T0 + 2);
+    let acts = m.on_event(offline("c"), T0 + 3);
+    assert!(acts.iter().any(|a| matches!(a, Action::Finished)));
+    let rec = &m.state().records[1];
+    assert_eq!(rec.failed_clients["c"], "offline");
+    assert_eq!((rec.clients_ok, rec.clients_failed), (2, 1));
+}
+
+#[test]
+fn redelivered_update_is_idempotent_and_counted_as_duplicate() {
+    let mut m = started(1, 3);
+    let u = update("a", 1, 0, 10, [1.0, 1.0], 1.0);
+    m.on_event(u.clone(), T0 + 1);
+    m.on_event(u.clone(), T0 + 2);
+    // A second, different update in the same round is a duplicate too.
+    m.on_event(update("a", 1, 1, 10, [9.0, 9.0], 9.0), T0 + 3);
+    assert_eq!(rejected(&m, RejectReason::Duplicate), 2);
+    m.on_event(update("b", 1, 0, 10, [1.0, 1.0], 1.0), T0 + 4);
+    m.on_event(update("c", 1, 0, 10, [1.0, 1.0], 1.0), T0 + 5);
+    assert_eq!(m.state().global.tensors[0].data, vec![2.0, 0.0]);
+    // After the round closed, a redelivery is still a duplicate, not a late update.
+    m.on_event(u, T0 + 6);
+    assert_eq!(rejected(&m, RejectReason::Duplicate), 3);
+    assert_eq!(rejected(&m, RejectReason::Late), 0);
+}
+
+#[test]
+fn every_kind_of_bad_update_is_rejected_and_counted_by_reason() {
+    let mut m = started(2, 3);
+    let good = [0.0, 0.0];
+    // Unknown client.
+    m.on_event(update("zed", 1, 0, 10, good, 0.0), T0);
+    // Body names another client than the topic.
+    m.on_event(raw_update("a", update_msg("b", 1, 0, 10, good, 0.0)), T0);
+    // Future round.
+    m.on_event(update("a", 5, 0, 10, good, 0.0), T0);
+    // Wrong shape: tensor `b` missing.
+    let mut short = update_msg("a", 1, 0, 10, good, 0.0);
+    short.tensors.pop();
+    m.on_event(raw_update("a", short), T0);
+    // Non-finite values.
+    m.on_event(update("b", 1, 0, 10, [f32::NAN, 0.0], 0.0), T0);
+    // Oversized on the wire.
+    m.on_event(
+        Event::Update {
+            topic_client: id("c"),
+            update: Box::new(Ok(update_msg("c", 1, 0, 10, good, 0.0))),
+            wire_bytes: 10_001,
+        },
+        T0,
+    );
+    // Failures found by the decoder.
+    for reason in [
+        RejectReason::Malformed,
+        RejectReason::BadChecksum,
+        RejectReason::WrongVersion,
+    ] {
+        m.on_event(
+            Event::Update {
+                topic_client: id("c"),
+                update: Box::new(Err(DecodeFailure {
+                    reason,
+                    round: Some(1),
+                    detail: "from the decoder".into(),
+                })),
+                wire_bytes: 30,
+            },
+            T0,
+        );
+    }
+    for reason in [
+        RejectReason::UnknownClient,
+        RejectReason::ClientMismatch,
+        RejectReason::FutureRound,
+        RejectReason::WrongShape,
+        RejectReason::NonFinite,
+        RejectReason::Oversized,
+        RejectReason::Malformed,
+        RejectReason::BadChecksum,
+        RejectReason::WrongVersion,
+    ] {
+        assert_eq!(rejected(&m, reason), 1, "{reason}");
+    }
+    // a, b and c each had an update for round 1 refused: they count as failed and the round
+    // closes without waiting for the deadline, global unchanged.
+    let rec = &m.state().records[1];
+    assert_eq!(rec.status, "failed");
+    assert_eq!(rec.clients_failed, 3);
+    assert_eq!(rec.rejected["non_finite"], 1);
+    assert_eq!(m.state().global, initial());
+    // Round 2 is open: a round-1 update is late, a round-0 one stale.
+    m.on_event(update("a", 1, 3, 10, good, 0.0), T0 + 1);
+    m.on_event(update("a", 0, 4, 10, good, 0.0), T0 + 1);
+    assert_eq!(rejected(&m, RejectReason::Late), 1);
+    assert_eq!(rejected(&m, RejectReason::Stale), 1);
+}
+
+#[test]
+fn unsampled_client_and_older_sequence_are_rejected() {
+    let mut r = rules(2, 2, 1);
+    r.fraction = 0.0; // sample exactly min_clients = 2 of 3
+    let mut m = RoundMachine::new(r, strategy::build(&StrategyKind::FedAvg), initial());
+    m.on_event(Event::Start, T0);
+    m.on_event(join("a", 1), T0);
+    m.on_event(join("b", 1), T0);
+    // Round 1 starts with a and b; c joins later and is not sampled.
+    m.on_event(join("c", 1), T0);
+    m.on_event(update("c", 1, 0, 1, [0.0, 0.0], 0.0), T0 + 1);
+    assert_eq!(rejected(&m, RejectReason::NotSampled), 1);
+    m.on_event(update("a", 1, 5, 1, [0.0, 0.0], 0.0), T0 + 1);
+    m.on_event(update("b", 1, 5, 1, [0.0, 0.0], 0.0), T0 + 1);
+    let Phase::Collecting(open) = &m.state().phase else {
+        panic!("round 2 should be open")
+    };
+    let client = open.sampled.iter().find(|c| *c != "c").unwrap().clone();
+    // A sequence at or before the last accepted one is stale.
+    m.on_event(update(&client, 2, 5, 1, [0.0, 0.0], 0.0), T0 + 2);
+    assert_eq!(rejected(&m, RejectReason::Stale), 1);
+}
+
+#[test]
+fn incompatible_join_is_refused() {
+    let mut m = machine(1, 1, 1);
+    m.on_event(Event::Start, T0);
+    m.on_event(
+        Event::Joined {
+            client: id("x"),
+            info: JoinInfo {
+                num_examples: 1,
+                backbone_id: "other".into(),
+                backbone_sha256: [0; 32],
+                peft: PeftMethod::Head,
+            },
+            wire_bytes: 10,
+        },
+        T0,
+    );
+    assert_eq!(rejected(&m, RejectReason::Incompatible), 1);
+    assert!(matches!(m.state().phase, Phase::Waiting { .. }));
+}
+
+#[test]
+fn sampling_is_seeded_and_respects_fraction_and_minimum() {
+    use fedpeft_aggregator::round::sample_clients;
+    let all: Vec<String> = (0..20).map(|i| format!("c{i:02}")).collect();
+    let a = sample_clients(&all, 0.25, 2, 9, 3);
+    assert_eq!(a.len(), 5);
+    assert_eq!(a, sample_clients(&all, 0.25, 2, 9, 3));
+    assert_ne!(a, sample_clients(&all, 0.25, 2, 9, 4));
+    assert_eq!(sample_clients(&all, 0.01, 4, 9, 3).len(), 4);
+    assert_eq!(sample_clients(&all[..3], 0.5, 8, 9, 3).len(), 3);
+}
+
+/// Feeds a fixed script of events, optionally checkpointing and restoring after `split` events.
+fn scripted(split: Option<usize>) -> (RoundMachine, Vec<Action>) {
+    let script: Vec<(Event, u64)> = vec![
+        (join("a", 10), T0),
+        (join("b", 20), T0),
+        (join("c", 30), T0),
+        (update("a", 1, 0, 10, [1.0, 2.0], 0.5), T0 + 1),
+        (update("b", 1, 0, 20, [-1.0, 0.5], 0.25), T0 + 2),
+        // (restore happens here when split = Some(5))
+        (update("c", 1, 0, 30, [0.1, 0.2], 0.3), T0 + 3),
+        // Redelivery of a's round-1 update after the restart: must stay a duplicate.
+        (update("a", 1, 0, 10, [1.0, 2.0], 0.5), T0 + 4),
+        (update("a", 2, 1, 10, [0.5, 0.5], 0.5), T0 + 5),
+        (update("b", 2, 1, 20, [0.25, -0.5], 0.0), T0 + 6),
+        (Event::Tick, T0 + 4 + TIMEOUT + 100_000),
+    ];
+    let mut r = rules(2, 3, 2);
+    r.on_quorum_failure = QuorumFailure::Skip;
+    let kind = StrategyKind::FedAdam(Default::default());
+    let mut m = RoundMachine::new(r.clone(), strategy::build(&kind), initial());
+    let mut last = m.on_event(Event::Start, T0);
+    for (i, (e, now)) in script.into_iter().enumerate() {
+        if Some(i) == split {
+            let path = std::path::Path::new("ck");
+            let bytes = checkpoint::to_bytes(m.state(), path).unwrap();
+            drop(m);
+            let state: MachineState = checkpoint::from_bytes(&bytes, path).unwrap();
+            m = RoundMachine::restore(r.clone(), strategy::build(&kind), state).unwrap();
+            m.on_event(Event::Start, now);
+            for c in ["a", "b", "c"] {
+                m.on_event(join(c, 10 * (c.as_bytes()[0] - b'a' + 1) as u64), now);
+            }
+        }
+        last = m.on_event(e, now);
+    }
+    (m, last)
+}
+
+#[test]
+fn resume_from_a_mid_round_checkpoint_equals_the_uninterrupted_run() {
+    let (a, _) = scripted(None);
+    let (b, _) = scripted(Some(5));
+    assert!(a.is_done() && b.is_done());
+    assert_eq!(a.state().global, b.state().global);
+    assert_eq!(a.state().strategy_state, b.state().strategy_state);
+    assert_eq!(a.state().accepted_updates, b.state().accepted_updates);
+    assert_eq!(a.state().rejected_total, b.state().rejected_total);
+    assert_eq!(a.state().accepted_updates.len(), 5);
+    assert_eq!(a.state().rejected_total["duplicate"], 1);
+    let ok = |m: &RoundMachine| {
+        m.state()
+            .records
+            .iter()
+            .map(|r| (r.round, r.status.clone(), r.clients_ok, r.clients_failed))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ok(&a), ok(&b));
+    // And the global really moved (FedAdam), so the comparison is not vacuous.
+    assert_ne!(a.state().global, initial());
+}
+
+#[test]
+fn restore_refuses_a_checkpoint_of_another_run_or_strategy() {
+    let m = started(1, 3);
+    let state = m.state().clone();
+    let mut other = rules(1, 3, 3);
+    other.run_id = 8;
+    let err = RoundMachine::restore(other, strategy::build(&StrategyKind::FedAvg), state.clone())
+        .unwrap_err();
+    assert!(err.to_string().contains("run 7"), "{err}");
+    let err = RoundMachine::restore(
+        rules(1, 3, 3),
+        strategy::build(&StrategyKind::Median),
+        state,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("fedavg"), "{err}");
+}
+
+#[test]
+fn corrupt_checkpoint_is_an_error_naming_the_file_and_keeps_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agg.ckpt");
+    let m = started(1, 3);
+    checkpoint::save(m.state(), &path).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    assert_eq!(checkpoint::load(&path).unwrap().as_ref(), Some(m.state()));
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x40;
+    let err = checkpoint::from_bytes(&bad, &path).unwrap_err();
+    assert!(err.to_string().contains("agg.ckpt"), "{err}");
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    std::fs::write(&path, &good[..20]).unwrap();
+    assert!(
+        checkpoint::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("agg.ckpt")
+    );
+    assert!(
+        checkpoint::load(&dir.path().join("none"))
+            .unwrap()
+            .is_none()
+    );
+}

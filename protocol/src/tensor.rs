@@ -733,16 +733,15 @@ mod le_f32 {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
-        let bytes = crate::bytes::deserialize(d)?;
-        if bytes.len() % 4 != 0 {
-            return Err(serde::de::Error::custom(
-                "f32 data length is not a multiple of 4",
-            ));
-        }
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        crate::bytes::deserialize_with(d, |bytes| {
+            if bytes.len() % 4 != 0 {
+                return Err("f32 data length is not a multiple of 4");
+            }
+            Ok(bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        })
     }
 }
 
@@ -759,16 +758,15 @@ mod le_u16 {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
-        let bytes = crate::bytes::deserialize(d)?;
-        if bytes.len() % 2 != 0 {
-            return Err(serde::de::Error::custom(
-                "f16 data length is not a multiple of 2",
-            ));
-        }
-        Ok(bytes
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect())
+        crate::bytes::deserialize_with(d, |bytes| {
+            if bytes.len() % 2 != 0 {
+                return Err("f16 data length is not a multiple of 2");
+            }
+            Ok(bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect())
+        })
     }
 }
 
@@ -782,8 +780,7 @@ mod i8_bytes {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i8>, D::Error> {
-        let bytes = crate::bytes::deserialize(d)?;
-        Ok(bytes.iter().map(|&b| b as i8).collect())
+        crate::bytes::deserialize_with(d, |bytes| Ok(bytes.iter().map(|&b| b as i8).collect()))
     }
 }
 

@@ -1,1 +1,20 @@
-//! (being built)
+//! fedpeft edge client: trains a PEFT tail on local data and publishes compact updates over MQTT.
+//!
+//! Module map (pure logic first, I/O last):
+//! - [`config`]: TOML file + CLI flags, validated into an [`config::EdgeConfig`]; reconnect backoff.
+//! - [`types`]: the client's view of a round: f32 tensors, training plan, trained update.
+//! - [`session`]: the round protocol as a pure state machine (`on_event -> Vec<Action>`).
+//! - [`wire`]: topics, decoding, chunk reassembly, update encoding (dtype, top-k with error
+//!   feedback) and chunking, on the protocol crate. Pure as well.
+//! - [`trainer`]: the [`trainer::LocalTrainer`] trait and [`trainer::TailTrainer`], a PEFT tail
+//!   trained on cached trunk activations.
+//! - [`accounting`]: bytes up and down per round, MQTT framing included.
+//! - [`client`]: the async shell (tokio + rumqttc) that runs a session: [`client::run`].
+
+pub mod accounting;
+pub mod client;
+pub mod config;
+pub mod session;
+pub mod trainer;
+pub mod types;
+pub mod wire;

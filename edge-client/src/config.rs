@@ -1,0 +1,826 @@
+//! Edge-client configuration: a TOML file and command-line flags, merged and validated into a
+//! typed [`EdgeConfig`] before anything connects.
+//!
+//! Precedence: a flag beats the file, the file beats the documented default. Unknown keys in
+//! the file are rejected (a typo must not silently fall back to a default).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Longest client id / fleet name accepted. They become MQTT topic levels and are carried as
+/// fixed-capacity strings on the wire, so they are short and topic-safe.
+pub const MAX_NAME_LEN: usize = 32;
+
+/// Smallest packet limit we accept: below this even a chunk header plus a topic would not fit.
+pub const MIN_PACKET_BYTES: usize = 1024;
+
+/// What went wrong while reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("{field} is required (set it in the config file or with --{flag})")]
+    Missing {
+        field: &'static str,
+        flag: &'static str,
+    },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Which ONNX runtime runs the frozen trunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeChoice {
+    /// onnxruntime when this build has it and the library loads, tract otherwise.
+    Auto,
+    /// onnxruntime through `ort` (needs the `ort` feature and `ORT_DYLIB_PATH`).
+    Ort,
+    /// tract: pure Rust, no native library; runs everywhere (the armv7 choice).
+    Tract,
+}
+
+/// How the shared data set is split across the fleet's clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionKind {
+    /// Uniformly random, equal-size shards.
+    Iid,
+    /// Label proportions per client drawn from Dirichlet(alpha): the usual non-IID split.
+    Dirichlet,
+}
+
+/// The `[broker]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerFile {
+    /// `mqtt://host[:port]`. Default `mqtt://127.0.0.1:1883`.
+    pub url: Option<String>,
+    /// MQTT keep-alive in seconds. Default 30.
+    pub keep_alive_secs: Option<u64>,
+    /// Largest MQTT packet sent or accepted, in bytes; payloads above it are chunked.
+    /// Default 65536.
+    pub max_packet_bytes: Option<usize>,
+    /// Username, if the broker wants one.
+    pub username: Option<String>,
+    /// Password, if the broker wants one.
+    pub password: Option<String>,
+}
+
+/// The `[client]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    /// Fleet name (the topic root is `fedpeft/v1/{fleet}/`). Default `default`.
+    pub fleet: Option<String>,
+    /// This client's id, unique in the fleet. Required.
+    pub id: Option<String>,
+}
+
+/// The `[model]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelFile {
+    /// Folder holding the backbone manifest and its files. Required.
+    pub dir: Option<PathBuf>,
+    /// Trunk runtime. Default `auto`.
+    pub runtime: Option<RuntimeChoice>,
+}
+
+/// The `[data]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataFile {
+    /// Data set name, e.g. `fashion-mnist`. Default `fashion-mnist`.
+    pub dataset: Option<String>,
+    /// Where the data set's files are. Default: the data set's usual place (backbone crate).
+    pub root: Option<PathBuf>,
+    /// `iid` or `dirichlet`. Default `dirichlet`.
+    pub partition: Option<PartitionKind>,
+    /// Dirichlet concentration (smaller = more skewed). Default 0.5.
+    pub alpha: Option<f64>,
+    /// How many clients the data set is split across. Default 1.
+    pub num_clients: Option<usize>,
+    /// This client's shard, `0..num_clients`. Default 0.
+    pub index: Option<usize>,
+    /// Seed of the split (all clients of a fleet must use the same). Default 42.
+    pub seed: Option<u64>,
+    /// Keep at most this many local examples (small devices, quick trials). Default: all.
+    pub max_examples: Option<usize>,
+}
+
+/// The `[cache]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheFile {
+    /// Where trunk activations are cached. Default `data/cache`.
+    pub dir: Option<PathBuf>,
+}
+
+/// The `[reconnect]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectFile {
+    /// First wait after a lost connection, in ms. Default 500.
+    pub initial_ms: Option<u64>,
+    /// Longest wait, in ms. Default 30000.
+    pub max_ms: Option<u64>,
+    /// Growth factor per failed attempt. Default 2.0.
+    pub multiplier: Option<f64>,
+    /// Random fraction taken off each wait (0 = none, 1 = "full jitter"). Default 0.5.
+    pub jitter: Option<f64>,
+}
+
+/// The `[report]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportFile {
+    /// Write a JSON summary (rounds, bytes up/down) here at exit. Default: none.
+    pub summary_json: Option<PathBuf>,
+}
+
+/// The TOML file as written, before validation. Every field is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub broker: BrokerFile,
+    #[serde(default)]
+    pub client: ClientFile,
+    #[serde(default)]
+    pub model: ModelFile,
+    #[serde(default)]
+    pub data: DataFile,
+    #[serde(default)]
+    pub cache: CacheFile,
+    #[serde(default)]
+    pub reconnect: ReconnectFile,
+    #[serde(default)]
+    pub report: ReportFile,
+}
+
+impl FileConfig {
+    /// Parses TOML text; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        FileConfig::parse(&text, path)
+    }
+}
+
+/// Command-line flags of `edge-client`. Each overrides the same setting of the config file.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "edge-client",
+    version,
+    about = "fedpeft edge client: trains a PEFT tail on local data and publishes compact updates over MQTT"
+)]
+pub struct Cli {
+    /// TOML config file.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Broker URL, mqtt://host[:port].
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// Fleet name.
+    #[arg(long)]
+    pub fleet: Option<String>,
+    /// This client's id.
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// Folder with the backbone manifest.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Trunk runtime.
+    #[arg(long, value_enum)]
+    pub runtime: Option<RuntimeChoice>,
+    /// Data set name.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Data set folder.
+    #[arg(long)]
+    pub data_root: Option<PathBuf>,
+    /// Partition kind.
+    #[arg(long, value_enum)]
+    pub partition: Option<PartitionKind>,
+    /// Dirichlet alpha.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Number of clients the data set is split across.
+    #[arg(long)]
+    pub num_clients: Option<usize>,
+    /// This client's shard index.
+    #[arg(long)]
+    pub client_index: Option<usize>,
+    /// Partition seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep at most this many local examples.
+    #[arg(long)]
+    pub max_examples: Option<usize>,
+    /// Activation cache folder.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Largest MQTT packet, bytes.
+    #[arg(long)]
+    pub max_packet_bytes: Option<usize>,
+    /// JSON summary file written at exit.
+    #[arg(long)]
+    pub summary_json: Option<PathBuf>,
+}
+
+/// Where the broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerAddr {
+    /// Parses `mqtt://host[:port]` (port 1883 by default). `mqtts://` is recognised and refused
+    /// with a clear message: this build carries no TLS stack.
+    pub fn parse(url: &str) -> Result<BrokerAddr, ConfigError> {
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            invalid(
+                "broker.url",
+                format!("`{url}` has no scheme; expected mqtt://host:port"),
+            )
+        })?;
+        match scheme {
+            "mqtt" | "tcp" => {}
+            "mqtts" | "ssl" => {
+                return Err(invalid(
+                    "broker.url",
+                    format!(
+                        "`{url}`: TLS (mqtts://) is not built into this edge client yet; use mqtt://"
+                    ),
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    "broker.url",
+                    format!("`{url}`: unknown scheme `{other}`; expected mqtt://"),
+                ));
+            }
+        }
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') || rest.contains('?') || rest.contains('@') {
+            return Err(invalid(
+                "broker.url",
+                format!(
+                    "`{url}`: only mqtt://host[:port] is accepted (no path, query or user info)"
+                ),
+            ));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6.split_once(']').ok_or_else(|| {
+                invalid("broker.url", format!("`{url}`: unclosed `[` in IPv6 host"))
+            })?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => Some(p),
+                None if after.is_empty() => None,
+                None => {
+                    return Err(invalid(
+                        "broker.url",
+                        format!("`{url}`: junk after IPv6 host"),
+                    ));
+                }
+            };
+            (host.to_string(), port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (rest.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(invalid("broker.url", format!("`{url}`: empty host")));
+        }
+        let port = match port {
+            None => 1883,
+            Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                invalid(
+                    "broker.url",
+                    format!("`{url}`: port `{p}` is not in 1..=65535"),
+                )
+            })?,
+        };
+        Ok(BrokerAddr { host, port })
+    }
+}
+
+impl std::fmt::Display for BrokerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "mqtt://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Exponential backoff with jitter between reconnect attempts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+    /// Fraction of each wait that is randomised away, in `[0, 1]`.
+    pub jitter: f64,
+}
+
+impl Backoff {
+    /// The wait before reconnect attempt `attempt` (0-based), given a uniform sample
+    /// `u ∈ [0, 1)`. Pure, so tests pin it; the shell draws `u` from a seeded RNG.
+    pub fn delay(&self, attempt: u32, u: f64) -> Duration {
+        let base = self.initial.as_secs_f64() * self.multiplier.powi(attempt.min(64) as i32);
+        let capped = base.min(self.max.as_secs_f64());
+        // Jitter spreads the reconnects of a fleet that lost its broker at the same moment.
+        let factor = 1.0 - self.jitter * u.clamp(0.0, 1.0);
+        Duration::from_secs_f64((capped * factor).max(0.0))
+    }
+}
+
+/// Which slice of which data set this client trains on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataSpec {
+    pub dataset: String,
+    pub root: Option<PathBuf>,
+    pub partition: PartitionKind,
+    pub alpha: f64,
+    pub num_clients: usize,
+    pub index: usize,
+    pub seed: u64,
+    pub max_examples: Option<usize>,
+}
+
+/// The validated configuration the client runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeConfig {
+    pub broker: BrokerAddr,
+    pub keep_alive: Duration,
+    pub max_packet_bytes: usize,
+    pub credentials: Option<(String, String)>,
+    pub fleet: String,
+    pub client_id: String,
+    pub model_dir: PathBuf,
+    pub runtime: RuntimeChoice,
+    pub data: DataSpec,
+    pub cache_dir: PathBuf,
+    pub reconnect: Backoff,
+    pub summary_json: Option<PathBuf>,
+}
+
+/// Checks that `name` can be one MQTT topic level and a fixed-capacity wire string.
+pub fn validate_name(field: &'static str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(invalid(
+            field,
+            format!(
+                "`{name}` is {} bytes long; at most {MAX_NAME_LEN}",
+                name.len()
+            ),
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_' || *c == '.'))
+    {
+        return Err(invalid(
+            field,
+            format!("`{name}` contains `{bad}`; use ASCII letters, digits, `-`, `_` or `.`"),
+        ));
+    }
+    Ok(())
+}
+
+impl EdgeConfig {
+    /// Reads the file named by `--config` (if any), merges the flags and validates.
+    pub fn from_cli(cli: &Cli) -> Result<EdgeConfig, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        EdgeConfig::resolve(file, cli)
+    }
+
+    /// Merges flags over the file over the defaults, then validates every field.
+    pub fn resolve(file: FileConfig, cli: &Cli) -> Result<EdgeConfig, ConfigError> {
+        let url = cli
+            .broker
+            .clone()
+            .or(file.broker.url)
+            .unwrap_or_else(|| "mqtt://127.0.0.1:1883".to_string());
+        let broker = BrokerAddr::parse(&url)?;
+
+        let keep_alive_secs = file.broker.keep_alive_secs.unwrap_or(30);
+        if !(1..=65_535).contains(&keep_alive_secs) {
+            return Err(invalid(
+                "broker.keep_alive_secs",
+                format!("{keep_alive_secs} is not in 1..=65535"),
+            ));
+        }
+
+        let max_packet_bytes = cli
+            .max_packet_bytes
+            .or(file.broker.max_packet_bytes)
+            .unwrap_or(64 * 1024);
+        // MQTT's remaining-length field tops out at 256 MiB.
+        if !(MIN_PACKET_BYTES..=268_435_455).contains(&max_packet_bytes) {
+            return Err(invalid(
+                "broker.max_packet_bytes",
+                format!("{max_packet_bytes} is not in {MIN_PACKET_BYTES}..=268435455"),
+            ));
+        }
+
+        let credentials = match (file.broker.username, file.broker.password) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (Some(u), None) => Some((u, String::new())),
+            (None, Some(_)) => {
+                return Err(invalid("broker.password", "given without broker.username"));
+            }
+            (None, None) => None,
+        };
+
+        let fleet = cli
+            .fleet
+            .clone()
+            .or(file.client.fleet)
+            .unwrap_or_else(|| "default".to_string());
+        validate_name("client.fleet", &fleet)?;
+
+        let client_id = cli
+            .client_id
+            .clone()
+            .or(file.client.id)
+            .ok_or(ConfigError::Missing {
+                field: "client.id",
+                flag: "client-id",
+            })?;
+        validate_name("client.id", &client_id)?;
+
+        let model_dir = cli
+            .model_dir
+            .clone()
+            .or(file.model.dir)
+            .ok_or(ConfigError::Missing {
+                field: "model.dir",
+                flag: "model-dir",
+            })?;
+        let runtime = cli
+            .runtime
+            .or(file.model.runtime)
+            .unwrap_or(RuntimeChoice::Auto);
+
+        let dataset = cli
+            .dataset
+            .clone()
+            .or(file.data.dataset)
+            .unwrap_or_else(|| "fashion-mnist".to_string());
+        if dataset.is_empty() {
+            return Err(invalid("data.dataset", "must not be empty"));
+        }
+        let partition = cli
+            .partition
+            .or(file.data.partition)
+            .unwrap_or(PartitionKind::Dirichlet);
+        let alpha = cli.alpha.or(file.data.alpha).unwrap_or(0.5);
+        if !(alpha.is_finite() && alpha > 0.0) {
+            return Err(invalid(
+                "data.alpha",
+                format!("{alpha} must be finite and > 0"),
+            ));
+        }
+        let num_clients = cli.num_clients.or(file.data.num_clients).unwrap_or(1);
+        if num_clients == 0 {
+            return Err(invalid("data.num_clients", "must be at least 1"));
+        }
+        let index = cli.client_index.or(file.data.index).unwrap_or(0);
+        if index >= num_clients {
+            return Err(invalid(
+                "data.index",
+                format!(
+                    "{index} is out of range for num_clients = {num_clients} (0..{num_clients})"
+                ),
+            ));
+        }
+        let seed = cli.seed.or(file.data.seed).unwrap_or(42);
+        let max_examples = cli.max_examples.or(file.data.max_examples);
+        if max_examples == Some(0) {
+            return Err(invalid("data.max_examples", "must be at least 1 when set"));
+        }
+
+        let cache_dir = cli
+            .cache_dir
+            .clone()
+            .or(file.cache.dir)
+            .unwrap_or_else(|| PathBuf::from("data/cache"));
+
+        let initial_ms = file.reconnect.initial_ms.unwrap_or(500);
+        let max_ms = file.reconnect.max_ms.unwrap_or(30_000);
+        let multiplier = file.reconnect.multiplier.unwrap_or(2.0);
+        let jitter = file.reconnect.jitter.unwrap_or(0.5);
+        if initial_ms == 0 {
+            return Err(invalid("reconnect.initial_ms", "must be at least 1"));
+        }
+        if max_ms < initial_ms {
+            return Err(invalid(
+                "reconnect.max_ms",
+                format!("{max_ms} is smaller than reconnect.initial_ms = {initial_ms}"),
+            ));
+        }
+        if !(multiplier.is_finite() && multiplier >= 1.0) {
+            return Err(invalid(
+                "reconnect.multiplier",
+                format!("{multiplier} must be finite and >= 1"),
+            ));
+        }
+        if !(0.0..=1.0).contains(&jitter) {
+            return Err(invalid(
+                "reconnect.jitter",
+                format!("{jitter} is not in [0, 1]"),
+            ));
+        }
+
+        Ok(EdgeConfig {
+            broker,
+            keep_alive: Duration::from_secs(keep_alive_secs),
+            max_packet_bytes,
+            credentials,
+            fleet,
+            client_id,
+            model_dir,
+            runtime,
+            data: DataSpec {
+                dataset,
+                root: cli.data_root.clone().or(file.data.root),
+                partition,
+                alpha,
+                num_clients,
+                index,
+                seed,
+                max_examples,
+            },
+            cache_dir,
+            reconnect: Backoff {
+                initial: Duration::from_millis(initial_ms),
+                max: Duration::from_millis(max_ms),
+                multiplier,
+                jitter,
+            },
+            summary_json: cli.summary_json.clone().or(file.report.summary_json),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut all = vec!["edge-client"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect("flags parse")
+    }
+
+    fn parse(text: &str) -> Result<FileConfig, ConfigError> {
+        FileConfig::parse(text, Path::new("edge.toml"))
+    }
+
+    #[test]
+    fn a_full_file_is_read_and_defaults_fill_the_rest() {
+        let file = parse(
+            r#"
+            [broker]
+            url = "mqtt://broker.local:1884"
+            [client]
+            fleet = "lab"
+            id = "pi-07"
+            [model]
+            dir = "models/build/efficientnet-lite0"
+            runtime = "tract"
+            [data]
+            partition = "iid"
+            num_clients = 8
+            index = 7
+            "#,
+        )
+        .unwrap();
+        let cfg = EdgeConfig::resolve(file, &cli(&[])).unwrap();
+        assert_eq!(
+            cfg.broker,
+            BrokerAddr {
+                host: "broker.local".into(),
+                port: 1884
+            }
+        );
+        assert_eq!(cfg.fleet, "lab");
+        assert_eq!(cfg.client_id, "pi-07");
+        assert_eq!(cfg.runtime, RuntimeChoice::Tract);
+        assert_eq!(cfg.data.partition, PartitionKind::Iid);
+        assert_eq!((cfg.data.index, cfg.data.num_clients), (7, 8));
+        assert_eq!(cfg.data.dataset, "fashion-mnist");
+        assert_eq!(cfg.data.seed, 42);
+        assert_eq!(cfg.max_packet_bytes, 65_536);
+        assert_eq!(cfg.keep_alive, Duration::from_secs(30));
+        assert_eq!(cfg.cache_dir, PathBuf::from("data/cache"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = parse(
+            "[client]\nid = \"a\"\n[model]\ndir = \"m\"\n[data]\nnum_clients = 4\nindex = 1\n",
+        )
+        .unwrap();
+        let cfg = EdgeConfig::resolve(
+            file,
+            &cli(&[
+                "--client-id",
+                "b",
+                "--client-index",
+                "3",
+                "--broker",
+                "mqtt://10.0.0.2",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.client_id, "b");
+        assert_eq!(cfg.data.index, 3);
+        assert_eq!(cfg.broker.port, 1883);
+        assert_eq!(cfg.broker.host, "10.0.0.2");
+    }
+
+    #[test]
+    fn an_unknown_key_is_rejected_with_its_name() {
+        let err = parse("[client]\nid = \"a\"\nfleat = \"x\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("fleat"), "{msg}");
+        assert!(msg.contains("edge.toml"), "{msg}");
+        let err = parse("[brokr]\nurl = \"mqtt://x\"\n").unwrap_err();
+        assert!(err.to_string().contains("brokr"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_client_id_names_the_field_and_the_flag() {
+        let err =
+            EdgeConfig::resolve(FileConfig::default(), &cli(&["--model-dir", "m"])).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Missing {
+                    field: "client.id",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--client-id"));
+    }
+
+    #[test]
+    fn a_shard_index_outside_the_fleet_is_rejected() {
+        let err = EdgeConfig::resolve(
+            FileConfig::default(),
+            &cli(&[
+                "--client-id",
+                "a",
+                "--model-dir",
+                "m",
+                "--num-clients",
+                "4",
+                "--client-index",
+                "4",
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    field: "data.index",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn client_ids_that_would_break_topics_are_rejected() {
+        for bad in ["a/b", "a+b", "#", "", "x".repeat(33).as_str(), "é"] {
+            let err = EdgeConfig::resolve(
+                FileConfig::default(),
+                &cli(&["--client-id", bad, "--model-dir", "m"]),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        field: "client.id",
+                        ..
+                    }
+                ),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn broker_urls_are_parsed_or_refused_clearly() {
+        assert_eq!(
+            BrokerAddr::parse("mqtt://[::1]:1999").unwrap(),
+            BrokerAddr {
+                host: "::1".into(),
+                port: 1999
+            }
+        );
+        assert_eq!(BrokerAddr::parse("tcp://h").unwrap().port, 1883);
+        let tls = BrokerAddr::parse("mqtts://h:8883").unwrap_err().to_string();
+        assert!(tls.contains("TLS"), "{tls}");
+        assert!(
+            BrokerAddr::parse("http://h")
+                .unwrap_err()
+                .to_string()
+                .contains("scheme")
+        );
+        assert!(BrokerAddr::parse("h:1883").is_err());
+        assert!(BrokerAddr::parse("mqtt://h:0").is_err());
+        assert!(BrokerAddr::parse("mqtt://h:99999").is_err());
+        assert!(BrokerAddr::parse("mqtt://:1883").is_err());
+        assert!(BrokerAddr::parse("mqtt://h/path").is_err());
+        assert_eq!(
+            BrokerAddr::parse("mqtt://h:7").unwrap().to_string(),
+            "mqtt://h:7"
+        );
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_rejected() {
+        let base = ["--client-id", "a", "--model-dir", "m"];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            EdgeConfig::resolve(FileConfig::default(), &cli(&v))
+        };
+        assert!(with(&["--max-packet-bytes", "100"]).is_err());
+        assert!(with(&["--alpha", "0"]).is_err());
+        assert!(with(&["--num-clients", "0"]).is_err());
+        assert!(with(&["--max-examples", "0"]).is_err());
+        let file = parse("[reconnect]\njitter = 1.5\n").unwrap();
+        assert!(EdgeConfig::resolve(file, &cli(&base)).is_err());
+        let file = parse("[reconnect]\ninitial_ms = 1000\nmax_ms = 10\n").unwrap();
+        assert!(EdgeConfig::resolve(file, &cli(&base)).is_err());
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_caps_and_jitters_downwards() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(1000),
+            multiplier: 2.0,
+            jitter: 0.5,
+        };
+        assert_eq!(b.delay(0, 0.0), Duration::from_millis(100));
+        assert_eq!(b.delay(1, 0.0), Duration::from_millis(200));
+        assert_eq!(b.delay(3, 0.0), Duration::from_millis(800));
+        assert_eq!(b.delay(4, 0.0), Duration::from_millis(1000));
+        assert_eq!(b.delay(40, 0.0), Duration::from_millis(1000));
+        assert_eq!(b.delay(2, 1.0), Duration::from_millis(200));
+        let mid = b.delay(2, 0.5);
+        assert!(mid > Duration::from_millis(200) && mid < Duration::from_millis(400));
+    }
+}

@@ -1,0 +1,641 @@
+//! The client side of the round protocol as a pure state machine.
+//!
+//! [`Session::on_event`] takes one decoded [`Event`] (a connection change, a message from the
+//! aggregator, the end of local training, a shutdown request) and returns the [`Action`]s the
+//! async shell must carry out. It does no I/O and reads no clock, so every protocol rule is
+//! unit-tested without sockets:
+//! - on every (re)connect: subscribe, publish Status online (retained) and Join;
+//! - train round r only when sampled in r *and* holding the round-r global adapter, at most
+//!   once per round, one training at a time;
+//! - anything older than what it already has (announcement, adapter, finished training) is
+//!   stale and dropped;
+//! - "run done" or a signal: publish Status offline, disconnect, exit.
+
+use std::sync::Arc;
+
+use crate::types::{Announcement, GlobalAdapter, Round, SharedAdapter, TrainPlan, TrainedUpdate};
+
+/// Something that happened, as the shell saw it.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The broker accepted our CONNECT.
+    Connected { session_present: bool },
+    /// The connection dropped; the shell reconnects with backoff.
+    ConnectionLost,
+    /// A (complete, decoded) round announcement.
+    Announce(Announcement),
+    /// A (reassembled, decoded) global adapter.
+    Adapter(GlobalAdapter),
+    /// The aggregator says the run is over.
+    RunDone,
+    /// Local training of `round` finished (or failed with a message).
+    TrainingFinished {
+        round: Round,
+        sequence: u32,
+        result: Result<TrainedUpdate, String>,
+    },
+    /// SIGTERM / SIGINT.
+    Shutdown,
+}
+
+/// A message this client publishes; the wire layer picks topic, encoding and chunking.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    StatusOnline,
+    StatusOffline,
+    Join,
+    Update {
+        round: Round,
+        sequence: u32,
+        update: TrainedUpdate,
+        plan: TrainPlan,
+    },
+}
+
+/// Why the client exits (both are clean exits, code 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    RunDone,
+    Signal,
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Subscribe to the fleet's announcement, adapter and control topics.
+    Subscribe,
+    /// Publish a message.
+    Send(Outbound),
+    /// Train `round` locally from `adapter` following `plan`, then report
+    /// [`Event::TrainingFinished`] with the same `round` and `sequence`.
+    Train {
+        round: Round,
+        sequence: u32,
+        adapter: SharedAdapter,
+        plan: TrainPlan,
+    },
+    /// Send DISCONNECT (after everything queued before it).
+    Disconnect,
+    /// Stop the process.
+    Exit(ExitReason),
+}
+
+/// Counters the client reports in its final log line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    pub connects: u32,
+    pub rounds_trained: u32,
+    pub updates_sent: u32,
+    pub rounds_not_sampled: u32,
+    pub stale_dropped: u32,
+    pub training_failures: u32,
+}
+
+/// The session state machine.
+#[derive(Debug)]
+pub struct Session {
+    client_id: String,
+    connected: bool,
+    announce: Option<Announcement>,
+    adapter: Option<SharedAdapter>,
+    /// The round being trained right now, if any.
+    training: Option<Round>,
+    /// The newest round whose training was started: never train a round twice, even when a
+    /// retained announcement is delivered again after a reconnect.
+    last_started: Option<Round>,
+    /// Rounds already counted as "not sampled" (so redeliveries don't count twice).
+    last_skipped: Option<Round>,
+    next_sequence: u32,
+    finished: bool,
+    stats: SessionStats,
+}
+
+impl Session {
+    pub fn new(client_id: impl Into<String>) -> Session {
+        Session {
+            client_id: client_id.into(),
+            connected: false,
+            announce: None,
+            adapter: None,
+            training: None,
+            last_started: None,
+            last_skipped: None,
+            next_sequence: 0,
+            finished: false,
+            stats: SessionStats::default(),
+        }
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The round currently announced, if any.
+    pub fn current_round(&self) -> Option<Round> {
+        self.announce.as_ref().map(|a| a.round)
+    }
+
+    /// Whether the session has decided to exit.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Advances the state machine by one event.
+    pub fn on_event(&mut self, event: Event) -> Vec<Action> {
+        if self.finished {
+            return Vec::new();
+        }
+        match event {
+            Event::Connected { .. } => {
+                self.connected = true;
+                self.stats.connects += 1;
+                // Re-subscribing is harmless with a persistent session and brings the retained
+                // announcement and adapter back; Join again so an aggregator that saw our last
+                // will knows we are back.
+                vec![
+                    Action::Subscribe,
+                    Action::Send(Outbound::StatusOnline),
+                    Action::Send(Outbound::Join),
+                ]
+            }
+            Event::ConnectionLost => {
+                self.connected = false;
+                Vec::new()
+            }
+            Event::Announce(a) => self.on_announce(a),
+            Event::Adapter(g) => self.on_adapter(g),
+            Event::TrainingFinished {
+                round,
+                sequence,
+                result,
+            } => self.on_trained(round, sequence, result),
+            Event::RunDone => self.finish(ExitReason::RunDone),
+            Event::Shutdown => self.finish(ExitReason::Signal),
+        }
+    }
+
+    fn on_announce(&mut self, a: Announcement) -> Vec<Action> {
+        if let Some(current) = &self.announce
+            && current.run_id != a.run_id
+        {
+            // A new run on the same fleet: its rounds start over.
+            tracing::info!(old = current.run_id, new = a.run_id, "a new run started");
+            self.last_started = None;
+            self.last_skipped = None;
+            self.adapter = self.adapter.take().filter(|g| g.run_id == a.run_id);
+        } else if let Some(current) = &self.announce
+            && a.round < current.round
+        {
+            self.stats.stale_dropped += 1;
+            tracing::debug!(
+                round = a.round,
+                current = current.round,
+                "stale announcement dropped"
+            );
+            return Vec::new();
+        }
+        let sampled = a.sampled.contains(&self.client_id);
+        if !sampled && self.last_skipped != Some(a.round) {
+            self.last_skipped = Some(a.round);
+            self.stats.rounds_not_sampled += 1;
+            tracing::info!(round = a.round, "not sampled this round; waiting");
+        }
+        self.announce = Some(a);
+        self.maybe_train()
+    }
+
+    fn on_adapter(&mut self, g: GlobalAdapter) -> Vec<Action> {
+        // Only adapters of the announced run are comparable; another run's adapter is kept
+        // until an announcement says which run is current.
+        let same_run = |run: u64| self.announce.as_ref().is_none_or(|a| a.run_id == run);
+        if !same_run(g.run_id) {
+            self.stats.stale_dropped += 1;
+            tracing::debug!(run = g.run_id, "global adapter of another run dropped");
+            return Vec::new();
+        }
+        let newest_known = self
+            .adapter
+            .as_ref()
+            .filter(|h| h.run_id == g.run_id)
+            .map(|h| h.round)
+            .max(self.announce.as_ref().map(|a| a.round));
+        if let Some(newest) = newest_known
+            && g.round < newest
+        {
+            self.stats.stale_dropped += 1;
+            tracing::debug!(round = g.round, newest, "stale global adapter dropped");
+            return Vec::new();
+        }
+        self.adapter = Some(Arc::new(g));
+        self.maybe_train()
+    }
+
+    fn on_trained(
+        &mut self,
+        round: Round,
+        sequence: u32,
+        result: Result<TrainedUpdate, String>,
+    ) -> Vec<Action> {
+        if self.training == Some(round) {
+            self.training = None;
+        }
+        let mut actions = Vec::new();
+        match result {
+            Err(reason) => {
+                self.stats.training_failures += 1;
+                tracing::error!(round, %reason, "local training failed; no update for this round");
+            }
+            Ok(update) => {
+                let current = self.announce.as_ref().filter(|a| a.round == round);
+                match current {
+                    Some(a) => {
+                        self.stats.rounds_trained += 1;
+                        self.stats.updates_sent += 1;
+                        actions.push(Action::Send(Outbound::Update {
+                            round,
+                            sequence,
+                            update,
+                            plan: a.plan.clone(),
+                        }));
+                    }
+                    None => {
+                        // The round moved on while we trained: the aggregator would reject it.
+                        self.stats.stale_dropped += 1;
+                        tracing::warn!(round, current = ?self.current_round(),
+                            "training finished after the round moved on; update not sent");
+                    }
+                }
+            }
+        }
+        actions.extend(self.maybe_train());
+        actions
+    }
+
+    fn maybe_train(&mut self) -> Vec<Action> {
+        if self.training.is_some() {
+            return Vec::new();
+        }
+        let Some(a) = &self.announce else {
+            return Vec::new();
+        };
+        if self.last_started.is_some_and(|r| r >= a.round) {
+            return Vec::new();
+        }
+        if !a.sampled.contains(&self.client_id) {
+            return Vec::new();
+        }
+        let Some(adapter) = self
+            .adapter
+            .as_ref()
+            .filter(|g| g.round == a.round && g.run_id == a.run_id)
+        else {
+            tracing::debug!(
+                round = a.round,
+                "sampled; waiting for this round's global adapter"
+            );
+            return Vec::new();
+        };
+        let round = a.round;
+        let sequence = self.next_sequence;
+        self.next_sequence = self.next_sequence.wrapping_add(1);
+        self.training = Some(round);
+        self.last_started = Some(round);
+        vec![Action::Train {
+            round,
+            sequence,
+            adapter: adapter.clone(),
+            plan: a.plan.clone(),
+        }]
+    }
+
+    fn finish(&mut self, reason: ExitReason) -> Vec<Action> {
+        self.finished = true;
+        let mut actions = Vec::new();
+        if self.connected {
+            // A clean DISCONNECT suppresses the last will, so say "offline" ourselves.
+            actions.push(Action::Send(Outbound::StatusOffline));
+            actions.push(Action::Disconnect);
+        }
+        actions.push(Action::Exit(reason));
+        actions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Metrics, Tensor, WireDtype};
+
+    fn plan() -> TrainPlan {
+        TrainPlan {
+            local_epochs: 1,
+            batch_size: 32,
+            learning_rate: 0.1,
+            optimizer: crate::types::OptimizerPlan::Sgd {
+                momentum: 0.0,
+                weight_decay: 0.0,
+            },
+            dp: None,
+            proximal_mu: 0.0,
+            dtype: WireDtype::F32,
+            top_k: None,
+            seed: 7,
+        }
+    }
+
+    fn announce(round: Round, sampled: &[&str]) -> Event {
+        Event::Announce(Announcement {
+            run_id: 1,
+            round,
+            sampled: sampled.iter().map(|s| s.to_string()).collect(),
+            plan: plan(),
+            deadline_unix_ms: 0,
+        })
+    }
+
+    fn adapter(round: Round) -> Event {
+        Event::Adapter(GlobalAdapter {
+            run_id: 1,
+            round,
+            tensors: vec![Tensor {
+                name: "head.weight".into(),
+                shape: vec![2],
+                data: vec![round as f32, 0.0],
+            }],
+        })
+    }
+
+    fn update() -> TrainedUpdate {
+        TrainedUpdate {
+            deltas: vec![Tensor {
+                name: "head.weight".into(),
+                shape: vec![2],
+                data: vec![0.5, -0.5],
+            }],
+            metrics: Metrics {
+                loss: 0.3,
+                accuracy: 0.9,
+                num_examples: 10,
+                ..Metrics::default()
+            },
+        }
+    }
+
+    fn connected(id: &str) -> Session {
+        let mut s = Session::new(id);
+        s.on_event(Event::Connected {
+            session_present: false,
+        });
+        s
+    }
+
+    fn train_actions(actions: &[Action]) -> Vec<(Round, u32, Round)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Train {
+                    round,
+                    sequence,
+                    adapter,
+                    ..
+                } => Some((*round, *sequence, adapter.round)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sent_updates(actions: &[Action]) -> Vec<(Round, u32)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(Outbound::Update {
+                    round, sequence, ..
+                }) => Some((*round, *sequence)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn connecting_subscribes_and_announces_itself_online_and_joins() {
+        let mut s = Session::new("c1");
+        let actions = s.on_event(Event::Connected {
+            session_present: false,
+        });
+        assert!(matches!(actions[0], Action::Subscribe));
+        assert!(matches!(actions[1], Action::Send(Outbound::StatusOnline)));
+        assert!(matches!(actions[2], Action::Send(Outbound::Join)));
+        assert_eq!(actions.len(), 3);
+        assert!(s.is_connected());
+    }
+
+    #[test]
+    fn a_reconnect_joins_again() {
+        let mut s = connected("c1");
+        s.on_event(Event::ConnectionLost);
+        assert!(!s.is_connected());
+        let actions = s.on_event(Event::Connected {
+            session_present: true,
+        });
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Send(Outbound::Join)))
+        );
+        assert_eq!(s.stats().connects, 2);
+    }
+
+    #[test]
+    fn a_sampled_client_trains_once_it_has_the_rounds_adapter() {
+        let mut s = connected("c1");
+        assert!(train_actions(&s.on_event(announce(0, &["c1", "c2"]))).is_empty());
+        let actions = s.on_event(adapter(0));
+        assert_eq!(train_actions(&actions), vec![(0, 0, 0)]);
+    }
+
+    #[test]
+    fn the_adapter_may_arrive_before_the_announcement() {
+        let mut s = connected("c1");
+        assert!(s.on_event(adapter(0)).is_empty());
+        assert_eq!(
+            train_actions(&s.on_event(announce(0, &["c1"]))),
+            vec![(0, 0, 0)]
+        );
+    }
+
+    #[test]
+    fn rounds_it_is_not_sampled_in_are_ignored() {
+        let mut s = connected("c1");
+        s.on_event(adapter(3));
+        let actions = s.on_event(announce(3, &["c2", "c3"]));
+        assert!(train_actions(&actions).is_empty());
+        // Redelivery of the same retained announcement is counted once.
+        s.on_event(announce(3, &["c2", "c3"]));
+        assert_eq!(s.stats().rounds_not_sampled, 1);
+        // A prefix of the id is not the id.
+        let actions = s.on_event(announce(4, &["c10"]));
+        assert!(train_actions(&actions).is_empty());
+    }
+
+    #[test]
+    fn an_adapter_from_an_older_round_does_not_start_training() {
+        let mut s = connected("c1");
+        s.on_event(announce(2, &["c1"]));
+        let actions = s.on_event(adapter(1));
+        assert!(train_actions(&actions).is_empty());
+        assert_eq!(s.stats().stale_dropped, 1);
+        assert_eq!(train_actions(&s.on_event(adapter(2))), vec![(2, 0, 2)]);
+    }
+
+    #[test]
+    fn an_older_announcement_is_dropped() {
+        let mut s = connected("c1");
+        s.on_event(announce(5, &["c2"]));
+        s.on_event(adapter(4));
+        let actions = s.on_event(announce(4, &["c1"]));
+        assert!(train_actions(&actions).is_empty());
+        assert_eq!(s.current_round(), Some(5));
+    }
+
+    #[test]
+    fn a_round_is_trained_at_most_once_even_when_redelivered() {
+        let mut s = connected("c1");
+        s.on_event(announce(0, &["c1"]));
+        assert_eq!(train_actions(&s.on_event(adapter(0))).len(), 1);
+        let finished = s.on_event(Event::TrainingFinished {
+            round: 0,
+            sequence: 0,
+            result: Ok(update()),
+        });
+        assert_eq!(sent_updates(&finished), vec![(0, 0)]);
+        // Reconnect: the broker hands the retained messages over again.
+        s.on_event(Event::ConnectionLost);
+        s.on_event(Event::Connected {
+            session_present: true,
+        });
+        assert!(train_actions(&s.on_event(announce(0, &["c1"]))).is_empty());
+        assert!(train_actions(&s.on_event(adapter(0))).is_empty());
+    }
+
+    #[test]
+    fn finished_training_is_published_with_the_round_and_a_fresh_sequence() {
+        let mut s = connected("c1");
+        s.on_event(adapter(0));
+        s.on_event(announce(0, &["c1"]));
+        let sent = s.on_event(Event::TrainingFinished {
+            round: 0,
+            sequence: 0,
+            result: Ok(update()),
+        });
+        assert_eq!(sent_updates(&sent), vec![(0, 0)]);
+        s.on_event(adapter(1));
+        let t = s.on_event(announce(1, &["c1"]));
+        assert_eq!(train_actions(&t), vec![(1, 1, 1)]);
+        let sent = s.on_event(Event::TrainingFinished {
+            round: 1,
+            sequence: 1,
+            result: Ok(update()),
+        });
+        assert_eq!(sent_updates(&sent), vec![(1, 1)]);
+        assert_eq!(s.stats().updates_sent, 2);
+    }
+
+    #[test]
+    fn training_that_ends_after_the_round_moved_on_is_not_sent_and_the_new_round_starts() {
+        let mut s = connected("c1");
+        s.on_event(adapter(0));
+        s.on_event(announce(0, &["c1"]));
+        // The aggregator closes round 0 at its deadline and opens round 1 while we train.
+        s.on_event(adapter(1));
+        let during = s.on_event(announce(1, &["c1"]));
+        assert!(train_actions(&during).is_empty(), "one training at a time");
+        let after = s.on_event(Event::TrainingFinished {
+            round: 0,
+            sequence: 0,
+            result: Ok(update()),
+        });
+        assert!(sent_updates(&after).is_empty());
+        assert_eq!(train_actions(&after), vec![(1, 1, 1)]);
+        assert_eq!(s.stats().stale_dropped, 1);
+    }
+
+    #[test]
+    fn a_failed_training_sends_nothing_and_is_counted() {
+        let mut s = connected("c1");
+        s.on_event(adapter(0));
+        s.on_event(announce(0, &["c1"]));
+        let actions = s.on_event(Event::TrainingFinished {
+            round: 0,
+            sequence: 0,
+            result: Err("NaN loss".into()),
+        });
+        assert!(sent_updates(&actions).is_empty());
+        assert_eq!(s.stats().training_failures, 1);
+    }
+
+    #[test]
+    fn a_new_run_starts_its_rounds_over_and_ignores_the_old_runs_adapter() {
+        let mut s = connected("c1");
+        s.on_event(adapter(0));
+        s.on_event(announce(0, &["c1"]));
+        s.on_event(Event::TrainingFinished {
+            round: 0,
+            sequence: 0,
+            result: Ok(update()),
+        });
+        let new_run = Announcement {
+            run_id: 2,
+            round: 0,
+            sampled: vec!["c1".into()],
+            plan: plan(),
+            deadline_unix_ms: 0,
+        };
+        // The old run's round-0 adapter must not be trained on in the new run.
+        assert!(train_actions(&s.on_event(Event::Announce(new_run))).is_empty());
+        let old = GlobalAdapter {
+            run_id: 1,
+            round: 0,
+            tensors: vec![],
+        };
+        assert!(train_actions(&s.on_event(Event::Adapter(old))).is_empty());
+        let fresh = GlobalAdapter {
+            run_id: 2,
+            round: 0,
+            tensors: vec![],
+        };
+        assert_eq!(
+            train_actions(&s.on_event(Event::Adapter(fresh))),
+            vec![(0, 1, 0)]
+        );
+    }
+
+    #[test]
+    fn run_done_publishes_offline_disconnects_and_exits() {
+        let mut s = connected("c1");
+        let actions = s.on_event(Event::RunDone);
+        assert!(matches!(actions[0], Action::Send(Outbound::StatusOffline)));
+        assert!(matches!(actions[1], Action::Disconnect));
+        assert!(matches!(actions[2], Action::Exit(ExitReason::RunDone)));
+        assert!(s.is_finished());
+        // Nothing happens after the decision to exit.
+        assert!(s.on_event(announce(9, &["c1"])).is_empty());
+        assert!(s.on_event(adapter(9)).is_empty());
+    }
+
+    #[test]
+    fn a_signal_while_disconnected_exits_without_publishing() {
+        let mut s = connected("c1");
+        s.on_event(Event::ConnectionLost);
+        let actions = s.on_event(Event::Shutdown);
+        assert_eq!(actions.len(), 1);
+        assert!(matches!(actions[0], Action::Exit(ExitReason::Signal)));
+    }
+}

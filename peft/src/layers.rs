@@ -280,7 +280,7 @@ pub fn gelu_backward<T: Real>(u: ArrayView2<'_, T>, mut dy: Array2<T>) -> Array2
     dy
 }
 
-/// Element-wise map, split over two threads for large matrices (GELU's `erf` is the costliest
+/// Element-wise map, split over [`threads`] threads for large matrices (GELU's `erf` is the costliest
 /// element-wise op in the tail).
 fn par_map<T: Real>(u: ArrayView2<'_, T>, f: fn(T) -> T) -> Array2<T> {
     let mut out = Array2::zeros(u.raw_dim());
@@ -289,12 +289,20 @@ fn par_map<T: Real>(u: ArrayView2<'_, T>, f: fn(T) -> T) -> Array2<T> {
         Zip::from(&mut out).and(u).for_each(|o, &x| *o = f(x));
         return out;
     }
-    let mid = rows / 2;
-    let (mut o1, mut o2) = out.view_mut().split_at(Axis(0), mid);
-    let (u1, u2) = u.split_at(Axis(0), mid);
+    let chunks = split_batch(rows);
     std::thread::scope(|sc| {
-        sc.spawn(|| Zip::from(&mut o1).and(u1).for_each(|o, &x| *o = f(x)));
-        Zip::from(&mut o2).and(u2).for_each(|o, &x| *o = f(x));
+        let mut rest = out.view_mut();
+        for (i, &(r0, r1)) in chunks.iter().enumerate() {
+            let (here, next) = rest.split_at(Axis(0), r1 - r0);
+            rest = next;
+            let src = u.slice(s![r0..r1, ..]);
+            let work = move || Zip::from(here).and(src).for_each(|o, &x| *o = f(x));
+            if i + 1 == chunks.len() {
+                work();
+            } else {
+                sc.spawn(work);
+            }
+        }
     });
     out
 }
@@ -392,7 +400,9 @@ pub struct AttentionCache<T> {
 }
 
 impl AttentionCore {
-    /// `q, k, v: [B*S, D]`, `key_bias: [B, S]` → context `[B*S, D]`.
+    /// `q, k, v: [B*S, D]`, `key_bias: [B, S]` → context `[B*S, D]`. Samples are split over
+    /// [`threads`] threads: each (sample, head) pair is a small GEMM that matrixmultiply
+    /// would run on one thread.
     pub fn forward<T: Real>(
         &self,
         q: Array2<T>,
@@ -402,29 +412,33 @@ impl AttentionCore {
     ) -> (Array2<T>, AttentionCache<T>) {
         let (b, s) = key_bias.dim();
         let d = q.ncols();
-        let h = self.heads;
-        let dh = d / h;
-        let scale = T::lit(1.0 / (dh as f64).sqrt());
-        let mut probs = Array4::<T>::zeros((b, h, s, s));
+        let mut probs = Array4::<T>::zeros((b, self.heads, s, s));
         let mut ctx = Array2::<T>::zeros((b * s, d));
-        for bi in 0..b {
-            let rows = bi * s..(bi + 1) * s;
-            let bias = key_bias.row(bi);
-            for hi in 0..h {
-                let cols = hi * dh..(hi + 1) * dh;
-                let qs = q.slice(s![rows.clone(), cols.clone()]);
-                let ks = k.slice(s![rows.clone(), cols.clone()]);
-                let vs = v.slice(s![rows.clone(), cols.clone()]);
-                let mut pm = probs.slice_mut(s![bi, hi, .., ..]);
-                general_mat_mul(scale, &qs, &ks.t(), T::zero(), &mut pm);
-                for mut row in pm.rows_mut() {
-                    row += &bias;
-                    softmax_in_place(row.as_slice_mut().expect("contiguous"));
+        let heads = self.heads;
+        let chunks = split_batch(b);
+        std::thread::scope(|sc| {
+            let mut probs_rest = probs.view_mut();
+            let mut ctx_rest = ctx.view_mut();
+            for (i, &(b0, b1)) in chunks.iter().enumerate() {
+                let (p_here, p_next) = probs_rest.split_at(Axis(0), b1 - b0);
+                let (c_here, c_next) = ctx_rest.split_at(Axis(0), (b1 - b0) * s);
+                probs_rest = p_next;
+                ctx_rest = c_next;
+                let rows = b0 * s..b1 * s;
+                let (qv, kv, vv) = (
+                    q.slice(s![rows.clone(), ..]),
+                    k.slice(s![rows.clone(), ..]),
+                    v.slice(s![rows, ..]),
+                );
+                let bias = key_bias.slice(s![b0..b1, ..]);
+                let work = move || attn_forward_chunk(heads, qv, kv, vv, bias, p_here, c_here);
+                if i + 1 == chunks.len() {
+                    work();
+                } else {
+                    sc.spawn(work);
                 }
-                let mut cs = ctx.slice_mut(s![rows.clone(), cols]);
-                general_mat_mul(T::one(), &pm, &vs, T::zero(), &mut cs);
             }
-        }
+        });
         (ctx, AttentionCache { q, k, v, probs })
     }
 
@@ -435,58 +449,154 @@ impl AttentionCore {
         dctx: ArrayView2<'_, T>,
     ) -> (Array2<T>, Array2<T>, Array2<T>) {
         let AttentionCache { q, k, v, probs } = cache;
-        let (b, h, s, _) = probs.dim();
-        let d = q.ncols();
-        let dh = d / h;
-        let scale = T::lit(1.0 / (dh as f64).sqrt());
+        let (b, _, s, _) = probs.dim();
         let mut dq = Array2::<T>::zeros(q.raw_dim());
         let mut dk = Array2::<T>::zeros(k.raw_dim());
         let mut dv = Array2::<T>::zeros(v.raw_dim());
-        let mut ds = Array2::<T>::zeros((s, s));
-        for bi in 0..b {
-            let rows = bi * s..(bi + 1) * s;
-            for hi in 0..h {
-                let cols = hi * dh..(hi + 1) * dh;
-                let pm = probs.slice(s![bi, hi, .., ..]);
-                let dc = dctx.slice(s![rows.clone(), cols.clone()]);
-                let qs = q.slice(s![rows.clone(), cols.clone()]);
-                let ks = k.slice(s![rows.clone(), cols.clone()]);
-                let vs = v.slice(s![rows.clone(), cols.clone()]);
-                // dV = Pᵀ·dC
-                general_mat_mul(
-                    T::one(),
-                    &pm.t(),
-                    &dc,
-                    T::zero(),
-                    &mut dv.slice_mut(s![rows.clone(), cols.clone()]),
+        let chunks = split_batch(b);
+        std::thread::scope(|sc| {
+            let (mut dq_rest, mut dk_rest, mut dv_rest) =
+                (dq.view_mut(), dk.view_mut(), dv.view_mut());
+            for (i, &(b0, b1)) in chunks.iter().enumerate() {
+                let n = (b1 - b0) * s;
+                let (dq_here, r) = dq_rest.split_at(Axis(0), n);
+                dq_rest = r;
+                let (dk_here, r) = dk_rest.split_at(Axis(0), n);
+                dk_rest = r;
+                let (dv_here, r) = dv_rest.split_at(Axis(0), n);
+                dv_rest = r;
+                let rows = b0 * s..b1 * s;
+                let (qv, kv, vv) = (
+                    q.slice(s![rows.clone(), ..]),
+                    k.slice(s![rows.clone(), ..]),
+                    v.slice(s![rows.clone(), ..]),
                 );
-                // dP = dC·Vᵀ, then the softmax Jacobian: dS = P ⊙ (dP − rowsum(dP ⊙ P))
-                general_mat_mul(T::one(), &dc, &vs.t(), T::zero(), &mut ds);
-                Zip::from(ds.rows_mut())
-                    .and(pm.rows())
-                    .for_each(|mut dr, pr| {
-                        let dot = dr.iter().zip(pr.iter()).map(|(&a, &b)| a * b).sum::<T>();
-                        Zip::from(&mut dr)
-                            .and(&pr)
-                            .for_each(|g, &pv| *g = pv * (*g - dot));
-                    });
-                general_mat_mul(
-                    scale,
-                    &ds,
-                    &ks,
-                    T::zero(),
-                    &mut dq.slice_mut(s![rows.clone(), cols.clone()]),
-                );
-                general_mat_mul(
-                    scale,
-                    &ds.t(),
-                    &qs,
-                    T::zero(),
-                    &mut dk.slice_mut(s![rows.clone(), cols]),
-                );
+                let dc = dctx.slice(s![rows, ..]);
+                let pv = probs.slice(s![b0..b1, .., .., ..]);
+                let work =
+                    move || attn_backward_chunk(qv, kv, vv, pv, dc, dq_here, dk_here, dv_here);
+                if i + 1 == chunks.len() {
+                    work();
+                } else {
+                    sc.spawn(work);
+                }
             }
-        }
+        });
         (dq, dk, dv)
+    }
+}
+
+/// Threads for the hand-parallelised parts (attention, element-wise maps): `FEDPEFT_THREADS`,
+/// else `MATMUL_NUM_THREADS` (the GEMM threads), else the available cores.
+pub fn threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        ["FEDPEFT_THREADS", "MATMUL_NUM_THREADS"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    })
+}
+
+/// Splits `0..b` into at most [`threads`] contiguous ranges.
+fn split_batch(b: usize) -> Vec<(usize, usize)> {
+    let t = threads().min(b).max(1);
+    (0..t)
+        .map(|i| (i * b / t, (i + 1) * b / t))
+        .filter(|(a, z)| a < z)
+        .collect()
+}
+
+fn attn_forward_chunk<T: Real>(
+    heads: usize,
+    q: ArrayView2<'_, T>,
+    k: ArrayView2<'_, T>,
+    v: ArrayView2<'_, T>,
+    key_bias: ArrayView2<'_, T>,
+    mut probs: ndarray::ArrayViewMut4<'_, T>,
+    mut ctx: ndarray::ArrayViewMut2<'_, T>,
+) {
+    let (b, s) = key_bias.dim();
+    let dh = q.ncols() / heads;
+    let scale = T::lit(1.0 / (dh as f64).sqrt());
+    for bi in 0..b {
+        let rows = bi * s..(bi + 1) * s;
+        let bias = key_bias.row(bi);
+        for hi in 0..heads {
+            let cols = hi * dh..(hi + 1) * dh;
+            let qs = q.slice(s![rows.clone(), cols.clone()]);
+            let ks = k.slice(s![rows.clone(), cols.clone()]);
+            let vs = v.slice(s![rows.clone(), cols.clone()]);
+            let mut pm = probs.slice_mut(s![bi, hi, .., ..]);
+            general_mat_mul(scale, &qs, &ks.t(), T::zero(), &mut pm);
+            for mut row in pm.rows_mut() {
+                row += &bias;
+                softmax_in_place(row.as_slice_mut().expect("contiguous"));
+            }
+            let mut cs = ctx.slice_mut(s![rows.clone(), cols]);
+            general_mat_mul(T::one(), &pm, &vs, T::zero(), &mut cs);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attn_backward_chunk<T: Real>(
+    q: ArrayView2<'_, T>,
+    k: ArrayView2<'_, T>,
+    v: ArrayView2<'_, T>,
+    probs: ndarray::ArrayView4<'_, T>,
+    dctx: ArrayView2<'_, T>,
+    mut dq: ndarray::ArrayViewMut2<'_, T>,
+    mut dk: ndarray::ArrayViewMut2<'_, T>,
+    mut dv: ndarray::ArrayViewMut2<'_, T>,
+) {
+    let (b, h, s, _) = probs.dim();
+    let dh = q.ncols() / h;
+    let scale = T::lit(1.0 / (dh as f64).sqrt());
+    let mut ds = Array2::<T>::zeros((s, s));
+    for bi in 0..b {
+        let rows = bi * s..(bi + 1) * s;
+        for hi in 0..h {
+            let cols = hi * dh..(hi + 1) * dh;
+            let pm = probs.slice(s![bi, hi, .., ..]);
+            let dc = dctx.slice(s![rows.clone(), cols.clone()]);
+            let qs = q.slice(s![rows.clone(), cols.clone()]);
+            let ks = k.slice(s![rows.clone(), cols.clone()]);
+            let vs = v.slice(s![rows.clone(), cols.clone()]);
+            // dV = Pᵀ·dC
+            general_mat_mul(
+                T::one(),
+                &pm.t(),
+                &dc,
+                T::zero(),
+                &mut dv.slice_mut(s![rows.clone(), cols.clone()]),
+            );
+            // dP = dC·Vᵀ, then the softmax Jacobian: dS = P ⊙ (dP − rowsum(dP ⊙ P))
+            general_mat_mul(T::one(), &dc, &vs.t(), T::zero(), &mut ds);
+            Zip::from(ds.rows_mut())
+                .and(pm.rows())
+                .for_each(|mut dr, pr| {
+                    let dot = dr.iter().zip(pr.iter()).map(|(&a, &b)| a * b).sum::<T>();
+                    Zip::from(&mut dr)
+                        .and(&pr)
+                        .for_each(|g, &pv| *g = pv * (*g - dot));
+                });
+            general_mat_mul(
+                scale,
+                &ds,
+                &ks,
+                T::zero(),
+                &mut dq.slice_mut(s![rows.clone(), cols.clone()]),
+            );
+            general_mat_mul(
+                scale,
+                &ds.t(),
+                &qs,
+                T::zero(),
+                &mut dk.slice_mut(s![rows.clone(), cols]),
+            );
+        }
     }
 }
 

@@ -12,7 +12,7 @@ export CARGO_TERM_COLOR ?= auto
 setup:
 	@scripts/setup.sh
 
-run: setup
+run: setup models
 	@echo "fedpeft: the federated trial (aggregator + embedded broker + edge clients) is not built yet;"
 	@echo "         'make test' runs everything that exists today."
 
@@ -28,7 +28,7 @@ test-rust:
 	fi
 	$(CARGO) test --workspace --doc
 
-test: setup check-nostd test-rust
+test: setup models check-nostd test-rust
 
 bench:
 	$(CARGO) bench -p fedpeft-protocol --bench codec
@@ -39,6 +39,10 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+# Backbones (models/build/), onnxruntime's library and the SpamAssassin corpus; idempotent.
+models: setup
+	@scripts/models/build.sh
 
 clean:
 	$(CARGO) clean

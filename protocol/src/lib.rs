@@ -12,14 +12,15 @@
 //! - [`tensor`]: named [`Tensor`]s in f32 / f16 / int8 ([`Values`]), dense or top-k sparse.
 //!   [`Tensor::encode`] (f32 slice -> tensor with a [`Codec`]), [`Tensor::encode_with_feedback`]
 //!   (error feedback, caller keeps the residual), [`Tensor::to_f32`],
-//!   [`Tensor::accumulate_into`] (streaming weighted sum), [`Tensor::validate`] (NaN/Inf).
+//!   [`Tensor::accumulate_into`] (streaming weighted sum), [`Tensor::for_each_dense`],
+//!   [`Tensor::validate`] (NaN/Inf).
 //! - [`chunk`]: [`chunk::split`] a payload above a packet limit into chunk envelopes;
 //!   [`Reassembler`] puts them back with bounded memory and a caller-supplied clock.
 //! - [`topic`]: [`Topic`] / [`TopicKind`] build and parse `fedpeft/v1/{fleet}/…`, with the QoS
 //!   and retain flag of each; [`topic::filter`] for subscriptions.
 //! - [`ids`]: [`ClientId`], [`FleetName`] (`heapless::String<32>`, charset `[A-Za-z0-9_.-]`).
 //! - [`mqtt`]: [`mqtt::publish_wire_size`], bytes of a PUBLISH including framing.
-//! - [`f16`], [`rng`]: hand-written f16 conversion and the SplitMix64 generator used for
+//! - [`mod@f16`], [`rng`]: hand-written f16 conversion and the SplitMix64 generator used for
 //!   stochastic rounding.
 //!
 //! The byte-level specification, with a worked example, is `docs/protocol.md`.

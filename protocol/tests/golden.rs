@@ -260,3 +260,22 @@ fn non_finite_values_decode_but_fail_validation_with_the_tensor_name() {
     .unwrap();
     assert_eq!(scale.validate().unwrap_err().position, None);
 }
+
+#[test]
+fn error_messages_name_what_and_where() {
+    let mut bytes = unhex(GOLDEN[3].1);
+    bytes.truncate(bytes.len() - 4);
+    bytes.push(0);
+    let err = Envelope::decode(&with_crc(bytes)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "1 unexpected bytes after the client_update body"
+    );
+    let err = Envelope::decode(&with_crc(vec![1, 0, 0, 42])).unwrap_err();
+    assert_eq!(err.to_string(), "unknown message kind code 42");
+    let err = Envelope::decode(&[3, 0, 0, 1, 0, 0, 0, 0]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unsupported protocol version 3 (this build speaks version 1)"
+    );
+}

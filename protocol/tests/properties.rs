@@ -281,6 +281,12 @@ proptest! {
         }
     }
 
+}
+
+proptest! {
+    // The reassembler's state space is larger than the decoders': more cases.
+    #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
     #[test]
     fn arbitrary_chunk_sequences_never_panic_the_reassembler(
         chunks in prop::collection::vec((0u8..3, chunk(), 0u64..3_000), 0..40),

@@ -39,6 +39,7 @@ pub struct ClientSettings {
     pub reconnect: Backoff,
     pub fleet: FleetName,
     pub client_id: ClientId,
+    pub run_id: u64,
     pub capabilities: Capabilities,
 }
 
@@ -67,6 +68,7 @@ impl ClientSettings {
             reconnect: cfg.reconnect,
             fleet: FleetName::new(&cfg.fleet).map_err(ClientError::Fleet)?,
             client_id: ClientId::new(&cfg.client_id).map_err(ClientError::ClientId)?,
+            run_id: cfg.run_id,
             capabilities,
         })
     }
@@ -162,6 +164,7 @@ where
     let mut wire = Wire::new(
         settings.fleet.clone(),
         settings.client_id.clone(),
+        settings.run_id,
         join,
         settings.max_packet_bytes,
     );

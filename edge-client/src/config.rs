@@ -95,6 +95,8 @@ pub struct ClientFile {
     pub fleet: Option<String>,
     /// This client's id, unique in the fleet. Required.
     pub id: Option<String>,
+    /// The training run to take part in (the aggregator's `run_id`). Default 1.
+    pub run_id: Option<u64>,
 }
 
 /// The `[model]` table.
@@ -218,6 +220,9 @@ pub struct Cli {
     /// This client's id.
     #[arg(long)]
     pub client_id: Option<String>,
+    /// Run id (must match the aggregator's).
+    #[arg(long)]
+    pub run_id: Option<u64>,
     /// Folder with the backbone manifest.
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
@@ -393,6 +398,7 @@ pub struct EdgeConfig {
     pub credentials: Option<(String, String)>,
     pub fleet: String,
     pub client_id: String,
+    pub run_id: u64,
     pub model_dir: PathBuf,
     pub runtime: RuntimeChoice,
     pub data: DataSpec,
@@ -491,6 +497,7 @@ impl EdgeConfig {
                 flag: "client-id",
             })?;
         validate_name("client.id", &client_id)?;
+        let run_id = cli.run_id.or(file.client.run_id).unwrap_or(1);
 
         let model_dir = cli
             .model_dir
@@ -582,6 +589,7 @@ impl EdgeConfig {
             credentials,
             fleet,
             client_id,
+            run_id,
             model_dir,
             runtime,
             data: DataSpec {
@@ -629,6 +637,7 @@ mod tests {
             [client]
             fleet = "lab"
             id = "pi-07"
+            run_id = 9
             [model]
             dir = "models/build/efficientnet-lite0"
             runtime = "tract"
@@ -649,6 +658,7 @@ mod tests {
         );
         assert_eq!(cfg.fleet, "lab");
         assert_eq!(cfg.client_id, "pi-07");
+        assert_eq!(cfg.run_id, 9);
         assert_eq!(cfg.runtime, RuntimeChoice::Tract);
         assert_eq!(cfg.data.partition, PartitionKind::Iid);
         assert_eq!((cfg.data.index, cfg.data.num_clients), (7, 8));

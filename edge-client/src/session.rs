@@ -5,8 +5,12 @@
 //! async shell must carry out. It does no I/O and reads no clock, so every protocol rule is
 //! unit-tested without sockets:
 //! - on every (re)connect: subscribe, publish Status online (retained) and Join;
-//! - train round r only when sampled in r *and* holding the round-r global adapter, at most
-//!   once per round, one training at a time;
+//! - train round r only when sampled in r *and* holding a global adapter from before round r
+//!   (the aggregator numbers an adapter by the round that produced it: round r starts from
+//!   adapter r−1, or an older one when a round failed and left the adapter unchanged — the
+//!   aggregator always publishes the adapter before the announcement, and the client
+//!   subscribes to adapters before announcements so retained copies arrive in that order too),
+//!   at most once per round, one training at a time;
 //! - anything older than what it already has (announcement, adapter, finished training) is
 //!   stale and dropped;
 //! - "run done" or a signal: publish Status offline, disconnect, exit.
@@ -221,17 +225,15 @@ impl Session {
             tracing::debug!(run = g.run_id, "global adapter of another run dropped");
             return Vec::new();
         }
-        let newest_known = self
-            .adapter
-            .as_ref()
-            .filter(|h| h.run_id == g.run_id)
-            .map(|h| h.round)
-            .max(self.announce.as_ref().map(|a| a.round));
-        if let Some(newest) = newest_known
-            && g.round < newest
+        if let Some(held) = self.adapter.as_ref().filter(|h| h.run_id == g.run_id)
+            && g.round < held.round
         {
             self.stats.stale_dropped += 1;
-            tracing::debug!(round = g.round, newest, "stale global adapter dropped");
+            tracing::debug!(
+                round = g.round,
+                held = held.round,
+                "stale global adapter dropped"
+            );
             return Vec::new();
         }
         self.adapter = Some(Arc::new(g));
@@ -295,11 +297,11 @@ impl Session {
         let Some(adapter) = self
             .adapter
             .as_ref()
-            .filter(|g| g.round == a.round && g.run_id == a.run_id)
+            .filter(|g| g.round < a.round && g.run_id == a.run_id)
         else {
             tracing::debug!(
                 round = a.round,
-                "sampled; waiting for this round's global adapter"
+                "sampled; waiting for the global adapter of the previous round"
             );
             return Vec::new();
         };
@@ -456,9 +458,9 @@ mod tests {
     #[test]
     fn a_sampled_client_trains_once_it_has_the_rounds_adapter() {
         let mut s = connected("c1");
-        assert!(train_actions(&s.on_event(announce(0, &["c1", "c2"]))).is_empty());
+        assert!(train_actions(&s.on_event(announce(1, &["c1", "c2"]))).is_empty());
         let actions = s.on_event(adapter(0));
-        assert_eq!(train_actions(&actions), vec![(0, 0, 0)]);
+        assert_eq!(train_actions(&actions), vec![(1, 0, 0)]);
     }
 
     #[test]
@@ -466,8 +468,8 @@ mod tests {
         let mut s = connected("c1");
         assert!(s.on_event(adapter(0)).is_empty());
         assert_eq!(
-            train_actions(&s.on_event(announce(0, &["c1"]))),
-            vec![(0, 0, 0)]
+            train_actions(&s.on_event(announce(1, &["c1"]))),
+            vec![(1, 0, 0)]
         );
     }
 
@@ -475,24 +477,44 @@ mod tests {
     fn rounds_it_is_not_sampled_in_are_ignored() {
         let mut s = connected("c1");
         s.on_event(adapter(3));
-        let actions = s.on_event(announce(3, &["c2", "c3"]));
+        let actions = s.on_event(announce(4, &["c2", "c3"]));
         assert!(train_actions(&actions).is_empty());
         // Redelivery of the same retained announcement is counted once.
-        s.on_event(announce(3, &["c2", "c3"]));
+        s.on_event(announce(4, &["c2", "c3"]));
         assert_eq!(s.stats().rounds_not_sampled, 1);
         // A prefix of the id is not the id.
-        let actions = s.on_event(announce(4, &["c10"]));
+        let actions = s.on_event(announce(5, &["c10"]));
         assert!(train_actions(&actions).is_empty());
     }
 
     #[test]
-    fn an_adapter_from_an_older_round_does_not_start_training() {
+    fn an_adapter_older_than_the_one_held_is_dropped() {
         let mut s = connected("c1");
-        s.on_event(announce(2, &["c1"]));
-        let actions = s.on_event(adapter(1));
-        assert!(train_actions(&actions).is_empty());
+        s.on_event(adapter(2));
+        assert!(s.on_event(adapter(1)).is_empty());
         assert_eq!(s.stats().stale_dropped, 1);
-        assert_eq!(train_actions(&s.on_event(adapter(2))), vec![(2, 0, 2)]);
+        assert_eq!(
+            train_actions(&s.on_event(announce(3, &["c1"]))),
+            vec![(3, 0, 2)]
+        );
+    }
+
+    #[test]
+    fn an_adapter_produced_by_the_announced_round_means_that_round_is_over() {
+        let mut s = connected("c1");
+        s.on_event(adapter(3));
+        assert!(train_actions(&s.on_event(announce(3, &["c1"]))).is_empty());
+    }
+
+    #[test]
+    fn after_a_failed_round_the_next_one_starts_from_the_unchanged_adapter() {
+        // Round 2 missed its quorum: adapter 1 is still the newest when round 3 opens.
+        let mut s = connected("c1");
+        s.on_event(adapter(1));
+        assert_eq!(
+            train_actions(&s.on_event(announce(3, &["c1"]))),
+            vec![(3, 0, 1)]
+        );
     }
 
     #[test]
@@ -508,20 +530,20 @@ mod tests {
     #[test]
     fn a_round_is_trained_at_most_once_even_when_redelivered() {
         let mut s = connected("c1");
-        s.on_event(announce(0, &["c1"]));
+        s.on_event(announce(1, &["c1"]));
         assert_eq!(train_actions(&s.on_event(adapter(0))).len(), 1);
         let finished = s.on_event(Event::TrainingFinished {
-            round: 0,
+            round: 1,
             sequence: 0,
             result: Ok(update()),
         });
-        assert_eq!(sent_updates(&finished), vec![(0, 0)]);
+        assert_eq!(sent_updates(&finished), vec![(1, 0)]);
         // Reconnect: the broker hands the retained messages over again.
         s.on_event(Event::ConnectionLost);
         s.on_event(Event::Connected {
             session_present: true,
         });
-        assert!(train_actions(&s.on_event(announce(0, &["c1"]))).is_empty());
+        assert!(train_actions(&s.on_event(announce(1, &["c1"]))).is_empty());
         assert!(train_actions(&s.on_event(adapter(0))).is_empty());
     }
 
@@ -529,22 +551,22 @@ mod tests {
     fn finished_training_is_published_with_the_round_and_a_fresh_sequence() {
         let mut s = connected("c1");
         s.on_event(adapter(0));
-        s.on_event(announce(0, &["c1"]));
+        s.on_event(announce(1, &["c1"]));
         let sent = s.on_event(Event::TrainingFinished {
-            round: 0,
+            round: 1,
             sequence: 0,
             result: Ok(update()),
         });
-        assert_eq!(sent_updates(&sent), vec![(0, 0)]);
+        assert_eq!(sent_updates(&sent), vec![(1, 0)]);
         s.on_event(adapter(1));
-        let t = s.on_event(announce(1, &["c1"]));
-        assert_eq!(train_actions(&t), vec![(1, 1, 1)]);
+        let t = s.on_event(announce(2, &["c1"]));
+        assert_eq!(train_actions(&t), vec![(2, 1, 1)]);
         let sent = s.on_event(Event::TrainingFinished {
-            round: 1,
+            round: 2,
             sequence: 1,
             result: Ok(update()),
         });
-        assert_eq!(sent_updates(&sent), vec![(1, 1)]);
+        assert_eq!(sent_updates(&sent), vec![(2, 1)]);
         assert_eq!(s.stats().updates_sent, 2);
     }
 
@@ -552,18 +574,18 @@ mod tests {
     fn training_that_ends_after_the_round_moved_on_is_not_sent_and_the_new_round_starts() {
         let mut s = connected("c1");
         s.on_event(adapter(0));
-        s.on_event(announce(0, &["c1"]));
+        s.on_event(announce(1, &["c1"]));
         // The aggregator closes round 0 at its deadline and opens round 1 while we train.
         s.on_event(adapter(1));
-        let during = s.on_event(announce(1, &["c1"]));
+        let during = s.on_event(announce(2, &["c1"]));
         assert!(train_actions(&during).is_empty(), "one training at a time");
         let after = s.on_event(Event::TrainingFinished {
-            round: 0,
+            round: 1,
             sequence: 0,
             result: Ok(update()),
         });
         assert!(sent_updates(&after).is_empty());
-        assert_eq!(train_actions(&after), vec![(1, 1, 1)]);
+        assert_eq!(train_actions(&after), vec![(2, 1, 1)]);
         assert_eq!(s.stats().stale_dropped, 1);
     }
 
@@ -571,9 +593,9 @@ mod tests {
     fn a_failed_training_sends_nothing_and_is_counted() {
         let mut s = connected("c1");
         s.on_event(adapter(0));
-        s.on_event(announce(0, &["c1"]));
+        s.on_event(announce(1, &["c1"]));
         let actions = s.on_event(Event::TrainingFinished {
-            round: 0,
+            round: 1,
             sequence: 0,
             result: Err("NaN loss".into()),
         });
@@ -585,15 +607,15 @@ mod tests {
     fn a_new_run_starts_its_rounds_over_and_ignores_the_old_runs_adapter() {
         let mut s = connected("c1");
         s.on_event(adapter(0));
-        s.on_event(announce(0, &["c1"]));
+        s.on_event(announce(1, &["c1"]));
         s.on_event(Event::TrainingFinished {
-            round: 0,
+            round: 1,
             sequence: 0,
             result: Ok(update()),
         });
         let new_run = Announcement {
             run_id: 2,
-            round: 0,
+            round: 1,
             sampled: vec!["c1".into()],
             plan: plan(),
             deadline_unix_ms: 0,
@@ -613,7 +635,7 @@ mod tests {
         };
         assert_eq!(
             train_actions(&s.on_event(Event::Adapter(fresh))),
-            vec![(0, 1, 0)]
+            vec![(1, 1, 0)]
         );
     }
 
@@ -626,7 +648,7 @@ mod tests {
         assert!(matches!(actions[2], Action::Exit(ExitReason::RunDone)));
         assert!(s.is_finished());
         // Nothing happens after the decision to exit.
-        assert!(s.on_event(announce(9, &["c1"])).is_empty());
+        assert!(s.on_event(announce(10, &["c1"])).is_empty());
         assert!(s.on_event(adapter(9)).is_empty());
     }
 

@@ -2,8 +2,12 @@
 //! encoding (dtype, top-k, error feedback) and chunking. Pure — no sockets, no clock — so it is
 //! tested byte for byte.
 //!
+//! Runs: the client is configured with the fleet's run id (the aggregator's `run_id`, default
+//! 1). Its Join, Status and updates carry it, and announcements or adapters of any other run
+//! (e.g. a retained leftover of an earlier run) are refused.
+//!
 //! End of run: the aggregator publishes a final (retained) [`RoundAnnounce`] with
-//! `config.epochs == 0` and an empty client list (`Sampling::Clients([])`); the client reads
+//! `deadline_unix_ms == 0` and an empty client list (`Sampling::Clients([])`); the client reads
 //! that as "the run is done" and exits cleanly.
 
 use std::collections::HashMap;
@@ -41,6 +45,12 @@ pub enum WireError {
     },
     #[error("a {kind} message on `{topic}` is not what that topic carries")]
     Unexpected { topic: String, kind: String },
+    #[error("`{topic}` carries run {found}; this client belongs to run {expected}")]
+    OtherRun {
+        topic: String,
+        found: u64,
+        expected: u64,
+    },
     #[error("global adapter of round {round}: {reason}")]
     Adapter { round: Round, reason: String },
     #[error("encoding the {what}: {reason}")]
@@ -83,7 +93,7 @@ pub struct Wire {
     join: JoinInfo,
     max_packet_bytes: usize,
     reassembler: Reassembler<String>,
-    /// The run of the newest announcement: outgoing envelopes carry it.
+    /// The fleet's run: outgoing envelopes carry it, incoming ones must.
     run_id: u64,
     /// What top-k / quantization did not send yet, per tensor, carried into the next round.
     residuals: HashMap<String, Vec<f32>>,
@@ -147,13 +157,14 @@ pub fn plan_from_wire(c: &LocalConfig) -> TrainPlan {
 
 /// Whether an announcement is the aggregator's "run is done" marker.
 pub fn is_run_done(a: &RoundAnnounce) -> bool {
-    a.config.epochs == 0 && matches!(&a.sampling, Sampling::Clients(c) if c.is_empty())
+    a.deadline_unix_ms == 0 && matches!(&a.sampling, Sampling::Clients(c) if c.is_empty())
 }
 
 impl Wire {
     pub fn new(
         fleet: FleetName,
         client: ClientId,
+        run_id: u64,
         join: JoinInfo,
         max_packet_bytes: usize,
     ) -> Wire {
@@ -168,7 +179,7 @@ impl Wire {
             join,
             max_packet_bytes,
             reassembler: Reassembler::new(limits),
-            run_id: 0,
+            run_id,
             residuals: HashMap::new(),
             next_message_id: 0,
         }
@@ -178,12 +189,13 @@ impl Wire {
         Topic::new(self.fleet.clone(), kind).to_string()
     }
 
-    /// Topic filters to subscribe to (QoS 1): the round announcement and the global adapter
-    /// with its chunk sub-topics.
+    /// Topic filters to subscribe to (QoS 1), in this order: the global adapter with its chunk
+    /// sub-topics, then the round announcement. Brokers hand out retained messages filter by
+    /// filter, so after a reconnect the adapter arrives before the announcement that uses it.
     pub fn subscriptions(&self) -> Vec<String> {
         vec![
-            self.topic(TopicKind::Round),
             filter::global(&self.fleet).as_str().to_string(),
+            self.topic(TopicKind::Round),
         ]
     }
 
@@ -220,7 +232,7 @@ impl Wire {
         })
     }
 
-    /// The run id outgoing messages carry (from the newest announcement; 0 before any).
+    /// The run id outgoing messages carry and incoming ones must carry.
     pub fn run_id(&self) -> u64 {
         self.run_id
     }
@@ -264,13 +276,19 @@ impl Wire {
             topic: topic.to_string(),
             source,
         })?;
+        if env.run_id != self.run_id {
+            return Err(WireError::OtherRun {
+                topic: topic.to_string(),
+                found: env.run_id,
+                expected: self.run_id,
+            });
+        }
         let unexpected = |m: &Message| WireError::Unexpected {
             topic: topic.to_string(),
             kind: m.kind().to_string(),
         };
         match (&parsed.kind, env.message) {
             (TopicKind::Round, Message::RoundAnnounce(a)) => {
-                self.run_id = env.run_id;
                 if is_run_done(&a) {
                     return Ok(Some(Event::RunDone));
                 }
@@ -538,6 +556,7 @@ mod tests {
         Wire::new(
             FleetName::new("lab").unwrap(),
             ClientId::new("c1").unwrap(),
+            77,
             JoinInfo {
                 capabilities: caps(),
                 num_examples: 50,
@@ -563,16 +582,14 @@ mod tests {
         }
     }
 
-    fn announce(round: u32, sampled: &[&str], epochs: u16) -> Vec<u8> {
-        let mut c = config(DType::F16, None);
-        c.epochs = epochs;
+    fn announce(round: u32, sampled: &[&str], deadline_unix_ms: u64) -> Vec<u8> {
         let a = RoundAnnounce {
             round,
-            deadline_unix_ms: 123,
+            deadline_unix_ms,
             sampling: Sampling::Clients(
                 sampled.iter().map(|s| ClientId::new(s).unwrap()).collect(),
             ),
-            config: c,
+            config: config(DType::F16, None),
         };
         Envelope::new(77, round, a).encode().unwrap()
     }
@@ -619,8 +636,8 @@ mod tests {
         assert_eq!(
             w.subscriptions(),
             vec![
-                "fedpeft/v1/lab/round".to_string(),
-                "fedpeft/v1/lab/global/#".to_string()
+                "fedpeft/v1/lab/global/#".to_string(),
+                "fedpeft/v1/lab/round".to_string()
             ]
         );
         assert_eq!(w.status_topic(), "fedpeft/v1/lab/status/c1");
@@ -641,7 +658,7 @@ mod tests {
     fn an_announcement_decodes_with_its_run_sampled_ids_and_plan() {
         let mut w = wire(4096);
         let ev = w
-            .decode("fedpeft/v1/lab/round", &announce(3, &["c1", "c9"], 2), 0)
+            .decode("fedpeft/v1/lab/round", &announce(3, &["c1", "c9"], 123), 0)
             .unwrap()
             .unwrap();
         let Event::Announce(a) = ev else {
@@ -651,21 +668,46 @@ mod tests {
         assert_eq!(a.sampled, vec!["c1", "c9"]);
         assert_eq!(a.plan.dtype, WireDtype::F16);
         assert_eq!(a.plan.local_epochs, 2);
+        assert_eq!(a.deadline_unix_ms, 123);
         assert_eq!(w.run_id(), 77);
     }
 
     #[test]
-    fn zero_epochs_for_nobody_means_the_run_is_done() {
+    fn no_deadline_and_nobody_sampled_means_the_run_is_done() {
         let mut w = wire(4096);
         let ev = w
             .decode("fedpeft/v1/lab/round", &announce(9, &[], 0), 0)
             .unwrap();
         assert!(matches!(ev, Some(Event::RunDone)));
-        // Zero epochs alone (e.g. an evaluation-only round for some clients) is not the end.
+        // Nobody sampled with a real deadline is just a round this client sits out.
         let ev = w
-            .decode("fedpeft/v1/lab/round", &announce(9, &["c1"], 0), 0)
+            .decode("fedpeft/v1/lab/round", &announce(9, &[], 5), 0)
             .unwrap();
         assert!(matches!(ev, Some(Event::Announce(_))));
+    }
+
+    #[test]
+    fn messages_of_another_run_are_refused() {
+        let mut w = wire(4096);
+        let a = RoundAnnounce {
+            round: 1,
+            deadline_unix_ms: 5,
+            sampling: Sampling::Clients(vec![ClientId::new("c1").unwrap()]),
+            config: config(DType::F32, None),
+        };
+        let other = Envelope::new(78, 1, a).encode().unwrap();
+        let err = w.decode("fedpeft/v1/lab/round", &other, 0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WireError::OtherRun {
+                    found: 78,
+                    expected: 77,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -756,7 +798,7 @@ mod tests {
             round: 1,
             tensors: vec![t],
         };
-        let bytes = Envelope::new(1, 1, g).encode().unwrap();
+        let bytes = Envelope::new(77, 1, g).encode().unwrap();
         assert!(matches!(
             w.decode("fedpeft/v1/lab/global", &bytes, 0),
             Err(WireError::Adapter { round: 1, .. })

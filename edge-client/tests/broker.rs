@@ -165,6 +165,7 @@ fn settings(port: u16, id: &str) -> ClientSettings {
         },
         fleet: FleetName::new(FLEET).unwrap(),
         client_id: ClientId::new(id).unwrap(),
+        run_id: RUN,
         capabilities: Capabilities {
             backbone_id: heapless::String::try_from("synthetic-conv-head").unwrap(),
             backbone_sha256: [0; 32],
@@ -266,10 +267,20 @@ impl Aggregator {
         .await;
     }
 
+    /// The aggregator's end-of-run marker: no deadline, nobody sampled.
     async fn done(&self, round: u32) {
-        let mut c = local_config();
-        c.epochs = 0;
-        self.announce(round, &[], c).await;
+        let a = RoundAnnounce {
+            round,
+            deadline_unix_ms: 0,
+            sampling: Sampling::Clients(Vec::new()),
+            config: local_config(),
+        };
+        self.publish(
+            topic(TopicKind::Round),
+            Envelope::new(RUN, round, a).encode().unwrap(),
+            true,
+        )
+        .await;
     }
 
     /// Waits for the next message accepted by `pick`, reassembling chunks per topic.
@@ -338,13 +349,13 @@ async fn a_sampled_client_joins_trains_on_the_chunked_adapter_publishes_its_upda
     assert_eq!(join.num_examples, 60);
     assert_eq!(join.capabilities.max_packet_size, MAX_PACKET as u32);
 
-    // Round 0: adapter first (retained, chunked), then the announcement.
+    // Round 1 starts from adapter 0: adapter first (retained, chunked), then the announcement.
     agg.publish_adapter(&global).await;
-    agg.announce(0, &["edge-a", "someone-else"], local_config())
+    agg.announce(1, &["edge-a", "someone-else"], local_config())
         .await;
 
     let update: ClientUpdate = agg
-        .wait_for("the round-0 update", |topic, m| match m {
+        .wait_for("the round-1 update", |topic, m| match m {
             Message::ClientUpdate(u) => {
                 assert_eq!(topic, "fedpeft/v1/it/update/edge-a");
                 Some(u)
@@ -354,7 +365,7 @@ async fn a_sampled_client_joins_trains_on_the_chunked_adapter_publishes_its_upda
         .await;
     assert_eq!(
         (update.client.as_str(), update.round, update.num_examples),
-        ("edge-a", 0, 60)
+        ("edge-a", 1, 60)
     );
     update.validate().unwrap();
     // Exactly what the same training computes on its own (f32 is lossless).
@@ -366,14 +377,14 @@ async fn a_sampled_client_joins_trains_on_the_chunked_adapter_publishes_its_upda
     }
     assert!(update.metrics.accuracy > 0.0 && update.metrics.loss.is_finite());
 
-    // Round 1 without this client: it must not train.
+    // Round 2 without this client: it must not train.
     let mut g1 = global.clone();
     g1.round = 1;
     agg.publish_adapter(&g1).await;
-    agg.announce(1, &["someone-else"], local_config()).await;
+    agg.announce(2, &["someone-else"], local_config()).await;
 
     // End of run: the client says offline (retained) and exits by itself.
-    agg.done(2).await;
+    agg.done(3).await;
     let offline = agg
         .wait_for("status offline", |topic, m| match m {
             Message::Status(s) if s.state == ClientState::Offline => Some(topic.to_string()),
@@ -391,7 +402,7 @@ async fn a_sampled_client_joins_trains_on_the_chunked_adapter_publishes_its_upda
     assert_eq!(summary.updates_sent, 1);
     assert_eq!(summary.rounds_not_sampled, 1);
     // Bytes: the update alone is more than one packet's worth up; both adapters came down.
-    let r0 = summary.bytes.round(0);
+    let r0 = summary.bytes.round(1);
     assert!(
         r0.up.packets >= 2 && r0.up.bytes > MAX_PACKET as u64,
         "{r0:?}"

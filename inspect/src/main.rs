@@ -4,7 +4,7 @@
 //! mosquitto_sub -N -C 1 -t fedpeft/v1/lab/update/pi-01 | fedpeft-decode --topic fedpeft/v1/lab/update/pi-01 --summary
 //! ```
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -47,6 +47,11 @@ fn main() -> Result<()> {
     };
     let json = payload_to_json(&bytes, args.topic.as_deref(), detail)
         .with_context(|| format!("{source} ({} bytes) is not a fedpeft payload", bytes.len()))?;
-    println!("{}", serde_json::to_string_pretty(&json)?);
-    Ok(())
+    let text = serde_json::to_string_pretty(&json)?;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        // `fedpeft-decode … | head` closing the pipe early is not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("writing standard output"),
+    }
 }

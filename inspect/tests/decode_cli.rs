@@ -145,3 +145,25 @@ fn garbage_exits_non_zero_with_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_reader_closing_the_pipe_early_is_not_an_error() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fedpeft-decode"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close our end of stdout before the decoder writes, as `| head -0` would.
+    drop(child.stdout.take());
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&update_payload())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

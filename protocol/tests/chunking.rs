@@ -285,3 +285,19 @@ fn corrupted_chunk_data_fails_the_payload_crc() {
     ));
     assert_eq!(r.reserved_bytes(), 0);
 }
+
+#[test]
+fn the_overhead_bound_holds_for_the_largest_header_values() {
+    let p = payload(10_000);
+    for max_packet in [CHUNK_OVERHEAD_MAX + 1, 100, 1_000, 4_096] {
+        let parts = split(&p, max_packet, u64::MAX, u32::MAX, u32::MAX).unwrap();
+        for bytes in &parts {
+            assert!(bytes.len() <= max_packet, "{} > {max_packet}", bytes.len());
+        }
+        // No more chunks than the documented formula: ceil(len / (max_packet - overhead)).
+        assert_eq!(
+            parts.len(),
+            p.len().div_ceil(max_packet - CHUNK_OVERHEAD_MAX)
+        );
+    }
+}

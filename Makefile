@@ -32,6 +32,7 @@ test: setup models check-nostd test-rust
 
 bench:
 	$(CARGO) bench -p fedpeft-protocol --bench codec
+	$(CARGO) bench -p fedpeft-peft --bench train
 
 lint:
 	$(CARGO) fmt --all -- --check

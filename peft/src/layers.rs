@@ -274,29 +274,29 @@ pub fn gelu_forward<T: Real>(u: ArrayView2<'_, T>) -> Array2<T> {
 
 /// GELU backward given the pre-activation.
 pub fn gelu_backward<T: Real>(u: ArrayView2<'_, T>, mut dy: Array2<T>) -> Array2<T> {
-    Zip::from(&mut dy)
-        .and(u)
-        .for_each(|d, &x| *d *= gelu_grad(x));
+    par_zip(dy.view_mut(), u, |d, x| *d *= gelu_grad(x));
     dy
 }
 
-/// Element-wise map, split over [`threads`] threads for large matrices (GELU's `erf` is the costliest
-/// element-wise op in the tail).
-fn par_map<T: Real>(u: ArrayView2<'_, T>, f: fn(T) -> T) -> Array2<T> {
-    let mut out = Array2::zeros(u.raw_dim());
-    let rows = u.nrows();
-    if u.len() < 1 << 16 || rows < 2 {
-        Zip::from(&mut out).and(u).for_each(|o, &x| *o = f(x));
-        return out;
+/// `f(out, inp)` element-wise, split by rows over [`threads`] threads for large matrices.
+fn par_zip<T: Real, F: Fn(&mut T, T) + Sync + Copy + Send>(
+    out: ndarray::ArrayViewMut2<'_, T>,
+    inp: ArrayView2<'_, T>,
+    f: F,
+) {
+    let rows = out.nrows();
+    if out.len() < 1 << 16 || rows < 2 {
+        Zip::from(out).and(inp).for_each(|o, &x| f(o, x));
+        return;
     }
     let chunks = split_batch(rows);
     std::thread::scope(|sc| {
-        let mut rest = out.view_mut();
+        let mut rest = out;
         for (i, &(r0, r1)) in chunks.iter().enumerate() {
             let (here, next) = rest.split_at(Axis(0), r1 - r0);
             rest = next;
-            let src = u.slice(s![r0..r1, ..]);
-            let work = move || Zip::from(here).and(src).for_each(|o, &x| *o = f(x));
+            let src = inp.slice(s![r0..r1, ..]);
+            let work = move || Zip::from(here).and(src).for_each(|o, &x| f(o, x));
             if i + 1 == chunks.len() {
                 work();
             } else {
@@ -304,6 +304,13 @@ fn par_map<T: Real>(u: ArrayView2<'_, T>, f: fn(T) -> T) -> Array2<T> {
             }
         }
     });
+}
+
+/// Element-wise map, split over [`threads`] threads for large matrices (GELU's `erf` is the costliest
+/// element-wise op in the tail).
+fn par_map<T: Real>(u: ArrayView2<'_, T>, f: fn(T) -> T) -> Array2<T> {
+    let mut out = Array2::zeros(u.raw_dim());
+    par_zip(out.view_mut(), u, move |o, x| *o = f(x));
     out
 }
 

@@ -285,13 +285,14 @@ impl Block {
     ) -> Option<Array2<T>> {
         let dres = self.ln2.backward(p, c.ln2, dout, grads);
         // res = a + adapter(down(gelu(up(a))))
+        // Without an adapter the residual branch's gradient is `dres` itself: no copy.
         let dd = match (&self.adapter_ffn, c.adapter_ffn) {
-            (Some(ad), Some(ac)) => ad.backward(p, ac, dres.clone(), grads),
-            _ => dres.clone(),
+            (Some(ad), Some(ac)) => Some(ad.backward(p, ac, dres.clone(), grads)),
+            _ => None,
         };
         let dg = self
             .down
-            .backward(p, c.down, dd.view(), grads, true)
+            .backward(p, c.down, dd.as_ref().unwrap_or(&dres).view(), grads, true)
             .expect("dx requested");
         drop(dd);
         let du = gelu_backward(c.u.view(), dg);
@@ -305,13 +306,14 @@ impl Block {
         // a = LN1(x + adapter(o(ctx)))
         let dsum = self.ln1.backward(p, c.ln1, da.view(), grads);
         let do_ = match (&self.adapter_attn, c.adapter_attn) {
-            (Some(ad), Some(ac)) => ad.backward(p, ac, dsum.clone(), grads),
-            _ => dsum.clone(),
+            (Some(ad), Some(ac)) => Some(ad.backward(p, ac, dsum.clone(), grads)),
+            _ => None,
         };
         let dctx = self
             .o
-            .backward(p, c.o, do_.view(), grads, true)
+            .backward(p, c.o, do_.as_ref().unwrap_or(&dsum).view(), grads, true)
             .expect("dx requested");
+        drop(do_);
         let (dq, dk, dv) = self.core.backward(c.attn, dctx.view());
         let mut dx = need_dx.then_some(dsum);
         for (lin, cache, dy) in [(&self.q, c.q, dq), (&self.k, c.k, dk), (&self.v, c.v, dv)] {

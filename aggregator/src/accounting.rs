@@ -14,7 +14,8 @@ use fedpeft_protocol::QoS;
 use fedpeft_protocol::mqtt::{MqttVersion, publish_wire_size};
 use serde::{Deserialize, Serialize};
 
-/// Bytes and messages in one direction pair.
+/// Bytes and messages in one direction pair. A chunked payload counts as one message whose
+/// bytes are those of all its chunks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Traffic {
     pub up_bytes: u64,

@@ -8,13 +8,24 @@
 //! - [`adapter`]: the dense f32 named tensors strategies work on.
 //! - [`accounting`]: MQTT wire sizes, per-client / per-round ledgers, full-model comparison.
 //! - [`checkpoint`]: atomic, hashed checkpoints of the machine state.
+//! - [`config`]: TOML + flags, validated into a typed [`config::Config`].
+//! - [`wire`]: incoming MQTT publishes → machine events (topics, chunks, decode errors).
+//! - [`host`]: the [`host::ModelHost`] trait (initial adapter, held-out evaluation).
+//! - [`report`]: JSON / CSV report and the summary table.
+//! - [`broker`]: the embedded rumqttd; [`shell`]: the async loop (tokio + rumqttc) that moves
+//!   bytes between MQTT and the machine.
 //!
 //! The machine never touches a socket, a file or a clock: the shell feeds it events and the
 //! current time and carries out what it returns, so every protocol rule is unit-tested.
 
 pub mod accounting;
 pub mod adapter;
+pub mod broker;
 pub mod checkpoint;
 pub mod config;
+pub mod host;
+pub mod report;
 pub mod round;
+pub mod shell;
 pub mod strategy;
+pub mod wire;

@@ -227,6 +227,9 @@ pub struct Rules {
     pub max_update_norm: Option<f64>,
     /// Parameters of the whole backbone, for the full-model FedAvg comparison.
     pub backbone_params: u64,
+    /// Also checkpoint after every accepted update (not only at round close), so a restarted
+    /// aggregator loses no accepted update of the open round.
+    pub checkpoint_every_update: bool,
     /// Joins must match these (when set).
     pub backbone_id: Option<String>,
     pub backbone_sha256: Option<[u8; 32]>,
@@ -745,7 +748,12 @@ impl RoundMachine {
         }
         info!(client = %client, round, sequence = update.sequence, num_examples = update.num_examples,
               wire_bytes, accepted, sampled, "update accepted");
+        let before = out.len();
         self.maybe_close(now, out);
+        // Closing the round checkpoints anyway; otherwise persist the accepted update now.
+        if self.rules.checkpoint_every_update && out.len() == before {
+            out.push(Action::Checkpoint(Box::new(self.s.clone())));
+        }
     }
 
     fn count_rejection(&mut self, reason: RejectReason) {

@@ -44,6 +44,7 @@ fn rules(rounds: u32, min_clients: usize, quorum: usize) -> Rules {
         max_payload_bytes: 1 << 20,
         max_update_norm: None,
         backbone_params: 1000,
+        checkpoint_every_update: false,
         backbone_id: Some("bb".into()),
         backbone_sha256: None,
         peft: Some(PeftMethod::Head),

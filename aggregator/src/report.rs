@@ -1,0 +1,209 @@
+//! The run report: JSON (schema below), CSV (one row per round) and a summary table.
+//!
+//! JSON schema (`schema = "fedpeft-aggregator-report/1"`):
+//! ```text
+//! { schema, run_id, fleet, strategy, peft, rounds_planned, trainable_params, backbone_params,
+//!   finished: bool,
+//!   totals: { up_bytes, down_bytes, up_messages, down_messages, aggregator_published_bytes,
+//!             full_model_fedavg_bytes, ratio_to_full_model },   // ratio = (up+down)/full
+//!   rejected: { reason: count },                    // whole run, reasons as in RejectReason
+//!   clients: { id: { up_bytes, up_messages, down_bytes, down_messages } },
+//!   rounds: [ { round, status: "initial"|"ok"|"failed", sampled: [id], clients_ok,
+//!               clients_failed, failed_clients: { id: why }, rejected: { reason: count },
+//!               train_loss, train_accuracy,       // example-weighted client metrics, or null
+//!               eval_loss, eval_accuracy,         // server-side held-out evaluation, or null
+//!               traffic: { up_bytes, up_messages, down_bytes, down_messages },
+//!               full_model_fedavg_bytes, started_unix_ms, duration_ms } ] }
+//! ```
+//! Byte counts are MQTT PUBLISH packets including framing (see [`crate::accounting`]).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::accounting::Traffic;
+use crate::round::{MachineState, RoundRecord};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Totals {
+    pub up_bytes: u64,
+    pub down_bytes: u64,
+    pub up_messages: u64,
+    pub down_messages: u64,
+    pub aggregator_published_bytes: u64,
+    pub full_model_fedavg_bytes: u64,
+    pub ratio_to_full_model: Option<f64>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    pub run_id: u64,
+    pub fleet: String,
+    pub strategy: String,
+    pub peft: String,
+    pub rounds_planned: u32,
+    pub trainable_params: usize,
+    pub backbone_params: u64,
+    pub finished: bool,
+    pub totals: Totals,
+    pub rejected: std::collections::BTreeMap<String, u64>,
+    pub clients: std::collections::BTreeMap<String, Traffic>,
+    pub rounds: Vec<RoundRecord>,
+}
+
+/// Static facts about the run that the machine state does not hold.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub fleet: String,
+    pub peft: String,
+    pub rounds_planned: u32,
+    pub backbone_params: u64,
+}
+
+impl Report {
+    pub fn from_state(state: &MachineState, info: &RunInfo, finished: bool) -> Report {
+        let t = state.ledger.total;
+        let full: u64 = state
+            .records
+            .iter()
+            .map(|r| r.full_model_fedavg_bytes)
+            .sum();
+        Report {
+            schema: "fedpeft-aggregator-report/1",
+            run_id: state.run_id,
+            fleet: info.fleet.clone(),
+            strategy: state.strategy.clone(),
+            peft: info.peft.clone(),
+            rounds_planned: info.rounds_planned,
+            trainable_params: state.global.num_params(),
+            backbone_params: info.backbone_params,
+            finished,
+            totals: Totals {
+                up_bytes: t.up_bytes,
+                down_bytes: t.down_bytes,
+                up_messages: t.up_messages,
+                down_messages: t.down_messages,
+                aggregator_published_bytes: state.ledger.aggregator_published_bytes,
+                full_model_fedavg_bytes: full,
+                ratio_to_full_model: (full > 0)
+                    .then(|| (t.up_bytes + t.down_bytes) as f64 / full as f64),
+            },
+            rejected: state.rejected_total.clone(),
+            clients: state.ledger.per_client.clone(),
+            rounds: state.records.clone(),
+        }
+    }
+
+    /// One CSV row per round.
+    pub fn csv(&self) -> String {
+        let mut s = String::from(
+            "round,status,sampled,clients_ok,clients_failed,rejected,train_loss,train_accuracy,eval_loss,eval_accuracy,up_bytes,down_bytes,full_model_fedavg_bytes,duration_ms\n",
+        );
+        let opt = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
+        for r in &self.rounds {
+            let _ = writeln!(
+                s,
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                r.round,
+                r.status,
+                r.sampled.len(),
+                r.clients_ok,
+                r.clients_failed,
+                r.rejected.values().sum::<u64>(),
+                opt(r.train_loss),
+                opt(r.train_accuracy),
+                opt(r.eval_loss),
+                opt(r.eval_accuracy),
+                r.traffic.up_bytes,
+                r.traffic.down_bytes,
+                r.full_model_fedavg_bytes,
+                r.duration_ms
+            );
+        }
+        s
+    }
+
+    /// A table for people.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let pct = |v: Option<f64>| {
+            v.map(|x| format!("{:.2}%", 100.0 * x))
+                .unwrap_or_else(|| "-".into())
+        };
+        let _ = writeln!(
+            s,
+            "run {} · fleet {} · {} · {} · {} trainable parameters",
+            self.run_id, self.fleet, self.strategy, self.peft, self.trainable_params
+        );
+        let _ = writeln!(
+            s,
+            "{:>5}  {:<7} {:>4} {:>6} {:>8} {:>9} {:>9} {:>12} {:>12} {:>9}",
+            "round",
+            "status",
+            "ok",
+            "failed",
+            "rejected",
+            "eval acc",
+            "eval loss",
+            "up bytes",
+            "down bytes",
+            "secs"
+        );
+        for r in &self.rounds {
+            let _ = writeln!(
+                s,
+                "{:>5}  {:<7} {:>4} {:>6} {:>8} {:>9} {:>9} {:>12} {:>12} {:>9.1}",
+                r.round,
+                r.status,
+                r.clients_ok,
+                r.clients_failed,
+                r.rejected.values().sum::<u64>(),
+                pct(r.eval_accuracy),
+                r.eval_loss
+                    .map(|x| format!("{x:.4}"))
+                    .unwrap_or_else(|| "-".into()),
+                r.traffic.up_bytes,
+                r.traffic.down_bytes,
+                r.duration_ms as f64 / 1000.0
+            );
+        }
+        let t = &self.totals;
+        let _ = writeln!(
+            s,
+            "total: {} bytes up, {} bytes down ({} published by the aggregator); full-model FedAvg would move {} bytes{}",
+            t.up_bytes,
+            t.down_bytes,
+            t.aggregator_published_bytes,
+            t.full_model_fedavg_bytes,
+            t.ratio_to_full_model
+                .map(|r| format!(" (this run: {:.4}% of it, {:.0}x less)", 100.0 * r, 1.0 / r))
+                .unwrap_or_default()
+        );
+        if !self.rejected.is_empty() {
+            let list: Vec<String> = self
+                .rejected
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            let _ = writeln!(s, "rejected: {}", list.join(", "));
+        }
+        s
+    }
+
+    /// Writes `report.json` and `report.csv` into `dir` (each atomically: temp + rename).
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        write_atomic(&dir.join("report.json"), json.as_bytes())?;
+        write_atomic(&dir.join("report.csv"), self.csv().as_bytes())
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,267 @@
+//! Incoming MQTT messages → round-machine events: topic routing, chunk reassembly, envelope
+//! decoding and the mapping of decoder errors to rejection reasons. Pure (time is passed in).
+
+use std::collections::BTreeMap;
+
+use fedpeft_protocol::{
+    ClientId, DecodeError, Envelope, FleetName, Message, QoS, Reassembler, ReassemblyError,
+    ReassemblyLimits, Topic, TopicKind, peek_header,
+};
+use tracing::{debug, warn};
+
+use crate::accounting::wire_size;
+use crate::round::{DecodeFailure, Event, JoinInfo, RejectReason};
+
+/// Turns received publishes into [`Event`]s.
+#[derive(Debug)]
+pub struct Inbox {
+    fleet: FleetName,
+    run_id: u64,
+    reassembler: Reassembler<String>,
+    /// Wire bytes of the chunks received so far, per (client, message id).
+    partial_bytes: BTreeMap<(String, u32), u64>,
+}
+
+fn failure(reason: RejectReason, round: Option<u32>, detail: impl ToString) -> DecodeFailure {
+    DecodeFailure {
+        reason,
+        round,
+        detail: detail.to_string(),
+    }
+}
+
+fn decode_reason(e: &DecodeError) -> RejectReason {
+    match e {
+        DecodeError::UnsupportedVersion { .. } => RejectReason::WrongVersion,
+        DecodeError::CrcMismatch { .. } => RejectReason::BadChecksum,
+        _ => RejectReason::Malformed,
+    }
+}
+
+fn reassembly_reason(e: &ReassemblyError) -> RejectReason {
+    match e {
+        ReassemblyError::Oversized { .. }
+        | ReassemblyError::TooManyInFlight { .. }
+        | ReassemblyError::OverBudget { .. } => RejectReason::Oversized,
+        // A redelivered chunk (QoS 1): idempotent, like a redelivered update.
+        ReassemblyError::Duplicate { .. } => RejectReason::Duplicate,
+        ReassemblyError::CrcMismatch { .. } => RejectReason::BadChecksum,
+        ReassemblyError::Incomplete { .. } => RejectReason::Incomplete,
+        _ => RejectReason::Malformed,
+    }
+}
+
+impl Inbox {
+    /// `max_update_bytes` bounds a reassembled update; at most 64 chunked updates are in flight
+    /// and `chunk_timeout_ms` after its first chunk an incomplete one is dropped.
+    pub fn new(
+        fleet: FleetName,
+        run_id: u64,
+        max_update_bytes: u64,
+        chunk_timeout_ms: u64,
+    ) -> Inbox {
+        let max = usize::try_from(max_update_bytes).unwrap_or(usize::MAX);
+        Inbox {
+            fleet,
+            run_id,
+            reassembler: Reassembler::new(ReassemblyLimits {
+                max_in_flight: 64,
+                max_total_bytes: max.saturating_mul(4),
+                max_message_bytes: max,
+                timeout_ms: chunk_timeout_ms,
+            }),
+            partial_bytes: BTreeMap::new(),
+        }
+    }
+
+    /// The topic filters the aggregator subscribes to.
+    pub fn subscriptions(&self) -> Vec<String> {
+        ["join", "update/+", "status/+"]
+            .iter()
+            .map(|t| format!("{}/{}/{t}", fedpeft_protocol::topic::ROOT, self.fleet))
+            .collect()
+    }
+
+    /// Drops chunked updates that never completed; one rejection event each.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<Event> {
+        self.reassembler
+            .expire(now_ms)
+            .into_iter()
+            .filter_map(|(client, e)| {
+                let bytes = self.take_partial(&client, &e);
+                let topic_client = ClientId::new(&client).ok()?;
+                Some(Event::Update {
+                    topic_client,
+                    update: Box::new(Err(failure(reassembly_reason(&e), None, &e))),
+                    wire_bytes: bytes,
+                })
+            })
+            .collect()
+    }
+
+    fn take_partial(&mut self, client: &str, e: &ReassemblyError) -> u64 {
+        let id = match e {
+            ReassemblyError::Incomplete { message_id, .. }
+            | ReassemblyError::CrcMismatch { message_id, .. } => Some(*message_id),
+            _ => None,
+        };
+        id.and_then(|id| self.partial_bytes.remove(&(client.to_string(), id)))
+            .unwrap_or(0)
+    }
+
+    /// One received publish.
+    pub fn on_publish(&mut self, topic: &str, payload: &[u8], now_ms: u64) -> Option<Event> {
+        let bytes = wire_size(topic, payload.len(), QoS::AtLeastOnce);
+        tracing::debug!(topic, bytes, "publish received");
+        let parsed = match Topic::parse(topic) {
+            Ok(t) if t.fleet == self.fleet => t,
+            Ok(_) | Err(_) => {
+                debug!(topic, "ignoring a publish on a foreign topic");
+                return None;
+            }
+        };
+        match parsed.kind {
+            TopicKind::Join => self.on_join(payload, bytes),
+            TopicKind::Status(client) => self.on_status(client, payload, bytes),
+            TopicKind::Update(client) => self.on_update(client, payload, bytes, now_ms),
+            // Our own retained publishes echo back only if subscribed to them; evaluation
+            // results from clients are not used yet.
+            _ => None,
+        }
+    }
+
+    fn decode_ours(&self, payload: &[u8]) -> Result<Envelope, DecodeFailure> {
+        let round = peek_header(payload).ok().map(|h| h.round);
+        let env = Envelope::decode(payload).map_err(|e| failure(decode_reason(&e), round, &e))?;
+        if env.run_id != self.run_id {
+            return Err(failure(
+                RejectReason::WrongRun,
+                Some(env.round),
+                format!("run {} (this run is {})", env.run_id, self.run_id),
+            ));
+        }
+        Ok(env)
+    }
+
+    fn on_join(&mut self, payload: &[u8], wire_bytes: u64) -> Option<Event> {
+        match self.decode_ours(payload) {
+            Ok(Envelope {
+                message: Message::Join(j),
+                ..
+            }) => Some(Event::Joined {
+                client: j.client,
+                info: JoinInfo {
+                    num_examples: j.num_examples,
+                    backbone_id: j.capabilities.backbone_id.as_str().to_string(),
+                    backbone_sha256: j.capabilities.backbone_sha256,
+                    peft: j.capabilities.peft,
+                },
+                wire_bytes,
+            }),
+            Ok(other) => {
+                warn!(kind = %other.kind(), "ignoring a non-Join message on the join topic");
+                None
+            }
+            Err(f) => {
+                warn!(reason = %f.reason, detail = %f.detail, "ignoring an undecodable join");
+                None
+            }
+        }
+    }
+
+    fn on_status(&mut self, client: ClientId, payload: &[u8], wire_bytes: u64) -> Option<Event> {
+        if payload.is_empty() {
+            // An empty retained publish clears a status: nothing to report.
+            return None;
+        }
+        // A last will is registered at connect time with the client's run id; an old run's
+        // retained status is still a status of that client, so only the body matters here.
+        match Envelope::decode(payload) {
+            Ok(Envelope {
+                message: Message::Status(s),
+                ..
+            }) if s.client == client => Some(Event::Status {
+                client,
+                state: s.state,
+                wire_bytes,
+            }),
+            Ok(_) => {
+                warn!(client = %client, "ignoring a status message that is not this client's Status");
+                None
+            }
+            Err(e) => {
+                warn!(client = %client, error = %e, "ignoring an undecodable status");
+                None
+            }
+        }
+    }
+
+    fn on_update(
+        &mut self,
+        client: ClientId,
+        payload: &[u8],
+        wire_bytes: u64,
+        now_ms: u64,
+    ) -> Option<Event> {
+        let ev = |update: Result<_, DecodeFailure>, wire_bytes| Event::Update {
+            topic_client: client.clone(),
+            update: Box::new(update),
+            wire_bytes,
+        };
+        let env = match self.decode_ours(payload) {
+            Ok(env) => env,
+            Err(f) => return Some(ev(Err(f), wire_bytes)),
+        };
+        match env.message {
+            Message::ClientUpdate(u) => Some(ev(Ok(u), wire_bytes)),
+            Message::Chunk(chunk) => {
+                let key = (client.as_str().to_string(), chunk.message_id);
+                let round = env.round;
+                *self.partial_bytes.entry(key.clone()).or_default() += wire_bytes;
+                match self
+                    .reassembler
+                    .push(client.as_str().to_string(), chunk, now_ms)
+                {
+                    Ok(None) => None,
+                    Ok(Some(whole)) => {
+                        let total = self.partial_bytes.remove(&key).unwrap_or(wire_bytes);
+                        match self.decode_ours(&whole) {
+                            Ok(Envelope {
+                                message: Message::ClientUpdate(u),
+                                ..
+                            }) => Some(ev(Ok(u), total)),
+                            Ok(other) => Some(ev(
+                                Err(failure(
+                                    RejectReason::Malformed,
+                                    Some(other.round),
+                                    format!("chunks reassemble into a {}", other.kind()),
+                                )),
+                                total,
+                            )),
+                            Err(f) => Some(ev(Err(f), total)),
+                        }
+                    }
+                    Err(e) => {
+                        let reason = reassembly_reason(&e);
+                        // A refused chunk leaves the rest of its payload in place (except a CRC
+                        // mismatch): keep counting its bytes until it completes or expires.
+                        let total = if matches!(e, ReassemblyError::CrcMismatch { .. }) {
+                            self.partial_bytes.remove(&key).unwrap_or(wire_bytes)
+                        } else {
+                            wire_bytes
+                        };
+                        Some(ev(Err(failure(reason, Some(round), &e)), total))
+                    }
+                }
+            }
+            other => Some(ev(
+                Err(failure(
+                    RejectReason::Malformed,
+                    Some(env.round),
+                    format!("a {} on an update topic", other.kind()),
+                )),
+                wire_bytes,
+            )),
+        }
+    }
+}

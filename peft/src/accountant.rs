@@ -168,6 +168,25 @@ impl RdpAccountant {
         }
     }
 
+    /// Restores an accountant saved as `(orders, rdp, steps)` (e.g. across client restarts, so
+    /// ε keeps covering every round).
+    pub fn restore(orders: Vec<f64>, rdp: Vec<f64>, steps: u64) -> Result<Self> {
+        if orders.len() != rdp.len()
+            || orders.iter().any(|&a| a.is_nan() || a <= 1.0)
+            || rdp.iter().any(|r| r.is_nan())
+        {
+            return Err(PeftError::Config {
+                field: "accountant".into(),
+                why: format!(
+                    "{} orders (each > 1) need as many non-NaN RDP values, got {}",
+                    orders.len(),
+                    rdp.len()
+                ),
+            });
+        }
+        Ok(Self { orders, rdp, steps })
+    }
+
     /// Adds `steps` steps with sampling rate `q` and noise multiplier `sigma`.
     pub fn compose(&mut self, q: f64, sigma: f64, steps: u64) -> Result<()> {
         if !(0.0..=1.0).contains(&q) {

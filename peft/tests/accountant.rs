@@ -41,6 +41,9 @@ fn composition_over_rounds_equals_one_long_run() {
     let mut b = RdpAccountant::new();
     b.compose(0.02, 1.0, 500).unwrap();
     assert_eq!(a.steps(), 500);
+    let saved = RdpAccountant::restore(a.orders().to_vec(), a.rdp().to_vec(), a.steps()).unwrap();
+    assert_eq!(saved, a);
+    assert!(RdpAccountant::restore(vec![2.0], vec![], 0).is_err());
     assert!((a.epsilon(1e-5).0 - b.epsilon(1e-5).0).abs() < 1e-9);
 }
 

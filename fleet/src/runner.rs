@@ -1,0 +1,441 @@
+//! Runs a [`Trial`]: the aggregator (with its embedded broker, or against an external one) and
+//! one `edge-client` process per client, each with its own shard of the data set. Every process
+//! is owned by a [`Child`] guard that kills it if the runner stops early; every process writes
+//! its log to `<out>/logs/`, and the aggregator's progress lines are echoed to the terminal.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::trial::{Broker, Trial};
+
+/// Where the runner finds the `aggregator` and `edge-client` executables.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub aggregator: PathBuf,
+    pub edge_client: PathBuf,
+}
+
+impl Binaries {
+    /// The executables next to `exe` (cargo puts all of a profile's binaries in one folder).
+    pub fn beside(exe: &Path) -> anyhow::Result<Binaries> {
+        let dir = exe
+            .parent()
+            .with_context(|| format!("{} has no parent folder", exe.display()))?;
+        let found = Binaries {
+            aggregator: dir.join("aggregator"),
+            edge_client: dir.join("edge-client"),
+        };
+        for path in [&found.aggregator, &found.edge_client] {
+            if !path.is_file() {
+                bail!(
+                    "{} not found: build it first (`cargo build --release --bins`)",
+                    path.display()
+                );
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// How a finished trial went.
+#[derive(Debug)]
+pub struct Outcome {
+    pub out_dir: PathBuf,
+    pub report: PathBuf,
+    pub aggregator_status: ExitStatus,
+    /// Exit status of each client, `None` where it had to be killed.
+    pub client_status: Vec<Option<ExitStatus>>,
+    pub elapsed: Duration,
+}
+
+/// A child process killed when dropped (unless it already exited).
+#[derive(Debug)]
+struct Child {
+    name: String,
+    inner: Option<std::process::Child>,
+}
+
+impl Child {
+    fn spawn(name: &str, mut cmd: Command, log: &Path, echo: bool) -> anyhow::Result<Child> {
+        let mut log_file =
+            File::create(log).with_context(|| format!("creating log {}", log.display()))?;
+        cmd.stdin(Stdio::null());
+        let child = if echo {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            let mut child = cmd
+                .spawn()
+                .with_context(|| format!("starting {name} ({cmd:?})"))?;
+            let out = child.stdout.take().context("piped stdout")?;
+            let err = child.stderr.take().context("piped stderr")?;
+            let mut log_err = log_file.try_clone().context("log handle")?;
+            thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    println!("{line}");
+                    let _ = writeln!(log_file, "{line}");
+                }
+            });
+            thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                    let _ = writeln!(log_err, "{line}");
+                }
+            });
+            child
+        } else {
+            let err = log_file.try_clone().context("log handle")?;
+            cmd.stdout(Stdio::from(log_file)).stderr(Stdio::from(err));
+            cmd.spawn()
+                .with_context(|| format!("starting {name} ({cmd:?})"))?
+        };
+        Ok(Child {
+            name: name.to_string(),
+            inner: Some(child),
+        })
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.inner
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// SIGTERM (clean shutdown), then SIGKILL after `grace`.
+    fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let child = self.inner.as_mut()?;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < grace {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        eprintln!("fleet: {} did not stop within {grace:?}; killed", self.name);
+        None
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.inner.take()
+            && let Ok(None) = child.try_wait()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("binding an ephemeral loopback port")?
+        .port())
+}
+
+fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// The aggregator's config file for this trial (its own TOML schema; see
+/// `fedpeft_aggregator::config`).
+pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> toml::Table {
+    let mut root = toml::Table::new();
+    let int = |v: u64| toml::Value::Integer(v as i64);
+    root.insert("fleet".into(), trial.name.clone().into());
+    root.insert("run_id".into(), int(trial.seed));
+    root.insert("rounds".into(), int(trial.rounds.into()));
+    root.insert("seed".into(), int(trial.seed));
+    root.insert("min_clients".into(), int(trial.min_clients as u64));
+    root.insert("fraction".into(), trial.fraction.into());
+    root.insert("quorum".into(), int(trial.quorum as u64));
+    root.insert("round_timeout_secs".into(), trial.round_timeout_secs.into());
+    if let Some(strategy) = &trial.strategy {
+        root.insert("strategy".into(), toml::Value::Table(strategy.clone()));
+    }
+    if let Ok(toml::Value::Table(local)) = toml::Value::try_from(&trial.local)
+        && !local.is_empty()
+    {
+        root.insert("local".into(), toml::Value::Table(local));
+    }
+    let mut broker = toml::Table::new();
+    match (&trial.broker, port) {
+        (Broker::External { url }, _) => {
+            broker.insert("url".into(), url.clone().into());
+        }
+        (Broker::Embedded, port) => {
+            broker.insert("url".into(), "embedded".into());
+            broker.insert("port".into(), int(port.unwrap_or(0).into()));
+        }
+    }
+    broker.insert(
+        "max_packet_bytes".into(),
+        int(trial.max_packet_bytes as u64),
+    );
+    root.insert("broker".into(), toml::Value::Table(broker));
+    let mut model = toml::Table::new();
+    model.insert(
+        "backbone".into(),
+        trial.model.backbone.display().to_string().into(),
+    );
+    model.insert("peft".into(), trial.model.peft.clone().into());
+    if let Some(rank) = trial.model.lora_rank {
+        model.insert("lora_rank".into(), int(rank.into()));
+    }
+    if let Some(alpha) = trial.model.lora_alpha {
+        model.insert("lora_alpha".into(), f64::from(alpha).into());
+    }
+    model.insert(
+        "eval_examples".into(),
+        int(trial.model.eval_examples as u64),
+    );
+    root.insert("model".into(), toml::Value::Table(model));
+    let mut output = toml::Table::new();
+    output.insert("dir".into(), out_dir.display().to_string().into());
+    output.insert("resume".into(), false.into());
+    root.insert("output".into(), toml::Value::Table(output));
+    root
+}
+
+/// The command line of edge client `index`.
+pub fn client_command(
+    trial: &Trial,
+    bins: &Binaries,
+    index: usize,
+    broker_url: &str,
+    out_dir: &Path,
+) -> Command {
+    let mut cmd = Command::new(&bins.edge_client);
+    let id = trial.client_id(index);
+    cmd.arg("--broker")
+        .arg(broker_url)
+        .arg("--fleet")
+        .arg(&trial.name)
+        .arg("--client-id")
+        .arg(&id)
+        .arg("--run-id")
+        .arg(trial.seed.to_string())
+        .arg("--model-dir")
+        .arg(&trial.model.backbone)
+        .arg("--runtime")
+        .arg(&trial.model.runtime)
+        .arg("--peft")
+        .arg(&trial.model.peft)
+        .arg("--image-size")
+        .arg(trial.model.image_size.to_string())
+        .arg("--dataset")
+        .arg(&trial.data.dataset)
+        .arg("--partition")
+        .arg(&trial.data.partition)
+        .arg("--alpha")
+        .arg(trial.data.alpha.to_string())
+        .arg("--num-clients")
+        .arg(trial.clients.to_string())
+        .arg("--client-index")
+        .arg(index.to_string())
+        .arg("--seed")
+        .arg(trial.seed.to_string())
+        .arg("--max-packet-bytes")
+        .arg(trial.max_packet_bytes.to_string())
+        .arg("--cache-dir")
+        .arg(out_dir.join("cache").join(&id))
+        .arg("--summary-json")
+        .arg(out_dir.join("clients").join(format!("{id}.json")));
+    if let Some(root) = &trial.data.root {
+        cmd.arg("--data-root").arg(root);
+    }
+    if let Some(max) = trial.data.max_examples {
+        cmd.arg("--max-examples").arg(max.to_string());
+    }
+    // One compute thread per client: N clients share the machine's cores.
+    cmd.env("RAYON_NUM_THREADS", "1");
+    cmd
+}
+
+/// Runs `trial` to the end (or `deadline`), writing everything under `out_dir`.
+pub fn run(
+    trial: &Trial,
+    bins: &Binaries,
+    out_dir: &Path,
+    deadline: Duration,
+) -> anyhow::Result<Outcome> {
+    let start = Instant::now();
+    for sub in ["logs", "clients", "cache"] {
+        std::fs::create_dir_all(out_dir.join(sub))
+            .with_context(|| format!("creating {}", out_dir.join(sub).display()))?;
+    }
+    let port = match trial.broker {
+        Broker::Embedded => Some(free_port()?),
+        Broker::External { .. } => None,
+    };
+    let broker_url = match (&trial.broker, port) {
+        (Broker::External { url }, _) => url.clone(),
+        (Broker::Embedded, Some(port)) => format!("mqtt://127.0.0.1:{port}"),
+        (Broker::Embedded, None) => unreachable!("embedded broker always has a port"),
+    };
+    let config_path = out_dir.join("aggregator.toml");
+    let config = aggregator_config(trial, out_dir, port);
+    std::fs::write(&config_path, toml::to_string_pretty(&config)?)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+
+    let mut aggregator_cmd = Command::new(&bins.aggregator);
+    aggregator_cmd.arg("--config").arg(&config_path);
+    let mut aggregator = Child::spawn(
+        "aggregator",
+        aggregator_cmd,
+        &out_dir.join("logs/aggregator.log"),
+        true,
+    )?;
+    if let Some(port) = port
+        && !wait_for_port(port, Duration::from_secs(120))
+    {
+        bail!(
+            "the aggregator's embedded broker did not listen on 127.0.0.1:{port} within 120 s; see {}",
+            out_dir.join("logs/aggregator.log").display()
+        );
+    }
+    println!(
+        "fleet: broker at {broker_url}; starting {} edge clients (logs in {})",
+        trial.clients,
+        out_dir.join("logs").display()
+    );
+    let mut clients = Vec::with_capacity(trial.clients);
+    for index in 0..trial.clients {
+        let id = trial.client_id(index);
+        let cmd = client_command(trial, bins, index, &broker_url, out_dir);
+        clients.push(Child::spawn(
+            &id,
+            cmd,
+            &out_dir.join("logs").join(format!("{id}.log")),
+            false,
+        )?);
+    }
+
+    let aggregator_status = loop {
+        if let Some(status) = aggregator.try_wait() {
+            break status;
+        }
+        if start.elapsed() > deadline {
+            aggregator.terminate(Duration::from_secs(10));
+            for c in &mut clients {
+                c.terminate(Duration::from_secs(5));
+            }
+            bail!(
+                "trial `{}` did not finish within {deadline:?}; logs in {}",
+                trial.name,
+                out_dir.join("logs").display()
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    // The aggregator announced the end: clients exit by themselves; give them a moment.
+    let mut client_status = Vec::with_capacity(clients.len());
+    for c in &mut clients {
+        client_status.push(c.terminate(Duration::from_secs(20)));
+    }
+    Ok(Outcome {
+        out_dir: out_dir.to_path_buf(),
+        report: out_dir.join("report.json"),
+        aggregator_status,
+        client_status,
+        elapsed: start.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trial() -> Trial {
+        Trial::parse(
+            r#"
+            name = "t"
+            rounds = 3
+            clients = 4
+            quorum = 3
+            [model]
+            backbone = "models/build/efficientnet-lite0"
+            peft = "lora"
+            lora_rank = 4
+            [data]
+            max_examples = 100
+            [local]
+            epochs = 2
+            learning_rate = 0.01
+            [strategy]
+            kind = "trimmed-mean"
+            trim = 0.25
+            "#,
+            Path::new("t.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_aggregator_config_carries_the_trial_settings() {
+        let cfg = aggregator_config(&trial(), Path::new("runs/t"), Some(4321));
+        let text = toml::to_string(&cfg).unwrap();
+        for needle in [
+            "rounds = 3",
+            "quorum = 3",
+            "port = 4321",
+            "url = \"embedded\"",
+            "lora_rank = 4",
+            "epochs = 2",
+            "kind = \"trimmed-mean\"",
+            "dir = \"runs/t\"",
+        ] {
+            assert!(text.contains(needle), "missing `{needle}` in\n{text}");
+        }
+        assert!(
+            !text.contains("batch_size"),
+            "unset fields stay unset:\n{text}"
+        );
+    }
+
+    #[test]
+    fn each_client_gets_its_own_id_shard_and_files() {
+        let bins = Binaries {
+            aggregator: "agg".into(),
+            edge_client: "edge".into(),
+        };
+        let t = trial();
+        let args: Vec<String> = client_command(&t, &bins, 2, "mqtt://127.0.0.1:1", Path::new("o"))
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let after = |flag: &str| {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1].clone()
+        };
+        assert_eq!(after("--client-id"), "client-02");
+        assert_eq!(after("--client-index"), "2");
+        assert_eq!(after("--num-clients"), "4");
+        assert_eq!(after("--max-examples"), "100");
+        assert_eq!(after("--summary-json"), "o/clients/client-02.json");
+    }
+}

@@ -1,0 +1,455 @@
+//! The trial file: one TOML document that says what federation to run, validated into a
+//! [`Trial`] before any process starts.
+//!
+//! ```toml
+//! name = "quickstart"          # results go to runs/<name>/ unless --out says otherwise
+//! rounds = 5
+//! clients = 8                  # edge-client processes
+//! fraction = 1.0               # share of joined clients sampled per round
+//! min_clients = 8              # clients needed before round 1 starts
+//! quorum = 6                   # accepted updates needed at the deadline
+//! round_timeout_secs = 300
+//! seed = 42
+//!
+//! [strategy]                   # passed to the aggregator as written (see its config docs)
+//! kind = "fedavg"              # fedavg | fedadam | fedyogi | median | trimmed-mean
+//!
+//! [model]
+//! backbone = "models/build/efficientnet-lite0"
+//! peft = "lora"                # head | bias | lora | adapter | prompt | full-tail
+//! lora_rank = 8
+//! lora_alpha = 16.0
+//! runtime = "tract"            # auto | ort | tract (edge clients)
+//! image_size = 96
+//! eval_examples = 2000         # held-out examples the aggregator evaluates each round
+//!
+//! [data]
+//! dataset = "fashion-mnist"
+//! partition = "dirichlet"      # iid | dirichlet
+//! alpha = 0.5
+//! max_examples = 500           # per client
+//!
+//! [local]                      # announced to clients each round
+//! epochs = 2
+//! batch_size = 32
+//! learning_rate = 0.05
+//! optimizer = "sgd"
+//! update_dtype = "f32"         # f32 | f16 | int8
+//!
+//! [broker]
+//! kind = "embedded"            # embedded (rumqttd inside the aggregator) | external
+//! url = "mqtt://127.0.0.1:1883" # external only
+//! max_packet_bytes = 65536
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A trial file that cannot be used; every variant names the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum TrialError {
+    #[error("cannot read trial file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("trial file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("trial file {path}: `{field}` {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+/// `[model]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Built backbone folder (manifest.json, trunk.onnx, tail.safetensors). Required.
+    pub backbone: PathBuf,
+    /// PEFT method. Default `lora`.
+    #[serde(default = "default_peft")]
+    pub peft: String,
+    /// LoRA rank. Default: the aggregator's default.
+    pub lora_rank: Option<u16>,
+    /// LoRA alpha. Default: the aggregator's default.
+    pub lora_alpha: Option<f32>,
+    /// Trunk runtime of the edge clients. Default `tract`.
+    #[serde(default = "default_runtime")]
+    pub runtime: String,
+    /// Image side for a vision trunk. Default 96.
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    /// Held-out examples evaluated by the aggregator each round. Default 2000.
+    #[serde(default = "default_eval_examples")]
+    pub eval_examples: usize,
+}
+
+/// `[data]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Data set name. Default `fashion-mnist`.
+    #[serde(default = "default_dataset")]
+    pub dataset: String,
+    /// Data set folder. Default: the data set's usual place.
+    pub root: Option<PathBuf>,
+    /// `iid` or `dirichlet`. Default `dirichlet`.
+    #[serde(default = "default_partition")]
+    pub partition: String,
+    /// Dirichlet concentration. Default 0.5.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Local examples kept per client. Default: all of its shard.
+    pub max_examples: Option<usize>,
+}
+
+/// `[local]` as written: the hyper-parameters the aggregator announces.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub momentum: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fedprox_mu: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_dtype: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k_fraction: Option<f32>,
+}
+
+/// `[broker]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSpec {
+    /// `embedded` (rumqttd inside the aggregator, on a free loopback port) or `external`.
+    #[serde(default = "default_broker_kind")]
+    pub kind: String,
+    /// `mqtt://host:port` of an external broker.
+    pub url: Option<String>,
+    /// Largest MQTT packet; payloads above it are chunked. Default 65536.
+    #[serde(default = "default_max_packet")]
+    pub max_packet_bytes: usize,
+}
+
+impl Default for BrokerSpec {
+    fn default() -> Self {
+        BrokerSpec {
+            kind: default_broker_kind(),
+            url: None,
+            max_packet_bytes: default_max_packet(),
+        }
+    }
+}
+
+/// The trial file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrialFile {
+    pub name: String,
+    pub rounds: u32,
+    pub clients: usize,
+    #[serde(default = "one")]
+    pub fraction: f64,
+    pub min_clients: Option<usize>,
+    pub quorum: Option<usize>,
+    #[serde(default = "default_timeout")]
+    pub round_timeout_secs: f64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// The aggregator's `[strategy]` table, passed through. Default: FedAvg.
+    pub strategy: Option<toml::Table>,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub local: LocalSpec,
+    #[serde(default)]
+    pub broker: BrokerSpec,
+}
+
+/// Where the clients find the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Broker {
+    /// rumqttd inside the aggregator, on this loopback port (chosen free at start).
+    Embedded,
+    /// An external broker the trial does not start.
+    External { url: String },
+}
+
+/// A validated trial.
+#[derive(Debug, Clone)]
+pub struct Trial {
+    pub name: String,
+    pub rounds: u32,
+    pub clients: usize,
+    pub fraction: f64,
+    pub min_clients: usize,
+    pub quorum: usize,
+    pub round_timeout_secs: f64,
+    pub seed: u64,
+    pub strategy: Option<toml::Table>,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub local: LocalSpec,
+    pub broker: Broker,
+    pub max_packet_bytes: usize,
+}
+
+impl Trial {
+    /// Reads and validates a trial file.
+    pub fn load(path: &Path) -> Result<Trial, TrialError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TrialError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Trial::parse(&text, path)
+    }
+
+    /// Parses and validates trial text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Trial, TrialError> {
+        let raw: TrialFile = toml::from_str(text).map_err(|source| TrialError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bad = |field: &'static str, reason: String| TrialError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            reason,
+        };
+        if raw.name.is_empty()
+            || !raw
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(bad(
+                "name",
+                format!("{:?} must be non-empty [A-Za-z0-9_.-]", raw.name),
+            ));
+        }
+        if raw.rounds == 0 {
+            return Err(bad("rounds", "must be at least 1".into()));
+        }
+        if raw.clients == 0 || raw.clients > 512 {
+            return Err(bad("clients", format!("{} is not in 1..=512", raw.clients)));
+        }
+        if !(raw.fraction > 0.0 && raw.fraction <= 1.0) {
+            return Err(bad(
+                "fraction",
+                format!("{} is not in (0, 1]", raw.fraction),
+            ));
+        }
+        let min_clients = raw.min_clients.unwrap_or(raw.clients);
+        if min_clients == 0 || min_clients > raw.clients {
+            return Err(bad(
+                "min_clients",
+                format!("{min_clients} is not in 1..={} (clients)", raw.clients),
+            ));
+        }
+        let sampled = ((raw.fraction * min_clients as f64).ceil() as usize).max(1);
+        let quorum = raw.quorum.unwrap_or(sampled);
+        if quorum == 0 || quorum > raw.clients {
+            return Err(bad(
+                "quorum",
+                format!("{quorum} is not in 1..={} (clients)", raw.clients),
+            ));
+        }
+        if !(raw.round_timeout_secs.is_finite() && raw.round_timeout_secs > 0.0) {
+            return Err(bad(
+                "round_timeout_secs",
+                format!("{} must be a positive number", raw.round_timeout_secs),
+            ));
+        }
+        if !matches!(raw.data.partition.as_str(), "iid" | "dirichlet") {
+            return Err(bad(
+                "data.partition",
+                format!("{:?} is not iid or dirichlet", raw.data.partition),
+            ));
+        }
+        if !(raw.data.alpha.is_finite() && raw.data.alpha > 0.0) {
+            return Err(bad("data.alpha", format!("{} must be > 0", raw.data.alpha)));
+        }
+        if !matches!(raw.model.runtime.as_str(), "auto" | "ort" | "tract") {
+            return Err(bad(
+                "model.runtime",
+                format!("{:?} is not auto, ort or tract", raw.model.runtime),
+            ));
+        }
+        let broker = match (raw.broker.kind.as_str(), &raw.broker.url) {
+            ("embedded", None) => Broker::Embedded,
+            ("embedded", Some(_)) => {
+                return Err(bad("broker.url", "is only for kind = \"external\"".into()));
+            }
+            ("external", Some(url)) if url.starts_with("mqtt://") => {
+                Broker::External { url: url.clone() }
+            }
+            ("external", _) => {
+                return Err(bad(
+                    "broker.url",
+                    "an external broker needs mqtt://host:port".into(),
+                ));
+            }
+            (other, _) => {
+                return Err(bad(
+                    "broker.kind",
+                    format!("{other:?} is not embedded or external"),
+                ));
+            }
+        };
+        if raw.broker.max_packet_bytes < 1024 {
+            return Err(bad(
+                "broker.max_packet_bytes",
+                format!("{} is below 1024", raw.broker.max_packet_bytes),
+            ));
+        }
+        Ok(Trial {
+            name: raw.name,
+            rounds: raw.rounds,
+            clients: raw.clients,
+            fraction: raw.fraction,
+            min_clients,
+            quorum,
+            round_timeout_secs: raw.round_timeout_secs,
+            seed: raw.seed,
+            strategy: raw.strategy,
+            model: raw.model,
+            data: raw.data,
+            local: raw.local,
+            broker,
+            max_packet_bytes: raw.broker.max_packet_bytes,
+        })
+    }
+
+    /// The client id of client `index` (`client-00`, `client-01`, …).
+    pub fn client_id(&self, index: usize) -> String {
+        format!("client-{index:02}")
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn default_peft() -> String {
+    "lora".into()
+}
+fn default_runtime() -> String {
+    "tract".into()
+}
+fn default_image_size() -> usize {
+    96
+}
+fn default_eval_examples() -> usize {
+    2000
+}
+fn default_dataset() -> String {
+    "fashion-mnist".into()
+}
+fn default_partition() -> String {
+    "dirichlet".into()
+}
+fn default_alpha() -> f64 {
+    0.5
+}
+fn default_broker_kind() -> String {
+    "embedded".into()
+}
+fn default_max_packet() -> usize {
+    65536
+}
+fn default_timeout() -> f64 {
+    300.0
+}
+fn default_seed() -> u64 {
+    42
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        name = "t"
+        rounds = 2
+        clients = 4
+        [model]
+        backbone = "models/build/efficientnet-lite0"
+        [data]
+    "#;
+
+    #[test]
+    fn a_minimal_trial_gets_documented_defaults() {
+        let t = Trial::parse(MINIMAL, Path::new("t.toml")).unwrap();
+        assert_eq!(t.min_clients, 4);
+        assert_eq!(t.quorum, 4);
+        assert_eq!(t.model.peft, "lora");
+        assert_eq!(t.model.image_size, 96);
+        assert_eq!(t.data.partition, "dirichlet");
+        assert_eq!(t.broker, Broker::Embedded);
+        assert_eq!(t.client_id(3), "client-03");
+    }
+
+    #[test]
+    fn an_unknown_key_is_rejected_with_the_file_name() {
+        let text = format!("{MINIMAL}\nbogus = 1\n");
+        let err = Trial::parse(&text, Path::new("trials/x.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("trials/x.toml") && msg.contains("bogus"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn impossible_settings_name_their_field() {
+        for (patch, field) in [
+            ("rounds = 0", "rounds"),
+            ("fraction = 1.5", "fraction"),
+            ("min_clients = 9", "min_clients"),
+            ("quorum = 0", "quorum"),
+            ("round_timeout_secs = -1.0", "round_timeout_secs"),
+        ] {
+            let text = MINIMAL.replace("rounds = 2", &format!("rounds = 2\n{patch}"));
+            let text = if patch.starts_with("rounds") {
+                MINIMAL.replace("rounds = 2", patch)
+            } else {
+                text
+            };
+            let err = Trial::parse(&text, Path::new("t.toml")).unwrap_err();
+            assert!(err.to_string().contains(field), "{patch}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_external_broker_needs_a_url() {
+        let text = format!("{MINIMAL}\n[broker]\nkind = \"external\"\n");
+        let err = Trial::parse(&text, Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("broker.url"), "{err}");
+        let text =
+            format!("{MINIMAL}\n[broker]\nkind = \"external\"\nurl = \"mqtt://127.0.0.1:1884\"\n");
+        let t = Trial::parse(&text, Path::new("t.toml")).unwrap();
+        assert_eq!(
+            t.broker,
+            Broker::External {
+                url: "mqtt://127.0.0.1:1884".into()
+            }
+        );
+    }
+}

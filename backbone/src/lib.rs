@@ -1,1 +1,34 @@
-//! (being built)
+//! fedpeft-backbone: the frozen half of a split backbone and the data it runs on.
+//!
+//! Module map:
+//! - [`manifest`]: `manifest.json` of a built backbone ([`Manifest`]) and [`Backbone`], which
+//!   resolves and checksums its files (`trunk.onnx`, `tail.safetensors`, `vocab.txt`).
+//! - [`trunk`]: the [`Trunk`] trait and its runtimes — tract (pure Rust, always built) and
+//!   onnxruntime via `ort` (feature `ort`, library loaded at run time) — chosen by [`Runtime`].
+//! - [`preprocess`]: image resize / channel / normalisation as the manifest prescribes.
+//! - [`tokenizer`]: BERT WordPiece for the text backbone.
+//! - [`data`]: Fashion-MNIST, SpamAssassin, and a user's IDX / image-folder / CSV / JSONL data.
+//! - [`partition`]: IID, Dirichlet(alpha), shards and natural client splits with summaries.
+//! - [`cache`]: the per-client trunk-activation cache (memory budget, spill to file).
+//!
+//! The tail itself (frozen layers + PEFT parameters) lives in `fedpeft-peft`; it reads the
+//! `tail.safetensors` named by the manifest.
+
+pub mod cache;
+pub mod data;
+pub mod error;
+pub mod manifest;
+pub mod partition;
+pub mod preprocess;
+pub mod tokenizer;
+pub mod trunk;
+
+pub use cache::{ActivationCache, CacheConfig, CacheKey, Features};
+pub use error::{BackboneError, Result};
+pub use manifest::{Backbone, Family, InputSpec, Manifest, default_models_dir};
+pub use partition::{ClientSummary, Partition, Partitioner, partition};
+pub use preprocess::ImagePreprocess;
+pub use tokenizer::{Encoding, WordPiece};
+pub use trunk::{
+    ExecutionProvider, Runtime, RuntimeKind, Trunk, TrunkConfig, TrunkInput, open_trunk,
+};

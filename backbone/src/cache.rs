@@ -1,0 +1,415 @@
+//! Trunk-activation cache. The trunk is frozen, so a client's activations are computed once and
+//! reused by every later epoch and round; the tail then runs on cached rows only.
+//!
+//! Entries are keyed by the hashes of the trunk file, the exact data selection and the
+//! preprocessing ([`CacheKey`]): change any of them and the key changes. Entries live in memory
+//! up to a byte budget; past it they are written to (and read back from) a file in the spill
+//! directory, which a later process with the same key reuses.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ndarray::{ArrayD, IxDyn};
+use sha2::{Digest, Sha256};
+
+use crate::data::{ImageDataset, TextDataset};
+use crate::error::{BackboneError, Result};
+
+const MAGIC: &[u8; 8] = b"FPACT001";
+
+/// Identity of a set of activations: sha256 over model, data and preprocessing hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey(String);
+
+impl CacheKey {
+    pub fn new(model_sha256: &str, data_hash: &str, preprocessing: &str) -> Self {
+        let mut h = Sha256::new();
+        for part in [model_sha256, data_hash, preprocessing] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        Self(hex::encode(h.finalize()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// sha256 of the selected images' pixels, in selection order.
+pub fn hash_image_selection(ds: &ImageDataset, indices: &[usize]) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("{}x{}x{}", ds.height, ds.width, ds.channels));
+    for &i in indices {
+        h.update(ds.image(i));
+    }
+    hex::encode(h.finalize())
+}
+
+/// sha256 of the selected texts, in selection order.
+pub fn hash_text_selection(ds: &TextDataset, indices: &[usize]) -> String {
+    let mut h = Sha256::new();
+    for &i in indices {
+        h.update((ds.texts[i].len() as u64).to_le_bytes());
+        h.update(ds.texts[i].as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+#[derive(Debug)]
+enum Store {
+    Memory(Vec<f32>),
+    File {
+        path: PathBuf,
+        file: Mutex<File>,
+        offset: u64,
+    },
+}
+
+/// Cached activations of `n` samples, each of shape `row_shape`.
+#[derive(Debug)]
+pub struct Features {
+    n: usize,
+    row_shape: Vec<usize>,
+    store: Store,
+}
+
+impl Features {
+    pub fn len(&self) -> usize {
+        self.n
+    }
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+    pub fn row_shape(&self) -> &[usize] {
+        &self.row_shape
+    }
+    fn row_len(&self) -> usize {
+        self.row_shape.iter().product()
+    }
+    pub fn in_memory(&self) -> bool {
+        matches!(self.store, Store::Memory(_))
+    }
+
+    /// The rows at `indices` (positions within the cached selection), as `[len, row_shape..]`.
+    pub fn rows(&self, indices: &[usize]) -> Result<ArrayD<f32>> {
+        let r = self.row_len();
+        let mut out = Vec::with_capacity(indices.len() * r);
+        match &self.store {
+            Store::Memory(v) => {
+                for &i in indices {
+                    let row = v
+                        .get(i * r..(i + 1) * r)
+                        .ok_or_else(|| self.oob(i, Path::new("(memory)")))?;
+                    out.extend_from_slice(row);
+                }
+            }
+            Store::File { path, file, offset } => {
+                let mut f = file
+                    .lock()
+                    .map_err(|_| cache_err(path, "file mutex poisoned"))?;
+                let mut buf = vec![0u8; r * 4];
+                for &i in indices {
+                    if i >= self.n {
+                        return Err(self.oob(i, path));
+                    }
+                    f.seek(SeekFrom::Start(offset + (i * r * 4) as u64))
+                        .map_err(|e| BackboneError::io(path, e))?;
+                    f.read_exact(&mut buf)
+                        .map_err(|e| BackboneError::io(path, e))?;
+                    out.extend(
+                        buf.chunks_exact(4)
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    );
+                }
+            }
+        }
+        let mut shape = vec![indices.len()];
+        shape.extend_from_slice(&self.row_shape);
+        ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| cache_err(Path::new("(rows)"), e))
+    }
+
+    fn oob(&self, i: usize, path: &Path) -> BackboneError {
+        cache_err(path, format!("row {i} outside the {} cached rows", self.n))
+    }
+}
+
+fn cache_err(path: &Path, e: impl std::fmt::Display) -> BackboneError {
+    BackboneError::Cache {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// Where activations are kept, and how much memory they may use.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Bytes of activations kept in memory before spilling to files.
+    pub memory_budget: usize,
+    /// Directory for spill files (created on demand).
+    pub spill_dir: PathBuf,
+}
+
+/// The per-client cache.
+#[derive(Debug)]
+pub struct ActivationCache {
+    cfg: CacheConfig,
+    used: usize,
+    entries: HashMap<CacheKey, Arc<Features>>,
+    /// How many times a trunk ran to fill an entry (for tests and reports).
+    computed: usize,
+}
+
+impl ActivationCache {
+    pub fn new(cfg: CacheConfig) -> Self {
+        Self {
+            cfg,
+            used: 0,
+            entries: HashMap::new(),
+            computed: 0,
+        }
+    }
+
+    /// Bytes held in memory.
+    pub fn memory_used(&self) -> usize {
+        self.used
+    }
+
+    /// Number of entries filled by running the trunk (not served from memory or a file).
+    pub fn computed(&self) -> usize {
+        self.computed
+    }
+
+    fn spill_path(&self, key: &CacheKey) -> PathBuf {
+        self.cfg.spill_dir.join(format!("{}.fpact", key.as_str()))
+    }
+
+    /// Returns the activations for `key`, computing them in batches of `batch` samples with
+    /// `compute(range)` (which must return `[range.len(), row_shape..]`) on a miss.
+    pub fn get_or_compute<F>(
+        &mut self,
+        key: &CacheKey,
+        n: usize,
+        batch: usize,
+        mut compute: F,
+    ) -> Result<Arc<Features>>
+    where
+        F: FnMut(Range<usize>) -> Result<ArrayD<f32>>,
+    {
+        if let Some(f) = self.entries.get(key) {
+            return Ok(f.clone());
+        }
+        let spill = self.spill_path(key);
+        if let Some(f) = open_spill(&spill, n)? {
+            let f = Arc::new(f);
+            self.entries.insert(key.clone(), f.clone());
+            return Ok(f);
+        }
+        let batch = batch.max(1);
+        let mut row_shape: Option<Vec<usize>> = None;
+        let mut mem: Vec<f32> = Vec::new();
+        let mut writer: Option<BufWriter<File>> = None;
+        let tmp = spill.with_extension("partial");
+        for start in (0..n).step_by(batch) {
+            let range = start..(start + batch).min(n);
+            let len = range.len();
+            let out = compute(range)?;
+            if out.shape().first() != Some(&len) {
+                return Err(cache_err(
+                    &spill,
+                    format!("batch of {len} gave activations {:?}", out.shape()),
+                ));
+            }
+            let rs = out.shape()[1..].to_vec();
+            match &row_shape {
+                None => {
+                    let bytes = n * rs.iter().product::<usize>() * 4;
+                    if self.used + bytes > self.cfg.memory_budget {
+                        writer = Some(create_spill(&tmp, n, &rs)?);
+                    } else {
+                        mem.reserve_exact(bytes / 4);
+                    }
+                    row_shape = Some(rs);
+                }
+                Some(prev) if *prev != rs => {
+                    return Err(cache_err(
+                        &spill,
+                        format!("row shape changed from {prev:?} to {rs:?}"),
+                    ));
+                }
+                Some(_) => {}
+            }
+            let out = out.as_standard_layout();
+            let data = out.as_slice().unwrap_or_default();
+            match writer.as_mut() {
+                Some(w) => {
+                    for v in data {
+                        w.write_all(&v.to_le_bytes())
+                            .map_err(|e| BackboneError::io(&tmp, e))?;
+                    }
+                }
+                None => mem.extend_from_slice(data),
+            }
+        }
+        self.computed += 1;
+        let row_shape = row_shape.unwrap_or_default();
+        let features = match writer {
+            Some(mut w) => {
+                w.flush().map_err(|e| BackboneError::io(&tmp, e))?;
+                drop(w);
+                std::fs::rename(&tmp, &spill).map_err(|e| BackboneError::io(&spill, e))?;
+                open_spill(&spill, n)?
+                    .ok_or_else(|| cache_err(&spill, "spill file unreadable after writing"))?
+            }
+            None => {
+                self.used += mem.len() * 4;
+                Features {
+                    n,
+                    row_shape,
+                    store: Store::Memory(mem),
+                }
+            }
+        };
+        let f = Arc::new(features);
+        self.entries.insert(key.clone(), f.clone());
+        Ok(f)
+    }
+
+    /// Drops an entry from memory (its spill file, if any, stays for later reuse).
+    pub fn evict(&mut self, key: &CacheKey) {
+        if let Some(f) = self.entries.remove(key)
+            && let Store::Memory(v) = &f.store
+        {
+            self.used -= v.len() * 4;
+        }
+    }
+}
+
+fn create_spill(path: &Path, n: usize, row_shape: &[usize]) -> Result<BufWriter<File>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| BackboneError::io(dir, e))?;
+    }
+    let f = File::create(path).map_err(|e| BackboneError::io(path, e))?;
+    let mut w = BufWriter::new(f);
+    let mut header = Vec::new();
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&(n as u64).to_le_bytes());
+    header.extend_from_slice(&(row_shape.len() as u64).to_le_bytes());
+    for d in row_shape {
+        header.extend_from_slice(&(*d as u64).to_le_bytes());
+    }
+    w.write_all(&header)
+        .map_err(|e| BackboneError::io(path, e))?;
+    Ok(w)
+}
+
+/// Opens a complete spill file for `n` rows; `None` if there is none (or it is stale/broken,
+/// in which case it is recomputed).
+fn open_spill(path: &Path, n: usize) -> Result<Option<Features>> {
+    let Ok(mut f) = File::open(path) else {
+        return Ok(None);
+    };
+    let mut head = [0u8; 24];
+    if f.read_exact(&mut head).is_err() || &head[..8] != MAGIC {
+        return Ok(None);
+    }
+    let u = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize;
+    let (rows, ndim) = (u(&head[8..16]), u(&head[16..24]));
+    if rows != n || ndim > 8 {
+        return Ok(None);
+    }
+    let mut dims = vec![0u8; ndim * 8];
+    if f.read_exact(&mut dims).is_err() {
+        return Ok(None);
+    }
+    let row_shape: Vec<usize> = dims.chunks_exact(8).map(u).collect();
+    let offset = (24 + ndim * 8) as u64;
+    let want = offset + (n * row_shape.iter().product::<usize>() * 4) as u64;
+    let len = f.metadata().map_err(|e| BackboneError::io(path, e))?.len();
+    if len != want {
+        return Ok(None);
+    }
+    Ok(Some(Features {
+        n,
+        row_shape,
+        store: Store::File {
+            path: path.to_path_buf(),
+            file: Mutex::new(f),
+            offset,
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(range: Range<usize>) -> Result<ArrayD<f32>> {
+        let len = range.len();
+        let data: Vec<f32> = range.flat_map(|i| [i as f32, -(i as f32), 0.5]).collect();
+        Ok(ArrayD::from_shape_vec(IxDyn(&[len, 3]), data).unwrap())
+    }
+
+    #[test]
+    fn second_lookup_is_served_without_running_the_trunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = ActivationCache::new(CacheConfig {
+            memory_budget: 1 << 20,
+            spill_dir: dir.path().into(),
+        });
+        let key = CacheKey::new("m", "d", "p");
+        let a = c.get_or_compute(&key, 10, 4, fake).unwrap();
+        assert!(a.in_memory());
+        let mut calls = 0;
+        let b = c
+            .get_or_compute(&key, 10, 4, |r| {
+                calls += 1;
+                fake(r)
+            })
+            .unwrap();
+        assert_eq!(calls, 0);
+        assert_eq!(c.computed(), 1);
+        assert_eq!(
+            b.rows(&[7, 2]).unwrap().as_slice().unwrap(),
+            &[7.0, -7.0, 0.5, 2.0, -2.0, 0.5]
+        );
+        assert_eq!(c.memory_used(), 10 * 3 * 4);
+    }
+
+    #[test]
+    fn over_budget_entries_spill_to_a_file_that_a_new_cache_reuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig {
+            memory_budget: 16,
+            spill_dir: dir.path().into(),
+        };
+        let key = CacheKey::new("m", "d", "p");
+        let mut c = ActivationCache::new(cfg.clone());
+        let a = c.get_or_compute(&key, 10, 3, fake).unwrap();
+        assert!(!a.in_memory());
+        assert_eq!(c.memory_used(), 0);
+        assert_eq!(a.rows(&[9]).unwrap().as_slice().unwrap(), &[9.0, -9.0, 0.5]);
+        let mut c2 = ActivationCache::new(cfg);
+        let b = c2
+            .get_or_compute(&key, 10, 3, |_| {
+                Err(BackboneError::Input("must not run".into()))
+            })
+            .unwrap();
+        assert_eq!(b.rows(&[0, 9]).unwrap(), a.rows(&[0, 9]).unwrap());
+        assert!(b.rows(&[10]).is_err());
+    }
+
+    #[test]
+    fn a_change_in_model_data_or_preprocessing_changes_the_key() {
+        let k = CacheKey::new("m", "d", "p");
+        assert_ne!(k, CacheKey::new("m2", "d", "p"));
+        assert_ne!(k, CacheKey::new("m", "d2", "p"));
+        assert_ne!(k, CacheKey::new("m", "d", "p2"));
+        // length-prefixed parts: moving a character across a boundary is a different key
+        assert_ne!(CacheKey::new("ab", "c", "p"), CacheKey::new("a", "bc", "p"));
+    }
+}

@@ -49,6 +49,8 @@
 //! bottleneck = 16             # adapter                                         default 16
 //! prompt_tokens = 4           # prompt                                          default 4
 //! eval_examples = 2000        # held-out examples evaluated each round          default 2000
+//! image_size = 96             # trunk input side (the clients' must match)      default 96
+//! threads = 2                 # trunk threads for the held-out activations      default 2
 //! # Without a backbone the adapter is these zero tensors and nothing is evaluated:
 //! # tensors = [{ name = "head.weight", shape = [10, 1280] }]
 //!
@@ -162,6 +164,8 @@ pub struct RawModel {
     pub bottleneck: Option<u16>,
     pub prompt_tokens: Option<u16>,
     pub eval_examples: Option<usize>,
+    pub image_size: Option<usize>,
+    pub threads: Option<usize>,
     pub tensors: Option<Vec<RawTensor>>,
 }
 
@@ -203,6 +207,8 @@ pub struct ModelConfig {
     pub backbone: Option<PathBuf>,
     pub peft: PeftMethod,
     pub eval_examples: usize,
+    pub image_size: usize,
+    pub threads: usize,
     pub tensors: Vec<(String, Vec<u32>)>,
 }
 
@@ -540,10 +546,19 @@ fn validate_model(m: RawModel) -> Result<ModelConfig, ConfigError> {
             ));
         }
     }
+    let image_size = m.image_size.unwrap_or(96);
+    if !(32..=1024).contains(&image_size) {
+        return Err(invalid(
+            "model.image_size",
+            format!("{image_size} is not in 32..=1024"),
+        ));
+    }
     Ok(ModelConfig {
         backbone: m.backbone,
         peft,
         eval_examples: m.eval_examples.unwrap_or(2000),
+        image_size,
+        threads: m.threads.unwrap_or(2).max(1),
         tensors,
     })
 }
@@ -637,6 +652,14 @@ mod tests {
             parse_mqtt_url("mqtt://host").unwrap(),
             ("host".into(), 1883)
         );
+    }
+
+    #[test]
+    fn shipped_trial_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/trial.toml");
+        let c = RawConfig::read(&path).unwrap().validate().unwrap();
+        assert_eq!((c.min_clients, c.quorum), (8, 6));
+        assert!(matches!(c.model.peft, PeftMethod::Lora { rank: 8, .. }));
     }
 
     #[test]

@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
     let config = raw.validate().context("invalid configuration")?;
     let host: Box<dyn ModelHost> = match &config.model.backbone {
         Some(dir) => anyhow::bail!(
-            "model.backbone = {}: server-side models are not wired into the aggregator yet; \
+            "model.backbone = {}: the server-side model host is not wired in yet; \
              list the adapter layout in model.tensors instead",
             dir.display()
         ),

@@ -265,3 +265,139 @@ impl Inbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use fedpeft_protocol::{ClientUpdate, Codec, DType, SplitMix64, TrainMetrics};
+
+    use super::*;
+
+    const RUN: u64 = 5;
+
+    fn inbox() -> Inbox {
+        Inbox::new(FleetName::new("f").unwrap(), RUN, 100_000, 1_000)
+    }
+
+    fn update_bytes(run: u64, client: &str) -> Vec<u8> {
+        let mut rng = SplitMix64::new(0);
+        let t = fedpeft_protocol::Tensor::encode(
+            "w",
+            &[64],
+            &[0.25; 64],
+            Codec::dense(DType::F32),
+            &mut rng,
+        )
+        .unwrap();
+        let u = ClientUpdate {
+            client: ClientId::new(client).unwrap(),
+            round: 3,
+            sequence: 3,
+            num_examples: 10,
+            metrics: TrainMetrics {
+                loss: 0.0,
+                accuracy: 0.0,
+                steps: 0,
+                elapsed_ms: 0,
+                epsilon: None,
+            },
+            tensors: vec![t],
+        };
+        Envelope::new(run, 3, u).encode().unwrap()
+    }
+
+    fn reason(ev: Option<Event>) -> Result<u32, (RejectReason, Option<u32>)> {
+        match ev {
+            Some(Event::Update { update, .. }) => match *update {
+                Ok(u) => Ok(u.round),
+                Err(f) => Err((f.reason, f.round)),
+            },
+            other => panic!("expected an update event, got {other:?}"),
+        }
+    }
+
+    const TOPIC: &str = "fedpeft/v1/f/update/c1";
+
+    #[test]
+    fn a_good_update_decodes_with_its_wire_size() {
+        let bytes = update_bytes(RUN, "c1");
+        let ev = inbox().on_publish(TOPIC, &bytes, 0);
+        let Some(Event::Update { wire_bytes, .. }) = &ev else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(*wire_bytes, wire_size(TOPIC, bytes.len(), QoS::AtLeastOnce));
+        assert_eq!(reason(ev), Ok(3));
+    }
+
+    #[test]
+    fn corrupted_truncated_wrong_version_and_wrong_run_payloads_map_to_reasons() {
+        let good = update_bytes(RUN, "c1");
+        let mut flipped = good.clone();
+        flipped[20] ^= 1;
+        assert_eq!(
+            reason(inbox().on_publish(TOPIC, &flipped, 0)),
+            Err((RejectReason::BadChecksum, Some(3)))
+        );
+        // Truncation loses the trailing CRC: caught as a checksum mismatch or a malformed body.
+        let cut = reason(inbox().on_publish(TOPIC, &good[..good.len() / 2], 0));
+        assert!(
+            matches!(
+                cut,
+                Err((RejectReason::BadChecksum | RejectReason::Malformed, _))
+            ),
+            "{cut:?}"
+        );
+        let mut v2 = good.clone();
+        v2[0] = 2; // version varint
+        assert!(matches!(
+            reason(inbox().on_publish(TOPIC, &v2, 0)),
+            Err((RejectReason::WrongVersion, _))
+        ));
+        assert_eq!(
+            reason(inbox().on_publish(TOPIC, &update_bytes(RUN + 1, "c1"), 0)),
+            Err((RejectReason::WrongRun, Some(3)))
+        );
+        assert_eq!(
+            reason(inbox().on_publish(TOPIC, b"\x01", 0)),
+            Err((RejectReason::Malformed, None))
+        );
+    }
+
+    #[test]
+    fn chunked_update_is_reassembled_and_incomplete_one_expires() {
+        let whole = update_bytes(RUN, "c1");
+        let parts = fedpeft_protocol::chunk::split(&whole, 200, RUN, 3, 9).unwrap();
+        assert!(parts.len() > 1);
+        let mut ib = inbox();
+        let mut total = 0;
+        let mut last = None;
+        for p in &parts {
+            total += wire_size(TOPIC, p.len(), QoS::AtLeastOnce);
+            last = ib.on_publish(TOPIC, p, 10);
+        }
+        let Some(Event::Update { wire_bytes, .. }) = &last else {
+            panic!("{last:?}")
+        };
+        assert_eq!(*wire_bytes, total);
+        assert_eq!(reason(last), Ok(3));
+        // Only the first chunk of another copy: dropped as incomplete after the timeout.
+        assert!(ib.on_publish(TOPIC, &parts[0], 20).is_none());
+        assert!(ib.expire(500).is_empty());
+        let expired = ib.expire(1_020);
+        assert_eq!(expired.len(), 1);
+        assert!(matches!(
+            reason(expired.into_iter().next()),
+            Err((RejectReason::Incomplete, None))
+        ));
+    }
+
+    #[test]
+    fn foreign_topics_are_ignored() {
+        let bytes = update_bytes(RUN, "c1");
+        assert!(
+            inbox()
+                .on_publish("fedpeft/v1/other/update/c1", &bytes, 0)
+                .is_none()
+        );
+        assert!(inbox().on_publish("elsewhere/x", &bytes, 0).is_none());
+    }
+}

@@ -10,7 +10,8 @@
 //! - [`checkpoint`]: atomic, hashed checkpoints of the machine state.
 //! - [`config`]: TOML + flags, validated into a typed [`config::Config`].
 //! - [`wire`]: incoming MQTT publishes → machine events (topics, chunks, decode errors).
-//! - [`host`]: the [`host::ModelHost`] trait (initial adapter, held-out evaluation).
+//! - [`host`]: the [`host::ModelHost`] trait (initial adapter, held-out evaluation);
+//!   [`model`]: its real implementation on a split backbone + PEFT tail.
 //! - [`report`]: JSON / CSV report and the summary table.
 //! - [`broker`]: the embedded rumqttd; [`shell`]: the async loop (tokio + rumqttc) that moves
 //!   bytes between MQTT and the machine.
@@ -24,6 +25,7 @@ pub mod broker;
 pub mod checkpoint;
 pub mod config;
 pub mod host;
+pub mod model;
 pub mod report;
 pub mod round;
 pub mod shell;

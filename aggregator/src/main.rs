@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use fedpeft_aggregator::config::RawConfig;
 use fedpeft_aggregator::host::{LayoutHost, ModelHost};
+use fedpeft_aggregator::model::{BackboneHost, BackboneHostConfig};
 use fedpeft_aggregator::shell;
 
 /// Command-line flags; each overrides the config file's field of the same name.
@@ -104,10 +105,16 @@ fn main() -> anyhow::Result<()> {
     cli.apply(&mut raw);
     let config = raw.validate().context("invalid configuration")?;
     let host: Box<dyn ModelHost> = match &config.model.backbone {
-        Some(dir) => anyhow::bail!(
-            "model.backbone = {}: the server-side model host is not wired in yet; \
-             list the adapter layout in model.tensors instead",
-            dir.display()
+        Some(dir) => Box::new(
+            BackboneHost::open(&BackboneHostConfig {
+                dir: dir.clone(),
+                peft: config.model.peft,
+                seed: config.seed,
+                eval_examples: config.model.eval_examples,
+                image_size: config.model.image_size,
+                threads: config.model.threads,
+            })
+            .context("server-side model")?,
         ),
         None => Box::new(LayoutHost::new(&config.model, config.backbone_params)),
     };

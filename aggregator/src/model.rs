@@ -1,0 +1,207 @@
+//! [`BackboneHost`]: the real [`ModelHost`]: a split backbone (fedpeft-backbone) with a PEFT
+//! tail (fedpeft-peft). The round-0 adapter is the tail's trainable tensors at initialization;
+//! evaluation runs the tail over the trunk activations of a held-out set (the Fashion-MNIST test
+//! split), computed once at start-up.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use fedpeft_backbone::cache::hash_image_selection;
+use fedpeft_backbone::{
+    ActivationCache, Backbone, CacheConfig, CacheKey, Features, ImagePreprocess, TrunkConfig,
+    TrunkInput, open_trunk,
+};
+use fedpeft_peft::{
+    AdapterConfig, Batch, FrozenWeights, LoraConfig, Method, NamedTensor, PeftConfig, PromptConfig,
+    Tail,
+};
+use fedpeft_protocol::PeftMethod;
+
+use crate::adapter::{Adapter, Tensor};
+use crate::host::{Evaluation, HostError, ModelHost};
+
+/// Where the backbone host gets its model and held-out data.
+#[derive(Debug, Clone)]
+pub struct BackboneHostConfig {
+    /// Built backbone directory (manifest.json, trunk.onnx, tail.safetensors).
+    pub dir: PathBuf,
+    pub peft: PeftMethod,
+    /// Seed of the tail's initialization (the round-0 adapter).
+    pub seed: u64,
+    /// Held-out examples (the first ones of the test split).
+    pub eval_examples: usize,
+    /// Image side fed to the trunk (must match the clients').
+    pub image_size: usize,
+    pub threads: usize,
+}
+
+/// A backbone + PEFT tail + held-out activations.
+#[derive(Debug)]
+pub struct BackboneHost {
+    tail: Box<dyn Tail>,
+    features: std::sync::Arc<Features>,
+    labels: Vec<usize>,
+    backbone_params: u64,
+    backbone_id: String,
+    backbone_sha256: [u8; 32],
+}
+
+fn err(dir: &Path, what: &str, e: impl std::fmt::Display) -> HostError {
+    HostError::Model(format!("backbone {}: {what}: {e}", dir.display()))
+}
+
+/// The peft crate's method for a protocol PEFT method.
+pub fn peft_method(p: PeftMethod) -> Method {
+    match p {
+        PeftMethod::Head => Method::Head,
+        PeftMethod::Bias => Method::Bias,
+        PeftMethod::Lora { rank, alpha } => Method::Lora(LoraConfig {
+            rank: usize::from(rank),
+            alpha: f64::from(alpha),
+            ..LoraConfig::default()
+        }),
+        PeftMethod::Adapter { bottleneck } => Method::Adapter(AdapterConfig {
+            bottleneck: usize::from(bottleneck),
+        }),
+        PeftMethod::Prompt { tokens } => Method::Prompt(PromptConfig {
+            tokens: usize::from(tokens),
+        }),
+        PeftMethod::FullTail => Method::FullTail,
+    }
+}
+
+impl BackboneHost {
+    /// Opens the backbone, runs the trunk over the held-out images and builds the tail.
+    pub fn open(cfg: &BackboneHostConfig) -> Result<BackboneHost, HostError> {
+        let dir = &cfg.dir;
+        let backbone = Backbone::open(dir).map_err(|e| err(dir, "open", e))?;
+        let m = &backbone.manifest;
+        if m.family != fedpeft_backbone::Family::ConvHead {
+            return Err(err(
+                dir,
+                "family",
+                "server-side evaluation supports conv-head (image) backbones only",
+            ));
+        }
+        let ds = fedpeft_backbone::data::fashion_mnist(false)
+            .map_err(|e| err(dir, "Fashion-MNIST test split", e))?;
+        let n = cfg.eval_examples.min(ds.labels.len());
+        let idx: Vec<usize> = (0..n).collect();
+        let pre = ImagePreprocess::from_manifest(m, Some(cfg.image_size))
+            .map_err(|e| err(dir, "preprocessing", e))?;
+        let key = CacheKey::new(
+            backbone.trunk_sha256(),
+            &hash_image_selection(&ds, &idx),
+            &pre.fingerprint(),
+        );
+        let mut cache = ActivationCache::new(CacheConfig {
+            memory_budget: 1 << 30,
+            spill_dir: std::env::temp_dir().join("fedpeft-aggregator-cache"),
+        });
+        let trunk_cfg = TrunkConfig::default()
+            .with_image_size(cfg.image_size)
+            .with_threads(cfg.threads);
+        let start = Instant::now();
+        let mut trunk = None;
+        let features = cache
+            .get_or_compute(&key, n, 64, |range| {
+                if trunk.is_none() {
+                    trunk = Some(open_trunk(&backbone, &trunk_cfg)?);
+                }
+                let t = trunk.as_ref().expect("opened above");
+                let x = pre.batch(&ds, &idx[range])?;
+                t.run(&TrunkInput::Image(x))
+            })
+            .map_err(|e| err(dir, "trunk activations", e))?;
+        tracing::info!(
+            examples = n,
+            ms = start.elapsed().as_millis() as u64,
+            "held-out activations ready"
+        );
+        let tail_path = backbone.tail_path();
+        let weights =
+            FrozenWeights::from_safetensors(&tail_path).map_err(|e| err(dir, "tail weights", e))?;
+        let tail = fedpeft_peft::build_tail(
+            fedpeft_peft::Family::ConvHead,
+            &weights,
+            PeftConfig::new(peft_method(cfg.peft), ds.num_classes(), cfg.seed),
+        )
+        .map_err(|e| err(dir, "tail", e))?;
+        let sha = hex::decode(backbone.trunk_sha256())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| err(dir, "manifest", "trunk sha256 is not 64 hex digits"))?;
+        Ok(BackboneHost {
+            tail,
+            features,
+            labels: idx.iter().map(|&i| ds.labels[i] as usize).collect(),
+            backbone_params: m.params.backbone,
+            backbone_id: m.id.clone(),
+            backbone_sha256: sha,
+        })
+    }
+}
+
+impl ModelHost for BackboneHost {
+    fn initial_adapter(&self) -> Result<Adapter, HostError> {
+        Ok(Adapter::new(
+            self.tail
+                .trainable()
+                .into_iter()
+                .map(|t| Tensor {
+                    name: t.name,
+                    shape: t.shape.iter().map(|&d| d as u32).collect(),
+                    data: t.values,
+                })
+                .collect(),
+        ))
+    }
+
+    fn evaluate(&mut self, adapter: &Adapter) -> Result<Option<Evaluation>, HostError> {
+        let tensors: Vec<NamedTensor> = adapter
+            .tensors
+            .iter()
+            .map(|t| NamedTensor {
+                name: t.name.clone(),
+                shape: t.shape.iter().map(|&d| d as usize).collect(),
+                values: t.data.clone(),
+            })
+            .collect();
+        let e = |what: &str, x: &dyn std::fmt::Display| HostError::Model(format!("{what}: {x}"));
+        self.tail
+            .set_trainable(&tensors)
+            .map_err(|x| e("set adapter", &x))?;
+        let (mut loss, mut correct) = (0.0f64, 0usize);
+        let all: Vec<usize> = (0..self.labels.len()).collect();
+        for idx in all.chunks(256) {
+            let features = self.features.rows(idx).map_err(|x| e("activations", &x))?;
+            let batch = Batch {
+                features,
+                mask: None,
+            };
+            let labels: Vec<usize> = idx.iter().map(|&i| self.labels[i]).collect();
+            let s = self
+                .tail
+                .evaluate(&batch, &labels)
+                .map_err(|x| e("evaluate", &x))?;
+            loss += s.loss_sum;
+            correct += s.correct;
+        }
+        let n = self.labels.len().max(1) as f64;
+        Ok(Some(Evaluation {
+            loss: loss / n,
+            accuracy: correct as f64 / n,
+            examples: self.labels.len(),
+        }))
+    }
+
+    fn backbone_params(&self) -> u64 {
+        self.backbone_params
+    }
+    fn backbone_id(&self) -> Option<String> {
+        Some(self.backbone_id.clone())
+    }
+    fn backbone_sha256(&self) -> Option<[u8; 32]> {
+        Some(self.backbone_sha256)
+    }
+}

@@ -78,8 +78,9 @@ pub struct BrokerFile {
     pub url: Option<String>,
     /// MQTT keep-alive in seconds. Default 30.
     pub keep_alive_secs: Option<u64>,
-    /// Largest MQTT packet sent or accepted, in bytes; payloads above it are chunked.
-    /// Default 65536.
+    /// Largest MQTT packet sent or accepted, in bytes; payloads above it are chunked. It must
+    /// exceed the aggregator's `max_payload_bytes` (its adapter chunks) by 1 KiB at least.
+    /// Default 1048576, the aggregator's broker limit.
     pub max_packet_bytes: Option<usize>,
     /// Username, if the broker wants one.
     pub username: Option<String>,
@@ -91,7 +92,8 @@ pub struct BrokerFile {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientFile {
-    /// Fleet name (the topic root is `fedpeft/v1/{fleet}/`). Default `default`.
+    /// Fleet name (the topic root is `fedpeft/v1/{fleet}/`). Default `fedpeft`, as the
+    /// aggregator's.
     pub fleet: Option<String>,
     /// This client's id, unique in the fleet. Required.
     pub id: Option<String>,
@@ -107,6 +109,32 @@ pub struct ModelFile {
     pub dir: Option<PathBuf>,
     /// Trunk runtime. Default `auto`.
     pub runtime: Option<RuntimeChoice>,
+    /// PEFT method: head | bias | lora | adapter | prompt | full-tail (must match the
+    /// aggregator's). Default `head`.
+    pub peft: Option<String>,
+    /// LoRA rank. Default 8.
+    pub lora_rank: Option<u16>,
+    /// LoRA alpha. Default 16.
+    pub lora_alpha: Option<f32>,
+    /// Adapter bottleneck width. Default 16.
+    pub bottleneck: Option<u16>,
+    /// Prompt tokens. Default 4.
+    pub prompt_tokens: Option<u16>,
+    /// Image side fed to a vision trunk. Default 96.
+    pub image_size: Option<usize>,
+    /// Threads for the trunk runtime (0 = runtime default). Default 0.
+    pub threads: Option<usize>,
+}
+
+/// The PEFT method trained, with its hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PeftChoice {
+    Head,
+    Bias,
+    Lora { rank: u16, alpha: f32 },
+    Adapter { bottleneck: u16 },
+    Prompt { tokens: u16 },
+    FullTail,
 }
 
 /// The `[data]` table.
@@ -137,6 +165,9 @@ pub struct DataFile {
 pub struct CacheFile {
     /// Where trunk activations are cached. Default `data/cache`.
     pub dir: Option<PathBuf>,
+    /// Activations kept in memory, MiB; beyond that they are read from the cache file.
+    /// Default 256.
+    pub memory_mb: Option<usize>,
 }
 
 /// The `[reconnect]` table.
@@ -229,6 +260,12 @@ pub struct Cli {
     /// Trunk runtime.
     #[arg(long, value_enum)]
     pub runtime: Option<RuntimeChoice>,
+    /// PEFT method (head, bias, lora, adapter, prompt, full-tail).
+    #[arg(long)]
+    pub peft: Option<String>,
+    /// Image side for a vision trunk.
+    #[arg(long)]
+    pub image_size: Option<usize>,
     /// Data set name.
     #[arg(long)]
     pub dataset: Option<String>,
@@ -401,8 +438,12 @@ pub struct EdgeConfig {
     pub run_id: u64,
     pub model_dir: PathBuf,
     pub runtime: RuntimeChoice,
+    pub peft: PeftChoice,
+    pub image_size: usize,
+    pub threads: usize,
     pub data: DataSpec,
     pub cache_dir: PathBuf,
+    pub cache_memory_bytes: usize,
     pub reconnect: Backoff,
     pub summary_json: Option<PathBuf>,
 }
@@ -463,7 +504,7 @@ impl EdgeConfig {
         let max_packet_bytes = cli
             .max_packet_bytes
             .or(file.broker.max_packet_bytes)
-            .unwrap_or(64 * 1024);
+            .unwrap_or(1 << 20);
         // MQTT's remaining-length field tops out at 256 MiB.
         if !(MIN_PACKET_BYTES..=268_435_455).contains(&max_packet_bytes) {
             return Err(invalid(
@@ -485,7 +526,7 @@ impl EdgeConfig {
             .fleet
             .clone()
             .or(file.client.fleet)
-            .unwrap_or_else(|| "default".to_string());
+            .unwrap_or_else(|| "fedpeft".to_string());
         validate_name("client.fleet", &fleet)?;
 
         let client_id = cli
@@ -511,6 +552,56 @@ impl EdgeConfig {
             .runtime
             .or(file.model.runtime)
             .unwrap_or(RuntimeChoice::Auto);
+        let peft_name = cli
+            .peft
+            .clone()
+            .or(file.model.peft)
+            .unwrap_or_else(|| "head".to_string());
+        let positive = |field: &'static str, v: u16| {
+            if v == 0 {
+                Err(invalid(field, "must be at least 1"))
+            } else {
+                Ok(v)
+            }
+        };
+        let peft = match peft_name.as_str() {
+            "head" => PeftChoice::Head,
+            "bias" => PeftChoice::Bias,
+            "lora" => {
+                let alpha = file.model.lora_alpha.unwrap_or(16.0);
+                if !(alpha.is_finite() && alpha > 0.0) {
+                    return Err(invalid(
+                        "model.lora_alpha",
+                        format!("{alpha} must be finite and > 0"),
+                    ));
+                }
+                PeftChoice::Lora {
+                    rank: positive("model.lora_rank", file.model.lora_rank.unwrap_or(8))?,
+                    alpha,
+                }
+            }
+            "adapter" => PeftChoice::Adapter {
+                bottleneck: positive("model.bottleneck", file.model.bottleneck.unwrap_or(16))?,
+            },
+            "prompt" => PeftChoice::Prompt {
+                tokens: positive("model.prompt_tokens", file.model.prompt_tokens.unwrap_or(4))?,
+            },
+            "full-tail" => PeftChoice::FullTail,
+            other => {
+                return Err(invalid(
+                    "model.peft",
+                    format!("`{other}` is not head, bias, lora, adapter, prompt or full-tail"),
+                ));
+            }
+        };
+        let image_size = cli.image_size.or(file.model.image_size).unwrap_or(96);
+        if !(32..=1024).contains(&image_size) {
+            return Err(invalid(
+                "model.image_size",
+                format!("{image_size} is not in 32..=1024"),
+            ));
+        }
+        let threads = file.model.threads.unwrap_or(0);
 
         let dataset = cli
             .dataset
@@ -555,6 +646,7 @@ impl EdgeConfig {
             .clone()
             .or(file.cache.dir)
             .unwrap_or_else(|| PathBuf::from("data/cache"));
+        let cache_memory_bytes = file.cache.memory_mb.unwrap_or(256).saturating_mul(1 << 20);
 
         let initial_ms = file.reconnect.initial_ms.unwrap_or(500);
         let max_ms = file.reconnect.max_ms.unwrap_or(30_000);
@@ -592,6 +684,9 @@ impl EdgeConfig {
             run_id,
             model_dir,
             runtime,
+            peft,
+            image_size,
+            threads,
             data: DataSpec {
                 dataset,
                 root: cli.data_root.clone().or(file.data.root),
@@ -603,6 +698,7 @@ impl EdgeConfig {
                 max_examples,
             },
             cache_dir,
+            cache_memory_bytes,
             reconnect: Backoff {
                 initial: Duration::from_millis(initial_ms),
                 max: Duration::from_millis(max_ms),
@@ -641,6 +737,8 @@ mod tests {
             [model]
             dir = "models/build/efficientnet-lite0"
             runtime = "tract"
+            peft = "lora"
+            lora_rank = 4
             [data]
             partition = "iid"
             num_clients = 8
@@ -660,11 +758,19 @@ mod tests {
         assert_eq!(cfg.client_id, "pi-07");
         assert_eq!(cfg.run_id, 9);
         assert_eq!(cfg.runtime, RuntimeChoice::Tract);
+        assert_eq!(
+            cfg.peft,
+            PeftChoice::Lora {
+                rank: 4,
+                alpha: 16.0
+            }
+        );
+        assert_eq!(cfg.image_size, 96);
         assert_eq!(cfg.data.partition, PartitionKind::Iid);
         assert_eq!((cfg.data.index, cfg.data.num_clients), (7, 8));
         assert_eq!(cfg.data.dataset, "fashion-mnist");
         assert_eq!(cfg.data.seed, 42);
-        assert_eq!(cfg.max_packet_bytes, 65_536);
+        assert_eq!(cfg.max_packet_bytes, 1 << 20);
         assert_eq!(cfg.keep_alive, Duration::from_secs(30));
         assert_eq!(cfg.cache_dir, PathBuf::from("data/cache"));
     }
@@ -810,6 +916,18 @@ mod tests {
         assert!(with(&["--alpha", "0"]).is_err());
         assert!(with(&["--num-clients", "0"]).is_err());
         assert!(with(&["--max-examples", "0"]).is_err());
+        assert!(with(&["--image-size", "8"]).is_err());
+        let err = with(&["--peft", "loar"]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    field: "model.peft",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let file = parse("[reconnect]\njitter = 1.5\n").unwrap();
         assert!(EdgeConfig::resolve(file, &cli(&base)).is_err());
         let file = parse("[reconnect]\ninitial_ms = 1000\nmax_ms = 10\n").unwrap();

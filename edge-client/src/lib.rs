@@ -8,6 +8,7 @@
 //!   feedback) and chunking, on the protocol crate. Pure as well.
 //! - [`trainer`]: the [`trainer::LocalTrainer`] trait and [`trainer::TailTrainer`], a PEFT tail
 //!   trained on cached trunk activations.
+//! - [`setup`]: config -> backbone, data shard, cached trunk activations, PEFT tail.
 //! - [`accounting`]: bytes up and down per round, MQTT framing included.
 //! - [`client`]: the async shell (tokio + rumqttc) that runs a session: [`client::run`].
 
@@ -15,6 +16,7 @@ pub mod accounting;
 pub mod client;
 pub mod config;
 pub mod session;
+pub mod setup;
 pub mod trainer;
 pub mod types;
 pub mod wire;

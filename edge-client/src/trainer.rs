@@ -5,6 +5,7 @@
 //! backbone crate's cache) and every epoch of every round runs only the tail: that is what
 //! [`TailTrainer`] holds — the tail, the activations and the labels.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use fedpeft_peft::{AdamW, Batch, DpSgd, DpSgdConfig, FedProx, NamedTensor, Optimizer, Sgd, Tail};
@@ -35,6 +36,55 @@ pub enum TrainError {
     NonFiniteDelta { name: String, position: usize },
 }
 
+/// A client's cached trunk activations, `[N, ...]`: in memory, or the backbone crate's
+/// activation cache (which may keep them in a spill file and read rows on demand).
+#[derive(Debug, Clone)]
+pub enum Activations {
+    Memory(ArrayD<f32>),
+    Cached(Arc<fedpeft_backbone::Features>),
+}
+
+impl Activations {
+    pub fn len(&self) -> usize {
+        match self {
+            Activations::Memory(a) => a.shape().first().copied().unwrap_or(0),
+            Activations::Cached(f) => f.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rows at `idx`, as one batch.
+    pub fn rows(&self, idx: &[usize]) -> Result<ArrayD<f32>, TrainError> {
+        match self {
+            Activations::Memory(a) => {
+                if let Some(&bad) = idx.iter().find(|&&i| i >= self.len()) {
+                    return Err(TrainError::Data(format!(
+                        "row {bad} outside the {} cached activations",
+                        self.len()
+                    )));
+                }
+                Ok(a.select(Axis(0), idx))
+            }
+            Activations::Cached(f) => f.rows(idx).map_err(|e| TrainError::Data(e.to_string())),
+        }
+    }
+}
+
+impl From<ArrayD<f32>> for Activations {
+    fn from(a: ArrayD<f32>) -> Self {
+        Activations::Memory(a)
+    }
+}
+
+impl From<Arc<fedpeft_backbone::Features>> for Activations {
+    fn from(f: Arc<fedpeft_backbone::Features>) -> Self {
+        Activations::Cached(f)
+    }
+}
+
 /// What the session needs from local training.
 pub trait LocalTrainer: Send {
     /// Local training examples (the FedAvg weight).
@@ -54,9 +104,9 @@ pub trait LocalTrainer: Send {
 #[derive(Debug)]
 pub struct TailTrainer {
     tail: Box<dyn Tail>,
-    features: ArrayD<f32>,
+    features: Activations,
     labels: Vec<usize>,
-    eval: Option<(ArrayD<f32>, Vec<usize>)>,
+    eval: Option<(Activations, Vec<usize>)>,
     /// Mixed into every round's seed so clients with the same round seed shuffle differently.
     client_seed: u64,
     /// DP-SGD state lives across rounds: the accountant adds up every step ever taken.
@@ -67,11 +117,12 @@ impl TailTrainer {
     /// `features` is `[N, ...]` trunk activations, `labels` their N classes.
     pub fn new(
         tail: Box<dyn Tail>,
-        features: ArrayD<f32>,
+        features: impl Into<Activations>,
         labels: Vec<usize>,
         client_seed: u64,
     ) -> Result<TailTrainer, TrainError> {
-        let n = features.shape().first().copied().unwrap_or(0);
+        let features = features.into();
+        let n = features.len();
         if n != labels.len() {
             return Err(TrainError::Data(format!(
                 "{n} activation rows but {} labels",
@@ -95,8 +146,8 @@ impl TailTrainer {
     }
 
     /// Evaluates on this held-out set instead of the training data.
-    pub fn with_eval_set(mut self, features: ArrayD<f32>, labels: Vec<usize>) -> Self {
-        self.eval = Some((features, labels));
+    pub fn with_eval_set(mut self, features: impl Into<Activations>, labels: Vec<usize>) -> Self {
+        self.eval = Some((features.into(), labels));
         self
     }
 
@@ -175,11 +226,11 @@ impl TailTrainer {
         })
     }
 
-    fn batch_of(features: &ArrayD<f32>, idx: &[usize]) -> Batch {
-        Batch {
-            features: features.select(Axis(0), idx),
+    fn batch_of(features: &Activations, idx: &[usize]) -> Result<Batch, TrainError> {
+        Ok(Batch {
+            features: features.rows(idx)?,
             mask: None,
-        }
+        })
     }
 }
 
@@ -233,7 +284,7 @@ impl LocalTrainer for TailTrainer {
             // Metrics describe the last epoch, when the tail is closest to what is sent.
             (loss_sum, correct, seen) = (0.0, 0, 0);
             for idx in order.chunks(batch) {
-                let b = Self::batch_of(&self.features, idx);
+                let b = Self::batch_of(&self.features, idx)?;
                 let labels: Vec<usize> = idx.iter().map(|&i| self.labels[i]).collect();
                 let stats = match (&mut self.dp, plan.dp) {
                     (Some(dp), Some(_)) => self.tail.train_step_dp(&b, &labels, dp, opt.as_mut()),
@@ -295,7 +346,7 @@ impl LocalTrainer for TailTrainer {
         let (mut loss, mut correct) = (0.0f64, 0usize);
         let all: Vec<usize> = (0..labels.len()).collect();
         for idx in all.chunks(256) {
-            let b = Self::batch_of(features, idx);
+            let b = Self::batch_of(features, idx)?;
             let l: Vec<usize> = idx.iter().map(|&i| labels[i]).collect();
             let s = self.tail.evaluate(&b, &l).map_err(TrainError::Step)?;
             loss += s.loss_sum;

@@ -1,0 +1,60 @@
+//! `edge-client`: joins a fleet, trains its PEFT tail on local data each round it is sampled
+//! in, publishes the update, and exits 0 when the run is done or on SIGTERM/SIGINT.
+
+use anyhow::Context;
+use clap::Parser;
+use fedpeft_edge::client::{self, ClientSettings};
+use fedpeft_edge::config::{Cli, EdgeConfig};
+use fedpeft_edge::setup;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let cfg = EdgeConfig::from_cli(&cli).context("invalid configuration")?;
+    tracing::info!(client = %cfg.client_id, fleet = %cfg.fleet, broker = %cfg.broker, "starting");
+
+    // Trunk activations are computed (or loaded from the cache) before connecting, so a joined
+    // client is ready to train at once.
+    let local = setup::build_trainer(&cfg).context("preparing local training")?;
+    let settings = ClientSettings::from_config(&cfg, local.capabilities)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let summary = runtime.block_on(client::run(
+        settings,
+        local.trainer,
+        client::termination_signal(),
+    ))?;
+
+    let up = summary.bytes.total.up;
+    let down = summary.bytes.total.down;
+    tracing::info!(
+        exit = summary.exit,
+        rounds_trained = summary.rounds_trained,
+        rounds_not_sampled = summary.rounds_not_sampled,
+        up_bytes = up.bytes,
+        up_packets = up.packets,
+        down_bytes = down.bytes,
+        down_packets = down.packets,
+        connects = summary.connects,
+        rejected_messages = summary.rejected_messages,
+        "edge client finished"
+    );
+    if let Some(path) = &cfg.summary_json {
+        let json = serde_json::to_vec_pretty(&summary)?;
+        std::fs::write(path, json)
+            .with_context(|| format!("writing summary {}", path.display()))?;
+    }
+    // A training thread may still be busy with a round that no longer matters: don't wait.
+    runtime.shutdown_background();
+    Ok(())
+}

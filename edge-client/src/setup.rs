@@ -146,8 +146,16 @@ pub fn client_shard(labels: &[u32], cfg: &EdgeConfig) -> Result<Vec<usize>, Setu
         .nth(cfg.data.index)
         .map(|c| c.indices)
         .unwrap_or_default();
-    if let Some(max) = cfg.data.max_examples {
+    if let Some(max) = cfg.data.max_examples.filter(|&m| m < shard.len()) {
+        // A random subset, not the first `max` (a shard lists its examples class by class),
+        // seeded per client so every run of the trial draws the same one.
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let seed = cfg.data.seed ^ (cfg.data.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        shard.shuffle(&mut rng);
         shard.truncate(max);
+        shard.sort_unstable();
     }
     if shard.is_empty() {
         return Err(SetupError::EmptyShard {
@@ -277,4 +285,51 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
         },
         per_class,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::{Cli, EdgeConfig};
+
+    fn cfg(max: Option<usize>) -> EdgeConfig {
+        let mut args = vec![
+            "edge-client",
+            "--client-id",
+            "c0",
+            "--model-dir",
+            "m",
+            "--partition",
+            "dirichlet",
+            "--alpha",
+            "100",
+            "--num-clients",
+            "2",
+            "--client-index",
+            "0",
+        ];
+        let max = max.map(|m| m.to_string());
+        if let Some(m) = &max {
+            args.extend(["--max-examples", m.as_str()]);
+        }
+        EdgeConfig::from_cli(&Cli::try_parse_from(args).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_capped_shard_is_a_seeded_random_subset_not_its_first_examples() {
+        // 10 classes of 100 examples each; a Dirichlet shard lists its examples class by class.
+        let labels: Vec<u32> = (0..1000).map(|i| i / 100).collect();
+        let full = client_shard(&labels, &cfg(None)).unwrap();
+        let capped = client_shard(&labels, &cfg(Some(50))).unwrap();
+        assert_eq!(capped.len(), 50);
+        assert!(capped.iter().all(|i| full.contains(i)));
+        let classes: std::collections::BTreeSet<u32> =
+            capped.iter().map(|&i| labels[i]).collect();
+        assert!(classes.len() >= 5, "classes in the capped shard: {classes:?}");
+        assert_eq!(capped, client_shard(&labels, &cfg(Some(50))).unwrap());
+        // A cap at or above the shard's size keeps it whole.
+        assert_eq!(client_shard(&labels, &cfg(Some(5000))).unwrap(), full);
+    }
 }

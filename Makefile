@@ -12,9 +12,12 @@ export CARGO_TERM_COLOR ?= auto
 setup:
 	@scripts/setup.sh
 
+# The main job: 8 edge-client processes + the aggregator with its embedded broker, training
+# LoRA on EfficientNet-Lite0 over Dirichlet-split Fashion-MNIST (trials/quickstart.toml).
+TRIAL ?= trials/quickstart.toml
 run: setup models
-	@echo "fedpeft: the federated trial (aggregator + embedded broker + edge clients) is not built yet;"
-	@echo "         'make test' runs everything that exists today."
+	$(CARGO) build --release --bins -p fedpeft-aggregator -p fedpeft-edge -p fedpeft-fleet
+	$${CARGO_TARGET_DIR:-target}/release/fedpeft-fleet run $(TRIAL)
 
 check-nostd:
 	$(CARGO) check -p fedpeft-protocol --no-default-features --target thumbv7em-none-eabihf

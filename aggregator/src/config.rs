@@ -12,7 +12,7 @@
 //! round_timeout_secs = 120.0  # deadline after the announcement                 default 120
 //! on_quorum_failure = "skip"  # or { extend = { max_extensions = 2 } }          default "skip"
 //! max_update_bytes = 16777216 # largest update on the wire (all chunks)        default 16 MiB
-//! max_payload_bytes = 262144  # publishes above this are chunked               default 256 KiB
+//! max_payload_bytes = 262144  # publishes above this are chunked  default 256 KiB or less to fit
 //! # max_update_norm = 10.0    # L2 bound on each client delta                  default none
 //! backbone_params = 0         # whole-backbone parameters, for the full-model comparison;
 //!                             # 0 = take it from the model host                 default 0
@@ -51,6 +51,7 @@
 //! eval_examples = 2000        # held-out examples evaluated each round          default 2000
 //! image_size = 96             # trunk input side (the clients' must match)      default 96
 //! threads = 2                 # trunk threads for the held-out activations      default 2
+//! cache_dir = "data/cache"    # held-out activations kept for the next run      default data/cache
 //! # Without a backbone the adapter is these zero tensors and nothing is evaluated:
 //! # tensors = [{ name = "head.weight", shape = [10, 1280] }]
 //!
@@ -166,6 +167,7 @@ pub struct RawModel {
     pub eval_examples: Option<usize>,
     pub image_size: Option<usize>,
     pub threads: Option<usize>,
+    pub cache_dir: Option<PathBuf>,
     pub tensors: Option<Vec<RawTensor>>,
 }
 
@@ -209,6 +211,7 @@ pub struct ModelConfig {
     pub eval_examples: usize,
     pub image_size: usize,
     pub threads: usize,
+    pub cache_dir: PathBuf,
     pub tensors: Vec<(String, Vec<u32>)>,
 }
 
@@ -289,8 +292,10 @@ impl RawConfig {
             RawQuorumFailure::Extend { max_extensions } => QuorumFailure::Extend { max_extensions },
         };
         let broker = validate_broker(self.broker)?;
-        let max_payload_bytes = self.max_payload_bytes.unwrap_or(256 * 1024);
         // Chunks carry a header, and the PUBLISH a topic: leave 1 KiB of room in the packet.
+        let max_payload_bytes = self
+            .max_payload_bytes
+            .unwrap_or_else(|| (256 * 1024).min(broker.max_packet_bytes.saturating_sub(1024)));
         if max_payload_bytes < 1024 || max_payload_bytes + 1024 > broker.max_packet_bytes {
             return Err(invalid(
                 "max_payload_bytes",
@@ -559,6 +564,7 @@ fn validate_model(m: RawModel) -> Result<ModelConfig, ConfigError> {
         eval_examples: m.eval_examples.unwrap_or(2000),
         image_size,
         threads: m.threads.unwrap_or(2).max(1),
+        cache_dir: m.cache_dir.unwrap_or_else(|| PathBuf::from("data/cache")),
         tensors,
     })
 }

@@ -96,6 +96,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,rumqttd=off".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let mut raw = match &cli.config {
@@ -113,6 +114,7 @@ fn main() -> anyhow::Result<()> {
                 eval_examples: config.model.eval_examples,
                 image_size: config.model.image_size,
                 threads: config.model.threads,
+                cache_dir: config.model.cache_dir.clone(),
             })
             .context("server-side model")?,
         ),

@@ -1,9 +1,11 @@
 //! [`BackboneHost`]: the real [`ModelHost`]: a split backbone (fedpeft-backbone) with a PEFT
 //! tail (fedpeft-peft). The round-0 adapter is the tail's trainable tensors at initialization;
 //! evaluation runs the tail over the trunk activations of a held-out set (the Fashion-MNIST test
-//! split), computed once at start-up.
+//! split), computed once on a background thread and kept on disk for the next run.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use fedpeft_backbone::cache::hash_image_selection;
@@ -33,13 +35,23 @@ pub struct BackboneHostConfig {
     /// Image side fed to the trunk (must match the clients').
     pub image_size: usize,
     pub threads: usize,
+    /// Where held-out activations are kept between runs.
+    pub cache_dir: PathBuf,
+}
+
+/// Held-out activations: being computed, ready, or failed (and why).
+#[derive(Debug)]
+enum HeldOut {
+    Pending(JoinHandle<Result<Arc<Features>, HostError>>),
+    Ready(Arc<Features>),
+    Failed(String),
 }
 
 /// A backbone + PEFT tail + held-out activations.
 #[derive(Debug)]
 pub struct BackboneHost {
     tail: Box<dyn Tail>,
-    features: std::sync::Arc<Features>,
+    features: HeldOut,
     labels: Vec<usize>,
     backbone_params: u64,
     backbone_id: String,
@@ -71,7 +83,9 @@ pub fn peft_method(p: PeftMethod) -> Method {
 }
 
 impl BackboneHost {
-    /// Opens the backbone, runs the trunk over the held-out images and builds the tail.
+    /// Opens the backbone and builds the tail, then starts computing the held-out activations
+    /// on a thread of their own (the broker and the first round need not wait for them; the
+    /// first evaluation does). Activations are kept in `cache_dir` for the next run.
     pub fn open(cfg: &BackboneHostConfig) -> Result<BackboneHost, HostError> {
         let dir = &cfg.dir;
         let backbone = Backbone::open(dir).map_err(|e| err(dir, "open", e))?;
@@ -86,38 +100,9 @@ impl BackboneHost {
         let ds = fedpeft_backbone::data::fashion_mnist(false)
             .map_err(|e| err(dir, "Fashion-MNIST test split", e))?;
         let n = cfg.eval_examples.min(ds.labels.len());
-        let idx: Vec<usize> = (0..n).collect();
+        let labels: Vec<usize> = (0..n).map(|i| ds.labels[i] as usize).collect();
         let pre = ImagePreprocess::from_manifest(m, Some(cfg.image_size))
             .map_err(|e| err(dir, "preprocessing", e))?;
-        let key = CacheKey::new(
-            backbone.trunk_sha256(),
-            &hash_image_selection(&ds, &idx),
-            &pre.fingerprint(),
-        );
-        let mut cache = ActivationCache::new(CacheConfig {
-            memory_budget: 1 << 30,
-            spill_dir: std::env::temp_dir().join("fedpeft-aggregator-cache"),
-        });
-        let trunk_cfg = TrunkConfig::default()
-            .with_image_size(cfg.image_size)
-            .with_threads(cfg.threads);
-        let start = Instant::now();
-        let mut trunk = None;
-        let features = cache
-            .get_or_compute(&key, n, 64, |range| {
-                if trunk.is_none() {
-                    trunk = Some(open_trunk(&backbone, &trunk_cfg)?);
-                }
-                let t = trunk.as_ref().expect("opened above");
-                let x = pre.batch(&ds, &idx[range])?;
-                t.run(&TrunkInput::Image(x))
-            })
-            .map_err(|e| err(dir, "trunk activations", e))?;
-        tracing::info!(
-            examples = n,
-            ms = start.elapsed().as_millis() as u64,
-            "held-out activations ready"
-        );
         let tail_path = backbone.tail_path();
         let weights =
             FrozenWeights::from_safetensors(&tail_path).map_err(|e| err(dir, "tail weights", e))?;
@@ -131,14 +116,76 @@ impl BackboneHost {
             .ok()
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .ok_or_else(|| err(dir, "manifest", "trunk sha256 is not 64 hex digits"))?;
+        let (backbone_params, backbone_id) = (m.params.backbone, m.id.clone());
+        let trunk_cfg = TrunkConfig::default()
+            .with_image_size(cfg.image_size)
+            .with_threads(cfg.threads);
+        let cache_dir = cfg.cache_dir.clone();
+        let dir = dir.clone();
+        let pending = std::thread::Builder::new()
+            .name("held-out-activations".into())
+            .spawn(move || {
+                let idx: Vec<usize> = (0..n).collect();
+                let key = CacheKey::new(
+                    backbone.trunk_sha256(),
+                    &hash_image_selection(&ds, &idx),
+                    &pre.fingerprint(),
+                );
+                let mut cache = ActivationCache::new(CacheConfig {
+                    memory_budget: 1 << 30,
+                    spill_dir: cache_dir,
+                    persist: true,
+                });
+                let start = Instant::now();
+                let mut trunk = None;
+                let features = cache
+                    .get_or_compute(&key, n, 64, |range| {
+                        if trunk.is_none() {
+                            trunk = Some(open_trunk(&backbone, &trunk_cfg)?);
+                        }
+                        let t = trunk.as_ref().expect("opened above");
+                        let x = pre.batch(&ds, &idx[range])?;
+                        t.run(&TrunkInput::Image(x))
+                    })
+                    .map_err(|e| err(&dir, "held-out trunk activations", e))?;
+                tracing::info!(
+                    examples = n,
+                    computed = cache.computed() > 0,
+                    ms = start.elapsed().as_millis() as u64,
+                    "held-out activations ready"
+                );
+                Ok(features)
+            })
+            .map_err(|e| err(&cfg.dir, "starting the activation thread", e))?;
         Ok(BackboneHost {
             tail,
-            features,
-            labels: idx.iter().map(|&i| ds.labels[i] as usize).collect(),
-            backbone_params: m.params.backbone,
-            backbone_id: m.id.clone(),
+            features: HeldOut::Pending(pending),
+            labels,
+            backbone_params,
+            backbone_id,
             backbone_sha256: sha,
         })
+    }
+
+    /// The held-out activations, waiting for the thread that computes them the first time.
+    fn features(&mut self) -> Result<Arc<Features>, HostError> {
+        if let HeldOut::Pending(_) = self.features {
+            let HeldOut::Pending(handle) =
+                std::mem::replace(&mut self.features, HeldOut::Failed(String::new()))
+            else {
+                unreachable!("matched above")
+            };
+            self.features = match handle.join() {
+                Ok(Ok(f)) => HeldOut::Ready(f),
+                Ok(Err(e)) => HeldOut::Failed(e.to_string()),
+                Err(_) => HeldOut::Failed("the activation thread panicked".into()),
+            };
+        }
+        match &self.features {
+            HeldOut::Ready(f) => Ok(f.clone()),
+            HeldOut::Failed(e) => Err(HostError::Model(e.clone())),
+            HeldOut::Pending(_) => unreachable!("joined above"),
+        }
     }
 }
 
@@ -171,10 +218,11 @@ impl ModelHost for BackboneHost {
         self.tail
             .set_trainable(&tensors)
             .map_err(|x| e("set adapter", &x))?;
+        let features = self.features()?;
         let (mut loss, mut correct) = (0.0f64, 0usize);
         let all: Vec<usize> = (0..self.labels.len()).collect();
         for idx in all.chunks(256) {
-            let features = self.features.rows(idx).map_err(|x| e("activations", &x))?;
+            let features = features.rows(idx).map_err(|x| e("activations", &x))?;
             let batch = Batch {
                 features,
                 mask: None,

@@ -11,9 +11,13 @@
 //!   FedYogi are server optimizers on the averaged delta (Reddi et al., "Adaptive Federated
 //!   Optimization", ICLR 2021, Algorithm 2, without bias correction, as in the paper).
 //!
-//! Clients send `delta = local - global`; the new global is `global + step(deltas)`. Sums are
-//! accumulated in f64: `num_examples × f32` is exact in f64, so the result does not depend on the
-//! order in which updates arrived (up to the final rounding to f32).
+//! Clients send `delta = local - global`; the new global is `global + step(deltas)`. The weighted
+//! sum Σ nᵢ·Δᵢ is kept per value as an unevaluated pair of f64 (sum + running error, by Knuth's
+//! TwoSum): each product `num_examples × f32` is exact in f64 and every addition's rounding error
+//! is kept, so the pair holds the exact sum, and the global adapter is bit-for-bit the same
+//! whatever order the updates arrived in (exact as long as the error term itself does not round:
+//! terms within ~2^50 of each other in magnitude, which any real round is). FedAvg then rounds
+//! twice, as documented in `docs/protocol.md`: `f32(global + f64(Σ nᵢΔᵢ) / Σ nᵢ)`.
 
 use serde::{Deserialize, Serialize};
 
@@ -100,9 +104,13 @@ pub enum StrategyError {
 /// The deltas of one round, as the strategy needs them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Accumulator {
-    /// Σ nᵢ·Δᵢ per value (f64) and Σ nᵢ: O(parameters) memory.
+    /// Σ nᵢ·Δᵢ per value as `weighted + error` (f64 pair, exact) and Σ nᵢ: O(parameters)
+    /// memory.
     Sum {
         weighted: Vec<Vec<f64>>,
+        /// The rounding errors of the additions into `weighted`.
+        #[serde(default)]
+        error: Vec<Vec<f64>>,
         total_examples: u64,
         count: usize,
     },
@@ -116,12 +124,14 @@ pub enum Accumulator {
 impl Accumulator {
     /// An empty streaming sum for this layout.
     pub fn sum_for(layout: &Adapter) -> Accumulator {
+        let zeros: Vec<Vec<f64>> = layout
+            .tensors
+            .iter()
+            .map(|t| vec![0.0; t.data.len()])
+            .collect();
         Accumulator::Sum {
-            weighted: layout
-                .tensors
-                .iter()
-                .map(|t| vec![0.0; t.data.len()])
-                .collect(),
+            weighted: zeros.clone(),
+            error: zeros,
             total_examples: 0,
             count: 0,
         }
@@ -150,13 +160,20 @@ impl Accumulator {
         match self {
             Accumulator::Sum {
                 weighted,
+                error,
                 total_examples,
                 count,
             } => {
+                if error.len() != weighted.len() {
+                    // A checkpoint from before the error term: start it at zero.
+                    *error = weighted.iter().map(|t| vec![0.0; t.len()]).collect();
+                }
                 let w = num_examples as f64;
-                for (acc, t) in weighted.iter_mut().zip(delta) {
-                    for (a, &d) in acc.iter_mut().zip(&t.data) {
-                        *a += w * f64::from(d);
+                for ((acc, err), t) in weighted.iter_mut().zip(error.iter_mut()).zip(delta) {
+                    for ((a, e), &d) in acc.iter_mut().zip(err.iter_mut()).zip(&t.data) {
+                        let (sum, rounding) = two_sum(*a, w * f64::from(d));
+                        *a = sum;
+                        *e += rounding;
                     }
                 }
                 *total_examples += num_examples;
@@ -172,6 +189,15 @@ impl Accumulator {
             }
         }
     }
+}
+
+/// `a + b` rounded, and the rounding error: `sum + error == a + b` exactly (Knuth's TwoSum,
+/// no branch, valid for any order of magnitude).
+pub fn two_sum(a: f64, b: f64) -> (f64, f64) {
+    let sum = a + b;
+    let b_part = sum - a;
+    let a_part = sum - b_part;
+    (sum, (a - a_part) + (b - b_part))
 }
 
 /// Scales `delta` so that its L2 norm is at most `max_norm` (norm bounding against outsized or
@@ -194,6 +220,7 @@ pub fn weighted_mean(acc: &Accumulator) -> Option<Vec<Vec<f64>>> {
     match acc {
         Accumulator::Sum {
             weighted,
+            error,
             total_examples,
             count,
         } => {
@@ -207,10 +234,18 @@ pub fn weighted_mean(acc: &Accumulator) -> Option<Vec<Vec<f64>>> {
             } else {
                 *total_examples as f64
             };
+            let no_error = Vec::new();
             Some(
                 weighted
                     .iter()
-                    .map(|t| t.iter().map(|&s| s / denom).collect())
+                    .enumerate()
+                    .map(|(i, t)| {
+                        let err = error.get(i).unwrap_or(&no_error);
+                        t.iter()
+                            .enumerate()
+                            .map(|(j, &s)| (s + err.get(j).copied().unwrap_or(0.0)) / denom)
+                            .collect()
+                    })
                     .collect(),
             )
         }
@@ -567,6 +602,44 @@ mod tests {
         rev.reverse();
         let b = run(&mut FedAvg, &g, &rev);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn fedavg_is_bit_identical_in_every_arrival_order_where_plain_f64_sums_are_not() {
+        // Values of very different magnitudes: a plain f64 running sum depends on the order.
+        let g = global(vec![0.25, -1.0]);
+        let ups = vec![
+            (2, vec![1.0e8, 0.1]),
+            (7, vec![1.0e-9, 0.3]),
+            (2, vec![-1.0e8, 0.7]),
+            (9, vec![3.3e-7, -0.2]),
+        ];
+        let plain = |order: &[usize]| {
+            order
+                .iter()
+                .map(|&i| ups[i].0 as f64 * f64::from(ups[i].1[0]))
+                .fold(0.0f64, |a, x| a + x)
+        };
+        assert_ne!(
+            plain(&[0, 1, 2, 3]),
+            plain(&[0, 2, 1, 3]),
+            "the example must matter"
+        );
+        let first = run(&mut FedAvg, &g, &ups);
+        let orders = [
+            [0, 1, 2, 3],
+            [0, 2, 1, 3],
+            [3, 2, 1, 0],
+            [1, 3, 0, 2],
+            [2, 0, 3, 1],
+        ];
+        for order in orders {
+            let shuffled: Vec<_> = order.iter().map(|&i| ups[i].clone()).collect();
+            assert_eq!(run(&mut FedAvg, &g, &shuffled), first, "order {order:?}");
+        }
+        // And it is the exact mean (the ±2e8 cancel), rounded as documented.
+        let exact = (7.0 * f64::from(1.0e-9f32) + 9.0 * f64::from(3.3e-7f32)) / 20.0;
+        assert_eq!(first.tensors[0].data[0], (0.25 + exact) as f32);
     }
 
     #[test]

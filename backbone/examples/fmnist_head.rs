@@ -94,6 +94,7 @@ fn main() -> Result<()> {
     let mut cache = ActivationCache::new(CacheConfig {
         memory_budget: 4 << 30,
         spill_dir: spill,
+        persist: true,
     });
     let weights = FrozenWeights::from_safetensors(&bb.tail_path())?;
     let mut tail = build_tail(

@@ -152,6 +152,11 @@ pub struct CacheConfig {
     pub memory_budget: usize,
     /// Directory for spill files (created on demand).
     pub spill_dir: PathBuf,
+    /// Also write entries that fit in memory to `spill_dir`, so the next process that asks for
+    /// the same key (same trunk, same samples, same preprocessing) reads them instead of running
+    /// the trunk. Files are written atomically and checked on reading; a stale or torn file is
+    /// recomputed.
+    pub persist: bool,
 }
 
 /// The per-client cache.
@@ -204,7 +209,15 @@ impl ActivationCache {
             return Ok(f.clone());
         }
         let spill = self.spill_path(key);
-        if let Some(f) = open_spill(&spill, n)? {
+        if let Some(mut f) = open_spill(&spill, n)? {
+            // A file from an earlier run: into memory when it fits, read in place otherwise.
+            let bytes = n * f.row_len() * 4;
+            if self.used + bytes <= self.cfg.memory_budget {
+                let all: Vec<usize> = (0..n).collect();
+                let rows = f.rows(&all)?;
+                f.store = Store::Memory(rows.into_raw_vec_and_offset().0);
+                self.used += bytes;
+            }
             let f = Arc::new(f);
             self.entries.insert(key.clone(), f.clone());
             return Ok(f);
@@ -266,6 +279,9 @@ impl ActivationCache {
                     .ok_or_else(|| cache_err(&spill, "spill file unreadable after writing"))?
             }
             None => {
+                if self.cfg.persist {
+                    write_spill(&tmp, &spill, n, &row_shape, &mem)?;
+                }
                 self.used += mem.len() * 4;
                 Features {
                     n,
@@ -305,6 +321,24 @@ fn create_spill(path: &Path, n: usize, row_shape: &[usize]) -> Result<BufWriter<
     w.write_all(&header)
         .map_err(|e| BackboneError::io(path, e))?;
     Ok(w)
+}
+
+/// Writes a whole entry to `spill` by way of `tmp` (renamed into place when complete).
+fn write_spill(
+    tmp: &Path,
+    spill: &Path,
+    n: usize,
+    row_shape: &[usize],
+    data: &[f32],
+) -> Result<()> {
+    let mut w = create_spill(tmp, n, row_shape)?;
+    for v in data {
+        w.write_all(&v.to_le_bytes())
+            .map_err(|e| BackboneError::io(tmp, e))?;
+    }
+    w.flush().map_err(|e| BackboneError::io(tmp, e))?;
+    drop(w);
+    std::fs::rename(tmp, spill).map_err(|e| BackboneError::io(spill, e))
 }
 
 /// Opens a complete spill file for `n` rows; `None` if there is none (or it is stale/broken,
@@ -360,6 +394,7 @@ mod tests {
         let mut c = ActivationCache::new(CacheConfig {
             memory_budget: 1 << 20,
             spill_dir: dir.path().into(),
+            persist: false,
         });
         let key = CacheKey::new("m", "d", "p");
         let a = c.get_or_compute(&key, 10, 4, fake).unwrap();
@@ -386,6 +421,7 @@ mod tests {
         let cfg = CacheConfig {
             memory_budget: 16,
             spill_dir: dir.path().into(),
+            persist: false,
         };
         let key = CacheKey::new("m", "d", "p");
         let mut c = ActivationCache::new(cfg.clone());
@@ -401,6 +437,43 @@ mod tests {
             .unwrap();
         assert_eq!(b.rows(&[0, 9]).unwrap(), a.rows(&[0, 9]).unwrap());
         assert!(b.rows(&[10]).is_err());
+    }
+
+    #[test]
+    fn persisted_entries_are_read_back_into_memory_by_the_next_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig {
+            memory_budget: 1 << 20,
+            spill_dir: dir.path().into(),
+            persist: true,
+        };
+        let key = CacheKey::new("m", "d", "p");
+        let a = ActivationCache::new(cfg.clone())
+            .get_or_compute(&key, 10, 4, fake)
+            .unwrap();
+        assert!(a.in_memory());
+        let mut c2 = ActivationCache::new(cfg.clone());
+        let b = c2
+            .get_or_compute(&key, 10, 4, |_| {
+                Err(BackboneError::Input("must not run".into()))
+            })
+            .unwrap();
+        assert!(b.in_memory());
+        assert_eq!(c2.computed(), 0);
+        assert_eq!(c2.memory_used(), 10 * 3 * 4);
+        assert_eq!(b.rows(&[0, 3, 9]).unwrap(), a.rows(&[0, 3, 9]).unwrap());
+        // A torn file (cut short) is not trusted: the trunk runs again.
+        let path = dir.path().join(format!("{}.fpact", key.as_str()));
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 4)
+            .unwrap();
+        let mut c3 = ActivationCache::new(cfg);
+        c3.get_or_compute(&key, 10, 4, fake).unwrap();
+        assert_eq!(c3.computed(), 1);
     }
 
     #[test]

@@ -168,6 +168,9 @@ pub struct CacheFile {
     /// Activations kept in memory, MiB; beyond that they are read from the cache file.
     /// Default 256.
     pub memory_mb: Option<usize>,
+    /// Keep activations on disk for the next run of this client (same trunk, same shard, same
+    /// preprocessing). Default true.
+    pub persist: Option<bool>,
 }
 
 /// The `[reconnect]` table.
@@ -444,6 +447,7 @@ pub struct EdgeConfig {
     pub data: DataSpec,
     pub cache_dir: PathBuf,
     pub cache_memory_bytes: usize,
+    pub cache_persist: bool,
     pub reconnect: Backoff,
     pub summary_json: Option<PathBuf>,
 }
@@ -647,6 +651,7 @@ impl EdgeConfig {
             .or(file.cache.dir)
             .unwrap_or_else(|| PathBuf::from("data/cache"));
         let cache_memory_bytes = file.cache.memory_mb.unwrap_or(256).saturating_mul(1 << 20);
+        let cache_persist = file.cache.persist.unwrap_or(true);
 
         let initial_ms = file.reconnect.initial_ms.unwrap_or(500);
         let max_ms = file.reconnect.max_ms.unwrap_or(30_000);
@@ -699,6 +704,7 @@ impl EdgeConfig {
             },
             cache_dir,
             cache_memory_bytes,
+            cache_persist,
             reconnect: Backoff {
                 initial: Duration::from_millis(initial_ms),
                 max: Duration::from_millis(max_ms),

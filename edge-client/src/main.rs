@@ -15,6 +15,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cfg = EdgeConfig::from_cli(&cli).context("invalid configuration")?;
     tracing::info!(client = %cfg.client_id, fleet = %cfg.fleet, broker = %cfg.broker, "starting");

@@ -200,6 +200,7 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
     let mut cache = ActivationCache::new(CacheConfig {
         memory_budget: cfg.cache_memory_bytes,
         spill_dir: cfg.cache_dir.clone(),
+        persist: cfg.cache_persist,
     });
     let runtime = match cfg.runtime {
         RuntimeChoice::Auto => Runtime::Auto,
@@ -325,9 +326,11 @@ mod tests {
         let capped = client_shard(&labels, &cfg(Some(50))).unwrap();
         assert_eq!(capped.len(), 50);
         assert!(capped.iter().all(|i| full.contains(i)));
-        let classes: std::collections::BTreeSet<u32> =
-            capped.iter().map(|&i| labels[i]).collect();
-        assert!(classes.len() >= 5, "classes in the capped shard: {classes:?}");
+        let classes: std::collections::BTreeSet<u32> = capped.iter().map(|&i| labels[i]).collect();
+        assert!(
+            classes.len() >= 5,
+            "classes in the capped shard: {classes:?}"
+        );
         assert_eq!(capped, client_shard(&labels, &cfg(Some(50))).unwrap());
         // A cap at or above the shard's size keeps it whole.
         assert_eq!(client_shard(&labels, &cfg(Some(5000))).unwrap(), full);

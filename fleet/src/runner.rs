@@ -82,8 +82,14 @@ impl Child {
                 }
             });
             thread::spawn(move || {
+                // The log keeps every line; the terminal gets warnings, errors and the process's
+                // last words (an `Error:` report), not the INFO stream.
+                let mut reporting = false;
                 for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    eprintln!("{line}");
+                    reporting |= line.starts_with("Error:");
+                    if reporting || line.contains(" WARN ") || line.contains(" ERROR ") {
+                        eprintln!("{line}");
+                    }
                     let _ = writeln!(log_err, "{line}");
                 }
             });
@@ -149,16 +155,54 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn wait_for_port(port: u16, timeout: Duration) -> bool {
+/// Waits until the aggregator's embedded broker accepts connections; fails at once, with the
+/// end of the aggregator's log, if the aggregator exits first.
+fn wait_for_broker(
+    aggregator: &mut Child,
+    port: u16,
+    timeout: Duration,
+    out_dir: &Path,
+) -> anyhow::Result<()> {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let log = out_dir.join("logs/aggregator.log");
     let start = Instant::now();
     while start.elapsed() < timeout {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return true;
+            return Ok(());
+        }
+        if let Some(status) = aggregator.try_wait() {
+            // Give the log-echo thread a moment to flush the last lines.
+            thread::sleep(Duration::from_millis(200));
+            bail!(
+                "the aggregator exited ({status}) before its broker listened:\n{}\n(whole log: {})",
+                log_tail(&log, 8),
+                log.display()
+            );
         }
         thread::sleep(Duration::from_millis(100));
     }
-    false
+    bail!(
+        "the aggregator's embedded broker did not listen on {addr} within {} s; see {}",
+        timeout.as_secs(),
+        log.display()
+    )
+}
+
+/// What a failed process said: from its `Error:` line up to any backtrace, or else the last
+/// `n` lines of its log (empty when the log cannot be read).
+fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    if let Some(at) = lines.iter().position(|l| l.starts_with("Error:")) {
+        return lines[at..]
+            .iter()
+            .take_while(|l| !l.starts_with("Stack backtrace:"))
+            .take(n)
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// The aggregator's config file for this trial (its own TOML schema; see
@@ -207,11 +251,15 @@ pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> to
         model.insert("lora_rank".into(), int(rank.into()));
     }
     if let Some(alpha) = trial.model.lora_alpha {
-        model.insert("lora_alpha".into(), f64::from(alpha).into());
+        model.insert("lora_alpha".into(), alpha.into());
     }
     model.insert(
         "eval_examples".into(),
         int(trial.model.eval_examples as u64),
+    );
+    model.insert(
+        "cache_dir".into(),
+        trial.cache_dir.display().to_string().into(),
     );
     root.insert("model".into(), toml::Value::Table(model));
     let mut output = toml::Table::new();
@@ -262,7 +310,7 @@ pub fn client_command(
         .arg("--max-packet-bytes")
         .arg(trial.max_packet_bytes.to_string())
         .arg("--cache-dir")
-        .arg(out_dir.join("cache").join(&id))
+        .arg(&trial.cache_dir)
         .arg("--summary-json")
         .arg(out_dir.join("clients").join(format!("{id}.json")));
     if let Some(root) = &trial.data.root {
@@ -284,7 +332,7 @@ pub fn run(
     deadline: Duration,
 ) -> anyhow::Result<Outcome> {
     let start = Instant::now();
-    for sub in ["logs", "clients", "cache"] {
+    for sub in ["logs", "clients"] {
         std::fs::create_dir_all(out_dir.join(sub))
             .with_context(|| format!("creating {}", out_dir.join(sub).display()))?;
     }
@@ -310,13 +358,8 @@ pub fn run(
         &out_dir.join("logs/aggregator.log"),
         true,
     )?;
-    if let Some(port) = port
-        && !wait_for_port(port, Duration::from_secs(120))
-    {
-        bail!(
-            "the aggregator's embedded broker did not listen on 127.0.0.1:{port} within 120 s; see {}",
-            out_dir.join("logs/aggregator.log").display()
-        );
+    if let Some(port) = port {
+        wait_for_broker(&mut aggregator, port, Duration::from_secs(120), out_dir)?;
     }
     println!(
         "fleet: broker at {broker_url}; starting {} edge clients (logs in {})",

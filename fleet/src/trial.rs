@@ -10,6 +10,7 @@
 //! quorum = 6                   # accepted updates needed at the deadline
 //! round_timeout_secs = 300
 //! seed = 42
+//! cache_dir = "data/cache/activations"  # trunk activations kept between runs
 //!
 //! [strategy]                   # passed to the aggregator as written (see its config docs)
 //! kind = "fedavg"              # fedavg | fedadam | fedyogi | median | trimmed-mean
@@ -81,7 +82,7 @@ pub struct ModelSpec {
     /// LoRA rank. Default: the aggregator's default.
     pub lora_rank: Option<u16>,
     /// LoRA alpha. Default: the aggregator's default.
-    pub lora_alpha: Option<f32>,
+    pub lora_alpha: Option<f64>,
     /// Trunk runtime of the edge clients. Default `tract`.
     #[serde(default = "default_runtime")]
     pub runtime: String,
@@ -121,19 +122,19 @@ pub struct LocalSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub learning_rate: Option<f32>,
+    pub learning_rate: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub optimizer: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub momentum: Option<f32>,
+    pub momentum: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub weight_decay: Option<f32>,
+    pub weight_decay: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fedprox_mu: Option<f32>,
+    pub fedprox_mu: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub update_dtype: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub top_k_fraction: Option<f32>,
+    pub top_k_fraction: Option<f64>,
 }
 
 /// `[broker]` as written.
@@ -183,6 +184,9 @@ pub struct TrialFile {
     pub local: LocalSpec,
     #[serde(default)]
     pub broker: BrokerSpec,
+    /// Where clients and the aggregator keep trunk activations between runs (keyed by trunk,
+    /// samples and preprocessing, so trials share it safely). Default `data/cache/activations`.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Where the clients find the broker.
@@ -211,6 +215,7 @@ pub struct Trial {
     pub local: LocalSpec,
     pub broker: Broker,
     pub max_packet_bytes: usize,
+    pub cache_dir: PathBuf,
 }
 
 impl Trial {
@@ -335,6 +340,9 @@ impl Trial {
             local: raw.local,
             broker,
             max_packet_bytes: raw.broker.max_packet_bytes,
+            cache_dir: raw
+                .cache_dir
+                .unwrap_or_else(|| PathBuf::from("data/cache/activations")),
         })
     }
 

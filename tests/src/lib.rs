@@ -81,7 +81,9 @@ impl Proc {
     /// Spawns `cmd` with stdout and stderr captured (and echoed to the test's stderr, prefixed
     /// with `name`, so a failing test shows what each process said).
     pub fn spawn(name: &str, mut cmd: Command) -> Proc {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name} ({cmd:?}): {e}"));
@@ -90,7 +92,11 @@ impl Proc {
         let err = child.stderr.take().expect("piped stderr");
         Self::pump(name, out, output.clone());
         Self::pump(name, err, output.clone());
-        Proc { name: name.to_string(), child: Some(child), output }
+        Proc {
+            name: name.to_string(),
+            child: Some(child),
+            output,
+        }
     }
 
     fn pump(name: &str, stream: impl Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>) {
@@ -152,7 +158,10 @@ impl Proc {
         if pid == 0 {
             return None;
         }
-        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
         let status = self.wait_exit(grace);
         if status.is_none() {
             self.kill_hard();
@@ -202,10 +211,81 @@ impl Mosquitto {
             wait_for_port(port, Duration::from_secs(10)),
             "mosquitto did not listen on 127.0.0.1:{port}"
         );
-        Mosquitto { port, _proc: proc, _dir: dir }
+        Mosquitto {
+            port,
+            _proc: proc,
+            _dir: dir,
+        }
     }
 
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Everything published under one fleet's topics, as the broker delivered it to an observer
+/// that subscribed to `fedpeft/v1/{fleet}/#` (QoS 1). The end-to-end tests use it to check what
+/// the aggregator and the clients really sent, independently of their own logs and reports.
+/// Messages as (topic, payload), in delivery order.
+pub type Recorded = Vec<(String, Vec<u8>)>;
+
+pub struct Sniffer {
+    messages: Arc<Mutex<Recorded>>,
+    client: rumqttc::Client,
+}
+
+impl Sniffer {
+    /// Connects to `127.0.0.1:port` and records every message under `fedpeft/v1/{fleet}/`.
+    /// Returns once the subscription is acknowledged.
+    pub fn start(port: u16, fleet: &str, max_packet_bytes: usize) -> Sniffer {
+        let mut opts = rumqttc::MqttOptions::new(format!("sniffer-{port}"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(max_packet_bytes + 1024, max_packet_bytes + 1024);
+        let (client, mut connection) = rumqttc::Client::new(opts, 1024);
+        client
+            .subscribe(format!("fedpeft/v1/{fleet}/#"), rumqttc::QoS::AtLeastOnce)
+            .expect("queue the sniffer's subscription");
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let sink = messages.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        sink.lock()
+                            .expect("sniffer lock")
+                            .push((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the sniffer's subscription was not acknowledged within 20 s");
+        Sniffer { messages, client }
+    }
+
+    /// A copy of everything recorded so far, in delivery order.
+    pub fn messages(&self) -> Recorded {
+        self.messages.lock().expect("sniffer lock").clone()
+    }
+}
+
+impl std::fmt::Debug for Sniffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sniffer")
+            .field("messages", &self.messages.lock().map(|m| m.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Sniffer {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
     }
 }

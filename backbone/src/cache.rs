@@ -226,7 +226,8 @@ impl ActivationCache {
         let mut row_shape: Option<Vec<usize>> = None;
         let mut mem: Vec<f32> = Vec::new();
         let mut writer: Option<BufWriter<File>> = None;
-        let tmp = spill.with_extension("partial");
+        // Per-process temporary name: processes filling the same key never share a file.
+        let tmp = spill.with_extension(format!("{}.partial", std::process::id()));
         for start in (0..n).step_by(batch) {
             let range = start..(start + batch).min(n);
             let len = range.len();

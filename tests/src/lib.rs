@@ -5,6 +5,8 @@
 //! Mosquitto started here on a free port. Every process is owned by a guard that kills it when
 //! the test ends, pass or fail.
 
+pub mod e2e;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -235,22 +237,28 @@ pub struct Sniffer {
 }
 
 impl Sniffer {
-    /// Connects to `127.0.0.1:port` and records every message under `fedpeft/v1/{fleet}/`.
-    /// Returns once the subscription is acknowledged.
+    /// Connects to `127.0.0.1:port` and records every message under `fedpeft/v1/{fleet}/`,
+    /// reconnecting (and subscribing again) if the broker goes away. Returns once the first
+    /// subscription is acknowledged.
     pub fn start(port: u16, fleet: &str, max_packet_bytes: usize) -> Sniffer {
         let mut opts = rumqttc::MqttOptions::new(format!("sniffer-{port}"), "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(max_packet_bytes + 1024, max_packet_bytes + 1024);
         let (client, mut connection) = rumqttc::Client::new(opts, 1024);
-        client
-            .subscribe(format!("fedpeft/v1/{fleet}/#"), rumqttc::QoS::AtLeastOnce)
-            .expect("queue the sniffer's subscription");
+        let filter = format!("fedpeft/v1/{fleet}/#");
+        let resubscribe = client.clone();
         let messages = Arc::new(Mutex::new(Vec::new()));
         let sink = messages.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         thread::spawn(move || {
             for event in connection.iter() {
                 match event {
+                    // Every (re)connection is a clean session: subscribe again, so the record
+                    // goes on across a broker restart.
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        let _ =
+                            resubscribe.try_subscribe(filter.clone(), rumqttc::QoS::AtLeastOnce);
+                    }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
                         let _ = ready_tx.send(());
                     }

@@ -81,6 +81,7 @@ pub struct RunSummary {
     pub exit: &'static str,
     pub rounds_trained: u32,
     pub updates_sent: u32,
+    pub updates_resent: u32,
     pub rounds_not_sampled: u32,
     pub stale_dropped: u32,
     pub training_failures: u32,
@@ -106,6 +107,7 @@ impl RunSummary {
             },
             rounds_trained: stats.rounds_trained,
             updates_sent: stats.updates_sent,
+            updates_resent: stats.updates_resent,
             rounds_not_sampled: stats.rounds_not_sampled,
             stale_dropped: stats.stale_dropped,
             training_failures: stats.training_failures,
@@ -228,6 +230,8 @@ where
     let mut ledger = ByteLedger::default();
     let mut counters = ShellCounters::default();
     let mut outbox: VecDeque<Request> = VecDeque::new();
+    // The packets of the last update published, for a resend after a reconnect.
+    let mut last_update: Option<(u32, Vec<Packet>)> = None;
     let subscriptions = wire.subscriptions();
     let started = Instant::now();
     let mut logged_round: Option<Round> = None;
@@ -321,6 +325,7 @@ where
                                 accuracy = update.metrics.accuracy,
                                 "update published"
                             );
+                            last_update = Some((*round, packets.clone()));
                         }
                         outbox.extend(packets.into_iter().map(Request::Publish));
                     }
@@ -347,6 +352,17 @@ where
                         });
                     });
                 }
+                Action::ResendUpdate { round } => match &last_update {
+                    Some((r, packets)) if *r == round => {
+                        tracing::info!(
+                            round,
+                            packets = packets.len(),
+                            "update published again after reconnecting"
+                        );
+                        outbox.extend(packets.iter().cloned().map(Request::Publish));
+                    }
+                    _ => tracing::warn!(round, "no stored update for this round to send again"),
+                },
                 Action::Disconnect => outbox.push_back(Request::Disconnect),
                 Action::Exit(reason) => exit_now = Some(reason),
             }

@@ -78,6 +78,10 @@ pub enum Action {
         adapter: SharedAdapter,
         plan: TrainPlan,
     },
+    /// Publish again, byte for byte, the update already sent for `round` (after a reconnect
+    /// while that round is still announced: the aggregator may have restarted without it; if it
+    /// has it, the copy is refused as a duplicate and nothing is counted twice).
+    ResendUpdate { round: Round },
     /// Send DISCONNECT (after everything queued before it).
     Disconnect,
     /// Stop the process.
@@ -93,6 +97,8 @@ pub struct SessionStats {
     pub rounds_not_sampled: u32,
     pub stale_dropped: u32,
     pub training_failures: u32,
+    /// Updates published again after a reconnect.
+    pub updates_resent: u32,
 }
 
 /// The session state machine.
@@ -109,6 +115,11 @@ pub struct Session {
     last_started: Option<Round>,
     /// Rounds already counted as "not sampled" (so redeliveries don't count twice).
     last_skipped: Option<Round>,
+    /// The round of the last update sent.
+    last_sent: Option<Round>,
+    /// Reconnected while `last_sent` was the current round: resend it when that round is
+    /// announced again.
+    resend_on_announce: bool,
     next_sequence: u32,
     finished: bool,
     stats: SessionStats,
@@ -124,6 +135,8 @@ impl Session {
             training: None,
             last_started: None,
             last_skipped: None,
+            last_sent: None,
+            resend_on_announce: false,
             next_sequence: 0,
             finished: false,
             stats: SessionStats::default(),
@@ -164,6 +177,13 @@ impl Session {
                 // Re-subscribing is harmless with a persistent session and brings the retained
                 // announcement and adapter back; Join again so an aggregator that saw our last
                 // will knows we are back.
+                // The broker acknowledged our update, not the aggregator. If the round it was
+                // for is still the one we know of, send it again when that round is announced
+                // again (an aggregator announces only once it is subscribed): one that restarted
+                // from a checkpoint taken before it folded the update in gets it back; one that
+                // has it refuses the copy as a duplicate.
+                self.resend_on_announce =
+                    self.last_sent.is_some() && self.last_sent == self.current_round();
                 vec![
                     Action::Subscribe,
                     Action::Send(Outbound::StatusOnline),
@@ -206,6 +226,11 @@ impl Session {
             );
             return Vec::new();
         }
+        let mut actions = Vec::new();
+        if std::mem::take(&mut self.resend_on_announce) && self.last_sent == Some(a.round) {
+            self.stats.updates_resent += 1;
+            actions.push(Action::ResendUpdate { round: a.round });
+        }
         let sampled = a.sampled.contains(&self.client_id);
         if !sampled && self.last_skipped != Some(a.round) {
             self.last_skipped = Some(a.round);
@@ -213,7 +238,8 @@ impl Session {
             tracing::info!(round = a.round, "not sampled this round; waiting");
         }
         self.announce = Some(a);
-        self.maybe_train()
+        actions.extend(self.maybe_train());
+        actions
     }
 
     fn on_adapter(&mut self, g: GlobalAdapter) -> Vec<Action> {
@@ -261,6 +287,7 @@ impl Session {
                     Some(a) => {
                         self.stats.rounds_trained += 1;
                         self.stats.updates_sent += 1;
+                        self.last_sent = Some(round);
                         actions.push(Action::Send(Outbound::Update {
                             round,
                             sequence,
@@ -568,6 +595,51 @@ mod tests {
         });
         assert_eq!(sent_updates(&sent), vec![(2, 1)]);
         assert_eq!(s.stats().updates_sent, 2);
+    }
+
+    #[test]
+    fn after_a_reconnect_the_reannounced_round_gets_its_update_again_and_is_never_retrained() {
+        let resends = |actions: &[Action]| {
+            actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::ResendUpdate { round } => Some(*round),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut s = connected("c1");
+        s.on_event(adapter(0));
+        s.on_event(announce(1, &["c1"]));
+        s.on_event(Event::TrainingFinished {
+            round: 1,
+            sequence: 0,
+            result: Ok(update()),
+        });
+        s.on_event(Event::ConnectionLost);
+        let back = s.on_event(Event::Connected {
+            session_present: false,
+        });
+        assert!(
+            resends(&back).is_empty(),
+            "not before the round is announced again"
+        );
+        // The announcement comes again: the update goes again, and is not trained again.
+        let again = s.on_event(announce(1, &["c1"]));
+        assert_eq!(resends(&again), vec![1]);
+        assert!(train_actions(&again).is_empty());
+        // A further redelivery of the same announcement sends nothing more.
+        assert!(resends(&s.on_event(announce(1, &["c1"]))).is_empty());
+        assert_eq!(s.stats().updates_resent, 1);
+        // Once the round has moved on, a reconnect sends nothing old.
+        s.on_event(adapter(1));
+        s.on_event(announce(2, &["c2"]));
+        s.on_event(Event::ConnectionLost);
+        s.on_event(Event::Connected {
+            session_present: false,
+        });
+        assert!(resends(&s.on_event(announce(2, &["c2"]))).is_empty());
+        assert_eq!(s.stats().updates_resent, 1);
     }
 
     #[test]

@@ -163,14 +163,18 @@ fn the_aggregator_killed_mid_round_resumes_from_its_checkpoint_without_losing_or
             "round {round}: the global adapter is not FedAvg of the clients' updates"
         );
     }
-    // Whatever the clients sent again after the restart was refused as a duplicate, not
-    // aggregated a second time.
-    let resent = count_lines(&second, &["update rejected", "round=2", "reason=duplicate"]);
+    // Clients whose connection dropped sent their round-2 update again: the restarted
+    // aggregator folded in the ones its checkpoint did not have and refused the others as
+    // duplicates (so every round above counts exactly three).
+    let resent: usize = clients
+        .iter()
+        .map(|c| count_lines(c, &["update published again after reconnecting", "round=2"]))
+        .sum();
+    let duplicates = count_lines(&second, &["update rejected", "round=2", "reason=duplicate"]);
     let accepted_after = count_lines(&second, &["update accepted", "round=2"]);
-    assert_eq!(
-        accepted_before + accepted_after,
-        3,
-        "round 2: {accepted_before} accepted before the kill, {accepted_after} after"
+    eprintln!(
+        "killed with {accepted_before} update(s) logged as accepted; after the restart: \
+         {resent} resent, {accepted_after} accepted, {duplicates} refused as duplicates"
     );
-    eprintln!("after the restart: {accepted_after} accepted, {resent} duplicate(s) refused");
+    assert!(duplicates <= resent, "more duplicates than resends");
 }

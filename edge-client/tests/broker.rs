@@ -188,11 +188,15 @@ impl Aggregator {
         opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (subacked_tx, mut subacked) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = subacked_tx.send(());
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -200,11 +204,20 @@ impl Aggregator {
             }
         });
         let root = format!("fedpeft/v1/{FLEET}");
-        for f in ["update/+", "join", "status/+"] {
+        let filters = ["update/+", "join", "status/+"];
+        for f in filters {
             client
                 .subscribe(format!("{root}/{f}"), QoS::AtLeastOnce)
                 .await
                 .unwrap();
+        }
+        // `subscribe` only queues the request: wait for the broker's acknowledgements, or a
+        // client that joins quickly would publish before anyone listens.
+        for _ in filters {
+            tokio::time::timeout(Duration::from_secs(30), subacked.recv())
+                .await
+                .expect("the test aggregator's subscriptions were not acknowledged in 30 s")
+                .expect("event loop alive");
         }
         Aggregator { client, rx }
     }

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
@@ -155,26 +155,22 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// Waits until the aggregator's embedded broker accepts connections; fails at once, with the
-/// end of the aggregator's log, if the aggregator exits first.
-fn wait_for_broker(
-    aggregator: &mut Child,
-    port: u16,
-    timeout: Duration,
-    out_dir: &Path,
-) -> anyhow::Result<()> {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+/// Waits until the aggregator says it is ready (`aggregator ready: ...`: its broker listens and
+/// it has subscribed, so no client's join can go unheard); fails at once, with the aggregator's
+/// error, if it exits first.
+fn wait_for_ready(aggregator: &mut Child, timeout: Duration, out_dir: &Path) -> anyhow::Result<()> {
     let log = out_dir.join("logs/aggregator.log");
     let start = Instant::now();
     while start.elapsed() < timeout {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().any(|l| l.starts_with("aggregator ready:")) {
             return Ok(());
         }
         if let Some(status) = aggregator.try_wait() {
             // Give the log-echo thread a moment to flush the last lines.
             thread::sleep(Duration::from_millis(200));
             bail!(
-                "the aggregator exited ({status}) before its broker listened:\n{}\n(whole log: {})",
+                "the aggregator exited ({status}) before it was ready:\n{}\n(whole log: {})",
                 log_tail(&log, 8),
                 log.display()
             );
@@ -182,7 +178,7 @@ fn wait_for_broker(
         thread::sleep(Duration::from_millis(100));
     }
     bail!(
-        "the aggregator's embedded broker did not listen on {addr} within {} s; see {}",
+        "the aggregator was not ready within {} s; see {}",
         timeout.as_secs(),
         log.display()
     )
@@ -358,9 +354,7 @@ pub fn run(
         &out_dir.join("logs/aggregator.log"),
         true,
     )?;
-    if let Some(port) = port {
-        wait_for_broker(&mut aggregator, port, Duration::from_secs(120), out_dir)?;
-    }
+    wait_for_ready(&mut aggregator, Duration::from_secs(120), out_dir)?;
     println!(
         "fleet: broker at {broker_url}; starting {} edge clients (logs in {})",
         trial.clients,

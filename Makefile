@@ -30,6 +30,10 @@ test-rust:
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
 	$(CARGO) test --workspace --doc
+# the onnxruntime trunk (backbone only, test profile): parity, tract/ort agreement, errors;
+# the library `make models` built unless ORT_DYLIB_PATH names another
+	ORT_DYLIB_PATH=$${ORT_DYLIB_PATH:-$(CURDIR)/models/build/onnxruntime/libonnxruntime.so.1.31.1} \
+	  $(CARGO) test -p fedpeft-backbone --features ort --no-fail-fast
 
 test: setup models check-nostd test-rust
 

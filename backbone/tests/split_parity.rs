@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use common::{Fixture, max_abs_diff};
 use fedpeft_backbone::data::ImageDataset;
-use fedpeft_backbone::{Backbone, ImagePreprocess, Runtime, TrunkConfig, TrunkInput, open_trunk};
+use fedpeft_backbone::{
+    Backbone, ImagePreprocess, Runtime, RuntimeKind, TrunkConfig, TrunkInput, open_trunk,
+};
 use fedpeft_peft::{
     Batch, Family, FrozenWeights, HeadInit, Method, NamedTensor, PeftConfig, TransformerSpec,
     build_tail,
@@ -17,12 +19,22 @@ use ndarray::{Array2, ArrayD, Ix2};
 
 const TOL: f32 = 1e-4;
 
+/// tract always; onnxruntime too under `--features ort` (opening it must then succeed: a
+/// missing library fails the test rather than skipping the runtime).
 fn runtimes() -> Vec<Runtime> {
     let mut r = vec![Runtime::Tract];
     if cfg!(feature = "ort") {
         r.push(Runtime::Ort);
     }
     r
+}
+
+/// The runtime a trunk must report when `rt` was asked for (no silent fallback).
+fn kind(rt: Runtime) -> RuntimeKind {
+    match rt {
+        Runtime::Ort => RuntimeKind::Ort,
+        _ => RuntimeKind::Tract,
+    }
 }
 
 #[test]
@@ -58,6 +70,7 @@ fn efficientnet_trunk_plus_rust_tail_reproduces_the_unsplit_imagenet_logits() {
                     .with_image_size(size),
             )
             .unwrap();
+            assert_eq!(trunk.runtime(), kind(rt));
             let features = trunk.run(&TrunkInput::Image(x)).unwrap();
             let logits = tail
                 .forward(&Batch {
@@ -112,6 +125,7 @@ fn minilm_trunk_plus_rust_tail_reproduces_the_unsplit_sentence_embedding() {
     let mut outputs: Vec<ArrayD<f32>> = Vec::new();
     for rt in runtimes() {
         let trunk = open_trunk(&bb, &TrunkConfig::default().with_runtime(rt)).unwrap();
+        assert_eq!(trunk.runtime(), kind(rt));
         let features = trunk
             .run(&TrunkInput::Tokens {
                 ids: ids.clone(),

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use common::{Fixture, max_abs_diff};
 use fedpeft_backbone::data::ImageDataset;
-use fedpeft_backbone::{Backbone, ImagePreprocess, Runtime, TrunkConfig, TrunkInput, open_trunk};
+use fedpeft_backbone::{
+    Backbone, ImagePreprocess, Runtime, RuntimeKind, TrunkConfig, TrunkInput, open_trunk,
+};
 use ndarray::{Array2, Ix2};
 
 const TOL: f32 = 1e-4;
@@ -27,12 +29,22 @@ fn fixture_images(fx: &Fixture) -> ImageDataset {
     }
 }
 
+/// tract always; onnxruntime too under `--features ort` (opening it must then succeed: a
+/// missing library fails the test rather than skipping the runtime).
 fn runtimes() -> Vec<Runtime> {
     let mut r = vec![Runtime::Tract];
     if cfg!(feature = "ort") {
         r.push(Runtime::Ort);
     }
     r
+}
+
+/// The runtime a trunk must report when `rt` was asked for (no silent fallback).
+fn kind(rt: Runtime) -> RuntimeKind {
+    match rt {
+        Runtime::Ort => RuntimeKind::Ort,
+        _ => RuntimeKind::Tract,
+    }
 }
 
 #[test]
@@ -51,6 +63,7 @@ fn efficientnet_trunk_matches_pytorch_at_the_split_at_96_and_224_px() {
                     .with_image_size(size),
             )
             .unwrap();
+            assert_eq!(trunk.runtime(), kind(rt));
             let got = trunk.run(&TrunkInput::Image(x)).unwrap();
             let want = fx.f32(key);
             let d = max_abs_diff(&got, &want);
@@ -76,6 +89,7 @@ fn minilm_trunk_matches_pytorch_at_the_split_with_padding() {
     let want = fx.f32("hidden_split");
     for rt in runtimes() {
         let trunk = open_trunk(&bb, &TrunkConfig::default().with_runtime(rt)).unwrap();
+        assert_eq!(trunk.runtime(), kind(rt));
         let got = trunk
             .run(&TrunkInput::Tokens {
                 ids: ids.clone(),

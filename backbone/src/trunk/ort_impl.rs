@@ -1,7 +1,7 @@
 //! onnxruntime through `ort` (load-dynamic): the fast CPU path, and CUDA / TensorRT on a Jetson.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use ndarray::ArrayD;
 use ort::environment::Environment;
@@ -16,63 +16,78 @@ use crate::error::{BackboneError, Result};
 use crate::manifest::Backbone;
 
 /// onnxruntime allows one environment per process, and its library is loaded once: the first
-/// trunk decides which library file is used.
-static ENV: OnceLock<std::result::Result<(Environment, PathBuf), String>> = OnceLock::new();
+/// trunk that loads it decides which library file is used. A failed attempt (missing file, not
+/// a library, too old) is not remembered, so a later trunk with a good path still works.
+static ENV: Mutex<Option<(Environment, PathBuf)>> = Mutex::new(None);
 
-fn library_path(cfg: &TrunkConfig) -> PathBuf {
-    cfg.ort_library
-        .clone()
-        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
-        .unwrap_or_else(super::default_ort_library)
+/// The library file to load and where that choice came from (for error messages).
+fn library_path(cfg: &TrunkConfig) -> (PathBuf, &'static str) {
+    if let Some(p) = &cfg.ort_library {
+        return (p.clone(), "TrunkConfig::ort_library");
+    }
+    match std::env::var_os("ORT_DYLIB_PATH") {
+        Some(p) if !p.is_empty() => (PathBuf::from(p), "ORT_DYLIB_PATH"),
+        _ => (
+            super::default_ort_library(),
+            "the default, as ORT_DYLIB_PATH is not set",
+        ),
+    }
+}
+
+fn unavailable(reason: String) -> BackboneError {
+    BackboneError::RuntimeUnavailable {
+        runtime: "ort",
+        reason,
+    }
 }
 
 fn environment(cfg: &TrunkConfig) -> Result<Environment> {
-    let lib = library_path(cfg);
-    let res = ENV.get_or_init(|| {
-        if !lib.is_file() {
-            return Err(format!(
-                "onnxruntime library {} not found (set ORT_DYLIB_PATH or run `make models`)",
-                lib.display()
-            ));
-        }
-        let builder =
-            ort::init_from(&lib).map_err(|e| format!("loading {}: {e}", lib.display()))?;
-        let env = builder
-            .with_name("fedpeft")
-            .build()
-            .map_err(|e| format!("creating the environment from {}: {e}", lib.display()))?;
-        Ok((env, lib.clone()))
-    });
-    match res {
-        Ok((env, loaded)) => {
-            if loaded != &lib {
-                tracing::warn!(requested = %lib.display(), loaded = %loaded.display(),
-                    "onnxruntime is already loaded from another file; using that one");
-            }
-            Ok(env.clone())
-        }
-        Err(reason) => Err(BackboneError::RuntimeUnavailable {
-            runtime: "ort",
-            reason: reason.clone(),
-        }),
+    let (lib, source) = library_path(cfg);
+    if !lib.is_file() {
+        return Err(unavailable(format!(
+            "onnxruntime library {} ({source}) not found; set ORT_DYLIB_PATH to \
+             libonnxruntime.so or run `make models`",
+            lib.display()
+        )));
     }
+    let mut env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((env, loaded)) = env.as_ref() {
+        if loaded != &lib {
+            tracing::warn!(requested = %lib.display(), loaded = %loaded.display(),
+                "onnxruntime is already loaded from another file; using that one");
+        }
+        return Ok(env.clone());
+    }
+    let builder = ort::init_from(&lib).map_err(|e| {
+        unavailable(format!(
+            "loading onnxruntime library {} ({source}): {e}",
+            lib.display()
+        ))
+    })?;
+    let built = builder.with_name("fedpeft").build().map_err(|e| {
+        unavailable(format!(
+            "creating the onnxruntime environment from {}: {e}",
+            lib.display()
+        ))
+    })?;
+    *env = Some((built.clone(), lib));
+    Ok(built)
 }
 
 fn providers(list: &[ExecutionProvider]) -> Vec<ExecutionProviderDispatch> {
-    let mut out = Vec::new();
-    for p in list {
-        match p {
+    list.iter()
+        .filter_map(|p| match p {
             #[cfg(feature = "cuda")]
-            ExecutionProvider::Cuda => out.push(ort::ep::CUDA::default().build()),
+            ExecutionProvider::Cuda => Some(ort::ep::CUDA::default().build()),
             #[cfg(feature = "tensorrt")]
-            ExecutionProvider::TensorRt => out.push(ort::ep::TensorRT::default().build()),
+            ExecutionProvider::TensorRt => Some(ort::ep::TensorRT::default().build()),
             #[allow(unreachable_patterns)]
             other => {
-                tracing::warn!(provider = ?other, "execution provider not built in; using CPU")
+                tracing::warn!(provider = ?other, "execution provider not built in; using CPU");
+                None
             }
-        }
-    }
-    out
+        })
+        .collect()
 }
 
 /// A trunk run by onnxruntime. `Session::run` needs `&mut`, hence the mutex.

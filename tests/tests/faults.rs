@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use fedpeft_tests::e2e::{Federation, check_fedavg, observe, round_record};
-use fedpeft_tests::{Proc, Sniffer, free_port, wait_for_port};
+use fedpeft_tests::{Proc, Sniffer, free_port};
 
 const MAX_PACKET: usize = 65536;
 
@@ -46,7 +46,9 @@ fn a_client_killed_while_training_is_counted_failed_and_the_next_round_goes_on()
     let top = "min_clients = 3\nquorum = 2\nround_timeout_secs = 120.0";
     let config = fed.aggregator_config("embedded", port, 2, top, "epochs = 30");
     let mut aggregator = fed.spawn_aggregator(&config, "aggregator");
-    assert!(wait_for_port(port, Duration::from_secs(120)));
+    aggregator
+        .wait_for_line("aggregator ready", Duration::from_secs(120))
+        .expect("the aggregator did not get ready");
     let url = format!("mqtt://127.0.0.1:{port}");
     let mut victim = fed.spawn_client(&url, 3);
     assert!(
@@ -103,7 +105,9 @@ fn the_aggregator_killed_mid_round_resumes_from_its_checkpoint_without_losing_or
     let top = "min_clients = 3\nquorum = 3\nround_timeout_secs = 240.0";
     let config = fed.aggregator_config("embedded", port, 3, top, "epochs = 20");
     let mut first = fed.spawn_aggregator(&config, "aggregator-1");
-    assert!(wait_for_port(port, Duration::from_secs(120)));
+    first
+        .wait_for_line("aggregator ready", Duration::from_secs(120))
+        .expect("the aggregator did not get ready");
     let sniffer = Sniffer::start(port, &fed.fleet, MAX_PACKET);
     let url = format!("mqtt://127.0.0.1:{port}");
     let mut clients: Vec<Proc> = (0..2).map(|i| fed.spawn_client(&url, i)).collect();

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fedpeft_tests::e2e::{Federation, check_fedavg, observe, round_record};
-use fedpeft_tests::{Mosquitto, Proc, Sniffer, free_port, wait_for_port};
+use fedpeft_tests::{Mosquitto, Proc, Sniffer, free_port};
 
 /// Below the LoRA adapter's f32 size (25,610 values ≈ 102 KB): globals and updates are chunked.
 const MAX_PACKET: usize = 65536;
@@ -27,10 +27,11 @@ fn federate(broker: &str, broker_port: u16) {
     let top = "min_clients = 3\nquorum = 3\nround_timeout_secs = 240.0";
     let config = fed.aggregator_config(broker, broker_port, rounds, top, "epochs = 1");
     let mut aggregator = fed.spawn_aggregator(&config, "aggregator");
-    assert!(
-        wait_for_port(broker_port, Duration::from_secs(120)),
-        "no broker on 127.0.0.1:{broker_port}"
-    );
+    // Ready means subscribed: no client's join can go unheard (a broker drops a publish that
+    // nobody is subscribed to).
+    aggregator
+        .wait_for_line("aggregator ready", Duration::from_secs(120))
+        .expect("the aggregator did not get ready");
     let sniffer = Sniffer::start(broker_port, &fed.fleet, MAX_PACKET);
     let url = format!("mqtt://127.0.0.1:{broker_port}");
     let mut procs: Vec<Proc> = (0..fed.clients)

@@ -94,7 +94,8 @@ fn main() -> Result<()> {
     let mut cache = ActivationCache::new(CacheConfig {
         memory_budget: 4 << 30,
         spill_dir: spill,
-        persist: true,
+        // Not kept between runs: epoch 1 must run the trunk for the speed-up figure.
+        persist: false,
     });
     let weights = FrozenWeights::from_safetensors(&bb.tail_path())?;
     let mut tail = build_tail(

@@ -33,8 +33,8 @@
 //! [local]                      # announced to clients each round
 //! epochs = 2
 //! batch_size = 32
-//! learning_rate = 0.05
-//! optimizer = "sgd"
+//! learning_rate = 0.001
+//! optimizer = "adamw"         # sgd | adamw
 //! update_dtype = "f32"         # f32 | f16 | int8
 //!
 //! [broker]

@@ -100,11 +100,17 @@ dir = "{out}"
         self.dir.join("out")
     }
 
-    /// Starts the aggregator binary on `config`.
-    pub fn spawn_aggregator(&self, config: &Path, name: &str) -> Proc {
+    /// Starts the aggregator binary on `config` and returns once it prints `aggregator ready`:
+    /// it has subscribed, so no client's join can go unheard (a broker drops a publish that
+    /// nobody is subscribed to).
+    pub fn start_aggregator(&self, config: &Path, name: &str) -> Proc {
         let mut cmd = Command::new(binary("aggregator"));
         cmd.arg("--config").arg(config);
-        Proc::spawn(name, cmd)
+        let aggregator = Proc::spawn(name, cmd);
+        aggregator
+            .wait_for_line("aggregator ready", std::time::Duration::from_secs(120))
+            .unwrap_or_else(|| panic!("{name} did not get ready within 120 s"));
+        aggregator
     }
 
     /// Starts edge client `index` of the fleet.

@@ -45,10 +45,7 @@ fn a_client_killed_while_training_is_counted_failed_and_the_next_round_goes_on()
     // sampled, and is killed while it trains (30 local epochs take seconds).
     let top = "min_clients = 3\nquorum = 2\nround_timeout_secs = 120.0";
     let config = fed.aggregator_config("embedded", port, 2, top, "epochs = 30");
-    let mut aggregator = fed.spawn_aggregator(&config, "aggregator");
-    aggregator
-        .wait_for_line("aggregator ready", Duration::from_secs(120))
-        .expect("the aggregator did not get ready");
+    let mut aggregator = fed.start_aggregator(&config, "aggregator");
     let url = format!("mqtt://127.0.0.1:{port}");
     let mut victim = fed.spawn_client(&url, 3);
     assert!(
@@ -104,10 +101,7 @@ fn the_aggregator_killed_mid_round_resumes_from_its_checkpoint_without_losing_or
     let mut fed = federation(dir.path(), "faults-aggregator", 3);
     let top = "min_clients = 3\nquorum = 3\nround_timeout_secs = 240.0";
     let config = fed.aggregator_config("embedded", port, 3, top, "epochs = 20");
-    let mut first = fed.spawn_aggregator(&config, "aggregator-1");
-    first
-        .wait_for_line("aggregator ready", Duration::from_secs(120))
-        .expect("the aggregator did not get ready");
+    let mut first = fed.start_aggregator(&config, "aggregator-1");
     let sniffer = Sniffer::start(port, &fed.fleet, MAX_PACKET);
     let url = format!("mqtt://127.0.0.1:{port}");
     let mut clients: Vec<Proc> = (0..2).map(|i| fed.spawn_client(&url, i)).collect();
@@ -129,7 +123,7 @@ fn the_aggregator_killed_mid_round_resumes_from_its_checkpoint_without_losing_or
     );
     eprintln!("killed the aggregator with {accepted_before} accepted update(s) in round 2");
 
-    let mut second = fed.spawn_aggregator(&config, "aggregator-2");
+    let mut second = fed.start_aggregator(&config, "aggregator-2");
     let status = second
         .wait_exit(Duration::from_secs(900))
         .expect("the restarted aggregator did not finish");

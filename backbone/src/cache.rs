@@ -213,9 +213,7 @@ impl ActivationCache {
             // A file from an earlier run: into memory when it fits, read in place otherwise.
             let bytes = n * f.row_len() * 4;
             if self.used + bytes <= self.cfg.memory_budget {
-                let all: Vec<usize> = (0..n).collect();
-                let rows = f.rows(&all)?;
-                f.store = Store::Memory(rows.into_raw_vec_and_offset().0);
+                f.store = Store::Memory(read_whole(&f.store, bytes)?);
                 self.used += bytes;
             }
             let f = Arc::new(f);
@@ -340,6 +338,27 @@ fn write_spill(
     w.flush().map_err(|e| BackboneError::io(tmp, e))?;
     drop(w);
     std::fs::rename(tmp, spill).map_err(|e| BackboneError::io(spill, e))
+}
+
+/// All `bytes` of a file store's values in one read (a memory store is returned as is).
+fn read_whole(store: &Store, bytes: usize) -> Result<Vec<f32>> {
+    match store {
+        Store::Memory(v) => Ok(v.clone()),
+        Store::File { path, file, offset } => {
+            let mut f = file
+                .lock()
+                .map_err(|_| cache_err(path, "file mutex poisoned"))?;
+            let mut buf = vec![0u8; bytes];
+            f.seek(SeekFrom::Start(*offset))
+                .map_err(|e| BackboneError::io(path, e))?;
+            f.read_exact(&mut buf)
+                .map_err(|e| BackboneError::io(path, e))?;
+            Ok(buf
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        }
+    }
 }
 
 /// Opens a complete spill file for `n` rows; `None` if there is none (or it is stale/broken,

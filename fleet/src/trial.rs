@@ -20,7 +20,7 @@
 //! peft = "lora"                # head | bias | lora | adapter | prompt | full-tail
 //! lora_rank = 8
 //! lora_alpha = 16.0
-//! runtime = "tract"            # auto | ort | tract (edge clients)
+//! runtime = "auto"             # auto | ort | tract (edge clients)
 //! image_size = 96
 //! eval_examples = 2000         # held-out examples the aggregator evaluates each round
 //!
@@ -83,7 +83,7 @@ pub struct ModelSpec {
     pub lora_rank: Option<u16>,
     /// LoRA alpha. Default: the aggregator's default.
     pub lora_alpha: Option<f64>,
-    /// Trunk runtime of the edge clients. Default `tract`.
+    /// Trunk runtime of the edge clients. Default `auto` (onnxruntime when its library loads, else tract).
     #[serde(default = "default_runtime")]
     pub runtime: String,
     /// Image side for a vision trunk. Default 96.
@@ -359,7 +359,7 @@ fn default_peft() -> String {
     "lora".into()
 }
 fn default_runtime() -> String {
-    "tract".into()
+    "auto".into()
 }
 fn default_image_size() -> usize {
     96

@@ -128,7 +128,7 @@ dir = "{out}"
         .args(["--run-id", &self.run_id.to_string()])
         .arg("--model-dir")
         .arg(backbone())
-        .args(["--runtime", "tract", "--peft", "lora", "--image-size", "96"])
+        .args(["--runtime", "auto", "--peft", "lora", "--image-size", "96"])
         .args([
             "--dataset",
             "fashion-mnist",

@@ -90,10 +90,11 @@ fn main() -> Result<()> {
         .with_threads(a.threads);
     let trunk = open_trunk(&bb, &cfg)?;
     let pre = ImagePreprocess::from_manifest(&bb.manifest, Some(a.size))?;
-    let spill = std::env::temp_dir().join("fedpeft-fmnist-cache");
+    // A fresh folder per run: an earlier run's spill files would make epoch 1 skip the trunk.
+    let spill = std::env::temp_dir().join(format!("fedpeft-fmnist-cache-{}", std::process::id()));
     let mut cache = ActivationCache::new(CacheConfig {
         memory_budget: 4 << 30,
-        spill_dir: spill,
+        spill_dir: spill.clone(),
         // Not kept between runs: epoch 1 must run the trunk for the speed-up figure.
         persist: false,
     });
@@ -157,6 +158,8 @@ fn main() -> Result<()> {
             100.0 * correct as f64 / n as f64
         );
     }
+    drop(cache);
+    let _ = std::fs::remove_dir_all(&spill);
     if epoch_secs.len() >= 2 {
         println!(
             "epoch-2 speed-up from the activation cache: {:.1}x",

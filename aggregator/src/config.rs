@@ -34,12 +34,24 @@
 //! # dp_noise_multiplier = 1.0
 //!
 //! [broker]
-//! url = "embedded"            # "embedded" (in-process rumqttd) or mqtt://host:port  default
+//! url = "embedded"            # "embedded" (in-process rumqttd), mqtt://host:port, or
+//!                             # mqtts://host:port (TLS, port default 8883)      default
 //! host = "127.0.0.1"          # embedded: listen address                        default loopback
 //! port = 0                    # embedded: 0 = pick a free port                  default 0
 //! max_packet_bytes = 1048576  # MQTT packet limit, both ways and in the broker  default 1 MiB
 //! client_id = "fedpeft-aggregator"  #                                           default
 //! keep_alive_secs = 30        #                                                 default 30
+//! # ca_file = "ca.crt"        # mqtts: PEM CA the broker's certificate chains to  (required)
+//! # client_cert = "agg.crt"   # mqtts: PEM client certificate and its key, for brokers
+//! # client_key = "agg.key"    #   that authenticate by certificate              default none
+//! # username = "fedpeft-aggregator"  # MQTT username                            default none
+//! # password_file = "agg.pw"  # the password: first line of this file, or      default none
+//! # password_env = "AGG_PW"   #   this environment variable (never on the command line)
+//!
+//! [security]                  # signed messages (docs/protocol.md, "Signed envelopes")
+//! # signing_key = "agg.key"   # sign global adapters and announcements (`aggregator keygen`)
+//! # enrolled_keys = "enrolled.toml"  # client id -> public key; when set, joins, updates and
+//!                             # statuses must be signed by the enrolled key     default none
 //!
 //! [model]                     # what the run trains: see `ModelHost`
 //! # backbone = "models/efficientnet-lite0"  # backbone directory (manifest)       default none
@@ -67,6 +79,7 @@ use serde::Deserialize;
 
 use crate::round::QuorumFailure;
 use crate::strategy::StrategyKind;
+use crate::tls::TlsFiles;
 
 /// A config that cannot be used. Every variant names the field (and file, when read from one).
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +132,15 @@ pub struct RawConfig {
     pub model: RawModel,
     #[serde(default)]
     pub output: RawOutput,
+    #[serde(default)]
+    pub security: RawSecurity,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecurity {
+    pub signing_key: Option<PathBuf>,
+    pub enrolled_keys: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -153,6 +175,12 @@ pub struct RawBroker {
     pub max_packet_bytes: Option<usize>,
     pub client_id: Option<String>,
     pub keep_alive_secs: Option<u64>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -194,6 +222,16 @@ pub enum BrokerTarget {
     External { host: String, port: u16 },
 }
 
+/// A password, kept out of `Debug` output and logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
 /// Broker connection settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BrokerConfig {
@@ -201,6 +239,17 @@ pub struct BrokerConfig {
     pub max_packet_bytes: usize,
     pub client_id: String,
     pub keep_alive_secs: u64,
+    /// TLS to an external broker (`mqtts://`).
+    pub tls: Option<TlsFiles>,
+    /// MQTT username and password.
+    pub credentials: Option<(String, Secret)>,
+}
+
+/// Signed messages: the aggregator's key and the enrolled clients' keys (files, read at start).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SecurityConfig {
+    pub signing_key: Option<PathBuf>,
+    pub enrolled_keys: Option<PathBuf>,
 }
 
 /// The model part: which PEFT method on which backbone, or a model-less adapter layout.
@@ -237,6 +286,7 @@ pub struct Config {
     pub model: ModelConfig,
     pub output_dir: PathBuf,
     pub resume: bool,
+    pub security: SecurityConfig,
 }
 
 impl RawConfig {
@@ -355,12 +405,17 @@ impl RawConfig {
             model,
             output_dir: output.dir.unwrap_or_else(|| PathBuf::from("runs/latest")),
             resume: output.resume.unwrap_or(true),
+            security: SecurityConfig {
+                signing_key: self.security.signing_key,
+                enrolled_keys: self.security.enrolled_keys,
+            },
         })
     }
 }
 
 fn validate_broker(b: RawBroker) -> Result<BrokerConfig, ConfigError> {
     let url = b.url.unwrap_or_else(|| "embedded".into());
+    let mut tls_url = false;
     let target = if url == "embedded" {
         BrokerTarget::Embedded {
             host: b.host.unwrap_or_else(|| "127.0.0.1".into()),
@@ -373,9 +428,44 @@ fn validate_broker(b: RawBroker) -> Result<BrokerConfig, ConfigError> {
                 "host and port are for the embedded broker; put them in the url",
             ));
         }
-        let (host, port) = parse_mqtt_url(&url)?;
+        let (host, port, tls) = parse_mqtt_url(&url)?;
+        tls_url = tls;
         BrokerTarget::External { host, port }
     };
+    let client_cert = match (b.client_cert, b.client_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => {
+            return Err(invalid(
+                "broker.client_cert",
+                "client_cert and client_key go together",
+            ));
+        }
+    };
+    let tls = match (tls_url, b.ca_file) {
+        (true, Some(ca_file)) => Some(TlsFiles {
+            ca_file,
+            client_cert,
+        }),
+        (true, None) => {
+            return Err(invalid(
+                "broker.ca_file",
+                format!(
+                    "`{url}` is TLS: name the CA certificate (PEM) the broker's certificate chains to"
+                ),
+            ));
+        }
+        (false, ca) => {
+            if ca.is_some() || client_cert.is_some() {
+                return Err(invalid(
+                    "broker.ca_file",
+                    format!("TLS files are set but `{url}` is not an mqtts:// URL"),
+                ));
+            }
+            None
+        }
+    };
+    let credentials = credentials(b.username, b.password_file, b.password_env)?;
     let max_packet_bytes = b.max_packet_bytes.unwrap_or(1 << 20);
     if !(4096..=256 << 20).contains(&max_packet_bytes) {
         return Err(invalid(
@@ -392,23 +482,65 @@ fn validate_broker(b: RawBroker) -> Result<BrokerConfig, ConfigError> {
         max_packet_bytes,
         client_id,
         keep_alive_secs: b.keep_alive_secs.unwrap_or(30).max(5),
+        tls,
+        credentials,
     })
 }
 
-/// `mqtt://host:port` (port default 1883). TLS (`mqtts://`) is not supported yet.
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), ConfigError> {
-    if url.starts_with("mqtts://") {
+/// Username and password: the password comes from a file (its first line) or an environment
+/// variable, never from the config text or the command line.
+fn credentials(
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+) -> Result<Option<(String, Secret)>, ConfigError> {
+    let password = match (password_file, password_env) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "broker.password_file",
+                "set password_file or password_env, not both",
+            ));
+        }
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                invalid(
+                    "broker.password_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            Some(text.lines().next().unwrap_or("").to_string())
+        }
+        (None, Some(var)) => Some(std::env::var(&var).map_err(|_| {
+            invalid(
+                "broker.password_env",
+                format!("environment variable `{var}` is not set (or not UTF-8)"),
+            )
+        })?),
+        (None, None) => None,
+    };
+    match (username, password) {
+        (Some(user), password) => Ok(Some((user, Secret(password.unwrap_or_default())))),
+        (None, Some(_)) => Err(invalid(
+            "broker.username",
+            "a password is set but no username",
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+/// `mqtt://host:port` (port default 1883) or `mqtts://host:port` (TLS, port default 8883);
+/// returns host, port and whether it is TLS.
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16, bool), ConfigError> {
+    let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (rest, true, 8883)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (rest, false, 1883)
+    } else {
         return Err(invalid(
             "broker.url",
-            "mqtts:// (TLS) is not supported yet; use mqtt:// or the embedded broker",
+            format!("`{url}` is neither \"embedded\" nor mqtt://host:port or mqtts://host:port"),
         ));
-    }
-    let rest = url.strip_prefix("mqtt://").ok_or_else(|| {
-        invalid(
-            "broker.url",
-            format!("`{url}` is neither \"embedded\" nor mqtt://host:port"),
-        )
-    })?;
+    };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (
@@ -416,12 +548,12 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), ConfigError> {
             p.parse::<u16>()
                 .map_err(|_| invalid("broker.url", format!("port `{p}` is not a number")))?,
         ),
-        None => (rest, 1883),
+        None => (rest, default_port),
     };
     if host.is_empty() {
         return Err(invalid("broker.url", format!("`{url}` has no host")));
     }
-    Ok((host.to_string(), port))
+    Ok((host.to_string(), port, tls))
 }
 
 fn validate_local(l: RawLocal) -> Result<LocalConfig, ConfigError> {
@@ -656,8 +788,64 @@ mod tests {
         assert_eq!(c.strategy, StrategyKind::Median);
         assert_eq!(
             parse_mqtt_url("mqtt://host").unwrap(),
-            ("host".into(), 1883)
+            ("host".into(), 1883, false)
         );
+        assert_eq!(
+            parse_mqtt_url("mqtts://host").unwrap(),
+            ("host".into(), 8883, true)
+        );
+    }
+
+    #[test]
+    fn tls_needs_a_ca_file_and_the_password_never_comes_from_the_config_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("agg.pw");
+        std::fs::write(&pw, "s3cret\nignored\n").unwrap();
+        let c = parse(&format!(
+            "[broker]\nurl = \"mqtts://broker.lan\"\nca_file = \"ca.crt\"\nusername = \"agg\"\npassword_file = \"{}\"\n{MINIMAL}",
+            pw.display()
+        ))
+        .unwrap();
+        assert_eq!(
+            c.broker.target,
+            BrokerTarget::External {
+                host: "broker.lan".into(),
+                port: 8883
+            }
+        );
+        assert_eq!(
+            c.broker.tls.as_ref().unwrap().ca_file,
+            PathBuf::from("ca.crt")
+        );
+        assert_eq!(
+            c.broker.credentials,
+            Some(("agg".to_string(), Secret("s3cret".into())))
+        );
+        assert!(!format!("{c:?}").contains("s3cret"));
+        for (text, field) in [
+            ("[broker]\nurl = \"mqtts://h\"\n", "broker.ca_file"),
+            (
+                "[broker]\nurl = \"mqtt://h\"\nca_file = \"ca.crt\"\n",
+                "broker.ca_file",
+            ),
+            (
+                "[broker]\nurl = \"mqtts://h\"\nca_file = \"c\"\nclient_cert = \"a\"\n",
+                "broker.client_cert",
+            ),
+            (
+                "[broker]\nusername = \"u\"\npassword_env = \"FEDPEFT_SURELY_UNSET_VAR\"\n",
+                "broker.password_env",
+            ),
+            (
+                "[broker]\nusername = \"u\"\npassword_file = \"/nonexistent/pw\"\n",
+                "broker.password_file",
+            ),
+        ] {
+            let err = parse(&format!("{text}{MINIMAL}")).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{field}`")), "{text:?}: {err}");
+        }
+        // A password in the file itself is an unknown key.
+        assert!(parse(&format!("[broker]\npassword = \"x\"\n{MINIMAL}")).is_err());
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - [`host`]: the [`host::ModelHost`] trait (initial adapter, held-out evaluation);
 //!   [`model`]: its real implementation on a split backbone + PEFT tail.
 //! - [`report`]: JSON / CSV report and the summary table.
+//! - [`keys`]: the enrolment file (client id → Ed25519 public key) and `keygen`; [`tls`]: the
+//!   rustls configuration for an `mqtts://` broker.
 //! - [`broker`]: the embedded rumqttd; [`shell`]: the async loop (tokio + rumqttc) that moves
 //!   bytes between MQTT and the machine.
 //!
@@ -25,9 +27,11 @@ pub mod broker;
 pub mod checkpoint;
 pub mod config;
 pub mod host;
+pub mod keys;
 pub mod model;
 pub mod report;
 pub mod round;
 pub mod shell;
 pub mod strategy;
+pub mod tls;
 pub mod wire;

@@ -18,6 +18,8 @@ use fedpeft_aggregator::shell;
     about = "fedpeft aggregator: federated rounds over MQTT"
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML config file (every field optional; unknown keys are errors).
     #[arg(short, long)]
     config: Option<PathBuf>,
@@ -45,9 +47,30 @@ struct Cli {
     /// Sampling seed.
     #[arg(long)]
     seed: Option<u64>,
-    /// "embedded" or mqtt://host:port.
+    /// "embedded", mqtt://host:port or mqtts://host:port (TLS).
     #[arg(long)]
     broker: Option<String>,
+    /// mqtts: PEM file of the CA the broker's certificate chains to.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// mqtts: PEM client certificate (with --client-key), for brokers that ask for one.
+    #[arg(long)]
+    client_cert: Option<PathBuf>,
+    /// mqtts: PEM private key of --client-cert.
+    #[arg(long)]
+    client_key: Option<PathBuf>,
+    /// MQTT username.
+    #[arg(long)]
+    username: Option<String>,
+    /// File whose first line is the MQTT password (a password is never a flag).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// Sign global adapters and announcements with this key (`aggregator keygen`).
+    #[arg(long)]
+    signing_key: Option<PathBuf>,
+    /// Enrolment file (client id -> public key): joins, statuses and updates must be signed.
+    #[arg(long)]
+    enrolled_keys: Option<PathBuf>,
     /// Embedded broker port (0 = a free one).
     #[arg(long)]
     port: Option<u16>,
@@ -57,6 +80,17 @@ struct Cli {
     /// Start fresh even if a checkpoint exists in the output directory.
     #[arg(long)]
     no_resume: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Generate an Ed25519 key pair: writes the secret key to a new owner-only file and prints
+    /// the public key (give it to the clients as their `aggregator_key`).
+    Keygen {
+        /// Secret key file to create (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 impl Cli {
@@ -80,6 +114,11 @@ impl Cli {
         if let Some(port) = self.port {
             raw.broker.port = Some(port);
         }
+        macro_rules! set_in {
+            ($table:ident: $($field:ident),*) => {$( if let Some(v) = self.$field { raw.$table.$field = Some(v); } )*};
+        }
+        set_in!(broker: ca_file, client_cert, client_key, username, password_file);
+        set_in!(security: signing_key, enrolled_keys);
         if let Some(out) = self.out {
             raw.output.dir = Some(out);
         }
@@ -99,6 +138,12 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Some(Command::Keygen { out }) = &cli.command {
+        let public = fedpeft_aggregator::keys::keygen(out)?;
+        eprintln!("secret key written to {}", out.display());
+        println!("{}", fedpeft_protocol::sign::public_key_hex(&public));
+        return Ok(());
+    }
     let mut raw = match &cli.config {
         Some(path) => RawConfig::read(path)?,
         None => RawConfig::default(),

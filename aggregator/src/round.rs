@@ -21,8 +21,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fedpeft_protocol::{
-    ClientId, ClientState, ClientUpdate, Codec, DType, Envelope, FleetName, GlobalAdapter,
-    LocalConfig, PeftMethod, QoS, RoundAnnounce, Sampling, SplitMix64, Topic, TopicKind,
+    ClientId, ClientState, ClientUpdate, Codec, DType, EncodeError, Envelope, FleetName,
+    GlobalAdapter, LocalConfig, PeftMethod, QoS, RoundAnnounce, Sampling, SigningKey, SplitMix64,
+    Topic, TopicKind,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -68,10 +69,16 @@ pub enum RejectReason {
     NonFinite,
     /// A join whose backbone or PEFT method does not match the run's.
     Incompatible,
+    /// Enrolment is configured and the message is not signed.
+    Unsigned,
+    /// The signature does not verify with the client's enrolled key (forged or altered).
+    BadSignature,
+    /// Enrolment is configured and the client id has no enrolled key.
+    NotEnrolled,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 16] = [
+    pub const ALL: [RejectReason; 19] = [
         RejectReason::Malformed,
         RejectReason::WrongVersion,
         RejectReason::BadChecksum,
@@ -88,7 +95,20 @@ impl RejectReason {
         RejectReason::WrongShape,
         RejectReason::NonFinite,
         RejectReason::Incompatible,
+        RejectReason::Unsigned,
+        RejectReason::BadSignature,
+        RejectReason::NotEnrolled,
     ];
+
+    /// Whether the reason says the sender could not be authenticated: such a message may come
+    /// from anybody, so it says nothing about the client it names (which is not counted as
+    /// failed for it).
+    pub fn is_authentication(self) -> bool {
+        matches!(
+            self,
+            RejectReason::Unsigned | RejectReason::BadSignature | RejectReason::NotEnrolled
+        )
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -108,6 +128,9 @@ impl RejectReason {
             RejectReason::WrongShape => "wrong_shape",
             RejectReason::NonFinite => "non_finite",
             RejectReason::Incompatible => "incompatible",
+            RejectReason::Unsigned => "unsigned",
+            RejectReason::BadSignature => "bad_signature",
+            RejectReason::NotEnrolled => "not_enrolled",
         }
     }
 }
@@ -157,6 +180,17 @@ pub enum Event {
     Update {
         topic_client: ClientId,
         update: Box<Result<ClientUpdate, DecodeFailure>>,
+        wire_bytes: u64,
+    },
+    /// A Join or Status that was refused before it reached the machine (signature checks):
+    /// logged and counted, nothing else changes.
+    Refused {
+        /// The client the message names (unauthenticated).
+        client: String,
+        /// `join` or `status`.
+        kind: &'static str,
+        reason: RejectReason,
+        detail: String,
         wire_bytes: u64,
     },
     /// The shell evaluated the global adapter of `round` on the held-out set.
@@ -234,6 +268,8 @@ pub struct Rules {
     pub backbone_id: Option<String>,
     pub backbone_sha256: Option<[u8; 32]>,
     pub peft: Option<PeftMethod>,
+    /// Signs the global adapter and round announcements (signed envelopes) when set.
+    pub signing_key: Option<SigningKey>,
 }
 
 /// A client as the aggregator knows it.
@@ -439,6 +475,23 @@ impl RoundMachine {
             } => {
                 self.s.ledger.client_up(topic_client.as_str(), wire_bytes);
                 self.on_update(topic_client, *update, wire_bytes, now, &mut out);
+            }
+            Event::Refused {
+                client,
+                kind,
+                reason,
+                detail,
+                wire_bytes,
+            } => {
+                self.s.ledger.client_up(&client, wire_bytes);
+                warn!(client = %client, kind, reason = %reason, detail = %detail, "message rejected");
+                self.count_rejection(reason);
+                if let Phase::Collecting(open) = &mut self.s.phase {
+                    *open
+                        .rejected
+                        .entry(reason.as_str().to_string())
+                        .or_default() += 1;
+                }
             }
             Event::Evaluated {
                 round,
@@ -785,8 +838,11 @@ impl RoundMachine {
             // A sampled client whose update for this round was refused (for a reason other than
             // being a redelivery) will not send another: it counts as failed, so the round can
             // close without waiting for the deadline.
+            // A message that fails authentication may come from anybody: it must not knock
+            // the client it names out of the round.
             if round == open.round
                 && reason != RejectReason::Duplicate
+                && !reason.is_authentication()
                 && open.sampled.contains(client)
                 && !open.accepted.contains_key(client)
             {
@@ -978,6 +1034,14 @@ impl RoundMachine {
         }
     }
 
+    /// Encodes what the aggregator publishes: signed when it has a key.
+    fn seal(&self, envelope: &Envelope) -> Result<Vec<u8>, EncodeError> {
+        match &self.rules.signing_key {
+            Some(key) => envelope.encode_signed(&self.rules.fleet, key),
+            None => envelope.encode(),
+        }
+    }
+
     fn receivers(&self) -> Vec<String> {
         self.available()
     }
@@ -1021,8 +1085,7 @@ impl RoundMachine {
                 round: self.s.global_round,
                 tensors,
             };
-            Envelope::new(self.rules.run_id, self.s.global_round, msg)
-                .encode()
+            self.seal(&Envelope::new(self.rules.run_id, self.s.global_round, msg))
                 .map_err(|e| e.to_string())
         });
         let payload = match encoded {
@@ -1076,7 +1139,7 @@ impl RoundMachine {
             .filter_map(|c| ClientId::new(c).ok())
             .collect();
         let msg = self.announce_message(open.round, open.deadline_unix_ms, sampled);
-        match Envelope::new(self.rules.run_id, open.round, msg).encode() {
+        match self.seal(&Envelope::new(self.rules.run_id, open.round, msg)) {
             Ok(p) => self.publish(TopicKind::Round, p, out),
             Err(e) => warn!(error = %e, "round announcement cannot be encoded"),
         }
@@ -1085,7 +1148,11 @@ impl RoundMachine {
     /// The run is over: see [`is_run_done`].
     fn publish_done(&mut self, out: &mut Vec<Action>) {
         let msg = self.announce_message(self.rules.rounds + 1, 0, Vec::new());
-        match Envelope::new(self.rules.run_id, self.rules.rounds + 1, msg).encode() {
+        match self.seal(&Envelope::new(
+            self.rules.run_id,
+            self.rules.rounds + 1,
+            msg,
+        )) {
             Ok(p) => self.publish(TopicKind::Round, p, out),
             Err(e) => warn!(error = %e, "final announcement cannot be encoded"),
         }

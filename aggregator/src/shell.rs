@@ -19,6 +19,7 @@ use crate::broker::{self, BrokerError};
 use crate::checkpoint::{self, CheckpointError};
 use crate::config::{BrokerTarget, Config};
 use crate::host::{HostError, ModelHost};
+use crate::keys::{Enrolment, KeysError};
 use crate::report::{Report, RunInfo};
 use crate::round::{Action, Event, RestoreError, RoundMachine, Rules};
 use crate::strategy;
@@ -39,6 +40,10 @@ pub enum RunError {
     EmptyAdapter,
     #[error("MQTT client: {0}")]
     Mqtt(String),
+    #[error(transparent)]
+    Keys(#[from] KeysError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("report in {dir}: {source}")]
     Report {
         dir: PathBuf,
@@ -89,6 +94,7 @@ pub fn rules(config: &Config, host: &dyn ModelHost) -> Rules {
         backbone_id: host.backbone_id(),
         backbone_sha256: host.backbone_sha256(),
         peft: config.model.backbone.as_ref().map(|_| config.model.peft),
+        signing_key: None,
     }
 }
 
@@ -108,7 +114,25 @@ pub async fn run(
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<Outcome, RunError> {
     let mut ready = ready;
-    let rules = rules(&config, host.as_ref());
+    let mut rules = rules(&config, host.as_ref());
+    if let Some(path) = &config.security.signing_key {
+        let key = fedpeft_protocol::sign::read_signing_key(path).map_err(KeysError::from)?;
+        info!(key = %path.display(), public_key = %fedpeft_protocol::sign::public_key_hex(&key.verifying_key()),
+              "signing global adapters and announcements");
+        rules.signing_key = Some(key);
+    }
+    let enrolment = match &config.security.enrolled_keys {
+        Some(path) => {
+            let e = Enrolment::read(path)?;
+            info!(file = %path.display(), clients = e.len(), "enrolment: joins, statuses and updates must be signed");
+            Some(e)
+        }
+        None => None,
+    };
+    let transport = match &config.broker.tls {
+        Some(files) => Some(crate::tls::transport(files)?),
+        None => None,
+    };
     let ckpt_path = config.output_dir.join("aggregator.ckpt");
     std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Report {
         dir: config.output_dir.clone(),
@@ -163,6 +187,17 @@ pub async fn run(
         config.broker.max_packet_bytes,
     );
     opts.set_inflight(100);
+    if let Some(t) = transport {
+        opts.set_transport(t);
+    }
+    if let Some((user, password)) = &config.broker.credentials {
+        opts.set_credentials(user.clone(), password.0.clone());
+    }
+    let scheme = if config.broker.tls.is_some() {
+        "mqtts"
+    } else {
+        "mqtt"
+    };
     let (client, mut eventloop) = AsyncClient::new(opts, 4096);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let pump = tokio::spawn(async move {
@@ -193,6 +228,9 @@ pub async fn run(
         config.max_update_bytes,
         config.round_timeout_ms,
     );
+    if let Some(e) = enrolment {
+        inbox = inbox.with_enrolment(e);
+    }
     let filters: Vec<SubscribeFilter> = inbox
         .subscriptions()
         .into_iter()
@@ -223,7 +261,7 @@ pub async fn run(
                         started = true;
                         // Tests and scripts wait for this line before starting clients.
                         println!(
-                            "aggregator ready: broker mqtt://{broker_addr} fleet {} run {}",
+                            "aggregator ready: broker {scheme}://{broker_addr} fleet {} run {}",
                             config.fleet, config.run_id
                         );
                         if let Some(tx) = ready.take() {

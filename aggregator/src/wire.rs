@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 
 use fedpeft_protocol::{
     ClientId, DecodeError, Envelope, FleetName, Message, QoS, Reassembler, ReassemblyError,
-    ReassemblyLimits, Topic, TopicKind, peek_header,
+    ReassemblyLimits, SignatureError, Topic, TopicKind, peek_header, sign,
 };
 use tracing::{debug, warn};
 
 use crate::accounting::wire_size;
+use crate::keys::Enrolment;
 use crate::round::{DecodeFailure, Event, JoinInfo, RejectReason};
 
 /// Turns received publishes into [`Event`]s.
@@ -20,6 +21,8 @@ pub struct Inbox {
     reassembler: Reassembler<String>,
     /// Wire bytes of the chunks received so far, per (client, message id).
     partial_bytes: BTreeMap<(String, u32), u64>,
+    /// When set, joins, statuses and updates must be signed by the named client's key.
+    enrolment: Option<Enrolment>,
 }
 
 fn failure(reason: RejectReason, round: Option<u32>, detail: impl ToString) -> DecodeFailure {
@@ -71,7 +74,44 @@ impl Inbox {
                 timeout_ms: chunk_timeout_ms,
             }),
             partial_bytes: BTreeMap::new(),
+            enrolment: None,
         }
+    }
+
+    /// Requires every join, status and update to be signed with the enrolled key of the client
+    /// it names (see `docs/protocol.md`, "Signed envelopes").
+    pub fn with_enrolment(mut self, enrolment: Enrolment) -> Inbox {
+        self.enrolment = Some(enrolment);
+        self
+    }
+
+    /// `update` if its payload passes [`Inbox::authenticate`].
+    fn signed(
+        &self,
+        client: &ClientId,
+        payload: &[u8],
+        update: fedpeft_protocol::ClientUpdate,
+    ) -> Result<fedpeft_protocol::ClientUpdate, DecodeFailure> {
+        match self.authenticate(client.as_str(), payload) {
+            Ok(()) => Ok(update),
+            Err((reason, detail)) => Err(failure(reason, Some(update.round), detail)),
+        }
+    }
+
+    /// Checks the signature of a whole (reassembled) payload from `client`, when enrolment is
+    /// configured.
+    fn authenticate(&self, client: &str, payload: &[u8]) -> Result<(), (RejectReason, String)> {
+        let Some(enrolment) = &self.enrolment else {
+            return Ok(());
+        };
+        let key = enrolment.key(client).ok_or((
+            RejectReason::NotEnrolled,
+            "no enrolled public key".to_string(),
+        ))?;
+        sign::verify(payload, &self.fleet, key).map_err(|e| match e {
+            SignatureError::Unsigned => (RejectReason::Unsigned, e.to_string()),
+            _ => (RejectReason::BadSignature, e.to_string()),
+        })
     }
 
     /// The topic filters the aggregator subscribes to.
@@ -148,16 +188,27 @@ impl Inbox {
             Ok(Envelope {
                 message: Message::Join(j),
                 ..
-            }) => Some(Event::Joined {
-                client: j.client,
-                info: JoinInfo {
-                    num_examples: j.num_examples,
-                    backbone_id: j.capabilities.backbone_id.as_str().to_string(),
-                    backbone_sha256: j.capabilities.backbone_sha256,
-                    peft: j.capabilities.peft,
-                },
-                wire_bytes,
-            }),
+            }) => {
+                if let Err((reason, detail)) = self.authenticate(j.client.as_str(), payload) {
+                    return Some(Event::Refused {
+                        client: j.client.as_str().to_string(),
+                        kind: "join",
+                        reason,
+                        detail,
+                        wire_bytes,
+                    });
+                }
+                Some(Event::Joined {
+                    client: j.client,
+                    info: JoinInfo {
+                        num_examples: j.num_examples,
+                        backbone_id: j.capabilities.backbone_id.as_str().to_string(),
+                        backbone_sha256: j.capabilities.backbone_sha256,
+                        peft: j.capabilities.peft,
+                    },
+                    wire_bytes,
+                })
+            }
             Ok(other) => {
                 warn!(kind = %other.kind(), "ignoring a non-Join message on the join topic");
                 None
@@ -180,11 +231,20 @@ impl Inbox {
             Ok(Envelope {
                 message: Message::Status(s),
                 ..
-            }) if s.client == client => Some(Event::Status {
-                client,
-                state: s.state,
-                wire_bytes,
-            }),
+            }) if s.client == client => match self.authenticate(client.as_str(), payload) {
+                Ok(()) => Some(Event::Status {
+                    client,
+                    state: s.state,
+                    wire_bytes,
+                }),
+                Err((reason, detail)) => Some(Event::Refused {
+                    client: client.as_str().to_string(),
+                    kind: "status",
+                    reason,
+                    detail,
+                    wire_bytes,
+                }),
+            },
             Ok(_) => {
                 warn!(client = %client, "ignoring a status message that is not this client's Status");
                 None
@@ -213,7 +273,7 @@ impl Inbox {
             Err(f) => return Some(ev(Err(f), wire_bytes)),
         };
         match env.message {
-            Message::ClientUpdate(u) => Some(ev(Ok(u), wire_bytes)),
+            Message::ClientUpdate(u) => Some(ev(self.signed(&client, payload, u), wire_bytes)),
             Message::Chunk(chunk) => {
                 let key = (client.as_str().to_string(), chunk.message_id);
                 let round = env.round;
@@ -229,7 +289,7 @@ impl Inbox {
                             Ok(Envelope {
                                 message: Message::ClientUpdate(u),
                                 ..
-                            }) => Some(ev(Ok(u), total)),
+                            }) => Some(ev(self.signed(&client, &whole, u), total)),
                             Ok(other) => Some(ev(
                                 Err(failure(
                                     RejectReason::Malformed,
@@ -346,10 +406,10 @@ mod tests {
             ),
             "{cut:?}"
         );
-        let mut v2 = good.clone();
-        v2[0] = 2; // version varint
+        let mut v3 = good.clone();
+        v3[0] = 3; // version varint (1 unsigned and 2 signed are known)
         assert!(matches!(
-            reason(inbox().on_publish(TOPIC, &v2, 0)),
+            reason(inbox().on_publish(TOPIC, &v3, 0)),
             Err((RejectReason::WrongVersion, _))
         ));
         assert_eq!(

@@ -48,6 +48,7 @@ fn rules(rounds: u32, min_clients: usize, quorum: usize) -> Rules {
         backbone_id: Some("bb".into()),
         backbone_sha256: None,
         peft: Some(PeftMethod::Head),
+        signing_key: None,
     }
 }
 

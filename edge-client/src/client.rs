@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fedpeft_protocol::{Capabilities, ClientId, FleetName};
+use fedpeft_protocol::{Capabilities, ClientId, FleetName, SigningKey, VerifyingKey};
 use rand::{Rng, SeedableRng};
 use rumqttc::{
     AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Outgoing, Packet as MqttPacket, QoS,
@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::accounting::{ByteLedger, packet_size};
 use crate::config::{Backoff, BrokerAddr, EdgeConfig};
 use crate::session::{Action, Event, ExitReason, Session, SessionStats};
+use crate::tls::{TlsError, TlsFiles};
 use crate::trainer::LocalTrainer;
 use crate::types::Round;
 use crate::wire::{JoinInfo, Packet, Wire, WireError};
@@ -41,6 +42,12 @@ pub struct ClientSettings {
     pub client_id: ClientId,
     pub run_id: u64,
     pub capabilities: Capabilities,
+    /// TLS files for an `mqtts://` broker.
+    pub tls: Option<TlsFiles>,
+    /// Signs Join, Status and updates when set.
+    pub signing_key: Option<SigningKey>,
+    /// Global adapters and announcements must be signed with this key when set.
+    pub aggregator_key: Option<VerifyingKey>,
 }
 
 /// Why the client could not run.
@@ -52,6 +59,10 @@ pub enum ClientError {
     ClientId(fedpeft_protocol::IdError),
     #[error(transparent)]
     Wire(#[from] WireError),
+    #[error(transparent)]
+    Key(#[from] fedpeft_protocol::sign::KeyFileError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl ClientSettings {
@@ -70,6 +81,12 @@ impl ClientSettings {
             client_id: ClientId::new(&cfg.client_id).map_err(ClientError::ClientId)?,
             run_id: cfg.run_id,
             capabilities,
+            tls: cfg.tls.clone(),
+            signing_key: match &cfg.signing_key {
+                Some(path) => Some(fedpeft_protocol::sign::read_signing_key(path)?),
+                None => None,
+            },
+            aggregator_key: cfg.aggregator_key,
         })
     }
 }
@@ -170,6 +187,12 @@ where
         join,
         settings.max_packet_bytes,
     );
+    if let Some(key) = settings.signing_key.clone() {
+        wire = wire.with_signing_key(key);
+    }
+    if let Some(key) = settings.aggregator_key {
+        wire = wire.with_aggregator_key(key);
+    }
     let will = wire.last_will()?;
     let client_id = settings.client_id.as_str().to_string();
 
@@ -186,6 +209,9 @@ where
         ));
     if let Some((user, pass)) = &settings.credentials {
         opts.set_credentials(user, pass);
+    }
+    if let Some(files) = &settings.tls {
+        opts.set_transport(crate::tls::transport(files)?);
     }
     let connect_size = connect_packet_size(&opts);
     let (mqtt, mut eventloop) = AsyncClient::new(opts, 64);

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use fedpeft_protocol::VerifyingKey;
 use serde::Deserialize;
+
+use crate::tls::TlsFiles;
 
 /// Longest client id / fleet name accepted. They become MQTT topic levels and are carried as
 /// fixed-capacity strings on the wire, so they are short and topic-safe.
@@ -74,7 +77,8 @@ pub enum PartitionKind {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerFile {
-    /// `mqtt://host[:port]`. Default `mqtt://127.0.0.1:1883`.
+    /// `mqtt://host[:port]` or `mqtts://host[:port]` (TLS, port 8883 by default). Default
+    /// `mqtt://127.0.0.1:1883`.
     pub url: Option<String>,
     /// MQTT keep-alive in seconds. Default 30.
     pub keep_alive_secs: Option<u64>,
@@ -82,10 +86,32 @@ pub struct BrokerFile {
     /// exceed the aggregator's `max_payload_bytes` (its adapter chunks) by 1 KiB at least.
     /// Default 1048576, the aggregator's broker limit.
     pub max_packet_bytes: Option<usize>,
-    /// Username, if the broker wants one.
+    /// Username, if the broker wants one (with the example ACL: the client id).
     pub username: Option<String>,
     /// Password, if the broker wants one.
     pub password: Option<String>,
+    /// A file whose first line is the password (instead of `password`).
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password (instead of `password`).
+    pub password_env: Option<String>,
+    /// mqtts: PEM file of the CA the broker's certificate chains to. Required for mqtts.
+    pub ca_file: Option<PathBuf>,
+    /// mqtts: PEM client certificate, for brokers that authenticate by certificate.
+    pub client_cert: Option<PathBuf>,
+    /// mqtts: PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+}
+
+/// The `[security]` table: signed messages (`docs/protocol.md`, "Signed envelopes").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityFile {
+    /// This client's secret key file (`edge-client keygen`): Join, Status and updates are
+    /// signed with it. Default: unsigned.
+    pub signing_key: Option<PathBuf>,
+    /// The aggregator's public key (64 hex digits, as `aggregator keygen` prints it): global
+    /// adapters and round announcements must carry its signature. Default: not checked.
+    pub aggregator_key: Option<String>,
 }
 
 /// The `[client]` table.
@@ -213,6 +239,8 @@ pub struct FileConfig {
     pub reconnect: ReconnectFile,
     #[serde(default)]
     pub report: ReportFile,
+    #[serde(default)]
+    pub security: SecurityFile,
 }
 
 impl FileConfig {
@@ -242,12 +270,36 @@ impl FileConfig {
     about = "fedpeft edge client: trains a PEFT tail on local data and publishes compact updates over MQTT"
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML config file.
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,
-    /// Broker URL, mqtt://host[:port].
+    /// Broker URL, mqtt://host[:port] or mqtts://host[:port] (TLS).
     #[arg(long)]
     pub broker: Option<String>,
+    /// mqtts: PEM file of the CA the broker's certificate chains to.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// mqtts: PEM client certificate (with --client-key).
+    #[arg(long)]
+    pub client_cert: Option<PathBuf>,
+    /// mqtts: PEM private key of --client-cert.
+    #[arg(long)]
+    pub client_key: Option<PathBuf>,
+    /// MQTT username.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// File whose first line is the MQTT password (a password is never a flag).
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// Secret key file: sign Join, Status and updates (`edge-client keygen`).
+    #[arg(long)]
+    pub signing_key: Option<PathBuf>,
+    /// The aggregator's public key (64 hex digits): refuse unsigned or forged global adapters
+    /// and round announcements.
+    #[arg(long)]
+    pub aggregator_key: Option<String>,
     /// Fleet name.
     #[arg(long)]
     pub fleet: Option<String>,
@@ -304,16 +356,30 @@ pub struct Cli {
     pub summary_json: Option<PathBuf>,
 }
 
+/// `edge-client` subcommands (none: run the client).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Generate an Ed25519 key pair: writes the secret key to a new owner-only file and prints
+    /// the public key (enrol it with the aggregator under this client's id).
+    Keygen {
+        /// Secret key file to create (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
 /// Where the broker is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddr {
     pub host: String,
     pub port: u16,
+    /// `mqtts://`: TLS.
+    pub tls: bool,
 }
 
 impl BrokerAddr {
-    /// Parses `mqtt://host[:port]` (port 1883 by default). `mqtts://` is recognised and refused
-    /// with a clear message: this build carries no TLS stack.
+    /// Parses `mqtt://host[:port]` (port 1883 by default) or `mqtts://host[:port]` (TLS, port
+    /// 8883 by default).
     pub fn parse(url: &str) -> Result<BrokerAddr, ConfigError> {
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
             invalid(
@@ -321,23 +387,16 @@ impl BrokerAddr {
                 format!("`{url}` has no scheme; expected mqtt://host:port"),
             )
         })?;
-        match scheme {
-            "mqtt" | "tcp" => {}
-            "mqtts" | "ssl" => {
-                return Err(invalid(
-                    "broker.url",
-                    format!(
-                        "`{url}`: TLS (mqtts://) is not built into this edge client yet; use mqtt://"
-                    ),
-                ));
-            }
+        let tls = match scheme {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
             other => {
                 return Err(invalid(
                     "broker.url",
-                    format!("`{url}`: unknown scheme `{other}`; expected mqtt://"),
+                    format!("`{url}`: unknown scheme `{other}`; expected mqtt:// or mqtts://"),
                 ));
             }
-        }
+        };
         let rest = rest.trim_end_matches('/');
         if rest.contains('/') || rest.contains('?') || rest.contains('@') {
             return Err(invalid(
@@ -372,6 +431,7 @@ impl BrokerAddr {
             return Err(invalid("broker.url", format!("`{url}`: empty host")));
         }
         let port = match port {
+            None if tls => 8883,
             None => 1883,
             Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
                 invalid(
@@ -380,16 +440,17 @@ impl BrokerAddr {
                 )
             })?,
         };
-        Ok(BrokerAddr { host, port })
+        Ok(BrokerAddr { host, port, tls })
     }
 }
 
 impl std::fmt::Display for BrokerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
         if self.host.contains(':') {
-            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "mqtt://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
@@ -436,6 +497,12 @@ pub struct EdgeConfig {
     pub keep_alive: Duration,
     pub max_packet_bytes: usize,
     pub credentials: Option<(String, String)>,
+    /// TLS files, for an `mqtts://` broker.
+    pub tls: Option<TlsFiles>,
+    /// Secret key file this client signs its messages with.
+    pub signing_key: Option<PathBuf>,
+    /// The aggregator's public key: its adapters and announcements must be signed with it.
+    pub aggregator_key: Option<VerifyingKey>,
     pub fleet: String,
     pub client_id: String,
     pub run_id: u64,
@@ -517,13 +584,87 @@ impl EdgeConfig {
             ));
         }
 
-        let credentials = match (file.broker.username, file.broker.password) {
+        let password_file = cli.password_file.clone().or(file.broker.password_file);
+        let password = match (
+            file.broker.password,
+            password_file,
+            file.broker.password_env,
+        ) {
+            (None, None, None) => None,
+            (Some(p), None, None) => Some(p),
+            (None, Some(path), None) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    invalid(
+                        "broker.password_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                Some(text.lines().next().unwrap_or("").to_string())
+            }
+            (None, None, Some(var)) => Some(std::env::var(&var).map_err(|_| {
+                invalid(
+                    "broker.password_env",
+                    format!("environment variable `{var}` is not set (or not UTF-8)"),
+                )
+            })?),
+            _ => {
+                return Err(invalid(
+                    "broker.password",
+                    "set one of password, password_file (--password-file) or password_env",
+                ));
+            }
+        };
+        let credentials = match (cli.username.clone().or(file.broker.username), password) {
             (Some(u), Some(p)) => Some((u, p)),
             (Some(u), None) => Some((u, String::new())),
             (None, Some(_)) => {
                 return Err(invalid("broker.password", "given without broker.username"));
             }
             (None, None) => None,
+        };
+        let client_cert = match (
+            cli.client_cert.clone().or(file.broker.client_cert),
+            cli.client_key.clone().or(file.broker.client_key),
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "broker.client_cert",
+                    "client_cert and client_key go together",
+                ));
+            }
+        };
+        let tls = match (broker.tls, cli.ca_file.clone().or(file.broker.ca_file)) {
+            (true, Some(ca_file)) => Some(TlsFiles {
+                ca_file,
+                client_cert,
+            }),
+            (true, None) => {
+                return Err(invalid(
+                    "broker.ca_file",
+                    format!(
+                        "`{url}` is TLS: name the CA certificate (PEM) the broker's certificate chains to (--ca-file)"
+                    ),
+                ));
+            }
+            (false, ca) => {
+                if ca.is_some() || client_cert.is_some() {
+                    return Err(invalid(
+                        "broker.ca_file",
+                        format!("TLS files are set but `{url}` is not an mqtts:// URL"),
+                    ));
+                }
+                None
+            }
+        };
+        let signing_key = cli.signing_key.clone().or(file.security.signing_key);
+        let aggregator_key = match cli.aggregator_key.clone().or(file.security.aggregator_key) {
+            Some(hex) => Some(
+                fedpeft_protocol::sign::parse_public_key(&hex)
+                    .map_err(|e| invalid("security.aggregator_key", e.to_string()))?,
+            ),
+            None => None,
         };
 
         let fleet = cli
@@ -684,6 +825,9 @@ impl EdgeConfig {
             keep_alive: Duration::from_secs(keep_alive_secs),
             max_packet_bytes,
             credentials,
+            tls,
+            signing_key,
+            aggregator_key,
             fleet,
             client_id,
             run_id,
@@ -757,7 +901,8 @@ mod tests {
             cfg.broker,
             BrokerAddr {
                 host: "broker.local".into(),
-                port: 1884
+                port: 1884,
+                tls: false,
             }
         );
         assert_eq!(cfg.fleet, "lab");
@@ -887,12 +1032,14 @@ mod tests {
             BrokerAddr::parse("mqtt://[::1]:1999").unwrap(),
             BrokerAddr {
                 host: "::1".into(),
-                port: 1999
+                port: 1999,
+                tls: false,
             }
         );
         assert_eq!(BrokerAddr::parse("tcp://h").unwrap().port, 1883);
-        let tls = BrokerAddr::parse("mqtts://h:8883").unwrap_err().to_string();
-        assert!(tls.contains("TLS"), "{tls}");
+        let tls = BrokerAddr::parse("mqtts://h").unwrap();
+        assert_eq!((tls.port, tls.tls), (8883, true));
+        assert_eq!(tls.to_string(), "mqtts://h:8883");
         assert!(
             BrokerAddr::parse("http://h")
                 .unwrap_err()
@@ -938,6 +1085,62 @@ mod tests {
         assert!(EdgeConfig::resolve(file, &cli(&base)).is_err());
         let file = parse("[reconnect]\ninitial_ms = 1000\nmax_ms = 10\n").unwrap();
         assert!(EdgeConfig::resolve(file, &cli(&base)).is_err());
+    }
+
+    #[test]
+    fn tls_password_and_keys_are_read_from_files_and_flags_and_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "hunter2\n").unwrap();
+        let key = fedpeft_protocol::SigningKey::from_bytes(&[3; 32]).verifying_key();
+        let hex = fedpeft_protocol::sign::public_key_hex(&key);
+        let pw_arg = pw.display().to_string();
+        let base = ["--client-id", "pi-01", "--model-dir", "m"];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            EdgeConfig::resolve(FileConfig::default(), &cli(&v))
+        };
+        let cfg = with(&[
+            "--broker",
+            "mqtts://broker.lan",
+            "--ca-file",
+            "ca.crt",
+            "--username",
+            "pi-01",
+            "--password-file",
+            &pw_arg,
+            "--signing-key",
+            "pi-01.key",
+            "--aggregator-key",
+            &hex,
+        ])
+        .unwrap();
+        assert!(cfg.broker.tls);
+        assert_eq!(cfg.tls.unwrap().ca_file, PathBuf::from("ca.crt"));
+        assert_eq!(
+            cfg.credentials,
+            Some(("pi-01".to_string(), "hunter2".to_string()))
+        );
+        assert_eq!(cfg.aggregator_key, Some(key));
+        assert_eq!(cfg.signing_key, Some(PathBuf::from("pi-01.key")));
+        for (extra, field) in [
+            (&["--broker", "mqtts://h"][..], "broker.ca_file"),
+            (&["--ca-file", "ca.crt"][..], "broker.ca_file"),
+            (&["--aggregator-key", "00"][..], "security.aggregator_key"),
+            (
+                &["--username", "u", "--password-file", "/nonexistent/pw"][..],
+                "broker.password_file",
+            ),
+        ] {
+            let err = with(extra).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { field: f, .. } if *f == field),
+                "{extra:?}: {err}"
+            );
+        }
+        // A password is never a flag.
+        assert!(Cli::try_parse_from(["edge-client", "--password", "x"]).is_err());
     }
 
     #[test]

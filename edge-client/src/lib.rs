@@ -10,6 +10,9 @@
 //!   trained on cached trunk activations.
 //! - [`setup`]: config -> backbone, data shard, cached trunk activations, PEFT tail.
 //! - [`accounting`]: bytes up and down per round, MQTT framing included.
+//! - [`tls`]: the rustls configuration for an `mqtts://` broker (CA file, optional client
+//!   certificate); signing keys and the aggregator's public key come from [`config`] and are
+//!   used by [`wire`] (signed envelopes, `docs/protocol.md`).
 //! - [`client`]: the async shell (tokio + rumqttc) that runs a session: [`client::run`].
 
 pub mod accounting;
@@ -17,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod session;
 pub mod setup;
+pub mod tls;
 pub mod trainer;
 pub mod types;
 pub mod wire;

@@ -9,6 +9,19 @@ use fedpeft_edge::setup;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(fedpeft_edge::config::Command::Keygen { out }) = &cli.command {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed)
+            .map_err(|e| anyhow::anyhow!("no randomness from the operating system: {e}"))?;
+        let key = fedpeft_protocol::SigningKey::from_bytes(&seed);
+        fedpeft_protocol::sign::write_signing_key(out, &key)?;
+        eprintln!("secret key written to {}", out.display());
+        println!(
+            "{}",
+            fedpeft_protocol::sign::public_key_hex(&key.verifying_key())
+        );
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -6,6 +6,11 @@
 //! 1). Its Join, Status and updates carry it, and announcements or adapters of any other run
 //! (e.g. a retained leftover of an earlier run) are refused.
 //!
+//! Signatures: with a signing key, every envelope this client sends (Join, Status and its last
+//! will, updates before chunking) is a signed envelope; with the aggregator's public key, a
+//! round announcement or global adapter (checked once reassembled) that is unsigned or does not
+//! verify is refused ([`WireError::Signature`]).
+//!
 //! End of run: the aggregator publishes a final (retained) [`RoundAnnounce`] with
 //! `deadline_unix_ms == 0` and an empty client list (`Sampling::Clients([])`); the client reads
 //! that as "the run is done" and exits cleanly.
@@ -17,7 +22,8 @@ use fedpeft_protocol::topic::filter;
 use fedpeft_protocol::{
     Capabilities, ClientId, ClientState, ClientUpdate, Codec, DType, Envelope, FleetName, Join,
     LocalConfig, Message, Optimizer, Reassembler, ReassemblyError, ReassemblyLimits, RoundAnnounce,
-    Sampling, SplitMix64, Status, Tensor as WireTensor, Topic, TopicKind, TrainMetrics,
+    Sampling, SignatureError, SigningKey, SplitMix64, Status, Tensor as WireTensor, Topic,
+    TopicKind, TrainMetrics, VerifyingKey,
 };
 
 use crate::session::{Event, Outbound};
@@ -50,6 +56,13 @@ pub enum WireError {
         topic: String,
         found: u64,
         expected: u64,
+    },
+    #[error("{kind} on `{topic}` refused: {source}")]
+    Signature {
+        topic: String,
+        kind: String,
+        #[source]
+        source: SignatureError,
     },
     #[error("global adapter of round {round}: {reason}")]
     Adapter { round: Round, reason: String },
@@ -98,6 +111,10 @@ pub struct Wire {
     /// What top-k / quantization did not send yet, per tensor, carried into the next round.
     residuals: HashMap<String, Vec<f32>>,
     next_message_id: u32,
+    /// Signs outgoing envelopes when set.
+    signing_key: Option<SigningKey>,
+    /// Incoming announcements and adapters must be signed with this key when set.
+    aggregator_key: Option<VerifyingKey>,
 }
 
 /// Converts a protocol dtype to ours.
@@ -182,6 +199,48 @@ impl Wire {
             run_id,
             residuals: HashMap::new(),
             next_message_id: 0,
+            signing_key: None,
+            aggregator_key: None,
+        }
+    }
+
+    /// Signs every outgoing envelope with `key`.
+    pub fn with_signing_key(mut self, key: SigningKey) -> Wire {
+        self.signing_key = Some(key);
+        self
+    }
+
+    /// Refuses round announcements and global adapters not signed with `key`.
+    pub fn with_aggregator_key(mut self, key: VerifyingKey) -> Wire {
+        self.aggregator_key = Some(key);
+        self
+    }
+
+    /// Encodes an outgoing envelope, signed when this client has a key.
+    fn seal(&self, what: &'static str, envelope: Envelope) -> Result<Vec<u8>, WireError> {
+        match &self.signing_key {
+            Some(key) => envelope.encode_signed(&self.fleet, key),
+            None => envelope.encode(),
+        }
+        .map_err(|e| WireError::Encode {
+            what,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks the aggregator's signature on a whole payload, when its key is configured.
+    fn check_aggregator(&self, topic: &str, kind: &str, payload: &[u8]) -> Result<(), WireError> {
+        match &self.aggregator_key {
+            None => Ok(()),
+            Some(key) => {
+                fedpeft_protocol::sign::verify(payload, &self.fleet, key).map_err(|source| {
+                    WireError::Signature {
+                        topic: topic.to_string(),
+                        kind: kind.to_string(),
+                        source,
+                    }
+                })
+            }
         }
     }
 
@@ -219,12 +278,7 @@ impl Wire {
             client: self.client.clone(),
             state,
         };
-        let payload = Envelope::new(self.run_id, 0, status)
-            .encode()
-            .map_err(|e| WireError::Encode {
-                what: "status",
-                reason: e.to_string(),
-            })?;
+        let payload = self.seal("status", Envelope::new(self.run_id, 0, status))?;
         Ok(Packet {
             topic: self.status_topic(),
             payload,
@@ -289,6 +343,7 @@ impl Wire {
         };
         match (&parsed.kind, env.message) {
             (TopicKind::Round, Message::RoundAnnounce(a)) => {
+                self.check_aggregator(topic, "round announcement", payload)?;
                 if is_run_done(&a) {
                     return Ok(Some(Event::RunDone));
                 }
@@ -309,6 +364,7 @@ impl Wire {
             }
             (TopicKind::Global, Message::GlobalAdapter(g))
             | (TopicKind::GlobalChunk(_), Message::GlobalAdapter(g)) => {
+                self.check_aggregator(topic, "global adapter", payload)?;
                 Ok(Some(Event::Adapter(adapter_from_wire(env.run_id, g)?)))
             }
             (TopicKind::Global | TopicKind::GlobalChunk(_), Message::Chunk(c)) => {
@@ -329,6 +385,7 @@ impl Wire {
                             })?;
                         match inner.message {
                             Message::GlobalAdapter(g) => {
+                                self.check_aggregator(topic, "global adapter", &bytes)?;
                                 Ok(Some(Event::Adapter(adapter_from_wire(inner.run_id, g)?)))
                             }
                             other => Err(unexpected(&other)),
@@ -360,12 +417,7 @@ impl Wire {
                     capabilities: self.join.capabilities.clone(),
                     num_examples: self.join.num_examples,
                 };
-                let payload = Envelope::new(self.run_id, 0, join).encode().map_err(|e| {
-                    WireError::Encode {
-                        what: "join",
-                        reason: e.to_string(),
-                    }
-                })?;
+                let payload = self.seal("join", Envelope::new(self.run_id, 0, join))?;
                 self.split("join", self.topic(TopicKind::Join), payload, 0, false)
             }
             Outbound::Update {
@@ -443,12 +495,7 @@ impl Wire {
             },
             tensors,
         };
-        Envelope::new(self.run_id, round, msg)
-            .encode()
-            .map_err(|e| WireError::Encode {
-                what: "update",
-                reason: e.to_string(),
-            })
+        self.seal("update", Envelope::new(self.run_id, round, msg))
     }
 
     /// The error-feedback residual kept for `tensor` (what was not sent yet).
@@ -912,5 +959,100 @@ mod tests {
         };
         assert_eq!(j.num_examples, 50);
         assert_eq!(j.capabilities, caps());
+    }
+
+    #[test]
+    fn with_keys_outgoing_messages_are_signed_and_only_the_aggregators_signature_is_accepted() {
+        let fleet = FleetName::new("lab").unwrap();
+        let mine = SigningKey::from_bytes(&[1; 32]);
+        let aggregator = SigningKey::from_bytes(&[2; 32]);
+        let impostor = SigningKey::from_bytes(&[3; 32]);
+        let mut w = wire(4096)
+            .with_signing_key(mine.clone())
+            .with_aggregator_key(aggregator.verifying_key());
+        // Join, last will and a (chunked) update: each whole payload verifies with our key.
+        let join = w.encode(&Outbound::Join).unwrap();
+        let will = w.last_will().unwrap();
+        for p in [&join[0], &will] {
+            fedpeft_protocol::sign::verify(&p.payload, &fleet, &mine.verifying_key()).unwrap();
+        }
+        let plan = plan_from_wire(&config(DType::F32, None));
+        let whole = w.encode_update(2, 5, &update(3000), &plan).unwrap();
+        fedpeft_protocol::sign::verify(&whole, &fleet, &mine.verifying_key()).unwrap();
+        assert_eq!(
+            decode_update(
+                &w.encode(&Outbound::Update {
+                    round: 2,
+                    sequence: 6,
+                    update: update(3000),
+                    plan
+                })
+                .unwrap()
+            )
+            .sequence,
+            6
+        );
+
+        let a = || RoundAnnounce {
+            round: 3,
+            deadline_unix_ms: 5,
+            sampling: Sampling::Clients(vec![ClientId::new("c1").unwrap()]),
+            config: config(DType::F32, None),
+        };
+        let topic = "fedpeft/v1/lab/round";
+        let signed = Envelope::new(77, 3, a())
+            .encode_signed(&fleet, &aggregator)
+            .unwrap();
+        assert!(matches!(
+            w.decode(topic, &signed, 0),
+            Ok(Some(Event::Announce(_)))
+        ));
+        for (payload, expected) in [
+            (
+                Envelope::new(77, 3, a()).encode().unwrap(),
+                SignatureError::Unsigned,
+            ),
+            (
+                Envelope::new(77, 3, a())
+                    .encode_signed(&fleet, &impostor)
+                    .unwrap(),
+                SignatureError::Invalid,
+            ),
+        ] {
+            match w.decode(topic, &payload, 0) {
+                Err(WireError::Signature { source, .. }) => assert_eq!(source, expected),
+                other => panic!("expected a signature error, got {other:?}"),
+            }
+        }
+
+        // A chunked global adapter is checked once reassembled.
+        let t = WireTensor::encode(
+            "head.weight",
+            &[3000],
+            &vec![0.5; 3000],
+            Codec::dense(DType::F32),
+            &mut SplitMix64::new(1),
+        )
+        .unwrap();
+        let g = fedpeft_protocol::GlobalAdapter {
+            round: 4,
+            tensors: vec![t],
+        };
+        for (key, ok) in [(&aggregator, true), (&impostor, false)] {
+            let bytes = Envelope::new(77, 4, g.clone())
+                .encode_signed(&fleet, key)
+                .unwrap();
+            let chunks =
+                fedpeft_protocol::chunk::split(&bytes, 2000, 77, 4, u32::from(ok)).unwrap();
+            let mut last = None;
+            for (i, c) in chunks.iter().enumerate() {
+                last = Some(w.decode(&format!("fedpeft/v1/lab/global/{i}"), c, 0));
+            }
+            match last.unwrap() {
+                Ok(Some(Event::Adapter(a))) => assert!(ok && a.round == 4),
+                Err(WireError::Signature { .. }) => assert!(!ok),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

@@ -153,6 +153,7 @@ fn settings(port: u16, id: &str) -> ClientSettings {
         broker: BrokerAddr {
             host: "127.0.0.1".into(),
             port,
+            tls: false,
         },
         keep_alive: Duration::from_secs(5),
         max_packet_bytes: MAX_PACKET,
@@ -173,6 +174,9 @@ fn settings(port: u16, id: &str) -> ClientSettings {
             accepted_dtypes: dtypes,
             max_packet_size: MAX_PACKET as u32,
         },
+        tls: None,
+        signing_key: None,
+        aggregator_key: None,
     }
 }
 

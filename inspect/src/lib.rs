@@ -38,7 +38,10 @@ pub fn payload_to_json(
     };
     let len = bytes.len() - usize::from(stripped);
     let mut out = json!({
-        "version": fedpeft_protocol::PROTOCOL_VERSION,
+        "version": fedpeft_protocol::peek_header(&bytes[..len])
+            .map(|h| h.version)
+            .unwrap_or(fedpeft_protocol::PROTOCOL_VERSION),
+        "signed": fedpeft_protocol::sign::is_signed(&bytes[..len]),
         "run_id": env.run_id,
         "round": env.round,
         "kind": env.kind().as_str(),

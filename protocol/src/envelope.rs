@@ -7,21 +7,29 @@
 //! ```
 //! The CRC-32 (ISO-HDLC, as in zlib/Ethernet) covers every byte before it. The version comes
 //! first and is checked before anything else is interpreted, so a future version may change
-//! everything after it.
+//! everything after it. Version 2 is the same layout with a 64-byte Ed25519 signature between
+//! the body and the CRC ([`crate::sign`]).
 
 use alloc::vec::Vec;
 use core::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ids::FleetName;
 use crate::message::{
     Chunk, ClientUpdate, EvalResult, GlobalAdapter, Join, Message, MessageKind, RoundAnnounce,
     Status,
 };
+use crate::sign::{SIGNATURE_LEN, SIGNED_VERSION, SigningKey};
 use crate::tensor::TensorError;
 
-/// The protocol version this crate speaks. Also the `v1` in topic names.
+/// The protocol version of unsigned envelopes. Also the `v1` in topic names. Signed envelopes
+/// are version [`SIGNED_VERSION`] (2): the same layout plus a signature trailer.
 pub const PROTOCOL_VERSION: u16 = 1;
+
+fn known_version(v: u16) -> bool {
+    v == PROTOCOL_VERSION || v == SIGNED_VERSION
+}
 
 /// Size of the trailing checksum.
 pub const CRC_LEN: usize = 4;
@@ -42,7 +50,7 @@ pub fn crc32(bytes: &[u8]) -> u32 {
 /// The header fields, readable without decoding (or checksumming) the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
-    /// Protocol version.
+    /// Protocol version: 1 unsigned, 2 signed.
     pub version: u16,
     /// Run the message belongs to.
     pub run_id: u64,
@@ -71,7 +79,7 @@ pub enum DecodeError {
     UnsupportedVersion {
         /// Version found.
         found: u16,
-        /// Version supported.
+        /// Highest version supported (this crate speaks 1 and 2).
         supported: u16,
     },
     /// The checksum does not match the bytes (corruption or truncation).
@@ -133,7 +141,7 @@ impl fmt::Display for DecodeError {
             }
             DecodeError::UnsupportedVersion { found, supported } => write!(
                 f,
-                "unsupported protocol version {found} (this build speaks version {supported})"
+                "unsupported protocol version {found} (this build speaks versions 1 to {supported})"
             ),
             DecodeError::CrcMismatch { computed, carried } => write!(
                 f,
@@ -225,8 +233,25 @@ impl Envelope {
         self.message.kind()
     }
 
-    /// Encodes to bytes, checksum included.
+    /// Encodes to bytes, checksum included: an unsigned, version-1 envelope.
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        self.encode_with(None)
+    }
+
+    /// Encodes a signed, version-2 envelope: signed by `key` for `fleet` (see [`crate::sign`]),
+    /// [`SIGNATURE_LEN`] bytes longer than [`Envelope::encode`]'s.
+    pub fn encode_signed(
+        &self,
+        fleet: &FleetName,
+        key: &SigningKey,
+    ) -> Result<Vec<u8>, EncodeError> {
+        self.encode_with(Some((fleet, key)))
+    }
+
+    fn encode_with(
+        &self,
+        signer: Option<(&FleetName, &SigningKey)>,
+    ) -> Result<Vec<u8>, EncodeError> {
         let kind = self.kind();
         if let Some(body) = self.message.body_round()
             && body != self.round
@@ -238,8 +263,13 @@ impl Envelope {
             });
         }
         self.message.check().map_err(EncodeError::Tensor)?;
+        let version = if signer.is_some() {
+            SIGNED_VERSION
+        } else {
+            PROTOCOL_VERSION
+        };
         let mut out = Vec::new();
-        out = postcard::to_extend(&PROTOCOL_VERSION, out).map_err(EncodeError::Postcard)?;
+        out = postcard::to_extend(&version, out).map_err(EncodeError::Postcard)?;
         let rest = RestOfHeader {
             run_id: self.run_id,
             round: self.round,
@@ -256,13 +286,18 @@ impl Envelope {
             Message::Chunk(m) => postcard::to_extend(m, out),
         }
         .map_err(EncodeError::Postcard)?;
+        if let Some((fleet, key)) = signer {
+            let signature = crate::sign::sign(fleet, key, &out);
+            out.extend_from_slice(&signature);
+        }
         let crc = crc32(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         Ok(out)
     }
 
     /// Decodes and verifies a payload: version, checksum, kind, body, structure.
-    /// Never panics; allocates at most in proportion to `bytes.len()`.
+    /// Never panics; allocates at most in proportion to `bytes.len()`. Reads signed (version 2)
+    /// envelopes too, without checking the signature: that is [`crate::sign::verify`]'s job.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let (header, body) = split_checked(bytes)?;
         let kind = header.kind;
@@ -313,10 +348,10 @@ fn read_header(bytes: &[u8]) -> Result<(Header, &[u8]), DecodeError> {
             field: "version",
             error,
         })?;
-    if version != PROTOCOL_VERSION {
+    if !known_version(version) {
         return Err(DecodeError::UnsupportedVersion {
             found: version,
-            supported: PROTOCOL_VERSION,
+            supported: SIGNED_VERSION,
         });
     }
     let (run_id, rest) =
@@ -345,30 +380,39 @@ fn read_header(bytes: &[u8]) -> Result<(Header, &[u8]), DecodeError> {
     ))
 }
 
-/// Checks version and CRC, then parses the header; returns the body bytes (CRC stripped).
+/// Checks version and CRC, then parses the header; returns the body bytes (CRC and, in a
+/// signed envelope, the signature stripped).
 fn split_checked(bytes: &[u8]) -> Result<(Header, &[u8]), DecodeError> {
-    // version (1) + run_id (1) + round (1) + kind (1) + crc (4).
-    const MIN_LEN: usize = 4 + CRC_LEN;
     // The version is looked at before the length and CRC so a peer speaking another version
     // gets that diagnosis rather than a confusing checksum error.
-    if let Ok((version, _)) = postcard::take_from_bytes::<u16>(bytes)
-        && version != PROTOCOL_VERSION
-    {
-        return Err(DecodeError::UnsupportedVersion {
-            found: version,
-            supported: PROTOCOL_VERSION,
-        });
+    let mut trailer = CRC_LEN;
+    if let Ok((version, _)) = postcard::take_from_bytes::<u16>(bytes) {
+        if !known_version(version) {
+            return Err(DecodeError::UnsupportedVersion {
+                found: version,
+                supported: SIGNED_VERSION,
+            });
+        }
+        if version == SIGNED_VERSION {
+            trailer += SIGNATURE_LEN;
+        }
     }
-    if bytes.len() < MIN_LEN {
+    // version (1) + run_id (1) + round (1) + kind (1) + [signature (64)] + crc (4).
+    if bytes.len() < 4 + trailer {
         return Err(DecodeError::TooShort { len: bytes.len() });
     }
-    let (signed, tail) = bytes.split_at(bytes.len() - CRC_LEN);
+    let (covered, tail) = bytes.split_at(bytes.len() - CRC_LEN);
     let carried = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
-    let computed = crc32(signed);
+    let computed = crc32(covered);
     if carried != computed {
         return Err(DecodeError::CrcMismatch { computed, carried });
     }
-    read_header(signed)
+    let (header, rest) = read_header(covered)?;
+    let signature = trailer - CRC_LEN;
+    if rest.len() < signature {
+        return Err(DecodeError::TooShort { len: bytes.len() });
+    }
+    Ok((header, &rest[..rest.len() - signature]))
 }
 
 fn body_of<'a, T: Deserialize<'a>>(kind: MessageKind, body: &'a [u8]) -> Result<T, DecodeError> {

@@ -1,5 +1,6 @@
 //! fedpeft's wire format, shared by the aggregator, edge clients and tools. `no_std` + `alloc`
-//! so a microcontroller client can speak it; depends only on serde, postcard, heapless and crc.
+//! so a microcontroller client can speak it; depends only on serde, postcard, heapless, crc and
+//! ed25519-dalek.
 //!
 //! # Map
 //! - [`envelope`]: [`Envelope`] `{ version, run_id, round, kind, body }` + trailing CRC-32;
@@ -18,6 +19,8 @@
 //!   [`Reassembler`] puts them back with bounded memory and a caller-supplied clock.
 //! - [`topic`]: [`Topic`] / [`TopicKind`] build and parse `fedpeft/v1/{fleet}/…`, with the QoS
 //!   and retain flag of each; [`topic::filter`] for subscriptions.
+//! - [`sign`]: Ed25519-signed envelopes (version 2): [`Envelope::encode_signed`],
+//!   [`sign::verify`], key parsing (and, with `std`, key files).
 //! - [`ids`]: [`ClientId`], [`FleetName`] (`heapless::String<32>`, charset `[A-Za-z0-9_.-]`).
 //! - [`mqtt`]: [`mqtt::publish_wire_size`], bytes of a PUBLISH including framing.
 //! - [`mod@f16`], [`rng`]: hand-written f16 conversion and the SplitMix64 generator used for
@@ -57,6 +60,7 @@ pub mod ids;
 pub mod message;
 pub mod mqtt;
 pub mod rng;
+pub mod sign;
 pub mod tensor;
 pub mod topic;
 
@@ -71,5 +75,6 @@ pub use message::{
     TrainMetrics,
 };
 pub use rng::SplitMix64;
+pub use sign::{SIGNED_VERSION, SignatureError, SigningKey, VerifyingKey};
 pub use tensor::{Codec, DType, NonFinite, Tensor, TensorError, Values};
 pub use topic::{QoS, Topic, TopicError, TopicKind};

@@ -76,12 +76,12 @@ fn with_crc(mut body: Vec<u8>) -> Vec<u8> {
 #[test]
 fn an_unknown_version_is_rejected_before_anything_else() {
     let mut bytes = unhex(GOLDEN[5].1);
-    bytes[0] = 2;
+    bytes[0] = 3;
     assert_eq!(
         Envelope::decode(&bytes),
         Err(DecodeError::UnsupportedVersion {
-            found: 2,
-            supported: PROTOCOL_VERSION
+            found: 3,
+            supported: SIGNED_VERSION
         })
     );
     // Even a bare version byte names the version problem rather than the length.
@@ -89,7 +89,7 @@ fn an_unknown_version_is_rejected_before_anything_else() {
         Envelope::decode(&[9]),
         Err(DecodeError::UnsupportedVersion {
             found: 9,
-            supported: 1
+            supported: 2
         })
     );
 }
@@ -276,6 +276,6 @@ fn error_messages_name_what_and_where() {
     let err = Envelope::decode(&[3, 0, 0, 1, 0, 0, 0, 0]).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "unsupported protocol version 3 (this build speaks version 1)"
+        "unsupported protocol version 3 (this build speaks versions 1 to 2)"
     );
 }

@@ -891,3 +891,138 @@ enrolled_keys = "{enrolled}"
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// One small real round: the edge-client binary on the real trunk, over TLS, signing.
+
+#[test]
+fn a_real_edge_client_trains_a_signed_round_over_tls_behind_the_shipped_acl() {
+    const FLEET: &str = "real";
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let pki = Pki::new();
+    let (_broker, port, _) = shipped_mosquitto(
+        &etc,
+        &pki,
+        &[("fedpeft-aggregator", "agg-pw"), ("pi-01", "pi-pw")],
+    );
+    let (agg_key, agg_public) = aggregator_keygen(dir.path());
+    // `edge-client keygen` makes the client's key and prints the public key to enrol.
+    let client_key = dir.path().join("pi-01.key");
+    let out = Command::new(binary("edge-client"))
+        .args(["keygen", "--out"])
+        .arg(&client_key)
+        .output()
+        .expect("run edge-client keygen");
+    assert!(out.status.success(), "{out:?}");
+    let client_public = sign::parse_public_key(std::str::from_utf8(&out.stdout).unwrap()).unwrap();
+    let enrolled = enrolment(dir.path(), &[("pi-01", client_public)]);
+    std::fs::write(dir.path().join("agg.pw"), "agg-pw\n").unwrap();
+    std::fs::write(dir.path().join("pi.pw"), "pi-pw\n").unwrap();
+    let ca = etc.join("ca.crt");
+    let cache = fedpeft_tests::e2e::shared_cache();
+    let text = format!(
+        r#"fleet = "{FLEET}"
+run_id = {RUN}
+rounds = 1
+min_clients = 1
+round_timeout_secs = 300
+seed = 3
+
+[local]
+batch_size = 16
+learning_rate = 0.001
+optimizer = "adamw"
+
+[broker]
+url = "mqtts://localhost:{port}"
+ca_file = "{ca}"
+username = "fedpeft-aggregator"
+password_file = "{pw}"
+max_packet_bytes = 1048576
+
+[security]
+signing_key = "{key}"
+enrolled_keys = "{enrolled}"
+
+[model]
+backbone = "{backbone}"
+peft = "lora"
+lora_rank = 8
+lora_alpha = 16.0
+eval_examples = 64
+cache_dir = "{cache}"
+
+[output]
+dir = "{out}"
+"#,
+        ca = ca.display(),
+        pw = dir.path().join("agg.pw").display(),
+        key = agg_key.display(),
+        enrolled = enrolled.display(),
+        backbone = fedpeft_tests::e2e::backbone().display(),
+        cache = cache.display(),
+        out = dir.path().join("out").display(),
+    );
+    let config = dir.path().join("aggregator.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut cmd = Command::new(binary("aggregator"));
+    cmd.arg("--config").arg(&config);
+    let mut aggregator = Proc::spawn("aggregator", cmd);
+    aggregator
+        .wait_for_line("aggregator ready", Duration::from_secs(120))
+        .expect("aggregator ready over mqtts");
+
+    let mut client = Command::new(binary("edge-client"));
+    client
+        .args(["--broker", &format!("mqtts://localhost:{port}")])
+        .arg("--ca-file")
+        .arg(&ca)
+        .args(["--username", "pi-01", "--password-file"])
+        .arg(dir.path().join("pi.pw"))
+        .arg("--signing-key")
+        .arg(&client_key)
+        .args(["--aggregator-key", &sign::public_key_hex(&agg_public)])
+        .args(["--fleet", FLEET, "--client-id", "pi-01"])
+        .args(["--run-id", &RUN.to_string()])
+        .arg("--model-dir")
+        .arg(fedpeft_tests::e2e::backbone())
+        .args(["--runtime", "auto", "--peft", "lora", "--image-size", "96"])
+        .args(["--dataset", "fashion-mnist", "--partition", "iid"])
+        .args(["--num-clients", "8", "--client-index", "0", "--seed", "3"])
+        .args(["--max-examples", "32"])
+        .arg("--cache-dir")
+        .arg(&cache)
+        .env("RAYON_NUM_THREADS", "1");
+    let mut client = Proc::spawn("pi-01", client);
+
+    let status = aggregator
+        .wait_exit(Duration::from_secs(300))
+        .expect("the aggregator finished the round");
+    assert!(status.success(), "aggregator exited with {status}");
+    let status = client
+        .wait_exit(Duration::from_secs(60))
+        .expect("the edge client exits when the run is done");
+    assert!(status.success(), "edge client exited with {status}");
+    let r = report(dir.path());
+    let r1 = &r["rounds"][1];
+    assert_eq!(
+        (r1["round"].clone(), r1["status"].clone()),
+        (1.into(), "ok".into()),
+        "{r}"
+    );
+    assert_eq!(r1["clients_ok"], 1, "{r1}");
+    assert!(
+        r["rejected"].as_object().is_none_or(|m| m.is_empty()),
+        "{r}"
+    );
+    // The client accepted the aggregator's signed messages and refused nothing.
+    assert!(
+        client
+            .output()
+            .iter()
+            .any(|l| l.contains("edge client finished") && l.contains("rejected_messages=0")),
+        "the edge client refused messages or did not finish cleanly"
+    );
+}

@@ -33,12 +33,17 @@ fn worked_example() -> Envelope {
 
 /// The hex inside the fenced block that follows the `worked-example` marker, whitespace removed.
 fn hex_in_doc() -> String {
+    hex_after("<!-- worked-example -->")
+}
+
+/// The hex inside the fenced block that follows `marker`, whitespace removed.
+fn hex_after(marker: &str) -> String {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"))
         .expect("docs/protocol.md is readable");
     let after = doc
-        .split("<!-- worked-example -->")
+        .split(marker)
         .nth(1)
-        .expect("worked-example marker in docs/protocol.md");
+        .unwrap_or_else(|| panic!("{marker} in docs/protocol.md"));
     let block = after
         .split("```")
         .nth(1)
@@ -62,4 +67,37 @@ fn the_worked_example_in_the_protocol_doc_matches_the_encoder() {
         decoded.message.tensors()[0].to_f32(),
         [0.0, 63.5, 0.0, 0.0, 0.0, 0.0, 0.0, -1.5, 0.0, 0.0]
     );
+}
+
+/// The signed example: `pi-01`'s Status Online, run 0x1234, in fleet `lab`, signed with the
+/// secret key whose 32 bytes are all 0x42.
+#[test]
+fn the_signed_example_in_the_protocol_doc_matches_the_encoder_and_verifies() {
+    let key = SigningKey::from_bytes(&[0x42; 32]);
+    let fleet = FleetName::new("lab").unwrap();
+    let status = Status {
+        client: ClientId::new("pi-01").unwrap(),
+        state: ClientState::Online,
+    };
+    let bytes = Envelope::new(0x1234, 0, status)
+        .encode_signed(&fleet, &key)
+        .unwrap();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        hex_after("<!-- signed-example -->"),
+        hex,
+        "update docs/protocol.md's signed example"
+    );
+    let public: String = key
+        .verifying_key()
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        hex_after("<!-- signed-example-key -->"),
+        public,
+        "update the public key in docs/protocol.md's signed example"
+    );
+    sign::verify(&bytes, &fleet, &key.verifying_key()).unwrap();
 }

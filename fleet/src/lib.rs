@@ -6,9 +6,21 @@
 //!   port, then the clients), logs each to `<out>/logs/`, waits for the end of the run, and
 //!   stops whatever is left.
 //!
+//! - [`links`]: link profiles (presets for NB-IoT, LTE-M, 3G, Wi-Fi; custom ones) and the
+//!   trial's `[links]` table, which gives every client one.
+//! - [`shaper`]: the user-space link model (token bucket, delay, jitter, loss) on a caller's
+//!   clock; [`relay`]: a TCP relay per client that applies it and accounts every MQTT packet.
+//! - [`netns`]: kernel links, a network namespace and veth pair per client shaped by `tc`.
+//! - [`report`]: the link measurements added to the trial's results.
+//!
 //! The aggregator writes the run's report (`report.json`, `report.csv`) into the same folder.
 
+pub mod links;
+pub mod netns;
+pub mod relay;
+pub mod report;
 pub mod runner;
+pub mod shaper;
 pub mod trial;
 
 pub use runner::{Binaries, Outcome, run};

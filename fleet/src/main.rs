@@ -5,7 +5,41 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use fedpeft_fleet::links::Mechanism;
+use fedpeft_fleet::runner::INTERRUPTED;
 use fedpeft_fleet::{Binaries, Trial, run};
+
+/// On SIGINT / SIGTERM the run loop stops and unwinds, so every guard (child processes,
+/// relays, network namespaces) is dropped; a second signal still stops the run loop only.
+fn install_signal_handler() {
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(|| {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut int), Ok(mut term)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
+                    return;
+                };
+                loop {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                    eprintln!("fleet: interrupted; stopping the processes and removing the links");
+                    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        });
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "fedpeft-fleet", version, about = "fedpeft fleet trials")]
@@ -26,6 +60,10 @@ enum Cmd {
         /// Give up (and stop every process) after this many seconds.
         #[arg(long, default_value_t = 3600)]
         timeout_secs: u64,
+        /// Link emulation: kernel (namespaces + tc; root), userspace (token-bucket relays),
+        /// auto (kernel when root and available), none. Default: the trial's `links.mechanism`.
+        #[arg(long, value_parser = ["kernel", "userspace", "auto", "none"])]
+        links: Option<String>,
     },
 }
 
@@ -34,8 +72,14 @@ fn main() -> anyhow::Result<()> {
         trial,
         out,
         timeout_secs,
+        links,
     } = Cli::parse().command;
-    let trial = Trial::load(&trial)?;
+    let mut trial = Trial::load(&trial)?;
+    if let Some(m) = links {
+        trial.set_mechanism(Mechanism::parse(&m).context("--links")?)?;
+    }
+    trial.preflight()?;
+    install_signal_handler();
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&trial.name));
     let exe = std::env::current_exe().context("locating fedpeft-fleet")?;
     let bins = Binaries::beside(&exe)?;

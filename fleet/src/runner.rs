@@ -13,7 +13,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::links::Mechanism;
+use crate::netns::KernelLinks;
+use crate::relay::{Relay, RelaySpec};
+use crate::report::{self, LinkReport};
+use crate::shaper::DirectionSpec;
 use crate::trial::{Broker, Trial};
+
+/// Set by the runner's SIGINT/SIGTERM handler: the run stops, and every guard (processes,
+/// relays, namespaces) is dropped on the way out.
+pub static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Where the runner finds the `aggregator` and `edge-client` executables.
 #[derive(Debug, Clone)]
@@ -53,6 +66,8 @@ pub struct Outcome {
     /// Exit status of each client, `None` where it had to be killed.
     pub client_status: Vec<Option<ExitStatus>>,
     pub elapsed: Duration,
+    /// Link measurements when the trial emulated links.
+    pub links: Option<LinkReport>,
 }
 
 /// A child process killed when dropped (unless it already exited).
@@ -147,6 +162,24 @@ impl Drop for Child {
     }
 }
 
+/// The socket address of an `mqtt://host:port` URL.
+fn broker_addr(url: &str) -> anyhow::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let rest = url
+        .strip_prefix("mqtt://")
+        .with_context(|| format!("broker URL {url} is not mqtt://host:port"))?;
+    let with_port = if rest.contains(':') {
+        rest.to_string()
+    } else {
+        format!("{rest}:1883")
+    };
+    with_port
+        .to_socket_addrs()
+        .with_context(|| format!("resolving broker {url}"))?
+        .next()
+        .with_context(|| format!("broker {url} resolves to no address"))
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")
@@ -165,6 +198,9 @@ fn wait_for_ready(aggregator: &mut Child, timeout: Duration, out_dir: &Path) -> 
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if text.lines().any(|l| l.starts_with("aggregator ready:")) {
             return Ok(());
+        }
+        if interrupted() {
+            bail!("interrupted");
         }
         if let Some(status) = aggregator.try_wait() {
             // Give the log-echo thread a moment to flush the last lines.
@@ -273,8 +309,41 @@ pub fn client_command(
     broker_url: &str,
     out_dir: &Path,
 ) -> Command {
-    let mut cmd = Command::new(&bins.edge_client);
+    client_command_in(trial, bins, index, broker_url, out_dir, None)
+}
+
+/// The command line of edge client `index`, run inside network namespace `netns` if given
+/// (`ip netns exec NS edge-client ...`: `ip` execs the client, so its pid is the client's).
+pub fn client_command_in(
+    trial: &Trial,
+    bins: &Binaries,
+    index: usize,
+    broker_url: &str,
+    out_dir: &Path,
+    netns: Option<&str>,
+) -> Command {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&bins.edge_client);
+            c
+        }
+        None => Command::new(&bins.edge_client),
+    };
     let id = trial.client_id(index);
+    if let Some(plan) = &trial.links {
+        // On a slow link a 64 KiB packet each way can take longer than MQTT's default 30 s
+        // keep-alive: give the client room (the keep-alive lives in its config file only).
+        let l = &plan.clients[index].link;
+        let packet = trial.max_packet_bytes as f64;
+        let secs = 2.0 * (packet / l.up_bytes_per_sec() + packet / l.down_bytes_per_sec())
+            + 4.0 * (l.latency_ms + l.jitter_ms) / 1000.0;
+        let keep_alive = (secs.ceil() as u64).clamp(30, 3600);
+        let path = out_dir.join("clients").join(format!("{id}.toml"));
+        if std::fs::write(&path, format!("[broker]\nkeep_alive_secs = {keep_alive}\n")).is_ok() {
+            cmd.arg("--config").arg(path);
+        }
+    }
     cmd.arg("--broker")
         .arg(broker_url)
         .arg("--fleet")
@@ -360,10 +429,68 @@ pub fn run(
         trial.clients,
         out_dir.join("logs").display()
     );
+    // Links: per client a relay (user-space shaper, or the runner's tap behind a kernel-shaped
+    // veth) between the client and the broker. Dropped (and namespaces torn down) on every
+    // way out of this function.
+    let mut kernel: Option<KernelLinks> = None;
+    let mut relays: Vec<Relay> = Vec::new();
+    let mut mechanism = Mechanism::None;
+    if let Some(plan) = &trial.links {
+        mechanism = plan.mechanism;
+        let upstream = broker_addr(&broker_url)?;
+        if mechanism == Mechanism::Kernel {
+            kernel = Some(KernelLinks::create(&plan.clients)?);
+        }
+        let netem = kernel.as_ref().is_some_and(|k| k.netem);
+        for (index, link) in plan.clients.iter().enumerate() {
+            let p = &link.link;
+            let dir = |rate: f64| DirectionSpec {
+                rate: (mechanism == Mechanism::Userspace)
+                    .then_some((rate, link.burst_bytes as f64)),
+                latency_secs: if netem { 0.0 } else { p.latency_ms / 1000.0 },
+                jitter_secs: if netem { 0.0 } else { p.jitter_ms / 1000.0 },
+                loss: if netem { 0.0 } else { p.loss_percent / 100.0 },
+            };
+            let listen = match &kernel {
+                Some(k) => (k.links[index].host_ip, 0).into(),
+                None => ([127, 0, 0, 1], 0).into(),
+            };
+            let spec = RelaySpec {
+                listen,
+                upstream,
+                up: dir(p.up_bytes_per_sec()),
+                down: dir(p.down_bytes_per_sec()),
+                seed: trial.seed ^ (index as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D),
+            };
+            relays.push(Relay::start(spec, start)?);
+        }
+        println!(
+            "fleet: links: {} ({}), {}",
+            match mechanism {
+                Mechanism::Kernel => "kernel: a namespace + veth per client, rate by tbf",
+                _ => "userspace: a token-bucket relay per client",
+            },
+            if mechanism == Mechanism::Kernel && netem {
+                "delay/jitter/loss by netem"
+            } else {
+                "delay/jitter/loss by the relay"
+            },
+            report::profile_summary(&plan.clients)
+        );
+    }
+    let counters_before: Vec<_> = match &kernel {
+        Some(k) => (0..trial.clients).map(|i| k.counters(i)).collect(),
+        None => Vec::new(),
+    };
     let mut clients = Vec::with_capacity(trial.clients);
     for index in 0..trial.clients {
         let id = trial.client_id(index);
-        let cmd = client_command(trial, bins, index, &broker_url, out_dir);
+        let url = match relays.get(index) {
+            Some(relay) => format!("mqtt://{}", relay.addr),
+            None => broker_url.clone(),
+        };
+        let ns = kernel.as_ref().map(|k| k.links[index].name.as_str());
+        let cmd = client_command_in(trial, bins, index, &url, out_dir, ns);
         clients.push(Child::spawn(
             &id,
             cmd,
@@ -375,6 +502,17 @@ pub fn run(
     let aggregator_status = loop {
         if let Some(status) = aggregator.try_wait() {
             break status;
+        }
+        if interrupted() {
+            aggregator.terminate(Duration::from_secs(10));
+            for c in &mut clients {
+                c.terminate(Duration::from_secs(5));
+            }
+            bail!(
+                "trial `{}` interrupted; logs in {}",
+                trial.name,
+                out_dir.join("logs").display()
+            );
         }
         if start.elapsed() > deadline {
             aggregator.terminate(Duration::from_secs(10));
@@ -394,7 +532,43 @@ pub fn run(
     for c in &mut clients {
         client_status.push(c.terminate(Duration::from_secs(20)));
     }
+    let links = match &trial.links {
+        Some(plan) => {
+            let kernel_counters = kernel.as_ref().map(|k| {
+                (0..trial.clients)
+                    .map(|i| {
+                        let now = k.counters(i);
+                        report::KernelCounters::between(
+                            counters_before[i],
+                            now,
+                            k.counters_inside(i),
+                        )
+                    })
+                    .collect()
+            });
+            let stats = relays.iter().map(Relay::snapshot).collect();
+            let netem = kernel.as_ref().is_some_and(|k| k.netem);
+            let rep = LinkReport::build(
+                trial,
+                plan,
+                mechanism,
+                netem,
+                stats,
+                kernel_counters,
+                out_dir,
+            )?;
+            rep.write(out_dir)?;
+            rep.print();
+            Some(rep)
+        }
+        None => None,
+    };
+    drop(relays);
+    if let Some(mut k) = kernel.take() {
+        k.teardown();
+    }
     Ok(Outcome {
+        links,
         out_dir: out_dir.to_path_buf(),
         report: out_dir.join("report.json"),
         aggregator_status,

@@ -47,6 +47,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::links::{LinkPlan, LinksSpec, Mechanism};
+
 /// A trial file that cannot be used; every variant names the file and the field.
 #[derive(Debug, thiserror::Error)]
 pub enum TrialError {
@@ -65,7 +67,7 @@ pub enum TrialError {
     #[error("trial file {path}: `{field}` {reason}")]
     Invalid {
         path: PathBuf,
-        field: &'static str,
+        field: String,
         reason: String,
     },
 }
@@ -187,6 +189,8 @@ pub struct TrialFile {
     /// Where clients and the aggregator keep trunk activations between runs (keyed by trunk,
     /// samples and preprocessing, so trials share it safely). Default `data/cache/activations`.
     pub cache_dir: Option<PathBuf>,
+    /// Emulated links between each client and the broker (see [`crate::links`]). Default none.
+    pub links: Option<LinksSpec>,
 }
 
 /// Where the clients find the broker.
@@ -216,6 +220,10 @@ pub struct Trial {
     pub broker: Broker,
     pub max_packet_bytes: usize,
     pub cache_dir: PathBuf,
+    /// One emulated link per client, or `None` (straight to the broker on loopback).
+    pub links: Option<LinkPlan>,
+    /// The trial file, for error messages.
+    pub path: PathBuf,
 }
 
 impl Trial {
@@ -236,7 +244,7 @@ impl Trial {
         })?;
         let bad = |field: &'static str, reason: String| TrialError::Invalid {
             path: path.to_path_buf(),
-            field,
+            field: field.to_string(),
             reason,
         };
         if raw.name.is_empty()
@@ -325,7 +333,22 @@ impl Trial {
                 format!("{} is below 1024", raw.broker.max_packet_bytes),
             ));
         }
+        let links = match &raw.links {
+            None => None,
+            Some(spec) => {
+                let plan = spec
+                    .plan(raw.clients)
+                    .map_err(|(key, reason)| TrialError::Invalid {
+                        path: path.to_path_buf(),
+                        field: key,
+                        reason,
+                    })?;
+                (plan.mechanism != Mechanism::None).then_some(plan)
+            }
+        };
         Ok(Trial {
+            links,
+            path: path.to_path_buf(),
             name: raw.name,
             rounds: raw.rounds,
             clients: raw.clients,
@@ -344,6 +367,62 @@ impl Trial {
                 .cache_dir
                 .unwrap_or_else(|| PathBuf::from("data/cache/activations")),
         })
+    }
+
+    /// Overrides the link mechanism (`--links`); a trial without `[links]` cannot be shaped.
+    pub fn set_mechanism(&mut self, mechanism: Mechanism) -> Result<(), TrialError> {
+        match (&mut self.links, mechanism) {
+            (_, Mechanism::None) => self.links = None,
+            (Some(plan), m) => plan.mechanism = m,
+            (None, _) => {
+                return Err(TrialError::Invalid {
+                    path: self.path.clone(),
+                    field: "links".into(),
+                    reason:
+                        "is missing: --links needs a [links] table saying each client's profile"
+                            .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks what parsing cannot: that the model exists, and that kernel links can be made
+    /// here. Resolves `auto` to the mechanism that will run. Nothing has started yet.
+    pub fn preflight(&mut self) -> Result<(), TrialError> {
+        let bad = |field: &str, reason: String| TrialError::Invalid {
+            path: self.path.clone(),
+            field: field.into(),
+            reason,
+        };
+        let manifest = self.model.backbone.join("manifest.json");
+        if !manifest.is_file() {
+            return Err(bad(
+                "model.backbone",
+                format!(
+                    "{} has no manifest.json: build the backbones first (`make models`)",
+                    self.model.backbone.display()
+                ),
+            ));
+        }
+        if let Some(plan) = &mut self.links {
+            let why = crate::netns::unavailable();
+            match (plan.mechanism, why) {
+                (Mechanism::Kernel, Some(why)) => {
+                    return Err(bad(
+                        "links.mechanism",
+                        format!(
+                            "= kernel: {why}; use mechanism = \"userspace\" (or --links userspace) \
+                     for the in-process shaper"
+                        ),
+                    ));
+                }
+                (Mechanism::Auto, None) => plan.mechanism = Mechanism::Kernel,
+                (Mechanism::Auto, Some(_)) => plan.mechanism = Mechanism::Userspace,
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The client id of client `index` (`client-00`, `client-01`, …).
@@ -459,5 +538,88 @@ mod tests {
                 url: "mqtt://127.0.0.1:1884".into()
             }
         );
+    }
+
+    #[test]
+    fn links_name_their_key_and_mix_profiles() {
+        let text = format!(
+            "{MINIMAL}\n[links]\nassign = [{{ profile = \"lte-m\", share = 0.5 }}, {{ profile = \"nb-iot\", share = 0.5 }}]\n"
+        );
+        let t = Trial::parse(&text, Path::new("t.toml")).unwrap();
+        let plan = t.links.unwrap();
+        assert_eq!(plan.clients[1].profile, "lte-m");
+        assert_eq!(plan.clients[2].profile, "nb-iot");
+        for (table, key) in [
+            ("profile = \"nb-iot\"\nbogus = 1", "bogus"),
+            ("profile = \"satellite\"", "links.profile"),
+            (
+                "profile = \"x\"\n[links.profiles.x]\nup_kbit = -1.0\ndown_kbit = 8.0",
+                "links.profiles.x.up_kbit",
+            ),
+            (
+                "profile = \"x\"\n[links.profiles.x]\nup_kbit = 1.0\ndown_kbit = 8.0\nrate = 3",
+                "rate",
+            ),
+        ] {
+            let text = format!("{MINIMAL}\n[links]\n{table}\n");
+            let err = Trial::parse(&text, Path::new("t.toml")).unwrap_err();
+            assert!(err.to_string().contains(key), "{table}: {err}");
+        }
+    }
+
+    #[test]
+    fn preflight_refuses_a_missing_model_and_kernel_links_without_root() {
+        let mut t = Trial::parse(MINIMAL, Path::new("t.toml")).unwrap();
+        t.model.backbone = PathBuf::from("/nonexistent/backbone");
+        let err = t.preflight().unwrap_err();
+        assert!(err.to_string().contains("model.backbone"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("manifest.json"), "{}").unwrap();
+        let text = format!("{MINIMAL}\n[links]\nprofile = \"wifi\"\nmechanism = \"kernel\"\n");
+        let mut t = Trial::parse(&text, Path::new("t.toml")).unwrap();
+        t.model.backbone = dir.path().to_path_buf();
+        match crate::netns::unavailable() {
+            Some(_) => {
+                let err = t.preflight().unwrap_err();
+                assert!(err.to_string().contains("links.mechanism"), "{err}");
+            }
+            None => {
+                eprintln!("running as root: kernel links are available, so preflight accepts them");
+                t.preflight().unwrap();
+            }
+        }
+        // auto resolves to something concrete.
+        t.set_mechanism(Mechanism::Auto).unwrap();
+        t.preflight().unwrap();
+        assert_ne!(t.links.as_ref().unwrap().mechanism, Mechanism::Auto);
+        // --links on a trial without [links] names the table.
+        let mut plain = Trial::parse(MINIMAL, Path::new("t.toml")).unwrap();
+        let err = plain.set_mechanism(Mechanism::Userspace).unwrap_err();
+        assert!(err.to_string().contains("`links`"), "{err}");
+    }
+
+    #[test]
+    fn every_trial_file_in_the_repository_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../trials");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Trial::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 4, "{n} trial files in {}", dir.display());
+        let mixed = Trial::load(&dir.join("links-mixed.toml")).unwrap();
+        let names: Vec<_> = mixed
+            .links
+            .unwrap()
+            .clients
+            .into_iter()
+            .map(|c| c.profile)
+            .collect();
+        assert_eq!(names[2..4], ["lte-m", "nb-iot"]);
+        assert_eq!(names[6..], ["rural-3g", "rural-3g"]);
     }
 }

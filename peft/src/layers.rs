@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use ndarray::linalg::general_mat_mul;
+use ndarray::linalg::{general_mat_mul, general_mat_vec_mul};
 use ndarray::{Array1, Array2, Array4, ArrayView1, ArrayView2, Axis, Zip, s};
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -631,9 +631,8 @@ pub fn masked_mean_forward<T: Real>(x: ArrayView2<'_, T>, mask: ArrayView2<'_, T
         let m = mask.row(bi);
         let denom = m.sum().max(T::lit(1e-9));
         let xs = x.slice(s![bi * s..(bi + 1) * s, ..]);
-        let mut o = out.row_mut(bi);
-        o.assign(&m.dot(&xs));
-        o /= denom;
+        // o = xsᵀ·m / denom, written in place (no temporary per sample)
+        general_mat_vec_mul(T::one() / denom, &xs.t(), &m, T::zero(), &mut out.row_mut(bi));
     }
     out
 }
@@ -650,7 +649,9 @@ pub fn masked_mean_backward<T: Real>(dy: ArrayView2<'_, T>, mask: ArrayView2<'_,
         for si in 0..s {
             let f = m[si] / denom;
             if f != T::zero() {
-                dx.row_mut(bi * s + si).assign(&(&g * f));
+                Zip::from(dx.row_mut(bi * s + si))
+                    .and(&g)
+                    .for_each(|d, &gv| *d = gv * f);
             }
         }
     }
@@ -664,8 +665,11 @@ pub fn gap_forward<T: Real>(x: ArrayView2<'_, T>, batch: usize) -> Array2<T> {
     let inv = T::lit(1.0 / p as f64);
     let mut out = Array2::zeros((batch, c));
     for bi in 0..batch {
+        // summed row by row into the output: `sum_axis` would allocate a row per sample
         let mut o = out.row_mut(bi);
-        o.assign(&x.slice(s![bi * p..(bi + 1) * p, ..]).sum_axis(Axis(0)));
+        for r in x.slice(s![bi * p..(bi + 1) * p, ..]).rows() {
+            o += &r;
+        }
         o *= inv;
     }
     out
@@ -677,9 +681,11 @@ pub fn gap_backward<T: Real>(dy: ArrayView2<'_, T>, pixels: usize) -> Array2<T> 
     let inv = T::lit(1.0 / pixels as f64);
     let mut dx = Array2::zeros((b * pixels, c));
     for bi in 0..b {
-        let g = &dy.row(bi) * inv;
+        let g = dy.row(bi);
         for pi in 0..pixels {
-            dx.row_mut(bi * pixels + pi).assign(&g);
+            Zip::from(dx.row_mut(bi * pixels + pi))
+                .and(&g)
+                .for_each(|d, &gv| *d = gv * inv);
         }
     }
     dx

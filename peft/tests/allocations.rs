@@ -1,0 +1,105 @@
+//! A conv-head training step (what the edge client trains on a board) allocates per batch,
+//! never per sample: the number of heap allocations of one `train_step` is the same at batch 4
+//! and batch 64, for LoRA, bias and head tuning. Global average pooling and its backward used
+//! to allocate a row per sample (44 allocations per LoRA step at batch 4, 164 at batch 64).
+//!
+//! The transformer tail is not held to this: its attention runs one GEMM per sample and head,
+//! and matrixmultiply allocates packing buffers for each (376 allocations per LoRA step at
+//! batch 4, 3256 at batch 64, with 2 blocks of 4 heads).
+// Counting allocations needs `unsafe impl GlobalAlloc`; it only forwards to the system
+// allocator and counts calls.
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use fedpeft_peft::*;
+use ndarray::{ArrayD, IxDyn};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+struct Counting;
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn rand_vec(rng: &mut StdRng, n: usize, s: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-s..s)).collect()
+}
+
+/// EfficientNet-Lite0's head shapes at a reduced width (the count does not depend on width).
+fn conv_weights(rng: &mut StdRng) -> FrozenWeights {
+    let mut m = HashMap::new();
+    m.insert(
+        "conv_head.weight".into(),
+        (vec![64, 32], rand_vec(rng, 64 * 32, 0.1)),
+    );
+    m.insert("bn_head.scale".into(), (vec![64], vec![1.0; 64]));
+    m.insert("bn_head.shift".into(), (vec![64], rand_vec(rng, 64, 0.1)));
+    FrozenWeights::from_map(m).unwrap()
+}
+
+fn lora() -> Method {
+    Method::Lora(LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: vec![],
+    })
+}
+
+/// Allocations of the second `train_step` on a batch of `b` (the first warms up optimizer
+/// state and any lazily built caches).
+fn allocations_per_step(method: Method, b: usize) -> usize {
+    let mut rng = StdRng::seed_from_u64(3);
+    let features =
+        ArrayD::from_shape_simple_fn(IxDyn(&[b, 32, 3, 3]), || rng.random_range(0.0f32..6.0));
+    let batch = Batch {
+        features,
+        mask: None,
+    };
+    let classes = 10;
+    let weights = conv_weights(&mut rng);
+    let family = Family::ConvHead;
+    let labels: Vec<usize> = (0..b).map(|i| i % classes).collect();
+    let mut tail = build_tail(family, &weights, PeftConfig::new(method, classes, 0)).unwrap();
+    let mut opt = AdamW::new(0.01);
+    tail.train_step(&batch, &labels, &mut opt).unwrap();
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    tail.train_step(&batch, &labels, &mut opt).unwrap();
+    ALLOCATIONS.load(Ordering::SeqCst) - before
+}
+
+#[test]
+fn a_conv_head_training_step_allocates_the_same_at_batch_4_and_batch_64() {
+    // One test function: the counter is global, and tests in one binary run on parallel threads.
+    for (name, method) in [
+        ("lora", lora()),
+        ("bias", Method::Bias),
+        ("head", Method::Head),
+    ] {
+        let small = allocations_per_step(method.clone(), 4);
+        let large = allocations_per_step(method, 64);
+        println!("{name}: {small} allocations per step at batch 4, {large} at batch 64");
+        assert_eq!(
+            small, large,
+            "{name}: a step at batch 64 allocates {large} times, at batch 4 {small} times"
+        );
+    }
+}

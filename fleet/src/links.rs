@@ -10,7 +10,7 @@
 //! # assign = [ { profile = "lte-m", share = 0.5 }, { profile = "nb-iot", share = 0.5 } ]
 //! # assign = [ { profile = "wifi", clients = 6 }, { profile = "3g", clients = 2 } ]
 //! # burst_bytes = 3028      # token-bucket depth (kernel tbf and userspace); default
-//!                           # max(2 full Ethernet frames, 20 ms at the profile's rate)
+//!                           # max(2 full Ethernet frames, 2 ms at the profile's rate)
 //!
 //! [links.profiles.slow-sat] # custom profiles, usable by name like a preset
 //! up_kbit = 256.0           # client -> broker, kbit/s (1000 bit/s); required
@@ -215,10 +215,11 @@ pub struct LinkPlan {
     pub clients: Vec<ClientLink>,
 }
 
-/// Default token-bucket depth: two full Ethernet frames, or 20 ms at the slower rate if more.
+/// Default token-bucket depth: two full Ethernet frames, or 2 ms at the slower rate if more (a
+/// deeper bucket would let a whole ~100 KB update through a Wi-Fi link in one burst).
 pub fn default_burst(p: &LinkProfile) -> u64 {
     let rate = p.up_bytes_per_sec().min(p.down_bytes_per_sec());
-    ((rate * 0.020) as u64).max(2 * 1514)
+    ((rate * 0.002) as u64).max(2 * 1514)
 }
 
 impl LinksSpec {

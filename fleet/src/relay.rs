@@ -256,10 +256,12 @@ fn accept_loop(
                 let _ = client.set_nodelay(true);
                 let _ = upstream.set_nodelay(true);
                 // With kernel shaping the bytes this relay writes towards the client are
-                // shaped after the write returns: a small send buffer makes the write (where
-                // the down direction is timed) return when at most ~8 KiB are still on the
-                // link, so a download's measured end is early by at most 8 KiB / rate.
-                let _ = socket2::SockRef::from(&client).set_send_buffer_size(8 * 1024);
+                // shaped after the write returns, and the down direction is timed at the write:
+                // the smallest send buffer the kernel allows (SOCK_MIN_SNDBUF, ~4.6 KB of
+                // buffer memory: one or two segments) makes a write return only once the bytes
+                // before it have nearly crossed the link, so a download's measured start and
+                // end are early by about one segment's time at the rate each.
+                let _ = socket2::SockRef::from(&client).set_send_buffer_size(1);
                 stats.lock().expect("link stats lock").connections += 1;
                 let seed = spec.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) else {

@@ -281,11 +281,11 @@ impl LinkReport {
             "recv s",
             "rate s"
         );
-        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
         for r in &self.rounds {
             for c in &r.clients {
                 println!(
-                    "{:>5} {:>8} {:>10} {:>8} {:>12} {:>9} {:>9.2} {:>12} {:>9} {:>9.2}",
+                    "{:>5} {:>8} {:>10} {:>8} {:>12} {:>9} {:>9.3} {:>12} {:>9} {:>9.3}",
                     r.round,
                     opt(r.wall_secs),
                     c.client,

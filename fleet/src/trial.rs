@@ -49,6 +49,10 @@ use serde::Deserialize;
 
 use crate::links::{LinkPlan, LinksSpec, Mechanism};
 
+/// The longest an edge client's largest MQTT packet may take on its uplink (rumqttc flushes
+/// with a 5 s timeout; the rest is margin for the link's delay).
+pub const FLUSH_BUDGET_SECS: f64 = 4.0;
+
 /// A trial file that cannot be used; every variant names the file and the field.
 #[derive(Debug, thiserror::Error)]
 pub enum TrialError {
@@ -343,6 +347,26 @@ impl Trial {
                         field: key,
                         reason,
                     })?;
+                // The edge client's MQTT library gives each flush of its socket 5 s (rumqttc's
+                // network timeout) and reconnects when it is exceeded: on a slow uplink a whole
+                // packet must fit in that, or no update ever gets through.
+                for link in &plan.clients {
+                    let secs = raw.broker.max_packet_bytes as f64 / link.link.up_bytes_per_sec();
+                    if secs > FLUSH_BUDGET_SECS {
+                        return Err(bad(
+                            "broker.max_packet_bytes",
+                            format!(
+                                "{} B take {secs:.1} s on the {} uplink ({} kbit/s), more than \
+                                 the {FLUSH_BUDGET_SECS} s an edge client's MQTT flush may take \
+                                 (its 5 s network timeout less a margin): use at most {} here",
+                                raw.broker.max_packet_bytes,
+                                link.profile,
+                                link.link.up_kbit,
+                                (FLUSH_BUDGET_SECS * link.link.up_bytes_per_sec()) as u64
+                            ),
+                        ));
+                    }
+                }
                 (plan.mechanism != Mechanism::None).then_some(plan)
             }
         };
@@ -543,12 +567,15 @@ mod tests {
     #[test]
     fn links_name_their_key_and_mix_profiles() {
         let text = format!(
-            "{MINIMAL}\n[links]\nassign = [{{ profile = \"lte-m\", share = 0.5 }}, {{ profile = \"nb-iot\", share = 0.5 }}]\n"
+            "{MINIMAL}\n[broker]\nmax_packet_bytes = 16384\n[links]\nassign = [{{ profile = \"lte-m\", share = 0.5 }}, {{ profile = \"nb-iot\", share = 0.5 }}]\n"
         );
         let t = Trial::parse(&text, Path::new("t.toml")).unwrap();
         let plan = t.links.unwrap();
         assert_eq!(plan.clients[1].profile, "lte-m");
         assert_eq!(plan.clients[2].profile, "nb-iot");
+        let text = format!("{MINIMAL}\n[links]\nprofile = \"nb-iot\"\n");
+        let err = Trial::parse(&text, Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("broker.max_packet_bytes"), "{err}");
         for (table, key) in [
             ("profile = \"nb-iot\"\nbogus = 1", "bogus"),
             ("profile = \"satellite\"", "links.profile"),

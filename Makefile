@@ -3,11 +3,13 @@
 #   make test    the whole test suite (what CI runs)
 #   make bench   benchmarks (figures quoted in README.md)
 #   make lint    rustfmt + clippy -D warnings
+#   make cross-aarch64 | cross-armv7 | cross-jetson   board bundles in dist/ (README: On the device)
 SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= auto
 
-.PHONY: setup run test test-rust check-nostd bench lint fmt models clean
+.PHONY: setup run test test-rust check-nostd bench lint fmt models clean \
+	cross-aarch64 cross-armv7 cross-jetson bundle-all test-cross test-cross-ort
 
 setup:
 	@scripts/setup.sh
@@ -47,6 +49,30 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+# On the device: the edge client cross-built for the boards, packed with its model, config,
+# systemd unit and install script into dist/fedpeft-edge-BOARD.tar.gz ([profile.edge]). Each
+# target installs its own linker, C library, qemu and Rust target (scripts/cross/setup.sh).
+#   cross-aarch64  Raspberry Pi 4/5, 64-bit OS: tract + onnxruntime (aarch64 library bundled)
+#   cross-armv7    Raspberry Pi 2/3/Zero 2 W, 32-bit OS: tract only
+#   cross-jetson   Jetson (JetPack): onnxruntime with CUDA + TensorRT (JetPack's library)
+cross-aarch64 cross-jetson: models
+	scripts/cross/setup.sh aarch64-unknown-linux-gnu
+	scripts/cross/bundle.sh $(patsubst cross-%,%,$@)
+cross-armv7: models
+	scripts/cross/setup.sh armv7-unknown-linux-gnueabihf
+	scripts/cross/bundle.sh armv7
+bundle-all: cross-aarch64 cross-armv7 cross-jetson
+
+# The edge client's tests on aarch64 and armv7 under qemu user-mode (one round on the real
+# EfficientNet-Lite0 trunk included), and each board bundle's install + systemd unit check.
+test-cross: models
+	scripts/cross/test.sh
+
+# onnxruntime on aarch64 under qemu: the backbone's ort trunk tests (parity with PyTorch, tract
+# agreement) with the PyPI aarch64 library, /proc/cpuinfo replaced as cross/qemu-run explains.
+test-cross-ort: models
+	scripts/cross/test-ort.sh
 
 # Backbones (models/build/), onnxruntime's library and the SpamAssassin corpus; idempotent.
 models: setup

@@ -14,12 +14,22 @@
 //! max_update_bytes = 16777216 # largest update on the wire (all chunks)        default 16 MiB
 //! max_payload_bytes = 262144  # publishes above this are chunked  default 256 KiB or less to fit
 //! # max_update_norm = 10.0    # L2 bound on each client delta                  default none
+//! # adaptive_norm_multiple = 3.0  # bound = this × median norm of the previous round's
+//!                             # updates (round 1: max_update_norm, or none)   default none
 //! backbone_params = 0         # whole-backbone parameters, for the full-model comparison;
 //!                             # 0 = take it from the model host                 default 0
 //!
 //! [strategy]                  # kind = fedavg | fedadam | fedyogi | median | trimmed-mean
 //! kind = "fedavg"             # fedadam/fedyogi: server_lr (0.01), beta1 (0.9), beta2 (0.99),
 //!                             # tau (1e-3); trimmed-mean: trim (fraction per end, < 0.5)
+//! # [dp]                      # client-level DP at the aggregator (DP-FedAvg); fedavg,
+//!                             # fedadam, fedyogi only; replaces max_update_norm
+//! # clip_norm = 1.0           # S: each delta clipped to this L2 norm           (required)
+//! # noise_multiplier = 1.0    # σ: noise std σ·S/expected_clients per coordinate (required)
+//! # fleet_size = 100          # N: clients that could be sampled, q = W/N         (required)
+//! # expected_clients = 10     # W: fixed denominator   default max(min_clients, ⌈fraction·N⌉)
+//! # delta = 1e-5              # δ at which ε is reported                   default 1/N^1.1
+//! # noise_seed = 1            # tests only: deterministic noise        default: OS randomness
 //! [local]                     # announced to clients every round
 //! epochs = 1                  # default 1
 //! batch_size = 32             # default 32
@@ -78,7 +88,7 @@ use fedpeft_protocol::{DType, DpSgd, FleetName, LocalConfig, Optimizer, PeftMeth
 use serde::Deserialize;
 
 use crate::round::QuorumFailure;
-use crate::strategy::StrategyKind;
+use crate::strategy::{ClientDp, StrategyKind};
 use crate::tls::TlsFiles;
 
 /// A config that cannot be used. Every variant names the field (and file, when read from one).
@@ -122,8 +132,10 @@ pub struct RawConfig {
     pub max_update_bytes: Option<u64>,
     pub max_payload_bytes: Option<usize>,
     pub max_update_norm: Option<f64>,
+    pub adaptive_norm_multiple: Option<f64>,
     pub backbone_params: Option<u64>,
     pub strategy: Option<StrategyKind>,
+    pub dp: Option<RawDp>,
     #[serde(default)]
     pub local: RawLocal,
     #[serde(default)]
@@ -134,6 +146,18 @@ pub struct RawConfig {
     pub output: RawOutput,
     #[serde(default)]
     pub security: RawSecurity,
+}
+
+/// `[dp]`: client-level DP at the aggregator.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDp {
+    pub clip_norm: Option<f64>,
+    pub noise_multiplier: Option<f64>,
+    pub fleet_size: Option<usize>,
+    pub expected_clients: Option<usize>,
+    pub delta: Option<f64>,
+    pub noise_seed: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -279,8 +303,11 @@ pub struct Config {
     pub max_update_bytes: u64,
     pub max_payload_bytes: usize,
     pub max_update_norm: Option<f64>,
+    pub adaptive_norm_multiple: Option<f64>,
     pub backbone_params: u64,
     pub strategy: StrategyKind,
+    /// Client-level DP at the aggregator, if configured.
+    pub dp: Option<ClientDp>,
     pub local: LocalConfig,
     pub broker: BrokerConfig,
     pub model: ModelConfig,
@@ -382,6 +409,26 @@ impl RawConfig {
             }
             _ => {}
         }
+        let adaptive_norm_multiple = match self.adaptive_norm_multiple {
+            Some(m) if !(m.is_finite() && m > 0.0) => {
+                return Err(invalid(
+                    "adaptive_norm_multiple",
+                    format!("{m} is not a positive number"),
+                ));
+            }
+            m => m,
+        };
+        let dp = match self.dp {
+            None => None,
+            Some(raw) => Some(validate_dp(
+                raw,
+                &strategy,
+                max_update_norm,
+                adaptive_norm_multiple,
+                min_clients,
+                fraction,
+            )?),
+        };
         let local = validate_local(self.local)?;
         let model = validate_model(self.model)?;
         let output = self.output;
@@ -398,8 +445,10 @@ impl RawConfig {
             max_update_bytes: self.max_update_bytes.unwrap_or(16 << 20),
             max_payload_bytes,
             max_update_norm,
+            adaptive_norm_multiple,
             backbone_params: self.backbone_params.unwrap_or(0),
             strategy,
+            dp,
             local,
             broker,
             model,
@@ -411,6 +460,93 @@ impl RawConfig {
             },
         })
     }
+}
+
+fn validate_dp(
+    raw: RawDp,
+    strategy: &StrategyKind,
+    max_update_norm: Option<f64>,
+    adaptive_norm_multiple: Option<f64>,
+    min_clients: usize,
+    fraction: f64,
+) -> Result<ClientDp, ConfigError> {
+    match strategy {
+        StrategyKind::Median | StrategyKind::TrimmedMean { .. } => {
+            return Err(invalid(
+                "dp",
+                "client-level DP is supported with strategy fedavg, fedadam or fedyogi only: its \
+                 noise is calibrated to the sensitivity of a sum of clipped updates (S), while one \
+                 client can move a coordinate-wise median or trimmed mean of every coordinate at \
+                 once (sensitivity up to S·√parameters), so the reported ε would not hold",
+            ));
+        }
+        _ => {}
+    }
+    if max_update_norm.is_some() {
+        return Err(invalid(
+            "max_update_norm",
+            "with [dp], dp.clip_norm is the bound on each update; remove max_update_norm",
+        ));
+    }
+    if adaptive_norm_multiple.is_some() {
+        return Err(invalid(
+            "adaptive_norm_multiple",
+            "a bound taken from this round's updates' norms depends on their data, which the DP \
+             accounting does not cover; with [dp] the bound is the fixed dp.clip_norm",
+        ));
+    }
+    let clip_norm = raw
+        .clip_norm
+        .ok_or_else(|| invalid("dp.clip_norm", "required with [dp]"))?;
+    if !(clip_norm.is_finite() && clip_norm > 0.0) {
+        return Err(invalid(
+            "dp.clip_norm",
+            format!("{clip_norm} is not positive"),
+        ));
+    }
+    let noise_multiplier = raw
+        .noise_multiplier
+        .ok_or_else(|| invalid("dp.noise_multiplier", "required with [dp]"))?;
+    if !(noise_multiplier.is_finite() && noise_multiplier > 0.0) {
+        return Err(invalid(
+            "dp.noise_multiplier",
+            format!("{noise_multiplier} is not positive (σ = 0 gives no privacy)"),
+        ));
+    }
+    let fleet_size = raw.fleet_size.ok_or_else(|| {
+        invalid(
+            "dp.fleet_size",
+            "required with [dp] (q = expected_clients / fleet_size)",
+        )
+    })?;
+    if fleet_size == 0 {
+        return Err(invalid("dp.fleet_size", "must be at least 1"));
+    }
+    let expected_clients = raw.expected_clients.unwrap_or_else(|| {
+        ((fraction * fleet_size as f64).ceil() as usize)
+            .max(min_clients)
+            .min(fleet_size)
+    });
+    if expected_clients == 0 || expected_clients > fleet_size {
+        return Err(invalid(
+            "dp.expected_clients",
+            format!("{expected_clients} must be between 1 and dp.fleet_size ({fleet_size})"),
+        ));
+    }
+    let delta = raw
+        .delta
+        .unwrap_or_else(|| 1.0 / (fleet_size as f64).powf(1.1));
+    if !(delta > 0.0 && delta < 1.0) {
+        return Err(invalid("dp.delta", format!("{delta} is not in (0, 1)")));
+    }
+    Ok(ClientDp {
+        clip_norm,
+        noise_multiplier,
+        expected_clients,
+        fleet_size,
+        delta,
+        noise_seed: raw.noise_seed,
+    })
 }
 
 fn validate_broker(b: RawBroker) -> Result<BrokerConfig, ConfigError> {
@@ -866,5 +1002,101 @@ mod tests {
             c.on_quorum_failure,
             QuorumFailure::Extend { max_extensions: 2 }
         );
+    }
+
+    #[test]
+    fn dp_and_adaptive_bound_keys_are_validated_naming_the_key() {
+        let c = parse(&format!(
+            "fraction = 0.1\n[dp]\nclip_norm = 0.5\nnoise_multiplier = 1.2\nfleet_size = 100\n{MINIMAL}"
+        ))
+        .unwrap();
+        let dp = c.dp.unwrap();
+        // W defaults to max(min_clients, ⌈fraction·N⌉) = 10; δ to 1/N^1.1.
+        assert_eq!((dp.expected_clients, dp.fleet_size), (10, 100));
+        assert!((dp.sample_rate() - 0.1).abs() < 1e-12);
+        assert!((dp.delta - 100f64.powf(-1.1)).abs() < 1e-15);
+        assert!((dp.noise_std() - 1.2 * 0.5 / 10.0).abs() < 1e-15);
+        let c = parse(&format!("adaptive_norm_multiple = 3.0\n{MINIMAL}")).unwrap();
+        assert_eq!(c.adaptive_norm_multiple, Some(3.0));
+        let ok_dp = "[dp]\nclip_norm = 1.0\nnoise_multiplier = 1.0\nfleet_size = 20\n";
+        for (text, field, words) in [
+            (
+                "adaptive_norm_multiple = 0.0\n",
+                "adaptive_norm_multiple",
+                "positive",
+            ),
+            (
+                "[dp]\nnoise_multiplier = 1.0\nfleet_size = 20\n",
+                "dp.clip_norm",
+                "required",
+            ),
+            (
+                "[dp]\nclip_norm = -1.0\nnoise_multiplier = 1.0\nfleet_size = 20\n",
+                "dp.clip_norm",
+                "positive",
+            ),
+            (
+                "[dp]\nclip_norm = 1.0\nfleet_size = 20\n",
+                "dp.noise_multiplier",
+                "required",
+            ),
+            (
+                "[dp]\nclip_norm = 1.0\nnoise_multiplier = 0.0\nfleet_size = 20\n",
+                "dp.noise_multiplier",
+                "no privacy",
+            ),
+            (
+                "[dp]\nclip_norm = 1.0\nnoise_multiplier = 1.0\n",
+                "dp.fleet_size",
+                "required",
+            ),
+            (
+                "[dp]\nclip_norm = 1.0\nnoise_multiplier = 1.0\nfleet_size = 20\nexpected_clients = 21\n",
+                "dp.expected_clients",
+                "between",
+            ),
+            (
+                "[dp]\nclip_norm = 1.0\nnoise_multiplier = 1.0\nfleet_size = 20\ndelta = 1.0\n",
+                "dp.delta",
+                "(0, 1)",
+            ),
+            (
+                "[dp]\nclip_norm = 1.0\nnoise_multiplier = 1.0\nfleet_size = 20\nsigma = 1.0\n",
+                "sigma",
+                "unknown",
+            ),
+        ] {
+            let err = parse(&format!("{text}{MINIMAL}")).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("`{field}`")) && err.contains(words),
+                "{text:?}: {err}"
+            );
+        }
+        for (prefix, field, words) in [
+            (
+                "[strategy]\nkind = \"median\"\n",
+                "dp",
+                "fedavg, fedadam or fedyogi",
+            ),
+            (
+                "[strategy]\nkind = \"trimmed-mean\"\ntrim = 0.2\n",
+                "dp",
+                "would not hold",
+            ),
+            ("max_update_norm = 1.0\n", "max_update_norm", "dp.clip_norm"),
+            (
+                "adaptive_norm_multiple = 2.0\n",
+                "adaptive_norm_multiple",
+                "fixed dp.clip_norm",
+            ),
+        ] {
+            // Top-level keys or the [strategy] table first, then [dp].
+            let text = format!("{prefix}{ok_dp}{MINIMAL}");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("`{field}`")) && err.contains(words),
+                "{text:?}: {err}"
+            );
+        }
     }
 }

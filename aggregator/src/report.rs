@@ -13,8 +13,15 @@
 //!               train_loss, train_accuracy,       // example-weighted client metrics, or null
 //!               eval_loss, eval_accuracy,         // server-side held-out evaluation, or null
 //!               traffic: { up_bytes, up_messages, down_bytes, down_messages },
-//!               full_model_fedavg_bytes, started_unix_ms, duration_ms } ] }
+//!               full_model_fedavg_bytes, started_unix_ms, duration_ms,
+//!               robust: { norm_bound, median_norm,   // L2 bound applied; median pre-bound norm
+//!                         clipped, clipped_clients,  // deltas scaled down to the bound, whose
+//!                         values_trimmed_per_coordinate,  // trimmed mean / median, else null
+//!                         trimmed_share: { id: share },   // share of coordinates discarded
+//!                         dp_noise_std, dp_epsilon, dp_delta } } ],  // client-level DP, else null
+//!   robust: { clipped_total, dp_epsilon, dp_delta } }   // whole run (ε after the last round)
 //! ```
+//! README "Robust aggregation and client-level DP" explains each figure.
 //! Byte counts are MQTT PUBLISH packets including framing (see [`crate::accounting`]).
 
 use std::fmt::Write as _;
@@ -52,6 +59,16 @@ pub struct Report {
     pub rejected: std::collections::BTreeMap<String, u64>,
     pub clients: std::collections::BTreeMap<String, Traffic>,
     pub rounds: Vec<RoundRecord>,
+    pub robust: RobustTotals,
+}
+
+/// Whole-run norm bounding and DP figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct RobustTotals {
+    pub clipped_total: u64,
+    /// ε at `dp_delta` after the last aggregated round (client-level DP only).
+    pub dp_epsilon: Option<f64>,
+    pub dp_delta: Option<f64>,
 }
 
 /// Static facts about the run that the machine state does not hold.
@@ -66,6 +83,11 @@ pub struct RunInfo {
 impl Report {
     pub fn from_state(state: &MachineState, info: &RunInfo, finished: bool) -> Report {
         let t = state.ledger.total;
+        let last_dp = state
+            .records
+            .iter()
+            .rev()
+            .find(|r| r.robust.dp_epsilon.is_some());
         let full: u64 = state
             .records
             .iter()
@@ -94,19 +116,24 @@ impl Report {
             rejected: state.rejected_total.clone(),
             clients: state.ledger.per_client.clone(),
             rounds: state.records.clone(),
+            robust: RobustTotals {
+                clipped_total: state.clipped_total,
+                dp_epsilon: last_dp.and_then(|r| r.robust.dp_epsilon),
+                dp_delta: last_dp.and_then(|r| r.robust.dp_delta),
+            },
         }
     }
 
     /// One CSV row per round.
     pub fn csv(&self) -> String {
         let mut s = String::from(
-            "round,status,sampled,clients_ok,clients_failed,rejected,train_loss,train_accuracy,eval_loss,eval_accuracy,up_bytes,down_bytes,full_model_fedavg_bytes,duration_ms\n",
+            "round,status,sampled,clients_ok,clients_failed,rejected,train_loss,train_accuracy,eval_loss,eval_accuracy,up_bytes,down_bytes,full_model_fedavg_bytes,duration_ms,clipped,dp_epsilon\n",
         );
         let opt = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
         for r in &self.rounds {
             let _ = writeln!(
                 s,
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 r.round,
                 r.status,
                 r.sampled.len(),
@@ -120,7 +147,9 @@ impl Report {
                 r.traffic.up_bytes,
                 r.traffic.down_bytes,
                 r.full_model_fedavg_bytes,
-                r.duration_ms
+                r.duration_ms,
+                r.robust.clipped,
+                opt(r.robust.dp_epsilon)
             );
         }
         s
@@ -182,6 +211,23 @@ impl Report {
                 .map(|r| format!(" (this run: {:.4}% of it, {:.0}x less)", 100.0 * r, 1.0 / r))
                 .unwrap_or_default()
         );
+        if self.robust.clipped_total > 0 {
+            let per_round: Vec<String> = self
+                .rounds
+                .iter()
+                .filter(|r| r.round > 0)
+                .map(|r| r.robust.clipped.to_string())
+                .collect();
+            let _ = writeln!(
+                s,
+                "norm bound: {} updates clipped (per round: {})",
+                self.robust.clipped_total,
+                per_round.join(" ")
+            );
+        }
+        if let (Some(eps), Some(delta)) = (self.robust.dp_epsilon, self.robust.dp_delta) {
+            let _ = writeln!(s, "client-level DP: ε = {eps:.3} at δ = {delta:e}");
+        }
         if !self.rejected.is_empty() {
             let list: Vec<String> = self
                 .rejected

@@ -32,7 +32,9 @@ use tracing::{info, warn};
 
 use crate::accounting::{Ledger, Traffic, full_model_round_bytes, wire_size};
 use crate::adapter::{Adapter, Tensor, first_non_finite};
-use crate::strategy::{Accumulator, Strategy, StrategyError, StrategyState, bound_norm};
+use crate::strategy::{
+    Accumulator, Strategy, StrategyError, StrategyState, bound_norm, median_norm,
+};
 
 /// Why an update (or a join) was refused. The `as_str` names are the report's keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -257,8 +259,16 @@ pub struct Rules {
     pub max_update_bytes: u64,
     /// Payloads above this many bytes are chunked.
     pub max_payload_bytes: usize,
-    /// Optional L2 bound on each client delta (scaled down to it).
+    /// Optional L2 bound on each client delta (scaled down to it). With client-level DP this is
+    /// the DP clip norm S. With `adaptive_norm_multiple`, the bound of round 1 (or none).
     pub max_update_norm: Option<f64>,
+    /// Adaptive bound: round r's bound is this multiple of the median norm of the updates
+    /// accepted in the last round that had any (before bounding); see README "Robust
+    /// aggregation and client-level DP".
+    pub adaptive_norm_multiple: Option<f64>,
+    /// Client-level DP's assumed client sampling rate q: a round that samples a larger share of
+    /// the available clients is logged as a warning (the reported ε would understate).
+    pub dp_sample_rate: Option<f64>,
     /// Parameters of the whole backbone, for the full-model FedAvg comparison.
     pub backbone_params: u64,
     /// Also checkpoint after every accepted update (not only at round close), so a restarted
@@ -308,6 +318,12 @@ pub struct OpenRound {
     pub failed: BTreeMap<String, String>,
     pub rejected: BTreeMap<String, u64>,
     pub acc: Accumulator,
+    /// The L2 bound applied to this round's deltas (fixed, adaptive or the DP clip norm).
+    pub norm_bound: Option<f64>,
+    /// Accepted clients in fold order, with their delta's L2 norm before bounding.
+    pub arrival: Vec<(String, f64)>,
+    /// Accepted clients whose delta was scaled down to `norm_bound`.
+    pub clipped: Vec<String>,
     /// Σ nᵢ·lossᵢ, Σ nᵢ·accuracyᵢ and Σ nᵢ of the clients' training metrics.
     pub train_loss_sum: f64,
     pub train_acc_sum: f64,
@@ -333,6 +349,29 @@ pub struct RoundRecord {
     pub full_model_fedavg_bytes: u64,
     pub started_unix_ms: u64,
     pub duration_ms: u64,
+    /// Norm bounding, trimming and DP figures of the round.
+    pub robust: RobustRecord,
+}
+
+/// What norm bounding, order statistics and client-level DP did in one round (report field
+/// `robust`; README "Robust aggregation and client-level DP").
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RobustRecord {
+    /// L2 bound applied to each delta, if any.
+    pub norm_bound: Option<f64>,
+    /// Median L2 norm of the accepted deltas before bounding.
+    pub median_norm: Option<f64>,
+    /// Accepted deltas scaled down to the bound, and whose.
+    pub clipped: usize,
+    pub clipped_clients: Vec<String>,
+    /// Trimmed mean / median: values discarded at each coordinate (the same at every one).
+    pub values_trimmed_per_coordinate: Option<usize>,
+    /// Trimmed mean / median: per client, the share of coordinates where its value was discarded.
+    pub trimmed_share: BTreeMap<String, f64>,
+    /// Client-level DP: per-coordinate noise std on the average, ε so far at δ.
+    pub dp_noise_std: Option<f64>,
+    pub dp_epsilon: Option<f64>,
+    pub dp_delta: Option<f64>,
 }
 
 /// Everything the machine knows: what a checkpoint holds.
@@ -353,6 +392,11 @@ pub struct MachineState {
     pub records: Vec<RoundRecord>,
     /// Message id for the next chunked publish.
     pub next_message_id: u32,
+    /// Median pre-bound norm of the last round with accepted updates (the adaptive bound's
+    /// reference).
+    pub last_median_norm: Option<f64>,
+    /// Deltas scaled down to the norm bound over the whole run.
+    pub clipped_total: u64,
 }
 
 /// The round state machine.
@@ -390,6 +434,8 @@ impl RoundMachine {
             ledger: Ledger::default(),
             records: Vec::new(),
             next_message_id: 0,
+            last_median_norm: None,
+            clipped_total: 0,
         };
         RoundMachine { rules, strategy, s }
     }
@@ -529,6 +575,7 @@ impl RoundMachine {
                 full_model_fedavg_bytes: 0,
                 started_unix_ms: now,
                 duration_ms: 0,
+                robust: RobustRecord::default(),
             });
             out.push(Action::Evaluate {
                 round: 0,
@@ -768,16 +815,27 @@ impl RoundMachine {
             self.reject(&client, round, RejectReason::NonFinite, &detail, now, out);
             return;
         }
-        if let Some(max) = self.rules.max_update_norm {
-            let norm = bound_norm(&mut delta, max);
-            if norm > max {
-                info!(client = %client, round, norm, bound = max, "update norm bounded");
-            }
-        }
         let Phase::Collecting(o) = &mut self.s.phase else {
             return;
         };
-        if !o.acc.fold(update.num_examples, &delta) {
+        let norm = match o.norm_bound {
+            Some(max) => {
+                let norm = bound_norm(&mut delta, max);
+                if norm > max {
+                    info!(client = %client, round, norm, bound = max, "update norm bounded");
+                    o.clipped.push(client.clone());
+                    self.s.clipped_total += 1;
+                }
+                norm
+            }
+            None => crate::adapter::l2_norm(&delta),
+        };
+        let weight = if self.strategy.weighs_by_examples() {
+            update.num_examples
+        } else {
+            1
+        };
+        if !o.acc.fold(weight, &delta) {
             self.reject(
                 &client,
                 round,
@@ -788,6 +846,7 @@ impl RoundMachine {
             );
             return;
         }
+        o.arrival.push((client.clone(), norm));
         o.accepted
             .insert(client.clone(), (update.sequence, update.num_examples));
         let w = update.num_examples as f64;
@@ -883,6 +942,22 @@ impl RoundMachine {
             self.strategy
                 .configure_round(u64::from(next_round), &self.s.global, sampled.len());
         info!(round = next_round, sampled = ?sampled, available = available.len(), "round started");
+        if let Some(q) = self.rules.dp_sample_rate
+            && sampled.len() as f64 > q * available.len() as f64 + 1e-9
+        {
+            warn!(
+                round = next_round,
+                sampled = sampled.len(),
+                available = available.len(),
+                q,
+                "client-level DP: this round samples more than q of the available clients; \
+                   the reported epsilon assumes q = dp.expected_clients / dp.fleet_size"
+            );
+        }
+        let norm_bound = match (self.rules.adaptive_norm_multiple, self.s.last_median_norm) {
+            (Some(m), Some(median)) if median > 0.0 => Some(m * median),
+            _ => self.rules.max_update_norm,
+        };
         self.s.phase = Phase::Collecting(OpenRound {
             round: next_round,
             started_unix_ms: now,
@@ -893,6 +968,9 @@ impl RoundMachine {
             failed: BTreeMap::new(),
             rejected: BTreeMap::new(),
             acc,
+            norm_bound,
+            arrival: Vec::new(),
+            clipped: Vec::new(),
             train_loss_sum: 0.0,
             train_acc_sum: 0.0,
             train_weight: 0.0,
@@ -955,6 +1033,18 @@ impl RoundMachine {
             }
         }
         let mut status = "failed";
+        let norms: Vec<f64> = open.arrival.iter().map(|(_, n)| *n).collect();
+        let median = median_norm(&norms);
+        if median.is_some() {
+            self.s.last_median_norm = median;
+        }
+        let mut robust = RobustRecord {
+            norm_bound: open.norm_bound,
+            median_norm: median,
+            clipped: open.clipped.len(),
+            clipped_clients: open.clipped.clone(),
+            ..RobustRecord::default()
+        };
         if open.accepted.len() >= quorum {
             match self
                 .strategy
@@ -965,6 +1055,26 @@ impl RoundMachine {
                     self.s.global_round = round;
                     self.s.strategy_state = self.strategy.state();
                     status = "ok";
+                    let stats = self.strategy.last_stats();
+                    robust.values_trimmed_per_coordinate = stats.values_trimmed_per_coordinate;
+                    robust.trimmed_share = open
+                        .arrival
+                        .iter()
+                        .zip(&stats.trimmed_share)
+                        .map(|((c, _), &share)| (c.clone(), share))
+                        .collect();
+                    robust.dp_noise_std = stats.dp_noise_std;
+                    robust.dp_epsilon = stats.dp_epsilon;
+                    robust.dp_delta = stats.dp_delta;
+                    if let Some(eps) = stats.dp_epsilon {
+                        info!(
+                            round,
+                            epsilon = eps,
+                            delta = stats.dp_delta.unwrap_or(0.0),
+                            noise_std = stats.dp_noise_std.unwrap_or(0.0),
+                            "client-level DP"
+                        );
+                    }
                 }
                 Err(e) => warn!(round, error = %e, "aggregation failed; global adapter unchanged"),
             }
@@ -1005,6 +1115,7 @@ impl RoundMachine {
             ),
             started_unix_ms: open.started_unix_ms,
             duration_ms: now.saturating_sub(open.started_unix_ms),
+            robust,
         };
         info!(
             round,
@@ -1014,6 +1125,7 @@ impl RoundMachine {
             up_bytes = record.traffic.up_bytes,
             down_bytes = record.traffic.down_bytes,
             duration_ms = record.duration_ms,
+            clipped = record.robust.clipped,
             "round closed"
         );
         self.s.records.push(record.clone());

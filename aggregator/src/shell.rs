@@ -84,7 +84,13 @@ pub fn rules(config: &Config, host: &dyn ModelHost) -> Rules {
         local: config.local.clone(),
         max_update_bytes: config.max_update_bytes,
         max_payload_bytes: config.max_payload_bytes,
-        max_update_norm: config.max_update_norm,
+        max_update_norm: config
+            .dp
+            .as_ref()
+            .map(|dp| dp.clip_norm)
+            .or(config.max_update_norm),
+        adaptive_norm_multiple: config.adaptive_norm_multiple,
+        dp_sample_rate: config.dp.as_ref().map(|dp| dp.sample_rate()),
         backbone_params: if config.backbone_params > 0 {
             config.backbone_params
         } else {
@@ -148,14 +154,22 @@ pub async fn run(
         Some(state) => {
             info!(checkpoint = %ckpt_path.display(), global_round = state.global_round,
                   accepted_updates = state.accepted_updates.len(), "resuming from checkpoint");
-            RoundMachine::restore(rules.clone(), strategy::build(kind), state)?
+            RoundMachine::restore(
+                rules.clone(),
+                strategy::build_with(kind, config.dp.as_ref()).map_err(RestoreError::from)?,
+                state,
+            )?
         }
         None => {
             let initial = host.initial_adapter()?;
             if initial.tensors.is_empty() {
                 return Err(RunError::EmptyAdapter);
             }
-            RoundMachine::new(rules.clone(), strategy::build(kind), initial)
+            RoundMachine::new(
+                rules.clone(),
+                strategy::build_with(kind, config.dp.as_ref()).map_err(RestoreError::from)?,
+                initial,
+            )
         }
     };
     let info = RunInfo {

@@ -202,17 +202,43 @@ pub fn two_sum(a: f64, b: f64) -> (f64, f64) {
 
 /// Scales `delta` so that its L2 norm is at most `max_norm` (norm bounding against outsized or
 /// malicious updates). Returns the norm before scaling.
+///
+/// The result's norm (computed in f64 over the f32 values) is never above `max_norm`: the f32
+/// scale is nudged down by an ulp at a time when rounding left it a hair above, since
+/// client-level DP's sensitivity is exactly this bound.
 pub fn bound_norm(delta: &mut [Tensor], max_norm: f64) -> f64 {
     let norm = crate::adapter::l2_norm(delta);
     if norm > max_norm && norm > 0.0 {
-        let scale = (max_norm / norm) as f32;
-        for t in delta.iter_mut() {
-            for v in &mut t.data {
-                *v *= scale;
+        let original: Vec<Vec<f32>> = delta.iter().map(|t| t.data.clone()).collect();
+        let mut scale = (max_norm / norm) as f32;
+        loop {
+            for (t, o) in delta.iter_mut().zip(&original) {
+                for (v, &x) in t.data.iter_mut().zip(o) {
+                    *v = x * scale;
+                }
             }
+            if crate::adapter::l2_norm(delta) <= max_norm || scale == 0.0 {
+                break;
+            }
+            scale = f32::from_bits(scale.to_bits() - 1);
         }
     }
     norm
+}
+
+/// Median of a list of norms (the adaptive bound's reference), `None` when empty.
+pub fn median_norm(norms: &[f64]) -> Option<f64> {
+    if norms.is_empty() {
+        return None;
+    }
+    let mut v = norms.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 /// Weighted mean Σnᵢ·Δᵢ / Σnᵢ, per tensor, as f64.
@@ -268,9 +294,18 @@ pub fn weighted_mean(acc: &Accumulator) -> Option<Vec<Vec<f64>>> {
 }
 
 /// Coordinate-wise order statistic over buffered deltas: for each coordinate the values are
-/// sorted and `reduce` maps the sorted slice to one number.
-fn coordinatewise(deltas: &[Vec<Vec<f32>>], reduce: impl Fn(&[f32]) -> f64) -> Vec<Vec<f64>> {
-    let mut column = Vec::with_capacity(deltas.len());
+/// sorted and `reduce` maps the sorted slice to one number. `kept(n)` is the range of sorted
+/// positions the statistic uses; the others are counted, per delta, in `trimmed_count`.
+fn coordinatewise(
+    deltas: &[Vec<Vec<f32>>],
+    reduce: impl Fn(&[f32]) -> f64,
+    kept: impl Fn(usize) -> std::ops::Range<usize>,
+    trimmed_count: &mut [u64],
+) -> Vec<Vec<f64>> {
+    let n = deltas.len();
+    let keep = kept(n);
+    let mut column: Vec<(f32, usize)> = Vec::with_capacity(n);
+    let mut sorted: Vec<f32> = Vec::with_capacity(n);
     deltas[0]
         .iter()
         .enumerate()
@@ -278,13 +313,51 @@ fn coordinatewise(deltas: &[Vec<Vec<f32>>], reduce: impl Fn(&[f32]) -> f64) -> V
             (0..t.len())
                 .map(|i| {
                     column.clear();
-                    column.extend(deltas.iter().map(|d| d[ti][i]));
-                    column.sort_by(f32::total_cmp);
-                    reduce(&column)
+                    column.extend(deltas.iter().enumerate().map(|(k, d)| (d[ti][i], k)));
+                    // Ties broken by fold index so the attribution is deterministic.
+                    column.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                    for (pos, &(_, k)) in column.iter().enumerate() {
+                        if !keep.contains(&pos) {
+                            trimmed_count[k] += 1;
+                        }
+                    }
+                    sorted.clear();
+                    sorted.extend(column.iter().map(|c| c.0));
+                    reduce(&sorted)
                 })
                 .collect()
         })
         .collect()
+}
+
+/// Values trimmed from each end by a trimmed mean over `n` values: ⌊trim·n⌋, never all.
+pub fn trim_count(n: usize, trim: f64) -> usize {
+    let mut k = (trim * n as f64).floor() as usize;
+    if 2 * k >= n {
+        k = n.saturating_sub(1) / 2;
+    }
+    k
+}
+
+/// The sorted positions a median of `n` values uses (one or the two middle ones).
+fn median_positions(n: usize) -> std::ops::Range<usize> {
+    if n % 2 == 1 {
+        n / 2..n / 2 + 1
+    } else {
+        n / 2 - 1..n / 2 + 1
+    }
+}
+
+/// Stats of an order-statistic aggregation from per-delta trimmed counts.
+fn trim_stats(trimmed: &[u64], coords: usize, kept: usize) -> AggregateStats {
+    AggregateStats {
+        values_trimmed_per_coordinate: Some(trimmed.len() - kept),
+        trimmed_share: trimmed
+            .iter()
+            .map(|&c| c as f64 / coords.max(1) as f64)
+            .collect(),
+        ..AggregateStats::default()
+    }
 }
 
 /// Median of a sorted, non-empty slice (mean of the two middle values for an even length).
@@ -300,19 +373,40 @@ pub fn median_sorted(v: &[f32]) -> f64 {
 /// Mean of a sorted, non-empty slice after dropping ⌊trim·n⌋ values at each end (never all).
 pub fn trimmed_mean_sorted(v: &[f32], trim: f64) -> f64 {
     let n = v.len();
-    let mut k = (trim * n as f64).floor() as usize;
-    if 2 * k >= n {
-        k = (n - 1) / 2;
-    }
+    let k = trim_count(n, trim);
     let kept = &v[k..n - k];
     kept.iter().map(|&x| f64::from(x)).sum::<f64>() / kept.len() as f64
 }
 
-/// Server-optimizer state: first and second moments, one vector per tensor.
+/// State carried across rounds: server-optimizer moments (one vector per tensor) and, with
+/// client-level DP, the accountant (RDP per order over every noised round), so a restarted
+/// aggregator keeps counting ε where it stopped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct StrategyState {
     pub m: Vec<Vec<f64>>,
     pub v: Vec<Vec<f64>>,
+    /// Client-level DP: accumulated RDP per order of [`fedpeft_peft::accountant::default_orders`].
+    pub dp_rdp: Vec<f64>,
+    /// Client-level DP: noised rounds composed into `dp_rdp`.
+    pub dp_rounds: u64,
+}
+
+/// What the last [`Strategy::aggregate`] did besides averaging, for the round's report.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AggregateStats {
+    /// Trimmed mean / median: client values discarded at every coordinate (the same number at
+    /// each: 2·⌊trim·n⌋ for the trimmed mean; n − 1 (odd n) or n − 2 (even n) for the median).
+    pub values_trimmed_per_coordinate: Option<usize>,
+    /// Trimmed mean / median: for each update in fold order, the fraction of coordinates at
+    /// which its value was among the discarded ones (a poisoned update that sits at an extreme
+    /// everywhere shows ~1.0; an honest one about trimmed / n).
+    pub trimmed_share: Vec<f64>,
+    /// Client-level DP: standard deviation of the Gaussian noise added to each coordinate of the
+    /// averaged delta (σ·S / expected clients).
+    pub dp_noise_std: Option<f64>,
+    /// Client-level DP: ε at `dp_delta` over every noised round so far, and that δ.
+    pub dp_epsilon: Option<f64>,
+    pub dp_delta: Option<f64>,
 }
 
 /// A federated aggregation strategy.
@@ -333,6 +427,29 @@ pub trait Strategy: std::fmt::Debug + Send {
     fn state(&self) -> StrategyState;
     /// Restores state saved by [`Strategy::state`].
     fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError>;
+    /// Whether the round machine folds each delta with weight `num_examples` (FedAvg-style) or
+    /// 1 (client-level DP, whose sensitivity analysis needs every client to weigh the same).
+    fn weighs_by_examples(&self) -> bool {
+        true
+    }
+    /// The step from an already averaged delta (FedAvg, FedAdam, FedYogi; what the DP wrapper
+    /// calls after adding noise). Order statistics do not average, so the default refuses.
+    fn apply_mean(
+        &mut self,
+        round: u64,
+        global: &Adapter,
+        mean: &[Vec<f64>],
+    ) -> Result<Adapter, StrategyError> {
+        let _ = (round, global, mean);
+        Err(StrategyError::State {
+            strategy: self.name(),
+            reason: "does not aggregate a mean".into(),
+        })
+    }
+    /// What the last aggregation trimmed or noised (empty by default).
+    fn last_stats(&self) -> AggregateStats {
+        AggregateStats::default()
+    }
 }
 
 /// Builds the strategy a config names.
@@ -341,8 +458,22 @@ pub fn build(kind: &StrategyKind) -> Box<dyn Strategy> {
         StrategyKind::FedAvg => Box::new(FedAvg),
         StrategyKind::FedAdam(p) => Box::new(ServerOpt::new(ServerOptKind::Adam, p.clone())),
         StrategyKind::FedYogi(p) => Box::new(ServerOpt::new(ServerOptKind::Yogi, p.clone())),
-        StrategyKind::Median => Box::new(Median),
-        StrategyKind::TrimmedMean { trim } => Box::new(TrimmedMean { trim: *trim }),
+        StrategyKind::Median => Box::new(Median::default()),
+        StrategyKind::TrimmedMean { trim } => Box::new(TrimmedMean::new(*trim)),
+    }
+}
+
+/// Builds the strategy, wrapped in client-level DP when `dp` is set. DP wraps only the
+/// averaging strategies (FedAvg, FedAdam, FedYogi); the config refuses the others (see
+/// [`ClientDp`]), and so does this, naming the strategy.
+pub fn build_with(
+    kind: &StrategyKind,
+    dp: Option<&ClientDp>,
+) -> Result<Box<dyn Strategy>, StrategyError> {
+    let inner = build(kind);
+    match dp {
+        None => Ok(inner),
+        Some(dp) => DpFedAvg::wrap(inner, dp.clone()).map(|s| Box::new(s) as Box<dyn Strategy>),
     }
 }
 
@@ -382,6 +513,14 @@ impl Strategy for FedAvg {
     ) -> Result<Adapter, StrategyError> {
         let mean = weighted_mean(acc).ok_or(StrategyError::NoUpdates { round })?;
         apply_step(round, global, &mean)
+    }
+    fn apply_mean(
+        &mut self,
+        round: u64,
+        global: &Adapter,
+        mean: &[Vec<f64>],
+    ) -> Result<Adapter, StrategyError> {
+        apply_step(round, global, mean)
     }
     fn state(&self) -> StrategyState {
         StrategyState::default()
@@ -435,6 +574,14 @@ impl Strategy for ServerOpt {
         acc: &Accumulator,
     ) -> Result<Adapter, StrategyError> {
         let delta = weighted_mean(acc).ok_or(StrategyError::NoUpdates { round })?;
+        self.apply_mean(round, global, &delta)
+    }
+    fn apply_mean(
+        &mut self,
+        round: u64,
+        global: &Adapter,
+        delta: &[Vec<f64>],
+    ) -> Result<Adapter, StrategyError> {
         let ServerOptParams {
             server_lr,
             beta1,
@@ -481,8 +628,10 @@ impl Strategy for ServerOpt {
 }
 
 /// Coordinate-wise median of the round's deltas (unweighted: robust, not example-weighted).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Median;
+#[derive(Debug, Clone, Default)]
+pub struct Median {
+    stats: AggregateStats,
+}
 
 impl Strategy for Median {
     fn name(&self) -> &'static str {
@@ -499,7 +648,11 @@ impl Strategy for Median {
     ) -> Result<Adapter, StrategyError> {
         match acc {
             Accumulator::Buffer { deltas, .. } if !deltas.is_empty() => {
-                apply_step(round, global, &coordinatewise(deltas, median_sorted))
+                let n = deltas.len();
+                let mut trimmed = vec![0u64; n];
+                let step = coordinatewise(deltas, median_sorted, median_positions, &mut trimmed);
+                self.stats = trim_stats(&trimmed, global.num_params(), median_positions(n).len());
+                apply_step(round, global, &step)
             }
             Accumulator::Buffer { .. } => Err(StrategyError::NoUpdates { round }),
             Accumulator::Sum { .. } => Err(StrategyError::State {
@@ -514,12 +667,25 @@ impl Strategy for Median {
     fn restore(&mut self, _: StrategyState) -> Result<(), StrategyError> {
         Ok(())
     }
+    fn last_stats(&self) -> AggregateStats {
+        self.stats.clone()
+    }
 }
 
 /// Coordinate-wise trimmed mean (Yin et al. 2018): drop ⌊trim·n⌋ lowest and highest values.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TrimmedMean {
     pub trim: f64,
+    stats: AggregateStats,
+}
+
+impl TrimmedMean {
+    pub fn new(trim: f64) -> TrimmedMean {
+        TrimmedMean {
+            trim,
+            stats: AggregateStats::default(),
+        }
+    }
 }
 
 impl Strategy for TrimmedMean {
@@ -537,11 +703,19 @@ impl Strategy for TrimmedMean {
     ) -> Result<Adapter, StrategyError> {
         let trim = self.trim;
         match acc {
-            Accumulator::Buffer { deltas, .. } if !deltas.is_empty() => apply_step(
-                round,
-                global,
-                &coordinatewise(deltas, |v| trimmed_mean_sorted(v, trim)),
-            ),
+            Accumulator::Buffer { deltas, .. } if !deltas.is_empty() => {
+                let n = deltas.len();
+                let k = trim_count(n, trim);
+                let mut trimmed = vec![0u64; n];
+                let step = coordinatewise(
+                    deltas,
+                    |v| trimmed_mean_sorted(v, trim),
+                    |n| k..n - k,
+                    &mut trimmed,
+                );
+                self.stats = trim_stats(&trimmed, global.num_params(), n - 2 * k);
+                apply_step(round, global, &step)
+            }
             Accumulator::Buffer { .. } => Err(StrategyError::NoUpdates { round }),
             Accumulator::Sum { .. } => Err(StrategyError::State {
                 strategy: "trimmed-mean",
@@ -554,6 +728,235 @@ impl Strategy for TrimmedMean {
     }
     fn restore(&mut self, _: StrategyState) -> Result<(), StrategyError> {
         Ok(())
+    }
+    fn last_stats(&self) -> AggregateStats {
+        self.stats.clone()
+    }
+}
+
+/// Client-level differential privacy at the aggregator (DP-FedAvg, McMahan et al., "Learning
+/// Differentially Private Recurrent Language Models", ICLR 2018), validated config form.
+///
+/// Each round: every accepted delta is clipped to L2 norm `clip_norm` (S) by the round machine,
+/// the clipped deltas are summed *unweighted* (every client weighs the same, whatever its
+/// `num_examples`), the sum is divided by the fixed denominator `expected_clients` (W, not the
+/// number that replied: a fixed denominator keeps the sensitivity of the average at S/W when a
+/// client is added or removed), and Gaussian noise N(0, (σ·S/W)²) is added to every coordinate.
+/// The noised average then goes through the inner strategy's step (FedAvg: added to the global;
+/// FedAdam / FedYogi: server optimizer; post-processing, so no further privacy cost).
+///
+/// Accounting: each aggregated round is one application of the sampled Gaussian mechanism with
+/// noise multiplier σ and sampling rate q = expected_clients / fleet_size, composed in Rényi DP
+/// (`fedpeft_peft::accountant`, Mironov et al. 2019) and converted to ε at `delta`. The analysis
+/// is for Poisson sampling of clients with rate q, as McMahan et al.; the aggregator samples a
+/// fixed-size set uniformly (`sample_clients`), for which the Poisson figure is the usual
+/// approximation. The guarantee is central DP at the user (client) level against anyone who sees
+/// the published global adapters; the aggregator itself sees every raw update. Rounds that fail
+/// (no quorum) publish nothing new and cost nothing.
+///
+/// Not supported: DP over coordinate-wise median or trimmed mean. The noise is calibrated to the
+/// L2 sensitivity of a sum of clipped updates (S); one client can move an order statistic of every
+/// coordinate at once, by up to S per coordinate, so its L2 sensitivity is up to S·√d for d
+/// parameters, and noise σ·S would give no meaningful guarantee. The config refuses the
+/// combination rather than report an ε that does not hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientDp {
+    /// S: L2 bound every client delta is clipped to.
+    pub clip_norm: f64,
+    /// σ: noise standard deviation in units of S (before dividing by W).
+    pub noise_multiplier: f64,
+    /// W: the fixed denominator of the average (expected sampled clients per round).
+    pub expected_clients: usize,
+    /// N: clients in the fleet, for q = W / N.
+    pub fleet_size: usize,
+    /// δ at which ε is reported.
+    pub delta: f64,
+    /// Seed of the noise. `None` (the default) draws it from the OS: noise an observer can
+    /// predict protects nothing. A fixed seed is for tests only.
+    pub noise_seed: Option<u64>,
+}
+
+impl ClientDp {
+    /// q = expected_clients / fleet_size.
+    pub fn sample_rate(&self) -> f64 {
+        self.expected_clients as f64 / self.fleet_size as f64
+    }
+
+    /// Standard deviation of the noise on each coordinate of the average: σ·S / W.
+    pub fn noise_std(&self) -> f64 {
+        self.noise_multiplier * self.clip_norm / self.expected_clients as f64
+    }
+
+    /// ε at `delta` after `rounds` noised rounds (what the accountant reports), computed afresh.
+    pub fn epsilon_after(&self, rounds: u64) -> f64 {
+        let mut acc = fedpeft_peft::accountant::RdpAccountant::new();
+        let _ = acc.compose(self.sample_rate(), self.noise_multiplier, rounds);
+        acc.epsilon(self.delta).0
+    }
+}
+
+/// DP-FedAvg: wraps an averaging strategy (FedAvg, FedAdam, FedYogi); see [`ClientDp`].
+#[derive(Debug)]
+pub struct DpFedAvg {
+    inner: Box<dyn Strategy>,
+    dp: ClientDp,
+    accountant: fedpeft_peft::accountant::RdpAccountant,
+    rounds: u64,
+    stats: AggregateStats,
+}
+
+impl DpFedAvg {
+    /// Wraps `inner`; refuses strategies that do not average.
+    pub fn wrap(inner: Box<dyn Strategy>, dp: ClientDp) -> Result<DpFedAvg, StrategyError> {
+        if !matches!(inner.name(), "fedavg" | "fedadam" | "fedyogi") {
+            return Err(StrategyError::State {
+                strategy: inner.name(),
+                reason: "client-level DP needs an averaging strategy (fedavg, fedadam, fedyogi): \
+                         the noise is calibrated to a sum of clipped updates, not to an order \
+                         statistic"
+                    .into(),
+            });
+        }
+        Ok(DpFedAvg {
+            inner,
+            dp,
+            accountant: fedpeft_peft::accountant::RdpAccountant::new(),
+            rounds: 0,
+            stats: AggregateStats::default(),
+        })
+    }
+
+    /// ε at the configured δ over every noised round so far.
+    pub fn epsilon(&self) -> f64 {
+        self.accountant.epsilon(self.dp.delta).0
+    }
+
+    fn noise_rng(&self, round: u64) -> rand::rngs::StdRng {
+        use rand::SeedableRng;
+        match self.dp.noise_seed {
+            Some(seed) => {
+                rand::rngs::StdRng::seed_from_u64(seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            }
+            None => {
+                let mut key = [0u8; 32];
+                // getrandom fails only where the OS has no entropy source at all; noise from a
+                // fixed key would be predictable, so that is fatal rather than silently weak.
+                getrandom::fill(&mut key).expect("the OS random source is unavailable");
+                rand::rngs::StdRng::from_seed(key)
+            }
+        }
+    }
+}
+
+/// `sum / denom + N(0, std²)` per coordinate, the Gaussian mechanism on a clipped sum.
+pub fn noised_mean(
+    sum: &[Vec<f64>],
+    denom: f64,
+    std: f64,
+    rng: &mut impl rand::Rng,
+) -> Vec<Vec<f64>> {
+    use rand_distr::Distribution;
+    let normal = rand_distr::Normal::new(0.0, std.max(0.0)).expect("finite, non-negative std");
+    sum.iter()
+        .map(|t| t.iter().map(|&s| s / denom + normal.sample(rng)).collect())
+        .collect()
+}
+
+impl Strategy for DpFedAvg {
+    fn name(&self) -> &'static str {
+        match self.inner.name() {
+            "fedadam" => "dp-fedadam",
+            "fedyogi" => "dp-fedyogi",
+            _ => "dp-fedavg",
+        }
+    }
+    fn configure_round(&self, round: u64, global: &Adapter, sampled: usize) -> Accumulator {
+        let _ = (round, sampled);
+        Accumulator::sum_for(global)
+    }
+    fn weighs_by_examples(&self) -> bool {
+        false
+    }
+    fn aggregate(
+        &mut self,
+        round: u64,
+        global: &Adapter,
+        acc: &Accumulator,
+    ) -> Result<Adapter, StrategyError> {
+        let Accumulator::Sum {
+            weighted,
+            error,
+            count,
+            ..
+        } = acc
+        else {
+            return Err(StrategyError::State {
+                strategy: "dp-fedavg",
+                reason: "needs a streaming sum, got buffered deltas".into(),
+            });
+        };
+        if *count == 0 {
+            return Err(StrategyError::NoUpdates { round });
+        }
+        // Every delta was folded with weight 1, so weighted + error is the exact sum of the
+        // clipped deltas.
+        let sum: Vec<Vec<f64>> = weighted
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.iter()
+                    .enumerate()
+                    .map(|(j, &s)| s + error.get(i).and_then(|e| e.get(j)).copied().unwrap_or(0.0))
+                    .collect()
+            })
+            .collect();
+        let mut rng = self.noise_rng(round);
+        let std = self.dp.noise_std();
+        let mean = noised_mean(&sum, self.dp.expected_clients as f64, std, &mut rng);
+        let next = self.inner.apply_mean(round, global, &mean)?;
+        self.accountant
+            .compose(self.dp.sample_rate(), self.dp.noise_multiplier, 1)
+            .map_err(|e| StrategyError::State {
+                strategy: "dp-fedavg",
+                reason: e.to_string(),
+            })?;
+        self.rounds += 1;
+        self.stats = AggregateStats {
+            dp_noise_std: Some(std),
+            dp_epsilon: Some(self.epsilon()),
+            dp_delta: Some(self.dp.delta),
+            ..AggregateStats::default()
+        };
+        Ok(next)
+    }
+    fn state(&self) -> StrategyState {
+        let mut s = self.inner.state();
+        s.dp_rdp = self.accountant.rdp().to_vec();
+        s.dp_rounds = self.rounds;
+        s
+    }
+    fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError> {
+        let orders = fedpeft_peft::accountant::default_orders();
+        if !state.dp_rdp.is_empty() {
+            self.accountant = fedpeft_peft::accountant::RdpAccountant::restore(
+                orders,
+                state.dp_rdp.clone(),
+                state.dp_rounds,
+            )
+            .map_err(|e| StrategyError::State {
+                strategy: "dp-fedavg",
+                reason: e.to_string(),
+            })?;
+        }
+        self.rounds = state.dp_rounds;
+        self.inner.restore(StrategyState {
+            dp_rdp: Vec::new(),
+            dp_rounds: 0,
+            ..state
+        })
+    }
+    fn last_stats(&self) -> AggregateStats {
+        self.stats.clone()
     }
 }
 
@@ -700,7 +1103,7 @@ mod tests {
     fn median_ignores_one_outlier_per_coordinate() {
         let g = global(vec![0.0, 0.0]);
         let next = run(
-            &mut Median,
+            &mut Median::default(),
             &g,
             &[
                 (1, vec![1.0, -1.0]),
@@ -710,14 +1113,18 @@ mod tests {
         );
         assert_eq!(next.tensors[0].data, vec![2.0, 0.0]);
         // Even count: mean of the two middle values.
-        let next = run(&mut Median, &g, &[(1, vec![1.0, 0.0]), (1, vec![4.0, 1.0])]);
+        let next = run(
+            &mut Median::default(),
+            &g,
+            &[(1, vec![1.0, 0.0]), (1, vec![4.0, 1.0])],
+        );
         assert_eq!(next.tensors[0].data, vec![2.5, 0.5]);
     }
 
     #[test]
     fn trimmed_mean_drops_the_extremes_of_each_coordinate() {
         // trim 0.2 of 5 values = 1 from each end: mean of [2, 3, 4] = 3.
-        let mut s = TrimmedMean { trim: 0.2 };
+        let mut s = TrimmedMean::new(0.2);
         let g = global(vec![1.0]);
         let ups: Vec<_> = [-100.0, 2.0, 3.0, 4.0, 100.0]
             .iter()
@@ -740,7 +1147,10 @@ mod tests {
     fn norm_bounding_scales_large_deltas_and_keeps_small_ones() {
         let mut d = one("w", vec![3.0, 4.0]);
         assert_eq!(bound_norm(&mut d, 1.0), 5.0);
-        assert_eq!(d[0].data, vec![0.6, 0.8]);
+        // [0.6f32, 0.8f32] has norm 1 + 1.7e-8 in f64: the scale goes an ulp lower so the result
+        // is never above the bound (DP's sensitivity).
+        assert_eq!(d[0].data, vec![0.599_999_96, 0.799_999_95]);
+        assert!(crate::adapter::l2_norm(&d) <= 1.0);
         let mut small = one("w", vec![0.3, 0.4]);
         bound_norm(&mut small, 1.0);
         assert_eq!(small[0].data, vec![0.3, 0.4]);
@@ -755,5 +1165,153 @@ mod tests {
             FedAvg.aggregate(1, &g, &acc),
             Err(StrategyError::NonFinite { .. })
         ));
+    }
+
+    #[test]
+    fn clipping_lands_on_the_bound_never_above_and_keeps_the_direction() {
+        // Deterministic pseudo-random deltas of several sizes and scales.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for (len, scale, bound) in [(7, 3.0, 0.5), (1000, 0.01, 0.05), (25_610, 1e3, 1.0)] {
+            let data: Vec<f32> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    ((x >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * scale
+                })
+                .collect();
+            let mut d = one("w", data.clone());
+            let before = bound_norm(&mut d, bound);
+            assert!(before > bound, "the test delta must exceed the bound");
+            let after = crate::adapter::l2_norm(&d);
+            assert!(after <= bound, "{after} > {bound}");
+            assert!(after >= bound * (1.0 - 1e-6), "{after} far below {bound}");
+            // Same direction: every value scaled by the same factor.
+            let ratio = f64::from(d[0].data[0]) / f64::from(data[0]);
+            for (a, b) in d[0].data.iter().zip(&data) {
+                assert!(
+                    (f64::from(*a) - ratio * f64::from(*b)).abs()
+                        <= 1e-6 * f64::from(b.abs()).max(1e-30) + 1e-12
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn trimmed_mean_reports_what_it_trimmed_and_whose_values() {
+        // 5 clients, trim 0.2: 1 value per end per coordinate; client 4 is always the largest.
+        let mut s = TrimmedMean::new(0.2);
+        let g = global(vec![0.0, 0.0, 0.0, 0.0]);
+        let ups: Vec<_> = (0..5)
+            .map(|c| {
+                let v = if c == 4 { 100.0 } else { c as f32 };
+                (1, vec![v, v, v, -(c as f32)])
+            })
+            .collect();
+        run(&mut s, &g, &ups);
+        let st = s.last_stats();
+        assert_eq!(st.values_trimmed_per_coordinate, Some(2));
+        // Client 4 is at an extreme of every coordinate (100, then −4); client 0 too (0 is the
+        // lowest of the first three, the highest of the last); clients 1-3 never are.
+        assert_eq!(st.trimmed_share, vec![1.0, 0.0, 0.0, 0.0, 1.0]);
+        let mut m = Median::default();
+        run(&mut m, &g, &ups);
+        assert_eq!(m.last_stats().values_trimmed_per_coordinate, Some(4));
+        assert_eq!(m.last_stats().trimmed_share, vec![1.0, 1.0, 0.0, 1.0, 1.0]);
+    }
+
+    fn dp(noise_multiplier: f64, expected_clients: usize, fleet_size: usize) -> ClientDp {
+        ClientDp {
+            clip_norm: 2.0,
+            noise_multiplier,
+            expected_clients,
+            fleet_size,
+            delta: 1e-6,
+            noise_seed: Some(7),
+        }
+    }
+
+    #[test]
+    fn dp_noise_has_the_documented_scale_and_the_unweighted_mean() {
+        // 40 000 coordinates, 4 clients folded with weight 1 (what the machine does under DP),
+        // denominator W = 5: mean = sum / 5; noise std = σ·S/W = 1.5·2/5 = 0.6.
+        let d = 40_000;
+        let g = global(vec![0.0; d]);
+        let mut s = build_with(&StrategyKind::FedAvg, Some(&dp(1.5, 5, 50))).unwrap();
+        assert!(!s.weighs_by_examples());
+        let mut acc = s.configure_round(1, &g, 4);
+        for c in 0..4 {
+            acc.fold(1, &one("w", vec![0.25 * c as f32; d]));
+        }
+        let next = s.aggregate(1, &g, &acc).unwrap();
+        let expected_mean = 0.25 * (0.0 + 1.0 + 2.0 + 3.0) / 5.0;
+        let v: Vec<f64> = next.tensors[0].data.iter().map(|&x| f64::from(x)).collect();
+        let mean = v.iter().sum::<f64>() / d as f64;
+        let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (d - 1) as f64).sqrt();
+        // Standard errors: 0.6/√d = 0.003 for the mean, 0.6/√(2d) = 0.0021 for the std: 5 σ.
+        assert!(
+            (mean - expected_mean).abs() < 0.015,
+            "mean {mean} vs {expected_mean}"
+        );
+        assert!((std - 0.6).abs() < 0.011, "std {std} vs 0.6");
+        assert_eq!(s.last_stats().dp_noise_std, Some(0.6));
+        // A fixed seed is reproducible; the same round again gives the same noise.
+        let mut s2 = build_with(&StrategyKind::FedAvg, Some(&dp(1.5, 5, 50))).unwrap();
+        assert_eq!(s2.aggregate(1, &g, &acc).unwrap(), next);
+    }
+
+    #[test]
+    fn dp_epsilon_grows_every_round_matches_dp_accounting_and_survives_a_restore() {
+        // dp-accounting 0.6.0 (peft/tests/accountant.rs): q = 0.1, σ = 2, 200 compositions,
+        // δ = 1e-6 → ε = 4.117567643450246. Here: 10 expected clients of a fleet of 100.
+        let cfg = dp(2.0, 10, 100);
+        let g = global(vec![0.0; 3]);
+        let mut s = build_with(&StrategyKind::FedAvg, Some(&cfg)).unwrap();
+        assert_eq!(s.name(), "dp-fedavg");
+        let mut last = 0.0;
+        let mut restored = None;
+        for r in 1..=200u64 {
+            let mut acc = s.configure_round(r, &g, 10);
+            acc.fold(1, &one("w", vec![0.1, 0.2, 0.3]));
+            s.aggregate(r, &g, &acc).unwrap();
+            let eps = s.last_stats().dp_epsilon.unwrap();
+            assert!(eps > last, "round {r}: ε {eps} did not grow from {last}");
+            last = eps;
+            if r == 100 {
+                // A restart from the checkpointed state goes on from the same ε.
+                let mut b = build_with(&StrategyKind::FedAvg, Some(&cfg)).unwrap();
+                b.restore(s.state()).unwrap();
+                restored = Some(b);
+            }
+        }
+        assert!(
+            (last - 4.117_567_643_450_246).abs() / 4.117_567_643_450_246 < 0.01,
+            "{last}"
+        );
+        assert!((cfg.epsilon_after(200) - last).abs() < 1e-9);
+        let mut b = restored.unwrap();
+        for r in 101..=200u64 {
+            let mut acc = b.configure_round(r, &g, 10);
+            acc.fold(1, &one("w", vec![0.1, 0.2, 0.3]));
+            b.aggregate(r, &g, &acc).unwrap();
+        }
+        assert!((b.last_stats().dp_epsilon.unwrap() - last).abs() < 1e-9);
+        assert_eq!(b.state().dp_rounds, 200);
+    }
+
+    #[test]
+    fn dp_refuses_to_wrap_an_order_statistic() {
+        for kind in [
+            StrategyKind::Median,
+            StrategyKind::TrimmedMean { trim: 0.1 },
+        ] {
+            let err = build_with(&kind, Some(&dp(1.0, 5, 50))).unwrap_err();
+            assert!(err.to_string().contains("averaging strategy"), "{err}");
+        }
+        let s = build_with(
+            &StrategyKind::FedAdam(ServerOptParams::default()),
+            Some(&dp(1.0, 5, 50)),
+        );
+        assert_eq!(s.unwrap().name(), "dp-fedadam");
     }
 }

@@ -43,6 +43,8 @@ fn rules(rounds: u32, min_clients: usize, quorum: usize) -> Rules {
         max_update_bytes: 10_000,
         max_payload_bytes: 1 << 20,
         max_update_norm: None,
+        adaptive_norm_multiple: None,
+        dp_sample_rate: None,
         backbone_params: 1000,
         checkpoint_every_update: false,
         backbone_id: Some("bb".into()),
@@ -528,4 +530,124 @@ fn corrupt_checkpoint_is_an_error_naming_the_file_and_keeps_the_previous_one() {
             .unwrap()
             .is_none()
     );
+}
+
+/// Runs `rounds` rounds of a, b, c with the given updates per round, restoring from a
+/// checkpoint after round `restore_after` (if any).
+fn robust_run(
+    r: Rules,
+    dp: Option<&strategy::ClientDp>,
+    rounds: &[[([f32; 2], f32); 3]],
+    restore_after: Option<u32>,
+) -> RoundMachine {
+    let build = || strategy::build_with(&StrategyKind::FedAvg, dp).unwrap();
+    let mut m = RoundMachine::new(r.clone(), build(), initial());
+    let mut now = T0;
+    m.on_event(Event::Start, now);
+    for c in ["a", "b", "c"] {
+        m.on_event(join(c, 10), now);
+    }
+    for (i, ups) in rounds.iter().enumerate() {
+        let round = i as u32 + 1;
+        for (c, (w, b)) in ["a", "b", "c"].iter().zip(ups) {
+            now += 1;
+            m.on_event(update(c, round, round, 10, *w, *b), now);
+        }
+        assert_eq!(m.state().records.last().unwrap().round, round);
+        if Some(round) == restore_after {
+            let path = std::path::Path::new("ck");
+            let bytes = checkpoint::to_bytes(m.state(), path).unwrap();
+            let state = checkpoint::from_bytes(&bytes, path).unwrap();
+            m = RoundMachine::restore(r.clone(), build(), state).unwrap();
+            m.on_event(Event::Start, now);
+            for c in ["a", "b", "c"] {
+                m.on_event(join(c, 10), now);
+            }
+        }
+    }
+    m
+}
+
+#[test]
+fn adaptive_norm_bound_clips_an_outsized_update_and_counts_it_per_round() {
+    let mut r = rules(2, 3, 3);
+    r.adaptive_norm_multiple = Some(2.0);
+    // Round 1 has no bound (no reference yet); norms 5, 5, 500 → median 5 → round 2 bound 10.
+    let honest = ([3.0, 4.0], 0.0);
+    let attack = ([-300.0, -400.0], 0.0);
+    let m = robust_run(
+        r,
+        None,
+        &[[honest, honest, attack], [honest, attack, honest]],
+        Some(1),
+    );
+    let recs = &m.state().records;
+    assert_eq!(recs[1].robust.norm_bound, None);
+    assert_eq!(recs[1].robust.clipped, 0);
+    assert_eq!(recs[1].robust.median_norm, Some(5.0));
+    assert_eq!(recs[2].robust.norm_bound, Some(10.0));
+    assert_eq!(recs[2].robust.clipped, 1);
+    assert_eq!(recs[2].robust.clipped_clients, vec!["b".to_string()]);
+    assert_eq!(m.state().clipped_total, 1);
+    // Round 2: a = c = [3, 4], b clipped to [−6, −8]: mean [0, 0] added to round 1's global.
+    let g1 = [
+        1.0 + (3.0 + 3.0 - 300.0) / 3.0,
+        -1.0 + (4.0 + 4.0 - 400.0) / 3.0,
+    ];
+    let g = &m.state().global.tensors[0].data;
+    assert!(
+        (f64::from(g[0]) - g1[0]).abs() < 1e-4 && (f64::from(g[1]) - g1[1]).abs() < 1e-4,
+        "{g:?}"
+    );
+}
+
+#[test]
+fn client_level_dp_through_the_machine_reports_epsilon_and_a_restart_keeps_it() {
+    let dp = strategy::ClientDp {
+        clip_norm: 1.0,
+        noise_multiplier: 1.0,
+        expected_clients: 3,
+        fleet_size: 30,
+        delta: 1e-5,
+        noise_seed: Some(3),
+    };
+    let mut r = rules(3, 3, 3);
+    r.max_update_norm = Some(dp.clip_norm);
+    r.dp_sample_rate = Some(dp.sample_rate());
+    let u = ([3.0, 4.0], 0.0);
+    let rounds = [[u, u, u], [u, u, u], [u, u, u]];
+    let straight = robust_run(r.clone(), Some(&dp), &rounds, None);
+    let resumed = robust_run(r, Some(&dp), &rounds, Some(2));
+    let eps: Vec<f64> = straight.state().records[1..]
+        .iter()
+        .map(|rec| rec.robust.dp_epsilon.unwrap())
+        .collect();
+    assert!(eps[0] < eps[1] && eps[1] < eps[2], "{eps:?}");
+    assert!((eps[2] - dp.epsilon_after(3)).abs() < 1e-12);
+    for rec in &straight.state().records[1..] {
+        assert_eq!(
+            rec.robust.clipped, 3,
+            "every update (norm 5) is clipped to S = 1"
+        );
+        assert_eq!(rec.robust.dp_noise_std, Some(1.0 / 3.0));
+        assert_eq!(rec.robust.dp_delta, Some(1e-5));
+    }
+    // The restarted machine continues the accountant, the clip counts and the noise.
+    assert_eq!(
+        resumed.state().records,
+        straight
+            .state()
+            .records
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.duration_ms = resumed.state().records[r.round as usize].duration_ms;
+                r.started_unix_ms = resumed.state().records[r.round as usize].started_unix_ms;
+                r.traffic = resumed.state().records[r.round as usize].traffic;
+                r
+            })
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(resumed.state().clipped_total, 9);
+    assert_eq!(resumed.state().global, straight.state().global);
 }

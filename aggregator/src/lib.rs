@@ -4,7 +4,9 @@
 //! - [`round`]: the pure round state machine ([`round::RoundMachine::on_event`] → actions):
 //!   sampling, deadline and quorum, validation and rejection counting, last wills.
 //! - [`strategy`]: FedAvg, FedAdam, FedYogi, coordinate-wise median, trimmed mean behind the
-//!   [`strategy::Strategy`] trait; pure arithmetic with hand-computed tests.
+//!   [`strategy::Strategy`] trait, norm bounding, and client-level DP ([`strategy::DpFedAvg`]
+//!   wrapping an averaging strategy, with its RDP accountant); pure arithmetic with
+//!   hand-computed tests.
 //! - [`adapter`]: the dense f32 named tensors strategies work on.
 //! - [`accounting`]: MQTT wire sizes, per-client / per-round ledgers, full-model comparison.
 //! - [`checkpoint`]: atomic, hashed checkpoints of the machine state.

@@ -133,6 +133,31 @@ impl Features {
         ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| cache_err(Path::new("(rows)"), e))
     }
 
+    /// The rows at `indices` as a new in-memory entry: a fleet client's own rows out of an entry
+    /// that holds the whole data set (which may stay in its file, shared through the page cache).
+    pub fn select(&self, indices: &[usize]) -> Result<Features> {
+        let mut rows = Vec::with_capacity(indices.len() * self.row_len());
+        let mut sorted: Vec<(usize, usize)> = indices.iter().copied().enumerate().collect();
+        // Read in file order (one pass forward), then put the rows back in the caller's order.
+        sorted.sort_unstable_by_key(|&(_, i)| i);
+        let picked = self.rows(&sorted.iter().map(|&(_, i)| i).collect::<Vec<_>>())?;
+        let picked = picked.as_standard_layout();
+        let data = picked.as_slice().unwrap_or_default();
+        let r = self.row_len();
+        let mut at = vec![0usize; indices.len()];
+        for (k, &(pos, _)) in sorted.iter().enumerate() {
+            at[pos] = k;
+        }
+        for &k in &at {
+            rows.extend_from_slice(&data[k * r..(k + 1) * r]);
+        }
+        Ok(Features {
+            n: indices.len(),
+            row_shape: self.row_shape.clone(),
+            store: Store::Memory(rows),
+        })
+    }
+
     fn oob(&self, i: usize, path: &Path) -> BackboneError {
         cache_err(path, format!("row {i} outside the {} cached rows", self.n))
     }
@@ -406,6 +431,41 @@ mod tests {
         let len = range.len();
         let data: Vec<f32> = range.flat_map(|i| [i as f32, -(i as f32), 0.5]).collect();
         Ok(ArrayD::from_shape_vec(IxDyn(&[len, 3]), data).unwrap())
+    }
+
+    #[test]
+    fn a_whole_data_set_entry_on_file_serves_each_clients_rows_in_its_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = CacheKey::new("m", "whole", "p");
+        // The first client fills the entry; it does not fit its budget, so it stays in the file.
+        let mut first = ActivationCache::new(CacheConfig {
+            memory_budget: 0,
+            spill_dir: dir.path().to_path_buf(),
+            persist: true,
+        });
+        let whole = first.get_or_compute(&key, 40, 7, fake).unwrap();
+        assert!(!whole.in_memory());
+        assert_eq!(first.computed(), 1);
+        // Another client (another cache, as in another process) reads the same file.
+        let mut second = ActivationCache::new(CacheConfig {
+            memory_budget: 0,
+            spill_dir: dir.path().to_path_buf(),
+            persist: true,
+        });
+        let whole = second
+            .get_or_compute(&key, 40, 7, |_| panic!("the trunk ran for a cached entry"))
+            .unwrap();
+        assert_eq!(second.computed(), 0);
+        let mine = whole.select(&[31, 2, 17, 2]).unwrap();
+        assert!(mine.in_memory());
+        assert_eq!(mine.len(), 4);
+        let got = mine.rows(&[0, 1, 2, 3]).unwrap();
+        let want: Vec<f32> = [31.0f32, 2.0, 17.0, 2.0]
+            .iter()
+            .flat_map(|&i| [i, -i, 0.5])
+            .collect();
+        assert_eq!(got.as_slice().unwrap(), want.as_slice());
+        assert!(whole.select(&[40]).is_err());
     }
 
     #[test]

@@ -197,6 +197,10 @@ pub struct CacheFile {
     /// Keep activations on disk for the next run of this client (same trunk, same shard, same
     /// preprocessing). Default true.
     pub persist: Option<bool>,
+    /// Key the cache on the whole data set, not this client's shard: the first client of a
+    /// fleet runs the trunk once over every sample, every other client (on the same machine
+    /// and cache folder) reads its own rows from that one entry. Default false.
+    pub shared: Option<bool>,
 }
 
 /// The `[reconnect]` table.
@@ -348,6 +352,9 @@ pub struct Cli {
     /// Activation cache folder.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// Cache the whole data set's activations in one entry shared by the fleet (`[cache] shared`).
+    #[arg(long)]
+    pub cache_shared: bool,
     /// Largest MQTT packet, bytes.
     #[arg(long)]
     pub max_packet_bytes: Option<usize>,
@@ -515,6 +522,7 @@ pub struct EdgeConfig {
     pub cache_dir: PathBuf,
     pub cache_memory_bytes: usize,
     pub cache_persist: bool,
+    pub cache_shared: bool,
     pub reconnect: Backoff,
     pub summary_json: Option<PathBuf>,
 }
@@ -793,6 +801,7 @@ impl EdgeConfig {
             .unwrap_or_else(|| PathBuf::from("data/cache"));
         let cache_memory_bytes = file.cache.memory_mb.unwrap_or(256).saturating_mul(1 << 20);
         let cache_persist = file.cache.persist.unwrap_or(true);
+        let cache_shared = cli.cache_shared || file.cache.shared.unwrap_or(false);
 
         let initial_ms = file.reconnect.initial_ms.unwrap_or(500);
         let max_ms = file.reconnect.max_ms.unwrap_or(30_000);
@@ -849,6 +858,7 @@ impl EdgeConfig {
             cache_dir,
             cache_memory_bytes,
             cache_persist,
+            cache_shared,
             reconnect: Backoff {
                 initial: Duration::from_millis(initial_ms),
                 max: Duration::from_millis(max_ms),

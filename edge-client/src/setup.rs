@@ -192,15 +192,29 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
     tracing::info!(examples = shard.len(), ?per_class, "local shard");
 
     let pre = ImagePreprocess::from_manifest(m, Some(cfg.image_size)).map_err(backbone_err)?;
+    // A shared cache holds every sample of the data set in one entry (filled once for the whole
+    // fleet, left in its file: each process keeps only its own rows in memory); otherwise the
+    // entry is this client's shard.
+    let whole: Vec<usize>;
+    let selection: &[usize] = if cfg.cache_shared {
+        whole = (0..ds.labels.len()).collect();
+        &whole
+    } else {
+        &shard
+    };
     let key = CacheKey::new(
         backbone.trunk_sha256(),
-        &hash_image_selection(&ds, &shard),
+        &hash_image_selection(&ds, selection),
         &pre.fingerprint(),
     );
     let mut cache = ActivationCache::new(CacheConfig {
-        memory_budget: cfg.cache_memory_bytes,
+        memory_budget: if cfg.cache_shared {
+            0
+        } else {
+            cfg.cache_memory_bytes
+        },
         spill_dir: cfg.cache_dir.clone(),
-        persist: cfg.cache_persist,
+        persist: cfg.cache_persist || cfg.cache_shared,
     });
     let runtime = match cfg.runtime {
         RuntimeChoice::Auto => Runtime::Auto,
@@ -216,22 +230,28 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
     let mut trunk = None;
     let start = Instant::now();
     let features = cache
-        .get_or_compute(&key, shard.len(), TRUNK_BATCH, |range| {
+        .get_or_compute(&key, selection.len(), TRUNK_BATCH, |range| {
             if trunk.is_none() {
                 let t = open_trunk(&backbone, &trunk_cfg)?;
                 tracing::info!(runtime = t.runtime().name(), "trunk opened");
                 trunk = Some(t);
             }
             let t = trunk.as_ref().expect("opened above");
-            let x = pre.batch(&ds, &shard[range])?;
+            let x = pre.batch(&ds, &selection[range])?;
             t.run(&TrunkInput::Image(x))
         })
         .map_err(SetupError::Trunk)?;
+    let features = if cfg.cache_shared {
+        std::sync::Arc::new(features.select(&shard).map_err(SetupError::Trunk)?)
+    } else {
+        features
+    };
     tracing::info!(
         examples = features.len(),
         row_shape = ?features.row_shape(),
         from_cache = trunk.is_none(),
         in_memory = features.in_memory(),
+        shared = cfg.cache_shared,
         ms = start.elapsed().as_millis() as u64,
         "trunk activations ready"
     );

@@ -65,15 +65,34 @@ enum Cmd {
         #[arg(long, value_parser = ["kernel", "userspace", "auto", "none"])]
         links: Option<String>,
     },
+    /// Run every trial of a sweep file one after another (resuming finished ones) and write the
+    /// results table (`results.json`, `results.csv`) beside them.
+    Sweep {
+        /// The sweep file (see `sweeps/small.toml`).
+        sweep: PathBuf,
+        /// Results folder. Default `runs/<sweep name>`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Give up on a trial (and the sweep) after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout_secs: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
-    let Cmd::Run {
-        trial,
-        out,
-        timeout_secs,
-        links,
-    } = Cli::parse().command;
+    let (trial, out, timeout_secs, links) = match Cli::parse().command {
+        Cmd::Run {
+            trial,
+            out,
+            timeout_secs,
+            links,
+        } => (trial, out, timeout_secs, links),
+        Cmd::Sweep {
+            sweep,
+            out,
+            timeout_secs,
+        } => return sweep_main(&sweep, out, timeout_secs),
+    };
     let mut trial = Trial::load(&trial)?;
     if let Some(m) = links {
         trial.set_mechanism(Mechanism::parse(&m).context("--links")?)?;
@@ -111,5 +130,32 @@ fn main() -> anyhow::Result<()> {
             outcome.out_dir.join("logs/aggregator.log").display()
         );
     }
+    Ok(())
+}
+
+fn sweep_main(
+    path: &std::path::Path,
+    out: Option<PathBuf>,
+    timeout_secs: u64,
+) -> anyhow::Result<()> {
+    let sweep = fedpeft_fleet::sweep::Sweep::load(path)?;
+    install_signal_handler();
+    let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&sweep.name));
+    let exe = std::env::current_exe().context("locating fedpeft-fleet")?;
+    let bins = Binaries::beside(&exe)?;
+    println!(
+        "sweep `{}`: {} trials, results in {}",
+        sweep.name,
+        sweep.trials.len(),
+        out.display()
+    );
+    let start = std::time::Instant::now();
+    let table =
+        fedpeft_fleet::sweep::run_sweep(&sweep, &bins, &out, Duration::from_secs(timeout_secs))?;
+    println!(
+        "sweep: finished in {:.1} s; table: {} (and results.csv)",
+        start.elapsed().as_secs_f64(),
+        table.display()
+    );
     Ok(())
 }

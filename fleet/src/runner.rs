@@ -384,9 +384,41 @@ pub fn client_command_in(
     if let Some(max) = trial.data.max_examples {
         cmd.arg("--max-examples").arg(max.to_string());
     }
+    if trial.shared_cache {
+        cmd.arg("--cache-shared");
+    }
     // One compute thread per client: N clients share the machine's cores.
     cmd.env("RAYON_NUM_THREADS", "1");
     cmd
+}
+
+/// Waits until a client's log says its trunk activations are ready; fails if it exits first.
+fn wait_for_activations(client: &mut Child, log: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("trunk activations ready") {
+            return Ok(());
+        }
+        if let Some(status) = client.try_wait() {
+            bail!(
+                "{} exited ({status}) before its activations were ready; see {}",
+                client.name,
+                log.display()
+            );
+        }
+        if interrupted() {
+            bail!(
+                "interrupted while {} filled the shared activation cache",
+                client.name
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    bail!(
+        "{} did not fill the shared activation cache within {timeout:?}",
+        client.name
+    )
 }
 
 /// Runs `trial` to the end (or `deadline`), writing everything under `out_dir`.
@@ -491,12 +523,22 @@ pub fn run(
         };
         let ns = kernel.as_ref().map(|k| k.links[index].name.as_str());
         let cmd = client_command_in(trial, bins, index, &url, out_dir, ns);
-        clients.push(Child::spawn(
-            &id,
-            cmd,
-            &out_dir.join("logs").join(format!("{id}.log")),
-            false,
-        )?);
+        let log = out_dir.join("logs").join(format!("{id}.log"));
+        clients.push(Child::spawn(&id, cmd, &log, false)?);
+        if index == 0 && trial.shared_cache && trial.clients > 1 {
+            // The first client fills the whole-data-set entry (or finds it); the others start
+            // once it is there, so the trunk runs once, not once per client.
+            let waited = Instant::now();
+            wait_for_activations(
+                &mut clients[0],
+                &log,
+                deadline.saturating_sub(start.elapsed()),
+            )?;
+            println!(
+                "fleet: shared activations ready after {:.1} s; starting the other clients",
+                waited.elapsed().as_secs_f64()
+            );
+        }
     }
 
     let aggregator_status = loop {

@@ -11,6 +11,7 @@
 //! round_timeout_secs = 300
 //! seed = 42
 //! cache_dir = "data/cache/activations"  # trunk activations kept between runs
+//! shared_cache = false         # true: one trunk pass over the whole data set for the fleet
 //!
 //! [strategy]                   # passed to the aggregator as written (see its config docs)
 //! kind = "fedavg"              # fedavg | fedadam | fedyogi | median | trimmed-mean
@@ -36,6 +37,8 @@
 //! learning_rate = 0.001
 //! optimizer = "adamw"         # sgd | adamw
 //! update_dtype = "f32"         # f32 | f16 | int8
+//! # dp_clip_norm = 1.0         # sample-level DP-SGD on the clients: both or neither
+//! # dp_noise_multiplier = 1.0
 //!
 //! [broker]
 //! kind = "embedded"            # embedded (rumqttd inside the aggregator) | external
@@ -141,6 +144,12 @@ pub struct LocalSpec {
     pub update_dtype: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top_k_fraction: Option<f64>,
+    /// Per-sample gradient clipping norm of DP-SGD (with `dp_noise_multiplier`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_clip_norm: Option<f64>,
+    /// Gaussian noise of DP-SGD as a multiple of `dp_clip_norm`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_noise_multiplier: Option<f64>,
 }
 
 /// `[broker]` as written.
@@ -193,6 +202,11 @@ pub struct TrialFile {
     /// Where clients and the aggregator keep trunk activations between runs (keyed by trunk,
     /// samples and preprocessing, so trials share it safely). Default `data/cache/activations`.
     pub cache_dir: Option<PathBuf>,
+    /// Key the activation cache on the whole data set: the runner starts client 0 alone, waits
+    /// for its one trunk pass over every sample, then starts the rest, which read their rows
+    /// from that entry. Default false (each client caches its own shard).
+    #[serde(default)]
+    pub shared_cache: bool,
     /// Emulated links between each client and the broker (see [`crate::links`]). Default none.
     pub links: Option<LinksSpec>,
 }
@@ -224,6 +238,7 @@ pub struct Trial {
     pub broker: Broker,
     pub max_packet_bytes: usize,
     pub cache_dir: PathBuf,
+    pub shared_cache: bool,
     /// One emulated link per client, or `None` (straight to the broker on loopback).
     pub links: Option<LinkPlan>,
     /// The trial file, for error messages.
@@ -370,7 +385,14 @@ impl Trial {
                 (plan.mechanism != Mechanism::None).then_some(plan)
             }
         };
+        if raw.local.dp_clip_norm.is_some() != raw.local.dp_noise_multiplier.is_some() {
+            return Err(bad(
+                "local.dp_clip_norm",
+                "DP-SGD needs both dp_clip_norm and dp_noise_multiplier".into(),
+            ));
+        }
         Ok(Trial {
+            shared_cache: raw.shared_cache,
             links,
             path: path.to_path_buf(),
             name: raw.name,

@@ -1,0 +1,557 @@
+//! A sweep: many trials from one file, run one after another, and one results table.
+//!
+//! ```toml
+//! name = "fedpeft-small"        # results in runs/<name>/ (one folder per trial, and the table)
+//!
+//! [base]                        # a trial file without `name`: what every trial shares
+//! rounds = 3
+//! clients = 16
+//! fraction = 0.125
+//! shared_cache = true           # one trunk pass over the data set for the whole sweep
+//! [base.model]
+//! backbone = "models/build/efficientnet-lite0"
+//! [base.data]
+//! dataset = "fashion-mnist"
+//! [base.local]
+//! epochs = 5
+//!
+//! [grid]                        # every combination of these (dotted trial fields)
+//! "model.peft" = ["head", "lora"]
+//! "data.alpha" = [0.1, 0.5]
+//!
+//! [[extra]]                     # single trials after the grid: base + these fields
+//! label = "lora-dp1"
+//! "model.peft" = "lora"
+//! "local.dp_clip_norm" = 1.0
+//! "local.dp_noise_multiplier" = 1.0
+//! ```
+//!
+//! Each trial is named `<sweep>-<label>` (the grid's label joins its values, keys in
+//! alphabetical order, e.g. `a0.5-lora`) and runs into `<out>/<trial>/`; a trial whose `report.json` says it finished is
+//! not run again, so a stopped sweep resumes. The table (`results.json`, `results.csv`) has per
+//! trial: method, α, DP settings, final and best accuracy, trainable parameters, bytes per
+//! sampled client per round, total bytes, the ratio to full-model FedAvg, the measured mean
+//! round time, and per link preset a round time *computed* from the bytes and the preset's
+//! rates and latency (not measured).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use crate::links::{PRESETS, preset};
+use crate::runner::{Binaries, run};
+use crate::trial::Trial;
+
+/// A parsed sweep file.
+#[derive(Debug, Clone)]
+pub struct Sweep {
+    pub name: String,
+    /// `(label, trial TOML text)` in run order.
+    pub trials: Vec<(String, String)>,
+}
+
+fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) -> anyhow::Result<()> {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().context("empty key")?;
+    let mut t = table;
+    for p in parts {
+        let entry = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .with_context(|| format!("`{key}`: `{p}` is not a table"))?;
+    }
+    t.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn short(key: &str, value: &toml::Value) -> String {
+    let v = match value {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    match key {
+        "model.peft" => v,
+        "data.alpha" => format!("a{v}"),
+        _ => format!("{}{v}", key.rsplit('.').next().unwrap_or(key)),
+    }
+    .chars()
+    .map(|c| {
+        if c.is_ascii_alphanumeric() || matches!(c, '.' | '_') {
+            c
+        } else {
+            '_'
+        }
+    })
+    .collect()
+}
+
+impl Sweep {
+    pub fn load(path: &Path) -> anyhow::Result<Sweep> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading sweep file {}", path.display()))?;
+        Sweep::parse(&text).with_context(|| format!("sweep file {}", path.display()))
+    }
+
+    /// Expands the sweep into trials; each is checked as a trial file here, before any runs.
+    pub fn parse(text: &str) -> anyhow::Result<Sweep> {
+        let mut doc: toml::Table = toml::from_str(text)?;
+        let name = match doc.remove("name") {
+            Some(toml::Value::String(s)) if !s.is_empty() => s,
+            _ => bail!("`name` (a string) is required"),
+        };
+        let base = match doc.remove("base") {
+            Some(toml::Value::Table(t)) => t,
+            _ => bail!("`[base]` (the trials' shared fields) is required"),
+        };
+        let grid = match doc.remove("grid") {
+            None => toml::Table::new(),
+            Some(toml::Value::Table(t)) => t,
+            Some(_) => bail!("`grid` must be a table of field = [values]"),
+        };
+        let extra = match doc.remove("extra") {
+            None => Vec::new(),
+            Some(toml::Value::Array(a)) => a,
+            Some(_) => bail!("`extra` must be an array of tables ([[extra]])"),
+        };
+        if let Some(k) = doc.keys().next() {
+            bail!("unknown field `{k}` (expected name, base, grid, extra)");
+        }
+        // Every combination of the grid, keys in alphabetical order (the first varies slowest).
+        let mut combos: Vec<Vec<(String, toml::Value)>> = vec![Vec::new()];
+        for (key, values) in &grid {
+            let values = values
+                .as_array()
+                .filter(|a| !a.is_empty())
+                .with_context(|| format!("grid `{key}` must be a non-empty array"))?;
+            combos = combos
+                .into_iter()
+                .flat_map(|c| {
+                    values.iter().map(move |v| {
+                        let mut c = c.clone();
+                        c.push((key.clone(), v.clone()));
+                        c
+                    })
+                })
+                .collect();
+        }
+        if grid.is_empty() {
+            combos.clear();
+        }
+        let mut runs: Vec<(String, Vec<(String, toml::Value)>)> = combos
+            .into_iter()
+            .map(|c| {
+                let label = c
+                    .iter()
+                    .map(|(k, v)| short(k, v))
+                    .collect::<Vec<_>>()
+                    .join("-");
+                (label, c)
+            })
+            .collect();
+        for (i, e) in extra.into_iter().enumerate() {
+            let mut t = match e {
+                toml::Value::Table(t) => t,
+                _ => bail!("extra[{i}] must be a table"),
+            };
+            let label = match t.remove("label") {
+                Some(toml::Value::String(s)) => s,
+                _ => bail!("extra[{i}] needs a `label`"),
+            };
+            runs.push((label, t.into_iter().collect()));
+        }
+        if runs.is_empty() {
+            bail!("no trials: give a [grid] or [[extra]]");
+        }
+        let mut trials = Vec::with_capacity(runs.len());
+        for (label, fields) in runs {
+            let trial_name = format!("{name}-{label}");
+            if trials.iter().any(|(n, _)| *n == trial_name) {
+                bail!("two trials named {trial_name}");
+            }
+            let mut t = base.clone();
+            t.insert("name".into(), toml::Value::String(trial_name.clone()));
+            for (k, v) in fields {
+                set_dotted(&mut t, &k, v)?;
+            }
+            let text = toml::to_string(&t)?;
+            Trial::parse(&text, Path::new(&trial_name))?;
+            trials.push((trial_name, text));
+        }
+        Ok(Sweep { name, trials })
+    }
+}
+
+/// Round time on one link preset, computed from a client's bytes per round.
+#[derive(Debug, Clone, Serialize)]
+pub struct ComputedRoundTime {
+    pub preset: String,
+    /// Upload of the update + download of the global + both ways' latency, seconds.
+    pub comm_secs: f64,
+}
+
+/// One trial's line of the results table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub trial: String,
+    pub method: String,
+    pub dataset: String,
+    pub alpha: f64,
+    pub clients: usize,
+    pub fraction: f64,
+    pub rounds: u32,
+    pub epochs: Option<u16>,
+    pub learning_rate: Option<f64>,
+    pub update_dtype: String,
+    pub dp_clip_norm: Option<f64>,
+    pub dp_noise_multiplier: Option<f64>,
+    pub final_accuracy: Option<f64>,
+    pub best_accuracy: Option<f64>,
+    pub trainable_params: u64,
+    pub backbone_params: u64,
+    /// Client-rounds with an accepted update.
+    pub client_rounds: u64,
+    pub up_bytes_per_client_round: f64,
+    pub down_bytes_per_client_round: f64,
+    pub total_bytes: u64,
+    pub full_model_fedavg_bytes: u64,
+    /// Full-model FedAvg bytes over this trial's bytes (how many times less traffic).
+    pub times_less_than_full_model: Option<f64>,
+    pub mean_round_ms: f64,
+    /// Computed, not measured: see [`ComputedRoundTime`].
+    pub computed_round_comm: Vec<ComputedRoundTime>,
+    /// Evaluation accuracy after each round (round 0: the initial model), and cumulative bytes.
+    pub accuracy_by_round: Vec<Option<f64>>,
+    pub cumulative_bytes_by_round: Vec<u64>,
+}
+
+fn u(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// Reads a finished trial's `report.json` into a row.
+pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
+    let rounds = report["rounds"].as_array().cloned().unwrap_or_default();
+    let mut acc = Vec::new();
+    let mut cum = Vec::new();
+    let mut total = 0u64;
+    let mut client_rounds = 0u64;
+    let mut ms = Vec::new();
+    for r in &rounds {
+        acc.push(r["eval_accuracy"].as_f64());
+        total += u(&r["traffic"]["up_bytes"]) + u(&r["traffic"]["down_bytes"]);
+        cum.push(total);
+        if u(&r["round"]) > 0 {
+            client_rounds += u(&r["clients_ok"]);
+            ms.push(r["duration_ms"].as_f64().unwrap_or(0.0));
+        }
+    }
+    let totals = &report["totals"];
+    let up = u(&totals["up_bytes"]);
+    let down = u(&totals["down_bytes"]);
+    let full = u(&totals["full_model_fedavg_bytes"]);
+    let per = |b: u64| {
+        if client_rounds == 0 {
+            0.0
+        } else {
+            b as f64 / client_rounds as f64
+        }
+    };
+    let (up_per, down_per) = (per(up), per(down));
+    let computed_round_comm = PRESETS
+        .iter()
+        .filter_map(|&name| {
+            let p = preset(name)?;
+            Some(ComputedRoundTime {
+                preset: name.to_string(),
+                comm_secs: up_per / p.up_bytes_per_sec()
+                    + down_per / p.down_bytes_per_sec()
+                    + 2.0 * p.latency_ms / 1000.0,
+            })
+        })
+        .collect();
+    Row {
+        trial: trial.name.clone(),
+        method: trial.model.peft.clone(),
+        dataset: trial.data.dataset.clone(),
+        alpha: trial.data.alpha,
+        clients: trial.clients,
+        fraction: trial.fraction,
+        rounds: trial.rounds,
+        epochs: trial.local.epochs,
+        learning_rate: trial.local.learning_rate,
+        update_dtype: trial
+            .local
+            .update_dtype
+            .clone()
+            .unwrap_or_else(|| "f32".into()),
+        dp_clip_norm: trial.local.dp_clip_norm,
+        dp_noise_multiplier: trial.local.dp_noise_multiplier,
+        final_accuracy: acc.last().copied().flatten(),
+        best_accuracy: acc.iter().flatten().copied().reduce(f64::max),
+        trainable_params: u(&report["trainable_params"]),
+        backbone_params: u(&report["backbone_params"]),
+        client_rounds,
+        up_bytes_per_client_round: up_per,
+        down_bytes_per_client_round: down_per,
+        total_bytes: up + down,
+        full_model_fedavg_bytes: full,
+        times_less_than_full_model: (up + down > 0).then(|| full as f64 / (up + down) as f64),
+        mean_round_ms: if ms.is_empty() {
+            0.0
+        } else {
+            ms.iter().sum::<f64>() / ms.len() as f64
+        },
+        computed_round_comm,
+        accuracy_by_round: acc,
+        cumulative_bytes_by_round: cum,
+    }
+}
+
+/// The CSV form of the table (one line per trial; per-round series only in the JSON).
+pub fn csv(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "trial,method,dataset,alpha,clients,fraction,rounds,epochs,learning_rate,update_dtype,\
+         dp_clip_norm,dp_noise_multiplier,final_accuracy,best_accuracy,trainable_params,\
+         up_bytes_per_client_round,down_bytes_per_client_round,total_bytes,\
+         full_model_fedavg_bytes,times_less_than_full_model,mean_round_ms",
+    );
+    for p in PRESETS {
+        out.push_str(&format!(",computed_comm_secs_{p}"));
+    }
+    out.push('\n');
+    let o = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+    for r in rows {
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1},{},{},{},{:.0}",
+            r.trial,
+            r.method,
+            r.dataset,
+            r.alpha,
+            r.clients,
+            r.fraction,
+            r.rounds,
+            r.epochs.map(|e| e.to_string()).unwrap_or_default(),
+            o(r.learning_rate),
+            r.update_dtype,
+            o(r.dp_clip_norm),
+            o(r.dp_noise_multiplier),
+            o(r.final_accuracy),
+            o(r.best_accuracy),
+            r.trainable_params,
+            r.up_bytes_per_client_round,
+            r.down_bytes_per_client_round,
+            r.total_bytes,
+            r.full_model_fedavg_bytes,
+            o(r.times_less_than_full_model
+                .map(|x| (x * 10.0).round() / 10.0)),
+            r.mean_round_ms,
+        ));
+        for c in &r.computed_round_comm {
+            out.push_str(&format!(",{:.3}", c.comm_secs));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn finished_report(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("report.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    (v["finished"] == serde_json::Value::Bool(true)).then_some(v)
+}
+
+/// Runs every trial of the sweep not already finished in `out`, then writes the table.
+pub fn run_sweep(
+    sweep: &Sweep,
+    bins: &Binaries,
+    out: &Path,
+    timeout: Duration,
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut rows = Vec::new();
+    for (i, (name, text)) in sweep.trials.iter().enumerate() {
+        let dir = out.join(name);
+        let mut trial = Trial::parse(text, Path::new(name))?;
+        let report = match finished_report(&dir) {
+            Some(r) => {
+                println!("sweep: {name} already finished; reusing its report");
+                r
+            }
+            None => {
+                trial.preflight()?;
+                std::fs::create_dir_all(&dir)?;
+                std::fs::write(dir.join("trial.toml"), text)?;
+                println!(
+                    "sweep: trial {}/{}: {name} ({} clients, {} rounds, {})",
+                    i + 1,
+                    sweep.trials.len(),
+                    trial.clients,
+                    trial.rounds,
+                    trial.model.peft
+                );
+                let outcome = run(&trial, bins, &dir, timeout)?;
+                if !outcome.aggregator_status.success() {
+                    bail!(
+                        "trial {name}: the aggregator failed ({}); see {}",
+                        outcome.aggregator_status,
+                        dir.join("logs/aggregator.log").display()
+                    );
+                }
+                finished_report(&dir).with_context(|| {
+                    format!("trial {name} left no finished report in {}", dir.display())
+                })?
+            }
+        };
+        rows.push(row(&trial, &report));
+        write_table(out, &rows)?;
+    }
+    Ok(out.join("results.json"))
+}
+
+/// Writes `results.json` and `results.csv` in `out`.
+pub fn write_table(out: &Path, rows: &[Row]) -> anyhow::Result<()> {
+    let json = serde_json::json!({
+        "schema": "fedpeft-sweep-results/1",
+        "computed_round_comm": "per link preset: up bytes / up rate + down bytes / down rate \
+                                + 2 x one-way latency, per sampled client and round; computed \
+                                from the measured bytes and the preset's figures, not measured",
+        "trials": rows,
+    });
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    std::fs::write(out.join("results.csv"), csv(rows))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SWEEP: &str = r#"
+name = "s"
+[base]
+rounds = 3
+clients = 16
+fraction = 0.125
+shared_cache = true
+[base.model]
+backbone = "models/build/efficientnet-lite0"
+[base.data]
+dataset = "fashion-mnist"
+[grid]
+"model.peft" = ["head", "lora"]
+"data.alpha" = [0.1, 0.5]
+[[extra]]
+label = "lora-dp"
+"model.peft" = "lora"
+"local.dp_clip_norm" = 1.0
+"local.dp_noise_multiplier" = 1.1
+"#;
+
+    #[test]
+    fn the_grid_expands_to_every_combination_then_the_extras() {
+        let s = Sweep::parse(SWEEP).unwrap();
+        let names: Vec<&str> = s.trials.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "s-a0.1-head",
+                "s-a0.1-lora",
+                "s-a0.5-head",
+                "s-a0.5-lora",
+                "s-lora-dp"
+            ]
+        );
+        let t = Trial::parse(&s.trials[2].1, Path::new("x")).unwrap();
+        assert_eq!(t.model.peft, "head");
+        assert_eq!(t.data.alpha, 0.5);
+        assert!(t.shared_cache);
+        assert_eq!(t.clients, 16);
+        let dp = Trial::parse(&s.trials[4].1, Path::new("x")).unwrap();
+        assert_eq!(dp.local.dp_noise_multiplier, Some(1.1));
+        assert_eq!(dp.local.dp_clip_norm, Some(1.0));
+    }
+
+    #[test]
+    fn the_shipped_sweep_files_expand_into_valid_trials() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sweeps");
+        let small = Sweep::load(&dir.join("small.toml")).unwrap();
+        assert_eq!(small.trials.len(), 2);
+        let full = Sweep::load(&dir.join("fedpeft.toml")).unwrap();
+        // 4 methods x 2 alphas, and 3 DP trials.
+        assert_eq!(full.trials.len(), 11);
+        for (name, text) in &full.trials {
+            let t = Trial::parse(text, Path::new(name)).unwrap();
+            assert_eq!(
+                (t.clients, t.rounds, t.shared_cache),
+                (64, 30, true),
+                "{name}"
+            );
+            assert_eq!(((t.fraction * 64.0).round() as usize), 8, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_bad_trial_in_the_sweep_is_refused_before_anything_runs() {
+        let bad = SWEEP.replace(
+            "\"data.alpha\" = [0.1, 0.5]",
+            "\"data.alpha\" = [0.1, -1.0]",
+        );
+        let e = format!("{:#}", Sweep::parse(&bad).unwrap_err());
+        assert!(e.contains("data.alpha"), "{e}");
+        let half_dp = SWEEP.replace("\"local.dp_noise_multiplier\" = 1.1\n", "");
+        let e = format!("{:#}", Sweep::parse(&half_dp).unwrap_err());
+        assert!(e.contains("dp_clip_norm"), "{e}");
+    }
+
+    #[test]
+    fn a_row_counts_bytes_per_accepted_client_round_and_computes_link_times() {
+        let trial =
+            Trial::parse(&Sweep::parse(SWEEP).unwrap().trials[1].1, Path::new("x")).unwrap();
+        let report = serde_json::json!({
+            "finished": true, "trainable_params": 25610, "backbone_params": 4652008,
+            "totals": {"up_bytes": 4000, "down_bytes": 6000, "full_model_fedavg_bytes": 10_000_000},
+            "rounds": [
+                {"round": 0, "eval_accuracy": 0.1, "clients_ok": 0, "duration_ms": 0,
+                 "traffic": {"up_bytes": 0, "down_bytes": 0}},
+                {"round": 1, "eval_accuracy": 0.5, "clients_ok": 2, "duration_ms": 1000,
+                 "traffic": {"up_bytes": 2000, "down_bytes": 3000}},
+                {"round": 2, "eval_accuracy": 0.4, "clients_ok": 2, "duration_ms": 3000,
+                 "traffic": {"up_bytes": 2000, "down_bytes": 3000}}
+            ]
+        });
+        let r = row(&trial, &report);
+        assert_eq!(r.client_rounds, 4);
+        assert_eq!(r.up_bytes_per_client_round, 1000.0);
+        assert_eq!(r.down_bytes_per_client_round, 1500.0);
+        assert_eq!(r.final_accuracy, Some(0.4));
+        assert_eq!(r.best_accuracy, Some(0.5));
+        assert_eq!(r.times_less_than_full_model, Some(1000.0));
+        assert_eq!(r.cumulative_bytes_by_round, [0, 5000, 10000]);
+        assert_eq!(r.mean_round_ms, 2000.0);
+        let nb = preset("nb-iot").unwrap();
+        let want = 1000.0 / nb.up_bytes_per_sec()
+            + 1500.0 / nb.down_bytes_per_sec()
+            + 2.0 * nb.latency_ms / 1000.0;
+        let got = r
+            .computed_round_comm
+            .iter()
+            .find(|c| c.preset == "nb-iot")
+            .unwrap();
+        assert!((got.comm_secs - want).abs() < 1e-9);
+        let text = csv(&[r]);
+        assert_eq!(text.lines().count(), 2);
+        assert!(
+            text.lines()
+                .nth(1)
+                .unwrap()
+                .starts_with("s-a0.1-lora,lora,")
+        );
+    }
+}

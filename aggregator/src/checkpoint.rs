@@ -17,7 +17,9 @@ use sha2::{Digest, Sha256};
 use crate::round::MachineState;
 
 const MAGIC: &[u8; 4] = b"FPCK";
-const FORMAT_VERSION: u32 = 1;
+/// 2: norm-bound counts, the adaptive bound's reference, per-round robust records and the DP
+/// accountant joined the state; a version-1 file is refused by name rather than misread.
+const FORMAT_VERSION: u32 = 2;
 const HEADER_LEN: usize = 4 + 4 + 32;
 
 /// Why a checkpoint could not be written or read. Every variant names the file.

@@ -494,6 +494,8 @@ label = "lora-dp"
                 "{name}"
             );
             assert_eq!(((t.fraction * 64.0).round() as usize), 8, "{name}");
+            // The aggregator samples max(min_clients, fraction x joined).
+            assert_eq!(t.min_clients, 8, "{name}");
         }
     }
 

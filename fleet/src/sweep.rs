@@ -214,11 +214,14 @@ pub struct Row {
     pub backbone_params: u64,
     /// Client-rounds with an accepted update.
     pub client_rounds: u64,
+    /// Upload per accepted update; download per joined client and round (every joined client
+    /// receives each round's global).
     pub up_bytes_per_client_round: f64,
     pub down_bytes_per_client_round: f64,
     pub total_bytes: u64,
     pub full_model_fedavg_bytes: u64,
-    /// Full-model FedAvg bytes over this trial's bytes (how many times less traffic).
+    /// Full-model FedAvg bytes per accepted client-round over this trial's (up + down) bytes per
+    /// client-round: how many times less a participating client sends and receives.
     pub times_less_than_full_model: Option<f64>,
     pub mean_round_ms: f64,
     /// Computed, not measured: see [`ComputedRoundTime`].
@@ -260,7 +263,15 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
             b as f64 / client_rounds as f64
         }
     };
-    let (up_per, down_per) = (per(up), per(down));
+    // Every joined client receives each round's global model, sampled or not: the download is
+    // counted per client and round, the upload per accepted update.
+    let done_rounds = ms.len() as u64;
+    let down_per = if done_rounds == 0 {
+        0.0
+    } else {
+        down as f64 / (done_rounds * trial.clients as u64) as f64
+    };
+    let up_per = per(up);
     let computed_round_comm = PRESETS
         .iter()
         .filter_map(|&name| {
@@ -299,7 +310,8 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
         down_bytes_per_client_round: down_per,
         total_bytes: up + down,
         full_model_fedavg_bytes: full,
-        times_less_than_full_model: (up + down > 0).then(|| full as f64 / (up + down) as f64),
+        times_less_than_full_model: (up_per + down_per > 0.0)
+            .then(|| per(full) / (up_per + down_per)),
         mean_round_ms: if ms.is_empty() {
             0.0
         } else {
@@ -531,15 +543,16 @@ label = "lora-dp"
         let r = row(&trial, &report);
         assert_eq!(r.client_rounds, 4);
         assert_eq!(r.up_bytes_per_client_round, 1000.0);
-        assert_eq!(r.down_bytes_per_client_round, 1500.0);
+        // 6000 B down over 2 rounds to 16 joined clients.
+        assert_eq!(r.down_bytes_per_client_round, 187.5);
         assert_eq!(r.final_accuracy, Some(0.4));
         assert_eq!(r.best_accuracy, Some(0.5));
-        assert_eq!(r.times_less_than_full_model, Some(1000.0));
+        assert_eq!(r.times_less_than_full_model, Some(2_500_000.0 / 1187.5));
         assert_eq!(r.cumulative_bytes_by_round, [0, 5000, 10000]);
         assert_eq!(r.mean_round_ms, 2000.0);
         let nb = preset("nb-iot").unwrap();
         let want = 1000.0 / nb.up_bytes_per_sec()
-            + 1500.0 / nb.down_bytes_per_sec()
+            + 187.5 / nb.down_bytes_per_sec()
             + 2.0 * nb.latency_ms / 1000.0;
         let got = r
             .computed_round_comm

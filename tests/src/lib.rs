@@ -52,6 +52,28 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
+    // Not an ephemeral port (the kernel's `ip_local_port_range`, 32768-60999 by default): a
+    // port the kernel hands out for `bind(0)` is released again here, and the next outgoing
+    // connection of any test (each client opens several) may take it as its source port before
+    // the broker meant for it binds. Candidates below that range are handed out by nobody else;
+    // the start is spread by process id and time so parallel test processes rarely meet, and
+    // each candidate is checked by binding it.
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let seed = std::process::id().wrapping_mul(7919) ^ nanos;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + seed.wrapping_add(n.wrapping_mul(101)) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -35,5 +35,5 @@ pub mod report;
 pub mod round;
 pub mod shell;
 pub mod strategy;
-pub mod tls;
+pub use fedpeft_tls as tls;
 pub mod wire;

@@ -20,7 +20,7 @@ pub mod client;
 pub mod config;
 pub mod session;
 pub mod setup;
-pub mod tls;
+pub use fedpeft_tls as tls;
 pub mod trainer;
 pub mod types;
 pub mod wire;

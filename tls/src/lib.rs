@@ -1,5 +1,5 @@
-//! TLS to an external broker (`mqtts://`): a rustls client configuration on the `ring`
-//! provider from PEM files — the CA that signed the broker's certificate and, optionally, a
+//! fedpeft-tls: TLS to the MQTT broker (`mqtts://`) for the aggregator and the edge client, a
+//! rustls client configuration on the `ring` provider from PEM files — the CA that signed the broker's certificate and, optionally, a
 //! client certificate and key for brokers that authenticate clients by certificate.
 
 use std::path::{Path, PathBuf};

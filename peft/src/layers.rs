@@ -632,7 +632,13 @@ pub fn masked_mean_forward<T: Real>(x: ArrayView2<'_, T>, mask: ArrayView2<'_, T
         let denom = m.sum().max(T::lit(1e-9));
         let xs = x.slice(s![bi * s..(bi + 1) * s, ..]);
         // o = xsᵀ·m / denom, written in place (no temporary per sample)
-        general_mat_vec_mul(T::one() / denom, &xs.t(), &m, T::zero(), &mut out.row_mut(bi));
+        general_mat_vec_mul(
+            T::one() / denom,
+            &xs.t(),
+            &m,
+            T::zero(),
+            &mut out.row_mut(bi),
+        );
     }
     out
 }

@@ -35,6 +35,17 @@ pub enum CheckpointError {
     Corrupt { path: PathBuf, reason: String },
     #[error("checkpoint {path}: cannot encode state: {reason}")]
     Encode { path: PathBuf, reason: String },
+    /// Writing a new checkpoint failed (a full or read-only disk, say). The file at `path` is
+    /// whatever the last successful write left: the new state goes to a temporary file first.
+    #[error(
+        "cannot write checkpoint {path}: {step} failed: {source}; the previous checkpoint is unchanged"
+    )]
+    Write {
+        path: PathBuf,
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -88,16 +99,47 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<MachineState, CheckpointE
     postcard::from_bytes(body).map_err(|e| corrupt(format!("body does not decode: {e}")))
 }
 
-/// Writes `state` to `path` atomically (temp file, fsync, rename, fsync directory).
+/// Writes `bytes` to `path` through a temp file and a rename: readers see the old file or the
+/// new one. A failed write (full or read-only disk) leaves the old file whole and no temp file
+/// behind; the error names the file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = tmp_path(path);
+    fs::write(&tmp, bytes)
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display()))
+        })
+}
+
+/// Writes `state` to `path` atomically (temp file, fsync, rename, fsync directory). On failure
+/// the temporary file is removed (on a full disk it would hold space the next attempt needs)
+/// and the file at `path` is untouched.
 pub fn save(state: &MachineState, path: &Path) -> Result<(), CheckpointError> {
     let bytes = to_bytes(state, path)?;
     let tmp = tmp_path(path);
-    {
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
+    let failed = |step: String| {
+        let path = path.to_path_buf();
+        move |source| CheckpointError::Write { path, step, source }
+    };
+    let written = File::create(&tmp)
+        .map_err(failed(format!("creating {}", tmp.display())))
+        .and_then(|mut f| {
+            f.write_all(&bytes).map_err(failed(format!(
+                "writing {} bytes to {}",
+                bytes.len(),
+                tmp.display()
+            )))?;
+            f.sync_all()
+                .map_err(failed(format!("syncing {}", tmp.display())))
+        })
+        .and_then(|()| {
+            fs::rename(&tmp, path).map_err(failed(format!("renaming {} over it", tmp.display())))
+        });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, path).map_err(io(path))?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         // Make the rename itself durable. Some filesystems refuse to open a directory for
         // syncing; the data is already safe in the file, so that is not an error.

@@ -243,13 +243,7 @@ impl Report {
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
-        write_atomic(&dir.join("report.json"), json.as_bytes())?;
-        write_atomic(&dir.join("report.csv"), self.csv().as_bytes())
+        crate::checkpoint::write_atomic(&dir.join("report.json"), json.as_bytes())?;
+        crate::checkpoint::write_atomic(&dir.join("report.csv"), self.csv().as_bytes())
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }

@@ -166,6 +166,10 @@ pub struct JoinInfo {
 pub enum Event {
     /// The shell is connected and ready: (re)publish the current state.
     Start,
+    /// The shell's broker connection came back (the broker may have restarted and lost its
+    /// retained messages): publish the global adapter and the open round's announcement again,
+    /// unchanged; deadlines stay where they were.
+    Reconnected,
     /// A Join message.
     Joined {
         client: ClientId,
@@ -217,6 +221,9 @@ pub enum Action {
     },
     /// Write this state atomically as the checkpoint.
     Checkpoint(Box<MachineState>),
+    /// The global adapter after `round`, as the whole envelope clients receive (sealed when the
+    /// run signs): the shell keeps it as the run's trained adapter (`global-adapter.bin`).
+    SaveGlobal { round: u32, payload: Vec<u8> },
     /// Evaluate this adapter (the global after `round`) and send back [`Event::Evaluated`].
     Evaluate { round: u32, adapter: Adapter },
     /// A round closed (ok or failed): its record, for progress display.
@@ -440,13 +447,16 @@ impl RoundMachine {
         RoundMachine { rules, strategy, s }
     }
 
-    /// A machine resuming from a checkpoint. Clients are marked offline until they reconnect
-    /// (their persistent sessions re-send Status and Join); an open round keeps its accepted
+    /// A machine resuming from a checkpoint. Clients keep the state the checkpoint recorded:
+    /// behind an external broker they stayed connected while the aggregator was away (their
+    /// last wills, if any, wait in the aggregator's session), and clients of an embedded broker
+    /// join again when they reconnect; one that never comes back is counted failed at the
+    /// deadline of a round it was sampled for. An open round keeps its sample and accepted
     /// updates and gets a fresh deadline when [`Event::Start`] re-announces it.
     pub fn restore(
         rules: Rules,
         mut strategy: Box<dyn Strategy>,
-        mut state: MachineState,
+        state: MachineState,
     ) -> Result<RoundMachine, RestoreError> {
         if state.run_id != rules.run_id {
             return Err(RestoreError::RunMismatch {
@@ -461,9 +471,6 @@ impl RoundMachine {
             });
         }
         strategy.restore(state.strategy_state.clone())?;
-        for c in state.clients.values_mut() {
-            c.online = false;
-        }
         Ok(RoundMachine {
             rules,
             strategy,
@@ -498,6 +505,7 @@ impl RoundMachine {
         let mut out = Vec::new();
         match event {
             Event::Start => self.on_start(now, &mut out),
+            Event::Reconnected => self.on_reconnected(&mut out),
             Event::Joined {
                 client,
                 info,
@@ -505,6 +513,9 @@ impl RoundMachine {
             } => {
                 self.s.ledger.client_up(client.as_str(), wire_bytes);
                 self.on_join(client, info, now, &mut out);
+                // Who has joined decides the next sample: a restart must not forget a join the
+                // broker will not deliver again.
+                self.persist(&mut out);
             }
             Event::Status {
                 client,
@@ -512,7 +523,12 @@ impl RoundMachine {
                 wire_bytes,
             } => {
                 self.s.ledger.client_up(client.as_str(), wire_bytes);
-                self.on_status(client, state, now, &mut out);
+                let online = |m: &Self| m.s.clients.get(client.as_str()).map(|c| c.online);
+                let before = online(self);
+                self.on_status(client.clone(), state, now, &mut out);
+                if online(self) != before {
+                    self.persist(&mut out);
+                }
             }
             Event::Update {
                 topic_client,
@@ -598,6 +614,26 @@ impl RoundMachine {
                 self.publish_done(out);
                 out.push(Action::Finished);
             }
+        }
+    }
+
+    /// Checkpoints the state unless `out` already does (in durable mode).
+    fn persist(&self, out: &mut Vec<Action>) {
+        if self.rules.checkpoint_every_update
+            && !out.iter().any(|a| matches!(a, Action::Checkpoint(_)))
+        {
+            out.push(Action::Checkpoint(Box::new(self.s.clone())));
+        }
+    }
+
+    fn on_reconnected(&mut self, out: &mut Vec<Action>) {
+        match self.s.phase {
+            Phase::Waiting { .. } => self.publish_global(out),
+            Phase::Collecting(_) => {
+                self.publish_global(out);
+                self.publish_announce(out);
+            }
+            Phase::Done => self.publish_done(out),
         }
     }
 
@@ -975,6 +1011,10 @@ impl RoundMachine {
             train_acc_sum: 0.0,
             train_weight: 0.0,
         });
+        // Persist the open round (its sample) before announcing it: a restarted aggregator
+        // resumes this round with the same clients, so updates the broker redelivers to it, or
+        // clients send again, still belong to an open round.
+        out.push(Action::Checkpoint(Box::new(self.s.clone())));
         self.publish_announce(out);
     }
 
@@ -1209,6 +1249,10 @@ impl RoundMachine {
                 return;
             }
         };
+        out.push(Action::SaveGlobal {
+            round: self.s.global_round,
+            payload: payload.clone(),
+        });
         let id = self.s.next_message_id;
         self.s.next_message_id = id.wrapping_add(1);
         match fedpeft_protocol::chunk::split(

@@ -104,10 +104,14 @@ pub fn rules(config: &Config, host: &dyn ModelHost) -> Rules {
     }
 }
 
+/// The newest global adapter of a run, in its output folder: the envelope exactly as clients
+/// receive it (`fedpeft-decode` prints it).
+pub const GLOBAL_ADAPTER_FILE: &str = "global-adapter.bin";
+
 enum FromMqtt {
     Connected,
     Subscribed,
-    Publish(String, Vec<u8>),
+    Publish(rumqttc::Publish),
     Error(String),
 }
 
@@ -140,6 +144,7 @@ pub async fn run(
         None => None,
     };
     let ckpt_path = config.output_dir.join("aggregator.ckpt");
+    let global_path = config.output_dir.join(GLOBAL_ADAPTER_FILE);
     std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Report {
         dir: config.output_dir.clone(),
         source,
@@ -196,6 +201,11 @@ pub async fn run(
     // A persistent session: QoS 1 updates published while the aggregator is briefly away are
     // kept by an external broker and delivered when it reconnects.
     opts.set_clean_session(false);
+    // A message is acknowledged to the broker only once the machine has handled it and every
+    // action it caused (the checkpoint among them) is done: an aggregator that dies in between
+    // gets it again from an external broker's session when it restarts, instead of losing an
+    // update it had logged as accepted but not yet persisted.
+    opts.set_manual_acks(true);
     opts.set_max_packet_size(
         config.broker.max_packet_bytes,
         config.broker.max_packet_bytes,
@@ -219,9 +229,7 @@ pub async fn run(
             let msg = match eventloop.poll().await {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => FromMqtt::Connected,
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => FromMqtt::Subscribed,
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    FromMqtt::Publish(p.topic, p.payload.to_vec())
-                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => FromMqtt::Publish(p),
                 Ok(_) => continue,
                 Err(e) => {
                     let _ = tx.send(FromMqtt::Error(e.to_string()));
@@ -252,6 +260,8 @@ pub async fn run(
         .collect();
     let mut started = false;
     let mut pending: Vec<Event> = Vec::new();
+    // Messages handled (or queued in `pending`) but not yet acknowledged to the broker.
+    let mut unacked: Vec<rumqttc::Publish> = Vec::new();
     let mut finished = false;
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -271,7 +281,11 @@ pub async fn run(
                         .map_err(|e| RunError::Mqtt(e.to_string()))?;
                 }
                 Some(FromMqtt::Subscribed) => {
-                    if !started {
+                    if started {
+                        // Back after a lost connection: the broker may have restarted without
+                        // its retained messages, so publish the current state again.
+                        events.push(Event::Reconnected);
+                    } else {
                         started = true;
                         // Tests and scripts wait for this line before starting clients.
                         println!(
@@ -285,8 +299,12 @@ pub async fn run(
                         events.append(&mut pending);
                     }
                 }
-                Some(FromMqtt::Publish(topic, payload)) => {
-                    if let Some(ev) = inbox.on_publish(&topic, &payload, now_ms()) {
+                Some(FromMqtt::Publish(publish)) => {
+                    let ev = inbox.on_publish(&publish.topic, &publish.payload, now_ms());
+                    if publish.qos != rumqttc::QoS::AtMostOnce {
+                        unacked.push(publish);
+                    }
+                    if let Some(ev) = ev {
                         if started { events.push(ev) } else { pending.push(ev) }
                     }
                 }
@@ -317,6 +335,15 @@ pub async fn run(
                             .map_err(|e| RunError::Mqtt(e.to_string()))?;
                     }
                     Action::Checkpoint(state) => checkpoint::save(&state, &ckpt_path)?,
+                    Action::SaveGlobal { round, payload } => {
+                        checkpoint::write_atomic(&global_path, &payload).map_err(|source| {
+                            RunError::Report {
+                                dir: config.output_dir.clone(),
+                                source,
+                            }
+                        })?;
+                        tracing::debug!(round, bytes = payload.len(), path = %global_path.display(), "global adapter saved");
+                    }
                     Action::Evaluate { round, adapter } => {
                         let result = tokio::task::block_in_place(|| host.evaluate(&adapter));
                         match result {
@@ -361,6 +388,14 @@ pub async fn run(
                     }
                     Action::Finished => finished = true,
                 }
+            }
+        }
+        if started {
+            for publish in unacked.drain(..) {
+                client
+                    .ack(&publish)
+                    .await
+                    .map_err(|e| RunError::Mqtt(e.to_string()))?;
             }
         }
         if finished {

@@ -205,13 +205,15 @@ impl Drop for Proc {
 #[derive(Debug)]
 pub struct Mosquitto {
     pub port: u16,
-    _proc: Proc,
+    proc: Proc,
+    conf: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Mosquitto {
     /// Starts `mosquitto` (Debian package `mosquitto`, installed by `scripts/setup.sh`) with
-    /// anonymous access on 127.0.0.1 only and an explicit packet size limit.
+    /// anonymous access on 127.0.0.1 only and an explicit packet size limit. It keeps nothing
+    /// on disk: a restart loses every session and retained message.
     pub fn start(max_packet_bytes: u32) -> Mosquitto {
         let dir = tempfile::tempdir().expect("temp dir for mosquitto");
         let port = free_port();
@@ -224,22 +226,39 @@ impl Mosquitto {
             ),
         )
         .expect("write mosquitto.conf");
+        let proc = Self::spawn(&conf, port);
+        Mosquitto {
+            port,
+            proc,
+            conf,
+            _dir: dir,
+        }
+    }
+
+    fn spawn(conf: &Path, port: u16) -> Proc {
         let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).is_file())
             .expect("mosquitto not installed: run scripts/setup.sh (apt package `mosquitto`)");
         let mut cmd = Command::new(exe);
-        cmd.arg("-c").arg(&conf);
+        cmd.arg("-c").arg(conf);
         let proc = Proc::spawn("mosquitto", cmd);
         assert!(
             wait_for_port(port, Duration::from_secs(10)),
             "mosquitto did not listen on 127.0.0.1:{port}"
         );
-        Mosquitto {
-            port,
-            _proc: proc,
-            _dir: dir,
-        }
+        proc
+    }
+
+    /// SIGKILLs the broker: every connection drops, sessions and retained messages are lost.
+    pub fn kill(&mut self) {
+        self.proc.kill_hard();
+    }
+
+    /// Starts the broker again on the same port and config (after [`Mosquitto::kill`]).
+    pub fn restart(&mut self) {
+        self.proc.kill_hard();
+        self.proc = Self::spawn(&self.conf, self.port);
     }
 
     pub fn url(&self) -> String {

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use fedpeft_tests::e2e::{Federation, check_fedavg, observe, round_record};
-use fedpeft_tests::{Proc, Sniffer, free_port};
+use fedpeft_tests::{Mosquitto, Proc, Sniffer, free_port};
 
 const MAX_PACKET: usize = 65536;
 
@@ -175,4 +175,67 @@ fn the_aggregator_killed_mid_round_resumes_from_its_checkpoint_without_losing_or
          {resent} resent, {accepted_after} accepted, {duplicates} refused as duplicates"
     );
     assert!(duplicates <= resent, "more duplicates than resends");
+}
+
+#[test]
+fn mosquitto_killed_and_restarted_mid_round_every_process_reconnects_and_the_rounds_complete() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut broker = Mosquitto::start(MAX_PACKET as u32 + 4096);
+    let fed = federation(dir.path(), "faults-broker", 3);
+    let top = "min_clients = 3\nquorum = 3\nround_timeout_secs = 300.0";
+    let config = fed.aggregator_config(&broker.url(), broker.port, 2, top, "epochs = 40");
+    let mut aggregator = fed.start_aggregator(&config, "aggregator");
+    let sniffer = Sniffer::start(broker.port, &fed.fleet, MAX_PACKET);
+    let mut clients: Vec<Proc> = (0..3).map(|i| fed.spawn_client(&broker.url(), i)).collect();
+
+    // Kill the broker while every client trains round 1, so their updates go out only once it
+    // is back: a restarted Mosquitto (no persistence) has lost every session and retained
+    // message, and everyone must reconnect, subscribe again and get the round back.
+    wait_until(
+        "every client training round 1",
+        Duration::from_secs(600),
+        || {
+            clients
+                .iter()
+                .all(|c| count_lines(c, &["training round=1"]) >= 1)
+        },
+    );
+    broker.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    broker.restart();
+    eprintln!("mosquitto restarted on port {}", broker.port);
+
+    let status = aggregator
+        .wait_exit(Duration::from_secs(900))
+        .expect("the aggregator did not finish");
+    assert!(status.success(), "aggregator exited with {status}");
+    for p in &mut clients {
+        let s = p.wait_exit(Duration::from_secs(120)).expect("client exits");
+        assert!(s.success(), "{} exited with {s}", p.name);
+        assert!(
+            count_lines(p, &["connected", "session_present"]) >= 2,
+            "{} never reconnected",
+            p.name
+        );
+    }
+    assert!(
+        count_lines(&aggregator, &["connected to broker"]) >= 2,
+        "the aggregator never reconnected"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let report = fed.report();
+    for r in 1..=2 {
+        let rec = round_record(&report, r);
+        assert_eq!(rec["status"], "ok", "round {r}: {rec}");
+        assert_eq!(rec["clients_ok"], 3, "round {r}: {rec}");
+    }
+    let seen = observe(&sniffer.messages());
+    for round in 1..=2 {
+        let (compared, differing) = check_fedavg(&seen, round);
+        assert_eq!(compared, 25_610);
+        assert_eq!(
+            differing, 0,
+            "round {round}: the global adapter is not FedAvg of the clients' updates"
+        );
+    }
 }

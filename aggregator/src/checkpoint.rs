@@ -61,12 +61,18 @@ pub fn to_bytes(state: &MachineState, path: &Path) -> Result<Vec<u8>, Checkpoint
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
+    Ok(with_header(&body))
+}
+
+/// A checkpoint file's bytes for an encoded `body`: magic, format version, SHA-256 of the body,
+/// body.
+pub fn with_header(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&Sha256::digest(&body));
-    out.extend_from_slice(&body);
-    Ok(out)
+    out.extend_from_slice(&Sha256::digest(body));
+    out.extend_from_slice(body);
+    out
 }
 
 /// Parses checkpoint bytes read from `path` (named in errors).

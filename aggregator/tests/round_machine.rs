@@ -651,3 +651,72 @@ fn client_level_dp_through_the_machine_reports_epsilon_and_a_restart_keeps_it() 
     assert_eq!(resumed.state().clipped_total, 9);
     assert_eq!(resumed.state().global, straight.state().global);
 }
+
+/// What the durable mode persists, and in which order: every join, a client going offline, a
+/// round's start before its announcement; a reconnect publishes the same state again.
+#[test]
+fn durable_mode_checkpoints_joins_and_round_starts_before_announcing_and_republishes_on_reconnect()
+{
+    let mut r = rules(2, 2, 2);
+    r.checkpoint_every_update = true;
+    let mut m = RoundMachine::new(r.clone(), strategy::build(&StrategyKind::FedAvg), initial());
+    m.on_event(Event::Start, T0);
+    let first = m.on_event(join("a", 10), T0);
+    let saved: Vec<&MachineState> = first
+        .iter()
+        .filter_map(|a| match a {
+            Action::Checkpoint(s) => Some(s.as_ref()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(saved.len(), 1, "one checkpoint per join");
+    assert!(saved[0].clients.contains_key("a"));
+
+    // The join that completes min_clients starts round 1: one checkpoint, holding the open
+    // round, and it comes before the announcement.
+    let second = m.on_event(join("b", 10), T0 + 1);
+    let ckpt = second
+        .iter()
+        .position(|a| matches!(a, Action::Checkpoint(_)))
+        .expect("round start checkpointed");
+    let announce = second
+        .iter()
+        .position(|a| matches!(a, Action::Publish { topic, .. } if topic.ends_with("/round")))
+        .expect("round announced");
+    assert!(
+        ckpt < announce,
+        "the checkpoint must precede the announcement"
+    );
+    assert_eq!(
+        second
+            .iter()
+            .filter(|a| matches!(a, Action::Checkpoint(_)))
+            .count(),
+        1
+    );
+    let Action::Checkpoint(open) = &second[ckpt] else {
+        unreachable!()
+    };
+    assert!(matches!(open.phase, Phase::Collecting(ref o) if o.round == 1));
+
+    // The broker came back: the same global and announcement again, deadline unchanged,
+    // nothing to persist.
+    let again = m.on_event(Event::Reconnected, T0 + 5_000);
+    assert!(!again.iter().any(|a| matches!(a, Action::Checkpoint(_))));
+    let msgs = decoded(&again);
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert!(matches!(&msgs[0].1, Message::GlobalAdapter(g) if g.round == 0));
+    let Message::RoundAnnounce(a) = &msgs[1].1 else {
+        panic!("expected the announcement again, got {:?}", msgs[1].1)
+    };
+    assert_eq!((a.round, a.deadline_unix_ms), (1, T0 + 1 + TIMEOUT));
+
+    // Going offline is persisted; a restored machine keeps who is online.
+    let gone = m.on_event(offline("b"), T0 + 6_000);
+    assert!(gone.iter().any(|a| matches!(a, Action::Checkpoint(_))));
+    let restored =
+        RoundMachine::restore(r, strategy::build(&StrategyKind::FedAvg), m.state().clone())
+            .unwrap();
+    assert!(restored.state().clients["a"].online);
+    assert!(!restored.state().clients["b"].online);
+}

@@ -605,6 +605,8 @@ impl RoundMachine {
             }
             Phase::Collecting(mut open) => {
                 // Resumed mid-round: same round, same sample, fresh deadline.
+                info!(round = open.round, sampled = ?open.sampled, accepted = open.accepted.len(),
+                      "round resumed");
                 open.deadline_unix_ms = now + self.rules.round_timeout_ms;
                 self.s.phase = Phase::Collecting(open);
                 self.publish_global(out);

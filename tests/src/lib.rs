@@ -201,6 +201,31 @@ impl Drop for Proc {
     }
 }
 
+/// A client update as the scripted clients of the end-to-end tests send it: `tensors` are the
+/// delta, the training metrics are placeholders the aggregator only reports.
+pub fn client_update(
+    client: &str,
+    round: u32,
+    sequence: u32,
+    num_examples: u64,
+    tensors: Vec<fedpeft_protocol::Tensor>,
+) -> fedpeft_protocol::ClientUpdate {
+    fedpeft_protocol::ClientUpdate {
+        client: fedpeft_protocol::ClientId::new(client).expect("a valid client id"),
+        round,
+        sequence,
+        num_examples,
+        metrics: fedpeft_protocol::TrainMetrics {
+            loss: 1.0,
+            accuracy: 0.5,
+            steps: 3,
+            elapsed_ms: 10,
+            epsilon: None,
+        },
+        tensors,
+    }
+}
+
 /// A Mosquitto broker on a free loopback port, stopped when dropped.
 #[derive(Debug)]
 pub struct Mosquitto {

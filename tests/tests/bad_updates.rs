@@ -9,10 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use fedpeft_protocol::envelope::crc32;
-use fedpeft_protocol::{
-    Capabilities, ClientId, ClientUpdate, DType, Envelope, Join, PeftMethod, Tensor, TrainMetrics,
-    Values,
-};
+use fedpeft_protocol::{Capabilities, ClientId, DType, Envelope, Join, PeftMethod, Tensor, Values};
 use fedpeft_tests::{Mosquitto, Proc, binary};
 
 const FLEET: &str = "bad";
@@ -79,20 +76,7 @@ impl Scripted {
 fn update(client: &str, round: u32, sequence: u32, w_len: usize, value: f32) -> Vec<u8> {
     let w = Tensor::dense("w", &[w_len as u32], Values::F32(vec![value; w_len])).unwrap();
     let b = Tensor::dense("b", &[2], Values::F32(vec![0.5, -0.5])).unwrap();
-    let u = ClientUpdate {
-        client: ClientId::new(client).unwrap(),
-        round,
-        sequence,
-        num_examples: 100,
-        metrics: TrainMetrics {
-            loss: 1.0,
-            accuracy: 0.5,
-            steps: 3,
-            elapsed_ms: 10,
-            epsilon: None,
-        },
-        tensors: vec![w, b],
-    };
+    let u = fedpeft_tests::client_update(client, round, sequence, 100, vec![w, b]);
     Envelope::new(RUN, round, u).encode().unwrap()
 }
 

@@ -23,8 +23,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use fedpeft_protocol::{
-    Capabilities, ClientId, ClientUpdate, DType, Envelope, Join, Message, PeftMethod, Sampling,
-    Tensor, TrainMetrics, Values,
+    Capabilities, ClientId, DType, Envelope, Join, Message, PeftMethod, Sampling, Tensor, Values,
 };
 use fedpeft_tests::{Mosquitto, Proc, Sniffer, binary, free_port};
 
@@ -73,23 +72,12 @@ fn update_bytes(i: usize, round: u32) -> Vec<u8> {
         .map(|_| (rng.below(20_001) as f32 - 10_000.0) * 1e-6)
         .collect();
     let b = vec![(i as f32 + 1.0) * 1e-3, -(round as f32) * 1e-3];
-    let u = ClientUpdate {
-        client: ClientId::new(&client_name(i)).unwrap(),
-        round,
-        sequence: round,
-        num_examples: 100 + 17 * i as u64,
-        metrics: TrainMetrics {
-            loss: 1.0,
-            accuracy: 0.5,
-            steps: 1,
-            elapsed_ms: 1,
-            epsilon: None,
-        },
-        tensors: vec![
-            Tensor::dense("w", &[W as u32], Values::F32(w)).unwrap(),
-            Tensor::dense("b", &[2], Values::F32(b)).unwrap(),
-        ],
-    };
+    let tensors = vec![
+        Tensor::dense("w", &[W as u32], Values::F32(w)).unwrap(),
+        Tensor::dense("b", &[2], Values::F32(b)).unwrap(),
+    ];
+    let u =
+        fedpeft_tests::client_update(&client_name(i), round, round, 100 + 17 * i as u64, tensors);
     Envelope::new(RUN, round, u).encode().unwrap()
 }
 
@@ -106,6 +94,11 @@ struct ClientMemory {
     /// Send the last update again when its round is announced again (set on reconnect).
     resend_on_announce: bool,
     done: bool,
+    /// Whether an announcement arrived since the last connection, and when Join was last sent:
+    /// a Join the broker lost (an embedded broker killed just after taking it) is sent again
+    /// after a second of silence.
+    heard_since_connect: bool,
+    joined_at: Option<Instant>,
 }
 
 /// A scripted client on its own MQTT connection and thread.
@@ -148,6 +141,7 @@ impl Scripted {
         .encode()
         .unwrap();
 
+        let (rejoin, rejoin_topic) = (join.clone(), join_topic.clone());
         let send = {
             let mqtt = mqtt.clone();
             move |round: u32| {
@@ -186,6 +180,8 @@ impl Scripted {
                     match packet {
                         rumqttc::Packet::ConnAck(_) => {
                             m.connects += 1;
+                            m.heard_since_connect = false;
+                            m.joined_at = Some(Instant::now());
                             m.resend_on_announce =
                                 m.current.is_some_and(|r| m.answered.contains(&r));
                             let _ =
@@ -204,6 +200,7 @@ impl Scripted {
                             let Message::RoundAnnounce(a) = env.message else {
                                 continue;
                             };
+                            m.heard_since_connect = true;
                             if a.round > ROUNDS {
                                 m.done = true;
                                 continue;
@@ -236,13 +233,26 @@ impl Scripted {
                 }
             });
         }
-        // Opens the gate for an announcement that arrived while it was closed.
+        // Opens the gate for an announcement that arrived while it was closed, and joins again
+        // while nothing is heard.
         {
-            let (memory, stop) = (memory.clone(), stop.clone());
+            let (memory, stop, mqtt) = (memory.clone(), stop.clone(), mqtt.clone());
             thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     {
                         let mut m = memory.lock().unwrap();
+                        if !m.heard_since_connect
+                            && m.joined_at
+                                .is_some_and(|t| t.elapsed() > Duration::from_secs(1))
+                        {
+                            m.joined_at = Some(Instant::now());
+                            let _ = mqtt.try_publish(
+                                rejoin_topic.clone(),
+                                rumqttc::QoS::AtLeastOnce,
+                                false,
+                                rejoin.clone(),
+                            );
+                        }
                         if let Some(r) = m.waiting
                             && r <= gate.load(Ordering::SeqCst)
                         {

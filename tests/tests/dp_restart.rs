@@ -6,10 +6,7 @@
 
 use std::time::Duration;
 
-use fedpeft_protocol::{
-    Capabilities, ClientId, ClientUpdate, DType, Envelope, Join, PeftMethod, Tensor, TrainMetrics,
-    Values,
-};
+use fedpeft_protocol::{Capabilities, ClientId, DType, Envelope, Join, PeftMethod, Tensor, Values};
 use fedpeft_tests::{Mosquitto, Proc, binary};
 
 const FLEET: &str = "dp";
@@ -56,20 +53,7 @@ fn join(mqtt: &rumqttc::Client, id: &str) {
 /// An update of norm 2 · 5 = 10 (above the clip norm 1).
 fn update(mqtt: &rumqttc::Client, id: &str, round: u32) {
     let w = Tensor::dense("w", &[2], Values::F32(vec![6.0, 8.0])).unwrap();
-    let u = ClientUpdate {
-        client: ClientId::new(id).unwrap(),
-        round,
-        sequence: round,
-        num_examples: 100,
-        metrics: TrainMetrics {
-            loss: 1.0,
-            accuracy: 0.5,
-            steps: 1,
-            elapsed_ms: 1,
-            epsilon: None,
-        },
-        tensors: vec![w],
-    };
+    let u = fedpeft_tests::client_update(id, round, round, 100, vec![w]);
     let payload = Envelope::new(RUN, round, u).encode().unwrap();
     publish(mqtt, &format!("update/{id}"), payload);
 }
@@ -107,11 +91,23 @@ fn run(crash: bool) -> serde_json::Value {
         join(&mqtt, id);
     }
     for round in 1..=3u32 {
-        agg.wait_for_line(
-            &format!("round started round={round}"),
-            Duration::from_secs(60),
-        )
-        .unwrap_or_else(|| panic!("round {round} did not start"));
+        // A restarted aggregator resumes the round its checkpoint holds open.
+        let (started, resumed) = (
+            format!("round started round={round} "),
+            format!("round resumed round={round} "),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !agg
+            .output()
+            .iter()
+            .any(|l| l.contains(&started) || l.contains(&resumed))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         for id in ["a", "b"] {
             update(&mqtt, id, round);
         }

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use fedpeft_protocol::envelope::crc32;
 use fedpeft_protocol::sign::{self, SIGNATURE_LEN};
 use fedpeft_protocol::{
-    Capabilities, ClientId, ClientState, ClientUpdate, DType, Envelope, FleetName, Join, Message,
-    PeftMethod, SigningKey, Status, Tensor, TrainMetrics, Values, VerifyingKey,
+    Capabilities, ClientId, ClientState, DType, Envelope, FleetName, Join, Message, PeftMethod,
+    SigningKey, Status, Tensor, Values, VerifyingKey,
 };
 use fedpeft_tests::{Mosquitto, Proc, binary, free_port, wait_for_port};
 
@@ -206,20 +206,7 @@ fn seal(env: &Envelope, fleet: &str, key: Option<&SigningKey>) -> Vec<u8> {
 /// An update envelope of `client` (body) for `round`.
 fn update(client: &str, round: u32, sequence: u32, value: f32) -> Envelope {
     let w = Tensor::dense("w", &[W as u32], Values::F32(vec![value; W])).unwrap();
-    let u = ClientUpdate {
-        client: ClientId::new(client).unwrap(),
-        round,
-        sequence,
-        num_examples: 100,
-        metrics: TrainMetrics {
-            loss: 1.0,
-            accuracy: 0.5,
-            steps: 3,
-            elapsed_ms: 10,
-            epsilon: None,
-        },
-        tensors: vec![w],
-    };
+    let u = fedpeft_tests::client_update(client, round, sequence, 100, vec![w]);
     Envelope::new(RUN, round, u)
 }
 

@@ -387,6 +387,16 @@ pub fn client_command_in(
     if trial.shared_cache {
         cmd.arg("--cache-shared");
     }
+    if trial.dropout > 0.0 {
+        cmd.arg("--dropout")
+            .arg(trial.dropout.to_string())
+            .arg("--dropout-offline-secs")
+            .arg(trial.dropout_offline_secs.to_string());
+    }
+    if trial.stragglers.contains(&index) {
+        cmd.arg("--straggle-secs")
+            .arg(trial.straggle_secs.to_string());
+    }
     // One compute thread per client: N clients share the machine's cores.
     cmd.env("RAYON_NUM_THREADS", "1");
     cmd
@@ -574,6 +584,13 @@ pub fn run(
     for c in &mut clients {
         client_status.push(c.terminate(Duration::from_secs(20)));
     }
+    match crate::rounds::Participation::build(trial, out_dir) {
+        Ok(p) => {
+            p.write(out_dir)?;
+            p.print();
+        }
+        Err(e) => eprintln!("fleet: no participation table: {e:#}"),
+    }
     let links = match &trial.links {
         Some(plan) => {
             let kernel_counters = kernel.as_ref().map(|k| {
@@ -690,5 +707,38 @@ mod tests {
         assert_eq!(after("--num-clients"), "4");
         assert_eq!(after("--max-examples"), "100");
         assert_eq!(after("--summary-json"), "o/clients/client-02.json");
+        assert!(
+            !args
+                .iter()
+                .any(|a| a == "--dropout" || a == "--straggle-secs")
+        );
+    }
+
+    #[test]
+    fn dropout_goes_to_every_client_and_the_delay_to_stragglers_only() {
+        let bins = Binaries {
+            aggregator: "agg".into(),
+            edge_client: "edge".into(),
+        };
+        let mut t = trial();
+        t.dropout = 0.3;
+        t.stragglers = vec![1];
+        t.straggle_secs = 12.5;
+        let args = |i| -> Vec<String> {
+            client_command(&t, &bins, i, "mqtt://127.0.0.1:1", Path::new("o"))
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        for i in 0..4 {
+            let a = args(i);
+            let at = a.iter().position(|x| x == "--dropout").expect("--dropout");
+            assert_eq!(a[at + 1], "0.3");
+            let straggles = a.iter().position(|x| x == "--straggle-secs");
+            assert_eq!(straggles.is_some(), i == 1, "client {i}");
+            if let Some(at) = straggles {
+                assert_eq!(a[at + 1], "12.5");
+            }
+        }
     }
 }

@@ -18,6 +18,10 @@
 //!                              # per (seed, client index, round), so a trial's dropouts replay
 //! dropout_offline_secs = 2.0   # how long a vanished client stays away
 //!
+//! global_dtype = "int8"        # f32 | f16 | int8: how the aggregator publishes the global
+//!                              # adapter (it adopts the decoded value, so it and the clients
+//!                              # hold the same one); default: local.update_dtype (f32)
+//!
 //! [stragglers]                 # slow devices (default: none)
 //! fraction = 0.25              # share of the clients (round(fraction x clients), at least 1,
 //!                              # chosen by the seed) that hold every update ...
@@ -239,6 +243,8 @@ pub struct TrialFile {
     pub dropout_offline_secs: f64,
     /// Slow clients. Default none.
     pub stragglers: Option<StragglersSpec>,
+    /// Encoding of the published global adapter. Default: `local.update_dtype`.
+    pub global_dtype: Option<String>,
 }
 
 /// Where the clients find the broker.
@@ -277,6 +283,8 @@ pub struct Trial {
     /// Indices of the straggling clients (sorted) and how long each holds its updates.
     pub stragglers: Vec<usize>,
     pub straggle_secs: f64,
+    /// Encoding of the published global adapter: f32, f16 or int8.
+    pub global_dtype: String,
     /// The trial file, for error messages.
     pub path: PathBuf,
 }
@@ -466,7 +474,24 @@ impl Trial {
                 )
             }
         };
+        let global_dtype = raw
+            .global_dtype
+            .clone()
+            .or_else(|| raw.local.update_dtype.clone())
+            .unwrap_or_else(|| "f32".into());
+        if !matches!(global_dtype.as_str(), "f32" | "f16" | "int8") {
+            let field = if raw.global_dtype.is_some() {
+                "global_dtype"
+            } else {
+                "local.update_dtype"
+            };
+            return Err(bad(
+                field,
+                format!("{global_dtype:?} is not f32, f16 or int8"),
+            ));
+        }
         Ok(Trial {
+            global_dtype,
             dropout: raw.dropout,
             dropout_offline_secs: raw.dropout_offline_secs,
             stragglers,
@@ -681,6 +706,7 @@ mod tests {
         let t = Trial::parse(MINIMAL, Path::new("t.toml")).unwrap();
         assert_eq!(t.dropout, 0.0);
         assert!(t.stragglers.is_empty());
+        assert_eq!(t.global_dtype, "f32");
         let text = MINIMAL.replace("clients = 4", "clients = 8\ndropout = 0.3")
             + "[stragglers]\nfraction = 0.25\ndelay_secs = 30.0\n";
         let t = Trial::parse(&text, Path::new("t.toml")).unwrap();
@@ -707,6 +733,27 @@ mod tests {
             let err = Trial::parse(&text, Path::new("t.toml")).unwrap_err();
             assert!(err.to_string().contains(key), "{table}: {err}");
         }
+    }
+
+    #[test]
+    fn the_global_dtype_follows_the_update_dtype_unless_set() {
+        let int8 = format!("{MINIMAL}\n[local]\nupdate_dtype = \"int8\"\n");
+        assert_eq!(
+            Trial::parse(&int8, Path::new("t.toml"))
+                .unwrap()
+                .global_dtype,
+            "int8"
+        );
+        let f32_down = int8.replace("rounds = 2", "rounds = 2\nglobal_dtype = \"f32\"");
+        assert_eq!(
+            Trial::parse(&f32_down, Path::new("t.toml"))
+                .unwrap()
+                .global_dtype,
+            "f32"
+        );
+        let bad = MINIMAL.replace("rounds = 2", "rounds = 2\nglobal_dtype = \"int4\"");
+        let err = Trial::parse(&bad, Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("global_dtype"), "{err}");
     }
 
     #[test]

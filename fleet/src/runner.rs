@@ -250,6 +250,7 @@ pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> to
     root.insert("fraction".into(), trial.fraction.into());
     root.insert("quorum".into(), int(trial.quorum as u64));
     root.insert("round_timeout_secs".into(), trial.round_timeout_secs.into());
+    root.insert("global_dtype".into(), trial.global_dtype.clone().into());
     if let Some(strategy) = &trial.strategy {
         root.insert("strategy".into(), toml::Value::Table(strategy.clone()));
     }
@@ -431,6 +432,30 @@ fn wait_for_activations(client: &mut Child, log: &Path, timeout: Duration) -> an
     )
 }
 
+/// Adds the trial's results row (`summary`: accuracy by round, bytes, ratio to full-model
+/// FedAvg, computed per-preset round times) to `report.json` and draws its plots.
+fn summarize_and_plot(trial: &Trial, out_dir: &Path) -> anyhow::Result<()> {
+    let path = out_dir.join("report.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut report: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let row = crate::sweep::row(trial, &report);
+    report["summary"] = serde_json::to_value(&row)?;
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    if let Some(x) = row.times_less_than_full_model {
+        println!(
+            "fleet: per participating client-round {:.0} B up + {:.0} B down: {x:.0}x less than \
+             full-model FedAvg",
+            row.up_bytes_per_client_round, row.down_bytes_per_client_round
+        );
+    }
+    let files = crate::plot::plot_rows(&[row], out_dir)?;
+    println!("fleet: {} plots in {}", files.len(), out_dir.display());
+    Ok(())
+}
+
 /// Runs `trial` to the end (or `deadline`), writing everything under `out_dir`.
 pub fn run(
     trial: &Trial,
@@ -591,6 +616,9 @@ pub fn run(
         }
         Err(e) => eprintln!("fleet: no participation table: {e:#}"),
     }
+    if let Err(e) = summarize_and_plot(trial, out_dir) {
+        eprintln!("fleet: no summary or plots: {e:#}");
+    }
     let links = match &trial.links {
         Some(plan) => {
             let kernel_counters = kernel.as_ref().map(|k| {
@@ -678,6 +706,7 @@ mod tests {
             "epochs = 2",
             "kind = \"trimmed-mean\"",
             "dir = \"runs/t\"",
+            "global_dtype = \"f32\"",
         ] {
             assert!(text.contains(needle), "missing `{needle}` in\n{text}");
         }

@@ -71,6 +71,20 @@ fn run(path: &Path, out: &Path, limit: Duration) -> serde_json::Value {
         .unwrap_or_else(|| panic!("the trial did not finish within {limit:?}"));
     eprintln!("{}", fleet.output().join("\n"));
     assert!(status.success(), "fedpeft-fleet exited with {status}");
+    // The trial's plots were drawn.
+    for name in [
+        "accuracy_vs_round",
+        "accuracy_vs_bytes",
+        "round_time_per_preset",
+    ] {
+        let png = std::fs::read(out.join(format!("{name}.png"))).expect("PNG plot");
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{name}.png");
+        let svg = std::fs::read_to_string(out.join(format!("{name}.svg"))).expect("SVG plot");
+        assert!(
+            svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{name}.svg"
+        );
+    }
     let text = std::fs::read_to_string(out.join("report.json")).expect("report.json");
     serde_json::from_str(&text).expect("JSON")
 }

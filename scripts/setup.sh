@@ -6,7 +6,7 @@ set -euo pipefail
 need_apt=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for pkg in build-essential pkg-config python3 python3-venv python3-pip python3-torch \
-           dataset-fashion-mnist mosquitto iproute2 nodejs npm; do
+           dataset-fashion-mnist mosquitto iproute2 fonts-dejavu-core nodejs npm; do
   have_pkg "$pkg" || need_apt+=("$pkg")
 done
 # Node may come from elsewhere than Debian (e.g. a preinstalled toolchain): only ask apt for it if missing.

@@ -16,6 +16,9 @@
 //! # max_update_norm = 10.0    # L2 bound on each client delta                  default none
 //! # adaptive_norm_multiple = 3.0  # bound = this × median norm of the previous round's
 //!                             # updates (round 1: max_update_norm, or none)   default none
+//! global_dtype = "f32"        # f32 | f16 | int8: encoding of the published global adapter;
+//!                             # with f16 / int8 the aggregator adopts the decoded value, so it
+//!                             # and its clients hold the same adapter         default f32
 //! backbone_params = 0         # whole-backbone parameters, for the full-model comparison;
 //!                             # 0 = take it from the model host                 default 0
 //!
@@ -134,6 +137,7 @@ pub struct RawConfig {
     pub max_update_norm: Option<f64>,
     pub adaptive_norm_multiple: Option<f64>,
     pub backbone_params: Option<u64>,
+    pub global_dtype: Option<String>,
     pub strategy: Option<StrategyKind>,
     pub dp: Option<RawDp>,
     #[serde(default)]
@@ -305,6 +309,8 @@ pub struct Config {
     pub max_update_norm: Option<f64>,
     pub adaptive_norm_multiple: Option<f64>,
     pub backbone_params: u64,
+    /// Encoding of the published global adapter.
+    pub global_dtype: DType,
     pub strategy: StrategyKind,
     /// Client-level DP at the aggregator, if configured.
     pub dp: Option<ClientDp>,
@@ -432,7 +438,19 @@ impl RawConfig {
         let local = validate_local(self.local)?;
         let model = validate_model(self.model)?;
         let output = self.output;
+        let global_dtype = match self.global_dtype.as_deref().unwrap_or("f32") {
+            "f32" => DType::F32,
+            "f16" => DType::F16,
+            "int8" | "i8" => DType::I8,
+            other => {
+                return Err(invalid(
+                    "global_dtype",
+                    format!("{other:?} is not f32, f16 or int8"),
+                ));
+            }
+        };
         Ok(Config {
+            global_dtype,
             fleet,
             run_id: self.run_id.unwrap_or(1),
             rounds,
@@ -881,6 +899,7 @@ mod tests {
             ("round_timeout_secs = -1.0\n", "round_timeout_secs"),
             ("fleet = \"a/b\"\n", "fleet"),
             ("[local]\nupdate_dtype = \"f8\"\n", "local.update_dtype"),
+            ("global_dtype = \"int4\"\n", "global_dtype"),
             ("[local]\ndp_clip_norm = 1.0\n", "local.dp_clip_norm"),
             ("[broker]\nurl = \"http://x\"\n", "broker.url"),
             (

@@ -287,6 +287,9 @@ pub struct Rules {
     pub peft: Option<PeftMethod>,
     /// Signs the global adapter and round announcements (signed envelopes) when set.
     pub signing_key: Option<SigningKey>,
+    /// Encoding of the published global adapter. With f16 or int8 the aggregator adopts the
+    /// decoded value as its global, so it and every client hold bit-identical adapters.
+    pub global_dtype: DType,
 }
 
 /// A client as the aggregator knows it.
@@ -426,7 +429,8 @@ pub enum RestoreError {
 }
 
 impl RoundMachine {
-    /// A fresh run starting from `initial` (the round-0 global adapter).
+    /// A fresh run starting from `initial` (the round-0 global adapter; with a lossy
+    /// `global_dtype`, its decoded wire form).
     pub fn new(rules: Rules, strategy: Box<dyn Strategy>, initial: Adapter) -> RoundMachine {
         let s = MachineState {
             run_id: rules.run_id,
@@ -444,7 +448,11 @@ impl RoundMachine {
             last_median_norm: None,
             clipped_total: 0,
         };
-        RoundMachine { rules, strategy, s }
+        let mut m = RoundMachine { rules, strategy, s };
+        if let Err(e) = m.encode_global() {
+            warn!(error = %e, "initial global adapter cannot be encoded");
+        }
+        m
     }
 
     /// A machine resuming from a checkpoint. Clients keep the state the checkpoint recorded:
@@ -1216,10 +1224,17 @@ impl RoundMachine {
         });
     }
 
-    /// Publishes the global adapter (retained), chunked on `global/{n}` above the payload limit.
-    fn publish_global(&mut self, out: &mut Vec<Action>) {
-        let mut rng = SplitMix64::new(0);
-        let tensors: Result<Vec<_>, _> = self
+    /// Encodes the global adapter in `global_dtype`. With a lossy dtype (f16, int8: stochastic
+    /// rounding seeded by the run's seed and the adapter's round, so a run replays) the decoded
+    /// values become the aggregator's global: it aggregates, evaluates and checkpoints exactly
+    /// the adapter its clients decode, and the rounding error of one round is not carried into
+    /// the next (each global is rounded once, from the exact aggregate).
+    fn encode_global(&mut self) -> Result<Vec<fedpeft_protocol::Tensor>, String> {
+        let dtype = self.rules.global_dtype;
+        let mut rng = SplitMix64::new(
+            round_seed(self.rules.seed, self.s.global_round) ^ GLOBAL_ROUNDING_STREAM,
+        );
+        let tensors = self
             .s
             .global
             .tensors
@@ -1229,11 +1244,23 @@ impl RoundMachine {
                     &t.name,
                     &t.shape,
                     &t.data,
-                    Codec::dense(DType::F32),
+                    Codec::dense(dtype),
                     &mut rng,
                 )
             })
-            .collect();
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        if dtype != DType::F32 {
+            for (held, sent) in self.s.global.tensors.iter_mut().zip(&tensors) {
+                held.data = sent.to_f32();
+            }
+        }
+        Ok(tensors)
+    }
+
+    /// Publishes the global adapter (retained), chunked on `global/{n}` above the payload limit.
+    fn publish_global(&mut self, out: &mut Vec<Action>) {
+        let tensors = self.encode_global();
         let encoded = tensors.map_err(|e| e.to_string()).and_then(|tensors| {
             let msg = GlobalAdapter {
                 round: self.s.global_round,
@@ -1322,6 +1349,10 @@ impl RoundMachine {
 pub fn is_run_done(a: &RoundAnnounce) -> bool {
     a.deadline_unix_ms == 0 && matches!(&a.sampling, Sampling::Clients(c) if c.is_empty())
 }
+
+/// Mixed into a round's seed for the global adapter's stochastic rounding (so it is not the
+/// stream the clients use for their updates).
+const GLOBAL_ROUNDING_STREAM: u64 = 0x6c0b_a1ad_a97e_0001;
 
 /// The seed announced for `round` (local shuffling, stochastic rounding).
 pub fn round_seed(seed: u64, round: u32) -> u64 {

@@ -101,6 +101,7 @@ pub fn rules(config: &Config, host: &dyn ModelHost) -> Rules {
         backbone_sha256: host.backbone_sha256(),
         peft: config.model.backbone.as_ref().map(|_| config.model.peft),
         signing_key: None,
+        global_dtype: config.global_dtype,
     }
 }
 

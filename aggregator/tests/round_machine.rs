@@ -51,6 +51,7 @@ fn rules(rounds: u32, min_clients: usize, quorum: usize) -> Rules {
         backbone_sha256: None,
         peft: Some(PeftMethod::Head),
         signing_key: None,
+        global_dtype: DType::F32,
     }
 }
 
@@ -719,4 +720,127 @@ fn durable_mode_checkpoints_joins_and_round_starts_before_announcing_and_republi
             .unwrap();
     assert!(restored.state().clients["a"].online);
     assert!(!restored.state().clients["b"].online);
+}
+
+/// The global adapters a list of actions published, decoded to f32.
+fn published_globals(actions: &[Action]) -> Vec<(u32, Vec<Vec<f32>>, usize)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Publish { payload, .. } => match Envelope::decode(payload).unwrap().message {
+                Message::GlobalAdapter(g) => Some((
+                    g.round,
+                    g.tensors.iter().map(|t| t.to_f32()).collect(),
+                    payload.len(),
+                )),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_int8_global_is_what_the_aggregator_itself_holds_evaluates_and_builds_on() {
+    let mut r = rules(2, 3, 1);
+    r.global_dtype = DType::I8;
+    // A wider adapter, so int8 rounding is visible and the payload shrinks.
+    let values: Vec<f32> = (0..400).map(|i| ((i as f32) * 0.37).sin()).collect();
+    let wide = Adapter::new(vec![Tensor::new("w", vec![400], values.clone()).unwrap()]);
+    let mut m = RoundMachine::new(
+        r.clone(),
+        strategy::build(&StrategyKind::FedAvg),
+        wide.clone(),
+    );
+    let mut f32_rules = r;
+    f32_rules.global_dtype = DType::F32;
+    let reference = RoundMachine::new(f32_rules, strategy::build(&StrategyKind::FedAvg), wide);
+    // The initial adapter is adopted in its int8 form; the f32 machine keeps it exactly.
+    assert_eq!(reference.state().global.tensors[0].data, values);
+    let held = m.state().global.tensors[0].data.clone();
+    assert_ne!(held, values, "int8 rounding changed some values");
+    let step = values.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+    assert!(
+        held.iter()
+            .zip(&values)
+            .all(|(h, v)| (h - v).abs() <= step * 1.0001)
+    );
+
+    let start = m.on_event(Event::Start, T0);
+    let globals = published_globals(&start);
+    assert_eq!(globals.len(), 1);
+    assert_eq!(globals[0].1[0], held, "published = held, bit for bit");
+    assert!(
+        globals[0].2 < 400 * 2,
+        "{} bytes for 400 int8 values",
+        globals[0].2
+    );
+    let evaluated = start.iter().find_map(|a| match a {
+        Action::Evaluate { round: 0, adapter } => Some(adapter.tensors[0].data.clone()),
+        _ => None,
+    });
+    assert_eq!(evaluated.as_deref(), Some(held.as_slice()));
+
+    for c in ["a", "b", "c"] {
+        m.on_event(join(c, 10), T0);
+    }
+    let delta = |k: f32| -> Event {
+        let d: Vec<f32> = (0..400)
+            .map(|i| k * ((i as f32) * 0.11).cos() * 0.01)
+            .collect();
+        let mut rng = SplitMix64::new(1);
+        raw_update(
+            "a",
+            ClientUpdate {
+                client: id("a"),
+                round: 1,
+                sequence: 0,
+                num_examples: 10,
+                metrics: TrainMetrics {
+                    loss: 1.0,
+                    accuracy: 0.5,
+                    steps: 1,
+                    elapsed_ms: 1,
+                    epsilon: None,
+                },
+                tensors: vec![
+                    fedpeft_protocol::Tensor::encode(
+                        "w",
+                        &[400],
+                        &d,
+                        Codec::dense(DType::F32),
+                        &mut rng,
+                    )
+                    .unwrap(),
+                ],
+            },
+        )
+    };
+    let before = m.state().global.tensors[0].data.clone();
+    m.on_event(delta(1.0), T0 + 1);
+    m.on_event(offline("b"), T0 + 2);
+    let acts = m.on_event(offline("c"), T0 + 3);
+    let globals = published_globals(&acts);
+    assert_eq!(globals[0].0, 1);
+    let after = m.state().global.tensors[0].data.clone();
+    assert_eq!(
+        globals[0].1[0], after,
+        "round 1's published global = held, bit for bit"
+    );
+    // The held adapter is the int8 rounding of (previous held + the average delta): within
+    // one step of it, and never the rounding error carried from the round before.
+    let step1 = after.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+    for i in 0..400 {
+        let exact = before[i] + 0.01 * ((i as f32) * 0.11).cos();
+        assert!(
+            (after[i] - exact).abs() <= step1 * 1.001,
+            "value {i}: held {} exact {exact}",
+            after[i]
+        );
+    }
+    let evaluated = acts.iter().find_map(|a| match a {
+        Action::Evaluate { round: 1, adapter } => Some(adapter.tensors[0].data.clone()),
+        _ => None,
+    });
+    assert_eq!(evaluated.as_deref(), Some(after.as_slice()));
 }

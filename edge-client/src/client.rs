@@ -48,6 +48,11 @@ pub struct ClientSettings {
     pub signing_key: Option<SigningKey>,
     /// Global adapters and announcements must be signed with this key when set.
     pub aggregator_key: Option<VerifyingKey>,
+    /// Emulated dropout and straggling (none on a real device).
+    pub faults: crate::config::FaultsSpec,
+    /// Seed and fleet index of this client: keys of the dropout draws.
+    pub fault_seed: u64,
+    pub client_index: u64,
 }
 
 /// Why the client could not run.
@@ -87,6 +92,9 @@ impl ClientSettings {
                 None => None,
             },
             aggregator_key: cfg.aggregator_key,
+            faults: cfg.faults,
+            fault_seed: cfg.data.seed,
+            client_index: cfg.data.index as u64,
         })
     }
 }
@@ -102,6 +110,8 @@ pub struct RunSummary {
     pub rounds_not_sampled: u32,
     pub stale_dropped: u32,
     pub training_failures: u32,
+    /// Rounds in which the client vanished instead of publishing (emulated dropout).
+    pub dropped_rounds: Vec<Round>,
     pub connects: u32,
     pub connection_errors: u32,
     pub rejected_messages: u32,
@@ -113,6 +123,7 @@ impl RunSummary {
         client_id: &str,
         exit: ExitReason,
         stats: SessionStats,
+        dropped_rounds: Vec<Round>,
         shell: &ShellCounters,
         bytes: ByteLedger,
     ) -> Self {
@@ -128,6 +139,7 @@ impl RunSummary {
             rounds_not_sampled: stats.rounds_not_sampled,
             stale_dropped: stats.stale_dropped,
             training_failures: stats.training_failures,
+            dropped_rounds,
             connects: stats.connects,
             connection_errors: shell.connection_errors,
             rejected_messages: shell.rejected_messages,
@@ -217,13 +229,26 @@ where
     let (mqtt, mut eventloop) = AsyncClient::new(opts, 64);
 
     let (net_tx, mut net_rx) = mpsc::unbounded_channel::<Net>();
+    // Emulated dropout: the poller drops the connection and stays away this long.
+    let (vanish_tx, mut vanish_rx) = mpsc::unbounded_channel::<Duration>();
     let backoff = settings.reconnect;
     let seed = fnv(&client_id);
     let poller = tokio::spawn(async move {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut attempt = 0u32;
         loop {
-            match eventloop.poll().await {
+            let polled = tokio::select! {
+                biased;
+                Some(away) = vanish_rx.recv() => {
+                    // Closing the socket without DISCONNECT: to the broker this is a device
+                    // that fell off the network, so it publishes our last will.
+                    eventloop.clean();
+                    tokio::time::sleep(away).await;
+                    continue;
+                }
+                polled = eventloop.poll() => polled,
+            };
+            match polled {
                 Ok(ev) => {
                     if matches!(ev, MqttEvent::Incoming(MqttPacket::ConnAck(_))) {
                         attempt = 0;
@@ -252,7 +277,12 @@ where
 
     let trainer = Arc::new(Mutex::new(trainer));
     let (train_tx, mut train_rx) = mpsc::unbounded_channel::<TrainingDone>();
-    let mut session = Session::new(&client_id);
+    let mut session = Session::new(&client_id).with_faults(crate::session::Faults {
+        dropout: settings.faults.dropout,
+        seed: settings.fault_seed,
+        client_index: settings.client_index,
+    });
+    let straggle = settings.faults.straggle;
     let mut ledger = ByteLedger::default();
     let mut counters = ShellCounters::default();
     let mut outbox: VecDeque<Request> = VecDeque::new();
@@ -371,6 +401,15 @@ where
                             Ok(mut t) => t.train(&adapter, &plan).map_err(|e| e.to_string()),
                             Err(_) => Err("trainer poisoned by an earlier panic".to_string()),
                         };
+                        if !straggle.is_zero() {
+                            // Emulated straggler: a slow device finishes this much later.
+                            tracing::info!(
+                                round,
+                                straggle_secs = straggle.as_secs_f64(),
+                                "straggling: holding the update"
+                            );
+                            std::thread::sleep(straggle);
+                        }
                         let _ = tx.send(TrainingDone {
                             round,
                             sequence,
@@ -389,6 +428,16 @@ where
                     }
                     _ => tracing::warn!(round, "no stored update for this round to send again"),
                 },
+                Action::Vanish { round } => {
+                    tracing::warn!(
+                        round,
+                        offline_secs = settings.faults.dropout_offline.as_secs_f64(),
+                        "dropping the connection (emulated dropout)"
+                    );
+                    // Whatever was queued for the old connection goes with it.
+                    outbox.clear();
+                    let _ = vanish_tx.send(settings.faults.dropout_offline);
+                }
                 Action::Disconnect => outbox.push_back(Request::Disconnect),
                 Action::Exit(reason) => exit_now = Some(reason),
             }
@@ -455,6 +504,7 @@ where
         &client_id,
         exit,
         session.stats(),
+        session.dropped_rounds().to_vec(),
         &counters,
         ledger,
     ))

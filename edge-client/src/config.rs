@@ -225,6 +225,22 @@ pub struct ReportFile {
     pub summary_json: Option<PathBuf>,
 }
 
+/// The `[faults]` table: emulated unreliability, for fleet trials (a real device needs none).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultsFile {
+    /// Probability that a round this client is sampled in ends with it vanishing mid-round:
+    /// it trains, then drops its connection without DISCONNECT and without publishing (the
+    /// broker publishes its last will), and comes back `dropout_offline_secs` later. Drawn per
+    /// round from (`data.seed`, `data.index`, round), so a trial's dropouts replay. Default 0.
+    pub dropout: Option<f64>,
+    /// How long a client that vanished stays away before reconnecting, seconds. Default 2.
+    pub dropout_offline_secs: Option<f64>,
+    /// A straggler: hold every finished update this long before publishing it, seconds (a slow
+    /// device). An update the round's deadline has passed by is not sent. Default 0.
+    pub straggle_secs: Option<f64>,
+}
+
 /// The TOML file as written, before validation. Every field is optional.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -245,6 +261,8 @@ pub struct FileConfig {
     pub report: ReportFile,
     #[serde(default)]
     pub security: SecurityFile,
+    #[serde(default)]
+    pub faults: FaultsFile,
 }
 
 impl FileConfig {
@@ -361,6 +379,15 @@ pub struct Cli {
     /// JSON summary file written at exit.
     #[arg(long)]
     pub summary_json: Option<PathBuf>,
+    /// Emulated dropout: probability of vanishing mid-round in a sampled round (`[faults] dropout`).
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Seconds a client that vanished stays away (`[faults] dropout_offline_secs`).
+    #[arg(long)]
+    pub dropout_offline_secs: Option<f64>,
+    /// Emulated straggler: hold each finished update this many seconds (`[faults] straggle_secs`).
+    #[arg(long)]
+    pub straggle_secs: Option<f64>,
 }
 
 /// `edge-client` subcommands (none: run the client).
@@ -497,6 +524,14 @@ pub struct DataSpec {
     pub max_examples: Option<usize>,
 }
 
+/// Validated `[faults]`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct FaultsSpec {
+    pub dropout: f64,
+    pub dropout_offline: Duration,
+    pub straggle: Duration,
+}
+
 /// The validated configuration the client runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EdgeConfig {
@@ -525,6 +560,7 @@ pub struct EdgeConfig {
     pub cache_shared: bool,
     pub reconnect: Backoff,
     pub summary_json: Option<PathBuf>,
+    pub faults: FaultsSpec,
 }
 
 /// Checks that `name` can be one MQTT topic level and a fixed-capacity wire string.
@@ -829,7 +865,38 @@ impl EdgeConfig {
             ));
         }
 
+        let dropout = cli.dropout.or(file.faults.dropout).unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&dropout) {
+            return Err(invalid(
+                "faults.dropout",
+                format!("{dropout} is not a probability in [0, 1]"),
+            ));
+        }
+        let secs = |field: &'static str, v: Option<f64>, default: f64| {
+            let v = v.unwrap_or(default);
+            if v.is_finite() && (0.0..=86_400.0).contains(&v) {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(invalid(field, format!("{v} is not in 0..=86400 seconds")))
+            }
+        };
+        let faults = FaultsSpec {
+            dropout,
+            dropout_offline: secs(
+                "faults.dropout_offline_secs",
+                cli.dropout_offline_secs
+                    .or(file.faults.dropout_offline_secs),
+                2.0,
+            )?,
+            straggle: secs(
+                "faults.straggle_secs",
+                cli.straggle_secs.or(file.faults.straggle_secs),
+                0.0,
+            )?,
+        };
+
         Ok(EdgeConfig {
+            faults,
             broker,
             keep_alive: Duration::from_secs(keep_alive_secs),
             max_packet_bytes,
@@ -1095,6 +1162,47 @@ mod tests {
         assert!(EdgeConfig::resolve(file, &cli(&base)).is_err());
         let file = parse("[reconnect]\ninitial_ms = 1000\nmax_ms = 10\n").unwrap();
         assert!(EdgeConfig::resolve(file, &cli(&base)).is_err());
+    }
+
+    #[test]
+    fn faults_come_from_the_file_or_flags_and_bad_values_name_their_key() {
+        let base = ["--client-id", "a", "--model-dir", "m"];
+        let cfg = EdgeConfig::resolve(FileConfig::default(), &cli(&base)).unwrap();
+        assert_eq!(cfg.faults.dropout, 0.0);
+        assert_eq!(cfg.faults.straggle, Duration::ZERO);
+        assert_eq!(cfg.faults.dropout_offline, Duration::from_secs(2));
+        let file = parse(
+            "[faults]
+dropout = 0.3
+dropout_offline_secs = 0.5
+straggle_secs = 4
+",
+        )
+        .unwrap();
+        let cfg = EdgeConfig::resolve(file.clone(), &cli(&base)).unwrap();
+        assert_eq!(cfg.faults.dropout, 0.3);
+        assert_eq!(cfg.faults.dropout_offline, Duration::from_millis(500));
+        assert_eq!(cfg.faults.straggle, Duration::from_secs(4));
+        let mut flags = base.to_vec();
+        flags.extend(["--dropout", "0.5", "--straggle-secs", "1"]);
+        let cfg = EdgeConfig::resolve(file, &cli(&flags)).unwrap();
+        assert_eq!(cfg.faults.dropout, 0.5, "a flag beats the file");
+        assert_eq!(cfg.faults.straggle, Duration::from_secs(1));
+        for (text, field) in [
+            ("[faults]\ndropout = 1.5\n", "faults.dropout"),
+            (
+                "[faults]\ndropout_offline_secs = -1.0\n",
+                "faults.dropout_offline_secs",
+            ),
+            ("[faults]\nstraggle_secs = nan\n", "faults.straggle_secs"),
+        ] {
+            let err = EdgeConfig::resolve(parse(text).unwrap(), &cli(&base)).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { field: f, .. } if f == field),
+                "{text}: {err}"
+            );
+        }
+        assert!(parse("[faults]\nvanish = 1\n").is_err());
     }
 
     #[test]

@@ -13,7 +13,11 @@
 //!   at most once per round, one training at a time;
 //! - anything older than what it already has (announcement, adapter, finished training) is
 //!   stale and dropped;
-//! - "run done" or a signal: publish Status offline, disconnect, exit.
+//! - "run done" or a signal: publish Status offline, disconnect, exit;
+//! - emulated dropout ([`Faults`]): in a round whose keyed draw falls below the dropout
+//!   probability, a finished training is thrown away and the client vanishes (the shell drops
+//!   the connection without DISCONNECT, so the broker publishes its last will) and comes back
+//!   later; the draw depends only on (seed, client index, round), so a trial's dropouts replay.
 
 use std::sync::Arc;
 
@@ -84,8 +88,35 @@ pub enum Action {
     ResendUpdate { round: Round },
     /// Send DISCONNECT (after everything queued before it).
     Disconnect,
+    /// Emulated dropout: drop the connection abruptly (no DISCONNECT: the broker publishes our
+    /// last will), stay away, then reconnect as after any lost connection.
+    Vanish { round: Round },
     /// Stop the process.
     Exit(ExitReason),
+}
+
+/// Emulated unreliability of this client (edge client `[faults]`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Faults {
+    /// Probability that a round this client is sampled in and trains ends with it vanishing
+    /// instead of publishing.
+    pub dropout: f64,
+    /// Seed of the draws (the fleet's data seed) and this client's index in the fleet.
+    pub seed: u64,
+    pub client_index: u64,
+}
+
+impl Faults {
+    /// Whether this client vanishes in `round` (deterministic in seed, index and round).
+    pub fn drops_out(&self, round: Round) -> bool {
+        self.dropout > 0.0
+            && fedpeft_protocol::keyed_unit(
+                self.seed,
+                fedpeft_protocol::rng::DROPOUT_PURPOSE,
+                self.client_index,
+                u64::from(round),
+            ) < self.dropout
+    }
 }
 
 /// Counters the client reports in its final log line.
@@ -99,6 +130,8 @@ pub struct SessionStats {
     pub training_failures: u32,
     /// Updates published again after a reconnect.
     pub updates_resent: u32,
+    /// Rounds in which the client vanished instead of publishing (emulated dropout).
+    pub rounds_dropped: u32,
 }
 
 /// The session state machine.
@@ -123,6 +156,9 @@ pub struct Session {
     next_sequence: u32,
     finished: bool,
     stats: SessionStats,
+    faults: Faults,
+    /// Rounds it vanished in, in order.
+    dropped: Vec<Round>,
 }
 
 impl Session {
@@ -140,7 +176,20 @@ impl Session {
             next_sequence: 0,
             finished: false,
             stats: SessionStats::default(),
+            faults: Faults::default(),
+            dropped: Vec::new(),
         }
+    }
+
+    /// The same session with emulated faults.
+    pub fn with_faults(mut self, faults: Faults) -> Session {
+        self.faults = faults;
+        self
+    }
+
+    /// Rounds in which the client vanished (emulated dropout), in order.
+    pub fn dropped_rounds(&self) -> &[Round] {
+        &self.dropped
     }
 
     pub fn client_id(&self) -> &str {
@@ -284,6 +333,19 @@ impl Session {
             Ok(update) => {
                 let current = self.announce.as_ref().filter(|a| a.round == round);
                 match current {
+                    Some(_) if self.faults.drops_out(round) => {
+                        // Emulated dropout: the update is lost with the connection.
+                        self.stats.rounds_trained += 1;
+                        self.stats.rounds_dropped += 1;
+                        self.dropped.push(round);
+                        self.connected = false;
+                        self.resend_on_announce = false;
+                        tracing::warn!(
+                            round,
+                            "emulated dropout: vanishing without publishing the update"
+                        );
+                        actions.push(Action::Vanish { round });
+                    }
                     Some(a) => {
                         self.stats.rounds_trained += 1;
                         self.stats.updates_sent += 1;
@@ -659,6 +721,85 @@ mod tests {
         assert!(sent_updates(&after).is_empty());
         assert_eq!(train_actions(&after), vec![(2, 1, 1)]);
         assert_eq!(s.stats().stale_dropped, 1);
+    }
+
+    #[test]
+    fn a_dropout_round_vanishes_instead_of_publishing_and_later_rounds_go_on() {
+        // Find a seed whose draws drop round 1 and keep round 2 at p = 0.5.
+        let faults = (0..1000)
+            .map(|seed| Faults {
+                dropout: 0.5,
+                seed,
+                client_index: 3,
+            })
+            .find(|f| f.drops_out(1) && !f.drops_out(2))
+            .expect("a seed that drops round 1 only");
+        let mut s = Session::new("c1").with_faults(faults);
+        s.on_event(Event::Connected {
+            session_present: false,
+        });
+        s.on_event(adapter(0));
+        s.on_event(announce(1, &["c1"]));
+        let actions = s.on_event(Event::TrainingFinished {
+            round: 1,
+            sequence: 0,
+            result: Ok(update()),
+        });
+        assert!(
+            sent_updates(&actions).is_empty(),
+            "no update in a dropout round"
+        );
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Vanish { round: 1 }))
+        );
+        assert!(!s.is_connected());
+        // Back again: the same round is neither retrained nor resent.
+        s.on_event(Event::Connected {
+            session_present: true,
+        });
+        let again = s.on_event(announce(1, &["c1"]));
+        assert!(train_actions(&again).is_empty());
+        assert!(
+            !again
+                .iter()
+                .any(|a| matches!(a, Action::ResendUpdate { .. }))
+        );
+        // Round 2 is trained and published.
+        s.on_event(adapter(1));
+        assert_eq!(train_actions(&s.on_event(announce(2, &["c1"]))).len(), 1);
+        let sent = s.on_event(Event::TrainingFinished {
+            round: 2,
+            sequence: 1,
+            result: Ok(update()),
+        });
+        assert_eq!(sent_updates(&sent), vec![(2, 1)]);
+        assert_eq!(s.dropped_rounds(), &[1]);
+        assert_eq!(s.stats().rounds_dropped, 1);
+    }
+
+    #[test]
+    fn dropout_draws_are_reproducible_and_near_their_probability() {
+        let f = |index| Faults {
+            dropout: 0.3,
+            seed: 42,
+            client_index: index,
+        };
+        let drops = (0..64u64)
+            .flat_map(|i| (1..=30u32).map(move |r| (i, r)))
+            .filter(|&(i, r)| f(i).drops_out(r))
+            .count();
+        assert_eq!(
+            drops,
+            (0..64u64)
+                .flat_map(|i| (1..=30u32).map(move |r| (i, r)))
+                .filter(|&(i, r)| f(i).drops_out(r))
+                .count()
+        );
+        let share = drops as f64 / (64.0 * 30.0);
+        assert!((share - 0.3).abs() < 0.05, "{share}");
+        assert!(!Faults::default().drops_out(1));
     }
 
     #[test]

@@ -177,6 +177,9 @@ fn settings(port: u16, id: &str) -> ClientSettings {
         tls: None,
         signing_key: None,
         aggregator_key: None,
+        faults: Default::default(),
+        fault_seed: 0,
+        client_index: 0,
     }
 }
 

@@ -12,14 +12,20 @@
 //!   clock; [`relay`]: a TCP relay per client that applies it and accounts every MQTT packet.
 //! - [`netns`]: kernel links, a network namespace and veth pair per client shaped by `tc`.
 //! - [`report`]: the link measurements added to the trial's results.
+//! - [`rounds`]: who took part in each round: sampled, accepted, dropped (vanished mid-round),
+//!   late (stragglers the deadline passed by).
+//! - [`plot`]: accuracy by round, accuracy by cumulative bytes and round time per link preset,
+//!   as SVG and PNG, for a trial or a sweep.
 //! - [`sweep`]: many trials from one sweep file, run in turn, and their results table.
 //!
 //! The aggregator writes the run's report (`report.json`, `report.csv`) into the same folder.
 
 pub mod links;
 pub mod netns;
+pub mod plot;
 pub mod relay;
 pub mod report;
+pub mod rounds;
 pub mod runner;
 pub mod shaper;
 pub mod sweep;

@@ -77,6 +77,12 @@ enum Cmd {
         #[arg(long, default_value_t = 3600)]
         timeout_secs: u64,
     },
+    /// Draw the plots (SVG and PNG) of an existing results folder again: a sweep's
+    /// (results.json) or a trial's (report.json).
+    Plot {
+        /// The results folder.
+        dir: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,6 +98,13 @@ fn main() -> anyhow::Result<()> {
             out,
             timeout_secs,
         } => return sweep_main(&sweep, out, timeout_secs),
+        Cmd::Plot { dir } => {
+            let files = fedpeft_fleet::plot::plot_dir(&dir)?;
+            for f in files {
+                println!("{}", f.display());
+            }
+            return Ok(());
+        }
     };
     let mut trial = Trial::load(&trial)?;
     if let Some(m) = links {

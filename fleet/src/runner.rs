@@ -250,6 +250,7 @@ pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> to
     root.insert("fraction".into(), trial.fraction.into());
     root.insert("quorum".into(), int(trial.quorum as u64));
     root.insert("round_timeout_secs".into(), trial.round_timeout_secs.into());
+    root.insert("global_dtype".into(), trial.global_dtype.clone().into());
     if let Some(strategy) = &trial.strategy {
         root.insert("strategy".into(), toml::Value::Table(strategy.clone()));
     }
@@ -387,6 +388,16 @@ pub fn client_command_in(
     if trial.shared_cache {
         cmd.arg("--cache-shared");
     }
+    if trial.dropout > 0.0 {
+        cmd.arg("--dropout")
+            .arg(trial.dropout.to_string())
+            .arg("--dropout-offline-secs")
+            .arg(trial.dropout_offline_secs.to_string());
+    }
+    if trial.stragglers.contains(&index) {
+        cmd.arg("--straggle-secs")
+            .arg(trial.straggle_secs.to_string());
+    }
     // One compute thread per client: N clients share the machine's cores.
     cmd.env("RAYON_NUM_THREADS", "1");
     cmd
@@ -419,6 +430,30 @@ fn wait_for_activations(client: &mut Child, log: &Path, timeout: Duration) -> an
         "{} did not fill the shared activation cache within {timeout:?}",
         client.name
     )
+}
+
+/// Adds the trial's results row (`summary`: accuracy by round, bytes, ratio to full-model
+/// FedAvg, computed per-preset round times) to `report.json` and draws its plots.
+fn summarize_and_plot(trial: &Trial, out_dir: &Path) -> anyhow::Result<()> {
+    let path = out_dir.join("report.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut report: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let row = crate::sweep::row(trial, &report);
+    report["summary"] = serde_json::to_value(&row)?;
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    if let Some(x) = row.times_less_than_full_model {
+        println!(
+            "fleet: per participating client-round {:.0} B up + {:.0} B down: {x:.0}x less than \
+             full-model FedAvg",
+            row.up_bytes_per_client_round, row.down_bytes_per_client_round
+        );
+    }
+    let files = crate::plot::plot_rows(&[row], out_dir)?;
+    println!("fleet: {} plots in {}", files.len(), out_dir.display());
+    Ok(())
 }
 
 /// Runs `trial` to the end (or `deadline`), writing everything under `out_dir`.
@@ -574,6 +609,16 @@ pub fn run(
     for c in &mut clients {
         client_status.push(c.terminate(Duration::from_secs(20)));
     }
+    match crate::rounds::Participation::build(trial, out_dir) {
+        Ok(p) => {
+            p.write(out_dir)?;
+            p.print();
+        }
+        Err(e) => eprintln!("fleet: no participation table: {e:#}"),
+    }
+    if let Err(e) = summarize_and_plot(trial, out_dir) {
+        eprintln!("fleet: no summary or plots: {e:#}");
+    }
     let links = match &trial.links {
         Some(plan) => {
             let kernel_counters = kernel.as_ref().map(|k| {
@@ -661,6 +706,7 @@ mod tests {
             "epochs = 2",
             "kind = \"trimmed-mean\"",
             "dir = \"runs/t\"",
+            "global_dtype = \"f32\"",
         ] {
             assert!(text.contains(needle), "missing `{needle}` in\n{text}");
         }
@@ -690,5 +736,38 @@ mod tests {
         assert_eq!(after("--num-clients"), "4");
         assert_eq!(after("--max-examples"), "100");
         assert_eq!(after("--summary-json"), "o/clients/client-02.json");
+        assert!(
+            !args
+                .iter()
+                .any(|a| a == "--dropout" || a == "--straggle-secs")
+        );
+    }
+
+    #[test]
+    fn dropout_goes_to_every_client_and_the_delay_to_stragglers_only() {
+        let bins = Binaries {
+            aggregator: "agg".into(),
+            edge_client: "edge".into(),
+        };
+        let mut t = trial();
+        t.dropout = 0.3;
+        t.stragglers = vec![1];
+        t.straggle_secs = 12.5;
+        let args = |i| -> Vec<String> {
+            client_command(&t, &bins, i, "mqtt://127.0.0.1:1", Path::new("o"))
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        for i in 0..4 {
+            let a = args(i);
+            let at = a.iter().position(|x| x == "--dropout").expect("--dropout");
+            assert_eq!(a[at + 1], "0.3");
+            let straggles = a.iter().position(|x| x == "--straggle-secs");
+            assert_eq!(straggles.is_some(), i == 1, "client {i}");
+            if let Some(at) = straggles {
+                assert_eq!(a[at + 1], "12.5");
+            }
+        }
     }
 }

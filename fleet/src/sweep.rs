@@ -186,7 +186,7 @@ impl Sweep {
 }
 
 /// Round time on one link preset, computed from a client's bytes per round.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ComputedRoundTime {
     pub preset: String,
     /// Upload of the update + download of the global + both ways' latency, seconds.
@@ -194,7 +194,7 @@ pub struct ComputedRoundTime {
 }
 
 /// One trial's line of the results table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Row {
     pub trial: String,
     pub method: String,
@@ -206,8 +206,16 @@ pub struct Row {
     pub epochs: Option<u16>,
     pub learning_rate: Option<f64>,
     pub update_dtype: String,
+    /// Encoding of the published global adapter.
+    pub global_dtype: String,
     pub dp_clip_norm: Option<f64>,
     pub dp_noise_multiplier: Option<f64>,
+    /// Probability that a sampled client vanished mid-round, and the straggling clients.
+    pub dropout: f64,
+    pub stragglers: usize,
+    /// Sampled client-rounds that ended in a dropout, and that missed the deadline.
+    pub dropped_client_rounds: u64,
+    pub late_client_rounds: u64,
     pub final_accuracy: Option<f64>,
     pub best_accuracy: Option<f64>,
     pub trainable_params: u64,
@@ -284,7 +292,12 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
             })
         })
         .collect();
+    let participation = crate::rounds::from_report(report);
     Row {
+        dropout: trial.dropout,
+        stragglers: trial.stragglers.len(),
+        dropped_client_rounds: participation.iter().map(|p| p.dropped as u64).sum(),
+        late_client_rounds: participation.iter().map(|p| p.late as u64).sum(),
         trial: trial.name.clone(),
         method: trial.model.peft.clone(),
         dataset: trial.data.dataset.clone(),
@@ -299,6 +312,7 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
             .update_dtype
             .clone()
             .unwrap_or_else(|| "f32".into()),
+        global_dtype: trial.global_dtype.clone(),
         dp_clip_norm: trial.local.dp_clip_norm,
         dp_noise_multiplier: trial.local.dp_noise_multiplier,
         final_accuracy: acc.last().copied().flatten(),
@@ -327,7 +341,8 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
 pub fn csv(rows: &[Row]) -> String {
     let mut out = String::from(
         "trial,method,dataset,alpha,clients,fraction,rounds,epochs,learning_rate,update_dtype,\
-         dp_clip_norm,dp_noise_multiplier,final_accuracy,best_accuracy,trainable_params,\
+         global_dtype,dp_clip_norm,dp_noise_multiplier,dropout,stragglers,dropped_client_rounds,\
+         late_client_rounds,final_accuracy,best_accuracy,trainable_params,\
          up_bytes_per_client_round,down_bytes_per_client_round,total_bytes,\
          full_model_fedavg_bytes,times_less_than_full_model,mean_round_ms",
     );
@@ -338,7 +353,7 @@ pub fn csv(rows: &[Row]) -> String {
     let o = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
     for r in rows {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1},{},{},{},{:.0}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1},{},{},{},{:.0}",
             r.trial,
             r.method,
             r.dataset,
@@ -349,8 +364,13 @@ pub fn csv(rows: &[Row]) -> String {
             r.epochs.map(|e| e.to_string()).unwrap_or_default(),
             o(r.learning_rate),
             r.update_dtype,
+            r.global_dtype,
             o(r.dp_clip_norm),
             o(r.dp_noise_multiplier),
+            r.dropout,
+            r.stragglers,
+            r.dropped_client_rounds,
+            r.late_client_rounds,
             o(r.final_accuracy),
             o(r.best_accuracy),
             r.trainable_params,
@@ -420,6 +440,10 @@ pub fn run_sweep(
         };
         rows.push(row(&trial, &report));
         write_table(out, &rows)?;
+    }
+    match crate::plot::plot_rows(&rows, out) {
+        Ok(files) => println!("sweep: {} plots in {}", files.len(), out.display()),
+        Err(e) => eprintln!("sweep: no plots: {e:#}"),
     }
     Ok(out.join("results.json"))
 }
@@ -496,8 +520,16 @@ label = "lora-dp"
         let small = Sweep::load(&dir.join("small.toml")).unwrap();
         assert_eq!(small.trials.len(), 2);
         let full = Sweep::load(&dir.join("fedpeft.toml")).unwrap();
-        // 4 methods x 2 alphas, and 3 DP trials.
-        assert_eq!(full.trials.len(), 11);
+        // 4 methods x 2 alphas, 3 DP trials and 2 with 30 % mid-round dropout.
+        assert_eq!(full.trials.len(), 13);
+        let dropout: Vec<_> = full
+            .trials
+            .iter()
+            .map(|(name, text)| Trial::parse(text, Path::new(name)).unwrap())
+            .filter(|t| t.dropout > 0.0)
+            .map(|t| (t.model.peft, t.dropout))
+            .collect();
+        assert_eq!(dropout, [("lora".into(), 0.3), ("head".into(), 0.3)]);
         for (name, text) in &full.trials {
             let t = Trial::parse(text, Path::new(name)).unwrap();
             assert_eq!(

@@ -12,6 +12,21 @@
 //! seed = 42
 //! cache_dir = "data/cache/activations"  # trunk activations kept between runs
 //! shared_cache = false         # true: one trunk pass over the whole data set for the fleet
+//! dropout = 0.0                # probability that a sampled client vanishes mid-round: it
+//!                              # trains, then drops its connection without publishing (the
+//!                              # broker publishes its last will) and comes back later; drawn
+//!                              # per (seed, client index, round), so a trial's dropouts replay
+//! dropout_offline_secs = 2.0   # how long a vanished client stays away
+//!
+//! global_dtype = "int8"        # f32 | f16 | int8: how the aggregator publishes the global
+//!                              # adapter (it adopts the decoded value, so it and the clients
+//!                              # hold the same one); default: local.update_dtype (f32)
+//!
+//! [stragglers]                 # slow devices (default: none)
+//! fraction = 0.25              # share of the clients (round(fraction x clients), at least 1,
+//!                              # chosen by the seed) that hold every update ...
+//! delay_secs = 30.0            # ... this long after training; past the round's deadline the
+//!                              # round closes without it (reported as late)
 //!
 //! [strategy]                   # passed to the aggregator as written (see its config docs)
 //! kind = "fedavg"              # fedavg | fedadam | fedyogi | median | trimmed-mean
@@ -152,6 +167,17 @@ pub struct LocalSpec {
     pub dp_noise_multiplier: Option<f64>,
 }
 
+/// `[stragglers]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StragglersSpec {
+    /// Share of the clients that straggle: round(fraction x clients), at least 1, picked by
+    /// the trial's seed.
+    pub fraction: f64,
+    /// Seconds a straggler holds each finished update before publishing it.
+    pub delay_secs: f64,
+}
+
 /// `[broker]` as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -209,6 +235,16 @@ pub struct TrialFile {
     pub shared_cache: bool,
     /// Emulated links between each client and the broker (see [`crate::links`]). Default none.
     pub links: Option<LinksSpec>,
+    /// Probability that a sampled client vanishes mid-round. Default 0.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Seconds a vanished client stays away. Default 2.
+    #[serde(default = "default_offline")]
+    pub dropout_offline_secs: f64,
+    /// Slow clients. Default none.
+    pub stragglers: Option<StragglersSpec>,
+    /// Encoding of the published global adapter. Default: `local.update_dtype`.
+    pub global_dtype: Option<String>,
 }
 
 /// Where the clients find the broker.
@@ -241,6 +277,14 @@ pub struct Trial {
     pub shared_cache: bool,
     /// One emulated link per client, or `None` (straight to the broker on loopback).
     pub links: Option<LinkPlan>,
+    /// Probability that a sampled client vanishes mid-round, and how long it stays away.
+    pub dropout: f64,
+    pub dropout_offline_secs: f64,
+    /// Indices of the straggling clients (sorted) and how long each holds its updates.
+    pub stragglers: Vec<usize>,
+    pub straggle_secs: f64,
+    /// Encoding of the published global adapter: f32, f16 or int8.
+    pub global_dtype: String,
     /// The trial file, for error messages.
     pub path: PathBuf,
 }
@@ -391,7 +435,67 @@ impl Trial {
                 "DP-SGD needs both dp_clip_norm and dp_noise_multiplier".into(),
             ));
         }
+        if !(0.0..1.0).contains(&raw.dropout) {
+            return Err(bad(
+                "dropout",
+                format!(
+                    "{} is not a probability in [0, 1) (at 1 no update would ever arrive)",
+                    raw.dropout
+                ),
+            ));
+        }
+        if !(raw.dropout_offline_secs.is_finite()
+            && (0.0..=3600.0).contains(&raw.dropout_offline_secs))
+        {
+            return Err(bad(
+                "dropout_offline_secs",
+                format!("{} is not in 0..=3600 seconds", raw.dropout_offline_secs),
+            ));
+        }
+        let (stragglers, straggle_secs) = match &raw.stragglers {
+            None => (Vec::new(), 0.0),
+            Some(st) => {
+                if !(st.fraction > 0.0 && st.fraction <= 1.0) {
+                    return Err(bad(
+                        "stragglers.fraction",
+                        format!("{} is not in (0, 1]", st.fraction),
+                    ));
+                }
+                if !(st.delay_secs.is_finite() && st.delay_secs > 0.0 && st.delay_secs <= 86_400.0)
+                {
+                    return Err(bad(
+                        "stragglers.delay_secs",
+                        format!("{} is not in (0, 86400] seconds", st.delay_secs),
+                    ));
+                }
+                (
+                    pick_stragglers(raw.clients, st.fraction, raw.seed),
+                    st.delay_secs,
+                )
+            }
+        };
+        let global_dtype = raw
+            .global_dtype
+            .clone()
+            .or_else(|| raw.local.update_dtype.clone())
+            .unwrap_or_else(|| "f32".into());
+        if !matches!(global_dtype.as_str(), "f32" | "f16" | "int8") {
+            let field = if raw.global_dtype.is_some() {
+                "global_dtype"
+            } else {
+                "local.update_dtype"
+            };
+            return Err(bad(
+                field,
+                format!("{global_dtype:?} is not f32, f16 or int8"),
+            ));
+        }
         Ok(Trial {
+            global_dtype,
+            dropout: raw.dropout,
+            dropout_offline_secs: raw.dropout_offline_secs,
+            stragglers,
+            straggle_secs,
             shared_cache: raw.shared_cache,
             links,
             path: path.to_path_buf(),
@@ -477,6 +581,30 @@ impl Trial {
     }
 }
 
+/// [`fedpeft_protocol::keyed_unit`]'s purpose for picking stragglers.
+const STRAGGLER_PURPOSE: u64 = 0x51_0e;
+
+/// The straggling clients: the round(fraction x clients) (at least 1) with the smallest keyed
+/// draws for this seed, sorted.
+pub fn pick_stragglers(clients: usize, fraction: f64, seed: u64) -> Vec<usize> {
+    let n = ((fraction * clients as f64).round() as usize).clamp(1, clients);
+    let mut order: Vec<(f64, usize)> = (0..clients)
+        .map(|i| {
+            (
+                fedpeft_protocol::keyed_unit(seed, STRAGGLER_PURPOSE, i as u64, 0),
+                i,
+            )
+        })
+        .collect();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut picked: Vec<usize> = order.into_iter().take(n).map(|(_, i)| i).collect();
+    picked.sort_unstable();
+    picked
+}
+
+fn default_offline() -> f64 {
+    2.0
+}
 fn one() -> f64 {
     1.0
 }
@@ -558,6 +686,9 @@ mod tests {
             ("min_clients = 9", "min_clients"),
             ("quorum = 0", "quorum"),
             ("round_timeout_secs = -1.0", "round_timeout_secs"),
+            ("dropout = 1.0", "dropout"),
+            ("dropout = -0.1", "dropout"),
+            ("dropout_offline_secs = -2.0", "dropout_offline_secs"),
         ] {
             let text = MINIMAL.replace("rounds = 2", &format!("rounds = 2\n{patch}"));
             let text = if patch.starts_with("rounds") {
@@ -568,6 +699,61 @@ mod tests {
             let err = Trial::parse(&text, Path::new("t.toml")).unwrap_err();
             assert!(err.to_string().contains(field), "{patch}: {err}");
         }
+    }
+
+    #[test]
+    fn dropout_and_stragglers_are_read_validated_and_seeded() {
+        let t = Trial::parse(MINIMAL, Path::new("t.toml")).unwrap();
+        assert_eq!(t.dropout, 0.0);
+        assert!(t.stragglers.is_empty());
+        assert_eq!(t.global_dtype, "f32");
+        let text = MINIMAL.replace("clients = 4", "clients = 8\ndropout = 0.3")
+            + "[stragglers]\nfraction = 0.25\ndelay_secs = 30.0\n";
+        let t = Trial::parse(&text, Path::new("t.toml")).unwrap();
+        assert_eq!(t.dropout, 0.3);
+        assert_eq!(t.stragglers.len(), 2);
+        assert_eq!(t.straggle_secs, 30.0);
+        assert_eq!(t.stragglers, pick_stragglers(8, 0.25, 42), "seeded");
+        assert_ne!(
+            (0..20)
+                .map(|s| pick_stragglers(8, 0.25, s))
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            1,
+            "the seed picks them"
+        );
+        assert_eq!(pick_stragglers(8, 0.01, 1).len(), 1, "at least one");
+        for (table, key) in [
+            ("fraction = 0.0\ndelay_secs = 1.0", "stragglers.fraction"),
+            ("fraction = 0.5\ndelay_secs = 0.0", "stragglers.delay_secs"),
+            ("fraction = 0.5", "delay_secs"),
+            ("fraction = 0.5\ndelay_secs = 1.0\nslowdown = 2", "slowdown"),
+        ] {
+            let text = format!("{MINIMAL}\n[stragglers]\n{table}\n");
+            let err = Trial::parse(&text, Path::new("t.toml")).unwrap_err();
+            assert!(err.to_string().contains(key), "{table}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_global_dtype_follows_the_update_dtype_unless_set() {
+        let int8 = format!("{MINIMAL}\n[local]\nupdate_dtype = \"int8\"\n");
+        assert_eq!(
+            Trial::parse(&int8, Path::new("t.toml"))
+                .unwrap()
+                .global_dtype,
+            "int8"
+        );
+        let f32_down = int8.replace("rounds = 2", "rounds = 2\nglobal_dtype = \"f32\"");
+        assert_eq!(
+            Trial::parse(&f32_down, Path::new("t.toml"))
+                .unwrap()
+                .global_dtype,
+            "f32"
+        );
+        let bad = MINIMAL.replace("rounds = 2", "rounds = 2\nglobal_dtype = \"int4\"");
+        let err = Trial::parse(&bad, Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("global_dtype"), "{err}");
     }
 
     #[test]

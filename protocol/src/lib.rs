@@ -74,7 +74,7 @@ pub use message::{
     LocalConfig, Message, MessageKind, Optimizer, PeftMethod, RoundAnnounce, Sampling, Status,
     TrainMetrics,
 };
-pub use rng::SplitMix64;
+pub use rng::{SplitMix64, keyed_unit};
 pub use sign::{SIGNED_VERSION, SignatureError, SigningKey, VerifyingKey};
 pub use tensor::{Codec, DType, NonFinite, Tensor, TensorError, Values};
 pub use topic::{QoS, Topic, TopicError, TopicKind};

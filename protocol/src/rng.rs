@@ -30,6 +30,21 @@ impl SplitMix64 {
     }
 }
 
+/// A reproducible draw, uniform in `[0, 1)`, keyed on a seed, a purpose, a client index and a
+/// round: the same four numbers give the same value on every machine. Emulated faults (an edge
+/// client vanishing mid-round) use it, so a trial's faults can be replayed and predicted.
+pub fn keyed_unit(seed: u64, purpose: u64, client_index: u64, round: u64) -> f64 {
+    let mut key = SplitMix64::new(seed);
+    let mut h = key.next_u64();
+    for part in [purpose, client_index, round] {
+        h = SplitMix64::new(h ^ part).next_u64();
+    }
+    (h >> 11) as f64 * (1.0 / 9_007_199_254_740_992.0)
+}
+
+/// [`keyed_unit`]'s purpose for "does client `i` vanish in round `r`" (edge client `[faults]`).
+pub const DROPOUT_PURPOSE: u64 = 0xd0_0d;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,6 +56,25 @@ mod tests {
         assert_eq!(r.next_u64(), 6_457_827_717_110_365_317);
         assert_eq!(r.next_u64(), 3_203_168_211_198_807_973);
         assert_eq!(r.next_u64(), 9_817_491_932_198_370_423);
+    }
+
+    #[test]
+    fn keyed_draws_are_reproducible_uniform_and_differ_by_every_key() {
+        let a = keyed_unit(42, DROPOUT_PURPOSE, 3, 7);
+        assert_eq!(a, keyed_unit(42, DROPOUT_PURPOSE, 3, 7));
+        for other in [
+            keyed_unit(43, DROPOUT_PURPOSE, 3, 7),
+            keyed_unit(42, 1, 3, 7),
+            keyed_unit(42, DROPOUT_PURPOSE, 4, 7),
+            keyed_unit(42, DROPOUT_PURPOSE, 3, 8),
+        ] {
+            assert_ne!(a, other);
+        }
+        let n = 100_000u64;
+        let below = (0..n)
+            .filter(|&i| keyed_unit(42, DROPOUT_PURPOSE, i % 64, i / 64) < 0.3)
+            .count();
+        assert!((below as f64 / n as f64 - 0.3).abs() < 0.01, "{below}");
     }
 
     #[test]

@@ -1,0 +1,491 @@
+//! Plots of a trial's or a sweep's results, each as SVG and PNG: accuracy against round (one
+//! line per trial), accuracy against cumulative bytes (log x), and a round's communication time
+//! per link preset (bars, log y; computed from the bytes per client-round and the preset's
+//! rates and latency, as the sweep table does, not measured).
+//!
+//! Text is laid out with `ab_glyph` from a TrueType font read at run time: DejaVu Sans from
+//! Debian's `fonts-dejavu-core` (`scripts/setup.sh` installs it), or the file named by
+//! `FEDPEFT_PLOT_FONT`. No fontconfig or freetype is involved.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{Context, bail};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::sweep::Row;
+
+/// Where the font is looked for, in order (after `FEDPEFT_PLOT_FONT`).
+pub const FONT_PATHS: [&str; 2] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+/// The plot files [`plot_rows`] writes into a folder (each as `.svg` and `.png`).
+pub const PLOTS: [&str; 3] = [
+    "accuracy_vs_round",
+    "accuracy_vs_bytes",
+    "round_time_per_preset",
+];
+
+const SIZE: (u32, u32) = (960, 600);
+
+/// Reads and registers the font once per process.
+fn font() -> anyhow::Result<()> {
+    static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            let candidates: Vec<PathBuf> = std::env::var_os("FEDPEFT_PLOT_FONT")
+                .map(PathBuf::from)
+                .into_iter()
+                .chain(FONT_PATHS.iter().map(PathBuf::from))
+                .collect();
+            let Some(path) = candidates.iter().find(|p| p.is_file()) else {
+                return Err(format!(
+                    "no font for plot text: none of {} exists (install Debian's \
+                     fonts-dejavu-core, or set FEDPEFT_PLOT_FONT to a .ttf file)",
+                    candidates
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            };
+            let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            // plotters keeps fonts for the whole process: the bytes live as long.
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| {
+                format!(
+                    "{} is not a TrueType font plotters can read",
+                    path.display()
+                )
+            })
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Writes every plot for `rows` (one line or bar per trial) into `dir`; returns the files.
+pub fn plot_rows(rows: &[Row], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if rows.is_empty() {
+        bail!("nothing to plot: no trial results");
+    }
+    font()?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut written = Vec::new();
+    for name in PLOTS {
+        let svg = dir.join(format!("{name}.svg"));
+        let png = dir.join(format!("{name}.png"));
+        {
+            let root = SVGBackend::new(&svg, SIZE).into_drawing_area();
+            draw(name, rows, &root).with_context(|| format!("drawing {}", svg.display()))?;
+            root.present()
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", svg.display()))?;
+        }
+        {
+            let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
+            draw(name, rows, &root).with_context(|| format!("drawing {}", png.display()))?;
+            root.present()
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", png.display()))?;
+        }
+        written.push(svg);
+        written.push(png);
+    }
+    Ok(written)
+}
+
+/// Re-plots a results folder: a sweep's (`results.json`) or a trial's (`report.json` with the
+/// `summary` row the runner adds). Returns the files written.
+pub fn plot_dir(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let rows = rows_in(dir)?;
+    plot_rows(&rows, dir)
+}
+
+/// The result rows of a sweep or trial folder.
+pub fn rows_in(dir: &Path) -> anyhow::Result<Vec<Row>> {
+    let read = |name: &str| -> anyhow::Result<Option<serde_json::Value>> {
+        let path = dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                Ok(Some(serde_json::from_str(&text).with_context(|| {
+                    format!("{} is not JSON", path.display())
+                })?))
+            }
+            Err(_) => Ok(None),
+        }
+    };
+    if let Some(results) = read("results.json")? {
+        return serde_json::from_value(results["trials"].clone()).with_context(|| {
+            format!(
+                "{}: `trials` is not a list of result rows",
+                dir.join("results.json").display()
+            )
+        });
+    }
+    if let Some(report) = read("report.json")? {
+        let summary = report.get("summary").cloned().with_context(|| {
+            format!(
+                "{} has no `summary` (written by fedpeft-fleet at the end of a run)",
+                dir.join("report.json").display()
+            )
+        })?;
+        let row: Row = serde_json::from_value(summary).with_context(|| {
+            format!(
+                "{}: `summary` is not a result row",
+                dir.join("report.json").display()
+            )
+        })?;
+        return Ok(vec![row]);
+    }
+    bail!(
+        "{} holds neither results.json (a sweep) nor report.json (a trial)",
+        dir.display()
+    )
+}
+
+fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("{e:?}")
+}
+
+fn label(row: &Row) -> String {
+    row.trial.clone()
+}
+
+fn draw<DB: DrawingBackend>(
+    name: &str,
+    rows: &[Row],
+    root: &DrawingArea<DB, Shift>,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(err)?;
+    match name {
+        "accuracy_vs_round" => accuracy_vs_round(rows, root),
+        "accuracy_vs_bytes" => accuracy_vs_bytes(rows, root),
+        "round_time_per_preset" => round_time_per_preset(rows, root),
+        other => bail!("unknown plot {other}"),
+    }
+}
+
+fn accuracy_vs_round<DB: DrawingBackend>(
+    rows: &[Row],
+    root: &DrawingArea<DB, Shift>,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let last = rows
+        .iter()
+        .map(|r| r.accuracy_by_round.len().saturating_sub(1))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut chart = ChartBuilder::on(root)
+        .caption("Held-out accuracy by round", ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..last as f64, 0f64..100f64)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_labels(last.min(15) + 1)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_desc("round")
+        .y_desc("accuracy (%)")
+        .draw()
+        .map_err(err)?;
+    for (i, row) in rows.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let points: Vec<(f64, f64)> = row
+            .accuracy_by_round
+            .iter()
+            .enumerate()
+            .filter_map(|(r, a)| a.map(|a| (r as f64, 100.0 * a)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(err)?
+            .label(label(row))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+fn accuracy_vs_bytes<DB: DrawingBackend>(
+    rows: &[Row],
+    root: &DrawingArea<DB, Shift>,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let bytes = rows
+        .iter()
+        .flat_map(|r| r.cumulative_bytes_by_round.iter().copied())
+        .filter(|&b| b > 0);
+    let (lo, hi) = bytes.fold((u64::MAX, 0u64), |(lo, hi), b| (lo.min(b), hi.max(b)));
+    let (lo, hi) = if hi == 0 {
+        (1.0, 10.0)
+    } else {
+        (lo as f64 / 1.5, (hi as f64 * 1.5).max(lo as f64 * 10.0))
+    };
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Held-out accuracy by cumulative bytes (up + down)",
+            ("sans-serif", 24),
+        )
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d((lo..hi).log_scale(), 0f64..100f64)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("cumulative bytes (log scale)")
+        .y_desc("accuracy (%)")
+        .x_label_formatter(&|b| human_bytes(*b))
+        .draw()
+        .map_err(err)?;
+    for (i, row) in rows.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let points: Vec<(f64, f64)> = row
+            .accuracy_by_round
+            .iter()
+            .zip(&row.cumulative_bytes_by_round)
+            .filter_map(|(a, &b)| a.filter(|_| b > 0).map(|a| (b as f64, 100.0 * a)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(err)?
+            .label(label(row))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+fn round_time_per_preset<DB: DrawingBackend>(
+    rows: &[Row],
+    root: &DrawingArea<DB, Shift>,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let presets: Vec<String> = rows
+        .first()
+        .map(|r| {
+            r.computed_round_comm
+                .iter()
+                .map(|c| c.preset.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let secs = rows
+        .iter()
+        .flat_map(|r| r.computed_round_comm.iter().map(|c| c.comm_secs))
+        .filter(|s| *s > 0.0);
+    let (lo, hi) = secs.fold((f64::MAX, 0f64), |(lo, hi), s| (lo.min(s), hi.max(s)));
+    let (lo, hi) = if hi == 0.0 {
+        (0.001, 1.0)
+    } else {
+        (lo / 2.0, hi * 2.0)
+    };
+    let groups = presets.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Communication time of one client-round per link preset (computed from bytes)",
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..groups, (lo..hi).log_scale())
+        .map_err(err)?;
+    let names = presets.clone();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(presets.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - i as f64 - 0.5).abs() < 1e-6 {
+                names.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("link preset")
+        .y_desc("seconds per client-round (log scale)")
+        .draw()
+        .map_err(err)?;
+    let n = rows.len() as f64;
+    let width = 0.8 / n;
+    for (i, row) in rows.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let bars: Vec<Rectangle<(f64, f64)>> = row
+            .computed_round_comm
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.comm_secs > 0.0)
+            .map(|(g, c)| {
+                let x0 = g as f64 + 0.1 + i as f64 * width;
+                Rectangle::new([(x0, lo), (x0 + width * 0.9, c.comm_secs)], color.filled())
+            })
+            .collect();
+        chart
+            .draw_series(bars)
+            .map_err(err)?
+            .label(label(row))
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+fn human_bytes(b: f64) -> String {
+    match b {
+        b if b >= 1e9 => format!("{:.3} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.3} MB", b / 1e6),
+        b if b >= 1e3 => format!("{:.3} kB", b / 1e3),
+        b => format!("{b:.0} B"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::ComputedRoundTime;
+
+    fn row(name: &str, acc: &[f64], scale: u64) -> Row {
+        Row {
+            trial: name.into(),
+            method: "head".into(),
+            dataset: "fashion-mnist".into(),
+            alpha: 0.5,
+            clients: 4,
+            fraction: 1.0,
+            rounds: (acc.len() - 1) as u32,
+            epochs: Some(1),
+            learning_rate: Some(0.1),
+            update_dtype: "int8".into(),
+            global_dtype: "int8".into(),
+            dp_clip_norm: None,
+            dp_noise_multiplier: None,
+            dropout: 0.0,
+            stragglers: 0,
+            dropped_client_rounds: 0,
+            late_client_rounds: 0,
+            final_accuracy: acc.last().copied(),
+            best_accuracy: acc.iter().copied().reduce(f64::max),
+            trainable_params: 12_810,
+            backbone_params: 4_652_008,
+            client_rounds: 8,
+            up_bytes_per_client_round: 13_448.0 * scale as f64,
+            down_bytes_per_client_round: 13_500.0 * scale as f64,
+            total_bytes: 1000,
+            full_model_fedavg_bytes: 10,
+            times_less_than_full_model: Some(1380.0),
+            mean_round_ms: 900.0,
+            computed_round_comm: ["nb-iot", "lte-m", "3g", "wifi"]
+                .iter()
+                .zip([5.0, 0.6, 0.2, 0.004])
+                .map(|(p, s)| ComputedRoundTime {
+                    preset: p.to_string(),
+                    comm_secs: s * scale as f64,
+                })
+                .collect(),
+            accuracy_by_round: acc.iter().map(|&a| Some(a)).collect(),
+            cumulative_bytes_by_round: (0..acc.len() as u64).map(|r| r * 27_000 * scale).collect(),
+        }
+    }
+
+    #[test]
+    fn every_plot_is_written_as_valid_svg_and_png_with_a_series_per_trial() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = vec![
+            row("sweep-head", &[0.1, 0.6, 0.7, 0.75], 1),
+            row("sweep-lora", &[0.1, 0.65, 0.72, 0.78], 2),
+            row("sweep-bias", &[0.1, 0.5, 0.6, 0.66], 3),
+        ];
+        let files = plot_rows(&rows, dir.path()).unwrap();
+        assert_eq!(files.len(), 2 * PLOTS.len());
+        for name in PLOTS {
+            let png = std::fs::read(dir.path().join(format!("{name}.png"))).unwrap();
+            assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{name}.png signature");
+            assert!(png.len() > 5_000, "{name}.png is {} bytes", png.len());
+            let svg = std::fs::read_to_string(dir.path().join(format!("{name}.svg"))).unwrap();
+            let doc = roxmltree::Document::parse(&svg)
+                .unwrap_or_else(|e| panic!("{name}.svg is not XML: {e}"));
+            assert_eq!(doc.root_element().tag_name().name(), "svg");
+            // Each trial is named once, in the legend.
+            for r in &rows {
+                let labels = doc
+                    .descendants()
+                    .filter(|n| n.tag_name().name() == "text")
+                    .filter(|n| n.text().map(str::trim) == Some(r.trial.as_str()))
+                    .count();
+                assert_eq!(labels, 1, "{name}.svg: legend entries for {}", r.trial);
+            }
+            let series = match name {
+                // Filled bars: one per trial and preset, and the legend's swatches.
+                "round_time_per_preset" => doc
+                    .descendants()
+                    .filter(|n| n.tag_name().name() == "rect")
+                    .filter(|n| {
+                        n.attribute("fill")
+                            .is_some_and(|f| f != "#FFFFFF" && f != "none")
+                    })
+                    .count(),
+                // One 2-px line per trial, and the legend's samples (axes and grid are 1 px).
+                _ => doc
+                    .descendants()
+                    .filter(|n| n.tag_name().name() == "polyline")
+                    .filter(|n| n.attribute("stroke-width") == Some("2"))
+                    .count(),
+            };
+            let expected = match name {
+                // 4 presets x 3 trials, and 3 legend swatches.
+                "round_time_per_preset" => 4 * 3 + 3,
+                _ => 2 * 3,
+            };
+            assert_eq!(series, expected, "{name}.svg series elements");
+        }
+        // The folder re-plots from its results file.
+        crate::sweep::write_table(dir.path(), &rows).unwrap();
+        std::fs::remove_file(dir.path().join("accuracy_vs_round.png")).unwrap();
+        assert_eq!(plot_dir(dir.path()).unwrap().len(), 6);
+        assert!(dir.path().join("accuracy_vs_round.png").is_file());
+    }
+
+    #[test]
+    fn a_folder_without_results_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = plot_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("neither results.json"), "{e}");
+    }
+}

@@ -33,7 +33,7 @@ if [ "${1:-}" = table ]; then
   while read -r arch runtime bin lib; do
     cache=$(mktemp -d)
     for start in empty filled; do
-      line=$(ORT_DYLIB_PATH=$lib "$0" "$bin" "$arch" "$runtime" "$cache" | tail -1)
+      line=$(ORT_DYLIB_PATH=$lib scripts/cross/measure.sh "$bin" "$arch" "$runtime" "$cache" | tail -1)
       # measure: ARCH RUNTIME NAME: binary N bytes; joined after J s; ... after E s; peak RSS R MiB
       read -r size join end rss < <(sed -E 's/.*binary ([0-9]+) bytes; joined after ([0-9.]+) s; .* after ([0-9.]+) s; peak RSS ([0-9.]+) MiB/\1 \2 \3 \4/' <<<"$line")
       printf '| %s | %s | %.2f MB (%s bytes) | %s | %s s | %s s | %s MiB |\n' "$arch" "$runtime" \

@@ -37,7 +37,7 @@ test-rust:
 	fi
 	$(CARGO) test --workspace --doc
 
-test: setup models check-nostd test-rust
+test: setup models check-nostd test-rust test-cross
 
 bench:
 	$(CARGO) bench -p fedpeft-protocol --bench codec
@@ -64,8 +64,10 @@ cross-armv7: models
 	scripts/cross/bundle.sh armv7
 bundle-all: cross-aarch64 cross-armv7 cross-jetson
 
-# The edge client's tests on aarch64 and armv7 under qemu user-mode (one round on the real
-# EfficientNet-Lite0 trunk included), and each board bundle's install + systemd unit check.
+# The edge client on aarch64 and armv7 under qemu user-mode ([profile.cross-test]): its unit
+# tests, one round of each board's binary on the real EfficientNet-Lite0 trunk against the host's
+# aggregator and embedded broker (tests/tests/board.rs), each bundle's install + systemd unit
+# check. Part of `make test`, after test-rust (whose host build it reuses).
 test-cross: models
 	scripts/cross/test.sh
 

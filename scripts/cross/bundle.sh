@@ -15,9 +15,9 @@ cd "$(dirname "$0")/../.."
 dist=${BUNDLE_DIST:-dist}   # where bundles go
 name=${1:?usage: bundle.sh aarch64|armv7|jetson}
 case $name in
-  aarch64) triple=aarch64-unknown-linux-gnu; features=(--features ort) ;;
+  aarch64) triple=aarch64-unknown-linux-gnu; features=(--no-default-features --features ort) ;;
   armv7) triple=armv7-unknown-linux-gnueabihf; features=(--no-default-features) ;;
-  jetson) triple=aarch64-unknown-linux-gnu; features=(--features ort,cuda,tensorrt) ;;
+  jetson) triple=aarch64-unknown-linux-gnu; features=(--no-default-features --features ort,cuda,tensorrt) ;;
   *) echo "bundle: unknown board '$name' (aarch64, armv7, jetson)" >&2; exit 2 ;;
 esac
 model=models/build/efficientnet-lite0

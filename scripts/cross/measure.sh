@@ -4,19 +4,56 @@
 #   scripts/cross/measure.sh BINARY ARCH RUNTIME [CACHE_DIR]
 #     BINARY   an edge-client build (e.g. target/aarch64-unknown-linux-gnu/edge/edge-client)
 #     ARCH     native | aarch64 | armv7 (the last two run under qemu user-mode: cross/qemu-run)
-#     RUNTIME  tract | ort (ort needs ORT_DYLIB_PATH)
+#     RUNTIME  tract | ort (ort needs ORT_DYLIB_PATH, a library of ARCH)
 #     CACHE_DIR  activation cache; default a fresh one (the trunk runs over the shard: a cold start)
+#   scripts/cross/measure.sh table
+#     the README's table: the board bundles' binaries (make cross-aarch64 cross-armv7) and the
+#     same client built natively with [profile.edge] (NATIVE, default target/edge/edge-client:
+#     cargo build --profile edge -p fedpeft-edge --no-default-features --features ort), each
+#     with tract (and onnxruntime where it exists), from an empty activation cache and again
+#     with the cache it left (a restart); one markdown row per run.
 # The aggregator (AGGREGATOR, default target/debug/aggregator) runs natively with its embedded
 # broker on loopback: 1 round, 1 client, held-out evaluation on 200 images. Peak RSS is GNU
 # time's maximum resident set size of the client's process; under qemu that process is the
-# emulator, so the figure includes qemu's own memory and translated code.
+# emulator, so the figure includes qemu's own memory and translated code. "Joined" is the time
+# from starting the client to the aggregator logging `client joined`: the client first opens
+# its trunk and computes (or reads) the activations of its shard, then connects.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-bin=${1:?usage: measure.sh BINARY native|aarch64|armv7 tract|ort [CACHE_DIR]}
+out=${CARGO_TARGET_DIR:-target}
+if [ "${1:-}" = table ]; then
+  native=${NATIVE:-$out/edge/edge-client}
+  for b in "$native" dist/fedpeft-edge-aarch64/bin/edge-client dist/fedpeft-edge-armv7/bin/edge-client; do
+    [ -f "$b" ] || { echo "measure: $b missing (see the usage above)" >&2; exit 1; }
+  done
+  lib_native=$PWD/models/build/onnxruntime/libonnxruntime.so.1.31.1
+  lib_arm=$(scripts/cross/onnxruntime-aarch64.sh)
+  echo "| target | runtime | stripped binary | cache | joined after | round done, exited after | peak RSS |"
+  echo "| --- | --- | ---: | --- | ---: | ---: | ---: |"
+  while read -r arch runtime bin lib; do
+    cache=$(mktemp -d)
+    for start in empty filled; do
+      line=$(ORT_DYLIB_PATH=$lib scripts/cross/measure.sh "$bin" "$arch" "$runtime" "$cache" | tail -1)
+      # measure: ARCH RUNTIME NAME: binary N bytes; joined after J s; ... after E s; peak RSS R MiB
+      read -r size join end rss < <(sed -E 's/.*binary ([0-9]+) bytes; joined after ([0-9.]+) s; .* after ([0-9.]+) s; peak RSS ([0-9.]+) MiB/\1 \2 \3 \4/' <<<"$line")
+      printf '| %s | %s | %.2f MB (%s bytes) | %s | %s s | %s s | %s MiB |\n' "$arch" "$runtime" \
+        "$(echo "$size / 1000000" | bc -l)" "$size" "$start" "$join" "$end" "$rss"
+    done
+    rm -rf "$cache"
+  done <<ROWS
+native tract $native $lib_native
+native ort $native $lib_native
+aarch64 tract dist/fedpeft-edge-aarch64/bin/edge-client $lib_arm
+aarch64 ort dist/fedpeft-edge-aarch64/bin/edge-client $lib_arm
+armv7 tract dist/fedpeft-edge-armv7/bin/edge-client -
+ROWS
+  exit 0
+fi
+bin=${1:?usage: measure.sh BINARY native|aarch64|armv7 tract|ort [CACHE_DIR] | measure.sh table}
 arch=${2:?}; runtime=${3:?}
 tmp=$(mktemp -d)
 cache=${4:-$tmp/cache}
-agg=${AGGREGATOR:-${CARGO_TARGET_DIR:-target}/debug/aggregator}
+agg=${AGGREGATOR:-$out/debug/aggregator}
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cat >"$tmp/agg.toml" <<TOML
 fleet = "measure"

@@ -52,7 +52,7 @@ max_examples = 96
 [local]
 epochs = 2
 batch_size = 16
-learning_rate = 0.001
+learning_rate = 0.003
 optimizer = "adamw"
 update_dtype = "f32"
 
@@ -99,11 +99,21 @@ fn adapters_on_minilm_federate_over_natural_spam_assassin_shards_and_beat_round_
     };
     let (first, last) = (eval(0, "eval_accuracy"), eval(ROUNDS, "eval_accuracy"));
     eprintln!("held-out accuracy: round 0 {first:.3}, round {ROUNDS} {last:.3}");
-    // Ham is about two thirds of SpamAssassin: a constant answer scores at most ~0.67 on the
-    // held-out e-mails, so beating 0.75 needs a classifier that reads the mail.
+    // The baseline: a constant answer scores the majority class's share of the held-out
+    // e-mails (the aggregator logs it; ham is about two thirds of SpamAssassin).
+    let log = std::fs::read_to_string(out.join("logs/aggregator.log")).expect("aggregator log");
+    let majority: f64 = log
+        .split("majority_share=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.trim_matches('"').parse().ok())
+        .unwrap_or_else(|| panic!("the aggregator logged no majority_share:\n{log}"));
+    eprintln!("majority-class share of the held-out e-mails: {majority:.3}");
+    assert!((0.5..0.8).contains(&majority), "majority share {majority}");
     assert!(
-        last > first && last > 0.75,
-        "accuracy did not improve enough: round 0 {first}, round {ROUNDS} {last}"
+        last > first && last > majority + 0.10,
+        "accuracy did not improve enough: round 0 {first}, round {ROUNDS} {last}, \
+         majority-class baseline {majority}"
     );
 
     // Each client's shard is natural: the logs name the mailing lists it holds, and they differ.

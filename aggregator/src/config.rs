@@ -74,7 +74,11 @@
 //! bottleneck = 16             # adapter                                         default 16
 //! prompt_tokens = 4           # prompt                                          default 4
 //! eval_examples = 2000        # held-out examples evaluated each round          default 2000
+//! dataset = "fashion-mnist"   # held-out set: fashion-mnist (its test split, conv head) or
+//!                             # spam-assassin (its seeded 20 % held-out split, transformer)
+//!                             #                                                 default fashion-mnist
 //! image_size = 96             # trunk input side (the clients' must match)      default 96
+//! # max_seq_len = 64          # tokens per text (the clients' must match)  default: manifest's
 //! threads = 2                 # trunk threads for the held-out activations      default 2
 //! cache_dir = "data/cache"    # held-out activations kept for the next run      default data/cache
 //! # Without a backbone the adapter is these zero tensors and nothing is evaluated:
@@ -221,7 +225,9 @@ pub struct RawModel {
     pub bottleneck: Option<u16>,
     pub prompt_tokens: Option<u16>,
     pub eval_examples: Option<usize>,
+    pub dataset: Option<String>,
     pub image_size: Option<usize>,
+    pub max_seq_len: Option<usize>,
     pub threads: Option<usize>,
     pub cache_dir: Option<PathBuf>,
     pub tensors: Option<Vec<RawTensor>>,
@@ -286,7 +292,9 @@ pub struct ModelConfig {
     pub backbone: Option<PathBuf>,
     pub peft: PeftMethod,
     pub eval_examples: usize,
+    pub dataset: String,
     pub image_size: usize,
+    pub max_seq_len: Option<usize>,
     pub threads: usize,
     pub cache_dir: PathBuf,
     pub tensors: Vec<(String, Vec<u32>)>,
@@ -844,11 +852,28 @@ fn validate_model(m: RawModel) -> Result<ModelConfig, ConfigError> {
             format!("{image_size} is not in 32..=1024"),
         ));
     }
+    let dataset = m.dataset.unwrap_or_else(|| "fashion-mnist".into());
+    if !matches!(dataset.as_str(), "fashion-mnist" | "spam-assassin") {
+        return Err(invalid(
+            "model.dataset",
+            format!("`{dataset}` is not fashion-mnist or spam-assassin"),
+        ));
+    }
+    if let Some(n) = m.max_seq_len
+        && !(2..=512).contains(&n)
+    {
+        return Err(invalid(
+            "model.max_seq_len",
+            format!("{n} is not in 2..=512"),
+        ));
+    }
     Ok(ModelConfig {
         backbone: m.backbone,
         peft,
         eval_examples: m.eval_examples.unwrap_or(2000),
+        dataset,
         image_size,
+        max_seq_len: m.max_seq_len,
         threads: m.threads.unwrap_or(2).max(1),
         cache_dir: m.cache_dir.unwrap_or_else(|| PathBuf::from("data/cache")),
         tensors,
@@ -920,6 +945,31 @@ mod tests {
             };
             let err = parse(&full).unwrap_err().to_string();
             assert!(err.contains(&format!("`{field}`")), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_held_out_data_set_and_sequence_length_are_checked() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(
+            (c.model.dataset.as_str(), c.model.max_seq_len),
+            ("fashion-mnist", None)
+        );
+        let c = parse(&format!(
+            "{MINIMAL}dataset = \"spam-assassin\"\nmax_seq_len = 64\n"
+        ))
+        .unwrap();
+        assert_eq!(c.model.dataset, "spam-assassin");
+        assert_eq!(c.model.max_seq_len, Some(64));
+        for (extra, field) in [
+            ("dataset = \"cifar-10\"", "model.dataset"),
+            ("max_seq_len = 1", "model.max_seq_len"),
+            ("max_seq_len = 600", "model.max_seq_len"),
+        ] {
+            let err = parse(&format!("{MINIMAL}{extra}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{extra}: {err}");
         }
     }
 

@@ -157,7 +157,9 @@ fn main() -> anyhow::Result<()> {
                 peft: config.model.peft,
                 seed: config.seed,
                 eval_examples: config.model.eval_examples,
+                dataset: config.model.dataset.clone(),
                 image_size: config.model.image_size,
+                max_seq_len: config.model.max_seq_len,
                 threads: config.model.threads,
                 cache_dir: config.model.cache_dir.clone(),
             })

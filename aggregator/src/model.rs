@@ -1,7 +1,9 @@
 //! [`BackboneHost`]: the real [`ModelHost`]: a split backbone (fedpeft-backbone) with a PEFT
 //! tail (fedpeft-peft). The round-0 adapter is the tail's trainable tensors at initialization;
-//! evaluation runs the tail over the trunk activations of a held-out set (the Fashion-MNIST test
-//! split), computed once on a background thread and kept on disk for the next run.
+//! evaluation runs the tail over the trunk activations of a held-out set, computed once on a
+//! background thread and kept on disk for the next run: the Fashion-MNIST test split for the
+//! conv head, SpamAssassin's seeded held-out 20 % (`spam_assassin_split`, which no client
+//! trains on) for the transformer tail, tokenized at `max_seq_len` like the clients' data.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,13 +11,14 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use fedpeft_backbone::cache::hash_image_selection;
+use fedpeft_backbone::data::{load_spam_assassin, spam_assassin_dir, spam_assassin_split};
 use fedpeft_backbone::{
-    ActivationCache, Backbone, CacheConfig, CacheKey, Features, ImagePreprocess, TrunkConfig,
-    TrunkInput, open_trunk,
+    ActivationCache, Backbone, CacheConfig, CacheKey, Features, ImagePreprocess, TextPreprocess,
+    Trunk, TrunkConfig, TrunkInput, open_trunk, text_activations,
 };
 use fedpeft_peft::{
     AdapterConfig, Batch, FrozenWeights, LoraConfig, Method, NamedTensor, PeftConfig, PromptConfig,
-    Tail,
+    Tail, TransformerSpec,
 };
 use fedpeft_protocol::PeftMethod;
 
@@ -32,20 +35,30 @@ pub struct BackboneHostConfig {
     pub seed: u64,
     /// Held-out examples (the first ones of the test split).
     pub eval_examples: usize,
+    /// `fashion-mnist` (conv head) or `spam-assassin` (transformer).
+    pub dataset: String,
     /// Image side fed to the trunk (must match the clients').
     pub image_size: usize,
+    /// Tokens per text (must match the clients'); `None`: the manifest's `max_len`.
+    pub max_seq_len: Option<usize>,
     pub threads: usize,
     /// Where held-out activations are kept between runs.
     pub cache_dir: PathBuf,
 }
 
+/// Held-out activations and, for text, their attention masks.
+type HeldOutRows = (Arc<Features>, Option<Arc<Features>>);
+
 /// Held-out activations: being computed, ready, or failed (and why).
 #[derive(Debug)]
 enum HeldOut {
-    Pending(JoinHandle<Result<Arc<Features>, HostError>>),
-    Ready(Arc<Features>),
+    Pending(JoinHandle<Result<HeldOutRows, HostError>>),
+    Ready(HeldOutRows),
     Failed(String),
 }
+
+/// The work of the held-out thread: trunk activations (and masks) of the held-out set.
+type HeldOutJob = Box<dyn FnOnce() -> Result<HeldOutRows, HostError> + Send>;
 
 /// A backbone + PEFT tail + held-out activations.
 #[derive(Debug)]
@@ -90,28 +103,40 @@ impl BackboneHost {
         let dir = &cfg.dir;
         let backbone = Backbone::open(dir).map_err(|e| err(dir, "open", e))?;
         let m = &backbone.manifest;
-        if m.family != fedpeft_backbone::Family::ConvHead {
+        let text = m.family == fedpeft_backbone::Family::Transformer;
+        let wanted = if text {
+            "spam-assassin"
+        } else {
+            "fashion-mnist"
+        };
+        if cfg.dataset != wanted {
             return Err(err(
                 dir,
-                "family",
-                "server-side evaluation supports conv-head (image) backbones only",
+                "model.dataset",
+                format!(
+                    "`{}` cannot feed backbone `{}` ({:?}); it reads {wanted}",
+                    cfg.dataset, m.id, m.family
+                ),
             ));
         }
-        let ds = fedpeft_backbone::data::fashion_mnist(false)
-            .map_err(|e| err(dir, "Fashion-MNIST test split", e))?;
-        let n = cfg.eval_examples.min(ds.labels.len());
-        let labels: Vec<usize> = (0..n).map(|i| ds.labels[i] as usize).collect();
-        let pre = ImagePreprocess::from_manifest(m, Some(cfg.image_size))
-            .map_err(|e| err(dir, "preprocessing", e))?;
+        let family = if text {
+            let hyper = |name: &str| {
+                m.tail
+                    .hyper
+                    .get(name)
+                    .and_then(|v| v.as_f64())
+                    .ok_or_else(|| err(dir, "manifest", format!("tail.hyper.{name} is missing")))
+            };
+            fedpeft_peft::Family::Transformer(TransformerSpec {
+                heads: hyper("heads")? as usize,
+                ln_eps: hyper("layer_norm_eps")?,
+            })
+        } else {
+            fedpeft_peft::Family::ConvHead
+        };
         let tail_path = backbone.tail_path();
         let weights =
             FrozenWeights::from_safetensors(&tail_path).map_err(|e| err(dir, "tail weights", e))?;
-        let tail = fedpeft_peft::build_tail(
-            fedpeft_peft::Family::ConvHead,
-            &weights,
-            PeftConfig::new(peft_method(cfg.peft), ds.num_classes(), cfg.seed),
-        )
-        .map_err(|e| err(dir, "tail", e))?;
         let sha = hex::decode(backbone.trunk_sha256())
             .ok()
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
@@ -120,23 +145,72 @@ impl BackboneHost {
         let trunk_cfg = TrunkConfig::default()
             .with_image_size(cfg.image_size)
             .with_threads(cfg.threads);
-        let cache_dir = cfg.cache_dir.clone();
-        let dir = dir.clone();
-        let pending = std::thread::Builder::new()
-            .name("held-out-activations".into())
-            .spawn(move || {
+        let mut cache = ActivationCache::new(CacheConfig {
+            memory_budget: 1 << 30,
+            spill_dir: cfg.cache_dir.clone(),
+            persist: true,
+        });
+        let thread_dir = dir.clone();
+        let (classes, labels, job): (usize, Vec<usize>, HeldOutJob) = if text {
+            let ds = load_spam_assassin(&spam_assassin_dir())
+                .map_err(|e| err(dir, "SpamAssassin", e))?;
+            let (_, test) = spam_assassin_split(&ds).map_err(|e| err(dir, "held-out split", e))?;
+            let idx: Vec<usize> = test[..cfg.eval_examples.min(test.len())].to_vec();
+            let labels: Vec<usize> = idx.iter().map(|&i| ds.labels[i] as usize).collect();
+            let spam = labels.iter().filter(|&&l| l == 1).count();
+            let majority = spam.max(labels.len() - spam) as f64 / labels.len().max(1) as f64;
+            // A constant answer scores `majority_share`: the baseline a trained tail must beat.
+            tracing::info!(
+                examples = labels.len(),
+                ham = labels.len() - spam,
+                spam,
+                majority_share = format!("{majority:.4}"),
+                "held-out set: SpamAssassin's seeded 20 % test split"
+            );
+            let pre = TextPreprocess::from_backbone(&backbone, cfg.max_seq_len)
+                .map_err(|e| err(dir, "model.max_seq_len", e))?;
+            let classes = ds.num_classes();
+            let job: HeldOutJob = Box::new(move || {
+                let mut trunk: Option<Arc<dyn Trunk>> = None;
+                let acts = text_activations(
+                    &mut cache,
+                    backbone.trunk_sha256(),
+                    &pre,
+                    &ds,
+                    &idx,
+                    64,
+                    || {
+                        if trunk.is_none() {
+                            trunk = Some(Arc::from(open_trunk(&backbone, &trunk_cfg)?));
+                        }
+                        Ok(trunk.clone().expect("opened above"))
+                    },
+                )
+                .map_err(|e| err(&thread_dir, "held-out trunk activations", e))?;
+                tracing::info!(
+                    examples = idx.len(),
+                    max_seq_len = pre.max_len,
+                    computed = trunk.is_some(),
+                    "held-out e-mails tokenized"
+                );
+                Ok((acts.features, Some(acts.masks)))
+            });
+            (classes, labels, job)
+        } else {
+            let ds = fedpeft_backbone::data::fashion_mnist(false)
+                .map_err(|e| err(dir, "Fashion-MNIST test split", e))?;
+            let n = cfg.eval_examples.min(ds.labels.len());
+            let labels = (0..n).map(|i| ds.labels[i] as usize).collect();
+            let pre = ImagePreprocess::from_manifest(m, Some(cfg.image_size))
+                .map_err(|e| err(dir, "preprocessing", e))?;
+            let classes = ds.num_classes();
+            let job: HeldOutJob = Box::new(move || {
                 let idx: Vec<usize> = (0..n).collect();
                 let key = CacheKey::new(
                     backbone.trunk_sha256(),
                     &hash_image_selection(&ds, &idx),
                     &pre.fingerprint(),
                 );
-                let mut cache = ActivationCache::new(CacheConfig {
-                    memory_budget: 1 << 30,
-                    spill_dir: cache_dir,
-                    persist: true,
-                });
-                let start = Instant::now();
                 let mut trunk = None;
                 let features = cache
                     .get_or_compute(&key, n, 64, |range| {
@@ -147,14 +221,28 @@ impl BackboneHost {
                         let x = pre.batch(&ds, &idx[range])?;
                         t.run(&TrunkInput::Image(x))
                     })
-                    .map_err(|e| err(&dir, "held-out trunk activations", e))?;
+                    .map_err(|e| err(&thread_dir, "held-out trunk activations", e))?;
+                Ok((features, None))
+            });
+            (classes, labels, job)
+        };
+        let tail = fedpeft_peft::build_tail(
+            family,
+            &weights,
+            PeftConfig::new(peft_method(cfg.peft), classes, cfg.seed),
+        )
+        .map_err(|e| err(dir, "tail", e))?;
+        let pending = std::thread::Builder::new()
+            .name("held-out-activations".into())
+            .spawn(move || {
+                let start = Instant::now();
+                let out = job()?;
                 tracing::info!(
-                    examples = n,
-                    computed = cache.computed() > 0,
+                    examples = out.0.len(),
                     ms = start.elapsed().as_millis() as u64,
                     "held-out activations ready"
                 );
-                Ok(features)
+                Ok(out)
             })
             .map_err(|e| err(&cfg.dir, "starting the activation thread", e))?;
         Ok(BackboneHost {
@@ -168,7 +256,7 @@ impl BackboneHost {
     }
 
     /// The held-out activations, waiting for the thread that computes them the first time.
-    fn features(&mut self) -> Result<Arc<Features>, HostError> {
+    fn features(&mut self) -> Result<HeldOutRows, HostError> {
         if let HeldOut::Pending(_) = self.features {
             let HeldOut::Pending(handle) =
                 std::mem::replace(&mut self.features, HeldOut::Failed(String::new()))
@@ -218,15 +306,21 @@ impl ModelHost for BackboneHost {
         self.tail
             .set_trainable(&tensors)
             .map_err(|x| e("set adapter", &x))?;
-        let features = self.features()?;
+        let (features, masks) = self.features()?;
         let (mut loss, mut correct) = (0.0f64, 0usize);
         let all: Vec<usize> = (0..self.labels.len()).collect();
         for idx in all.chunks(256) {
             let features = features.rows(idx).map_err(|x| e("activations", &x))?;
-            let batch = Batch {
-                features,
-                mask: None,
+            let mask = match &masks {
+                Some(m) => Some(
+                    m.rows(idx)
+                        .map_err(|x| e("attention masks", &x))?
+                        .into_dimensionality::<ndarray::Ix2>()
+                        .map_err(|x| e("attention masks", &x))?,
+                ),
+                None => None,
             };
+            let batch = Batch { features, mask };
             let labels: Vec<usize> = idx.iter().map(|&i| self.labels[i]).collect();
             let s = self
                 .tail

@@ -423,6 +423,47 @@ fn open_spill(path: &Path, n: usize) -> Result<Option<Features>> {
     }))
 }
 
+/// Trunk activations and attention masks of some texts, as the tail consumes them.
+#[derive(Debug, Clone)]
+pub struct TextActivations {
+    /// `[n, max_len, hidden]`.
+    pub features: Arc<Features>,
+    /// `[n, max_len]`, 1.0 for real tokens and 0.0 for padding.
+    pub masks: Arc<Features>,
+}
+
+/// The activations and masks of `selection` (positions in `ds`), from the cache or computed in
+/// batches of `batch`. The trunk is asked for (`open`) only on a miss, so a process whose
+/// activations are cached never loads it. Both entries are keyed by the trunk, the exact texts
+/// and [`TextPreprocess::fingerprint`] (vocabulary, tokenizer settings, sequence length).
+pub fn text_activations(
+    cache: &mut ActivationCache,
+    trunk_sha256: &str,
+    pre: &crate::preprocess::TextPreprocess,
+    ds: &TextDataset,
+    selection: &[usize],
+    batch: usize,
+    mut trunk: impl FnMut() -> Result<Arc<dyn crate::trunk::Trunk>>,
+) -> Result<TextActivations> {
+    let data = hash_text_selection(ds, selection);
+    let fingerprint = pre.fingerprint();
+    let key = CacheKey::new(trunk_sha256, &data, &fingerprint);
+    let features = cache.get_or_compute(&key, selection.len(), batch, |range| {
+        let (ids, mask) = pre.batch(ds, &selection[range])?;
+        trunk()?.run(&crate::trunk::TrunkInput::Tokens { ids, mask })
+    })?;
+    let mask_key = CacheKey::new(
+        trunk_sha256,
+        &data,
+        &format!("{fingerprint} attention-mask"),
+    );
+    let masks = cache.get_or_compute(&mask_key, selection.len(), batch, |range| {
+        let (_, mask) = pre.batch(ds, &selection[range])?;
+        Ok(mask.mapv(|m| m as f32).into_dyn())
+    })?;
+    Ok(TextActivations { features, masks })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,8 @@
 //!   resolves and checksums its files (`trunk.onnx`, `tail.safetensors`, `vocab.txt`).
 //! - [`trunk`]: the [`Trunk`] trait and its runtimes — tract (pure Rust, always built) and
 //!   onnxruntime via `ort` (feature `ort`, library loaded at run time) — chosen by [`Runtime`].
-//! - [`preprocess`]: image resize / channel / normalisation as the manifest prescribes.
+//! - [`preprocess`]: image resize / channel / normalisation, and text tokenization at a fixed
+//!   sequence length, as the manifest prescribes.
 //! - [`tokenizer`]: BERT WordPiece for the text backbone.
 //! - [`data`]: Fashion-MNIST, SpamAssassin, and a user's IDX / image-folder / CSV / JSONL data.
 //! - [`partition`]: IID, Dirichlet(alpha), shards and natural client splits with summaries.
@@ -23,11 +24,13 @@ pub mod preprocess;
 pub mod tokenizer;
 pub mod trunk;
 
-pub use cache::{ActivationCache, CacheConfig, CacheKey, Features};
+pub use cache::{
+    ActivationCache, CacheConfig, CacheKey, Features, TextActivations, text_activations,
+};
 pub use error::{BackboneError, Result};
 pub use manifest::{Backbone, Family, InputSpec, Manifest, default_models_dir};
-pub use partition::{ClientSummary, Partition, Partitioner, partition};
-pub use preprocess::ImagePreprocess;
+pub use partition::{ClientSummary, Partition, Partitioner, held_out_split, partition};
+pub use preprocess::{ImagePreprocess, TextPreprocess};
 pub use tokenizer::{Encoding, WordPiece};
 pub use trunk::{
     ExecutionProvider, Runtime, RuntimeKind, Trunk, TrunkConfig, TrunkInput, open_trunk,

@@ -1,12 +1,14 @@
-//! Image preprocessing as a backbone's manifest prescribes: bilinear resize (half-pixel
-//! centres, no antialiasing — PyTorch's `F.interpolate(mode="bilinear", align_corners=False)`),
-//! grey repeated to 3 channels, `(x * scale - mean) / std` per channel, layout `[B, 3, S, S]`.
+//! Preprocessing as a backbone's manifest prescribes. Images ([`ImagePreprocess`]): bilinear
+//! resize (half-pixel centres, no antialiasing — PyTorch's `F.interpolate(mode="bilinear",
+//! align_corners=False)`), grey repeated to 3 channels, `(x * scale - mean) / std` per channel,
+//! layout `[B, 3, S, S]`. Text ([`TextPreprocess`]): WordPiece ids and mask at a fixed length.
 
-use ndarray::Array4;
+use ndarray::{Array2, Array4};
 
-use crate::data::ImageDataset;
+use crate::data::{ImageDataset, TextDataset};
 use crate::error::{BackboneError, Result};
-use crate::manifest::{InputSpec, Manifest};
+use crate::manifest::{Backbone, InputSpec, Manifest};
+use crate::tokenizer::WordPiece;
 
 /// The preprocessing of one vision backbone at one image size.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,6 +107,91 @@ fn axis_weights(input: usize, output: usize) -> Vec<(usize, usize, f32)> {
             (i0, i1, src - i0 as f32)
         })
         .collect()
+}
+
+/// The tokenization of one text backbone at one sequence length: WordPiece as the manifest
+/// prescribes, `[CLS] … [SEP]`, truncated and always padded to `max_len`, so every cached
+/// activation row has the same shape `[max_len, hidden]`.
+#[derive(Debug, Clone)]
+pub struct TextPreprocess {
+    pub max_len: usize,
+    tokenizer: WordPiece,
+    vocab_sha256: String,
+    lowercase: bool,
+    strip_accents: bool,
+}
+
+impl TextPreprocess {
+    /// From a text backbone; `max_len` defaults to the manifest's `max_len` and must be in
+    /// `2..=max_position`.
+    pub fn from_backbone(backbone: &Backbone, max_len: Option<usize>) -> Result<Self> {
+        let m = &backbone.manifest;
+        let InputSpec::Text {
+            vocab,
+            lowercase,
+            strip_accents,
+            max_len: default_len,
+            max_position,
+            ..
+        } = &m.input
+        else {
+            return Err(BackboneError::Input(format!(
+                "{} is a vision backbone: no text preprocessing",
+                m.id
+            )));
+        };
+        let max_len = max_len.unwrap_or(*default_len);
+        if !(2..=*max_position).contains(&max_len) {
+            return Err(BackboneError::Input(format!(
+                "{}: sequence length {max_len} is not in 2..={max_position}",
+                m.id
+            )));
+        }
+        let path = backbone.dir.join(vocab);
+        let tokenizer = WordPiece::from_vocab_file(&path, *lowercase, *strip_accents)?;
+        Ok(Self {
+            max_len,
+            tokenizer,
+            vocab_sha256: m.files.get(vocab).cloned().unwrap_or_default(),
+            lowercase: *lowercase,
+            strip_accents: *strip_accents,
+        })
+    }
+
+    /// A stable description, part of activation-cache keys: the vocabulary (by its sha256, so
+    /// the key does not depend on where the backbone is), the tokenizer settings and the
+    /// sequence length.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "wordpiece vocab-sha256={} size={} lower={} strip={} max_len={} pad=max_len",
+            self.vocab_sha256,
+            self.tokenizer.vocab_size(),
+            self.lowercase,
+            self.strip_accents,
+            self.max_len
+        )
+    }
+
+    /// Token ids and attention mask `[B, max_len]` of the given samples, in that order.
+    pub fn batch(&self, ds: &TextDataset, indices: &[usize]) -> Result<(Array2<i64>, Array2<i64>)> {
+        let mut ids = Array2::from_elem((indices.len(), self.max_len), self.tokenizer.pad_id());
+        let mut mask = Array2::zeros((indices.len(), self.max_len));
+        for (b, &i) in indices.iter().enumerate() {
+            let text = ds.texts.get(i).ok_or_else(|| {
+                BackboneError::data(
+                    &ds.source,
+                    Some(i),
+                    format!("index outside the {} samples", ds.len()),
+                )
+            })?;
+            let e = self.tokenizer.encode(text, self.max_len);
+            for (j, &id) in e.ids.iter().enumerate() {
+                ids[[b, j]] = id;
+                mask[[b, j]] = 1;
+            }
+        }
+        Ok((ids, mask))
+    }
 }
 
 #[cfg(test)]

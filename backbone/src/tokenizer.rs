@@ -95,10 +95,28 @@ impl WordPiece {
     /// `[CLS] pieces [SEP]`, truncated to `max_len` (keeping `[SEP]`), no padding.
     pub fn encode(&self, text: &str, max_len: usize) -> Encoding {
         let max_len = max_len.max(2);
+        let want = max_len - 2;
         let mut ids = Vec::with_capacity(max_len);
         ids.push(self.cls);
-        let pieces = self.tokenize(text);
-        ids.extend(pieces.into_iter().take(max_len - 2));
+        // Only the first `want` pieces are kept, so a long text (an e-mail body) is tokenized
+        // in chunks cut at ASCII whitespace until enough pieces are there. Whitespace separates
+        // words and is dropped, so the pieces are exactly those of the whole text.
+        let chunk = (4 * want).max(64);
+        let mut rest = text;
+        while !rest.is_empty() && ids.len() < want + 1 {
+            let cut = rest
+                .bytes()
+                .enumerate()
+                .skip(chunk)
+                .find(|(_, b)| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+                .map_or(rest.len(), |(i, _)| i);
+            let (head, tail) = rest.split_at(cut);
+            for word in self.basic_tokens(head) {
+                self.wordpiece(&word, &mut ids);
+            }
+            rest = tail;
+        }
+        ids.truncate(want + 1);
         ids.push(self.sep);
         Encoding {
             mask: vec![1; ids.len()],
@@ -282,6 +300,31 @@ mod tests {
         assert_eq!(ids.row(0).to_vec(), vec![2, 4, 5, 3]);
         assert_eq!(ids.row(1).to_vec(), vec![2, 4, 3, 0]);
         assert_eq!(mask.row(1).to_vec(), vec![1, 1, 1, 0]);
+    }
+
+    #[test]
+    fn a_long_text_encodes_as_its_whole_tokenization_truncated() {
+        let (_d, wp) = tiny();
+        let words = [
+            "Hello,",
+            "world!",
+            "unaffable",
+            "café",
+            "xyz",
+            "hello\tworld\n",
+            "un",
+        ];
+        let text: String = (0..2000)
+            .map(|i| words[i * 7 % words.len()])
+            .collect::<Vec<_>>()
+            .join(" ");
+        for max_len in [2, 3, 16, 128, 512, 5000] {
+            let e = wp.encode(&text, max_len);
+            let mut want = vec![2];
+            want.extend(wp.tokenize(&text).into_iter().take(max_len - 2));
+            want.push(3);
+            assert_eq!(e.ids, want, "max_len {max_len}");
+        }
     }
 
     #[test]

@@ -71,7 +71,24 @@ pub enum PartitionKind {
     Iid,
     /// Label proportions per client drawn from Dirichlet(alpha): the usual non-IID split.
     Dirichlet,
+    /// The data set's own split (SpamAssassin: by mailing list). Each list stays whole on one
+    /// client (largest first to the client with the fewest); mails from no list are spread by
+    /// Dirichlet(alpha) over their labels. Only for data sets with natural keys.
+    Natural,
 }
+
+impl PartitionKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PartitionKind::Iid => "iid",
+            PartitionKind::Dirichlet => "dirichlet",
+            PartitionKind::Natural => "natural",
+        }
+    }
+}
+
+/// The data sets the edge client can load.
+pub const DATASETS: [&str; 2] = ["fashion-mnist", "spam-assassin"];
 
 /// The `[broker]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -148,6 +165,10 @@ pub struct ModelFile {
     pub prompt_tokens: Option<u16>,
     /// Image side fed to a vision trunk. Default 96.
     pub image_size: Option<usize>,
+    /// Tokens per text fed to a text trunk (`[CLS]` and `[SEP]` included; longer texts are
+    /// truncated, shorter ones padded). Part of the activation cache key; must match the
+    /// aggregator's. Default: the backbone manifest's `max_len` (128 for all-MiniLM-L6-v2).
+    pub max_seq_len: Option<usize>,
     /// Threads for the trunk runtime (0 = runtime default). Default 0.
     pub threads: Option<usize>,
 }
@@ -167,11 +188,12 @@ pub enum PeftChoice {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataFile {
-    /// Data set name, e.g. `fashion-mnist`. Default `fashion-mnist`.
+    /// Data set: `fashion-mnist` (vision) or `spam-assassin` (text; its held-out 20 % is never
+    /// trained on). Default `fashion-mnist`.
     pub dataset: Option<String>,
     /// Where the data set's files are. Default: the data set's usual place (backbone crate).
     pub root: Option<PathBuf>,
-    /// `iid` or `dirichlet`. Default `dirichlet`.
+    /// `iid`, `dirichlet` or `natural` (spam-assassin only). Default `dirichlet`.
     pub partition: Option<PartitionKind>,
     /// Dirichlet concentration (smaller = more skewed). Default 0.5.
     pub alpha: Option<f64>,
@@ -343,6 +365,24 @@ pub struct Cli {
     /// Image side for a vision trunk.
     #[arg(long)]
     pub image_size: Option<usize>,
+    /// Tokens per text for a text trunk (default: the manifest's max_len).
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// LoRA rank.
+    #[arg(long)]
+    pub lora_rank: Option<u16>,
+    /// LoRA alpha.
+    #[arg(long)]
+    pub lora_alpha: Option<f32>,
+    /// Adapter bottleneck width.
+    #[arg(long)]
+    pub bottleneck: Option<u16>,
+    /// Prompt tokens.
+    #[arg(long)]
+    pub prompt_tokens: Option<u16>,
+    /// Threads for the trunk runtime (0 = runtime default).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Data set name.
     #[arg(long)]
     pub dataset: Option<String>,
@@ -552,6 +592,8 @@ pub struct EdgeConfig {
     pub runtime: RuntimeChoice,
     pub peft: PeftChoice,
     pub image_size: usize,
+    /// Tokens per text; `None`: the manifest's `max_len`.
+    pub max_seq_len: Option<usize>,
     pub threads: usize,
     pub data: DataSpec,
     pub cache_dir: PathBuf,
@@ -757,7 +799,7 @@ impl EdgeConfig {
             "head" => PeftChoice::Head,
             "bias" => PeftChoice::Bias,
             "lora" => {
-                let alpha = file.model.lora_alpha.unwrap_or(16.0);
+                let alpha = cli.lora_alpha.or(file.model.lora_alpha).unwrap_or(16.0);
                 if !(alpha.is_finite() && alpha > 0.0) {
                     return Err(invalid(
                         "model.lora_alpha",
@@ -765,15 +807,24 @@ impl EdgeConfig {
                     ));
                 }
                 PeftChoice::Lora {
-                    rank: positive("model.lora_rank", file.model.lora_rank.unwrap_or(8))?,
+                    rank: positive(
+                        "model.lora_rank",
+                        cli.lora_rank.or(file.model.lora_rank).unwrap_or(8),
+                    )?,
                     alpha,
                 }
             }
             "adapter" => PeftChoice::Adapter {
-                bottleneck: positive("model.bottleneck", file.model.bottleneck.unwrap_or(16))?,
+                bottleneck: positive(
+                    "model.bottleneck",
+                    cli.bottleneck.or(file.model.bottleneck).unwrap_or(16),
+                )?,
             },
             "prompt" => PeftChoice::Prompt {
-                tokens: positive("model.prompt_tokens", file.model.prompt_tokens.unwrap_or(4))?,
+                tokens: positive(
+                    "model.prompt_tokens",
+                    cli.prompt_tokens.or(file.model.prompt_tokens).unwrap_or(4),
+                )?,
             },
             "full-tail" => PeftChoice::FullTail,
             other => {
@@ -790,20 +841,41 @@ impl EdgeConfig {
                 format!("{image_size} is not in 32..=1024"),
             ));
         }
-        let threads = file.model.threads.unwrap_or(0);
+        let threads = cli.threads.or(file.model.threads).unwrap_or(0);
+        let max_seq_len = cli.max_seq_len.or(file.model.max_seq_len);
+        if let Some(n) = max_seq_len
+            && !(2..=512).contains(&n)
+        {
+            return Err(invalid(
+                "model.max_seq_len",
+                format!("{n} is not in 2..=512 (BERT-style position embeddings)"),
+            ));
+        }
 
         let dataset = cli
             .dataset
             .clone()
             .or(file.data.dataset)
             .unwrap_or_else(|| "fashion-mnist".to_string());
-        if dataset.is_empty() {
-            return Err(invalid("data.dataset", "must not be empty"));
+        if !DATASETS.contains(&dataset.as_str()) {
+            return Err(invalid(
+                "data.dataset",
+                format!("`{dataset}` is not one of {}", DATASETS.join(", ")),
+            ));
         }
         let partition = cli
             .partition
             .or(file.data.partition)
             .unwrap_or(PartitionKind::Dirichlet);
+        if partition == PartitionKind::Natural && dataset != "spam-assassin" {
+            return Err(invalid(
+                "data.partition",
+                format!(
+                    "natural needs a data set with a natural client key (spam-assassin: its \
+                     mailing lists); `{dataset}` has none: use iid or dirichlet"
+                ),
+            ));
+        }
         let alpha = cli.alpha.or(file.data.alpha).unwrap_or(0.5);
         if !(alpha.is_finite() && alpha > 0.0) {
             return Err(invalid(
@@ -911,6 +983,7 @@ impl EdgeConfig {
             runtime,
             peft,
             image_size,
+            max_seq_len,
             threads,
             data: DataSpec {
                 dataset,
@@ -1203,6 +1276,83 @@ straggle_secs = 4
             );
         }
         assert!(parse("[faults]\nvanish = 1\n").is_err());
+    }
+
+    #[test]
+    fn text_settings_come_from_flags_or_the_file_and_bad_combinations_name_their_key() {
+        let base = ["--client-id", "a", "--model-dir", "m"];
+        let with = |file: &str, extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            EdgeConfig::resolve(parse(file).unwrap(), &cli(&v))
+        };
+        let cfg = with(
+            "[model]\npeft = \"prompt\"\nprompt_tokens = 8\nmax_seq_len = 64\n\
+             [data]\ndataset = \"spam-assassin\"\npartition = \"natural\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.peft, PeftChoice::Prompt { tokens: 8 });
+        assert_eq!(cfg.max_seq_len, Some(64));
+        assert_eq!(cfg.data.partition, PartitionKind::Natural);
+        let cfg = with(
+            "[model]\nmax_seq_len = 64\n",
+            &[
+                "--max-seq-len",
+                "32",
+                "--peft",
+                "adapter",
+                "--bottleneck",
+                "8",
+                "--dataset",
+                "spam-assassin",
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.max_seq_len, Some(32));
+        assert_eq!(cfg.peft, PeftChoice::Adapter { bottleneck: 8 });
+        assert_eq!(with("", &[]).unwrap().max_seq_len, None);
+        let lora = with(
+            "",
+            &["--peft", "lora", "--lora-rank", "4", "--lora-alpha", "8"],
+        )
+        .unwrap();
+        assert_eq!(
+            lora.peft,
+            PeftChoice::Lora {
+                rank: 4,
+                alpha: 8.0
+            }
+        );
+        for (file, extra, field) in [
+            ("", &["--partition", "natural"][..], "data.partition"),
+            (
+                "[data]\npartition = \"natural\"\n",
+                &[][..],
+                "data.partition",
+            ),
+            ("", &["--dataset", "cifar-10"][..], "data.dataset"),
+            ("", &["--max-seq-len", "1"][..], "model.max_seq_len"),
+            ("[model]\nmax_seq_len = 513\n", &[][..], "model.max_seq_len"),
+            (
+                "",
+                &["--peft", "prompt", "--prompt-tokens", "0"][..],
+                "model.prompt_tokens",
+            ),
+            (
+                "",
+                &["--peft", "adapter", "--bottleneck", "0"][..],
+                "model.bottleneck",
+            ),
+        ] {
+            let err = with(file, extra).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { field: f, .. } if *f == field),
+                "{file:?} {extra:?}: {err}"
+            );
+            assert!(err.to_string().contains(field), "{err}");
+        }
+        assert!(parse("[model]\nmax_seq_length = 64\n").is_err());
     }
 
     #[test]

@@ -2,20 +2,31 @@
 //! take this client's shard of the fleet's partition, run the trunk once over it (or find the
 //! activations in the cache from an earlier start), and build the PEFT tail.
 //!
+//! Two families: a conv head on Fashion-MNIST images, and a transformer tail on SpamAssassin
+//! e-mails (WordPiece at `max_seq_len` tokens; the trunk's activations and the attention masks
+//! are cached). SpamAssassin's held-out 20 % ([`spam_assassin_split`]) is never in a shard.
+//!
 //! Every client of a fleet computes the same partition from the same (data set, partition
 //! kind, number of clients, seed), so N processes each train on their own shard without any
 //! data being shipped.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use fedpeft_backbone::cache::hash_image_selection;
-use fedpeft_backbone::data::{FASHION_MNIST_CLASSES, ImageDataset, fashion_mnist, load_idx_pair};
-use fedpeft_backbone::{
-    ActivationCache, Backbone, CacheConfig, CacheKey, ImagePreprocess, Partitioner, Runtime,
-    TrunkConfig, TrunkInput, open_trunk, partition,
+use fedpeft_backbone::data::{
+    FASHION_MNIST_CLASSES, ImageDataset, TextDataset, fashion_mnist, load_idx_pair,
+    load_spam_assassin, spam_assassin_dir, spam_assassin_split,
 };
-use fedpeft_peft::{AdapterConfig, FrozenWeights, LoraConfig, Method, PeftConfig, PromptConfig};
+use fedpeft_backbone::{
+    ActivationCache, Backbone, CacheConfig, CacheKey, Features, ImagePreprocess, Partitioner,
+    Runtime, TextPreprocess, Trunk, TrunkConfig, TrunkInput, open_trunk, partition,
+    text_activations,
+};
+use fedpeft_peft::{
+    AdapterConfig, FrozenWeights, LoraConfig, Method, PeftConfig, PromptConfig, TransformerSpec,
+};
 use fedpeft_protocol::{Capabilities, DType, PeftMethod};
 
 use crate::config::{EdgeConfig, PartitionKind, PeftChoice, RuntimeChoice};
@@ -39,12 +50,12 @@ pub enum SetupError {
         #[source]
         source: fedpeft_backbone::BackboneError,
     },
-    #[error("data set `{0}` is not supported by the edge client (supported: fashion-mnist)")]
-    UnknownDataset(String),
     #[error(
-        "backbone `{id}` is a {family} backbone; the edge client trains conv-head (image) tails"
+        "data set `{0}` is not supported by the edge client (supported: fashion-mnist, spam-assassin)"
     )]
-    UnsupportedFamily { id: String, family: String },
+    UnknownDataset(String),
+    #[error("{field}: {reason}")]
+    Incompatible { field: &'static str, reason: String },
     #[error("partition: {0}")]
     Partition(#[source] fedpeft_backbone::BackboneError),
     #[error("client {index}'s shard is empty (num_clients = {num_clients}); use fewer clients")]
@@ -104,7 +115,7 @@ pub fn peft_method(p: PeftChoice) -> Method {
     }
 }
 
-fn load_dataset(cfg: &EdgeConfig) -> Result<ImageDataset, SetupError> {
+fn load_images(cfg: &EdgeConfig) -> Result<ImageDataset, SetupError> {
     let name = cfg.data.dataset.as_str();
     let data_err = |source| SetupError::Data {
         dataset: name.to_string(),
@@ -129,22 +140,109 @@ fn load_dataset(cfg: &EdgeConfig) -> Result<ImageDataset, SetupError> {
     }
 }
 
-/// This client's sample indices: the fleet-wide partition's shard `index`, capped at
-/// `max_examples`.
-pub fn client_shard(labels: &[u32], cfg: &EdgeConfig) -> Result<Vec<usize>, SetupError> {
+fn load_texts(cfg: &EdgeConfig) -> Result<TextDataset, SetupError> {
+    match cfg.data.dataset.as_str() {
+        "spam-assassin" => {
+            let dir = cfg.data.root.clone().unwrap_or_else(spam_assassin_dir);
+            load_spam_assassin(&dir).map_err(|source| SetupError::Data {
+                dataset: cfg.data.dataset.clone(),
+                source,
+            })
+        }
+        other => Err(SetupError::UnknownDataset(other.to_string())),
+    }
+}
+
+/// Which data sets a backbone family reads.
+fn family_datasets(family: fedpeft_backbone::Family) -> &'static [&'static str] {
+    match family {
+        fedpeft_backbone::Family::ConvHead => &["fashion-mnist"],
+        fedpeft_backbone::Family::Transformer => &["spam-assassin"],
+    }
+}
+
+/// Refuses a configuration the backbone cannot train, naming the key: a data set of the
+/// other modality, or adapters and prompts (which need transformer blocks) on a conv head.
+pub fn check_compatible(cfg: &EdgeConfig, backbone: &Backbone) -> Result<(), SetupError> {
+    let m = &backbone.manifest;
+    let wanted = family_datasets(m.family);
+    if !wanted.contains(&cfg.data.dataset.as_str()) {
+        return Err(SetupError::Incompatible {
+            field: "data.dataset",
+            reason: format!(
+                "`{}` cannot feed backbone `{}` ({:?}); it reads {}",
+                cfg.data.dataset,
+                m.id,
+                m.family,
+                wanted.join(", ")
+            ),
+        });
+    }
+    let blocks_only = match cfg.peft {
+        PeftChoice::Adapter { .. } => Some("adapter"),
+        PeftChoice::Prompt { .. } => Some("prompt"),
+        _ => None,
+    };
+    if let Some(method) = blocks_only
+        && m.family == fedpeft_backbone::Family::ConvHead
+    {
+        return Err(SetupError::Incompatible {
+            field: "model.peft",
+            reason: format!(
+                "{method} needs transformer blocks; backbone `{}` is a conv head: use head, \
+                 bias, lora or full-tail",
+                m.id
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The peft crate's tail family for a backbone, with the hyper-parameters its manifest gives.
+pub fn tail_family(backbone: &Backbone) -> Result<fedpeft_peft::Family, SetupError> {
+    let m = &backbone.manifest;
+    match m.family {
+        fedpeft_backbone::Family::ConvHead => Ok(fedpeft_peft::Family::ConvHead),
+        fedpeft_backbone::Family::Transformer => {
+            let hyper = |name: &str| m.tail.hyper.get(name).and_then(|v| v.as_f64());
+            let missing = |name: &str| SetupError::Manifest {
+                dir: backbone.dir.clone(),
+                reason: format!("tail.hyper.{name} is missing or not a number"),
+            };
+            Ok(fedpeft_peft::Family::Transformer(TransformerSpec {
+                heads: hyper("heads").ok_or_else(|| missing("heads"))? as usize,
+                ln_eps: hyper("layer_norm_eps").ok_or_else(|| missing("layer_norm_eps"))?,
+            }))
+        }
+    }
+}
+
+/// This client's shard: positions in `labels` (and `keys`) of shard `index` of the
+/// fleet-wide partition, capped at `max_examples`, in ascending order.
+pub fn client_shard(
+    labels: &[u32],
+    keys: Option<&[Option<String>]>,
+    cfg: &EdgeConfig,
+) -> Result<Vec<usize>, SetupError> {
     let how = match cfg.data.partition {
         PartitionKind::Iid => Partitioner::Iid,
         PartitionKind::Dirichlet => Partitioner::Dirichlet {
             alpha: cfg.data.alpha,
         },
+        PartitionKind::Natural => Partitioner::NaturalPacked {
+            alpha: cfg.data.alpha,
+        },
     };
-    let p = partition(labels, None, cfg.data.num_clients, &how, cfg.data.seed)
+    let p = partition(labels, keys, cfg.data.num_clients, &how, cfg.data.seed)
         .map_err(SetupError::Partition)?;
     let mut shard = p
         .clients
         .into_iter()
         .nth(cfg.data.index)
-        .map(|c| c.indices)
+        .map(|c| {
+            tracing::info!(shard = %c.name, "partition");
+            c.indices
+        })
         .unwrap_or_default();
     if let Some(max) = cfg.data.max_examples.filter(|&m| m < shard.len()) {
         // A random subset, not the first `max` (a shard lists its examples class by class),
@@ -155,8 +253,8 @@ pub fn client_shard(labels: &[u32], cfg: &EdgeConfig) -> Result<Vec<usize>, Setu
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         shard.shuffle(&mut rng);
         shard.truncate(max);
-        shard.sort_unstable();
     }
+    shard.sort_unstable();
     if shard.is_empty() {
         return Err(SetupError::EmptyShard {
             index: cfg.data.index,
@@ -166,32 +264,62 @@ pub fn client_shard(labels: &[u32], cfg: &EdgeConfig) -> Result<Vec<usize>, Setu
     Ok(shard)
 }
 
-/// Prepares local training as the config says.
-pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
+fn open_cache(cfg: &EdgeConfig) -> ActivationCache {
+    ActivationCache::new(CacheConfig {
+        memory_budget: if cfg.cache_shared {
+            0
+        } else {
+            cfg.cache_memory_bytes
+        },
+        spill_dir: cfg.cache_dir.clone(),
+        persist: cfg.cache_persist || cfg.cache_shared,
+    })
+}
+
+fn trunk_config(cfg: &EdgeConfig) -> TrunkConfig {
+    let runtime = match cfg.runtime {
+        RuntimeChoice::Auto => Runtime::Auto,
+        RuntimeChoice::Ort => Runtime::Ort,
+        RuntimeChoice::Tract => Runtime::Tract,
+    };
+    TrunkConfig::default()
+        .with_runtime(runtime)
+        .with_image_size(cfg.image_size)
+        .with_threads(cfg.threads)
+}
+
+fn per_class(labels: &[u32], shard: &[usize], classes: usize) -> Vec<usize> {
+    let mut per_class = vec![0usize; classes];
+    for &i in shard {
+        if let Some(c) = per_class.get_mut(labels[i] as usize) {
+            *c += 1;
+        }
+    }
+    per_class
+}
+
+/// A trainer ready to run, before the tail is attached: activations, masks, labels.
+struct LocalData {
+    features: Arc<Features>,
+    masks: Option<Arc<Features>>,
+    labels: Vec<usize>,
+    classes: usize,
+    per_class: Vec<usize>,
+}
+
+/// Fashion-MNIST shard -> cached trunk activations.
+fn image_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupError> {
     let backbone_err = |source| SetupError::Backbone {
         dir: cfg.model_dir.clone(),
         source,
     };
-    let backbone = Backbone::open(&cfg.model_dir).map_err(backbone_err)?;
-    let m = &backbone.manifest;
-    if m.family != fedpeft_backbone::Family::ConvHead {
-        return Err(SetupError::UnsupportedFamily {
-            id: m.id.clone(),
-            family: format!("{:?}", m.family),
-        });
-    }
-
-    let ds = load_dataset(cfg)?;
-    let shard = client_shard(&ds.labels, cfg)?;
-    let mut per_class = vec![0usize; ds.num_classes()];
-    for &i in &shard {
-        if let Some(c) = per_class.get_mut(ds.labels[i] as usize) {
-            *c += 1;
-        }
-    }
+    let ds = load_images(cfg)?;
+    let shard = client_shard(&ds.labels, None, cfg)?;
+    let per_class = per_class(&ds.labels, &shard, ds.num_classes());
     tracing::info!(examples = shard.len(), ?per_class, "local shard");
 
-    let pre = ImagePreprocess::from_manifest(m, Some(cfg.image_size)).map_err(backbone_err)?;
+    let pre = ImagePreprocess::from_manifest(&backbone.manifest, Some(cfg.image_size))
+        .map_err(backbone_err)?;
     // A shared cache holds every sample of the data set in one entry (filled once for the whole
     // fleet, left in its file: each process keeps only its own rows in memory); otherwise the
     // entry is this client's shard.
@@ -207,24 +335,8 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
         &hash_image_selection(&ds, selection),
         &pre.fingerprint(),
     );
-    let mut cache = ActivationCache::new(CacheConfig {
-        memory_budget: if cfg.cache_shared {
-            0
-        } else {
-            cfg.cache_memory_bytes
-        },
-        spill_dir: cfg.cache_dir.clone(),
-        persist: cfg.cache_persist || cfg.cache_shared,
-    });
-    let runtime = match cfg.runtime {
-        RuntimeChoice::Auto => Runtime::Auto,
-        RuntimeChoice::Ort => Runtime::Ort,
-        RuntimeChoice::Tract => Runtime::Tract,
-    };
-    let trunk_cfg = TrunkConfig::default()
-        .with_runtime(runtime)
-        .with_image_size(cfg.image_size)
-        .with_threads(cfg.threads);
+    let mut cache = open_cache(cfg);
+    let trunk_cfg = trunk_config(cfg);
     // The trunk is opened only on a cache miss: a restarted client with cached activations
     // never loads it.
     let mut trunk = None;
@@ -232,7 +344,7 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
     let features = cache
         .get_or_compute(&key, selection.len(), TRUNK_BATCH, |range| {
             if trunk.is_none() {
-                let t = open_trunk(&backbone, &trunk_cfg)?;
+                let t = open_trunk(backbone, &trunk_cfg)?;
                 tracing::info!(runtime = t.runtime().name(), "trunk opened");
                 trunk = Some(t);
             }
@@ -242,7 +354,7 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
         })
         .map_err(SetupError::Trunk)?;
     let features = if cfg.cache_shared {
-        std::sync::Arc::new(features.select(&shard).map_err(SetupError::Trunk)?)
+        Arc::new(features.select(&shard).map_err(SetupError::Trunk)?)
     } else {
         features
     };
@@ -255,6 +367,110 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
         ms = start.elapsed().as_millis() as u64,
         "trunk activations ready"
     );
+    Ok(LocalData {
+        features,
+        masks: None,
+        labels: shard.iter().map(|&i| ds.labels[i] as usize).collect(),
+        classes: ds.num_classes(),
+        per_class,
+    })
+}
+
+/// SpamAssassin shard (of its training 80 %) -> tokens -> cached trunk activations and masks.
+fn text_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupError> {
+    let data_err = |source| SetupError::Data {
+        dataset: cfg.data.dataset.clone(),
+        source,
+    };
+    let ds = load_texts(cfg)?;
+    // The held-out 20 % is the aggregator's; clients split the rest.
+    let (train, _) = spam_assassin_split(&ds).map_err(data_err)?;
+    let labels: Vec<u32> = train.iter().map(|&i| ds.labels[i]).collect();
+    let keys: Vec<Option<String>> = train.iter().map(|&i| ds.keys[i].clone()).collect();
+    let positions = client_shard(&labels, Some(&keys), cfg)?;
+    let shard: Vec<usize> = positions.iter().map(|&p| train[p]).collect();
+    let per_class = per_class(&ds.labels, &shard, ds.num_classes());
+    let lists = shard
+        .iter()
+        .filter_map(|&i| ds.keys[i].as_deref())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    tracing::info!(examples = shard.len(), ?per_class, lists, "local shard");
+
+    let pre = TextPreprocess::from_backbone(backbone, cfg.max_seq_len).map_err(|source| {
+        SetupError::Incompatible {
+            field: "model.max_seq_len",
+            reason: source.to_string(),
+        }
+    })?;
+    let selection: &[usize] = if cfg.cache_shared { &train } else { &shard };
+    let mut cache = open_cache(cfg);
+    let trunk_cfg = trunk_config(cfg);
+    let mut trunk: Option<Arc<dyn Trunk>> = None;
+    let start = Instant::now();
+    let acts = text_activations(
+        &mut cache,
+        backbone.trunk_sha256(),
+        &pre,
+        &ds,
+        selection,
+        TRUNK_BATCH,
+        || {
+            if trunk.is_none() {
+                let t: Arc<dyn Trunk> = Arc::from(open_trunk(backbone, &trunk_cfg)?);
+                tracing::info!(runtime = t.runtime().name(), "trunk opened");
+                trunk = Some(t);
+            }
+            Ok(trunk.clone().expect("opened above"))
+        },
+    )
+    .map_err(SetupError::Trunk)?;
+    let (features, masks) = if cfg.cache_shared {
+        // `train` and the shard are both ascending, so the shard's rows in the whole-set entry
+        // are its positions in `train`.
+        (
+            Arc::new(
+                acts.features
+                    .select(&positions)
+                    .map_err(SetupError::Trunk)?,
+            ),
+            Arc::new(acts.masks.select(&positions).map_err(SetupError::Trunk)?),
+        )
+    } else {
+        (acts.features, acts.masks)
+    };
+    tracing::info!(
+        examples = features.len(),
+        row_shape = ?features.row_shape(),
+        max_seq_len = pre.max_len,
+        from_cache = trunk.is_none(),
+        in_memory = features.in_memory(),
+        shared = cfg.cache_shared,
+        ms = start.elapsed().as_millis() as u64,
+        "trunk activations ready"
+    );
+    Ok(LocalData {
+        features,
+        masks: Some(masks),
+        labels: shard.iter().map(|&i| ds.labels[i] as usize).collect(),
+        classes: ds.num_classes(),
+        per_class,
+    })
+}
+
+/// Prepares local training as the config says.
+pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
+    let backbone = Backbone::open(&cfg.model_dir).map_err(|source| SetupError::Backbone {
+        dir: cfg.model_dir.clone(),
+        source,
+    })?;
+    check_compatible(cfg, &backbone)?;
+    let family = tail_family(&backbone)?;
+    let m = &backbone.manifest;
+    let data = match m.family {
+        fedpeft_backbone::Family::ConvHead => image_data(cfg, &backbone)?,
+        fedpeft_backbone::Family::Transformer => text_data(cfg, &backbone)?,
+    };
 
     let tail_path = backbone.tail_path();
     let weights =
@@ -265,16 +481,18 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
     let method = peft_method(cfg.peft);
     let seed = cfg.data.seed ^ (cfg.data.index as u64).rotate_left(29);
     let tail = fedpeft_peft::build_tail(
-        fedpeft_peft::Family::ConvHead,
+        family,
         &weights,
-        PeftConfig::new(method, ds.num_classes(), seed),
+        PeftConfig::new(method, data.classes, seed),
     )
     .map_err(|source| SetupError::Tail {
         path: tail_path,
         source,
     })?;
-    let labels: Vec<usize> = shard.iter().map(|&i| ds.labels[i] as usize).collect();
-    let trainer = TailTrainer::new(tail, features, labels, seed)?;
+    let mut trainer = TailTrainer::new(tail, data.features, data.labels, seed)?;
+    if let Some(masks) = data.masks {
+        trainer = trainer.with_masks(masks)?;
+    }
 
     let sha = hex::decode(backbone.trunk_sha256())
         .ok()
@@ -304,7 +522,7 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
             accepted_dtypes,
             max_packet_size: cfg.max_packet_bytes as u32,
         },
-        per_class,
+        per_class: data.per_class,
     })
 }
 
@@ -338,12 +556,102 @@ mod tests {
         EdgeConfig::from_cli(&Cli::try_parse_from(args).unwrap()).unwrap()
     }
 
+    fn models() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/build")
+    }
+
+    fn text_cfg(extra: &[&str]) -> EdgeConfig {
+        let dir = models().join("all-minilm-l6-v2");
+        let mut args = vec![
+            "edge-client",
+            "--client-id",
+            "c0",
+            "--model-dir",
+            dir.to_str().unwrap(),
+            "--dataset",
+            "spam-assassin",
+            "--partition",
+            "natural",
+        ];
+        args.extend_from_slice(extra);
+        EdgeConfig::from_cli(&Cli::try_parse_from(args).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn natural_spam_assassin_shards_keep_lists_whole_and_never_touch_the_held_out_mails() {
+        let ds = load_spam_assassin(&spam_assassin_dir()).unwrap();
+        let (train, test) = spam_assassin_split(&ds).unwrap();
+        assert_eq!(train.len() + test.len(), ds.len());
+        let share = test.len() as f64 / ds.len() as f64;
+        assert!((share - 0.2).abs() < 0.01, "held-out share {share}");
+        let labels: Vec<u32> = train.iter().map(|&i| ds.labels[i]).collect();
+        let keys: Vec<Option<String>> = train.iter().map(|&i| ds.keys[i].clone()).collect();
+        let clients = 8;
+        let mut owner: std::collections::BTreeMap<&str, usize> = Default::default();
+        let mut seen = vec![false; ds.len()];
+        for index in 0..clients {
+            let cfg = text_cfg(&["--num-clients", "8", "--client-index", &index.to_string()]);
+            let shard = client_shard(&labels, Some(&keys), &cfg).unwrap();
+            let spam = shard.iter().filter(|&&p| labels[p] == 1).count();
+            assert!(!shard.is_empty() && spam > 0, "client {index}: {spam} spam");
+            for p in shard {
+                let i = train[p];
+                assert!(!seen[i], "mail {i} in two shards");
+                seen[i] = true;
+                if let Some(k) = ds.keys[i].as_deref() {
+                    // Every list lives on exactly one client.
+                    assert_eq!(*owner.entry(k).or_insert(index), index, "list {k}");
+                }
+            }
+        }
+        assert!(
+            train.iter().all(|&i| seen[i]),
+            "every training mail is in a shard"
+        );
+        assert!(
+            test.iter().all(|&i| !seen[i]),
+            "no held-out mail is in a shard"
+        );
+        assert!(owner.len() >= 20, "{} lists", owner.len());
+    }
+
+    #[test]
+    fn a_backbone_refuses_the_other_modality_and_blocks_methods_on_a_conv_head() {
+        let minilm = Backbone::open(models().join("all-minilm-l6-v2")).unwrap();
+        let effnet = Backbone::open(models().join("efficientnet-lite0")).unwrap();
+        check_compatible(&text_cfg(&["--peft", "prompt"]), &minilm).unwrap();
+        let fashion = |peft: &str| {
+            let mut c = cfg(None);
+            c.peft = EdgeConfig::from_cli(
+                &Cli::try_parse_from(["e", "--client-id", "c", "--model-dir", "m", "--peft", peft])
+                    .unwrap(),
+            )
+            .unwrap()
+            .peft;
+            c
+        };
+        check_compatible(&fashion("lora"), &effnet).unwrap();
+        for (c, backbone, field) in [
+            (fashion("prompt"), &effnet, "model.peft"),
+            (fashion("adapter"), &effnet, "model.peft"),
+            (fashion("lora"), &minilm, "data.dataset"),
+            (text_cfg(&[]), &effnet, "data.dataset"),
+        ] {
+            let err = check_compatible(&c, backbone).unwrap_err();
+            assert!(
+                matches!(&err, SetupError::Incompatible { field: f, .. } if *f == field),
+                "{err}"
+            );
+            assert!(err.to_string().starts_with(field), "{err}");
+        }
+    }
+
     #[test]
     fn a_capped_shard_is_a_seeded_random_subset_not_its_first_examples() {
         // 10 classes of 100 examples each; a Dirichlet shard lists its examples class by class.
         let labels: Vec<u32> = (0..1000).map(|i| i / 100).collect();
-        let full = client_shard(&labels, &cfg(None)).unwrap();
-        let capped = client_shard(&labels, &cfg(Some(50))).unwrap();
+        let full = client_shard(&labels, None, &cfg(None)).unwrap();
+        let capped = client_shard(&labels, None, &cfg(Some(50))).unwrap();
         assert_eq!(capped.len(), 50);
         assert!(capped.iter().all(|i| full.contains(i)));
         let classes: std::collections::BTreeSet<u32> = capped.iter().map(|&i| labels[i]).collect();
@@ -351,8 +659,8 @@ mod tests {
             classes.len() >= 5,
             "classes in the capped shard: {classes:?}"
         );
-        assert_eq!(capped, client_shard(&labels, &cfg(Some(50))).unwrap());
+        assert_eq!(capped, client_shard(&labels, None, &cfg(Some(50))).unwrap());
         // A cap at or above the shard's size keeps it whole.
-        assert_eq!(client_shard(&labels, &cfg(Some(5000))).unwrap(), full);
+        assert_eq!(client_shard(&labels, None, &cfg(Some(5000))).unwrap(), full);
     }
 }

@@ -105,6 +105,8 @@ pub trait LocalTrainer: Send {
 pub struct TailTrainer {
     tail: Box<dyn Tail>,
     features: Activations,
+    /// `[N, S]` attention masks of a text tail's activations (`None` for images).
+    masks: Option<Activations>,
     labels: Vec<usize>,
     eval: Option<(Activations, Vec<usize>)>,
     /// Mixed into every round's seed so clients with the same round seed shuffle differently.
@@ -138,11 +140,27 @@ impl TailTrainer {
         Ok(TailTrainer {
             tail,
             features,
+            masks: None,
             labels,
             eval: None,
             client_seed,
             dp: None,
         })
+    }
+
+    /// Attention masks `[N, S]` of the activations (1 for real tokens, 0 for padding), for a
+    /// transformer tail; also used when evaluating on the training data.
+    pub fn with_masks(mut self, masks: impl Into<Activations>) -> Result<Self, TrainError> {
+        let masks = masks.into();
+        if masks.len() != self.features.len() {
+            return Err(TrainError::Data(format!(
+                "{} attention masks for {} activation rows",
+                masks.len(),
+                self.features.len()
+            )));
+        }
+        self.masks = Some(masks);
+        Ok(self)
     }
 
     /// Evaluates on this held-out set instead of the training data.
@@ -226,10 +244,22 @@ impl TailTrainer {
         })
     }
 
-    fn batch_of(features: &Activations, idx: &[usize]) -> Result<Batch, TrainError> {
+    fn batch_of(
+        features: &Activations,
+        masks: Option<&Activations>,
+        idx: &[usize],
+    ) -> Result<Batch, TrainError> {
+        let mask = match masks {
+            Some(m) => Some(
+                m.rows(idx)?
+                    .into_dimensionality::<ndarray::Ix2>()
+                    .map_err(|e| TrainError::Data(format!("attention masks: {e}")))?,
+            ),
+            None => None,
+        };
         Ok(Batch {
             features: features.rows(idx)?,
-            mask: None,
+            mask,
         })
     }
 }
@@ -284,7 +314,7 @@ impl LocalTrainer for TailTrainer {
             // Metrics describe the last epoch, when the tail is closest to what is sent.
             (loss_sum, correct, seen) = (0.0, 0, 0);
             for idx in order.chunks(batch) {
-                let b = Self::batch_of(&self.features, idx)?;
+                let b = Self::batch_of(&self.features, self.masks.as_ref(), idx)?;
                 let labels: Vec<usize> = idx.iter().map(|&i| self.labels[i]).collect();
                 let stats = match (&mut self.dp, plan.dp) {
                     (Some(dp), Some(_)) => self.tail.train_step_dp(&b, &labels, dp, opt.as_mut()),
@@ -336,9 +366,9 @@ impl LocalTrainer for TailTrainer {
     fn evaluate(&mut self, adapter: &GlobalAdapter) -> Result<Metrics, TrainError> {
         let start = Instant::now();
         self.load(adapter)?;
-        let (features, labels) = match &self.eval {
-            Some((f, l)) => (f, l),
-            None => (&self.features, &self.labels),
+        let (features, masks, labels) = match &self.eval {
+            Some((f, l)) => (f, None, l),
+            None => (&self.features, self.masks.as_ref(), &self.labels),
         };
         if labels.is_empty() {
             return Err(TrainError::NoData { what: "evaluate" });
@@ -346,7 +376,7 @@ impl LocalTrainer for TailTrainer {
         let (mut loss, mut correct) = (0.0f64, 0usize);
         let all: Vec<usize> = (0..labels.len()).collect();
         for idx in all.chunks(256) {
-            let b = Self::batch_of(features, idx)?;
+            let b = Self::batch_of(features, masks, idx)?;
             let l: Vec<usize> = idx.iter().map(|&i| labels[i]).collect();
             let s = self.tail.evaluate(&b, &l).map_err(TrainError::Step)?;
             loss += s.loss_sum;

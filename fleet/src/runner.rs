@@ -286,6 +286,17 @@ pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> to
     if let Some(alpha) = trial.model.lora_alpha {
         model.insert("lora_alpha".into(), alpha.into());
     }
+    if let Some(b) = trial.model.bottleneck {
+        model.insert("bottleneck".into(), int(b.into()));
+    }
+    if let Some(p) = trial.model.prompt_tokens {
+        model.insert("prompt_tokens".into(), int(p.into()));
+    }
+    if let Some(n) = trial.model.max_seq_len {
+        model.insert("max_seq_len".into(), int(n as u64));
+    }
+    model.insert("image_size".into(), int(trial.model.image_size as u64));
+    model.insert("dataset".into(), trial.data.dataset.clone().into());
     model.insert(
         "eval_examples".into(),
         int(trial.model.eval_examples as u64),
@@ -384,6 +395,23 @@ pub fn client_command_in(
     }
     if let Some(max) = trial.data.max_examples {
         cmd.arg("--max-examples").arg(max.to_string());
+    }
+    // The method's hyper-parameters, as the aggregator got them (its adapter layout must be
+    // the clients').
+    if let Some(rank) = trial.model.lora_rank {
+        cmd.arg("--lora-rank").arg(rank.to_string());
+    }
+    if let Some(alpha) = trial.model.lora_alpha {
+        cmd.arg("--lora-alpha").arg(alpha.to_string());
+    }
+    if let Some(b) = trial.model.bottleneck {
+        cmd.arg("--bottleneck").arg(b.to_string());
+    }
+    if let Some(p) = trial.model.prompt_tokens {
+        cmd.arg("--prompt-tokens").arg(p.to_string());
+    }
+    if let Some(n) = trial.model.max_seq_len {
+        cmd.arg("--max-seq-len").arg(n.to_string());
     }
     if trial.shared_cache {
         cmd.arg("--cache-shared");
@@ -741,6 +769,9 @@ mod tests {
                 .iter()
                 .any(|a| a == "--dropout" || a == "--straggle-secs")
         );
+        // The method's hyper-parameters reach the clients as they reach the aggregator.
+        assert_eq!(after("--lora-rank"), "4");
+        assert!(!args.iter().any(|a| a == "--max-seq-len"));
     }
 
     #[test]
@@ -769,5 +800,52 @@ mod tests {
                 assert_eq!(a[at + 1], "12.5");
             }
         }
+    }
+
+    #[test]
+    fn a_text_trial_passes_its_data_set_and_sequence_length_to_both_sides() {
+        let t = Trial::parse(
+            r#"
+            name = "spam"
+            rounds = 2
+            clients = 4
+            [model]
+            backbone = "models/build/all-minilm-l6-v2"
+            peft = "adapter"
+            bottleneck = 8
+            max_seq_len = 64
+            [data]
+            dataset = "spam-assassin"
+            partition = "natural"
+            "#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let text = toml::to_string(&aggregator_config(&t, Path::new("o"), None)).unwrap();
+        for needle in [
+            "dataset = \"spam-assassin\"",
+            "max_seq_len = 64",
+            "bottleneck = 8",
+            "peft = \"adapter\"",
+        ] {
+            assert!(text.contains(needle), "missing `{needle}` in\n{text}");
+        }
+        let bins = Binaries {
+            aggregator: "agg".into(),
+            edge_client: "edge".into(),
+        };
+        let args: Vec<String> = client_command(&t, &bins, 1, "mqtt://127.0.0.1:1", Path::new("o"))
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let after = |flag: &str| {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1].clone()
+        };
+        assert_eq!(after("--dataset"), "spam-assassin");
+        assert_eq!(after("--partition"), "natural");
+        assert_eq!(after("--max-seq-len"), "64");
+        assert_eq!(after("--bottleneck"), "8");
+        assert_eq!(after("--peft"), "adapter");
     }
 }

@@ -520,8 +520,9 @@ label = "lora-dp"
         let small = Sweep::load(&dir.join("small.toml")).unwrap();
         assert_eq!(small.trials.len(), 2);
         let full = Sweep::load(&dir.join("fedpeft.toml")).unwrap();
-        // 4 methods x 2 alphas, 3 DP trials and 2 with 30 % mid-round dropout.
-        assert_eq!(full.trials.len(), 13);
+        // 4 methods x 2 alphas, 3 DP trials, 2 with 30 % mid-round dropout and 5 methods on
+        // the text backbone.
+        assert_eq!(full.trials.len(), 18);
         let dropout: Vec<_> = full
             .trials
             .iter()
@@ -530,6 +531,18 @@ label = "lora-dp"
             .map(|t| (t.model.peft, t.dropout))
             .collect();
         assert_eq!(dropout, [("lora".into(), 0.3), ("head".into(), 0.3)]);
+        let text: Vec<Trial> = full
+            .trials
+            .iter()
+            .map(|(name, text)| Trial::parse(text, Path::new(name)).unwrap())
+            .filter(|t| t.data.dataset == "spam-assassin")
+            .collect();
+        let methods: Vec<&str> = text.iter().map(|t| t.model.peft.as_str()).collect();
+        assert_eq!(methods, ["adapter", "prompt", "lora", "bias", "head"]);
+        for t in &text {
+            assert_eq!(t.data.partition, "natural", "{}", t.name);
+            assert!(t.model.backbone.ends_with("all-minilm-l6-v2"), "{}", t.name);
+        }
         for (name, text) in &full.trials {
             let t = Trial::parse(text, Path::new(name)).unwrap();
             assert_eq!(

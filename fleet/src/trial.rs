@@ -40,10 +40,14 @@
 //! image_size = 96
 //! eval_examples = 2000         # held-out examples the aggregator evaluates each round
 //!
+//! # bottleneck = 16           # adapter (transformer backbones)
+//! # prompt_tokens = 4          # prompt (transformer backbones)
+//! # max_seq_len = 64           # tokens per text (text backbones; default: the manifest's)
+//!
 //! [data]
-//! dataset = "fashion-mnist"
-//! partition = "dirichlet"      # iid | dirichlet
-//! alpha = 0.5
+//! dataset = "fashion-mnist"    # fashion-mnist (conv head) | spam-assassin (transformer)
+//! partition = "dirichlet"      # iid | dirichlet | natural (spam-assassin: by mailing list)
+//! alpha = 0.5                  # natural: Dirichlet over the mails from no list
 //! max_examples = 500           # per client
 //!
 //! [local]                      # announced to clients each round
@@ -107,6 +111,13 @@ pub struct ModelSpec {
     pub lora_rank: Option<u16>,
     /// LoRA alpha. Default: the aggregator's default.
     pub lora_alpha: Option<f64>,
+    /// Adapter bottleneck width. Default: the aggregator's default (16).
+    pub bottleneck: Option<u16>,
+    /// Prompt tokens. Default: the aggregator's default (4).
+    pub prompt_tokens: Option<u16>,
+    /// Tokens per text for a text backbone (clients and the aggregator's held-out set).
+    /// Default: the backbone manifest's `max_len`.
+    pub max_seq_len: Option<usize>,
     /// Trunk runtime of the edge clients. Default `auto` (onnxruntime when its library loads, else tract).
     #[serde(default = "default_runtime")]
     pub runtime: String,
@@ -122,12 +133,15 @@ pub struct ModelSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// Data set name. Default `fashion-mnist`.
+    /// `fashion-mnist` (for a conv-head backbone) or `spam-assassin` (for a transformer; its
+    /// seeded 20 % held-out split is the aggregator's evaluation set and no client's data).
+    /// Default `fashion-mnist`.
     #[serde(default = "default_dataset")]
     pub dataset: String,
     /// Data set folder. Default: the data set's usual place.
     pub root: Option<PathBuf>,
-    /// `iid` or `dirichlet`. Default `dirichlet`.
+    /// `iid`, `dirichlet` or `natural` (spam-assassin only: each mailing list whole on one
+    /// client, the mails from no list spread by Dirichlet(`alpha`)). Default `dirichlet`.
     #[serde(default = "default_partition")]
     pub partition: String,
     /// Dirichlet concentration. Default 0.5.
@@ -354,11 +368,48 @@ impl Trial {
                 format!("{} must be a positive number", raw.round_timeout_secs),
             ));
         }
-        if !matches!(raw.data.partition.as_str(), "iid" | "dirichlet") {
+        if !matches!(raw.data.dataset.as_str(), "fashion-mnist" | "spam-assassin") {
             return Err(bad(
-                "data.partition",
-                format!("{:?} is not iid or dirichlet", raw.data.partition),
+                "data.dataset",
+                format!(
+                    "{:?} is not fashion-mnist or spam-assassin",
+                    raw.data.dataset
+                ),
             ));
+        }
+        match raw.data.partition.as_str() {
+            "iid" | "dirichlet" => {}
+            "natural" if raw.data.dataset == "spam-assassin" => {}
+            "natural" => {
+                return Err(bad(
+                    "data.partition",
+                    format!(
+                        "\"natural\" needs a data set with a natural client key (spam-assassin: \
+                         its mailing lists); {:?} has none: use iid or dirichlet",
+                        raw.data.dataset
+                    ),
+                ));
+            }
+            other => {
+                return Err(bad(
+                    "data.partition",
+                    format!("{other:?} is not iid, dirichlet or natural"),
+                ));
+            }
+        }
+        if let Some(n) = raw.model.max_seq_len
+            && !(2..=512).contains(&n)
+        {
+            return Err(bad("model.max_seq_len", format!("{n} is not in 2..=512")));
+        }
+        for (field, v) in [
+            ("model.bottleneck", raw.model.bottleneck),
+            ("model.prompt_tokens", raw.model.prompt_tokens),
+            ("model.lora_rank", raw.model.lora_rank),
+        ] {
+            if v == Some(0) {
+                return Err(bad(field, "must be at least 1".into()));
+            }
         }
         if !(raw.data.alpha.is_finite() && raw.data.alpha > 0.0) {
             return Err(bad("data.alpha", format!("{} must be > 0", raw.data.alpha)));
@@ -555,6 +606,45 @@ impl Trial {
                 ),
             ));
         }
+        let family = std::fs::read_to_string(&manifest)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("family")?.as_str().map(str::to_string));
+        let (wanted, blocks) = match family.as_deref() {
+            Some("conv_head") => ("fashion-mnist", false),
+            Some("transformer") => ("spam-assassin", true),
+            _ => {
+                return Err(bad(
+                    "model.backbone",
+                    format!(
+                        "{} names no known family (conv_head or transformer)",
+                        manifest.display()
+                    ),
+                ));
+            }
+        };
+        if self.data.dataset != wanted {
+            return Err(bad(
+                "data.dataset",
+                format!(
+                    "{:?} cannot feed {} (a {} backbone): use {wanted:?}",
+                    self.data.dataset,
+                    self.model.backbone.display(),
+                    family.unwrap_or_default()
+                ),
+            ));
+        }
+        if !blocks && matches!(self.model.peft.as_str(), "adapter" | "prompt") {
+            return Err(bad(
+                "model.peft",
+                format!(
+                    "{:?} needs transformer blocks; {} is a conv head: use head, bias, lora or \
+                     full-tail",
+                    self.model.peft,
+                    self.model.backbone.display()
+                ),
+            ));
+        }
         if let Some(plan) = &mut self.links {
             let why = crate::netns::unavailable();
             match (plan.mechanism, why) {
@@ -736,6 +826,56 @@ mod tests {
     }
 
     #[test]
+    fn text_trials_parse_and_impossible_data_settings_name_their_key() {
+        let text = r#"
+            name = "spam"
+            rounds = 2
+            clients = 8
+            [model]
+            backbone = "models/build/all-minilm-l6-v2"
+            peft = "prompt"
+            prompt_tokens = 8
+            max_seq_len = 64
+            [data]
+            dataset = "spam-assassin"
+            partition = "natural"
+        "#;
+        let t = Trial::parse(text, Path::new("t.toml")).unwrap();
+        assert_eq!(t.data.partition, "natural");
+        assert_eq!(
+            (t.model.prompt_tokens, t.model.max_seq_len),
+            (Some(8), Some(64))
+        );
+        for (from, to, field) in [
+            (
+                "dataset = \"spam-assassin\"",
+                "dataset = \"fashion-mnist\"",
+                "data.partition",
+            ),
+            (
+                "dataset = \"spam-assassin\"",
+                "dataset = \"imdb\"",
+                "data.dataset",
+            ),
+            (
+                "partition = \"natural\"",
+                "partition = \"shards\"",
+                "data.partition",
+            ),
+            ("max_seq_len = 64", "max_seq_len = 1", "model.max_seq_len"),
+            (
+                "prompt_tokens = 8",
+                "prompt_tokens = 0",
+                "model.prompt_tokens",
+            ),
+            ("max_seq_len = 64", "max_seq_length = 64", "max_seq_length"),
+        ] {
+            let err = Trial::parse(&text.replace(from, to), Path::new("t.toml")).unwrap_err();
+            assert!(err.to_string().contains(field), "{to}: {err}");
+        }
+    }
+
+    #[test]
     fn the_global_dtype_follows_the_update_dtype_unless_set() {
         let int8 = format!("{MINIMAL}\n[local]\nupdate_dtype = \"int8\"\n");
         assert_eq!(
@@ -754,6 +894,39 @@ mod tests {
         let bad = MINIMAL.replace("rounds = 2", "rounds = 2\nglobal_dtype = \"int4\"");
         let err = Trial::parse(&bad, Path::new("t.toml")).unwrap_err();
         assert!(err.to_string().contains("global_dtype"), "{err}");
+    }
+
+    #[test]
+    fn preflight_refuses_a_data_set_or_method_the_backbone_cannot_train() {
+        let dir = tempfile::tempdir().unwrap();
+        let conv = dir.path().join("conv");
+        let text = dir.path().join("text");
+        for (d, family) in [(&conv, "conv_head"), (&text, "transformer")] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(
+                d.join("manifest.json"),
+                format!("{{\"family\": \"{family}\"}}"),
+            )
+            .unwrap();
+        }
+        let check = |backbone: &Path, peft: &str, dataset: &str| {
+            let mut t = Trial::parse(MINIMAL, Path::new("t.toml")).unwrap();
+            t.model.backbone = backbone.to_path_buf();
+            t.model.peft = peft.into();
+            t.data.dataset = dataset.into();
+            t.preflight()
+        };
+        check(&conv, "lora", "fashion-mnist").unwrap();
+        check(&text, "adapter", "spam-assassin").unwrap();
+        for (backbone, peft, dataset, field) in [
+            (&conv, "prompt", "fashion-mnist", "model.peft"),
+            (&conv, "adapter", "fashion-mnist", "model.peft"),
+            (&conv, "lora", "spam-assassin", "data.dataset"),
+            (&text, "lora", "fashion-mnist", "data.dataset"),
+        ] {
+            let err = check(backbone, peft, dataset).unwrap_err();
+            assert!(err.to_string().contains(field), "{peft} {dataset}: {err}");
+        }
     }
 
     #[test]
@@ -810,7 +983,11 @@ mod tests {
         assert!(err.to_string().contains("model.backbone"), "{err}");
 
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("manifest.json"), "{}").unwrap();
+        std::fs::write(
+            dir.path().join("manifest.json"),
+            r#"{"family": "conv_head"}"#,
+        )
+        .unwrap();
         let text = format!("{MINIMAL}\n[links]\nprofile = \"wifi\"\nmechanism = \"kernel\"\n");
         let mut t = Trial::parse(&text, Path::new("t.toml")).unwrap();
         t.model.backbone = dir.path().to_path_buf();

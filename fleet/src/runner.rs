@@ -744,21 +744,31 @@ mod tests {
         );
     }
 
-    #[test]
-    fn each_client_gets_its_own_id_shard_and_files() {
+    /// The arguments `client_command` gives client `index` of `t`.
+    fn client_args(t: &Trial, index: usize) -> Vec<String> {
         let bins = Binaries {
             aggregator: "agg".into(),
             edge_client: "edge".into(),
         };
-        let t = trial();
-        let args: Vec<String> = client_command(&t, &bins, 2, "mqtt://127.0.0.1:1", Path::new("o"))
+        client_command(t, &bins, index, "mqtt://127.0.0.1:1", Path::new("o"))
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let after = |flag: &str| {
-            let i = args.iter().position(|a| a == flag).unwrap();
-            args[i + 1].clone()
-        };
+            .collect()
+    }
+
+    /// The value following `flag` in `args`.
+    fn flag_value(args: &[String], flag: &str) -> String {
+        let i = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+        args[i + 1].clone()
+    }
+
+    #[test]
+    fn each_client_gets_its_own_id_shard_and_files() {
+        let args = client_args(&trial(), 2);
+        let after = |flag: &str| flag_value(&args, flag);
         assert_eq!(after("--client-id"), "client-02");
         assert_eq!(after("--client-index"), "2");
         assert_eq!(after("--num-clients"), "4");
@@ -776,24 +786,13 @@ mod tests {
 
     #[test]
     fn dropout_goes_to_every_client_and_the_delay_to_stragglers_only() {
-        let bins = Binaries {
-            aggregator: "agg".into(),
-            edge_client: "edge".into(),
-        };
         let mut t = trial();
         t.dropout = 0.3;
         t.stragglers = vec![1];
         t.straggle_secs = 12.5;
-        let args = |i| -> Vec<String> {
-            client_command(&t, &bins, i, "mqtt://127.0.0.1:1", Path::new("o"))
-                .get_args()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect()
-        };
         for i in 0..4 {
-            let a = args(i);
-            let at = a.iter().position(|x| x == "--dropout").expect("--dropout");
-            assert_eq!(a[at + 1], "0.3");
+            let a = client_args(&t, i);
+            assert_eq!(flag_value(&a, "--dropout"), "0.3");
             let straggles = a.iter().position(|x| x == "--straggle-secs");
             assert_eq!(straggles.is_some(), i == 1, "client {i}");
             if let Some(at) = straggles {
@@ -830,18 +829,8 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing `{needle}` in\n{text}");
         }
-        let bins = Binaries {
-            aggregator: "agg".into(),
-            edge_client: "edge".into(),
-        };
-        let args: Vec<String> = client_command(&t, &bins, 1, "mqtt://127.0.0.1:1", Path::new("o"))
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let after = |flag: &str| {
-            let i = args.iter().position(|a| a == flag).unwrap();
-            args[i + 1].clone()
-        };
+        let args = client_args(&t, 1);
+        let after = |flag: &str| flag_value(&args, flag);
         assert_eq!(after("--dataset"), "spam-assassin");
         assert_eq!(after("--partition"), "natural");
         assert_eq!(after("--max-seq-len"), "64");

@@ -908,12 +908,9 @@ impl RoundMachine {
         }
         info!(client = %client, round, sequence = update.sequence, num_examples = update.num_examples,
               wire_bytes, accepted, sampled, "update accepted");
-        let before = out.len();
         self.maybe_close(now, out);
         // Closing the round checkpoints anyway; otherwise persist the accepted update now.
-        if self.rules.checkpoint_every_update && out.len() == before {
-            out.push(Action::Checkpoint(Box::new(self.s.clone())));
-        }
+        self.persist(out);
     }
 
     fn count_rejection(&mut self, reason: RejectReason) {

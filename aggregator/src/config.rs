@@ -7,6 +7,8 @@
 //! rounds = 5                  # rounds after the initial adapter             default 5
 //! seed = 42                   # sampling and per-round seeds                  default 42
 //! min_clients = 2             # joined clients needed to start a round; fewest sampled  default 2
+//! # start_clients = 64        # joined clients needed before round 1 only, so round 1 is
+//!                             # sampled from the whole fleet       default = min_clients
 //! fraction = 1.0              # fraction of available clients sampled, in (0, 1]     default 1.0
 //! quorum = 2                  # accepted updates needed at the deadline  default = min_clients
 //! round_timeout_secs = 120.0  # deadline after the announcement                 default 120
@@ -132,6 +134,7 @@ pub struct RawConfig {
     pub rounds: Option<u32>,
     pub seed: Option<u64>,
     pub min_clients: Option<usize>,
+    pub start_clients: Option<usize>,
     pub fraction: Option<f64>,
     pub quorum: Option<usize>,
     pub round_timeout_secs: Option<f64>,
@@ -308,6 +311,8 @@ pub struct Config {
     pub rounds: u32,
     pub seed: u64,
     pub min_clients: usize,
+    /// Joined clients needed before round 1 starts (at least `min_clients`).
+    pub start_clients: usize,
     pub fraction: f64,
     pub quorum: usize,
     pub round_timeout_ms: u64,
@@ -359,6 +364,13 @@ impl RawConfig {
         let min_clients = self.min_clients.unwrap_or(2);
         if min_clients == 0 {
             return Err(invalid("min_clients", "must be at least 1"));
+        }
+        let start_clients = self.start_clients.unwrap_or(min_clients);
+        if start_clients < min_clients {
+            return Err(invalid(
+                "start_clients",
+                format!("{start_clients} is below min_clients ({min_clients})"),
+            ));
         }
         let fraction = self.fraction.unwrap_or(1.0);
         if !(fraction > 0.0 && fraction <= 1.0) {
@@ -464,6 +476,7 @@ impl RawConfig {
             rounds,
             seed: self.seed.unwrap_or(42),
             min_clients,
+            start_clients,
             fraction,
             quorum,
             round_timeout_ms: (timeout * 1000.0).round() as u64,
@@ -921,6 +934,7 @@ mod tests {
         for (text, field) in [
             ("fraction = 0.0\n", "fraction"),
             ("min_clients = 2\nquorum = 3\n", "quorum"),
+            ("min_clients = 4\nstart_clients = 3\n", "start_clients"),
             ("round_timeout_secs = -1.0\n", "round_timeout_secs"),
             ("fleet = \"a/b\"\n", "fleet"),
             ("[local]\nupdate_dtype = \"f8\"\n", "local.update_dtype"),

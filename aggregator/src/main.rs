@@ -29,6 +29,9 @@ struct Cli {
     /// Clients needed to start a round (and the fewest sampled).
     #[arg(long)]
     min_clients: Option<usize>,
+    /// Clients needed before round 1 only (default: min_clients).
+    #[arg(long)]
+    start_clients: Option<usize>,
     /// Accepted updates needed at the deadline.
     #[arg(long)]
     quorum: Option<usize>,
@@ -101,6 +104,7 @@ impl Cli {
         set!(
             rounds,
             min_clients,
+            start_clients,
             quorum,
             fraction,
             round_timeout_secs,

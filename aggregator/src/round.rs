@@ -252,6 +252,9 @@ pub struct Rules {
     pub rounds: u32,
     /// Clients that must have joined before a round starts, and the fewest sampled.
     pub min_clients: usize,
+    /// Clients that must have joined before round 1 starts (at least `min_clients`), so the
+    /// first round is sampled from the whole fleet rather than from the first to connect.
+    pub start_clients: usize,
     /// Fraction of available clients sampled each round (at least `min_clients`).
     pub fraction: f64,
     /// Accepted updates needed to aggregate at the deadline.
@@ -971,7 +974,12 @@ impl RoundMachine {
             return;
         };
         let available = self.available();
-        if available.len() < self.rules.min_clients.max(1) {
+        let needed = if next_round == 1 {
+            self.rules.start_clients.max(self.rules.min_clients)
+        } else {
+            self.rules.min_clients
+        };
+        if available.len() < needed.max(1) {
             return;
         }
         let sampled = sample_clients(

@@ -76,6 +76,7 @@ pub fn rules(config: &Config, host: &dyn ModelHost) -> Rules {
         fleet: config.fleet.clone(),
         rounds: config.rounds,
         min_clients: config.min_clients,
+        start_clients: config.start_clients,
         fraction: config.fraction,
         quorum: config.quorum,
         round_timeout_ms: config.round_timeout_ms,

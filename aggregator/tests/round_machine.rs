@@ -21,6 +21,7 @@ fn rules(rounds: u32, min_clients: usize, quorum: usize) -> Rules {
         fleet: FleetName::new("test").unwrap(),
         rounds,
         min_clients,
+        start_clients: min_clients,
         fraction: 1.0,
         quorum,
         round_timeout_ms: TIMEOUT,
@@ -368,6 +369,38 @@ fn every_kind_of_bad_update_is_rejected_and_counted_by_reason() {
     m.on_event(update("a", 0, 4, 10, good, 0.0), T0 + 1);
     assert_eq!(rejected(&m, RejectReason::Late), 1);
     assert_eq!(rejected(&m, RejectReason::Stale), 1);
+}
+
+#[test]
+fn round_one_waits_for_start_clients_then_samples_from_all_of_them() {
+    let mut r = rules(2, 2, 2);
+    r.start_clients = 4;
+    r.fraction = 0.0; // sample exactly min_clients = 2
+    let mut m = RoundMachine::new(r, strategy::build(&StrategyKind::FedAvg), initial());
+    m.on_event(Event::Start, T0);
+    for c in ["a", "b", "c"] {
+        assert!(decoded(&m.on_event(join(c, 1), T0)).is_empty(), "{c} started round 1");
+    }
+    assert!(matches!(m.state().phase, Phase::Waiting { next_round: 1 }));
+    let msgs = decoded(&m.on_event(join("d", 1), T0));
+    assert!(matches!(&msgs[..], [(_, Message::RoundAnnounce(a))] if a.round == 1));
+    let Phase::Collecting(open) = &m.state().phase else {
+        panic!("round 1 should be open")
+    };
+    assert_eq!(open.sampled.len(), 2);
+    let sampled: Vec<String> = open.sampled.iter().cloned().collect();
+    // Later rounds need only min_clients: the two unsampled clients go offline, and round 2
+    // still opens when round 1 closes.
+    for c in ["a", "b", "c", "d"].iter().filter(|c| !sampled.iter().any(|s| s == *c)) {
+        m.on_event(offline(c), T0 + 1);
+    }
+    for c in &sampled {
+        m.on_event(update(c, 1, 0, 1, [0.0, 0.0], 0.0), T0 + 1);
+    }
+    let Phase::Collecting(open) = &m.state().phase else {
+        panic!("round 2 should be open after round 1 closed")
+    };
+    assert_eq!(open.round, 2);
 }
 
 #[test]

@@ -247,6 +247,7 @@ pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> to
     root.insert("rounds".into(), int(trial.rounds.into()));
     root.insert("seed".into(), int(trial.seed));
     root.insert("min_clients".into(), int(trial.min_clients as u64));
+    root.insert("start_clients".into(), int(trial.start_clients as u64));
     root.insert("fraction".into(), trial.fraction.into());
     root.insert("quorum".into(), int(trial.quorum as u64));
     root.insert("round_timeout_secs".into(), trial.round_timeout_secs.into());
@@ -728,6 +729,7 @@ mod tests {
         for needle in [
             "rounds = 3",
             "quorum = 3",
+            "start_clients = 4",
             "port = 4321",
             "url = \"embedded\"",
             "lora_rank = 4",

@@ -6,7 +6,9 @@
 //! rounds = 5
 //! clients = 8                  # edge-client processes
 //! fraction = 1.0               # share of joined clients sampled per round
-//! min_clients = 8              # clients needed before round 1 starts
+//! min_clients = 8              # clients needed to start a round, and the fewest sampled
+//! start_clients = 8            # clients that must have joined before round 1, so round 1
+//!                              # is sampled from the whole fleet     default: clients
 //! quorum = 6                   # accepted updates needed at the deadline
 //! round_timeout_secs = 300
 //! seed = 42
@@ -226,6 +228,7 @@ pub struct TrialFile {
     #[serde(default = "one")]
     pub fraction: f64,
     pub min_clients: Option<usize>,
+    pub start_clients: Option<usize>,
     pub quorum: Option<usize>,
     #[serde(default = "default_timeout")]
     pub round_timeout_secs: f64,
@@ -278,6 +281,8 @@ pub struct Trial {
     pub clients: usize,
     pub fraction: f64,
     pub min_clients: usize,
+    /// Joined clients the aggregator waits for before round 1.
+    pub start_clients: usize,
     pub quorum: usize,
     pub round_timeout_secs: f64,
     pub seed: u64,
@@ -352,6 +357,16 @@ impl Trial {
             return Err(bad(
                 "min_clients",
                 format!("{min_clients} is not in 1..={} (clients)", raw.clients),
+            ));
+        }
+        let start_clients = raw.start_clients.unwrap_or(raw.clients);
+        if start_clients < min_clients || start_clients > raw.clients {
+            return Err(bad(
+                "start_clients",
+                format!(
+                    "{start_clients} is not in {min_clients}..={} (min_clients..=clients)",
+                    raw.clients
+                ),
             ));
         }
         let sampled = ((raw.fraction * min_clients as f64).ceil() as usize).max(1);
@@ -555,6 +570,7 @@ impl Trial {
             clients: raw.clients,
             fraction: raw.fraction,
             min_clients,
+            start_clients,
             quorum,
             round_timeout_secs: raw.round_timeout_secs,
             seed: raw.seed,
@@ -748,7 +764,7 @@ mod tests {
     #[test]
     fn a_minimal_trial_gets_documented_defaults() {
         let t = Trial::parse(MINIMAL, Path::new("t.toml")).unwrap();
-        assert_eq!(t.min_clients, 4);
+        assert_eq!((t.min_clients, t.start_clients), (4, 4));
         assert_eq!(t.quorum, 4);
         assert_eq!(t.model.peft, "lora");
         assert_eq!(t.model.image_size, 96);
@@ -774,6 +790,7 @@ mod tests {
             ("rounds = 0", "rounds"),
             ("fraction = 1.5", "fraction"),
             ("min_clients = 9", "min_clients"),
+            ("start_clients = 9", "start_clients"),
             ("quorum = 0", "quorum"),
             ("round_timeout_secs = -1.0", "round_timeout_secs"),
             ("dropout = 1.0", "dropout"),

@@ -171,6 +171,9 @@ pub struct ModelFile {
     pub max_seq_len: Option<usize>,
     /// Threads for the trunk runtime (0 = runtime default). Default 0.
     pub threads: Option<usize>,
+    /// Samples per trunk batch while filling the activation cache: the trunk's intermediate
+    /// tensors grow with it (the cold start's peak memory on a board). Default 16.
+    pub trunk_batch: Option<usize>,
 }
 
 /// The PEFT method trained, with its hyper-parameters.
@@ -365,6 +368,9 @@ pub struct Cli {
     /// Image side for a vision trunk.
     #[arg(long)]
     pub image_size: Option<usize>,
+    /// Samples per trunk batch while filling the activation cache (default 16).
+    #[arg(long)]
+    pub trunk_batch: Option<usize>,
     /// Tokens per text for a text trunk (default: the manifest's max_len).
     #[arg(long)]
     pub max_seq_len: Option<usize>,
@@ -592,6 +598,8 @@ pub struct EdgeConfig {
     pub runtime: RuntimeChoice,
     pub peft: PeftChoice,
     pub image_size: usize,
+    /// Samples per trunk batch while filling the activation cache.
+    pub trunk_batch: usize,
     /// Tokens per text; `None`: the manifest's `max_len`.
     pub max_seq_len: Option<usize>,
     pub threads: usize,
@@ -841,6 +849,13 @@ impl EdgeConfig {
                 format!("{image_size} is not in 32..=1024"),
             ));
         }
+        let trunk_batch = cli.trunk_batch.or(file.model.trunk_batch).unwrap_or(16);
+        if !(1..=1024).contains(&trunk_batch) {
+            return Err(invalid(
+                "model.trunk_batch",
+                format!("{trunk_batch} is not in 1..=1024"),
+            ));
+        }
         let threads = cli.threads.or(file.model.threads).unwrap_or(0);
         let max_seq_len = cli.max_seq_len.or(file.model.max_seq_len);
         if let Some(n) = max_seq_len
@@ -983,6 +998,7 @@ impl EdgeConfig {
             runtime,
             peft,
             image_size,
+            trunk_batch,
             max_seq_len,
             threads,
             data: DataSpec {
@@ -1066,7 +1082,7 @@ mod tests {
                 alpha: 16.0
             }
         );
-        assert_eq!(cfg.image_size, 96);
+        assert_eq!((cfg.image_size, cfg.trunk_batch), (96, 16));
         assert_eq!(cfg.data.partition, PartitionKind::Iid);
         assert_eq!((cfg.data.index, cfg.data.num_clients), (7, 8));
         assert_eq!(cfg.data.dataset, "fashion-mnist");
@@ -1268,6 +1284,7 @@ straggle_secs = 4
                 "faults.dropout_offline_secs",
             ),
             ("[faults]\nstraggle_secs = nan\n", "faults.straggle_secs"),
+            ("[model]\ntrunk_batch = 0\n", "model.trunk_batch"),
         ] {
             let err = EdgeConfig::resolve(parse(text).unwrap(), &cli(&base)).unwrap_err();
             assert!(

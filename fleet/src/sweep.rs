@@ -396,6 +396,23 @@ fn finished_report(dir: &Path) -> Option<serde_json::Value> {
     (v["finished"] == serde_json::Value::Bool(true)).then_some(v)
 }
 
+/// A finished trial is reused only if it ran with the settings the sweep file gives it now:
+/// the `trial.toml` the runner wrote into its folder must be the trial's text.
+fn same_settings(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    let path = dir.join("trial.toml");
+    let ran = std::fs::read_to_string(&path)
+        .with_context(|| format!("trial {name} finished but {} is unreadable", path.display()))?;
+    if ran != text {
+        bail!(
+            "trial {name} in {} finished with other settings than the sweep file gives it now \
+             ({} differs); move that folder away to run it again, or pass another --out",
+            dir.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Runs every trial of the sweep not already finished in `out`, then writes the table.
 pub fn run_sweep(
     sweep: &Sweep,
@@ -410,6 +427,7 @@ pub fn run_sweep(
         let mut trial = Trial::parse(text, Path::new(name))?;
         let report = match finished_report(&dir) {
             Some(r) => {
+                same_settings(&dir, name, text)?;
                 println!("sweep: {name} already finished; reusing its report");
                 r
             }
@@ -520,9 +538,16 @@ label = "lora-dp"
         let small = Sweep::load(&dir.join("small.toml")).unwrap();
         assert_eq!(small.trials.len(), 2);
         let full = Sweep::load(&dir.join("fedpeft.toml")).unwrap();
-        // 4 methods x 2 alphas, 3 DP trials, 2 with 30 % mid-round dropout and 5 methods on
-        // the text backbone.
+        // 4 methods x 2 alphas (LoRA as extras, for its own learning rate), 3 DP trials, 2
+        // with 30 % mid-round dropout and 5 methods on the text backbone.
         assert_eq!(full.trials.len(), 18);
+        for (name, text) in &full.trials {
+            let t = Trial::parse(text, Path::new(name)).unwrap();
+            if t.data.dataset == "fashion-mnist" {
+                let lr = if t.model.peft == "lora" { 0.05 } else { 0.1 };
+                assert_eq!(t.local.learning_rate, Some(lr), "{name}");
+            }
+        }
         let dropout: Vec<_> = full
             .trials
             .iter()
@@ -555,6 +580,23 @@ label = "lora-dp"
             // The aggregator samples max(min_clients, fraction x joined).
             assert_eq!(t.min_clients, 8, "{name}");
         }
+    }
+
+    #[test]
+    fn a_finished_trial_is_reused_only_with_the_settings_it_ran_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let (name, text) = &Sweep::parse(SWEEP).unwrap().trials[0];
+        std::fs::write(dir.path().join("trial.toml"), text).unwrap();
+        same_settings(dir.path(), name, text).unwrap();
+        let changed = text.replace("rounds = 3", "rounds = 4");
+        assert_ne!(&changed, text);
+        let e = same_settings(dir.path(), name, &changed).unwrap_err().to_string();
+        assert!(
+            e.contains(name.as_str()) && e.contains("other settings") && e.contains("trial.toml"),
+            "{e}"
+        );
+        std::fs::remove_file(dir.path().join("trial.toml")).unwrap();
+        assert!(same_settings(dir.path(), name, text).is_err());
     }
 
     #[test]

@@ -379,7 +379,10 @@ fn round_one_waits_for_start_clients_then_samples_from_all_of_them() {
     let mut m = RoundMachine::new(r, strategy::build(&StrategyKind::FedAvg), initial());
     m.on_event(Event::Start, T0);
     for c in ["a", "b", "c"] {
-        assert!(decoded(&m.on_event(join(c, 1), T0)).is_empty(), "{c} started round 1");
+        assert!(
+            decoded(&m.on_event(join(c, 1), T0)).is_empty(),
+            "{c} started round 1"
+        );
     }
     assert!(matches!(m.state().phase, Phase::Waiting { next_round: 1 }));
     let msgs = decoded(&m.on_event(join("d", 1), T0));
@@ -391,7 +394,10 @@ fn round_one_waits_for_start_clients_then_samples_from_all_of_them() {
     let sampled: Vec<String> = open.sampled.iter().cloned().collect();
     // Later rounds need only min_clients: the two unsampled clients go offline, and round 2
     // still opens when round 1 closes.
-    for c in ["a", "b", "c", "d"].iter().filter(|c| !sampled.iter().any(|s| s == *c)) {
+    for c in ["a", "b", "c", "d"]
+        .iter()
+        .filter(|c| !sampled.iter().any(|s| s == *c))
+    {
         m.on_event(offline(c), T0 + 1);
     }
     for c in &sampled {

@@ -570,7 +570,11 @@ label = "lora-dp"
         }
         for (name, text) in &full.trials {
             let t = Trial::parse(text, Path::new(name)).unwrap();
-            let rounds = if t.data.dataset == "spam-assassin" { 3 } else { 30 };
+            let rounds = if t.data.dataset == "spam-assassin" {
+                3
+            } else {
+                30
+            };
             assert_eq!(
                 (t.clients, t.rounds, t.shared_cache),
                 (64, rounds, true),
@@ -590,7 +594,9 @@ label = "lora-dp"
         same_settings(dir.path(), name, text).unwrap();
         let changed = text.replace("rounds = 3", "rounds = 4");
         assert_ne!(&changed, text);
-        let e = same_settings(dir.path(), name, &changed).unwrap_err().to_string();
+        let e = same_settings(dir.path(), name, &changed)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains(name.as_str()) && e.contains("other settings") && e.contains("trial.toml"),
             "{e}"

@@ -250,6 +250,7 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
     let mut cum = Vec::new();
     let mut total = 0u64;
     let mut client_rounds = 0u64;
+    let mut sampled_client_rounds = 0u64;
     let mut ms = Vec::new();
     for r in &rounds {
         acc.push(r["eval_accuracy"].as_f64());
@@ -257,6 +258,7 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
         cum.push(total);
         if u(&r["round"]) > 0 {
             client_rounds += u(&r["clients_ok"]);
+            sampled_client_rounds += r["sampled"].as_array().map_or(0, |s| s.len() as u64);
             ms.push(r["duration_ms"].as_f64().unwrap_or(0.0));
         }
     }
@@ -324,8 +326,11 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
         down_bytes_per_client_round: down_per,
         total_bytes: up + down,
         full_model_fedavg_bytes: full,
-        times_less_than_full_model: (up_per + down_per > 0.0)
-            .then(|| per(full) / (up_per + down_per)),
+        // The aggregator counts full-model FedAvg for every sampled client (a dropped client
+        // would have downloaded the model too): per sampled client-round, against what one
+        // client moves in a round here.
+        times_less_than_full_model: (up_per + down_per > 0.0 && sampled_client_rounds > 0)
+            .then(|| full as f64 / sampled_client_rounds as f64 / (up_per + down_per)),
         mean_round_ms: if ms.is_empty() {
             0.0
         } else {
@@ -629,9 +634,9 @@ label = "lora-dp"
                 {"round": 0, "eval_accuracy": 0.1, "clients_ok": 0, "duration_ms": 0,
                  "traffic": {"up_bytes": 0, "down_bytes": 0}},
                 {"round": 1, "eval_accuracy": 0.5, "clients_ok": 2, "duration_ms": 1000,
-                 "traffic": {"up_bytes": 2000, "down_bytes": 3000}},
+                 "sampled": ["a", "b", "c"], "traffic": {"up_bytes": 2000, "down_bytes": 3000}},
                 {"round": 2, "eval_accuracy": 0.4, "clients_ok": 2, "duration_ms": 3000,
-                 "traffic": {"up_bytes": 2000, "down_bytes": 3000}}
+                 "sampled": ["a", "b"], "traffic": {"up_bytes": 2000, "down_bytes": 3000}}
             ]
         });
         let r = row(&trial, &report);
@@ -641,7 +646,8 @@ label = "lora-dp"
         assert_eq!(r.down_bytes_per_client_round, 187.5);
         assert_eq!(r.final_accuracy, Some(0.4));
         assert_eq!(r.best_accuracy, Some(0.5));
-        assert_eq!(r.times_less_than_full_model, Some(2_500_000.0 / 1187.5));
+        // Full-model FedAvg per sampled client-round (5 of them: c dropped out of round 1).
+        assert_eq!(r.times_less_than_full_model, Some(2_000_000.0 / 1187.5));
         assert_eq!(r.cumulative_bytes_by_round, [0, 5000, 10000]);
         assert_eq!(r.mean_round_ms, 2000.0);
         let nb = preset("nb-iot").unwrap();

@@ -228,7 +228,7 @@ pub struct Row {
     pub down_bytes_per_client_round: f64,
     pub total_bytes: u64,
     pub full_model_fedavg_bytes: u64,
-    /// Full-model FedAvg bytes per accepted client-round over this trial's (up + down) bytes per
+    /// Full-model FedAvg bytes per sampled client-round over this trial's (up + down) bytes per
     /// client-round: how many times less a participating client sends and receives.
     pub times_less_than_full_model: Option<f64>,
     pub mean_round_ms: f64,

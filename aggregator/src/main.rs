@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use fedpeft_aggregator::config::RawConfig;
 use fedpeft_aggregator::host::{LayoutHost, ModelHost};
-use fedpeft_aggregator::model::{BackboneHost, BackboneHostConfig};
+use fedpeft_aggregator::model::{BackboneHost, BackboneHostConfig, DEFAULT_FROZEN_BUDGET};
 use fedpeft_aggregator::shell;
 
 /// Command-line flags; each overrides the config file's field of the same name.
@@ -166,6 +166,7 @@ fn main() -> anyhow::Result<()> {
                 max_seq_len: config.model.max_seq_len,
                 threads: config.model.threads,
                 cache_dir: config.model.cache_dir.clone(),
+                frozen_budget: DEFAULT_FROZEN_BUDGET,
             })
             .context("server-side model")?,
         ),

@@ -44,6 +44,9 @@ pub struct BackboneHostConfig {
     pub threads: usize,
     /// Where held-out activations are kept between runs.
     pub cache_dir: PathBuf,
+    /// Largest frozen prefix of the held-out set kept between evaluations, bytes; 0 turns it
+    /// off. [`DEFAULT_FROZEN_BUDGET`] unless testing.
+    pub frozen_budget: usize,
 }
 
 /// Held-out activations and, for text, their attention masks.
@@ -65,11 +68,19 @@ type HeldOutJob = Box<dyn FnOnce() -> Result<HeldOutRows, HostError> + Send>;
 pub struct BackboneHost {
     tail: Box<dyn Tail>,
     features: HeldOut,
+    /// The tail's frozen prefix of each 256-row chunk of the held-out set (`None` where the
+    /// method has none or past the budget), kept at the first evaluation: later
+    /// evaluations skip the part of the forward pass no trained tensor affects.
+    frozen: Option<Vec<Option<ndarray::ArrayD<f32>>>>,
+    frozen_budget: usize,
     labels: Vec<usize>,
     backbone_params: u64,
     backbone_id: String,
     backbone_sha256: [u8; 32],
 }
+
+/// Default [`BackboneHostConfig::frozen_budget`]: 512 MiB.
+pub const DEFAULT_FROZEN_BUDGET: usize = 512 << 20;
 
 fn err(dir: &Path, what: &str, e: impl std::fmt::Display) -> HostError {
     HostError::Model(format!("backbone {}: {what}: {e}", dir.display()))
@@ -248,6 +259,8 @@ impl BackboneHost {
         Ok(BackboneHost {
             tail,
             features: HeldOut::Pending(pending),
+            frozen: None,
+            frozen_budget: cfg.frozen_budget,
             labels,
             backbone_params,
             backbone_id,
@@ -309,7 +322,11 @@ impl ModelHost for BackboneHost {
         let (features, masks) = self.features()?;
         let (mut loss, mut correct) = (0.0f64, 0usize);
         let all: Vec<usize> = (0..self.labels.len()).collect();
-        for idx in all.chunks(256) {
+        // Taken out while in use: an error below leaves it unset, to be computed again.
+        let mut frozen = self.frozen.take();
+        let first = frozen.is_none();
+        let (mut kept, mut kept_bytes) = (Vec::new(), 0usize);
+        for (k, idx) in all.chunks(256).enumerate() {
             let features = features.rows(idx).map_err(|x| e("activations", &x))?;
             let mask = match &masks {
                 Some(m) => Some(
@@ -320,7 +337,18 @@ impl ModelHost for BackboneHost {
                 ),
                 None => None,
             };
-            let batch = Batch { features, mask };
+            let mut batch = Batch::new(features, mask);
+            batch.frozen = match frozen.as_mut() {
+                Some(chunks) => chunks.get_mut(k).and_then(Option::take),
+                None => self
+                    .tail
+                    .frozen_prefix(&batch)
+                    .map_err(|x| e("frozen prefix", &x))?
+                    .filter(|p| {
+                        kept_bytes += p.len() * std::mem::size_of::<f32>();
+                        kept_bytes <= self.frozen_budget
+                    }),
+            };
             let labels: Vec<usize> = idx.iter().map(|&i| self.labels[i]).collect();
             let s = self
                 .tail
@@ -328,7 +356,16 @@ impl ModelHost for BackboneHost {
                 .map_err(|x| e("evaluate", &x))?;
             loss += s.loss_sum;
             correct += s.correct;
+            match frozen.as_mut() {
+                Some(chunks) => {
+                    if let Some(slot) = chunks.get_mut(k) {
+                        *slot = batch.frozen.take();
+                    }
+                }
+                None => kept.push(batch.frozen.take()),
+            }
         }
+        self.frozen = if first { Some(kept) } else { frozen };
         let n = self.labels.len().max(1) as f64;
         Ok(Some(Evaluation {
             loss: loss / n,

@@ -129,10 +129,7 @@ fn main() -> Result<()> {
         order.shuffle(&mut rng);
         let (mut loss, mut seen) = (0.0, 0usize);
         for chunk in order.chunks(a.batch) {
-            let batch = Batch {
-                features: train_f.rows(chunk)?,
-                mask: None,
-            };
+            let batch = Batch::new(train_f.rows(chunk)?, None);
             let labels: Vec<usize> = chunk.iter().map(|&i| train.labels[i] as usize).collect();
             let s = tail.train_step(&batch, &labels, &mut opt)?;
             loss += s.loss * s.samples as f64;
@@ -143,10 +140,7 @@ fn main() -> Result<()> {
         let (mut correct, mut n) = (0usize, 0usize);
         let idx: Vec<usize> = (0..test.len()).collect();
         for chunk in idx.chunks(500) {
-            let batch = Batch {
-                features: test_f.rows(chunk)?,
-                mask: None,
-            };
+            let batch = Batch::new(test_f.rows(chunk)?, None);
             let labels: Vec<usize> = chunk.iter().map(|&i| test.labels[i] as usize).collect();
             let e = tail.evaluate(&batch, &labels)?;
             correct += e.correct;

@@ -73,10 +73,7 @@ fn efficientnet_trunk_plus_rust_tail_reproduces_the_unsplit_imagenet_logits() {
             assert_eq!(trunk.runtime(), kind(rt));
             let features = trunk.run(&TrunkInput::Image(x)).unwrap();
             let logits = tail
-                .forward(&Batch {
-                    features,
-                    mask: None,
-                })
+                .forward(&Batch::new(features, None))
                 .unwrap()
                 .into_dyn();
             let want = fx.f32(key);
@@ -132,10 +129,7 @@ fn minilm_trunk_plus_rust_tail_reproduces_the_unsplit_sentence_embedding() {
                 mask: mask.clone(),
             })
             .unwrap();
-        let batch = Batch {
-            features,
-            mask: Some(mask.mapv(|m| m as f32)),
-        };
+        let batch = Batch::new(features, Some(mask.mapv(|m| m as f32)));
         let emb = tail.forward(&batch).unwrap().into_dyn();
         let d = max_abs_diff(&emb, &want);
         println!("{rt:?}: embedding max |diff| = {d:e}");

@@ -226,6 +226,11 @@ pub struct CacheFile {
     /// fleet runs the trunk once over every sample, every other client (on the same machine
     /// and cache folder) reads its own rows from that one entry. Default false.
     pub shared: Option<bool>,
+    /// MiB for the tail's frozen prefix of the local examples: the part of the tail's forward
+    /// pass no trained tensor affects (the pooled features when only the head trains, the
+    /// conv head's frozen product for bias and LoRA), computed at the first round and reused
+    /// by every later step. 0 turns it off. Default 128.
+    pub frozen_mb: Option<usize>,
 }
 
 /// The `[reconnect]` table.
@@ -608,6 +613,8 @@ pub struct EdgeConfig {
     pub cache_memory_bytes: usize,
     pub cache_persist: bool,
     pub cache_shared: bool,
+    /// Largest frozen prefix the trainer keeps, bytes (`[cache] frozen_mb`).
+    pub frozen_budget_bytes: usize,
     pub reconnect: Backoff,
     pub summary_json: Option<PathBuf>,
     pub faults: FaultsSpec,
@@ -925,6 +932,7 @@ impl EdgeConfig {
         let cache_memory_bytes = file.cache.memory_mb.unwrap_or(256).saturating_mul(1 << 20);
         let cache_persist = file.cache.persist.unwrap_or(true);
         let cache_shared = cli.cache_shared || file.cache.shared.unwrap_or(false);
+        let frozen_budget_bytes = file.cache.frozen_mb.unwrap_or(128).saturating_mul(1 << 20);
 
         let initial_ms = file.reconnect.initial_ms.unwrap_or(500);
         let max_ms = file.reconnect.max_ms.unwrap_or(30_000);
@@ -1015,6 +1023,7 @@ impl EdgeConfig {
             cache_memory_bytes,
             cache_persist,
             cache_shared,
+            frozen_budget_bytes,
             reconnect: Backoff {
                 initial: Duration::from_millis(initial_ms),
                 max: Duration::from_millis(max_ms),

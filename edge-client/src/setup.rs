@@ -488,7 +488,8 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
         path: tail_path,
         source,
     })?;
-    let mut trainer = TailTrainer::new(tail, data.features, data.labels, seed)?;
+    let mut trainer = TailTrainer::new(tail, data.features, data.labels, seed)?
+        .with_frozen_budget(cfg.frozen_budget_bytes);
     if let Some(masks) = data.masks {
         trainer = trainer.with_masks(masks)?;
     }

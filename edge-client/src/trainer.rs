@@ -113,7 +113,25 @@ pub struct TailTrainer {
     client_seed: u64,
     /// DP-SGD state lives across rounds: the accountant adds up every step ever taken.
     dp: Option<DpSgd>,
+    /// The tail's frozen prefix of every training row, computed at the first round.
+    frozen: Frozen,
+    /// Largest frozen prefix kept, bytes.
+    frozen_budget: usize,
 }
+
+/// The training rows' frozen prefix ([`Tail::frozen_prefix`]): the part of the tail's forward
+/// pass no trained tensor affects, the same every step and every round.
+#[derive(Debug)]
+enum Frozen {
+    /// Not computed yet.
+    Pending,
+    /// The method has none, or it would not fit the budget: every step computes it.
+    Off,
+    Rows(ArrayD<f32>),
+}
+
+/// Default [`TailTrainer::with_frozen_budget`]: 128 MiB.
+pub const DEFAULT_FROZEN_BUDGET: usize = 128 << 20;
 
 impl TailTrainer {
     /// `features` is `[N, ...]` trunk activations, `labels` their N classes.
@@ -145,7 +163,70 @@ impl TailTrainer {
             eval: None,
             client_seed,
             dp: None,
+            frozen: Frozen::Pending,
+            frozen_budget: DEFAULT_FROZEN_BUDGET,
         })
+    }
+
+    /// Keeps the tail's frozen prefix of the training rows (pooled features when only the head
+    /// trains, the conv head's frozen product for bias and LoRA) if it takes at most `bytes`,
+    /// so that every step after the first round skips that part of the forward pass; 0 turns
+    /// it off.
+    pub fn with_frozen_budget(mut self, bytes: usize) -> Self {
+        self.frozen_budget = bytes;
+        self
+    }
+
+    /// Computes the frozen prefix of every training row once, if the method has one and it
+    /// fits the budget.
+    fn prepare_frozen(&mut self) -> Result<(), TrainError> {
+        if !matches!(self.frozen, Frozen::Pending) {
+            return Ok(());
+        }
+        self.frozen = Frozen::Off;
+        let n = self.labels.len();
+        if self.frozen_budget == 0 || n == 0 {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let all: Vec<usize> = (0..n).collect();
+        let mut rows: Option<ArrayD<f32>> = None;
+        let mut at = 0;
+        for idx in all.chunks(256) {
+            let b = Self::batch_of(&self.features, self.masks.as_ref(), None, idx)?;
+            let Some(part) = self.tail.frozen_prefix(&b).map_err(TrainError::Step)? else {
+                return Ok(());
+            };
+            let out = match &mut rows {
+                Some(r) => r,
+                None => {
+                    let mut shape = part.shape().to_vec();
+                    shape[0] = n;
+                    let bytes = shape.iter().product::<usize>() * std::mem::size_of::<f32>();
+                    if bytes > self.frozen_budget {
+                        tracing::info!(
+                            bytes,
+                            budget = self.frozen_budget,
+                            "frozen prefix over budget; computed every step"
+                        );
+                        return Ok(());
+                    }
+                    rows.insert(ArrayD::zeros(shape))
+                }
+            };
+            out.slice_axis_mut(Axis(0), (at..at + idx.len()).into())
+                .assign(&part);
+            at += idx.len();
+        }
+        let rows = rows.expect("at least one row");
+        tracing::info!(
+            shape = ?rows.shape(),
+            bytes = rows.len() * std::mem::size_of::<f32>(),
+            ms = start.elapsed().as_millis() as u64,
+            "frozen prefix kept"
+        );
+        self.frozen = Frozen::Rows(rows);
+        Ok(())
     }
 
     /// Attention masks `[N, S]` of the activations (1 for real tokens, 0 for padding), for a
@@ -247,6 +328,7 @@ impl TailTrainer {
     fn batch_of(
         features: &Activations,
         masks: Option<&Activations>,
+        frozen: Option<&ArrayD<f32>>,
         idx: &[usize],
     ) -> Result<Batch, TrainError> {
         let mask = match masks {
@@ -257,10 +339,9 @@ impl TailTrainer {
             ),
             None => None,
         };
-        Ok(Batch {
-            features: features.rows(idx)?,
-            mask,
-        })
+        let mut batch = Batch::new(features.rows(idx)?, mask);
+        batch.frozen = frozen.map(|f| f.select(Axis(0), idx));
+        Ok(batch)
     }
 }
 
@@ -286,6 +367,11 @@ impl LocalTrainer for TailTrainer {
             });
         }
         let global_named = self.load(global)?;
+        self.prepare_frozen()?;
+        let frozen = match &self.frozen {
+            Frozen::Rows(r) => Some(r),
+            _ => None,
+        };
         let mut opt = Self::optimizer(plan, &global_named)?;
         let batch = (plan.batch_size as usize).min(n);
         if let Some(dp) = plan.dp {
@@ -314,7 +400,7 @@ impl LocalTrainer for TailTrainer {
             // Metrics describe the last epoch, when the tail is closest to what is sent.
             (loss_sum, correct, seen) = (0.0, 0, 0);
             for idx in order.chunks(batch) {
-                let b = Self::batch_of(&self.features, self.masks.as_ref(), idx)?;
+                let b = Self::batch_of(&self.features, self.masks.as_ref(), frozen, idx)?;
                 let labels: Vec<usize> = idx.iter().map(|&i| self.labels[i]).collect();
                 let stats = match (&mut self.dp, plan.dp) {
                     (Some(dp), Some(_)) => self.tail.train_step_dp(&b, &labels, dp, opt.as_mut()),
@@ -366,9 +452,10 @@ impl LocalTrainer for TailTrainer {
     fn evaluate(&mut self, adapter: &GlobalAdapter) -> Result<Metrics, TrainError> {
         let start = Instant::now();
         self.load(adapter)?;
-        let (features, masks, labels) = match &self.eval {
-            Some((f, l)) => (f, None, l),
-            None => (&self.features, self.masks.as_ref(), &self.labels),
+        let (features, masks, labels, frozen) = match (&self.eval, &self.frozen) {
+            (Some((f, l)), _) => (f, None, l, None),
+            (None, Frozen::Rows(r)) => (&self.features, self.masks.as_ref(), &self.labels, Some(r)),
+            (None, _) => (&self.features, self.masks.as_ref(), &self.labels, None),
         };
         if labels.is_empty() {
             return Err(TrainError::NoData { what: "evaluate" });
@@ -376,7 +463,7 @@ impl LocalTrainer for TailTrainer {
         let (mut loss, mut correct) = (0.0f64, 0usize);
         let all: Vec<usize> = (0..labels.len()).collect();
         for idx in all.chunks(256) {
-            let b = Self::batch_of(features, masks, idx)?;
+            let b = Self::batch_of(features, masks, frozen, idx)?;
             let l: Vec<usize> = idx.iter().map(|&i| labels[i]).collect();
             let s = self.tail.evaluate(&b, &l).map_err(TrainError::Step)?;
             loss += s.loss_sum;
@@ -600,5 +687,77 @@ mod tests {
         let e1 = t.train(&global, &p).unwrap().metrics.epsilon.unwrap();
         let e2 = t.train(&global, &p).unwrap().metrics.epsilon.unwrap();
         assert!(e1 > 0.0 && e2 > e1, "{e1} then {e2}");
+    }
+
+    #[test]
+    fn the_frozen_prefix_changes_the_speed_not_the_update() {
+        let lora = Method::Lora(fedpeft_peft::LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.1,
+            targets: vec![],
+        });
+        let mut dp = plan(1, 0.0);
+        dp.dp = Some(crate::types::DpPlan {
+            clip_norm: 1.0,
+            noise_multiplier: 0.5,
+        });
+        for (method, p) in [
+            (Method::Head, plan(2, 0.0)),
+            (Method::Bias, plan(2, 0.1)),
+            (lora.clone(), plan(2, 0.0)),
+            (Method::Head, dp.clone()),
+            (lora, dp),
+        ] {
+            let name = method.name();
+            let (mut with, global) = trainer(method.clone());
+            let (without, _) = trainer(method);
+            let mut without = without.with_frozen_budget(0);
+            // Two rounds: the prefix is computed in the first and reused in the second.
+            for round in 0..2 {
+                let a = with.train(&global, &p).unwrap();
+                let b = without.train(&global, &p).unwrap();
+                assert!(
+                    matches!(with.frozen, Frozen::Rows(_)),
+                    "{name}: no prefix kept"
+                );
+                assert!(matches!(without.frozen, Frozen::Off));
+                assert!(
+                    (a.metrics.loss - b.metrics.loss).abs() < 1e-5,
+                    "{name} round {round}"
+                );
+                for (x, y) in a.deltas.iter().zip(&b.deltas) {
+                    let d = x
+                        .data
+                        .iter()
+                        .zip(&y.data)
+                        .map(|(p, q)| (p - q).abs())
+                        .fold(0.0f32, f32::max);
+                    assert!(d < 1e-5, "{name} round {round}: {} differs by {d}", x.name);
+                }
+            }
+            let ea = with.evaluate(&global).unwrap();
+            let eb = without.evaluate(&global).unwrap();
+            assert!((ea.loss - eb.loss).abs() < 1e-5 && ea.accuracy == eb.accuracy);
+        }
+    }
+
+    #[test]
+    fn a_frozen_prefix_over_its_budget_is_not_kept() {
+        let (t, global) = trainer(Method::Bias);
+        // 96 rows x 4 pixels x 8 channels x 4 bytes = 12 288 bytes.
+        let mut t = t.with_frozen_budget(12_287);
+        t.train(&global, &plan(1, 0.0)).unwrap();
+        assert!(matches!(t.frozen, Frozen::Off));
+        let (t, _) = trainer(Method::Bias);
+        let mut t = t.with_frozen_budget(12_288);
+        t.train(&global, &plan(1, 0.0)).unwrap();
+        assert!(matches!(t.frozen, Frozen::Rows(_)));
+        let (mut full, global) = trainer(Method::FullTail);
+        full.train(&global, &plan(1, 0.0)).unwrap();
+        assert!(
+            matches!(full.frozen, Frozen::Off),
+            "full-tail has no prefix"
+        );
     }
 }

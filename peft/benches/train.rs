@@ -154,10 +154,7 @@ fn run_one(name: &str, steps: usize) {
         (
             Family::ConvHead,
             conv_weights(&mut rng),
-            Batch {
-                features: x,
-                mask: None,
-            },
+            Batch::new(x, None),
             10,
         )
     } else {
@@ -172,10 +169,7 @@ fn run_one(name: &str, steps: usize) {
         (
             Family::Transformer(TransformerSpec::default()),
             w,
-            Batch {
-                features: x,
-                mask: Some(mask),
-            },
+            Batch::new(x, Some(mask)),
             2,
         )
     };

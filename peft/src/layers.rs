@@ -76,17 +76,34 @@ impl Linear {
         x: &Arc<Array2<T>>,
         rng: Option<&mut StdRng>,
     ) -> (Array2<T>, LinearCache<T>) {
-        let w = p.w2(self.w);
-        let mut y = mm_t(x.view(), w);
+        let product = mm_t(x.view(), p.w2(self.w));
+        self.forward_from_product(p, Some(x), product, rng)
+    }
+
+    /// Forward pass given `x·Wᵀ` already computed (`W` frozen: the product is the same
+    /// every step, so a caller may compute it once). Adds the bias and the LoRA branch. `x`
+    /// may be `None` only when the layer has no LoRA branch and a frozen `W`.
+    pub fn forward_from_product<T: Real>(
+        &self,
+        p: &ParamStore<T>,
+        x: Option<&Arc<Array2<T>>>,
+        product: Array2<T>,
+        rng: Option<&mut StdRng>,
+    ) -> (Array2<T>, LinearCache<T>) {
+        const NEEDS_X: &str =
+            "Linear::forward_from_product: the input is needed (LoRA or a trained W)";
+        let mut y = product;
         if let Some(b) = self.b {
             y += &p.w1(b);
         }
         let mut cache = LinearCache {
-            x: self.needs_input(p).then(|| Arc::clone(x)),
+            x: self.needs_input(p).then(|| Arc::clone(x.expect(NEEDS_X))),
             xa: None,
             mask: None,
         };
         if let Some(l) = &self.lora {
+            let x = x.expect(NEEDS_X);
+            debug_assert_eq!(y.nrows(), x.nrows());
             let a = p.w2(l.a);
             let bm = p.w2(l.b);
             let mask = match rng {

@@ -29,7 +29,7 @@
 //! let weights = fedpeft_peft::FrozenWeights::from_map(w).unwrap();
 //! let mut tail = build_tail(Family::ConvHead, &weights, PeftConfig::new(Method::Bias, 3, 7)).unwrap();
 //! assert_eq!(tail.num_trainable(), 8 + 3 * 8 + 3); // BN shift + head
-//! let batch = Batch { features: ArrayD::from_elem(vec![2, 4, 3, 3], 0.5f32), mask: None };
+//! let batch = Batch::new(ArrayD::from_elem(vec![2, 4, 3, 3], 0.5f32), None);
 //! let mut opt = Sgd::new(0.1);
 //! let stats = tail.train_step(&batch, &[0, 2], &mut opt).unwrap();
 //! assert!(stats.loss.is_finite());
@@ -100,6 +100,9 @@ pub trait Tail: Send + std::fmt::Debug {
     fn num_classes(&self) -> usize;
     /// Logits `[B, num_classes]` in evaluation mode.
     fn forward(&self, batch: &Batch) -> Result<Array2<f32>>;
+    /// The part of the forward pass no trained tensor affects, for [`Batch::frozen`]
+    /// (see [`PeftTail::frozen_prefix`]); `None` if the method trains where the features enter.
+    fn frozen_prefix(&self, batch: &Batch) -> Result<Option<ArrayD<f32>>>;
     /// One optimizer step on a batch (dropout on).
     fn train_step(
         &mut self,
@@ -174,6 +177,10 @@ impl Tail for PeftTail<f32> {
 
     fn forward(&self, batch: &Batch) -> Result<Array2<f32>> {
         self.logits(batch)
+    }
+
+    fn frozen_prefix(&self, batch: &Batch) -> Result<Option<ArrayD<f32>>> {
+        PeftTail::frozen_prefix(self, batch)
     }
 
     fn train_step(

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array2, Array3, ArrayD, ArrayView2, Axis, Ix3, Ix4, IxDyn, s};
+use ndarray::{Array2, Array3, ArrayD, ArrayView2, Axis, Ix2, Ix3, Ix4, IxDyn, s};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
@@ -16,7 +16,7 @@ use crate::error::{PeftError, Result};
 use crate::layers::{
     AttentionCache, AttentionCore, FoldedBn, LayerNorm, LayerNormCache, Linear, LinearCache,
     LoraParams, cross_entropy, gap_backward, gap_forward, gelu_backward, gelu_forward,
-    masked_mean_backward, masked_mean_forward, nchw_to_rows, relu6_backward, relu6_forward,
+    masked_mean_backward, masked_mean_forward, mm_t, nchw_to_rows, relu6_backward, relu6_forward,
 };
 use crate::method::{Family, HeadInit, LoraTarget, Method, PeftConfig, TransformerSpec};
 use crate::params::{Grads, ParamId, ParamStore};
@@ -31,9 +31,21 @@ pub struct Batch<T = f32> {
     /// `[B, S]` attention mask, 1 for real tokens and 0 for padding (transformer only;
     /// `None` means every token is real).
     pub mask: Option<Array2<T>>,
+    /// The part of the forward pass no trained tensor affects, for these samples, as
+    /// [`PeftTail::frozen_prefix`] computed it; `None`: the forward pass computes it.
+    pub frozen: Option<ArrayD<T>>,
 }
 
 impl<T: Real> Batch<T> {
+    /// A batch of trunk activations (and, for a transformer, their attention mask).
+    pub fn new(features: ArrayD<T>, mask: Option<Array2<T>>) -> Self {
+        Self {
+            features,
+            mask,
+            frozen: None,
+        }
+    }
+
     /// Number of samples.
     pub fn len(&self) -> usize {
         self.features.shape().first().copied().unwrap_or(0)
@@ -55,7 +67,31 @@ impl<T: Real> Batch<T> {
                 .mask
                 .as_ref()
                 .map(|m| m.slice(s![i..i + 1, ..]).to_owned()),
+            frozen: self
+                .frozen
+                .as_ref()
+                .map(|f| f.slice_axis(Axis(0), (i..i + 1).into()).to_owned()),
         }
+    }
+}
+
+/// What a tail's frozen prefix holds (see [`PeftTail::frozen_prefix`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FrozenPrefix {
+    /// No tensor below the head is trained: `[B, F]`, the pooled features the head reads.
+    Pooled,
+    /// The conv head's weight is frozen (bias, LoRA): `[B, H*W, C_out]`, the product `x·Wᵀ`
+    /// before its LoRA branch, BatchNorm and activation.
+    ConvProduct,
+}
+
+fn frozen_prefix_kind<T: Real>(net: &Net, p: &ParamStore<T>) -> Option<FrozenPrefix> {
+    if !body_trainable(net, p) {
+        return Some(FrozenPrefix::Pooled);
+    }
+    match net {
+        Net::Conv(c) if !p.trainable(c.conv.w) => Some(FrozenPrefix::ConvProduct),
+        _ => None,
     }
 }
 
@@ -348,8 +384,8 @@ enum Net {
     Transformer(TransformerNet),
 }
 
-/// Body cache plus the head's cache.
-type FullCache<T> = (Cache<T>, LinearCache<T>);
+/// Body cache (`None` when a pooled frozen prefix stood in for the body) plus the head's.
+type FullCache<T> = (Option<Cache<T>>, LinearCache<T>);
 
 enum Cache<T> {
     Conv {
@@ -581,6 +617,33 @@ impl<T: Real> PeftTail<T> {
         if shape[0] == 0 {
             return Err(PeftError::Batch("empty batch".into()));
         }
+        if let Some(f) = &batch.frozen {
+            let want = match (frozen_prefix_kind(&self.net, &self.params), &self.net) {
+                (None, _) => {
+                    return Err(PeftError::Batch(format!(
+                        "a frozen prefix was given, but {} trains the layer the features enter",
+                        self.config.method.name()
+                    )));
+                }
+                (Some(FrozenPrefix::Pooled), _) => {
+                    vec![shape[0], self.params.w2(self.head.w).ncols()]
+                }
+                (Some(FrozenPrefix::ConvProduct), Net::Conv(c)) => vec![
+                    shape[0],
+                    shape[2] * shape[3],
+                    self.params.w2(c.conv.w).nrows(),
+                ],
+                (Some(FrozenPrefix::ConvProduct), Net::Transformer(_)) => {
+                    unreachable!("a conv product exists only in a conv head")
+                }
+            };
+            if f.shape() != want.as_slice() {
+                return Err(PeftError::Batch(format!(
+                    "frozen prefix has shape {:?}, these features need {want:?}",
+                    f.shape()
+                )));
+            }
+        }
         if let Some(labels) = labels {
             if labels.len() != shape[0] {
                 return Err(PeftError::Batch(format!(
@@ -602,6 +665,43 @@ impl<T: Real> PeftTail<T> {
             }
         }
         Ok(())
+    }
+
+    /// The part of the forward pass that no trained tensor affects, computed once for a set
+    /// of samples so that training and evaluation skip it: the pooled features when only the
+    /// head is trained, the conv head's product `x·Wᵀ` when its weight is frozen (bias, LoRA).
+    /// `None` when the features enter a trained layer straight away (full-tail; bias, LoRA,
+    /// adapters and prompts on a transformer). Put it in [`Batch::frozen`], row for row;
+    /// logits and gradients are then those of the batch without it.
+    pub fn frozen_prefix(&self, batch: &Batch<T>) -> Result<Option<ArrayD<T>>> {
+        let plain = Batch::new(batch.features.clone(), batch.mask.clone());
+        self.check_batch(&plain, None)?;
+        Ok(match frozen_prefix_kind(&self.net, &self.params) {
+            None => None,
+            Some(FrozenPrefix::Pooled) => {
+                let (pooled, _) = body_forward(&self.net, &self.params, &plain, None, false);
+                Some(pooled.into_dyn())
+            }
+            Some(FrozenPrefix::ConvProduct) => {
+                let Net::Conv(c) = &self.net else {
+                    unreachable!("a conv product exists only in a conv head")
+                };
+                let x4 = plain
+                    .features
+                    .view()
+                    .into_dimensionality::<Ix4>()
+                    .expect("checked");
+                let (b, _, h, w) = x4.dim();
+                let product = mm_t(nchw_to_rows(x4).view(), self.params.w2(c.conv.w));
+                let out = product.ncols();
+                Some(
+                    product
+                        .into_shape_with_order((b, h * w, out))
+                        .expect("rows are B*H*W")
+                        .into_dyn(),
+                )
+            }
+        })
     }
 
     /// Logits in evaluation mode (no dropout, no caches kept).
@@ -861,8 +961,28 @@ fn forward<T: Real>(
     mut rng: Option<&mut StdRng>,
     keep_cache: bool,
 ) -> (Array2<T>, Option<FullCache<T>>) {
+    let (pooled, cache) = match (&batch.frozen, frozen_prefix_kind(net, p)) {
+        (Some(f), Some(FrozenPrefix::Pooled)) => {
+            let pooled = f.view().into_dimensionality::<Ix2>().expect("checked");
+            (pooled.to_owned(), None)
+        }
+        _ => body_forward(net, p, batch, rng.as_deref_mut(), keep_cache),
+    };
+    let pooled = Arc::new(pooled);
+    let (logits, hc) = head.forward(p, &pooled, rng);
+    (logits, keep_cache.then_some((cache, hc)))
+}
+
+/// Everything below the head: pooled features `[B, F]`, and the body's cache if kept.
+fn body_forward<T: Real>(
+    net: &Net,
+    p: &ParamStore<T>,
+    batch: &Batch<T>,
+    mut rng: Option<&mut StdRng>,
+    keep_cache: bool,
+) -> (Array2<T>, Option<Cache<T>>) {
     let b = batch.len();
-    let (pooled, cache) = match net {
+    match net {
         Net::Conv(c) => {
             let x4 = batch
                 .features
@@ -870,9 +990,24 @@ fn forward<T: Real>(
                 .into_dimensionality::<Ix4>()
                 .expect("checked");
             let (_, _, h, w) = x4.dim();
-            let rows = Arc::new(nchw_to_rows(x4));
-            let (y, conv) = c.conv.forward(p, &rows, rng.as_deref_mut());
-            drop(rows);
+            let (y, conv) = match &batch.frozen {
+                // The frozen product stands in for `x·Wᵀ`; the input rows are still needed
+                // by a LoRA branch.
+                Some(f) => {
+                    let product = f
+                        .view()
+                        .into_shape_with_order((b * h * w, f.shape()[2]))
+                        .expect("checked")
+                        .to_owned();
+                    let rows = c.conv.lora.is_some().then(|| Arc::new(nchw_to_rows(x4)));
+                    c.conv
+                        .forward_from_product(p, rows.as_ref(), product, rng.as_deref_mut())
+                }
+                None => {
+                    let rows = Arc::new(nchw_to_rows(x4));
+                    c.conv.forward(p, &rows, rng.as_deref_mut())
+                }
+            };
             let (z, bn_x) = c.bn.forward(p, y);
             let r = relu6_forward(z);
             let pooled = gap_forward(r.view(), b);
@@ -934,10 +1069,7 @@ fn forward<T: Real>(
             });
             (pooled, cache)
         }
-    };
-    let pooled = Arc::new(pooled);
-    let (logits, hc) = head.forward(p, &pooled, rng);
-    (logits, cache.map(|c| (c, hc)))
+    }
 }
 
 /// Whether any tensor of the body (everything below the head) is trained.
@@ -967,6 +1099,7 @@ fn backward<T: Real>(
     let need_body = body_trainable(net, p);
     let dpooled = head.backward(p, hc, dlogits.view(), grads, need_body);
     let Some(dpooled) = dpooled else { return };
+    let body = body.expect("a trained body keeps its cache");
     match (net, body) {
         (
             Net::Conv(c),

@@ -70,10 +70,7 @@ fn allocations_per_step(method: Method, b: usize) -> usize {
     let mut rng = StdRng::seed_from_u64(3);
     let features =
         ArrayD::from_shape_simple_fn(IxDyn(&[b, 32, 3, 3]), || rng.random_range(0.0f32..6.0));
-    let batch = Batch {
-        features,
-        mask: None,
-    };
+    let batch = Batch::new(features, None);
     let classes = 10;
     let weights = conv_weights(&mut rng);
     let family = Family::ConvHead;

@@ -256,13 +256,7 @@ fn weights(f: &Fixture) -> FrozenWeights {
 fn batch<T: Real>(f: &Fixture) -> (Batch<T>, Vec<usize>) {
     let mask = f.contains_key("in.mask").then(|| a2::<T>(f, "in.mask"));
     let labels = want(f, "in.labels").iter().map(|&l| l as usize).collect();
-    (
-        Batch {
-            features: arr(f, "in.x"),
-            mask,
-        },
-        labels,
-    )
+    (Batch::new(arr(f, "in.x"), mask), labels)
 }
 
 /// Builds the tail, loads the case's initial trainable tensors, then checks logits, loss and

@@ -95,10 +95,7 @@ pub fn conv_batch<T: Real>(b: usize, c: usize, hw: usize, seed: u64) -> Batch<T>
     let features = ArrayD::from_shape_simple_fn(IxDyn(&[b, c, hw, hw]), || {
         T::lit(rng.random_range(0.0..2.0))
     });
-    Batch {
-        features,
-        mask: None,
-    }
+    Batch::new(features, None)
 }
 
 /// A token batch `[b, s, d]` whose later samples have trailing padding.
@@ -109,10 +106,7 @@ pub fn token_batch<T: Real>(b: usize, s: usize, d: usize, seed: u64) -> Batch<T>
         (b, s),
         |(i, j)| if j + i < s { T::one() } else { T::zero() },
     );
-    Batch {
-        features,
-        mask: Some(mask),
-    }
+    Batch::new(features, Some(mask))
 }
 
 /// Compares an analytic gradient with central differences of `f` at `x`.

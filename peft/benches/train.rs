@@ -1,13 +1,15 @@
 //! Training-throughput benchmark of the Rust tail, printing one JSON object per line.
 //!
-//!     cargo bench -p fedpeft-peft --bench train            # all four configurations
+//!     cargo bench -p fedpeft-peft --bench train            # every configuration
 //!     cargo bench -p fedpeft-peft --bench train -- conv-lora [steps]
 //!
 //! Configurations (batch 64, SGD momentum 0.9, random weights with the real shapes):
 //! `conv-lora`, `conv-bias`: EfficientNet-Lite0 conv head at 96 px (input [64, 320, 3, 3],
 //! 320 → 1280, 10 classes; LoRA r = 8 on the 1×1 conv). `minilm-lora`, `minilm-bias`: two
 //! MiniLM blocks (hidden 384, 12 heads, intermediate 1536, sequence 64 with padding, 2 classes;
-//! LoRA r = 8 on q and v). `scripts/peft/bench_torch.py` runs the identical computation in
+//! LoRA r = 8 on q and v). `conv-lora-frozen`, `conv-bias-frozen`: the same steps with the
+//! batch's frozen prefix (the conv's `x·Wᵀ`) computed once beforehand, as the edge client does;
+//! their GEMM figure counts only the GEMMs that remain. `scripts/peft/bench_torch.py` runs the identical computation in
 //! PyTorch. Each configuration runs in its own child process so that peak RSS (VmHWM) is its
 //! own; a counting allocator also reports the peak of live heap bytes during training. Memory
 //! deltas are measured from just before the first (warm-up) step.
@@ -119,8 +121,13 @@ fn step_flops(name: &str) -> f64 {
     let b = 64.0;
     if name.starts_with("conv") {
         let rows = b * 9.0;
-        let fwd = 2.0 * rows * 320.0 * 1280.0;
-        let lora = if name.ends_with("lora") {
+        // With the frozen prefix the conv's own x·Wᵀ was computed once, before the steps.
+        let fwd = if name.ends_with("-frozen") {
+            0.0
+        } else {
+            2.0 * rows * 320.0 * 1280.0
+        };
+        let lora = if name.contains("lora") {
             2.0 * 2.0 * rows * 8.0 * (320.0 + 1280.0)
         } else {
             0.0
@@ -143,12 +150,12 @@ fn run_one(name: &str, steps: usize) {
         dropout: 0.0,
         targets: vec![],
     });
-    let method = if name.ends_with("lora") {
+    let method = if name.contains("lora") {
         lora
     } else {
         Method::Bias
     };
-    let (family, weights, batch, classes) = if name.starts_with("conv") {
+    let (family, weights, mut batch, classes) = if name.starts_with("conv") {
         let x =
             ArrayD::from_shape_simple_fn(IxDyn(&[64, 320, 3, 3]), || rng.random_range(0.0f32..6.0));
         (
@@ -176,6 +183,15 @@ fn run_one(name: &str, steps: usize) {
     let labels: Vec<usize> = (0..64).map(|i| i % classes).collect();
     let mut tail = build_tail(family, &weights, PeftConfig::new(method, classes, 0)).unwrap();
     drop(weights);
+    if name.ends_with("-frozen") {
+        // As the edge client does once per shard: the part of the forward pass that no
+        // trained tensor affects, kept and reused by every step.
+        batch.frozen = Some(
+            tail.frozen_prefix(&batch)
+                .unwrap()
+                .expect("conv head has one"),
+        );
+    }
     let mut opt = Sgd::with(0.01, 0.9, 0.0);
     // Baseline before the first step: memory that training itself needs (activations kept for
     // backward, gradients, optimizer state) counts, including what allocators keep cached.
@@ -208,7 +224,14 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let configs = ["conv-lora", "conv-bias", "minilm-lora", "minilm-bias"];
+    let configs = [
+        "conv-lora",
+        "conv-lora-frozen",
+        "conv-bias",
+        "conv-bias-frozen",
+        "minilm-lora",
+        "minilm-bias",
+    ];
     if args.first().map(String::as_str) == Some("gemm") {
         // The hot GEMM shape of the MiniLM tail: [4096, 384] x [384, 1536].
         let mut rng = StdRng::seed_from_u64(0);

@@ -6,6 +6,8 @@ use clap::Parser;
 use fedpeft_edge::client::{self, ClientSettings};
 use fedpeft_edge::config::{Cli, EdgeConfig};
 use fedpeft_edge::setup;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -22,14 +24,22 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    // RUST_LOG as `level` or `target=level,...` directives (e.g. `info,fedpeft_edge=debug`).
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => spec
+            .parse::<tracing_subscriber::filter::Targets>()
+            .with_context(|| format!("RUST_LOG `{spec}`: expected `level` or `target=level,...`"))?,
+        _ => tracing_subscriber::filter::Targets::new()
+            .with_default(tracing_subscriber::filter::LevelFilter::INFO),
+    };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with(filter)
         .init();
     let cfg = EdgeConfig::from_cli(&cli).context("invalid configuration")?;
     tracing::info!(client = %cfg.client_id, fleet = %cfg.fleet, broker = %cfg.broker, "starting");

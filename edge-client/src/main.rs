@@ -28,7 +28,9 @@ fn main() -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => spec
             .parse::<tracing_subscriber::filter::Targets>()
-            .with_context(|| format!("RUST_LOG `{spec}`: expected `level` or `target=level,...`"))?,
+            .with_context(|| {
+                format!("RUST_LOG `{spec}`: expected `level` or `target=level,...`")
+            })?,
         _ => tracing_subscriber::filter::Targets::new()
             .with_default(tracing_subscriber::filter::LevelFilter::INFO),
     };

@@ -130,6 +130,16 @@ enum Frozen {
     Rows(ArrayD<f32>),
 }
 
+impl Frozen {
+    /// The kept rows, if any.
+    fn rows(&self) -> Option<&ArrayD<f32>> {
+        match self {
+            Frozen::Rows(r) => Some(r),
+            Frozen::Pending | Frozen::Off => None,
+        }
+    }
+}
+
 /// Default [`TailTrainer::with_frozen_budget`]: 128 MiB.
 pub const DEFAULT_FROZEN_BUDGET: usize = 128 << 20;
 
@@ -368,10 +378,7 @@ impl LocalTrainer for TailTrainer {
         }
         let global_named = self.load(global)?;
         self.prepare_frozen()?;
-        let frozen = match &self.frozen {
-            Frozen::Rows(r) => Some(r),
-            _ => None,
-        };
+        let frozen = self.frozen.rows();
         let mut opt = Self::optimizer(plan, &global_named)?;
         let batch = (plan.batch_size as usize).min(n);
         if let Some(dp) = plan.dp {
@@ -452,10 +459,14 @@ impl LocalTrainer for TailTrainer {
     fn evaluate(&mut self, adapter: &GlobalAdapter) -> Result<Metrics, TrainError> {
         let start = Instant::now();
         self.load(adapter)?;
-        let (features, masks, labels, frozen) = match (&self.eval, &self.frozen) {
-            (Some((f, l)), _) => (f, None, l, None),
-            (None, Frozen::Rows(r)) => (&self.features, self.masks.as_ref(), &self.labels, Some(r)),
-            (None, _) => (&self.features, self.masks.as_ref(), &self.labels, None),
+        let (features, masks, labels, frozen) = match &self.eval {
+            Some((f, l)) => (f, None, l, None),
+            None => (
+                &self.features,
+                self.masks.as_ref(),
+                &self.labels,
+                self.frozen.rows(),
+            ),
         };
         if labels.is_empty() {
             return Err(TrainError::NoData { what: "evaluate" });

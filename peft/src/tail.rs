@@ -674,12 +674,19 @@ impl<T: Real> PeftTail<T> {
     /// adapters and prompts on a transformer). Put it in [`Batch::frozen`], row for row;
     /// logits and gradients are then those of the batch without it.
     pub fn frozen_prefix(&self, batch: &Batch<T>) -> Result<Option<ArrayD<T>>> {
-        let plain = Batch::new(batch.features.clone(), batch.mask.clone());
-        self.check_batch(&plain, None)?;
+        // A prefix already in the batch is neither checked nor used: this computes it anew.
+        let stripped;
+        let plain = if batch.frozen.is_some() {
+            stripped = Batch::new(batch.features.clone(), batch.mask.clone());
+            &stripped
+        } else {
+            batch
+        };
+        self.check_batch(plain, None)?;
         Ok(match frozen_prefix_kind(&self.net, &self.params) {
             None => None,
             Some(FrozenPrefix::Pooled) => {
-                let (pooled, _) = body_forward(&self.net, &self.params, &plain, None, false);
+                let (pooled, _) = body_forward(&self.net, &self.params, plain, None, false);
                 Some(pooled.into_dyn())
             }
             Some(FrozenPrefix::ConvProduct) => {

@@ -18,8 +18,9 @@ use crate::round::MachineState;
 
 const MAGIC: &[u8; 4] = b"FPCK";
 /// 2: norm-bound counts, the adaptive bound's reference, per-round robust records and the DP
-/// accountant joined the state; a version-1 file is refused by name rather than misread.
-const FORMAT_VERSION: u32 = 2;
+/// accountant joined the state. 3: the open round and each round record keep the DP-SGD ε
+/// each client stated. An older file is refused by name rather than misread.
+const FORMAT_VERSION: u32 = 3;
 const HEADER_LEN: usize = 4 + 4 + 32;
 
 /// Why a checkpoint could not be written or read. Every variant names the file.

@@ -18,8 +18,10 @@
 //!                         clipped, clipped_clients,  // deltas scaled down to the bound, whose
 //!                         values_trimmed_per_coordinate,  // trimmed mean / median, else null
 //!                         trimmed_share: { id: share },   // share of coordinates discarded
-//!                         dp_noise_std, dp_epsilon, dp_delta } } ],  // client-level DP, else null
-//!   robust: { clipped_total, dp_epsilon, dp_delta } }   // whole run (ε after the last round)
+//!                         dp_noise_std, dp_epsilon, dp_delta },     // client-level DP, else null
+//!               local_dp_epsilon: { id: ε } } ],  // DP-SGD on the clients: ε each one stated
+//!   robust: { clipped_total, dp_epsilon, dp_delta },   // whole run (ε after the last round)
+//!   local_dp: { clients: { id: ε }, median, max } | null }  // each client's latest stated ε
 //! ```
 //! README "Robust aggregation and client-level DP" explains each figure.
 //! Byte counts are MQTT PUBLISH packets including framing (see [`crate::accounting`]).
@@ -60,6 +62,54 @@ pub struct Report {
     pub clients: std::collections::BTreeMap<String, Traffic>,
     pub rounds: Vec<RoundRecord>,
     pub robust: RobustTotals,
+    pub local_dp: Option<LocalDp>,
+}
+
+/// Sample-level DP-SGD run on the clients, as they stated it: each client's accountant covers
+/// every step it has taken, so its latest stated ε is its whole-run ε (at its own δ; fedpeft's
+/// edge client uses δ = 1e-5). Clients that never stated one (no DP-SGD) are not listed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LocalDp {
+    pub clients: std::collections::BTreeMap<String, f64>,
+    /// Median and largest over `clients`: the privacy of the typical and of the least
+    /// protected client's data.
+    pub median: f64,
+    pub max: f64,
+}
+
+impl LocalDp {
+    /// Each client's latest stated ε over `rounds` (in round order), or `None` if none stated one.
+    pub fn from_rounds(rounds: &[RoundRecord]) -> Option<LocalDp> {
+        let mut clients = std::collections::BTreeMap::new();
+        for r in rounds {
+            for (id, &eps) in &r.local_dp_epsilon {
+                clients.insert(id.clone(), eps);
+            }
+        }
+        let (median, max) = median_and_max(clients.values().copied())?;
+        Some(LocalDp {
+            clients,
+            median,
+            max,
+        })
+    }
+}
+
+/// Median (mean of the middle two for an even count) and largest of finite values, or `None`
+/// for none.
+fn median_and_max(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some((median, v[n - 1]))
 }
 
 /// Whole-run norm bounding and DP figures.
@@ -121,19 +171,21 @@ impl Report {
                 dp_epsilon: last_dp.and_then(|r| r.robust.dp_epsilon),
                 dp_delta: last_dp.and_then(|r| r.robust.dp_delta),
             },
+            local_dp: LocalDp::from_rounds(&state.records),
         }
     }
 
     /// One CSV row per round.
     pub fn csv(&self) -> String {
         let mut s = String::from(
-            "round,status,sampled,clients_ok,clients_failed,rejected,train_loss,train_accuracy,eval_loss,eval_accuracy,up_bytes,down_bytes,full_model_fedavg_bytes,duration_ms,clipped,dp_epsilon\n",
+            "round,status,sampled,clients_ok,clients_failed,rejected,train_loss,train_accuracy,eval_loss,eval_accuracy,up_bytes,down_bytes,full_model_fedavg_bytes,duration_ms,clipped,dp_epsilon,local_dp_epsilon_median,local_dp_epsilon_max\n",
         );
         let opt = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
         for r in &self.rounds {
+            let local = median_and_max(r.local_dp_epsilon.values().copied());
             let _ = writeln!(
                 s,
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 r.round,
                 r.status,
                 r.sampled.len(),
@@ -149,7 +201,9 @@ impl Report {
                 r.full_model_fedavg_bytes,
                 r.duration_ms,
                 r.robust.clipped,
-                opt(r.robust.dp_epsilon)
+                opt(r.robust.dp_epsilon),
+                opt(local.map(|l| l.0)),
+                opt(local.map(|l| l.1))
             );
         }
         s
@@ -227,6 +281,15 @@ impl Report {
         }
         if let (Some(eps), Some(delta)) = (self.robust.dp_epsilon, self.robust.dp_delta) {
             let _ = writeln!(s, "client-level DP: ε = {eps:.3} at δ = {delta:e}");
+        }
+        if let Some(l) = &self.local_dp {
+            let _ = writeln!(
+                s,
+                "DP-SGD on the clients (their own accountants): ε median {:.3}, largest {:.3}, over {} clients",
+                l.median,
+                l.max,
+                l.clients.len()
+            );
         }
         if !self.rejected.is_empty() {
             let list: Vec<String> = self

@@ -341,6 +341,9 @@ pub struct OpenRound {
     pub train_loss_sum: f64,
     pub train_acc_sum: f64,
     pub train_weight: f64,
+    /// Accepted clients' own sample-level DP-SGD ε (their accountant, over every step they have
+    /// taken), as their updates stated it.
+    pub local_dp_epsilon: BTreeMap<String, f64>,
 }
 
 /// One row of the report. The JSON schema is documented in README.md ("Aggregator").
@@ -364,6 +367,10 @@ pub struct RoundRecord {
     pub duration_ms: u64,
     /// Norm bounding, trimming and DP figures of the round.
     pub robust: RobustRecord,
+    /// Sample-level DP-SGD run on the clients: the ε each accepted client stated with its
+    /// update (its own accountant, every step it has taken so far, at its δ; fedpeft's edge
+    /// client uses δ = 1e-5). Empty when no client trains with DP-SGD.
+    pub local_dp_epsilon: BTreeMap<String, f64>,
 }
 
 /// What norm bounding, order statistics and client-level DP did in one round (report field
@@ -603,6 +610,7 @@ impl RoundMachine {
                 started_unix_ms: now,
                 duration_ms: 0,
                 robust: RobustRecord::default(),
+                local_dp_epsilon: BTreeMap::new(),
             });
             out.push(Action::Evaluate {
                 round: 0,
@@ -904,6 +912,16 @@ impl RoundMachine {
             o.train_acc_sum += w * f64::from(update.metrics.accuracy);
             o.train_weight += w;
         }
+        match update.metrics.epsilon.map(f64::from) {
+            Some(eps) if eps.is_finite() && eps >= 0.0 => {
+                o.local_dp_epsilon.insert(client.clone(), eps);
+            }
+            // The update itself is sound; only the figure it states is not one.
+            Some(eps) => warn!(client = %client, round, epsilon = eps,
+                "update states a DP-SGD epsilon that is not a finite non-negative number; \
+                 not recorded"),
+            None => {}
+        }
         let (accepted, sampled) = (o.accepted.len(), o.sampled.len());
         self.s.accepted_updates.insert(key);
         if let Some(info) = self.s.clients.get_mut(&client) {
@@ -1025,6 +1043,7 @@ impl RoundMachine {
             train_loss_sum: 0.0,
             train_acc_sum: 0.0,
             train_weight: 0.0,
+            local_dp_epsilon: BTreeMap::new(),
         });
         // Persist the open round (its sample) before announcing it: a restarted aggregator
         // resumes this round with the same clients, so updates the broker redelivers to it, or
@@ -1171,6 +1190,7 @@ impl RoundMachine {
             started_unix_ms: open.started_unix_ms,
             duration_ms: now.saturating_sub(open.started_unix_ms),
             robust,
+            local_dp_epsilon: open.local_dp_epsilon.clone(),
         };
         info!(
             round,

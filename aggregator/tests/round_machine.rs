@@ -692,6 +692,86 @@ fn client_level_dp_through_the_machine_reports_epsilon_and_a_restart_keeps_it() 
     assert_eq!(resumed.state().global, straight.state().global);
 }
 
+fn with_epsilon(c: &str, round: u32, seq: u32, eps: Option<f32>) -> Event {
+    let mut u = update_msg(c, round, seq, 10, [0.0, 0.0], 0.0);
+    u.metrics.epsilon = eps;
+    raw_update(c, u)
+}
+
+/// Clients training with DP-SGD state their own ε with each update: each round records what
+/// its accepted clients stated, a restart keeps it, and the report gives each client's latest
+/// (its whole-run ε), their median and largest. A figure that is not one is not recorded, and
+/// the update still counts.
+#[test]
+fn the_dp_sgd_epsilon_clients_state_is_recorded_per_round_and_reported_per_client() {
+    let mut m = started(2, 3);
+    m.on_event(with_epsilon("a", 1, 0, Some(1.0)), T0 + 1);
+    m.on_event(with_epsilon("b", 1, 0, Some(2.0)), T0 + 2);
+    m.on_event(with_epsilon("c", 1, 0, Some(f32::NAN)), T0 + 3);
+    let r1 = &m.state().records[1];
+    assert_eq!(r1.clients_ok, 3, "a NaN epsilon does not cost the update");
+    assert_eq!(
+        r1.local_dp_epsilon
+            .iter()
+            .map(|(k, &v)| (k.as_str(), v))
+            .collect::<Vec<_>>(),
+        [("a", 1.0), ("b", 2.0)]
+    );
+    m.on_event(with_epsilon("a", 2, 1, Some(1.5)), T0 + 4);
+    // Round 2 is still open when the aggregator restarts: the stated ε is in the checkpoint.
+    let path = std::path::Path::new("ck");
+    let bytes = checkpoint::to_bytes(m.state(), path).unwrap();
+    let state: MachineState = checkpoint::from_bytes(&bytes, path).unwrap();
+    let Phase::Collecting(open) = &state.phase else {
+        panic!("round 2 is open")
+    };
+    assert_eq!(open.local_dp_epsilon.get("a"), Some(&1.5));
+    let mut m = RoundMachine::restore(
+        rules(2, 3, 3),
+        strategy::build(&StrategyKind::FedAvg),
+        state,
+    )
+    .unwrap();
+    m.on_event(Event::Start, T0 + 5);
+    for c in ["a", "b", "c"] {
+        m.on_event(join(c, 10), T0 + 5);
+    }
+    m.on_event(with_epsilon("b", 2, 1, None), T0 + 6);
+    m.on_event(with_epsilon("c", 2, 1, Some(3.0)), T0 + 7);
+    assert!(m.is_done());
+    let info = fedpeft_aggregator::report::RunInfo {
+        fleet: "test".into(),
+        peft: "head".into(),
+        rounds_planned: 2,
+        backbone_params: 1000,
+    };
+    let report = fedpeft_aggregator::report::Report::from_state(m.state(), &info, true);
+    let local = report.local_dp.as_ref().expect("clients stated an epsilon");
+    assert_eq!(
+        local
+            .clients
+            .iter()
+            .map(|(k, &v)| (k.as_str(), v))
+            .collect::<Vec<_>>(),
+        [("a", 1.5), ("b", 2.0), ("c", 3.0)]
+    );
+    assert_eq!((local.median, local.max), (2.0, 3.0));
+    let csv = report.csv();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let round2: Vec<&str> = csv.lines().nth(3).unwrap().split(',').collect();
+    assert_eq!(round2[col("local_dp_epsilon_median")], "2.250000");
+    assert_eq!(round2[col("local_dp_epsilon_max")], "3.000000");
+    assert!(
+        report
+            .summary()
+            .contains("ε median 2.000, largest 3.000, over 3 clients")
+    );
+    // Without DP-SGD there is nothing to report.
+    let plain = fedpeft_aggregator::report::Report::from_state(started(1, 3).state(), &info, false);
+    assert!(plain.local_dp.is_none());
+}
+
 /// What the durable mode persists, and in which order: every join, a client going offline, a
 /// round's start before its announcement; a reconnect publishes the same state again.
 #[test]

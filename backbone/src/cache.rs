@@ -249,8 +249,7 @@ impl ActivationCache {
         let mut row_shape: Option<Vec<usize>> = None;
         let mut mem: Vec<f32> = Vec::new();
         let mut writer: Option<BufWriter<File>> = None;
-        // Per-process temporary name: processes filling the same key never share a file.
-        let tmp = spill.with_extension(format!("{}.partial", std::process::id()));
+        let tmp = partial_path(&spill);
         for start in (0..n).step_by(batch) {
             let range = start..(start + batch).min(n);
             let len = range.len();
@@ -345,6 +344,15 @@ fn create_spill(path: &Path, n: usize, row_shape: &[usize]) -> Result<BufWriter<
     w.write_all(&header)
         .map_err(|e| BackboneError::io(path, e))?;
     Ok(w)
+}
+
+/// A temporary name beside `spill` that no other filler uses: processes, and caches within one
+/// process (two hosts opened on one cache folder), filling the same key never share a file; the
+/// last complete one renamed into place wins, and every one is the same.
+fn partial_path(spill: &Path) -> PathBuf {
+    static FILLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let fill = FILLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    spill.with_extension(format!("{}-{fill}.partial", std::process::id()))
 }
 
 /// Writes a whole entry to `spill` by way of `tmp` (renamed into place when complete).
@@ -507,6 +515,52 @@ mod tests {
             .collect();
         assert_eq!(got.as_slice().unwrap(), want.as_slice());
         assert!(whole.select(&[40]).is_err());
+    }
+
+    /// Two caches of one process (two hosts on one cache folder) fill the same entry at the
+    /// same time: each gets the whole entry, and the file left behind is a complete one.
+    #[test]
+    fn caches_of_one_process_filling_one_entry_at_once_do_not_share_a_partial_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = CacheKey::new("m", "race", "p");
+        let fill = || {
+            let mut c = ActivationCache::new(CacheConfig {
+                memory_budget: 0,
+                spill_dir: dir.path().to_path_buf(),
+                persist: true,
+            });
+            // Slow batches, so the two fills overlap.
+            let f = c
+                .get_or_compute(&key, 64, 4, |r| {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    fake(r)
+                })
+                .unwrap();
+            f.rows(&(0..64).collect::<Vec<_>>()).unwrap()
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(fill);
+            let b = s.spawn(fill);
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        let want = fake(0..64).unwrap();
+        assert_eq!(a, want);
+        assert_eq!(b, want);
+        let mut later = ActivationCache::new(CacheConfig {
+            memory_budget: 0,
+            spill_dir: dir.path().to_path_buf(),
+            persist: true,
+        });
+        let kept = later
+            .get_or_compute(&key, 64, 4, |_| panic!("the entry was not left complete"))
+            .unwrap();
+        assert_eq!(kept.rows(&(0..64).collect::<Vec<_>>()).unwrap(), want);
+        let partials: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+            .collect();
+        assert!(partials.is_empty(), "left behind: {partials:?}");
     }
 
     #[test]

@@ -66,7 +66,7 @@ enum Cmd {
         links: Option<String>,
     },
     /// Run every trial of a sweep file one after another (resuming finished ones) and write the
-    /// results table (`results.json`, `results.csv`) beside them.
+    /// results table (`results.json`, `results.csv`, `results.md`) beside them.
     Sweep {
         /// The sweep file (see `sweeps/small.toml`).
         sweep: PathBuf,
@@ -166,7 +166,7 @@ fn sweep_main(
     let table =
         fedpeft_fleet::sweep::run_sweep(&sweep, &bins, &out, Duration::from_secs(timeout_secs))?;
     println!(
-        "sweep: finished in {:.1} s; table: {} (and results.csv)",
+        "sweep: finished in {:.1} s; table: {} (and results.csv, results.md)",
         start.elapsed().as_secs_f64(),
         table.display()
     );

@@ -28,7 +28,8 @@
 //!
 //! Each trial is named `<sweep>-<label>` (the grid's label joins its values, keys in
 //! alphabetical order, e.g. `a0.5-lora`) and runs into `<out>/<trial>/`; a trial whose `report.json` says it finished is
-//! not run again, so a stopped sweep resumes. The table (`results.json`, `results.csv`) has per
+//! not run again, so a stopped sweep resumes. The table (`results.json`, `results.csv`, and
+//! `results.md` for people) has per
 //! trial: method, α, DP settings, final and best accuracy, trainable parameters, bytes per
 //! sampled client per round, total bytes, the ratio to full-model FedAvg, the measured mean
 //! round time, and per link preset a round time *computed* from the bytes and the preset's
@@ -199,6 +200,9 @@ pub struct Row {
     pub trial: String,
     pub method: String,
     pub dataset: String,
+    /// `iid`, `dirichlet` or `natural`.
+    #[serde(default)]
+    pub partition: String,
     pub alpha: f64,
     pub clients: usize,
     pub fraction: f64,
@@ -210,6 +214,12 @@ pub struct Row {
     pub global_dtype: String,
     pub dp_clip_norm: Option<f64>,
     pub dp_noise_multiplier: Option<f64>,
+    /// DP-SGD: the median and largest whole-run ε (at δ = 1e-5) over the clients, as their own
+    /// accountants stated it to the aggregator (report field `local_dp`).
+    #[serde(default)]
+    pub dp_epsilon_median: Option<f64>,
+    #[serde(default)]
+    pub dp_epsilon_max: Option<f64>,
     /// Probability that a sampled client vanished mid-round, and the straggling clients.
     pub dropout: f64,
     pub stragglers: usize,
@@ -303,6 +313,7 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
         trial: trial.name.clone(),
         method: trial.model.peft.clone(),
         dataset: trial.data.dataset.clone(),
+        partition: trial.data.partition.clone(),
         alpha: trial.data.alpha,
         clients: trial.clients,
         fraction: trial.fraction,
@@ -317,6 +328,8 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
         global_dtype: trial.global_dtype.clone(),
         dp_clip_norm: trial.local.dp_clip_norm,
         dp_noise_multiplier: trial.local.dp_noise_multiplier,
+        dp_epsilon_median: report["local_dp"]["median"].as_f64(),
+        dp_epsilon_max: report["local_dp"]["max"].as_f64(),
         final_accuracy: acc.last().copied().flatten(),
         best_accuracy: acc.iter().flatten().copied().reduce(f64::max),
         trainable_params: u(&report["trainable_params"]),
@@ -346,7 +359,7 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
 pub fn csv(rows: &[Row]) -> String {
     let mut out = String::from(
         "trial,method,dataset,alpha,clients,fraction,rounds,epochs,learning_rate,update_dtype,\
-         global_dtype,dp_clip_norm,dp_noise_multiplier,dropout,stragglers,dropped_client_rounds,\
+         global_dtype,dp_clip_norm,dp_noise_multiplier,dp_epsilon_median,dp_epsilon_max,dropout,stragglers,dropped_client_rounds,\
          late_client_rounds,final_accuracy,best_accuracy,trainable_params,\
          up_bytes_per_client_round,down_bytes_per_client_round,total_bytes,\
          full_model_fedavg_bytes,times_less_than_full_model,mean_round_ms",
@@ -358,7 +371,7 @@ pub fn csv(rows: &[Row]) -> String {
     let o = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
     for r in rows {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1},{},{},{},{:.0}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1},{},{},{},{:.0}",
             r.trial,
             r.method,
             r.dataset,
@@ -372,6 +385,8 @@ pub fn csv(rows: &[Row]) -> String {
             r.global_dtype,
             o(r.dp_clip_norm),
             o(r.dp_noise_multiplier),
+            o(r.dp_epsilon_median),
+            o(r.dp_epsilon_max),
             r.dropout,
             r.stragglers,
             r.dropped_client_rounds,
@@ -471,7 +486,106 @@ pub fn run_sweep(
     Ok(out.join("results.json"))
 }
 
-/// Writes `results.json` and `results.csv` in `out`.
+/// `n` with a space between groups of three digits, rounded to a whole number.
+fn grouped(n: f64) -> String {
+    let digits = format!("{:.0}", n.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    if n < 0.0 && digits != "0" {
+        out.insert(0, '-');
+    }
+    out
+}
+
+/// `x` to three significant digits (whole numbers from 100 up).
+fn three_significant(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    let decimals = (2 - x.abs().log10().floor() as i32).clamp(0, 9) as usize;
+    format!("{x:.decimals$}")
+}
+
+/// The table as markdown (`results.md`), one line per trial: what the README shows.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut out = format!(
+        "| trial | method | data, split | local training | accuracy after last round (best) \
+         | trainable | up B / update | down B / client-round | total MB \
+         | × less than full-model FedAvg | measured s / round | computed comm s: {} |\n\
+         | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+        PRESETS.join(" / ")
+    );
+    let pct = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{:.2} %", 100.0 * v));
+    for r in rows {
+        let split = match r.partition.as_str() {
+            "dirichlet" => format!("Dirichlet α {}", r.alpha),
+            "" => format!("α {}", r.alpha),
+            p => p.to_string(),
+        };
+        let mut training = Vec::new();
+        if let Some(e) = r.epochs {
+            training.push(format!("{e} epoch{}", if e == 1 { "" } else { "s" }));
+        }
+        if let Some(lr) = r.learning_rate {
+            training.push(format!("lr {lr}"));
+        }
+        training.push(format!("{} updates", r.update_dtype));
+        if let Some(z) = r.dp_noise_multiplier {
+            let eps = match (r.dp_epsilon_median, r.dp_epsilon_max) {
+                (Some(m), Some(x)) => format!(", ε {m:.3} / {x:.3} (median / largest)"),
+                _ => String::new(),
+            };
+            training.push(format!(
+                "DP-SGD clip {} z {z}{eps}",
+                r.dp_clip_norm.unwrap_or(f64::NAN)
+            ));
+        }
+        if r.dropout > 0.0 {
+            training.push(format!(
+                "{:.0} % dropout ({} client-rounds dropped)",
+                100.0 * r.dropout,
+                r.dropped_client_rounds
+            ));
+        }
+        if r.stragglers > 0 {
+            training.push(format!(
+                "{} stragglers ({} client-rounds late)",
+                r.stragglers, r.late_client_rounds
+            ));
+        }
+        let comm: Vec<String> = r
+            .computed_round_comm
+            .iter()
+            .map(|c| three_significant(c.comm_secs))
+            .collect();
+        out.push_str(&format!(
+            "| {} | {} | {}, {} | {} | {} ({}) | {} | {} | {} | {:.1} | {} | {:.1} | {} |\n",
+            r.trial,
+            r.method,
+            r.dataset,
+            split,
+            training.join("; "),
+            pct(r.final_accuracy),
+            pct(r.best_accuracy),
+            grouped(r.trainable_params as f64),
+            grouped(r.up_bytes_per_client_round),
+            grouped(r.down_bytes_per_client_round),
+            r.total_bytes as f64 / 1e6,
+            r.times_less_than_full_model
+                .map_or_else(|| "-".into(), grouped),
+            r.mean_round_ms / 1000.0,
+            comm.join(" / ")
+        ));
+    }
+    out
+}
+
+/// Writes `results.json`, `results.csv` and `results.md` in `out`.
 pub fn write_table(out: &Path, rows: &[Row]) -> anyhow::Result<()> {
     let json = serde_json::json!({
         "schema": "fedpeft-sweep-results/1",
@@ -485,6 +599,7 @@ pub fn write_table(out: &Path, rows: &[Row]) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&json)?,
     )?;
     std::fs::write(out.join("results.csv"), csv(rows))?;
+    std::fs::write(out.join("results.md"), markdown(rows))?;
     Ok(())
 }
 
@@ -512,6 +627,18 @@ label = "lora-dp"
 "local.dp_clip_norm" = 1.0
 "local.dp_noise_multiplier" = 1.1
 "#;
+
+    #[test]
+    fn grouped_numbers_put_a_space_between_thousands() {
+        assert_eq!(grouped(0.0), "0");
+        assert_eq!(grouped(999.4), "999");
+        assert_eq!(grouped(1000.0), "1 000");
+        assert_eq!(grouped(4_652_008.0), "4 652 008");
+        assert_eq!(grouped(-12_345.0), "-12 345");
+        assert_eq!(three_significant(12.04), "12.0");
+        assert_eq!(three_significant(0.008_184), "0.00818");
+        assert_eq!(three_significant(1234.5), "1234");
+    }
 
     #[test]
     fn the_grid_expands_to_every_combination_then_the_extras() {
@@ -630,6 +757,7 @@ label = "lora-dp"
         let report = serde_json::json!({
             "finished": true, "trainable_params": 25610, "backbone_params": 4652008,
             "totals": {"up_bytes": 4000, "down_bytes": 6000, "full_model_fedavg_bytes": 10_000_000},
+            "local_dp": {"clients": {"a": 3.5, "b": 4.0, "c": 9.25}, "median": 4.0, "max": 9.25},
             "rounds": [
                 {"round": 0, "eval_accuracy": 0.1, "clients_ok": 0, "duration_ms": 0,
                  "traffic": {"up_bytes": 0, "down_bytes": 0}},
@@ -660,6 +788,31 @@ label = "lora-dp"
             .find(|c| c.preset == "nb-iot")
             .unwrap();
         assert!((got.comm_secs - want).abs() < 1e-9);
+        assert_eq!(
+            (r.dp_epsilon_median, r.dp_epsilon_max),
+            (Some(4.0), Some(9.25))
+        );
+        let md = markdown(std::slice::from_ref(&r));
+        let line = md.lines().nth(2).unwrap();
+        assert!(
+            line.starts_with("| s-a0.1-lora | lora | fashion-mnist, Dirichlet α 0.1 |"),
+            "{line}"
+        );
+        assert!(
+            line.contains("| 40.00 % (50.00 %) | 25 610 | 1 000 | 188 |"),
+            "{line}"
+        );
+        assert_eq!(md.lines().count(), 3);
+        let dp = Row {
+            dp_clip_norm: Some(1.0),
+            dp_noise_multiplier: Some(1.0),
+            ..r.clone()
+        };
+        let md = markdown(&[dp]);
+        assert!(
+            md.contains("; DP-SGD clip 1 z 1, ε 4.000 / 9.250 (median / largest) |"),
+            "{md}"
+        );
         let text = csv(&[r]);
         assert_eq!(text.lines().count(), 2);
         assert!(

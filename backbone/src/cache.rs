@@ -482,25 +482,26 @@ mod tests {
         Ok(ArrayD::from_shape_vec(IxDyn(&[len, 3]), data).unwrap())
     }
 
+    /// A cache that keeps nothing in memory and persists its files in `dir`.
+    fn on_file(dir: &Path) -> ActivationCache {
+        ActivationCache::new(CacheConfig {
+            memory_budget: 0,
+            spill_dir: dir.to_path_buf(),
+            persist: true,
+        })
+    }
+
     #[test]
     fn a_whole_data_set_entry_on_file_serves_each_clients_rows_in_its_order() {
         let dir = tempfile::tempdir().unwrap();
         let key = CacheKey::new("m", "whole", "p");
         // The first client fills the entry; it does not fit its budget, so it stays in the file.
-        let mut first = ActivationCache::new(CacheConfig {
-            memory_budget: 0,
-            spill_dir: dir.path().to_path_buf(),
-            persist: true,
-        });
+        let mut first = on_file(dir.path());
         let whole = first.get_or_compute(&key, 40, 7, fake).unwrap();
         assert!(!whole.in_memory());
         assert_eq!(first.computed(), 1);
         // Another client (another cache, as in another process) reads the same file.
-        let mut second = ActivationCache::new(CacheConfig {
-            memory_budget: 0,
-            spill_dir: dir.path().to_path_buf(),
-            persist: true,
-        });
+        let mut second = on_file(dir.path());
         let whole = second
             .get_or_compute(&key, 40, 7, |_| panic!("the trunk ran for a cached entry"))
             .unwrap();
@@ -524,11 +525,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = CacheKey::new("m", "race", "p");
         let fill = || {
-            let mut c = ActivationCache::new(CacheConfig {
-                memory_budget: 0,
-                spill_dir: dir.path().to_path_buf(),
-                persist: true,
-            });
+            let mut c = on_file(dir.path());
             // Slow batches, so the two fills overlap.
             let f = c
                 .get_or_compute(&key, 64, 4, |r| {
@@ -546,11 +543,7 @@ mod tests {
         let want = fake(0..64).unwrap();
         assert_eq!(a, want);
         assert_eq!(b, want);
-        let mut later = ActivationCache::new(CacheConfig {
-            memory_budget: 0,
-            spill_dir: dir.path().to_path_buf(),
-            persist: true,
-        });
+        let mut later = on_file(dir.path());
         let kept = later
             .get_or_compute(&key, 64, 4, |_| panic!("the entry was not left complete"))
             .unwrap();

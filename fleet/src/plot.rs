@@ -77,14 +77,15 @@ pub fn plot_rows(rows: &[Row], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     for name in PLOTS {
         let svg = dir.join(format!("{name}.svg"));
         let png = dir.join(format!("{name}.png"));
+        let size = size(name, rows);
         {
-            let root = SVGBackend::new(&svg, SIZE).into_drawing_area();
+            let root = SVGBackend::new(&svg, size).into_drawing_area();
             draw(name, rows, &root).with_context(|| format!("drawing {}", svg.display()))?;
             root.present()
                 .map_err(|e| anyhow::anyhow!("writing {}: {e}", svg.display()))?;
         }
         {
-            let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
+            let root = BitMapBackend::new(&png, size).into_drawing_area();
             draw(name, rows, &root).with_context(|| format!("drawing {}", png.display()))?;
             root.present()
                 .map_err(|e| anyhow::anyhow!("writing {}: {e}", png.display()))?;
@@ -148,8 +149,93 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("{e:?}")
 }
 
-fn label(row: &Row) -> String {
-    row.trial.clone()
+/// Trial names without the prefix every one of them shares up to a `-` (the sweep's name), so
+/// legends say what differs; a lone trial keeps its whole name.
+fn short_labels(rows: &[Row]) -> Vec<String> {
+    let names: Vec<&str> = rows.iter().map(|r| r.trial.as_str()).collect();
+    if names.len() < 2 {
+        return names.iter().map(|n| n.to_string()).collect();
+    }
+    let first = names[0];
+    let common = names[1..].iter().fold(first.len(), |n, other| {
+        first
+            .bytes()
+            .zip(other.bytes())
+            .take(n)
+            .take_while(|(a, b)| a == b)
+            .count()
+    });
+    let common = (0..=common)
+        .rev()
+        .find(|&i| first.is_char_boundary(i))
+        .unwrap_or(0);
+    let cut = first[..common].rfind('-').map_or(0, |i| i + 1);
+    names
+        .iter()
+        .map(|n| {
+            let rest = &n[cut..];
+            if rest.is_empty() { n } else { rest }.to_string()
+        })
+        .collect()
+}
+
+/// What the trials of one accuracy panel share: data set, split and the setting that changes
+/// the curves' meaning (DP-SGD, dropout, stragglers).
+fn panel_title(r: &Row) -> String {
+    let data = match r.dataset.as_str() {
+        "fashion-mnist" => "Fashion-MNIST",
+        "spam-assassin" => "SpamAssassin",
+        other => other,
+    };
+    let mut title = match r.partition.as_str() {
+        "dirichlet" => format!("{data}, Dirichlet α {}", r.alpha),
+        "" => format!("{data}, α {}", r.alpha),
+        split => format!("{data}, {split}"),
+    };
+    if r.dp_noise_multiplier.is_some() {
+        title.push_str(", DP-SGD");
+    }
+    if r.dropout > 0.0 {
+        title.push_str(&format!(", {:.0} % dropout", 100.0 * r.dropout));
+    }
+    if r.stragglers > 0 {
+        title.push_str(", stragglers");
+    }
+    title
+}
+
+/// Trials grouped into panels by [`panel_title`], in order of first appearance, each with its
+/// legend label.
+fn panels(rows: &[Row]) -> Vec<(String, Vec<(&Row, String)>)> {
+    let mut out: Vec<(String, Vec<(&Row, String)>)> = Vec::new();
+    for (row, label) in rows.iter().zip(short_labels(rows)) {
+        let title = panel_title(row);
+        match out.iter_mut().find(|(t, _)| *t == title) {
+            Some((_, members)) => members.push((row, label)),
+            None => out.push((title, vec![(row, label)])),
+        }
+    }
+    out
+}
+
+/// Panels in two columns when there is more than one.
+fn grid(panels: usize) -> (usize, usize) {
+    if panels <= 1 {
+        (1, 1)
+    } else {
+        (panels.div_ceil(2), 2)
+    }
+}
+
+/// The picture size of plot `name` for `rows`: the accuracy plots grow with their panels.
+fn size(name: &str, rows: &[Row]) -> (u32, u32) {
+    if name == "round_time_per_preset" {
+        return SIZE;
+    }
+    match grid(panels(rows).len()) {
+        (1, 1) => SIZE,
+        (lines, _) => (1200, 60 + 400 * lines as u32),
+    }
 }
 
 fn draw<DB: DrawingBackend>(
@@ -162,113 +248,117 @@ where
 {
     root.fill(&WHITE).map_err(err)?;
     match name {
-        "accuracy_vs_round" => accuracy_vs_round(rows, root),
-        "accuracy_vs_bytes" => accuracy_vs_bytes(rows, root),
+        "accuracy_vs_round" => accuracy_panels(rows, root, XAxis::Round),
+        "accuracy_vs_bytes" => accuracy_panels(rows, root, XAxis::Bytes),
         "round_time_per_preset" => round_time_per_preset(rows, root),
         other => bail!("unknown plot {other}"),
     }
 }
 
-fn accuracy_vs_round<DB: DrawingBackend>(
+/// What the accuracy plots put on x.
+#[derive(Clone, Copy, PartialEq)]
+enum XAxis {
+    Round,
+    /// Cumulative bytes, drawn as log10 on a linear axis (labelled in bytes).
+    Bytes,
+}
+
+/// Held-out accuracy against round or cumulative bytes: one panel per [`panel_title`], one
+/// line per trial.
+fn accuracy_panels<DB: DrawingBackend>(
     rows: &[Row],
     root: &DrawingArea<DB, Shift>,
+    x: XAxis,
 ) -> anyhow::Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let last = rows
-        .iter()
-        .map(|r| r.accuracy_by_round.len().saturating_sub(1))
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let mut chart = ChartBuilder::on(root)
-        .caption("Held-out accuracy by round", ("sans-serif", 24))
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0f64..last as f64, 0f64..100f64)
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_labels(last.min(15) + 1)
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .x_desc("round")
-        .y_desc("accuracy (%)")
-        .draw()
-        .map_err(err)?;
-    for (i, row) in rows.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let points: Vec<(f64, f64)> = row
-            .accuracy_by_round
-            .iter()
-            .enumerate()
-            .filter_map(|(r, a)| a.map(|a| (r as f64, 100.0 * a)))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .map_err(err)?
-            .label(label(row))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+    let caption = match x {
+        XAxis::Round => "Held-out accuracy by round",
+        XAxis::Bytes => "Held-out accuracy by cumulative bytes (up + down)",
+    };
+    let groups = panels(rows);
+    let root = root.titled(caption, ("sans-serif", 24)).map_err(err)?;
+    let areas = root.split_evenly(grid(groups.len()));
+    let titled = groups.len() > 1;
+    for ((title, members), area) in groups.iter().zip(&areas) {
+        accuracy_panel(area, titled.then_some(title.as_str()), members, x)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(err)?;
     Ok(())
 }
 
-fn accuracy_vs_bytes<DB: DrawingBackend>(
-    rows: &[Row],
-    root: &DrawingArea<DB, Shift>,
+fn accuracy_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    title: Option<&str>,
+    members: &[(&Row, String)],
+    x: XAxis,
 ) -> anyhow::Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let bytes = rows
+    let lines: Vec<Vec<(f64, f64)>> = members
         .iter()
-        .flat_map(|r| r.cumulative_bytes_by_round.iter().copied())
-        .filter(|&b| b > 0);
-    let (lo, hi) = bytes.fold((u64::MAX, 0u64), |(lo, hi), b| (lo.min(b), hi.max(b)));
-    let (lo, hi) = if hi == 0 {
-        (1.0, 10.0)
-    } else {
-        (lo as f64 / 1.5, (hi as f64 * 1.5).max(lo as f64 * 10.0))
+        .map(|(row, _)| match x {
+            XAxis::Round => row
+                .accuracy_by_round
+                .iter()
+                .enumerate()
+                .filter_map(|(r, a)| a.map(|a| (r as f64, 100.0 * a)))
+                .collect(),
+            XAxis::Bytes => row
+                .accuracy_by_round
+                .iter()
+                .zip(&row.cumulative_bytes_by_round)
+                .filter_map(|(a, &b)| a.filter(|_| b > 0).map(|a| ((b as f64).log10(), 100.0 * a)))
+                .collect(),
+        })
+        .collect();
+    let xs = lines.iter().flatten().map(|p| p.0);
+    let (lo, hi) = xs.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = match x {
+        XAxis::Round => (0.0, hi.max(1.0)),
+        // Whole decades, at least one.
+        XAxis::Bytes if hi >= lo => (lo.floor(), hi.ceil().max(lo.floor() + 1.0)),
+        XAxis::Bytes => (0.0, 1.0),
     };
-    let mut chart = ChartBuilder::on(root)
-        .caption(
-            "Held-out accuracy by cumulative bytes (up + down)",
-            ("sans-serif", 24),
-        )
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(64)
-        .build_cartesian_2d((lo..hi).log_scale(), 0f64..100f64)
+    let mut chart = ChartBuilder::on(area);
+    if let Some(t) = title {
+        chart.caption(t, ("sans-serif", 18));
+    }
+    let mut chart = chart
+        .margin(12)
+        // Room for the last x label, centred on the right edge.
+        .margin_right(32)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(lo..hi, 0f64..100f64)
         .map_err(err)?;
+    let x_desc = match x {
+        XAxis::Round => "round",
+        XAxis::Bytes => "cumulative bytes (log scale)",
+    };
+    let x_labels = match x {
+        XAxis::Round => (hi as usize).min(15) + 1,
+        XAxis::Bytes => (hi - lo) as usize + 1,
+    };
+    let format_x = move |v: &f64| match x {
+        XAxis::Round => format!("{v:.0}"),
+        XAxis::Bytes => human_bytes(10f64.powf(*v)),
+    };
     chart
         .configure_mesh()
-        .x_desc("cumulative bytes (log scale)")
+        .x_labels(x_labels)
+        .x_label_formatter(&format_x)
+        .x_desc(x_desc)
         .y_desc("accuracy (%)")
-        .x_label_formatter(&|b| human_bytes(*b))
         .draw()
         .map_err(err)?;
-    for (i, row) in rows.iter().enumerate() {
+    for (i, ((_, label), points)) in members.iter().zip(lines).enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let points: Vec<(f64, f64)> = row
-            .accuracy_by_round
-            .iter()
-            .zip(&row.cumulative_bytes_by_round)
-            .filter_map(|(a, &b)| a.filter(|_| b > 0).map(|a| (b as f64, 100.0 * a)))
-            .collect();
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(err)?
-            .label(label(row))
+            .label(label.as_str())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
@@ -339,7 +429,7 @@ where
         .map_err(err)?;
     let n = rows.len() as f64;
     let width = 0.8 / n;
-    for (i, row) in rows.iter().enumerate() {
+    for (i, (row, label)) in rows.iter().zip(short_labels(rows)).enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let bars: Vec<Rectangle<(f64, f64)>> = row
             .computed_round_comm
@@ -354,7 +444,7 @@ where
         chart
             .draw_series(bars)
             .map_err(err)?
-            .label(label(row))
+            .label(label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
     }
     chart
@@ -367,13 +457,17 @@ where
     Ok(())
 }
 
+/// Bytes with a unit, to at most three decimals and without trailing zeros (`10 kB`, `1.5 MB`).
 fn human_bytes(b: f64) -> String {
-    match b {
-        b if b >= 1e9 => format!("{:.3} GB", b / 1e9),
-        b if b >= 1e6 => format!("{:.3} MB", b / 1e6),
-        b if b >= 1e3 => format!("{:.3} kB", b / 1e3),
-        b => format!("{b:.0} B"),
-    }
+    let (v, unit) = match b {
+        b if b >= 1e9 => (b / 1e9, "GB"),
+        b if b >= 1e6 => (b / 1e6, "MB"),
+        b if b >= 1e3 => (b / 1e3, "kB"),
+        b => (b.round(), "B"),
+    };
+    let text = format!("{v:.3}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("{text} {unit}")
 }
 
 #[cfg(test)]
@@ -445,14 +539,13 @@ mod tests {
             let doc = roxmltree::Document::parse(&svg)
                 .unwrap_or_else(|e| panic!("{name}.svg is not XML: {e}"));
             assert_eq!(doc.root_element().tag_name().name(), "svg");
-            // Each trial is named once, in the legend.
-            for r in &rows {
-                let labels = doc
-                    .descendants()
-                    .filter(|n| n.tag_name().name() == "text")
-                    .filter(|n| n.text().map(str::trim) == Some(r.trial.as_str()))
-                    .count();
-                assert_eq!(labels, 1, "{name}.svg: legend entries for {}", r.trial);
+            // Each trial is named once, in the legend, without the sweep's name.
+            for label in ["head", "lora", "bias"] {
+                assert_eq!(
+                    texts(&doc, label),
+                    1,
+                    "{name}.svg: legend entries for {label}"
+                );
             }
             let series = match name {
                 // Filled bars: one per trial and preset, and the legend's swatches.
@@ -483,6 +576,91 @@ mod tests {
         std::fs::remove_file(dir.path().join("accuracy_vs_round.png")).unwrap();
         assert_eq!(plot_dir(dir.path()).unwrap().len(), 6);
         assert!(dir.path().join("accuracy_vs_round.png").is_file());
+    }
+
+    fn texts(doc: &roxmltree::Document, text: &str) -> usize {
+        doc.descendants()
+            .filter(|n| n.tag_name().name() == "text")
+            .filter(|n| n.text().map(str::trim) == Some(text))
+            .count()
+    }
+
+    /// Trials of other data, splits or settings get panels of their own, titled, two to a line.
+    #[test]
+    fn accuracy_plots_put_each_data_set_split_and_setting_in_its_own_panel() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dp = row("fedpeft-lora-dp", &[0.1, 0.5, 0.6], 1);
+        dp.dp_noise_multiplier = Some(1.0);
+        let mut text = row("fedpeft-text-head", &[0.7, 0.9], 1);
+        text.dataset = "spam-assassin".into();
+        text.partition = "natural".into();
+        let mut a01 = row("fedpeft-a0.1-head", &[0.1, 0.4, 0.5], 1);
+        a01.alpha = 0.1;
+        let rows = vec![
+            row("fedpeft-a0.5-head", &[0.1, 0.6, 0.7], 1),
+            a01,
+            row("fedpeft-a0.5-bias", &[0.1, 0.5, 0.65], 1),
+            dp,
+            text,
+        ];
+        let groups = panels(&rows);
+        let titles: Vec<&str> = groups.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(
+            titles,
+            [
+                "Fashion-MNIST, Dirichlet α 0.5",
+                "Fashion-MNIST, Dirichlet α 0.1",
+                "Fashion-MNIST, Dirichlet α 0.5, DP-SGD",
+                "SpamAssassin, natural"
+            ]
+        );
+        assert_eq!(groups[0].1.len(), 2);
+        assert_eq!(size("accuracy_vs_round", &rows), (1200, 60 + 2 * 400));
+        plot_rows(&rows, dir.path()).unwrap();
+        for name in ["accuracy_vs_round", "accuracy_vs_bytes"] {
+            let svg = std::fs::read_to_string(dir.path().join(format!("{name}.svg"))).unwrap();
+            let doc = roxmltree::Document::parse(&svg).unwrap();
+            for t in &titles {
+                assert_eq!(texts(&doc, t), 1, "{name}.svg: panel title {t}");
+            }
+            for label in [
+                "a0.5-head",
+                "a0.1-head",
+                "a0.5-bias",
+                "lora-dp",
+                "text-head",
+            ] {
+                assert_eq!(texts(&doc, label), 1, "{name}.svg: legend entry {label}");
+            }
+            let lines = doc
+                .descendants()
+                .filter(|n| n.tag_name().name() == "polyline")
+                .filter(|n| n.attribute("stroke-width") == Some("2"))
+                .count();
+            assert_eq!(
+                lines,
+                2 * rows.len(),
+                "{name}.svg: a line and a legend sample per trial"
+            );
+        }
+    }
+
+    #[test]
+    fn labels_drop_the_shared_name_and_bytes_read_plainly() {
+        let names = |v: &[&str]| {
+            let rows: Vec<Row> = v.iter().map(|n| row(n, &[0.1, 0.2], 1)).collect();
+            short_labels(&rows)
+        };
+        assert_eq!(
+            names(&["s-a0.1-lora", "s-a0.5-lora"]),
+            ["a0.1-lora", "a0.5-lora"]
+        );
+        assert_eq!(names(&["quickstart"]), ["quickstart"]);
+        assert_eq!(names(&["head", "headx"]), ["head", "headx"]);
+        assert_eq!(names(&["s-α", "s-β"]), ["α", "β"]);
+        assert_eq!(human_bytes(10_000.0), "10 kB");
+        assert_eq!(human_bytes(1_500_000.0), "1.5 MB");
+        assert_eq!(human_bytes(999.4), "999 B");
     }
 
     #[test]

@@ -99,6 +99,7 @@ use serde::Deserialize;
 use crate::round::QuorumFailure;
 use crate::strategy::{ClientDp, StrategyKind};
 use crate::tls::TlsFiles;
+use crate::tls::broker::BrokerAddr;
 
 /// A config that cannot be used. Every variant names the field (and file, when read from one).
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +124,10 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
         field,
         message: message.into(),
     }
+}
+
+fn setting(e: crate::tls::broker::SettingError) -> ConfigError {
+    invalid(e.key, e.message)
 }
 
 /// The file as written: every field optional.
@@ -590,12 +595,19 @@ fn validate_dp(
 
 fn validate_broker(b: RawBroker) -> Result<BrokerConfig, ConfigError> {
     let url = b.url.unwrap_or_else(|| "embedded".into());
-    let mut tls_url = false;
-    let target = if url == "embedded" {
-        BrokerTarget::Embedded {
+    let (target, tls) = if url == "embedded" {
+        if b.ca_file.is_some() || b.client_cert.is_some() || b.client_key.is_some() {
+            return Err(invalid(
+                "broker.ca_file",
+                "TLS files are set but the broker is `embedded` (plain MQTT on this host); \
+                 TLS is for an external mqtts:// broker",
+            ));
+        }
+        let target = BrokerTarget::Embedded {
             host: b.host.unwrap_or_else(|| "127.0.0.1".into()),
             port: b.port.unwrap_or(0),
-        }
+        };
+        (target, None)
     } else {
         if b.host.is_some() || b.port.is_some() {
             return Err(invalid(
@@ -603,44 +615,20 @@ fn validate_broker(b: RawBroker) -> Result<BrokerConfig, ConfigError> {
                 "host and port are for the embedded broker; put them in the url",
             ));
         }
-        let (host, port, tls) = parse_mqtt_url(&url)?;
-        tls_url = tls;
-        BrokerTarget::External { host, port }
+        let addr = BrokerAddr::parse(&url).map_err(setting)?;
+        let tls = crate::tls::broker::tls_files(&addr, b.ca_file, b.client_cert, b.client_key, "")
+            .map_err(setting)?;
+        let target = BrokerTarget::External {
+            host: addr.host,
+            port: addr.port,
+        };
+        (target, tls)
     };
-    let client_cert = match (b.client_cert, b.client_key) {
-        (Some(cert), Some(key)) => Some((cert, key)),
-        (None, None) => None,
-        _ => {
-            return Err(invalid(
-                "broker.client_cert",
-                "client_cert and client_key go together",
-            ));
-        }
-    };
-    let tls = match (tls_url, b.ca_file) {
-        (true, Some(ca_file)) => Some(TlsFiles {
-            ca_file,
-            client_cert,
-        }),
-        (true, None) => {
-            return Err(invalid(
-                "broker.ca_file",
-                format!(
-                    "`{url}` is TLS: name the CA certificate (PEM) the broker's certificate chains to"
-                ),
-            ));
-        }
-        (false, ca) => {
-            if ca.is_some() || client_cert.is_some() {
-                return Err(invalid(
-                    "broker.ca_file",
-                    format!("TLS files are set but `{url}` is not an mqtts:// URL"),
-                ));
-            }
-            None
-        }
-    };
-    let credentials = credentials(b.username, b.password_file, b.password_env)?;
+    let password =
+        crate::tls::broker::password(None, b.password_file, b.password_env).map_err(setting)?;
+    let credentials = crate::tls::broker::credentials(b.username, password)
+        .map_err(setting)?
+        .map(|(user, password)| (user, Secret(password)));
     let max_packet_bytes = b.max_packet_bytes.unwrap_or(1 << 20);
     if !(4096..=256 << 20).contains(&max_packet_bytes) {
         return Err(invalid(
@@ -660,75 +648,6 @@ fn validate_broker(b: RawBroker) -> Result<BrokerConfig, ConfigError> {
         tls,
         credentials,
     })
-}
-
-/// Username and password: the password comes from a file (its first line) or an environment
-/// variable, never from the config text or the command line.
-fn credentials(
-    username: Option<String>,
-    password_file: Option<PathBuf>,
-    password_env: Option<String>,
-) -> Result<Option<(String, Secret)>, ConfigError> {
-    let password = match (password_file, password_env) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                "broker.password_file",
-                "set password_file or password_env, not both",
-            ));
-        }
-        (Some(path), None) => {
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                invalid(
-                    "broker.password_file",
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            Some(text.lines().next().unwrap_or("").to_string())
-        }
-        (None, Some(var)) => Some(std::env::var(&var).map_err(|_| {
-            invalid(
-                "broker.password_env",
-                format!("environment variable `{var}` is not set (or not UTF-8)"),
-            )
-        })?),
-        (None, None) => None,
-    };
-    match (username, password) {
-        (Some(user), password) => Ok(Some((user, Secret(password.unwrap_or_default())))),
-        (None, Some(_)) => Err(invalid(
-            "broker.username",
-            "a password is set but no username",
-        )),
-        (None, None) => Ok(None),
-    }
-}
-
-/// `mqtt://host:port` (port default 1883) or `mqtts://host:port` (TLS, port default 8883);
-/// returns host, port and whether it is TLS.
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16, bool), ConfigError> {
-    let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("mqtts://") {
-        (rest, true, 8883)
-    } else if let Some(rest) = url.strip_prefix("mqtt://") {
-        (rest, false, 1883)
-    } else {
-        return Err(invalid(
-            "broker.url",
-            format!("`{url}` is neither \"embedded\" nor mqtt://host:port or mqtts://host:port"),
-        ));
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse::<u16>()
-                .map_err(|_| invalid("broker.url", format!("port `{p}` is not a number")))?,
-        ),
-        None => (rest, default_port),
-    };
-    if host.is_empty() {
-        return Err(invalid("broker.url", format!("`{url}` has no host")));
-    }
-    Ok((host.to_string(), port, tls))
 }
 
 fn validate_local(l: RawLocal) -> Result<LocalConfig, ConfigError> {
@@ -1005,13 +924,25 @@ mod tests {
         );
         let c = parse(&format!("[strategy]\nkind = \"median\"\n{MINIMAL}")).unwrap();
         assert_eq!(c.strategy, StrategyKind::Median);
+        // URLs are read as the edge client reads them (`crate::tls::broker::BrokerAddr`).
+        for bad in [
+            "mqtt://user@host",
+            "mqtt://host/path",
+            "mqtt://[::1",
+            "http://host",
+        ] {
+            let err = parse(&format!("[broker]\nurl = \"{bad}\"\n{MINIMAL}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("`broker.url`"), "{bad}: {err}");
+        }
+        let c = parse(&format!("[broker]\nurl = \"mqtt://[::1]:1999\"\n{MINIMAL}")).unwrap();
         assert_eq!(
-            parse_mqtt_url("mqtt://host").unwrap(),
-            ("host".into(), 1883, false)
-        );
-        assert_eq!(
-            parse_mqtt_url("mqtts://host").unwrap(),
-            ("host".into(), 8883, true)
+            c.broker.target,
+            BrokerTarget::External {
+                host: "::1".into(),
+                port: 1999
+            }
         );
     }
 

@@ -51,6 +51,10 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+fn setting(e: crate::tls::broker::SettingError) -> ConfigError {
+    invalid(e.key, e.message)
+}
+
 /// Which ONNX runtime runs the frozen trunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -453,92 +457,8 @@ pub enum Command {
     },
 }
 
-/// Where the broker is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerAddr {
-    pub host: String,
-    pub port: u16,
-    /// `mqtts://`: TLS.
-    pub tls: bool,
-}
-
-impl BrokerAddr {
-    /// Parses `mqtt://host[:port]` (port 1883 by default) or `mqtts://host[:port]` (TLS, port
-    /// 8883 by default).
-    pub fn parse(url: &str) -> Result<BrokerAddr, ConfigError> {
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-            invalid(
-                "broker.url",
-                format!("`{url}` has no scheme; expected mqtt://host:port"),
-            )
-        })?;
-        let tls = match scheme {
-            "mqtt" | "tcp" => false,
-            "mqtts" | "ssl" => true,
-            other => {
-                return Err(invalid(
-                    "broker.url",
-                    format!("`{url}`: unknown scheme `{other}`; expected mqtt:// or mqtts://"),
-                ));
-            }
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('/') || rest.contains('?') || rest.contains('@') {
-            return Err(invalid(
-                "broker.url",
-                format!(
-                    "`{url}`: only mqtt://host[:port] is accepted (no path, query or user info)"
-                ),
-            ));
-        }
-        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-            let (host, after) = v6.split_once(']').ok_or_else(|| {
-                invalid("broker.url", format!("`{url}`: unclosed `[` in IPv6 host"))
-            })?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => Some(p),
-                None if after.is_empty() => None,
-                None => {
-                    return Err(invalid(
-                        "broker.url",
-                        format!("`{url}`: junk after IPv6 host"),
-                    ));
-                }
-            };
-            (host.to_string(), port)
-        } else {
-            match rest.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), Some(p)),
-                None => (rest.to_string(), None),
-            }
-        };
-        if host.is_empty() {
-            return Err(invalid("broker.url", format!("`{url}`: empty host")));
-        }
-        let port = match port {
-            None if tls => 8883,
-            None => 1883,
-            Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
-                invalid(
-                    "broker.url",
-                    format!("`{url}`: port `{p}` is not in 1..=65535"),
-                )
-            })?,
-        };
-        Ok(BrokerAddr { host, port, tls })
-    }
-}
-
-impl std::fmt::Display for BrokerAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scheme = if self.tls { "mqtts" } else { "mqtt" };
-        if self.host.contains(':') {
-            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{scheme}://{}:{}", self.host, self.port)
-        }
-    }
-}
+/// Where the broker is: read as the aggregator reads it.
+pub use crate::tls::broker::BrokerAddr;
 
 /// Exponential backoff with jitter between reconnect attempts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -663,7 +583,7 @@ impl EdgeConfig {
             .clone()
             .or(file.broker.url)
             .unwrap_or_else(|| "mqtt://127.0.0.1:1883".to_string());
-        let broker = BrokerAddr::parse(&url)?;
+        let broker = BrokerAddr::parse(&url).map_err(setting)?;
 
         let keep_alive_secs = file.broker.keep_alive_secs.unwrap_or(30);
         if !(1..=65_535).contains(&keep_alive_secs) {
@@ -686,79 +606,25 @@ impl EdgeConfig {
         }
 
         let password_file = cli.password_file.clone().or(file.broker.password_file);
-        let password = match (
+        let password = crate::tls::broker::password(
             file.broker.password,
             password_file,
             file.broker.password_env,
-        ) {
-            (None, None, None) => None,
-            (Some(p), None, None) => Some(p),
-            (None, Some(path), None) => {
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    invalid(
-                        "broker.password_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                Some(text.lines().next().unwrap_or("").to_string())
-            }
-            (None, None, Some(var)) => Some(std::env::var(&var).map_err(|_| {
-                invalid(
-                    "broker.password_env",
-                    format!("environment variable `{var}` is not set (or not UTF-8)"),
-                )
-            })?),
-            _ => {
-                return Err(invalid(
-                    "broker.password",
-                    "set one of password, password_file (--password-file) or password_env",
-                ));
-            }
-        };
-        let credentials = match (cli.username.clone().or(file.broker.username), password) {
-            (Some(u), Some(p)) => Some((u, p)),
-            (Some(u), None) => Some((u, String::new())),
-            (None, Some(_)) => {
-                return Err(invalid("broker.password", "given without broker.username"));
-            }
-            (None, None) => None,
-        };
-        let client_cert = match (
+        )
+        .map_err(setting)?;
+        let credentials = crate::tls::broker::credentials(
+            cli.username.clone().or(file.broker.username),
+            password,
+        )
+        .map_err(setting)?;
+        let tls = crate::tls::broker::tls_files(
+            &broker,
+            cli.ca_file.clone().or(file.broker.ca_file),
             cli.client_cert.clone().or(file.broker.client_cert),
             cli.client_key.clone().or(file.broker.client_key),
-        ) {
-            (Some(cert), Some(key)) => Some((cert, key)),
-            (None, None) => None,
-            _ => {
-                return Err(invalid(
-                    "broker.client_cert",
-                    "client_cert and client_key go together",
-                ));
-            }
-        };
-        let tls = match (broker.tls, cli.ca_file.clone().or(file.broker.ca_file)) {
-            (true, Some(ca_file)) => Some(TlsFiles {
-                ca_file,
-                client_cert,
-            }),
-            (true, None) => {
-                return Err(invalid(
-                    "broker.ca_file",
-                    format!(
-                        "`{url}` is TLS: name the CA certificate (PEM) the broker's certificate chains to (--ca-file)"
-                    ),
-                ));
-            }
-            (false, ca) => {
-                if ca.is_some() || client_cert.is_some() {
-                    return Err(invalid(
-                        "broker.ca_file",
-                        format!("TLS files are set but `{url}` is not an mqtts:// URL"),
-                    ));
-                }
-                None
-            }
-        };
+            " (--ca-file)",
+        )
+        .map_err(setting)?;
         let signing_key = cli.signing_key.clone().or(file.security.signing_key);
         let aggregator_key = match cli.aggregator_key.clone().or(file.security.aggregator_key) {
             Some(hex) => Some(
@@ -1199,37 +1065,6 @@ mod tests {
                 "{bad}: {err}"
             );
         }
-    }
-
-    #[test]
-    fn broker_urls_are_parsed_or_refused_clearly() {
-        assert_eq!(
-            BrokerAddr::parse("mqtt://[::1]:1999").unwrap(),
-            BrokerAddr {
-                host: "::1".into(),
-                port: 1999,
-                tls: false,
-            }
-        );
-        assert_eq!(BrokerAddr::parse("tcp://h").unwrap().port, 1883);
-        let tls = BrokerAddr::parse("mqtts://h").unwrap();
-        assert_eq!((tls.port, tls.tls), (8883, true));
-        assert_eq!(tls.to_string(), "mqtts://h:8883");
-        assert!(
-            BrokerAddr::parse("http://h")
-                .unwrap_err()
-                .to_string()
-                .contains("scheme")
-        );
-        assert!(BrokerAddr::parse("h:1883").is_err());
-        assert!(BrokerAddr::parse("mqtt://h:0").is_err());
-        assert!(BrokerAddr::parse("mqtt://h:99999").is_err());
-        assert!(BrokerAddr::parse("mqtt://:1883").is_err());
-        assert!(BrokerAddr::parse("mqtt://h/path").is_err());
-        assert_eq!(
-            BrokerAddr::parse("mqtt://h:7").unwrap().to_string(),
-            "mqtt://h:7"
-        );
     }
 
     #[test]

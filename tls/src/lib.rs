@@ -1,6 +1,9 @@
 //! fedpeft-tls: TLS to the MQTT broker (`mqtts://`) for the aggregator and the edge client, a
 //! rustls client configuration on the `ring` provider from PEM files — the CA that signed the broker's certificate and, optionally, a
-//! client certificate and key for brokers that authenticate clients by certificate.
+//! client certificate and key for brokers that authenticate clients by certificate. [`broker`]
+//! reads and checks the settings both programs take to reach a broker.
+
+pub mod broker;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -458,8 +458,8 @@ pub fn build(kind: &StrategyKind) -> Box<dyn Strategy> {
         StrategyKind::FedAvg => Box::new(FedAvg),
         StrategyKind::FedAdam(p) => Box::new(ServerOpt::new(ServerOptKind::Adam, p.clone())),
         StrategyKind::FedYogi(p) => Box::new(ServerOpt::new(ServerOptKind::Yogi, p.clone())),
-        StrategyKind::Median => Box::new(Median::default()),
-        StrategyKind::TrimmedMean { trim } => Box::new(TrimmedMean::new(*trim)),
+        StrategyKind::Median => Box::new(OrderStatistic::median()),
+        StrategyKind::TrimmedMean { trim } => Box::new(OrderStatistic::trimmed_mean(*trim)),
     }
 }
 
@@ -627,70 +627,44 @@ impl Strategy for ServerOpt {
     }
 }
 
-/// Coordinate-wise median of the round's deltas (unweighted: robust, not example-weighted).
-#[derive(Debug, Clone, Default)]
-pub struct Median {
-    stats: AggregateStats,
+/// Which order statistic [`OrderStatistic`] takes at each coordinate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OrderRule {
+    /// The median.
+    Median,
+    /// The trimmed mean (Yin et al. 2018): drop ⌊trim·n⌋ lowest and highest values.
+    TrimmedMean { trim: f64 },
 }
 
-impl Strategy for Median {
-    fn name(&self) -> &'static str {
-        "median"
-    }
-    fn configure_round(&self, _: u64, _: &Adapter, sampled: usize) -> Accumulator {
-        Accumulator::buffer(sampled)
-    }
-    fn aggregate(
-        &mut self,
-        round: u64,
-        global: &Adapter,
-        acc: &Accumulator,
-    ) -> Result<Adapter, StrategyError> {
-        match acc {
-            Accumulator::Buffer { deltas, .. } if !deltas.is_empty() => {
-                let n = deltas.len();
-                let mut trimmed = vec![0u64; n];
-                let step = coordinatewise(deltas, median_sorted, median_positions, &mut trimmed);
-                self.stats = trim_stats(&trimmed, global.num_params(), median_positions(n).len());
-                apply_step(round, global, &step)
-            }
-            Accumulator::Buffer { .. } => Err(StrategyError::NoUpdates { round }),
-            Accumulator::Sum { .. } => Err(StrategyError::State {
-                strategy: "median",
-                reason: "needs buffered deltas, got a streaming sum".into(),
-            }),
-        }
-    }
-    fn state(&self) -> StrategyState {
-        StrategyState::default()
-    }
-    fn restore(&mut self, _: StrategyState) -> Result<(), StrategyError> {
-        Ok(())
-    }
-    fn last_stats(&self) -> AggregateStats {
-        self.stats.clone()
-    }
-}
-
-/// Coordinate-wise trimmed mean (Yin et al. 2018): drop ⌊trim·n⌋ lowest and highest values.
+/// Coordinate-wise order statistic of the round's deltas, unweighted (robust, not
+/// example-weighted): the median or the trimmed mean. Both need every delta of the round.
 #[derive(Debug, Clone)]
-pub struct TrimmedMean {
-    pub trim: f64,
+pub struct OrderStatistic {
+    pub rule: OrderRule,
     stats: AggregateStats,
 }
 
-impl TrimmedMean {
-    pub fn new(trim: f64) -> TrimmedMean {
-        TrimmedMean {
-            trim,
+impl OrderStatistic {
+    pub fn median() -> OrderStatistic {
+        OrderStatistic::new(OrderRule::Median)
+    }
+    pub fn trimmed_mean(trim: f64) -> OrderStatistic {
+        OrderStatistic::new(OrderRule::TrimmedMean { trim })
+    }
+    fn new(rule: OrderRule) -> OrderStatistic {
+        OrderStatistic {
+            rule,
             stats: AggregateStats::default(),
         }
     }
 }
 
-impl Strategy for TrimmedMean {
+impl Strategy for OrderStatistic {
     fn name(&self) -> &'static str {
-        "trimmed-mean"
+        match self.rule {
+            OrderRule::Median => "median",
+            OrderRule::TrimmedMean { .. } => "trimmed-mean",
+        }
     }
     fn configure_round(&self, _: u64, _: &Adapter, sampled: usize) -> Accumulator {
         Accumulator::buffer(sampled)
@@ -701,24 +675,32 @@ impl Strategy for TrimmedMean {
         global: &Adapter,
         acc: &Accumulator,
     ) -> Result<Adapter, StrategyError> {
-        let trim = self.trim;
         match acc {
             Accumulator::Buffer { deltas, .. } if !deltas.is_empty() => {
                 let n = deltas.len();
-                let k = trim_count(n, trim);
                 let mut trimmed = vec![0u64; n];
-                let step = coordinatewise(
-                    deltas,
-                    |v| trimmed_mean_sorted(v, trim),
-                    |n| k..n - k,
-                    &mut trimmed,
-                );
-                self.stats = trim_stats(&trimmed, global.num_params(), n - 2 * k);
+                let (step, kept) = match self.rule {
+                    OrderRule::Median => (
+                        coordinatewise(deltas, median_sorted, median_positions, &mut trimmed),
+                        median_positions(n).len(),
+                    ),
+                    OrderRule::TrimmedMean { trim } => {
+                        let k = trim_count(n, trim);
+                        let step = coordinatewise(
+                            deltas,
+                            |v| trimmed_mean_sorted(v, trim),
+                            |n| k..n - k,
+                            &mut trimmed,
+                        );
+                        (step, n - 2 * k)
+                    }
+                };
+                self.stats = trim_stats(&trimmed, global.num_params(), kept);
                 apply_step(round, global, &step)
             }
             Accumulator::Buffer { .. } => Err(StrategyError::NoUpdates { round }),
             Accumulator::Sum { .. } => Err(StrategyError::State {
-                strategy: "trimmed-mean",
+                strategy: self.name(),
                 reason: "needs buffered deltas, got a streaming sum".into(),
             }),
         }
@@ -1103,7 +1085,7 @@ mod tests {
     fn median_ignores_one_outlier_per_coordinate() {
         let g = global(vec![0.0, 0.0]);
         let next = run(
-            &mut Median::default(),
+            &mut OrderStatistic::median(),
             &g,
             &[
                 (1, vec![1.0, -1.0]),
@@ -1114,7 +1096,7 @@ mod tests {
         assert_eq!(next.tensors[0].data, vec![2.0, 0.0]);
         // Even count: mean of the two middle values.
         let next = run(
-            &mut Median::default(),
+            &mut OrderStatistic::median(),
             &g,
             &[(1, vec![1.0, 0.0]), (1, vec![4.0, 1.0])],
         );
@@ -1124,7 +1106,7 @@ mod tests {
     #[test]
     fn trimmed_mean_drops_the_extremes_of_each_coordinate() {
         // trim 0.2 of 5 values = 1 from each end: mean of [2, 3, 4] = 3.
-        let mut s = TrimmedMean::new(0.2);
+        let mut s = OrderStatistic::trimmed_mean(0.2);
         let g = global(vec![1.0]);
         let ups: Vec<_> = [-100.0, 2.0, 3.0, 4.0, 100.0]
             .iter()
@@ -1200,7 +1182,7 @@ mod tests {
     #[test]
     fn trimmed_mean_reports_what_it_trimmed_and_whose_values() {
         // 5 clients, trim 0.2: 1 value per end per coordinate; client 4 is always the largest.
-        let mut s = TrimmedMean::new(0.2);
+        let mut s = OrderStatistic::trimmed_mean(0.2);
         let g = global(vec![0.0, 0.0, 0.0, 0.0]);
         let ups: Vec<_> = (0..5)
             .map(|c| {
@@ -1214,7 +1196,7 @@ mod tests {
         // Client 4 is at an extreme of every coordinate (100, then −4); client 0 too (0 is the
         // lowest of the first three, the highest of the last); clients 1-3 never are.
         assert_eq!(st.trimmed_share, vec![1.0, 0.0, 0.0, 0.0, 1.0]);
-        let mut m = Median::default();
+        let mut m = OrderStatistic::median();
         run(&mut m, &g, &ups);
         assert_eq!(m.last_stats().values_trimmed_per_coordinate, Some(4));
         assert_eq!(m.last_stats().trimmed_share, vec![1.0, 1.0, 0.0, 1.0, 1.0]);

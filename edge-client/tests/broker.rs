@@ -4,8 +4,7 @@
 //! wire, checks it against local training done independently, then ends the run.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fedpeft_edge::client::{ClientSettings, RunSummary, run};
 use fedpeft_edge::config::{Backoff, BrokerAddr};
@@ -23,64 +22,15 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
+mod common;
+use common::{free_port, start_broker};
+
 const FLEET: &str = "it";
 const RUN: u64 = 4242;
 /// Small on purpose: the adapter and the update both have to be chunked.
 const MAX_PACKET: usize = 1024;
 /// Channels of the synthetic conv head: enough trainable values that messages need chunks.
 const WIDTH: usize = 128;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts rumqttd on 127.0.0.1:`port` in a background thread (it lives until the test
-/// process exits) and waits until it accepts connections.
-fn start_broker(port: u16) {
-    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
-    let server = rumqttd::ServerSettings {
-        name: "v4".into(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: 10_000,
-            max_payload_size: 1 << 20,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
-    };
-    let config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 64,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 1 << 20,
-            max_segment_count: 10,
-            ..Default::default()
-        },
-        v4: Some(HashMap::from([("v4".to_string(), server)])),
-        ..Default::default()
-    };
-    std::thread::spawn(move || {
-        let mut broker = rumqttd::Broker::new(config);
-        let _ = broker.start();
-    });
-    let start = Instant::now();
-    while TcpStream::connect(listen).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "rumqttd did not listen on {listen}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 const CLASSES: usize = 3;
 
@@ -343,7 +293,7 @@ fn expected_delta(global: &GlobalAdapter, plan: &TrainPlan) -> Vec<Tensor> {
 async fn a_sampled_client_joins_trains_on_the_chunked_adapter_publishes_its_update_and_exits_when_done()
  {
     let port = free_port();
-    start_broker(port);
+    start_broker(port, Duration::from_secs(10), Duration::from_secs(10));
     let mut agg = Aggregator::connect(port).await;
 
     let t = trainer();
@@ -445,7 +395,7 @@ async fn a_client_started_before_its_broker_keeps_retrying_and_stops_on_shutdown
         let _ = stop_rx.await;
     }));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    start_broker(port);
+    start_broker(port, Duration::from_secs(10), Duration::from_secs(10));
     let mut agg = Aggregator::connect(port).await;
     // The Join may have gone out before this subscriber existed; the retained status did not.
     let online = agg

@@ -7,8 +7,6 @@
 //! Needs `make models` (models/build/efficientnet-lite0) and Fashion-MNIST (scripts/setup.sh);
 //! without them it fails rather than skips.
 
-use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -24,6 +22,9 @@ use fedpeft_protocol::{
     RoundAnnounce, Sampling, SplitMix64, Topic, TopicKind,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+mod common;
+use common::{free_port, start_broker};
 
 const FLEET: &str = "board";
 const RUN: u64 = 7;
@@ -72,56 +73,6 @@ fn config(port: u16, cache: &Path) -> EdgeConfig {
     // two cores for everything.
     cfg.threads = 1;
     cfg
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// rumqttd on 127.0.0.1:`port` in a background thread, once it accepts connections.
-fn start_broker(port: u16) {
-    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
-    let server = rumqttd::ServerSettings {
-        name: "v4".into(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: 1 << 20,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
-    };
-    let config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 8,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 1 << 20,
-            max_segment_count: 10,
-            ..Default::default()
-        },
-        v4: Some(HashMap::from([("v4".to_string(), server)])),
-        ..Default::default()
-    };
-    std::thread::spawn(move || {
-        let _ = rumqttd::Broker::new(config).start();
-    });
-    let start = Instant::now();
-    while TcpStream::connect(listen).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "rumqttd did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn topic(kind: TopicKind) -> String {
@@ -279,7 +230,7 @@ async fn a_client_on_the_real_tract_trunk_joins_trains_a_round_and_publishes_its
         global.tensors.iter().map(|t| &t.name).collect::<Vec<_>>()
     );
 
-    start_broker(port);
+    start_broker(port, Duration::from_secs(60), Duration::from_secs(30));
     let (agg, mut rx) = connect_aggregator(port).await;
     let settings = ClientSettings::from_config(&cfg, capabilities).unwrap();
     let client = tokio::spawn(run(settings, trainer, std::future::pending::<()>()));

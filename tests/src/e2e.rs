@@ -5,9 +5,38 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::time::Duration;
+
 use fedpeft_protocol::{Envelope, Message, Reassembler, ReassemblyLimits, Topic, TopicKind};
 
 use crate::{Proc, binary, workspace_root};
+
+/// What a `fedpeft-fleet run` left: its report, and the fleet's pid (its network namespaces and
+/// relays are named after it).
+#[derive(Debug)]
+pub struct FleetRun {
+    pub report: serde_json::Value,
+    pub pid: u32,
+}
+
+/// Runs `trial` with `fedpeft-fleet run` into `out` and prints the fleet's output; the test
+/// fails, with that output, unless it finishes successfully within `limit`.
+pub fn run_fleet(trial: &Path, out: &Path, limit: Duration) -> FleetRun {
+    let mut cmd = Command::new(binary("fedpeft-fleet"));
+    cmd.arg("run").arg(trial).arg("--out").arg(out);
+    let mut fleet = Proc::spawn("fedpeft-fleet", cmd);
+    let pid = fleet.pid();
+    let status = fleet.wait_exit(limit);
+    let output = fleet.output().join("\n");
+    eprintln!("{output}");
+    let status = status.unwrap_or_else(|| panic!("the trial did not finish within {limit:?}"));
+    assert!(status.success(), "fedpeft-fleet exited with {status}");
+    let path = out.join("report.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let report = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    FleetRun { report, pid }
+}
 
 /// The built EfficientNet-Lite0 (`make models`).
 pub fn backbone() -> PathBuf {

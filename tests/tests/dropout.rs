@@ -13,13 +13,11 @@
 //!   at the deadline with the straggler counted late and the others' updates aggregated.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use fedpeft_protocol::keyed_unit;
 use fedpeft_protocol::rng::DROPOUT_PURPOSE;
-use fedpeft_tests::e2e::{backbone, round_record, shared_cache};
-use fedpeft_tests::{Proc, binary};
+use fedpeft_tests::e2e::{backbone, round_record, run_fleet, shared_cache};
 
 const DROPOUT: f64 = 0.3;
 
@@ -63,14 +61,7 @@ update_dtype = "f32"
 
 /// Runs a trial file with `fedpeft-fleet`; returns the report and the output folder.
 fn run(path: &Path, out: &Path, limit: Duration) -> serde_json::Value {
-    let mut cmd = Command::new(binary("fedpeft-fleet"));
-    cmd.arg("run").arg(path).arg("--out").arg(out);
-    let mut fleet = Proc::spawn("fedpeft-fleet", cmd);
-    let status = fleet
-        .wait_exit(limit)
-        .unwrap_or_else(|| panic!("the trial did not finish within {limit:?}"));
-    eprintln!("{}", fleet.output().join("\n"));
-    assert!(status.success(), "fedpeft-fleet exited with {status}");
+    let report = run_fleet(path, out, limit).report;
     // The trial's plots were drawn.
     for name in [
         "accuracy_vs_round",
@@ -85,8 +76,7 @@ fn run(path: &Path, out: &Path, limit: Duration) -> serde_json::Value {
             "{name}.svg"
         );
     }
-    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json");
-    serde_json::from_str(&text).expect("JSON")
+    report
 }
 
 /// Whether client `index` vanishes in `round` for `seed` (the edge client's own rule).

@@ -10,8 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use fedpeft_tests::e2e::{backbone, round_record, shared_cache};
-use fedpeft_tests::{Proc, binary};
+use fedpeft_tests::e2e::{FleetRun, backbone, round_record, run_fleet, shared_cache};
 
 const UP_KBIT: f64 = 512.0;
 const DOWN_KBIT: f64 = 1024.0;
@@ -75,21 +74,7 @@ fn run(mechanism: &str) -> (serde_json::Value, u32) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = trial(dir.path(), mechanism);
     let out = dir.path().join("out");
-    let mut cmd = Command::new(binary("fedpeft-fleet"));
-    cmd.arg("run").arg(&path).arg("--out").arg(&out);
-    let mut fleet = Proc::spawn("fedpeft-fleet", cmd);
-    let pid = fleet.pid();
-    let status = fleet
-        .wait_exit(Duration::from_secs(300))
-        .expect("the trial did not finish within 5 minutes");
-    assert!(
-        status.success(),
-        "fedpeft-fleet exited with {status}:\n{}",
-        fleet.output().join("\n")
-    );
-    eprintln!("{}", fleet.output().join("\n"));
-    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json");
-    let report: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let FleetRun { report, pid } = run_fleet(&path, &out, Duration::from_secs(300));
     let csv = std::fs::read_to_string(out.join("links.csv")).expect("links.csv");
     assert_eq!(
         csv.lines().count(),

@@ -6,11 +6,10 @@
 //! client trains on.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use fedpeft_tests::e2e::{round_record, shared_cache};
-use fedpeft_tests::{Proc, binary, workspace_root};
+use fedpeft_tests::e2e::{round_record, run_fleet, shared_cache};
+use fedpeft_tests::workspace_root;
 
 const CLIENTS: usize = 3;
 const ROUNDS: u32 = 2;
@@ -72,20 +71,7 @@ fn adapters_on_minilm_federate_over_natural_spam_assassin_shards_and_beat_round_
     let dir = tempfile::tempdir().expect("temp dir");
     let path = trial(dir.path());
     let out = dir.path().join("out");
-    let mut cmd = Command::new(binary("fedpeft-fleet"));
-    cmd.arg("run").arg(&path).arg("--out").arg(&out);
-    let mut fleet = Proc::spawn("fedpeft-fleet", cmd);
-    let status = fleet
-        .wait_exit(Duration::from_secs(900))
-        .expect("the text trial did not finish within 15 minutes");
-    assert!(
-        status.success(),
-        "fedpeft-fleet exited with {status}:\n{}",
-        fleet.output().join("\n")
-    );
-    eprintln!("{}", fleet.output().join("\n"));
-    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json");
-    let report: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let report = run_fleet(&path, &out, Duration::from_secs(900)).report;
 
     for r in 1..=ROUNDS {
         let rec = round_record(&report, r);

@@ -409,24 +409,39 @@ pub struct AggregateStats {
     pub dp_delta: Option<f64>,
 }
 
-/// A federated aggregation strategy.
+/// A federated aggregation strategy. The defaults are those of an averaging strategy without
+/// state: fold the round's deltas into a weighted sum, and take [`Strategy::apply_mean`]'s step
+/// from their mean. FedAvg needs nothing else; order statistics buffer and aggregate their own.
 pub trait Strategy: std::fmt::Debug + Send {
     /// Short name for logs and reports (`fedavg`, `fedadam`, …).
     fn name(&self) -> &'static str;
     /// Prepares the accumulator for `server_round` with `sampled` clients (Flower's
     /// `configure_fit`, minus the instructions, which the round machine announces).
-    fn configure_round(&self, server_round: u64, global: &Adapter, sampled: usize) -> Accumulator;
+    fn configure_round(&self, server_round: u64, global: &Adapter, sampled: usize) -> Accumulator {
+        let _ = (server_round, sampled);
+        Accumulator::sum_for(global)
+    }
     /// The next global adapter from the round's accumulated deltas (Flower's `aggregate_fit`).
     fn aggregate(
         &mut self,
         server_round: u64,
         global: &Adapter,
         acc: &Accumulator,
-    ) -> Result<Adapter, StrategyError>;
+    ) -> Result<Adapter, StrategyError> {
+        let mean = weighted_mean(acc).ok_or(StrategyError::NoUpdates {
+            round: server_round,
+        })?;
+        self.apply_mean(server_round, global, &mean)
+    }
     /// State carried across rounds (empty for stateless strategies), for checkpoints.
-    fn state(&self) -> StrategyState;
+    fn state(&self) -> StrategyState {
+        StrategyState::default()
+    }
     /// Restores state saved by [`Strategy::state`].
-    fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError>;
+    fn restore(&mut self, state: StrategyState) -> Result<(), StrategyError> {
+        let _ = state;
+        Ok(())
+    }
     /// Whether the round machine folds each delta with weight `num_examples` (FedAvg-style) or
     /// 1 (client-level DP, whose sensitivity analysis needs every client to weigh the same).
     fn weighs_by_examples(&self) -> bool {
@@ -502,18 +517,6 @@ impl Strategy for FedAvg {
     fn name(&self) -> &'static str {
         "fedavg"
     }
-    fn configure_round(&self, _: u64, global: &Adapter, _: usize) -> Accumulator {
-        Accumulator::sum_for(global)
-    }
-    fn aggregate(
-        &mut self,
-        round: u64,
-        global: &Adapter,
-        acc: &Accumulator,
-    ) -> Result<Adapter, StrategyError> {
-        let mean = weighted_mean(acc).ok_or(StrategyError::NoUpdates { round })?;
-        apply_step(round, global, &mean)
-    }
     fn apply_mean(
         &mut self,
         round: u64,
@@ -521,12 +524,6 @@ impl Strategy for FedAvg {
         mean: &[Vec<f64>],
     ) -> Result<Adapter, StrategyError> {
         apply_step(round, global, mean)
-    }
-    fn state(&self) -> StrategyState {
-        StrategyState::default()
-    }
-    fn restore(&mut self, _: StrategyState) -> Result<(), StrategyError> {
-        Ok(())
     }
 }
 
@@ -563,18 +560,6 @@ impl Strategy for ServerOpt {
             ServerOptKind::Adam => "fedadam",
             ServerOptKind::Yogi => "fedyogi",
         }
-    }
-    fn configure_round(&self, _: u64, global: &Adapter, _: usize) -> Accumulator {
-        Accumulator::sum_for(global)
-    }
-    fn aggregate(
-        &mut self,
-        round: u64,
-        global: &Adapter,
-        acc: &Accumulator,
-    ) -> Result<Adapter, StrategyError> {
-        let delta = weighted_mean(acc).ok_or(StrategyError::NoUpdates { round })?;
-        self.apply_mean(round, global, &delta)
     }
     fn apply_mean(
         &mut self,
@@ -704,12 +689,6 @@ impl Strategy for OrderStatistic {
                 reason: "needs buffered deltas, got a streaming sum".into(),
             }),
         }
-    }
-    fn state(&self) -> StrategyState {
-        StrategyState::default()
-    }
-    fn restore(&mut self, _: StrategyState) -> Result<(), StrategyError> {
-        Ok(())
     }
     fn last_stats(&self) -> AggregateStats {
         self.stats.clone()

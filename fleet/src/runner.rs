@@ -237,6 +237,46 @@ fn log_tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Where a signed trial's keys live: `<out>/keys/{aggregator.key, <client>.key, enrolled.toml}`.
+fn keys_dir(out_dir: &Path) -> PathBuf {
+    out_dir.join("keys")
+}
+
+/// A new Ed25519 key from the operating system's randomness.
+fn new_key() -> anyhow::Result<fedpeft_protocol::SigningKey> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness for a key: {e}"))?;
+    Ok(fedpeft_protocol::SigningKey::from_bytes(&seed))
+}
+
+/// A signed trial's keys, made fresh for each run: the aggregator's and every client's secret
+/// key (owner-only files) and the enrolment file mapping each client id to its public key.
+/// Returns the aggregator's public key (hex), which every client is given.
+pub fn make_keys(trial: &Trial, out_dir: &Path) -> anyhow::Result<String> {
+    use fedpeft_protocol::sign::{public_key_hex, write_signing_key};
+    let dir = keys_dir(out_dir);
+    // Secret key files are never overwritten: a rerun into the same folder starts afresh.
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let aggregator = new_key()?;
+    write_signing_key(&dir.join("aggregator.key"), &aggregator)?;
+    let mut enrolled = String::from("[clients]\n");
+    for index in 0..trial.clients {
+        let id = trial.client_id(index);
+        let key = new_key()?;
+        write_signing_key(&dir.join(format!("{id}.key")), &key)?;
+        enrolled.push_str(&format!(
+            "{id} = \"{}\"\n",
+            public_key_hex(&key.verifying_key())
+        ));
+    }
+    let path = dir.join("enrolled.toml");
+    std::fs::write(&path, enrolled).with_context(|| format!("writing {}", path.display()))?;
+    Ok(public_key_hex(&aggregator.verifying_key()))
+}
+
 /// The aggregator's config file for this trial (its own TOML schema; see
 /// `fedpeft_aggregator::config`).
 pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> toml::Table {
@@ -307,6 +347,14 @@ pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> to
         trial.cache_dir.display().to_string().into(),
     );
     root.insert("model".into(), toml::Value::Table(model));
+    if trial.signed {
+        let keys = keys_dir(out_dir);
+        let mut security = toml::Table::new();
+        let path = |name: &str| toml::Value::from(keys.join(name).display().to_string());
+        security.insert("signing_key".into(), path("aggregator.key"));
+        security.insert("enrolled_keys".into(), path("enrolled.toml"));
+        root.insert("security".into(), toml::Value::Table(security));
+    }
     let mut output = toml::Table::new();
     output.insert("dir".into(), out_dir.display().to_string().into());
     output.insert("resume".into(), false.into());
@@ -314,15 +362,25 @@ pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> to
     root
 }
 
-/// The command line of edge client `index`.
+/// The command line of edge client `index`. `aggregator_key`: the aggregator's public key
+/// (hex) in a signed trial, from [`make_keys`].
 pub fn client_command(
     trial: &Trial,
     bins: &Binaries,
     index: usize,
     broker_url: &str,
     out_dir: &Path,
+    aggregator_key: Option<&str>,
 ) -> Command {
-    client_command_in(trial, bins, index, broker_url, out_dir, None)
+    client_command_in(
+        trial,
+        bins,
+        index,
+        broker_url,
+        out_dir,
+        None,
+        aggregator_key,
+    )
 }
 
 /// The command line of edge client `index`, run inside network namespace `netns` if given
@@ -334,6 +392,7 @@ pub fn client_command_in(
     broker_url: &str,
     out_dir: &Path,
     netns: Option<&str>,
+    aggregator_key: Option<&str>,
 ) -> Command {
     let mut cmd = match netns {
         Some(ns) => {
@@ -427,6 +486,13 @@ pub fn client_command_in(
         cmd.arg("--straggle-secs")
             .arg(trial.straggle_secs.to_string());
     }
+    if trial.signed {
+        cmd.arg("--signing-key")
+            .arg(keys_dir(out_dir).join(format!("{id}.key")));
+        if let Some(key) = aggregator_key {
+            cmd.arg("--aggregator-key").arg(key);
+        }
+    }
     // One compute thread per client: N clients share the machine's cores.
     cmd.env("RAYON_NUM_THREADS", "1");
     cmd
@@ -505,6 +571,11 @@ pub fn run(
         (Broker::External { url }, _) => url.clone(),
         (Broker::Embedded, Some(port)) => format!("mqtt://127.0.0.1:{port}"),
         (Broker::Embedded, None) => unreachable!("embedded broker always has a port"),
+    };
+    let aggregator_key = if trial.signed {
+        Some(make_keys(trial, out_dir)?)
+    } else {
+        None
     };
     let config_path = out_dir.join("aggregator.toml");
     let config = aggregator_config(trial, out_dir, port);
@@ -586,7 +657,15 @@ pub fn run(
             None => broker_url.clone(),
         };
         let ns = kernel.as_ref().map(|k| k.links[index].name.as_str());
-        let cmd = client_command_in(trial, bins, index, &url, out_dir, ns);
+        let cmd = client_command_in(
+            trial,
+            bins,
+            index,
+            &url,
+            out_dir,
+            ns,
+            aggregator_key.as_deref(),
+        );
         let log = out_dir.join("logs").join(format!("{id}.log"));
         clients.push(Child::spawn(&id, cmd, &log, false)?);
         if index == 0 && trial.shared_cache && trial.clients > 1 {
@@ -752,10 +831,17 @@ mod tests {
             aggregator: "agg".into(),
             edge_client: "edge".into(),
         };
-        client_command(t, &bins, index, "mqtt://127.0.0.1:1", Path::new("o"))
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
+        client_command(
+            t,
+            &bins,
+            index,
+            "mqtt://127.0.0.1:1",
+            Path::new("o"),
+            Some("ab12"),
+        )
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect()
     }
 
     /// The value following `flag` in `args`.
@@ -765,6 +851,57 @@ mod tests {
             .position(|a| a == flag)
             .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
         args[i + 1].clone()
+    }
+
+    /// A signed trial: fresh keys for the aggregator and every client, the aggregator told to
+    /// sign and to enforce the enrolment, each client given its key and the aggregator's.
+    #[test]
+    fn a_signed_trial_makes_keys_enrols_every_client_and_hands_each_its_key() {
+        let mut t = trial();
+        let unsigned = toml::to_string(&aggregator_config(&t, Path::new("o"), None)).unwrap();
+        assert!(!unsigned.contains("[security]"), "{unsigned}");
+        assert!(
+            !client_args(&t, 1)
+                .iter()
+                .any(|a| a.starts_with("--signing"))
+        );
+        t.signed = true;
+        let out = tempfile::tempdir().unwrap();
+        let agg_hex = make_keys(&t, out.path()).unwrap();
+        let keys = out.path().join("keys");
+        let agg = fedpeft_protocol::sign::read_signing_key(&keys.join("aggregator.key")).unwrap();
+        assert_eq!(
+            fedpeft_protocol::sign::public_key_hex(&agg.verifying_key()),
+            agg_hex
+        );
+        let enrolled: toml::Table =
+            toml::from_str(&std::fs::read_to_string(keys.join("enrolled.toml")).unwrap()).unwrap();
+        let clients = enrolled["clients"].as_table().unwrap();
+        assert_eq!(clients.len(), t.clients);
+        for index in 0..t.clients {
+            let id = t.client_id(index);
+            let key =
+                fedpeft_protocol::sign::read_signing_key(&keys.join(format!("{id}.key"))).unwrap();
+            assert_eq!(
+                clients[&id].as_str(),
+                Some(fedpeft_protocol::sign::public_key_hex(&key.verifying_key()).as_str()),
+                "{id}"
+            );
+        }
+        // A second run into the same folder makes new keys instead of failing on the old.
+        assert_ne!(make_keys(&t, out.path()).unwrap(), agg_hex);
+        let config = toml::to_string(&aggregator_config(&t, Path::new("o"), None)).unwrap();
+        assert!(
+            config.contains("signing_key = \"o/keys/aggregator.key\""),
+            "{config}"
+        );
+        assert!(
+            config.contains("enrolled_keys = \"o/keys/enrolled.toml\""),
+            "{config}"
+        );
+        let args = client_args(&t, 2);
+        assert_eq!(flag_value(&args, "--signing-key"), "o/keys/client-02.key");
+        assert_eq!(flag_value(&args, "--aggregator-key"), "ab12");
     }
 
     #[test]

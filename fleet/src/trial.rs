@@ -20,6 +20,11 @@
 //!                              # per (seed, client index, round), so a trial's dropouts replay
 //! dropout_offline_secs = 2.0   # how long a vanished client stays away
 //!
+//! signed = false              # true: every message Ed25519-signed and verified; the runner
+//!                              # makes a key per client and for the aggregator in <out>/keys,
+//!                              # enrols the clients, and the aggregator refuses anything
+//!                              # unsigned (64 bytes more per message)
+//!
 //! global_dtype = "int8"        # f32 | f16 | int8: how the aggregator publishes the global
 //!                              # adapter (it adopts the decoded value, so it and the clients
 //!                              # hold the same one); default: local.update_dtype (f32)
@@ -262,6 +267,9 @@ pub struct TrialFile {
     pub stragglers: Option<StragglersSpec>,
     /// Encoding of the published global adapter. Default: `local.update_dtype`.
     pub global_dtype: Option<String>,
+    /// Sign and verify every message (enrolment). Default false.
+    #[serde(default)]
+    pub signed: bool,
 }
 
 /// Where the clients find the broker.
@@ -304,6 +312,8 @@ pub struct Trial {
     pub straggle_secs: f64,
     /// Encoding of the published global adapter: f32, f16 or int8.
     pub global_dtype: String,
+    /// Every message signed with Ed25519 and verified (keys made by the runner).
+    pub signed: bool,
     /// The trial file, for error messages.
     pub path: PathBuf,
 }
@@ -558,6 +568,7 @@ impl Trial {
         }
         Ok(Trial {
             global_dtype,
+            signed: raw.signed,
             dropout: raw.dropout,
             dropout_offline_secs: raw.dropout_offline_secs,
             stragglers,

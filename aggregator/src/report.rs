@@ -95,21 +95,11 @@ impl LocalDp {
     }
 }
 
-/// Median (mean of the middle two for an even count) and largest of finite values, or `None`
-/// for none.
+/// Median and largest of `values`, or `None` for none.
 fn median_and_max(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
-    let mut v: Vec<f64> = values.collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    Some((median, v[n - 1]))
+    let v: Vec<f64> = values.collect();
+    let median = crate::strategy::median_of(&v)?;
+    Some((median, v.iter().copied().fold(f64::MIN, f64::max)))
 }
 
 /// Whole-run norm bounding and DP figures.

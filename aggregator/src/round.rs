@@ -32,9 +32,7 @@ use tracing::{info, warn};
 
 use crate::accounting::{Ledger, Traffic, full_model_round_bytes, wire_size};
 use crate::adapter::{Adapter, Tensor, first_non_finite};
-use crate::strategy::{
-    Accumulator, Strategy, StrategyError, StrategyState, bound_norm, median_norm,
-};
+use crate::strategy::{Accumulator, Strategy, StrategyError, StrategyState, bound_norm, median_of};
 
 /// Why an update (or a join) was refused. The `as_str` names are the report's keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -1108,7 +1106,7 @@ impl RoundMachine {
         }
         let mut status = "failed";
         let norms: Vec<f64> = open.arrival.iter().map(|(_, n)| *n).collect();
-        let median = median_norm(&norms);
+        let median = median_of(&norms);
         if median.is_some() {
             self.s.last_median_norm = median;
         }

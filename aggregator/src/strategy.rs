@@ -226,12 +226,13 @@ pub fn bound_norm(delta: &mut [Tensor], max_norm: f64) -> f64 {
     norm
 }
 
-/// Median of a list of norms (the adaptive bound's reference), `None` when empty.
-pub fn median_norm(norms: &[f64]) -> Option<f64> {
-    if norms.is_empty() {
+/// Median of a list (mean of the two middle values for an even length), `None` when empty:
+/// the pre-bound norms (the adaptive bound's reference), the ε clients state.
+pub fn median_of(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
         return None;
     }
-    let mut v = norms.to_vec();
+    let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
     Some(if n % 2 == 1 {
@@ -621,6 +622,27 @@ pub enum OrderRule {
     TrimmedMean { trim: f64 },
 }
 
+impl OrderRule {
+    /// The sorted positions the statistic uses among `n` values.
+    fn kept(self, n: usize) -> std::ops::Range<usize> {
+        match self {
+            OrderRule::Median => median_positions(n),
+            OrderRule::TrimmedMean { trim } => {
+                let k = trim_count(n, trim);
+                k..n - k
+            }
+        }
+    }
+
+    /// The statistic of a sorted, non-empty slice.
+    fn reduce(self, sorted: &[f32]) -> f64 {
+        match self {
+            OrderRule::Median => median_sorted(sorted),
+            OrderRule::TrimmedMean { trim } => trimmed_mean_sorted(sorted, trim),
+        }
+    }
+}
+
 /// Coordinate-wise order statistic of the round's deltas, unweighted (robust, not
 /// example-weighted): the median or the trimmed mean. Both need every delta of the round.
 #[derive(Debug, Clone)]
@@ -664,22 +686,10 @@ impl Strategy for OrderStatistic {
             Accumulator::Buffer { deltas, .. } if !deltas.is_empty() => {
                 let n = deltas.len();
                 let mut trimmed = vec![0u64; n];
-                let (step, kept) = match self.rule {
-                    OrderRule::Median => (
-                        coordinatewise(deltas, median_sorted, median_positions, &mut trimmed),
-                        median_positions(n).len(),
-                    ),
-                    OrderRule::TrimmedMean { trim } => {
-                        let k = trim_count(n, trim);
-                        let step = coordinatewise(
-                            deltas,
-                            |v| trimmed_mean_sorted(v, trim),
-                            |n| k..n - k,
-                            &mut trimmed,
-                        );
-                        (step, n - 2 * k)
-                    }
-                };
+                let rule = self.rule;
+                let step =
+                    coordinatewise(deltas, |v| rule.reduce(v), |n| rule.kept(n), &mut trimmed);
+                let kept = rule.kept(n).len();
                 self.stats = trim_stats(&trimmed, global.num_params(), kept);
                 apply_step(round, global, &step)
             }

@@ -187,11 +187,7 @@ fn panel_title(r: &Row) -> String {
         "spam-assassin" => "SpamAssassin",
         other => other,
     };
-    let mut title = match r.partition.as_str() {
-        "dirichlet" => format!("{data}, Dirichlet α {}", r.alpha),
-        "" => format!("{data}, α {}", r.alpha),
-        split => format!("{data}, {split}"),
-    };
+    let mut title = format!("{data}, {}", r.split());
     if r.dp_noise_multiplier.is_some() {
         title.push_str(", DP-SGD");
     }

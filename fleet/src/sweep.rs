@@ -249,6 +249,18 @@ pub struct Row {
     pub cumulative_bytes_by_round: Vec<u64>,
 }
 
+impl Row {
+    /// How the data was split among the clients: `Dirichlet α 0.5`, `iid`, `natural` (a row
+    /// from before the partition was recorded: `α 0.5`).
+    pub fn split(&self) -> String {
+        match self.partition.as_str() {
+            "dirichlet" => format!("Dirichlet α {}", self.alpha),
+            "" => format!("α {}", self.alpha),
+            p => p.to_string(),
+        }
+    }
+}
+
 fn u(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
@@ -522,11 +534,6 @@ pub fn markdown(rows: &[Row]) -> String {
     );
     let pct = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{:.2} %", 100.0 * v));
     for r in rows {
-        let split = match r.partition.as_str() {
-            "dirichlet" => format!("Dirichlet α {}", r.alpha),
-            "" => format!("α {}", r.alpha),
-            p => p.to_string(),
-        };
         let mut training = Vec::new();
         if let Some(e) = r.epochs {
             training.push(format!("{e} epoch{}", if e == 1 { "" } else { "s" }));
@@ -568,7 +575,7 @@ pub fn markdown(rows: &[Row]) -> String {
             r.trial,
             r.method,
             r.dataset,
-            split,
+            r.split(),
             training.join("; "),
             pct(r.final_accuracy),
             pct(r.best_accuracy),

@@ -38,6 +38,55 @@ pub fn run_fleet(trial: &Path, out: &Path, limit: Duration) -> FleetRun {
     FleetRun { report, pid }
 }
 
+/// A small trial file for `fedpeft-fleet run` in `dir`: `clients` edge clients, all sampled,
+/// quorum 2, LoRA r 8 on EfficientNet-Lite0 at 96 px, 64 examples each, one local epoch of
+/// AdamW, f32 updates, the e2e activation cache. `top` goes among the top-level keys, `tail`
+/// after `[local]`.
+pub fn small_trial(
+    dir: &Path,
+    name: &str,
+    clients: usize,
+    rounds: u32,
+    top: &str,
+    tail: &str,
+) -> PathBuf {
+    let text = format!(
+        r#"name = "{name}"
+rounds = {rounds}
+clients = {clients}
+fraction = 1.0
+min_clients = {clients}
+quorum = 2
+cache_dir = "{cache}"
+{top}
+
+[model]
+backbone = "{backbone}"
+peft = "lora"
+lora_rank = 8
+runtime = "auto"
+image_size = 96
+eval_examples = 200
+
+[data]
+max_examples = 64
+
+[local]
+epochs = 1
+batch_size = 32
+learning_rate = 0.001
+optimizer = "adamw"
+update_dtype = "f32"
+{tail}
+"#,
+        cache = shared_cache().display(),
+        backbone = backbone().display(),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write trial");
+    path
+}
+
 /// The built EfficientNet-Lite0 (`make models`).
 pub fn backbone() -> PathBuf {
     let dir = workspace_root().join("models/build/efficientnet-lite0");

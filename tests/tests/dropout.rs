@@ -12,52 +12,14 @@
 //! - With one straggler holding its update for an hour and a 30 s deadline, each round closes
 //!   at the deadline with the straggler counted late and the others' updates aggregated.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use fedpeft_protocol::keyed_unit;
 use fedpeft_protocol::rng::DROPOUT_PURPOSE;
-use fedpeft_tests::e2e::{backbone, round_record, run_fleet, shared_cache};
+use fedpeft_tests::e2e::{round_record, run_fleet, small_trial as trial};
 
 const DROPOUT: f64 = 0.3;
-
-fn trial(dir: &Path, name: &str, clients: usize, rounds: u32, top: &str, tail: &str) -> PathBuf {
-    let text = format!(
-        r#"name = "{name}"
-rounds = {rounds}
-clients = {clients}
-fraction = 1.0
-min_clients = {clients}
-quorum = 2
-cache_dir = "{cache}"
-{top}
-
-[model]
-backbone = "{backbone}"
-peft = "lora"
-lora_rank = 8
-runtime = "auto"
-image_size = 96
-eval_examples = 200
-
-[data]
-max_examples = 64
-
-[local]
-epochs = 1
-batch_size = 32
-learning_rate = 0.001
-optimizer = "adamw"
-update_dtype = "f32"
-{tail}
-"#,
-        cache = shared_cache().display(),
-        backbone = backbone().display(),
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).expect("write trial");
-    path
-}
 
 /// Runs a trial file with `fedpeft-fleet`; returns the report and the output folder.
 fn run(path: &Path, out: &Path, limit: Duration) -> serde_json::Value {

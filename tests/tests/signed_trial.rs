@@ -1,4 +1,4 @@
-//! A signed fleet trial end to end: `fedpeft-fleet` runs the same 2-client, 3-round head trial
+//! A signed fleet trial end to end: `fedpeft-fleet` runs the same 2-client, 3-round LoRA trial
 //! (real aggregator with its embedded broker, real edge clients on EfficientNet-Lite0 at 96 px,
 //! 64 examples each) with `signed = true` and without. The signed run makes its keys, every
 //! message is signed and verified (nothing is refused), it learns exactly what the unsigned run
@@ -7,46 +7,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedpeft_tests::e2e::{backbone, round_record, run_fleet, shared_cache};
+use fedpeft_tests::e2e::{round_record, run_fleet, small_trial};
 
 const ROUNDS: u32 = 3;
 
+/// The trial, signed or not, written into its own folder: one fleet name for both runs, since
+/// the name is in every topic, so in every message's size.
 fn trial(dir: &Path, signed: bool) -> PathBuf {
-    let text = format!(
-        // One name for both runs: the fleet name is in every topic, so in every message's size.
-        r#"name = "signed"
-rounds = {ROUNDS}
-clients = 2
-min_clients = 2
-quorum = 2
-round_timeout_secs = 240
-seed = 5
-cache_dir = "{cache}"
-signed = {signed}
-
-[model]
-backbone = "{backbone}"
-peft = "head"
-runtime = "auto"
-image_size = 96
-eval_examples = 200
-
-[data]
-max_examples = 64
-
-[local]
-epochs = 1
-batch_size = 32
-learning_rate = 0.01
-optimizer = "sgd"
-update_dtype = "f32"
-"#,
-        cache = shared_cache().display(),
-        backbone = backbone().display(),
-    );
-    let path = dir.join(format!("signed-{signed}.toml"));
-    std::fs::write(&path, text).expect("write trial");
-    path
+    let dir = dir.join(format!("signed-{signed}"));
+    std::fs::create_dir_all(&dir).expect("trial folder");
+    let top = format!("round_timeout_secs = 240\nseed = 5\nsigned = {signed}");
+    small_trial(&dir, "signed", 2, ROUNDS, &top, "")
 }
 
 fn u(v: &serde_json::Value) -> u64 {
@@ -89,6 +60,11 @@ fn a_signed_trial_verifies_every_message_and_pays_64_bytes_per_upstream_message(
             // round 1): the same messages, each 64 bytes longer.
             let (pu, su) = (&p["traffic"], &s["traffic"]);
             assert_eq!(su["up_messages"], pu["up_messages"], "round {r}");
+            eprintln!(
+                "round {r}: {} B per unsigned upstream message, {} B signed",
+                u(&pu["up_bytes"]) / u(&pu["up_messages"]),
+                u(&su["up_bytes"]) / u(&su["up_messages"])
+            );
             assert_eq!(
                 u(&su["up_bytes"]) - u(&pu["up_bytes"]),
                 64 * u(&su["up_messages"]),

@@ -2,7 +2,8 @@
 //! (real aggregator with its embedded broker, real edge clients on EfficientNet-Lite0 at 96 px,
 //! 64 examples each) with `signed = true` and without. The signed run makes its keys, every
 //! message is signed and verified (nothing is refused), it learns exactly what the unsigned run
-//! learns, and each upstream message of a round costs exactly the 64-byte signature more.
+//! learns, and each upstream message of a round costs the 64-byte signature more (to within
+//! the one byte a timing field's varint can vary between runs).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -57,7 +58,9 @@ fn a_signed_trial_verifies_every_message_and_pays_64_bytes_per_upstream_message(
         assert_eq!(s["eval_loss"], p["eval_loss"], "round {r}");
         if r >= 2 {
             // From round 2 a round's upstream traffic is its updates alone (joins come before
-            // round 1): the same messages, each 64 bytes longer.
+            // round 1): the same messages, each 64 bytes longer, give or take one byte: an
+            // update states its training time in milliseconds as a varint, which can take one
+            // byte more or less in one run than in the other (127 ms against 128 ms).
             let (pu, su) = (&p["traffic"], &s["traffic"]);
             assert_eq!(su["up_messages"], pu["up_messages"], "round {r}");
             eprintln!(
@@ -65,10 +68,12 @@ fn a_signed_trial_verifies_every_message_and_pays_64_bytes_per_upstream_message(
                 u(&pu["up_bytes"]) / u(&pu["up_messages"]),
                 u(&su["up_bytes"]) / u(&su["up_messages"])
             );
-            assert_eq!(
-                u(&su["up_bytes"]) - u(&pu["up_bytes"]),
-                64 * u(&su["up_messages"]),
-                "round {r}: signed {su}, plain {pu}"
+            let messages = u(&su["up_messages"]) as i64;
+            let extra = u(&su["up_bytes"]) as i64 - u(&pu["up_bytes"]) as i64;
+            assert!(
+                (extra - 64 * messages).abs() <= messages,
+                "round {r}: {extra} bytes more for {messages} signed messages; \
+                 signed {su}, plain {pu}"
             );
         }
     }

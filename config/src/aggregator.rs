@@ -1,0 +1,1 @@
+//! The aggregator config file as written (moved here from the aggregator).

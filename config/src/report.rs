@@ -1,0 +1,1 @@
+//! The report schema (moved here from the aggregator).

@@ -9,6 +9,7 @@
 //! - [`security`]: the `[security]` table (aggregator and edge client).
 //! - [`aggregator`]: the aggregator's config file, as written (every field optional).
 //! - [`edge`]: the edge client's config file, as written.
+//! - [`strategy`]: the aggregator's `[strategy]` table.
 //! - [`report`]: `report.json`: the run, its rounds, traffic, and the refusal reasons.
 //!
 //! Nothing here validates ranges or reads the files a setting names: each binary turns these
@@ -21,6 +22,7 @@ pub mod edge;
 pub mod error;
 pub mod report;
 pub mod security;
+pub mod strategy;
 
 pub use broker::BrokerTable;
 pub use error::{ConfigError, invalid};

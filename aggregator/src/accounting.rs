@@ -14,26 +14,7 @@ use fedpeft_protocol::QoS;
 use fedpeft_protocol::mqtt::{MqttVersion, publish_wire_size};
 use serde::{Deserialize, Serialize};
 
-/// Bytes and messages in one direction pair. A chunked payload counts as one message whose
-/// bytes are those of all its chunks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Traffic {
-    pub up_bytes: u64,
-    pub up_messages: u64,
-    pub down_bytes: u64,
-    pub down_messages: u64,
-}
-
-impl Traffic {
-    pub fn add_up(&mut self, bytes: u64) {
-        self.up_bytes += bytes;
-        self.up_messages += 1;
-    }
-    pub fn add_down(&mut self, bytes: u64) {
-        self.down_bytes += bytes;
-        self.down_messages += 1;
-    }
-}
+pub use fedpeft_config::report::Traffic;
 
 /// Wire size of a PUBLISH (MQTT 3.1.1) of `payload_len` bytes on `topic` at `qos`.
 pub fn wire_size(topic: &str, payload_len: usize, qos: QoS) -> u64 {

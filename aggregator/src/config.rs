@@ -1,258 +1,27 @@
 //! Configuration: a TOML file (every field optional, unknown keys rejected) plus command-line
 //! overrides, validated into a typed [`Config`] before anything starts.
 //!
-//! ```toml
-//! fleet = "demo"              # topic namespace fedpeft/v1/{fleet}/…   default "fedpeft"
-//! run_id = 1                  # tags every message; clients drop other runs   default 1
-//! rounds = 5                  # rounds after the initial adapter             default 5
-//! seed = 42                   # sampling and per-round seeds                  default 42
-//! min_clients = 2             # joined clients needed to start a round; fewest sampled  default 2
-//! # start_clients = 64        # joined clients needed before round 1 only, so round 1 is
-//!                             # sampled from the whole fleet       default = min_clients
-//! fraction = 1.0              # fraction of available clients sampled, in (0, 1]     default 1.0
-//! quorum = 2                  # accepted updates needed at the deadline  default = min_clients
-//! round_timeout_secs = 120.0  # deadline after the announcement                 default 120
-//! on_quorum_failure = "skip"  # or { extend = { max_extensions = 2 } }          default "skip"
-//! max_update_bytes = 16777216 # largest update on the wire (all chunks)        default 16 MiB
-//! max_payload_bytes = 262144  # publishes above this are chunked  default 256 KiB or less to fit
-//! # max_update_norm = 10.0    # L2 bound on each client delta                  default none
-//! # adaptive_norm_multiple = 3.0  # bound = this × median norm of the previous round's
-//!                             # updates (round 1: max_update_norm, or none)   default none
-//! global_dtype = "f32"        # f32 | f16 | int8: encoding of the published global adapter;
-//!                             # with f16 / int8 the aggregator adopts the decoded value, so it
-//!                             # and its clients hold the same adapter         default f32
-//! backbone_params = 0         # whole-backbone parameters, for the full-model comparison;
-//!                             # 0 = take it from the model host                 default 0
-//!
-//! [strategy]                  # kind = fedavg | fedadam | fedyogi | median | trimmed-mean
-//! kind = "fedavg"             # fedadam/fedyogi: server_lr (0.01), beta1 (0.9), beta2 (0.99),
-//!                             # tau (1e-3); trimmed-mean: trim (fraction per end, < 0.5)
-//! # [dp]                      # client-level DP at the aggregator (DP-FedAvg); fedavg,
-//!                             # fedadam, fedyogi only; replaces max_update_norm
-//! # clip_norm = 1.0           # S: each delta clipped to this L2 norm           (required)
-//! # noise_multiplier = 1.0    # σ: noise std σ·S/expected_clients per coordinate (required)
-//! # fleet_size = 100          # N: clients that could be sampled, q = W/N         (required)
-//! # expected_clients = 10     # W: fixed denominator   default max(min_clients, ⌈fraction·N⌉)
-//! # delta = 1e-5              # δ at which ε is reported                   default 1/N^1.1
-//! # noise_seed = 1            # tests only: deterministic noise        default: OS randomness
-//! [local]                     # announced to clients every round
-//! epochs = 1                  # default 1
-//! batch_size = 32             # default 32
-//! learning_rate = 0.05        # default 0.05
-//! optimizer = "sgd"           # sgd | adamw                                     default sgd
-//! momentum = 0.0              # sgd                                             default 0
-//! weight_decay = 0.0          #                                                 default 0
-//! fedprox_mu = 0.0            # FedProx proximal term                           default 0
-//! update_dtype = "f32"        # f32 | f16 | int8                                default f32
-//! # top_k_fraction = 0.1      # sparsify updates                                default none
-//! # dp_clip_norm = 1.0        # DP-SGD: both or neither                         default none
-//! # dp_noise_multiplier = 1.0
-//!
-//! [broker]
-//! url = "embedded"            # "embedded" (in-process rumqttd), mqtt://host:port, or
-//!                             # mqtts://host:port (TLS, port default 8883)      default
-//! host = "127.0.0.1"          # embedded: listen address                        default loopback
-//! port = 0                    # embedded: 0 = pick a free port                  default 0
-//! max_packet_bytes = 1048576  # MQTT packet limit, both ways and in the broker  default 1 MiB
-//! client_id = "fedpeft-aggregator"  #                                           default
-//! keep_alive_secs = 30        #                                                 default 30
-//! # ca_file = "ca.crt"        # mqtts: PEM CA the broker's certificate chains to  (required)
-//! # client_cert = "agg.crt"   # mqtts: PEM client certificate and its key, for brokers
-//! # client_key = "agg.key"    #   that authenticate by certificate              default none
-//! # username = "fedpeft-aggregator"  # MQTT username                            default none
-//! # password_file = "agg.pw"  # the password: first line of this file, or      default none
-//! # password_env = "AGG_PW"   #   this environment variable (never on the command line)
-//!
-//! [security]                  # signed messages (docs/protocol.md, "Signed envelopes")
-//! # signing_key = "agg.key"   # sign global adapters and announcements (`aggregator keygen`)
-//! # enrolled_keys = "enrolled.toml"  # client id -> public key; when set, joins, updates and
-//!                             # statuses must be signed by the enrolled key     default none
-//!
-//! [model]                     # what the run trains: see `ModelHost`
-//! # backbone = "models/efficientnet-lite0"  # backbone directory (manifest)       default none
-//! peft = "head"               # head | bias | lora | adapter | prompt | full-tail  default head
-//! lora_rank = 8               # lora                                            default 8
-//! lora_alpha = 16.0           # lora                                            default 16
-//! bottleneck = 16             # adapter                                         default 16
-//! prompt_tokens = 4           # prompt                                          default 4
-//! eval_examples = 2000        # held-out examples evaluated each round          default 2000
-//! dataset = "fashion-mnist"   # held-out set: fashion-mnist (its test split, conv head) or
-//!                             # spam-assassin (its seeded 20 % held-out split, transformer)
-//!                             #                                                 default fashion-mnist
-//! image_size = 96             # trunk input side (the clients' must match)      default 96
-//! # max_seq_len = 64          # tokens per text (the clients' must match)  default: manifest's
-//! threads = 2                 # trunk threads for the held-out activations      default 2
-//! cache_dir = "data/cache"    # held-out activations kept for the next run      default data/cache
-//! # Without a backbone the adapter is these zero tensors and nothing is evaluated:
-//! # tensors = [{ name = "head.weight", shape = [10, 1280] }]
-//!
-//! [output]
-//! dir = "runs/latest"         # report.json, report.csv, aggregator.ckpt       default
-//! resume = true               # resume from dir/aggregator.ckpt if present     default true
-//! ```
+//! The file format itself (every key, its default) is [`fedpeft_config::aggregator`], shared with
+//! the fleet runner, and the book's reference page "Aggregator config" documents it; here it is
+//! checked and completed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+pub use fedpeft_config::ConfigError;
+pub use fedpeft_config::aggregator::AggregatorFile;
+use fedpeft_config::aggregator::{
+    DpTable, LocalTable, ModelTable, OutputTable, QuorumFailureSetting,
+};
+use fedpeft_config::{BrokerTable, SecurityTable, invalid};
 use fedpeft_protocol::{DType, DpSgd, FleetName, LocalConfig, Optimizer, PeftMethod};
-use serde::Deserialize;
 
 use crate::round::QuorumFailure;
 use crate::strategy::{ClientDp, StrategyKind};
 use crate::tls::TlsFiles;
 use crate::tls::broker::BrokerAddr;
 
-/// A config that cannot be used. Every variant names the field (and file, when read from one).
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config field `{field}`: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
-}
-
-fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        message: message.into(),
-    }
-}
-
 fn setting(e: crate::tls::broker::SettingError) -> ConfigError {
     invalid(e.key, e.message)
-}
-
-/// The file as written: every field optional.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawConfig {
-    pub fleet: Option<String>,
-    pub run_id: Option<u64>,
-    pub rounds: Option<u32>,
-    pub seed: Option<u64>,
-    pub min_clients: Option<usize>,
-    pub start_clients: Option<usize>,
-    pub fraction: Option<f64>,
-    pub quorum: Option<usize>,
-    pub round_timeout_secs: Option<f64>,
-    pub on_quorum_failure: Option<RawQuorumFailure>,
-    pub max_update_bytes: Option<u64>,
-    pub max_payload_bytes: Option<usize>,
-    pub max_update_norm: Option<f64>,
-    pub adaptive_norm_multiple: Option<f64>,
-    pub backbone_params: Option<u64>,
-    pub global_dtype: Option<String>,
-    pub strategy: Option<StrategyKind>,
-    pub dp: Option<RawDp>,
-    #[serde(default)]
-    pub local: RawLocal,
-    #[serde(default)]
-    pub broker: RawBroker,
-    #[serde(default)]
-    pub model: RawModel,
-    #[serde(default)]
-    pub output: RawOutput,
-    #[serde(default)]
-    pub security: RawSecurity,
-}
-
-/// `[dp]`: client-level DP at the aggregator.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawDp {
-    pub clip_norm: Option<f64>,
-    pub noise_multiplier: Option<f64>,
-    pub fleet_size: Option<usize>,
-    pub expected_clients: Option<usize>,
-    pub delta: Option<f64>,
-    pub noise_seed: Option<u64>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawSecurity {
-    pub signing_key: Option<PathBuf>,
-    pub enrolled_keys: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub enum RawQuorumFailure {
-    Skip,
-    Extend { max_extensions: u32 },
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawLocal {
-    pub epochs: Option<u16>,
-    pub batch_size: Option<u32>,
-    pub learning_rate: Option<f32>,
-    pub optimizer: Option<String>,
-    pub momentum: Option<f32>,
-    pub weight_decay: Option<f32>,
-    pub fedprox_mu: Option<f32>,
-    pub update_dtype: Option<String>,
-    pub top_k_fraction: Option<f32>,
-    pub dp_clip_norm: Option<f32>,
-    pub dp_noise_multiplier: Option<f32>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawBroker {
-    pub url: Option<String>,
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub max_packet_bytes: Option<usize>,
-    pub client_id: Option<String>,
-    pub keep_alive_secs: Option<u64>,
-    pub ca_file: Option<PathBuf>,
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-    pub username: Option<String>,
-    pub password_file: Option<PathBuf>,
-    pub password_env: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawModel {
-    pub backbone: Option<PathBuf>,
-    pub peft: Option<String>,
-    pub lora_rank: Option<u16>,
-    pub lora_alpha: Option<f32>,
-    pub bottleneck: Option<u16>,
-    pub prompt_tokens: Option<u16>,
-    pub eval_examples: Option<usize>,
-    pub dataset: Option<String>,
-    pub image_size: Option<usize>,
-    pub max_seq_len: Option<usize>,
-    pub threads: Option<usize>,
-    pub cache_dir: Option<PathBuf>,
-    pub tensors: Option<Vec<RawTensor>>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawTensor {
-    pub name: String,
-    pub shape: Vec<u32>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawOutput {
-    pub dir: Option<PathBuf>,
-    pub resume: Option<bool>,
 }
 
 /// Where the MQTT broker is.
@@ -340,174 +109,209 @@ pub struct Config {
     pub security: SecurityConfig,
 }
 
-impl RawConfig {
-    /// Parses TOML text; `path` names the file in errors.
-    pub fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
-    }
-
-    /// Reads and parses a TOML file.
-    pub fn read(path: &Path) -> Result<RawConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
-    }
-
-    /// Checks every field and fills in defaults.
-    pub fn validate(self) -> Result<Config, ConfigError> {
-        let fleet_s = self.fleet.unwrap_or_else(|| "fedpeft".into());
-        let fleet = FleetName::new(&fleet_s).map_err(|e| invalid("fleet", e.to_string()))?;
-        let rounds = self.rounds.unwrap_or(5);
-        if rounds == 0 {
-            return Err(invalid("rounds", "must be at least 1"));
-        }
-        let min_clients = self.min_clients.unwrap_or(2);
-        if min_clients == 0 {
-            return Err(invalid("min_clients", "must be at least 1"));
-        }
-        let start_clients = self.start_clients.unwrap_or(min_clients);
-        if start_clients < min_clients {
-            return Err(invalid(
-                "start_clients",
-                format!("{start_clients} is below min_clients ({min_clients})"),
-            ));
-        }
-        let fraction = self.fraction.unwrap_or(1.0);
-        if !(fraction > 0.0 && fraction <= 1.0) {
-            return Err(invalid("fraction", format!("{fraction} is not in (0, 1]")));
-        }
-        let quorum = self.quorum.unwrap_or(min_clients);
-        if quorum == 0 || quorum > min_clients {
-            return Err(invalid(
-                "quorum",
-                format!("{quorum} must be between 1 and min_clients ({min_clients})"),
-            ));
-        }
-        let timeout = self.round_timeout_secs.unwrap_or(120.0);
-        if !(timeout.is_finite() && timeout > 0.0) {
-            return Err(invalid(
-                "round_timeout_secs",
-                format!("{timeout} is not a positive number of seconds"),
-            ));
-        }
-        let on_quorum_failure = match self.on_quorum_failure.unwrap_or(RawQuorumFailure::Skip) {
-            RawQuorumFailure::Skip => QuorumFailure::Skip,
-            RawQuorumFailure::Extend { max_extensions } => QuorumFailure::Extend { max_extensions },
-        };
-        let broker = validate_broker(self.broker)?;
-        // Chunks carry a header, and the PUBLISH a topic: leave 1 KiB of room in the packet.
-        let max_payload_bytes = self
-            .max_payload_bytes
-            .unwrap_or_else(|| (256 * 1024).min(broker.max_packet_bytes.saturating_sub(1024)));
-        if max_payload_bytes < 1024 || max_payload_bytes + 1024 > broker.max_packet_bytes {
-            return Err(invalid(
-                "max_payload_bytes",
-                format!(
-                    "{max_payload_bytes} must be at least 1024 and at most broker.max_packet_bytes - 1024 ({})",
-                    broker.max_packet_bytes.saturating_sub(1024)
-                ),
-            ));
-        }
-        let max_update_norm = match self.max_update_norm {
-            Some(n) if !(n.is_finite() && n > 0.0) => {
-                return Err(invalid("max_update_norm", format!("{n} is not positive")));
-            }
-            n => n,
-        };
-        let strategy = self.strategy.unwrap_or(StrategyKind::FedAvg);
-        match &strategy {
-            StrategyKind::TrimmedMean { trim } if !(0.0..0.5).contains(trim) => {
-                return Err(invalid(
-                    "strategy.trim",
-                    format!("{trim} is not in [0, 0.5)"),
-                ));
-            }
-            StrategyKind::FedAdam(p) | StrategyKind::FedYogi(p) => {
-                if p.server_lr.is_nan() || p.server_lr <= 0.0 || !(0.0..1.0).contains(&p.beta1) {
-                    return Err(invalid(
-                        "strategy",
-                        "server_lr must be > 0 and beta1 in [0, 1)",
-                    ));
-                }
-                if !(0.0..1.0).contains(&p.beta2) || p.tau.is_nan() || p.tau <= 0.0 {
-                    return Err(invalid("strategy", "beta2 must be in [0, 1) and tau > 0"));
-                }
-            }
-            _ => {}
-        }
-        let adaptive_norm_multiple = match self.adaptive_norm_multiple {
-            Some(m) if !(m.is_finite() && m > 0.0) => {
-                return Err(invalid(
-                    "adaptive_norm_multiple",
-                    format!("{m} is not a positive number"),
-                ));
-            }
-            m => m,
-        };
-        let dp = match self.dp {
-            None => None,
-            Some(raw) => Some(validate_dp(
-                raw,
-                &strategy,
-                max_update_norm,
-                adaptive_norm_multiple,
-                min_clients,
-                fraction,
-            )?),
-        };
-        let local = validate_local(self.local)?;
-        let model = validate_model(self.model)?;
-        let output = self.output;
-        let global_dtype = match self.global_dtype.as_deref().unwrap_or("f32") {
-            "f32" => DType::F32,
-            "f16" => DType::F16,
-            "int8" | "i8" => DType::I8,
-            other => {
-                return Err(invalid(
-                    "global_dtype",
-                    format!("{other:?} is not f32, f16 or int8"),
-                ));
-            }
-        };
-        Ok(Config {
-            global_dtype,
-            fleet,
-            run_id: self.run_id.unwrap_or(1),
-            rounds,
-            seed: self.seed.unwrap_or(42),
-            min_clients,
-            start_clients,
-            fraction,
-            quorum,
-            round_timeout_ms: (timeout * 1000.0).round() as u64,
-            on_quorum_failure,
-            max_update_bytes: self.max_update_bytes.unwrap_or(16 << 20),
-            max_payload_bytes,
+/// Checks every field of the file and fills in defaults.
+pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
+    let rounds = validate_rounds(&file)?;
+    let broker = validate_broker(file.broker)?;
+    let max_payload_bytes = validate_payload(file.max_payload_bytes, broker.max_packet_bytes)?;
+    let max_update_norm = positive(file.max_update_norm, "max_update_norm", "is not positive")?;
+    let adaptive_norm_multiple = positive(
+        file.adaptive_norm_multiple,
+        "adaptive_norm_multiple",
+        "is not a positive number",
+    )?;
+    let strategy = validate_strategy(file.strategy.unwrap_or(StrategyKind::FedAvg))?;
+    let dp = match file.dp {
+        None => None,
+        Some(raw) => Some(validate_dp(
+            raw,
+            &strategy,
             max_update_norm,
             adaptive_norm_multiple,
-            backbone_params: self.backbone_params.unwrap_or(0),
-            strategy,
-            dp,
-            local,
-            broker,
-            model,
-            output_dir: output.dir.unwrap_or_else(|| PathBuf::from("runs/latest")),
-            resume: output.resume.unwrap_or(true),
-            security: SecurityConfig {
-                signing_key: self.security.signing_key,
-                enrolled_keys: self.security.enrolled_keys,
-            },
-        })
+            rounds.min_clients,
+            rounds.fraction,
+        )?),
+    };
+    let output: OutputTable = file.output;
+    Ok(Config {
+        global_dtype: validate_dtype(file.global_dtype.as_deref())?,
+        fleet: rounds.fleet,
+        run_id: file.run_id.unwrap_or(1),
+        rounds: rounds.rounds,
+        seed: file.seed.unwrap_or(42),
+        min_clients: rounds.min_clients,
+        start_clients: rounds.start_clients,
+        fraction: rounds.fraction,
+        quorum: rounds.quorum,
+        round_timeout_ms: rounds.round_timeout_ms,
+        on_quorum_failure: rounds.on_quorum_failure,
+        max_update_bytes: file.max_update_bytes.unwrap_or(16 << 20),
+        max_payload_bytes,
+        max_update_norm,
+        adaptive_norm_multiple,
+        backbone_params: file.backbone_params.unwrap_or(0),
+        strategy,
+        dp,
+        local: validate_local(file.local)?,
+        broker,
+        model: validate_model(file.model)?,
+        output_dir: output.dir.unwrap_or_else(|| PathBuf::from("runs/latest")),
+        resume: output.resume.unwrap_or(true),
+        security: validate_security(file.security)?,
+    })
+}
+
+/// The round part of the file, checked.
+struct RoundSettings {
+    fleet: FleetName,
+    rounds: u32,
+    min_clients: usize,
+    start_clients: usize,
+    fraction: f64,
+    quorum: usize,
+    round_timeout_ms: u64,
+    on_quorum_failure: QuorumFailure,
+}
+
+fn validate_rounds(file: &AggregatorFile) -> Result<RoundSettings, ConfigError> {
+    let fleet_s = file.fleet.clone().unwrap_or_else(|| "fedpeft".into());
+    let fleet = FleetName::new(&fleet_s).map_err(|e| invalid("fleet", e.to_string()))?;
+    let rounds = file.rounds.unwrap_or(5);
+    if rounds == 0 {
+        return Err(invalid("rounds", "must be at least 1"));
+    }
+    let min_clients = file.min_clients.unwrap_or(2);
+    if min_clients == 0 {
+        return Err(invalid("min_clients", "must be at least 1"));
+    }
+    let start_clients = file.start_clients.unwrap_or(min_clients);
+    if start_clients < min_clients {
+        return Err(invalid(
+            "start_clients",
+            format!("{start_clients} is below min_clients ({min_clients})"),
+        ));
+    }
+    let fraction = file.fraction.unwrap_or(1.0);
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(invalid("fraction", format!("{fraction} is not in (0, 1]")));
+    }
+    let quorum = file.quorum.unwrap_or(min_clients);
+    if quorum == 0 || quorum > min_clients {
+        return Err(invalid(
+            "quorum",
+            format!("{quorum} must be between 1 and min_clients ({min_clients})"),
+        ));
+    }
+    let timeout = file.round_timeout_secs.unwrap_or(120.0);
+    if !(timeout.is_finite() && timeout > 0.0) {
+        return Err(invalid(
+            "round_timeout_secs",
+            format!("{timeout} is not a positive number of seconds"),
+        ));
+    }
+    let on_quorum_failure = match file
+        .on_quorum_failure
+        .clone()
+        .unwrap_or(QuorumFailureSetting::Skip)
+    {
+        QuorumFailureSetting::Skip => QuorumFailure::Skip,
+        QuorumFailureSetting::Extend { max_extensions } => QuorumFailure::Extend { max_extensions },
+    };
+    Ok(RoundSettings {
+        fleet,
+        rounds,
+        min_clients,
+        start_clients,
+        fraction,
+        quorum,
+        round_timeout_ms: (timeout * 1000.0).round() as u64,
+        on_quorum_failure,
+    })
+}
+
+/// `value` if it is absent or a positive finite number.
+fn positive(
+    value: Option<f64>,
+    field: &'static str,
+    what: &str,
+) -> Result<Option<f64>, ConfigError> {
+    match value {
+        Some(n) if !(n.is_finite() && n > 0.0) => Err(invalid(field, format!("{n} {what}"))),
+        n => Ok(n),
     }
 }
 
+fn validate_payload(
+    max_payload_bytes: Option<usize>,
+    max_packet_bytes: usize,
+) -> Result<usize, ConfigError> {
+    // Chunks carry a header, and the PUBLISH a topic: leave 1 KiB of room in the packet.
+    let max_payload_bytes = max_payload_bytes
+        .unwrap_or_else(|| (256 * 1024).min(max_packet_bytes.saturating_sub(1024)));
+    if max_payload_bytes < 1024 || max_payload_bytes + 1024 > max_packet_bytes {
+        return Err(invalid(
+            "max_payload_bytes",
+            format!(
+                "{max_payload_bytes} must be at least 1024 and at most broker.max_packet_bytes - 1024 ({})",
+                max_packet_bytes.saturating_sub(1024)
+            ),
+        ));
+    }
+    Ok(max_payload_bytes)
+}
+
+fn validate_strategy(strategy: StrategyKind) -> Result<StrategyKind, ConfigError> {
+    match &strategy {
+        StrategyKind::TrimmedMean { trim } if !(0.0..0.5).contains(trim) => {
+            return Err(invalid(
+                "strategy.trim",
+                format!("{trim} is not in [0, 0.5)"),
+            ));
+        }
+        StrategyKind::FedAdam(p) | StrategyKind::FedYogi(p) => {
+            if p.server_lr.is_nan() || p.server_lr <= 0.0 || !(0.0..1.0).contains(&p.beta1) {
+                return Err(invalid(
+                    "strategy",
+                    "server_lr must be > 0 and beta1 in [0, 1)",
+                ));
+            }
+            if !(0.0..1.0).contains(&p.beta2) || p.tau.is_nan() || p.tau <= 0.0 {
+                return Err(invalid("strategy", "beta2 must be in [0, 1) and tau > 0"));
+            }
+        }
+        _ => {}
+    }
+    Ok(strategy)
+}
+
+fn validate_dtype(dtype: Option<&str>) -> Result<DType, ConfigError> {
+    match dtype.unwrap_or("f32") {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "int8" | "i8" => Ok(DType::I8),
+        other => Err(invalid(
+            "global_dtype",
+            format!("{other:?} is not f32, f16 or int8"),
+        )),
+    }
+}
+
+fn validate_security(s: SecurityTable) -> Result<SecurityConfig, ConfigError> {
+    if s.aggregator_key.is_some() {
+        return Err(invalid(
+            "security.aggregator_key",
+            "is an edge client's setting (the aggregator's own public key); the aggregator \
+             signs with security.signing_key",
+        ));
+    }
+    Ok(SecurityConfig {
+        signing_key: s.signing_key,
+        enrolled_keys: s.enrolled_keys,
+    })
+}
+
 fn validate_dp(
-    raw: RawDp,
+    raw: DpTable,
     strategy: &StrategyKind,
     max_update_norm: Option<f64>,
     adaptive_norm_multiple: Option<f64>,
@@ -593,7 +397,7 @@ fn validate_dp(
     })
 }
 
-fn validate_broker(b: RawBroker) -> Result<BrokerConfig, ConfigError> {
+fn validate_broker(b: BrokerTable) -> Result<BrokerConfig, ConfigError> {
     let url = b.url.unwrap_or_else(|| "embedded".into());
     let (target, tls) = if url == "embedded" {
         if b.ca_file.is_some() || b.client_cert.is_some() || b.client_key.is_some() {
@@ -624,6 +428,13 @@ fn validate_broker(b: RawBroker) -> Result<BrokerConfig, ConfigError> {
         };
         (target, tls)
     };
+    if b.password.is_some() {
+        return Err(invalid(
+            "broker.password",
+            "the aggregator never reads its password from the config text: use \
+             broker.password_file or broker.password_env",
+        ));
+    }
     let password =
         crate::tls::broker::password(None, b.password_file, b.password_env).map_err(setting)?;
     let credentials = crate::tls::broker::credentials(b.username, password)
@@ -650,7 +461,7 @@ fn validate_broker(b: RawBroker) -> Result<BrokerConfig, ConfigError> {
     })
 }
 
-fn validate_local(l: RawLocal) -> Result<LocalConfig, ConfigError> {
+fn validate_local(l: LocalTable) -> Result<LocalConfig, ConfigError> {
     let learning_rate = l.learning_rate.unwrap_or(0.05);
     if !(learning_rate.is_finite() && learning_rate > 0.0) {
         return Err(invalid("local.learning_rate", "must be positive"));
@@ -729,7 +540,7 @@ fn validate_local(l: RawLocal) -> Result<LocalConfig, ConfigError> {
     })
 }
 
-fn validate_model(m: RawModel) -> Result<ModelConfig, ConfigError> {
+fn validate_model(m: ModelTable) -> Result<ModelConfig, ConfigError> {
     let peft = match m.peft.as_deref().unwrap_or("head") {
         "head" => PeftMethod::Head,
         "bias" => PeftMethod::Bias,
@@ -815,11 +626,12 @@ fn validate_model(m: RawModel) -> Result<ModelConfig, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     const MINIMAL: &str = "[model]\ntensors = [{ name = \"w\", shape = [2, 3] }]\n";
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        RawConfig::parse(text, Path::new("agg.toml"))?.validate()
+        validate(AggregatorFile::parse(text, Path::new("agg.toml"))?)
     }
 
     #[test]
@@ -1001,7 +813,7 @@ mod tests {
     #[test]
     fn shipped_trial_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/trial.toml");
-        let c = RawConfig::read(&path).unwrap().validate().unwrap();
+        let c = validate(AggregatorFile::read(&path).unwrap()).unwrap();
         assert_eq!((c.min_clients, c.quorum), (8, 6));
         assert!(matches!(c.model.peft, PeftMethod::Lora { rank: 8, .. }));
     }

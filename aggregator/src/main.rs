@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use fedpeft_aggregator::config::RawConfig;
+use fedpeft_aggregator::config::{self, AggregatorFile};
 use fedpeft_aggregator::host::{LayoutHost, ModelHost};
 use fedpeft_aggregator::model::{BackboneHost, BackboneHostConfig, DEFAULT_FROZEN_BUDGET};
 use fedpeft_aggregator::shell;
@@ -97,7 +97,7 @@ enum Command {
 }
 
 impl Cli {
-    fn apply(self, raw: &mut RawConfig) {
+    fn apply(self, raw: &mut AggregatorFile) {
         macro_rules! set {
             ($($field:ident),*) => {$( if let Some(v) = self.$field { raw.$field = Some(v); } )*};
         }
@@ -149,11 +149,11 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut raw = match &cli.config {
-        Some(path) => RawConfig::read(path)?,
-        None => RawConfig::default(),
+        Some(path) => AggregatorFile::read(path)?,
+        None => AggregatorFile::default(),
     };
     cli.apply(&mut raw);
-    let config = raw.validate().context("invalid configuration")?;
+    let config = config::validate(raw).context("invalid configuration")?;
     let host: Box<dyn ModelHost> = match &config.model.backbone {
         Some(dir) => Box::new(
             BackboneHost::open(&BackboneHostConfig {
@@ -178,7 +178,7 @@ fn main() -> anyhow::Result<()> {
         .context("tokio runtime")?;
     let out_dir = config.output_dir.clone();
     let outcome = runtime.block_on(shell::run(config, host, shutdown_signal(), None))?;
-    println!("{}", outcome.report.summary());
+    println!("{}", fedpeft_aggregator::report::summary(&outcome.report));
     println!(
         "report: {} and {}",
         out_dir.join("report.json").display(),

@@ -30,116 +30,13 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+pub use fedpeft_config::report::{
+    FailReason, RejectReason, RobustRecord, RoundRecord, RoundStatus,
+};
+
 use crate::accounting::{Ledger, Traffic, full_model_round_bytes, wire_size};
 use crate::adapter::{Adapter, Tensor, first_non_finite};
 use crate::strategy::{Accumulator, Strategy, StrategyError, StrategyState, bound_norm, median_of};
-
-/// Why an update (or a join) was refused. The `as_str` names are the report's keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum RejectReason {
-    /// Not decodable as a fedpeft envelope (truncated, bad varint, wrong kind on the topic, …).
-    Malformed,
-    /// Envelope of a protocol version this aggregator does not speak.
-    WrongVersion,
-    /// Envelope or chunk CRC-32 mismatch.
-    BadChecksum,
-    /// Envelope of another run (e.g. a retained leftover on an external broker).
-    WrongRun,
-    /// Larger than `max_update_bytes` on the wire.
-    Oversized,
-    /// Chunks that never completed within the reassembly timeout.
-    Incomplete,
-    /// The client never joined (or its join was refused).
-    UnknownClient,
-    /// The client id in the body differs from the one in the topic.
-    ClientMismatch,
-    /// The client is not sampled in this round.
-    NotSampled,
-    /// For the round that just closed: arrived after its deadline.
-    Late,
-    /// For an older round, or a sequence number older than one already accepted.
-    Stale,
-    /// For a round that has not been announced.
-    FutureRound,
-    /// Same client already has an accepted update this round (a redelivery is idempotent).
-    Duplicate,
-    /// Tensor names, order or shapes differ from the global adapter.
-    WrongShape,
-    /// A NaN or infinity in a tensor.
-    NonFinite,
-    /// A join whose backbone or PEFT method does not match the run's.
-    Incompatible,
-    /// Enrolment is configured and the message is not signed.
-    Unsigned,
-    /// The signature does not verify with the client's enrolled key (forged or altered).
-    BadSignature,
-    /// Enrolment is configured and the client id has no enrolled key.
-    NotEnrolled,
-}
-
-impl RejectReason {
-    pub const ALL: [RejectReason; 19] = [
-        RejectReason::Malformed,
-        RejectReason::WrongVersion,
-        RejectReason::BadChecksum,
-        RejectReason::WrongRun,
-        RejectReason::Oversized,
-        RejectReason::Incomplete,
-        RejectReason::UnknownClient,
-        RejectReason::ClientMismatch,
-        RejectReason::NotSampled,
-        RejectReason::Late,
-        RejectReason::Stale,
-        RejectReason::FutureRound,
-        RejectReason::Duplicate,
-        RejectReason::WrongShape,
-        RejectReason::NonFinite,
-        RejectReason::Incompatible,
-        RejectReason::Unsigned,
-        RejectReason::BadSignature,
-        RejectReason::NotEnrolled,
-    ];
-
-    /// Whether the reason says the sender could not be authenticated: such a message may come
-    /// from anybody, so it says nothing about the client it names (which is not counted as
-    /// failed for it).
-    pub fn is_authentication(self) -> bool {
-        matches!(
-            self,
-            RejectReason::Unsigned | RejectReason::BadSignature | RejectReason::NotEnrolled
-        )
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::Malformed => "malformed",
-            RejectReason::WrongVersion => "wrong_version",
-            RejectReason::BadChecksum => "bad_checksum",
-            RejectReason::WrongRun => "wrong_run",
-            RejectReason::Oversized => "oversized",
-            RejectReason::Incomplete => "incomplete",
-            RejectReason::UnknownClient => "unknown_client",
-            RejectReason::ClientMismatch => "client_mismatch",
-            RejectReason::NotSampled => "not_sampled",
-            RejectReason::Late => "late",
-            RejectReason::Stale => "stale",
-            RejectReason::FutureRound => "future_round",
-            RejectReason::Duplicate => "duplicate",
-            RejectReason::WrongShape => "wrong_shape",
-            RejectReason::NonFinite => "non_finite",
-            RejectReason::Incompatible => "incompatible",
-            RejectReason::Unsigned => "unsigned",
-            RejectReason::BadSignature => "bad_signature",
-            RejectReason::NotEnrolled => "not_enrolled",
-        }
-    }
-}
-
-impl std::fmt::Display for RejectReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// An update the decoder could not turn into a [`ClientUpdate`].
 #[derive(Debug, Clone, PartialEq)]
@@ -326,8 +223,8 @@ pub struct OpenRound {
     /// Sampled clients whose update was accepted, with (sequence, num_examples).
     pub accepted: BTreeMap<String, (u32, u64)>,
     /// Sampled clients that failed (went offline, or sent a rejected update).
-    pub failed: BTreeMap<String, String>,
-    pub rejected: BTreeMap<String, u64>,
+    pub failed: BTreeMap<String, FailReason>,
+    pub rejected: BTreeMap<RejectReason, u64>,
     pub acc: Accumulator,
     /// The L2 bound applied to this round's deltas (fixed, adaptive or the DP clip norm).
     pub norm_bound: Option<f64>,
@@ -344,54 +241,6 @@ pub struct OpenRound {
     pub local_dp_epsilon: BTreeMap<String, f64>,
 }
 
-/// One row of the report. The JSON schema is documented in README.md ("Aggregator").
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RoundRecord {
-    pub round: u32,
-    /// "ok" (aggregated), "failed" (quorum not reached; global unchanged) or "initial" (round 0).
-    pub status: String,
-    pub sampled: Vec<String>,
-    pub clients_ok: usize,
-    pub clients_failed: usize,
-    pub failed_clients: BTreeMap<String, String>,
-    pub rejected: BTreeMap<String, u64>,
-    pub train_loss: Option<f64>,
-    pub train_accuracy: Option<f64>,
-    pub eval_loss: Option<f64>,
-    pub eval_accuracy: Option<f64>,
-    pub traffic: Traffic,
-    pub full_model_fedavg_bytes: u64,
-    pub started_unix_ms: u64,
-    pub duration_ms: u64,
-    /// Norm bounding, trimming and DP figures of the round.
-    pub robust: RobustRecord,
-    /// Sample-level DP-SGD run on the clients: the ε each accepted client stated with its
-    /// update (its own accountant, every step it has taken so far, at its δ; fedpeft's edge
-    /// client uses δ = 1e-5). Empty when no client trains with DP-SGD.
-    pub local_dp_epsilon: BTreeMap<String, f64>,
-}
-
-/// What norm bounding, order statistics and client-level DP did in one round (report field
-/// `robust`; README "Robust aggregation and client-level DP").
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct RobustRecord {
-    /// L2 bound applied to each delta, if any.
-    pub norm_bound: Option<f64>,
-    /// Median L2 norm of the accepted deltas before bounding.
-    pub median_norm: Option<f64>,
-    /// Accepted deltas scaled down to the bound, and whose.
-    pub clipped: usize,
-    pub clipped_clients: Vec<String>,
-    /// Trimmed mean / median: values discarded at each coordinate (the same at every one).
-    pub values_trimmed_per_coordinate: Option<usize>,
-    /// Trimmed mean / median: per client, the share of coordinates where its value was discarded.
-    pub trimmed_share: BTreeMap<String, f64>,
-    /// Client-level DP: per-coordinate noise std on the average, ε so far at δ.
-    pub dp_noise_std: Option<f64>,
-    pub dp_epsilon: Option<f64>,
-    pub dp_delta: Option<f64>,
-}
-
 /// Everything the machine knows: what a checkpoint holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MachineState {
@@ -405,7 +254,7 @@ pub struct MachineState {
     /// Every accepted (client, round, sequence), so a redelivery after a restart stays a duplicate.
     pub accepted_updates: BTreeSet<(String, u32, u32)>,
     pub strategy_state: StrategyState,
-    pub rejected_total: BTreeMap<String, u64>,
+    pub rejected_total: BTreeMap<RejectReason, u64>,
     pub ledger: Ledger,
     pub records: Vec<RoundRecord>,
     /// Message id for the next chunked publish.
@@ -565,10 +414,7 @@ impl RoundMachine {
                 warn!(client = %client, kind, reason = %reason, detail = %detail, "message rejected");
                 self.count_rejection(reason);
                 if let Phase::Collecting(open) = &mut self.s.phase {
-                    *open
-                        .rejected
-                        .entry(reason.as_str().to_string())
-                        .or_default() += 1;
+                    *open.rejected.entry(reason).or_default() += 1;
                 }
             }
             Event::Evaluated {
@@ -593,7 +439,7 @@ impl RoundMachine {
             // Round 0: the initial adapter, evaluated so later rounds have a baseline.
             self.s.records.push(RoundRecord {
                 round: 0,
-                status: "initial".into(),
+                status: RoundStatus::Initial,
                 sampled: vec![],
                 clients_ok: 0,
                 clients_failed: 0,
@@ -720,7 +566,7 @@ impl RoundMachine {
                     && !open.failed.contains_key(name)
                 {
                     warn!(client = %name, round = open.round, "sampled client went offline; counted as failed");
-                    open.failed.insert(name.to_string(), "offline".into());
+                    open.failed.insert(name.to_string(), FailReason::Offline);
                     self.maybe_close(now, out);
                 }
             }
@@ -933,11 +779,7 @@ impl RoundMachine {
     }
 
     fn count_rejection(&mut self, reason: RejectReason) {
-        *self
-            .s
-            .rejected_total
-            .entry(reason.as_str().to_string())
-            .or_default() += 1;
+        *self.s.rejected_total.entry(reason).or_default() += 1;
     }
 
     fn reject(
@@ -952,10 +794,7 @@ impl RoundMachine {
         warn!(client = %client, round, reason = %reason, detail = %detail, "update rejected");
         self.count_rejection(reason);
         if let Phase::Collecting(open) = &mut self.s.phase {
-            *open
-                .rejected
-                .entry(reason.as_str().to_string())
-                .or_default() += 1;
+            *open.rejected.entry(reason).or_default() += 1;
             // A sampled client whose update for this round was refused (for a reason other than
             // being a redelivery) will not send another: it counts as failed, so the round can
             // close without waiting for the deadline.
@@ -969,7 +808,7 @@ impl RoundMachine {
             {
                 open.failed
                     .entry(client.to_string())
-                    .or_insert_with(|| format!("rejected: {reason}"));
+                    .or_insert(FailReason::Rejected(reason));
                 self.maybe_close(now, out);
             }
         }
@@ -1101,10 +940,10 @@ impl RoundMachine {
         let mut failed_clients = open.failed.clone();
         for c in &open.sampled {
             if !open.accepted.contains_key(c) && !failed_clients.contains_key(c) {
-                failed_clients.insert(c.clone(), "no reply by the deadline".into());
+                failed_clients.insert(c.clone(), FailReason::NoReply);
             }
         }
-        let mut status = "failed";
+        let mut status = RoundStatus::Failed;
         let norms: Vec<f64> = open.arrival.iter().map(|(_, n)| *n).collect();
         let median = median_of(&norms);
         if median.is_some() {
@@ -1126,7 +965,7 @@ impl RoundMachine {
                     self.s.global = next;
                     self.s.global_round = round;
                     self.s.strategy_state = self.strategy.state();
-                    status = "ok";
+                    status = RoundStatus::Ok;
                     let stats = self.strategy.last_stats();
                     robust.values_trimmed_per_coordinate = stats.values_trimmed_per_coordinate;
                     robust.trimmed_share = open
@@ -1170,7 +1009,7 @@ impl RoundMachine {
         let w = open.train_weight;
         let record = RoundRecord {
             round,
-            status: status.into(),
+            status,
             sampled: open.sampled.iter().cloned().collect(),
             clients_ok: open.accepted.len(),
             clients_failed: failed_clients.len(),
@@ -1192,7 +1031,7 @@ impl RoundMachine {
         };
         info!(
             round,
-            status,
+            status = %status,
             ok = record.clients_ok,
             failed = record.clients_failed,
             up_bytes = record.traffic.up_bytes,
@@ -1203,7 +1042,7 @@ impl RoundMachine {
         );
         self.s.records.push(record.clone());
         out.push(Action::Checkpoint(Box::new(self.s.clone())));
-        if status == "ok" {
+        if status == RoundStatus::Ok {
             out.push(Action::Evaluate {
                 round,
                 adapter: self.s.global.clone(),

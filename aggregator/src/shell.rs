@@ -424,12 +424,10 @@ fn write_report(
     config: &Config,
     finished: bool,
 ) -> Result<Report, RunError> {
-    let report = Report::from_state(machine.state(), info, finished);
-    report
-        .write(&config.output_dir)
-        .map_err(|source| RunError::Report {
-            dir: config.output_dir.clone(),
-            source,
-        })?;
+    let report = crate::report::build(machine.state(), info, finished);
+    crate::report::write(&report, &config.output_dir).map_err(|source| RunError::Report {
+        dir: config.output_dir.clone(),
+        source,
+    })?;
     Ok(report)
 }

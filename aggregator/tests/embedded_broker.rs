@@ -7,8 +7,9 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
 
-use fedpeft_aggregator::config::RawConfig;
+use fedpeft_aggregator::config::{self, AggregatorFile};
 use fedpeft_aggregator::host::LayoutHost;
+use fedpeft_aggregator::round::RejectReason;
 use fedpeft_aggregator::shell;
 use fedpeft_protocol::{
     Capabilities, ClientId, ClientState, ClientUpdate, Codec, DType, Envelope, Join, Message,
@@ -51,10 +52,7 @@ dir = "{}"
 "#,
         dir.display()
     );
-    RawConfig::parse(&text, Path::new("itest.toml"))
-        .unwrap()
-        .validate()
-        .unwrap()
+    config::validate(AggregatorFile::parse(&text, Path::new("itest.toml")).unwrap()).unwrap()
 }
 
 fn topic(kind: &str) -> String {
@@ -342,9 +340,9 @@ async fn one_round_over_the_embedded_broker_publishes_the_fedavg_of_the_updates(
     assert_eq!(r.rounds.len(), 2);
     assert_eq!(r.rounds[1].status, "ok");
     assert_eq!(r.rounds[1].clients_ok, 3);
-    assert_eq!(r.rejected.get("unknown_client"), Some(&1));
-    assert_eq!(r.rejected.get("future_round"), Some(&1));
-    assert_eq!(r.rejected.get("duplicate"), Some(&1));
+    assert_eq!(r.rejected.get(&RejectReason::UnknownClient), Some(&1));
+    assert_eq!(r.rejected.get(&RejectReason::FutureRound), Some(&1));
+    assert_eq!(r.rejected.get(&RejectReason::Duplicate), Some(&1));
     // Every client sent at least its chunked update (2.8 KB of tensors alone).
     for (id, _) in examples {
         assert!(

@@ -142,11 +142,7 @@ fn decoded(actions: &[Action]) -> Vec<(String, Message)> {
 }
 
 fn rejected(m: &RoundMachine, reason: RejectReason) -> u64 {
-    m.state()
-        .rejected_total
-        .get(reason.as_str())
-        .copied()
-        .unwrap_or(0)
+    m.state().rejected_total.get(&reason).copied().unwrap_or(0)
 }
 
 /// Starts a 3-client machine and opens round 1.
@@ -362,7 +358,7 @@ fn every_kind_of_bad_update_is_rejected_and_counted_by_reason() {
     let rec = &m.state().records[1];
     assert_eq!(rec.status, "failed");
     assert_eq!(rec.clients_failed, 3);
-    assert_eq!(rec.rejected["non_finite"], 1);
+    assert_eq!(rec.rejected[&RejectReason::NonFinite], 1);
     assert_eq!(m.state().global, initial());
     // Round 2 is open: a round-1 update is late, a round-0 one stale.
     m.on_event(update("a", 1, 3, 10, good, 0.0), T0 + 1);
@@ -513,7 +509,7 @@ fn resume_from_a_mid_round_checkpoint_equals_the_uninterrupted_run() {
     assert_eq!(a.state().accepted_updates, b.state().accepted_updates);
     assert_eq!(a.state().rejected_total, b.state().rejected_total);
     assert_eq!(a.state().accepted_updates.len(), 5);
-    assert_eq!(a.state().rejected_total["duplicate"], 1);
+    assert_eq!(a.state().rejected_total[&RejectReason::Duplicate], 1);
     let ok = |m: &RoundMachine| {
         m.state()
             .records
@@ -745,7 +741,7 @@ fn the_dp_sgd_epsilon_clients_state_is_recorded_per_round_and_reported_per_clien
         rounds_planned: 2,
         backbone_params: 1000,
     };
-    let report = fedpeft_aggregator::report::Report::from_state(m.state(), &info, true);
+    let report = fedpeft_aggregator::report::build(m.state(), &info, true);
     let local = report.local_dp.as_ref().expect("clients stated an epsilon");
     assert_eq!(
         local
@@ -756,19 +752,18 @@ fn the_dp_sgd_epsilon_clients_state_is_recorded_per_round_and_reported_per_clien
         [("a", 1.5), ("b", 2.0), ("c", 3.0)]
     );
     assert_eq!((local.median, local.max), (2.0, 3.0));
-    let csv = report.csv();
+    let csv = fedpeft_aggregator::report::csv(&report);
     let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
     let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
     let round2: Vec<&str> = csv.lines().nth(3).unwrap().split(',').collect();
     assert_eq!(round2[col("local_dp_epsilon_median")], "2.250000");
     assert_eq!(round2[col("local_dp_epsilon_max")], "3.000000");
     assert!(
-        report
-            .summary()
+        fedpeft_aggregator::report::summary(&report)
             .contains("ε median 2.000, largest 3.000, over 3 clients")
     );
     // Without DP-SGD there is nothing to report.
-    let plain = fedpeft_aggregator::report::Report::from_state(started(1, 3).state(), &info, false);
+    let plain = fedpeft_aggregator::report::build(started(1, 3).state(), &info, false);
     assert!(plain.local_dp.is_none());
 }
 

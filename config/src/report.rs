@@ -188,6 +188,13 @@ impl std::fmt::Display for RoundStatus {
     }
 }
 
+/// Compares with the text the report writes (`status == "ok"`).
+impl PartialEq<&str> for RoundStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// Why a sampled client did not contribute to a round (`failed_clients` in the report).
 /// Written as text: `offline`, `no reply by the deadline`, `rejected: <reason>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -207,6 +214,13 @@ impl std::fmt::Display for FailReason {
             FailReason::NoReply => f.write_str("no reply by the deadline"),
             FailReason::Rejected(r) => write!(f, "rejected: {r}"),
         }
+    }
+}
+
+/// Compares with the text the report writes (`reason == "offline"`).
+impl PartialEq<&str> for FailReason {
+    fn eq(&self, other: &&str) -> bool {
+        other.parse::<FailReason>().is_ok_and(|o| o == *self)
     }
 }
 

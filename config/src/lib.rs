@@ -7,6 +7,8 @@
 //! - [`error`]: [`ConfigError`], naming the file and the key.
 //! - [`broker`]: the `[broker]` table (aggregator and edge client).
 //! - [`security`]: the `[security]` table (aggregator and edge client).
+//! - [`strategy`]: the aggregator's `[strategy]` table ([`StrategyKind`], with the server
+//!   optimizers' [`strategy::ServerOptParams`]).
 //! - [`aggregator`]: the aggregator's config file, as written (every field optional).
 //! - [`edge`]: the edge client's config file, as written.
 //! - [`report`]: `report.json`: the run, its rounds, traffic, and the refusal reasons.
@@ -21,7 +23,9 @@ pub mod edge;
 pub mod error;
 pub mod report;
 pub mod security;
+pub mod strategy;
 
 pub use broker::BrokerTable;
 pub use error::{ConfigError, invalid};
 pub use security::SecurityTable;
+pub use strategy::StrategyKind;

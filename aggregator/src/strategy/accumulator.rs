@@ -104,6 +104,26 @@ pub fn two_sum(a: f64, b: f64) -> (f64, f64) {
     (sum, (a - a_part) + (b - b_part))
 }
 
+/// `(weighted + error) / denom` per value: the exact sum a streaming [`Accumulator::Sum`] holds,
+/// divided once. A missing error term (a checkpoint from before it) counts as zero.
+pub(super) fn exact_sum_over(
+    weighted: &[Vec<f64>],
+    error: &[Vec<f64>],
+    denom: f64,
+) -> Vec<Vec<f64>> {
+    weighted
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let err = error.get(i).map_or(&[][..], Vec::as_slice);
+            t.iter()
+                .enumerate()
+                .map(|(j, &s)| (s + err.get(j).copied().unwrap_or(0.0)) / denom)
+                .collect()
+        })
+        .collect()
+}
+
 /// Weighted mean Σnᵢ·Δᵢ / Σnᵢ, per tensor, as f64.
 pub fn weighted_mean(acc: &Accumulator) -> Option<Vec<Vec<f64>>> {
     match acc {
@@ -123,20 +143,7 @@ pub fn weighted_mean(acc: &Accumulator) -> Option<Vec<Vec<f64>>> {
             } else {
                 *total_examples as f64
             };
-            let no_error = Vec::new();
-            Some(
-                weighted
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| {
-                        let err = error.get(i).unwrap_or(&no_error);
-                        t.iter()
-                            .enumerate()
-                            .map(|(j, &s)| (s + err.get(j).copied().unwrap_or(0.0)) / denom)
-                            .collect()
-                    })
-                    .collect(),
-            )
+            Some(exact_sum_over(weighted, error, denom))
         }
         Accumulator::Buffer { deltas, .. } => {
             if deltas.is_empty() {

@@ -1,6 +1,7 @@
 //! Client-level differential privacy at the aggregator: [`DpFedAvg`] wraps an averaging strategy,
 //! noises the clipped sum and counts ε with the RDP accountant.
 
+use super::accumulator::exact_sum_over;
 use super::{Accumulator, AggregateStats, Strategy, StrategyError, StrategyState};
 use crate::adapter::Adapter;
 
@@ -132,6 +133,14 @@ pub fn noised_mean(
         .collect()
 }
 
+/// The accountant refused to compose or restore: a state error of the DP wrapper.
+fn accountant_error(e: impl std::fmt::Display) -> StrategyError {
+    StrategyError::State {
+        strategy: "dp-fedavg",
+        reason: e.to_string(),
+    }
+}
+
 impl Strategy for DpFedAvg {
     fn name(&self) -> &'static str {
         match self.inner.name() {
@@ -169,27 +178,15 @@ impl Strategy for DpFedAvg {
             return Err(StrategyError::NoUpdates { round });
         }
         // Every delta was folded with weight 1, so weighted + error is the exact sum of the
-        // clipped deltas.
-        let sum: Vec<Vec<f64>> = weighted
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                t.iter()
-                    .enumerate()
-                    .map(|(j, &s)| s + error.get(i).and_then(|e| e.get(j)).copied().unwrap_or(0.0))
-                    .collect()
-            })
-            .collect();
+        // clipped deltas (dividing by 1 is exact).
+        let sum = exact_sum_over(weighted, error, 1.0);
         let mut rng = self.noise_rng(round);
         let std = self.dp.noise_std();
         let mean = noised_mean(&sum, self.dp.expected_clients as f64, std, &mut rng);
         let next = self.inner.apply_mean(round, global, &mean)?;
         self.accountant
             .compose(self.dp.sample_rate(), self.dp.noise_multiplier, 1)
-            .map_err(|e| StrategyError::State {
-                strategy: "dp-fedavg",
-                reason: e.to_string(),
-            })?;
+            .map_err(accountant_error)?;
         self.rounds += 1;
         self.stats = AggregateStats {
             dp_noise_std: Some(std),
@@ -213,10 +210,7 @@ impl Strategy for DpFedAvg {
                 state.dp_rdp.clone(),
                 state.dp_rounds,
             )
-            .map_err(|e| StrategyError::State {
-                strategy: "dp-fedavg",
-                reason: e.to_string(),
-            })?;
+            .map_err(accountant_error)?;
         }
         self.rounds = state.dp_rounds;
         self.inner.restore(StrategyState {

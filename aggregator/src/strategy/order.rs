@@ -70,13 +70,14 @@ fn trim_stats(trimmed: &[u64], coords: usize, kept: usize) -> AggregateStats {
     }
 }
 
-/// Median of a sorted, non-empty slice (mean of the two middle values for an even length).
-pub fn median_sorted(v: &[f32]) -> f64 {
+/// Median of a sorted, non-empty slice (mean of the two middle values for an even length), in
+/// f64: the coordinate-wise median of f32 deltas, and [`median_of`](super::median_of) of f64 lists.
+pub fn median_sorted<T: Copy + Into<f64>>(v: &[T]) -> f64 {
     let n = v.len();
     if n % 2 == 1 {
-        f64::from(v[n / 2])
+        v[n / 2].into()
     } else {
-        (f64::from(v[n / 2 - 1]) + f64::from(v[n / 2])) / 2.0
+        (v[n / 2 - 1].into() + v[n / 2].into()) / 2.0
     }
 }
 

@@ -6,7 +6,8 @@
 //! - [`strategy`]: FedAvg, FedAdam, FedYogi, coordinate-wise median, trimmed mean behind the
 //!   [`strategy::Strategy`] trait, norm bounding, and client-level DP ([`strategy::DpFedAvg`]
 //!   wrapping an averaging strategy, with its RDP accountant); pure arithmetic with
-//!   hand-computed tests.
+//!   hand-computed tests. One file a concern: `accumulator`, `averaging`, `order`, `norm`, `dp`;
+//!   the `[strategy]` table itself ([`strategy::StrategyKind`]) is spelled in `fedpeft-config`.
 //! - [`adapter`]: the dense f32 named tensors strategies work on.
 //! - [`accounting`]: MQTT wire sizes, per-client / per-round ledgers, full-model comparison.
 //! - [`checkpoint`]: atomic, hashed checkpoints of the machine state.

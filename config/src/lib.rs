@@ -7,9 +7,10 @@
 //! - [`error`]: [`ConfigError`], naming the file and the key.
 //! - [`broker`]: the `[broker]` table (aggregator and edge client).
 //! - [`security`]: the `[security]` table (aggregator and edge client).
+//! - [`strategy`]: the aggregator's `[strategy]` table ([`StrategyKind`], with the server
+//!   optimizers' [`strategy::ServerOptParams`]).
 //! - [`aggregator`]: the aggregator's config file, as written (every field optional).
 //! - [`edge`]: the edge client's config file, as written.
-//! - [`strategy`]: the aggregator's `[strategy]` table.
 //! - [`report`]: `report.json`: the run, its rounds, traffic, and the refusal reasons.
 //!
 //! Nothing here validates ranges or reads the files a setting names: each binary turns these
@@ -27,3 +28,4 @@ pub mod strategy;
 pub use broker::BrokerTable;
 pub use error::{ConfigError, invalid};
 pub use security::SecurityTable;
+pub use strategy::StrategyKind;

@@ -2,13 +2,14 @@
 #   make run     set up, fetch models and data, build, run a small federated trial (the main job)
 #   make test    the whole test suite (what CI runs)
 #   make bench   benchmarks (figures quoted in README.md)
+#   make book    the book (docs/ -> docs/book/)
 #   make lint    rustfmt + clippy -D warnings
 #   make cross-aarch64 | cross-armv7 | cross-jetson   board bundles in dist/ (README: On the device)
 SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= auto
 
-.PHONY: setup run test test-rust check-nostd bench lint fmt models clean \
+.PHONY: setup run test test-rust check-nostd book bench lint fmt models clean \
 	cross-aarch64 cross-armv7 cross-jetson bundle-all test-cross test-cross-ort
 
 setup:
@@ -37,7 +38,13 @@ test-rust:
 	fi
 	$(CARGO) test --workspace --doc
 
-test: setup models check-nostd test-rust test-cross
+# The book (docs/): guide, reference, design, results. Written to docs/book/ (git-ignored); a page
+# SUMMARY.md names that does not exist fails the build. tests/tests/book.rs checks its reference
+# pages against the shipped files and the parsers.
+book: setup
+	mdbook build docs
+
+test: setup book models check-nostd test-rust test-cross
 
 bench:
 	$(CARGO) bench -p fedpeft-protocol --bench codec

@@ -27,3 +27,11 @@ if ! command -v cargo >/dev/null; then
 fi
 # The protocol crate is checked on a bare-metal target to keep it no_std.
 rustup target list --installed | grep -q '^thumbv7em-none-eabihf$' || rustup target add thumbv7em-none-eabihf
+
+# The book (`make book`, part of `make test`): mdbook from crates.io, pinned, without its
+# live-reload server (`serve`, `watch`); search stays in.
+MDBOOK_VERSION=0.5.4
+if [ "$(mdbook --version 2>/dev/null)" != "mdbook v$MDBOOK_VERSION" ]; then
+  echo "setup: installing mdbook $MDBOOK_VERSION (cargo install, a few minutes)"
+  cargo install mdbook --locked --version "$MDBOOK_VERSION" --no-default-features --features search
+fi

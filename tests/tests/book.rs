@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 /// The aggregator's config file, as `aggregator --config` reads it (unknown keys refused).
 fn parse_aggregator(text: &str) -> Result<(), String> {
-    fedpeft_aggregator::config::RawConfig::parse(text, Path::new("aggregator.toml"))
+    fedpeft_config::aggregator::AggregatorFile::parse(text, Path::new("aggregator.toml"))
         .map(drop)
         .map_err(|e| e.to_string())
 }
@@ -58,7 +58,7 @@ fn parse_sweep(text: &str) -> Result<(), String> {
 
 /// The report keys of every reason the aggregator refuses a message for.
 fn refusal_reasons() -> Vec<&'static str> {
-    fedpeft_aggregator::round::RejectReason::ALL
+    fedpeft_config::report::RejectReason::ALL
         .iter()
         .map(|r| r.as_str())
         .collect()

@@ -30,37 +30,44 @@ pub fn full_model_round_bytes(backbone_params: u64, sampled_clients: usize) -> u
     backbone_params * 4 * 2 * sampled_clients as u64
 }
 
-/// Running totals: whole run, current round, per client.
+/// Running totals: whole run, per round, per client.
+///
+/// Bytes count in the round they belong to, as the round machine tells: a client's message in
+/// the round that is open (or the next to open, between rounds), the global adapter published
+/// when a round closes in that round, an announcement in its own round.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ledger {
     pub total: Traffic,
-    pub round: Traffic,
+    pub rounds: BTreeMap<u32, Traffic>,
     /// What the aggregator itself published (before the broker's fan-out).
     pub aggregator_published_bytes: u64,
     pub per_client: BTreeMap<String, Traffic>,
 }
 
 impl Ledger {
-    /// A client published `bytes` (one packet).
-    pub fn client_up(&mut self, client: &str, bytes: u64) {
+    /// A client published `bytes` (one packet), counted in `round`.
+    pub fn client_up(&mut self, round: u32, client: &str, bytes: u64) {
         self.total.add_up(bytes);
-        self.round.add_up(bytes);
+        self.rounds.entry(round).or_default().add_up(bytes);
         self.per_client
             .entry(client.to_string())
             .or_default()
             .add_up(bytes);
     }
 
-    /// The aggregator published one packet of `bytes` that the broker delivers to `receivers`.
+    /// The aggregator published one packet of `bytes` that the broker delivers to `receivers`,
+    /// counted in `round`.
     pub fn aggregator_publish<'a>(
         &mut self,
+        round: u32,
         bytes: u64,
         receivers: impl IntoIterator<Item = &'a str>,
     ) {
         self.aggregator_published_bytes += bytes;
+        let r = self.rounds.entry(round).or_default();
         for client in receivers {
             self.total.add_down(bytes);
-            self.round.add_down(bytes);
+            r.add_down(bytes);
             self.per_client
                 .entry(client.to_string())
                 .or_default()
@@ -68,9 +75,9 @@ impl Ledger {
         }
     }
 
-    /// Returns the current round's traffic and starts a new round.
-    pub fn take_round(&mut self) -> Traffic {
-        std::mem::take(&mut self.round)
+    /// The traffic counted in `round`.
+    pub fn round(&self, round: u32) -> Traffic {
+        self.rounds.get(&round).copied().unwrap_or_default()
     }
 }
 
@@ -90,16 +97,18 @@ mod tests {
     #[test]
     fn fan_out_counts_down_bytes_once_per_receiver() {
         let mut l = Ledger::default();
-        l.aggregator_publish(100, ["a", "b"]);
-        l.client_up("a", 40);
+        l.aggregator_publish(1, 100, ["a", "b"]);
+        l.client_up(1, "a", 40);
+        l.client_up(2, "b", 7);
         assert_eq!(l.aggregator_published_bytes, 100);
         assert_eq!(l.total.down_bytes, 200);
         assert_eq!(l.per_client["a"].down_bytes, 100);
         assert_eq!(l.per_client["a"].up_bytes, 40);
-        let r = l.take_round();
+        let r = l.round(1);
         assert_eq!((r.up_bytes, r.down_bytes, r.down_messages), (40, 200, 2));
-        assert_eq!(l.round, Traffic::default());
-        assert_eq!(l.total.up_bytes, 40);
+        assert_eq!(l.round(2).up_bytes, 7);
+        assert_eq!(l.round(3), Traffic::default());
+        assert_eq!(l.total.up_bytes, 47);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Checkpoints: the whole [`MachineState`] (global adapter, round, strategy state, accepted
-//! (client, round, sequence) set, counters, ledger, report rows), written atomically.
+//! (client, round, sequence) set, counters, report rows) with the outbox's state (byte ledger,
+//! message ids) as a [`Saved`], written atomically. The functions take any serializable state,
+//! so the round machine's tests checkpoint a bare [`MachineState`].
 //!
 //! File layout: `FPCK` magic, format version (u32 LE), SHA-256 of the body (32 bytes), body
 //! (postcard). postcard keeps every f32 bit-exact; the hash turns a torn or corrupted file into a
@@ -12,15 +14,27 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
+use crate::outbox::OutboxState;
 use crate::round::MachineState;
+
+/// What the aggregator's checkpoint file holds.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Saved {
+    pub machine: MachineState,
+    pub outbox: OutboxState,
+}
 
 const MAGIC: &[u8; 4] = b"FPCK";
 /// 2: norm-bound counts, the adaptive bound's reference, per-round robust records and the DP
 /// accountant joined the state. 3: the open round and each round record keep the DP-SGD ε
-/// each client stated. An older file is refused by name rather than misread.
-const FORMAT_VERSION: u32 = 3;
+/// each client stated. 4: the byte ledger (by round) and message ids moved beside the machine
+/// state ([`Saved`]); refusal and failure reasons are enums. An older file is refused by name
+/// rather than misread.
+const FORMAT_VERSION: u32 = 4;
 const HEADER_LEN: usize = 4 + 4 + 32;
 
 /// Why a checkpoint could not be written or read. Every variant names the file.
@@ -57,7 +71,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 }
 
 /// Serializes a state to checkpoint bytes.
-pub fn to_bytes(state: &MachineState, path: &Path) -> Result<Vec<u8>, CheckpointError> {
+pub fn to_bytes<T: Serialize>(state: &T, path: &Path) -> Result<Vec<u8>, CheckpointError> {
     let body = postcard::to_stdvec(state).map_err(|e| CheckpointError::Encode {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -77,7 +91,7 @@ pub fn with_header(body: &[u8]) -> Vec<u8> {
 }
 
 /// Parses checkpoint bytes read from `path` (named in errors).
-pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<MachineState, CheckpointError> {
+pub fn from_bytes<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, CheckpointError> {
     let corrupt = |reason: String| CheckpointError::Corrupt {
         path: path.to_path_buf(),
         reason,
@@ -122,7 +136,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Writes `state` to `path` atomically (temp file, fsync, rename, fsync directory). On failure
 /// the temporary file is removed (on a full disk it would hold space the next attempt needs)
 /// and the file at `path` is untouched.
-pub fn save(state: &MachineState, path: &Path) -> Result<(), CheckpointError> {
+pub fn save<T: Serialize>(state: &T, path: &Path) -> Result<(), CheckpointError> {
     let bytes = to_bytes(state, path)?;
     let tmp = tmp_path(path);
     let failed = |step: String| {
@@ -158,7 +172,7 @@ pub fn save(state: &MachineState, path: &Path) -> Result<(), CheckpointError> {
 }
 
 /// Reads a checkpoint; `Ok(None)` if the file does not exist.
-pub fn load(path: &Path) -> Result<Option<MachineState>, CheckpointError> {
+pub fn load<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, CheckpointError> {
     match fs::read(path) {
         Ok(bytes) => from_bytes(&bytes, path).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

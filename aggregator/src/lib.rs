@@ -12,7 +12,9 @@
 //! - [`accounting`]: MQTT wire sizes, per-client / per-round ledgers, full-model comparison.
 //! - [`checkpoint`]: atomic, hashed checkpoints of the machine state.
 //! - [`config`]: TOML + flags, validated into a typed [`config::Config`].
-//! - [`wire`]: incoming MQTT publishes → machine events (topics, chunks, decode errors).
+//! - [`wire`]: incoming MQTT publishes → machine events (topics, chunks, decode errors);
+//!   [`outbox`]: the machine's outgoing messages → sealed, signed, chunked MQTT packets on their
+//!   topics, and the byte ledger.
 //! - [`host`]: the [`host::ModelHost`] trait (initial adapter, held-out evaluation);
 //!   [`model`]: its real implementation on a split backbone + PEFT tail.
 //! - [`report`]: JSON / CSV report and the summary table.
@@ -32,6 +34,7 @@ pub mod config;
 pub mod host;
 pub mod keys;
 pub mod model;
+pub mod outbox;
 pub mod report;
 pub mod round;
 pub mod shell;

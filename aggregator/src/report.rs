@@ -9,6 +9,7 @@ use std::path::Path;
 
 pub use fedpeft_config::report::{LocalDp, Report, RobustTotals, SCHEMA, Totals};
 
+use crate::accounting::Ledger;
 use crate::round::{MachineState, RoundRecord};
 
 /// Each client's latest stated ε over `rounds` (in round order), or `None` if none stated one.
@@ -43,9 +44,9 @@ pub struct RunInfo {
     pub backbone_params: u64,
 }
 
-/// The report of a run in `state`.
-pub fn build(state: &MachineState, info: &RunInfo, finished: bool) -> Report {
-    let t = state.ledger.total;
+/// The report of a run in `state`, with the traffic `ledger` counted.
+pub fn build(state: &MachineState, ledger: &Ledger, info: &RunInfo, finished: bool) -> Report {
+    let t = ledger.total;
     let last_dp = state
         .records
         .iter()
@@ -71,14 +72,21 @@ pub fn build(state: &MachineState, info: &RunInfo, finished: bool) -> Report {
             down_bytes: t.down_bytes,
             up_messages: t.up_messages,
             down_messages: t.down_messages,
-            aggregator_published_bytes: state.ledger.aggregator_published_bytes,
+            aggregator_published_bytes: ledger.aggregator_published_bytes,
             full_model_fedavg_bytes: full,
             ratio_to_full_model: (full > 0)
                 .then(|| (t.up_bytes + t.down_bytes) as f64 / full as f64),
         },
         rejected: state.rejected_total.clone(),
-        clients: state.ledger.per_client.clone(),
-        rounds: state.records.clone(),
+        clients: ledger.per_client.clone(),
+        rounds: state
+            .records
+            .iter()
+            .map(|r| RoundRecord {
+                traffic: ledger.round(r.round),
+                ..r.clone()
+            })
+            .collect(),
         robust: RobustTotals {
             clipped_total: state.clipped_total,
             dp_epsilon: last_dp.and_then(|r| r.robust.dp_epsilon),

@@ -21,9 +21,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fedpeft_protocol::{
-    ClientId, ClientState, ClientUpdate, Codec, DType, EncodeError, Envelope, FleetName,
-    GlobalAdapter, LocalConfig, PeftMethod, QoS, RoundAnnounce, Sampling, SigningKey, SplitMix64,
-    Topic, TopicKind,
+    ClientId, ClientState, ClientUpdate, Codec, DType, FleetName, GlobalAdapter, LocalConfig,
+    PeftMethod, RoundAnnounce, Sampling, SplitMix64,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -34,8 +33,9 @@ pub use fedpeft_config::report::{
     FailReason, RejectReason, RobustRecord, RoundRecord, RoundStatus,
 };
 
-use crate::accounting::{Ledger, Traffic, full_model_round_bytes, wire_size};
+use crate::accounting::{Traffic, full_model_round_bytes};
 use crate::adapter::{Adapter, Tensor, first_non_finite};
+use crate::outbox::Outgoing;
 use crate::strategy::{Accumulator, Strategy, StrategyError, StrategyState, bound_norm, median_of};
 
 /// An update the decoder could not turn into a [`ClientUpdate`].
@@ -104,21 +104,43 @@ pub enum Event {
     Tick,
 }
 
+impl Event {
+    /// The client a message event names and its size on the wire: the bytes the shell counts
+    /// in the [`RoundMachine::accounting_round`]. `None` for events that are not messages.
+    pub fn sender(&self) -> Option<(&str, u64)> {
+        match self {
+            Event::Joined {
+                client, wire_bytes, ..
+            }
+            | Event::Status {
+                client, wire_bytes, ..
+            } => Some((client.as_str(), *wire_bytes)),
+            Event::Update {
+                topic_client,
+                wire_bytes,
+                ..
+            } => Some((topic_client.as_str(), *wire_bytes)),
+            Event::Refused {
+                client, wire_bytes, ..
+            } => Some((client.as_str(), *wire_bytes)),
+            _ => None,
+        }
+    }
+}
+
 /// What the shell must do, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Publish `payload` on `topic`.
+    /// Publish `message` (the shell's [`crate::outbox::Outbox`] seals, chunks and names it),
+    /// counting its bytes in `round`, delivered by the broker to each of `receivers` (the
+    /// clients subscribed: joined and online).
     Publish {
-        topic: String,
-        payload: Vec<u8>,
-        retain: bool,
-        qos: QoS,
+        message: Outgoing,
+        round: u32,
+        receivers: Vec<String>,
     },
     /// Write this state atomically as the checkpoint.
     Checkpoint(Box<MachineState>),
-    /// The global adapter after `round`, as the whole envelope clients receive (sealed when the
-    /// run signs): the shell keeps it as the run's trained adapter (`global-adapter.bin`).
-    SaveGlobal { round: u32, payload: Vec<u8> },
     /// Evaluate this adapter (the global after `round`) and send back [`Event::Evaluated`].
     Evaluate { round: u32, adapter: Adapter },
     /// A round closed (ok or failed): its record, for progress display.
@@ -162,8 +184,6 @@ pub struct Rules {
     pub local: LocalConfig,
     /// Largest accepted update on the wire, bytes (all chunks together).
     pub max_update_bytes: u64,
-    /// Payloads above this many bytes are chunked.
-    pub max_payload_bytes: usize,
     /// Optional L2 bound on each client delta (scaled down to it). With client-level DP this is
     /// the DP clip norm S. With `adaptive_norm_multiple`, the bound of round 1 (or none).
     pub max_update_norm: Option<f64>,
@@ -183,8 +203,6 @@ pub struct Rules {
     pub backbone_id: Option<String>,
     pub backbone_sha256: Option<[u8; 32]>,
     pub peft: Option<PeftMethod>,
-    /// Signs the global adapter and round announcements (signed envelopes) when set.
-    pub signing_key: Option<SigningKey>,
     /// Encoding of the published global adapter. With f16 or int8 the aggregator adopts the
     /// decoded value as its global, so it and every client hold bit-identical adapters.
     pub global_dtype: DType,
@@ -255,10 +273,8 @@ pub struct MachineState {
     pub accepted_updates: BTreeSet<(String, u32, u32)>,
     pub strategy_state: StrategyState,
     pub rejected_total: BTreeMap<RejectReason, u64>,
-    pub ledger: Ledger,
+    /// Round rows of the report (their traffic is the outbox's ledger's).
     pub records: Vec<RoundRecord>,
-    /// Message id for the next chunked publish.
-    pub next_message_id: u32,
     /// Median pre-bound norm of the last round with accepted updates (the adaptive bound's
     /// reference).
     pub last_median_norm: Option<f64>,
@@ -299,9 +315,7 @@ impl RoundMachine {
             accepted_updates: BTreeSet::new(),
             strategy_state: strategy.state(),
             rejected_total: BTreeMap::new(),
-            ledger: Ledger::default(),
             records: Vec::new(),
-            next_message_id: 0,
             last_median_norm: None,
             clipped_total: 0,
         };
@@ -376,7 +390,7 @@ impl RoundMachine {
                 info,
                 wire_bytes,
             } => {
-                self.s.ledger.client_up(client.as_str(), wire_bytes);
+                let _ = wire_bytes;
                 self.on_join(client, info, now, &mut out);
                 // Who has joined decides the next sample: a restart must not forget a join the
                 // broker will not deliver again.
@@ -387,7 +401,7 @@ impl RoundMachine {
                 state,
                 wire_bytes,
             } => {
-                self.s.ledger.client_up(client.as_str(), wire_bytes);
+                let _ = wire_bytes;
                 let online = |m: &Self| m.s.clients.get(client.as_str()).map(|c| c.online);
                 let before = online(self);
                 self.on_status(client.clone(), state, now, &mut out);
@@ -400,7 +414,6 @@ impl RoundMachine {
                 update,
                 wire_bytes,
             } => {
-                self.s.ledger.client_up(topic_client.as_str(), wire_bytes);
                 self.on_update(topic_client, *update, wire_bytes, now, &mut out);
             }
             Event::Refused {
@@ -410,7 +423,7 @@ impl RoundMachine {
                 detail,
                 wire_bytes,
             } => {
-                self.s.ledger.client_up(&client, wire_bytes);
+                let _ = wire_bytes;
                 warn!(client = %client, kind, reason = %reason, detail = %detail, "message rejected");
                 self.count_rejection(reason);
                 if let Phase::Collecting(open) = &mut self.s.phase {
@@ -463,7 +476,7 @@ impl RoundMachine {
         }
         match self.s.phase.clone() {
             Phase::Waiting { .. } => {
-                self.publish_global(out);
+                self.publish_global(self.accounting_round(), out);
                 self.maybe_start_round(now, out);
             }
             Phase::Collecting(mut open) => {
@@ -472,7 +485,7 @@ impl RoundMachine {
                       "round resumed");
                 open.deadline_unix_ms = now + self.rules.round_timeout_ms;
                 self.s.phase = Phase::Collecting(open);
-                self.publish_global(out);
+                self.publish_global(self.accounting_round(), out);
                 self.publish_announce(out);
             }
             Phase::Done => {
@@ -493,9 +506,9 @@ impl RoundMachine {
 
     fn on_reconnected(&mut self, out: &mut Vec<Action>) {
         match self.s.phase {
-            Phase::Waiting { .. } => self.publish_global(out),
+            Phase::Waiting { .. } => self.publish_global(self.accounting_round(), out),
             Phase::Collecting(_) => {
-                self.publish_global(out);
+                self.publish_global(self.accounting_round(), out);
                 self.publish_announce(out);
             }
             Phase::Done => self.publish_done(out),
@@ -1003,9 +1016,8 @@ impl RoundMachine {
         } else {
             Phase::Waiting { next_round }
         };
-        // Publish the new global before recording the round so its bytes count in this round.
-        self.publish_global(out);
-        let traffic = self.s.ledger.take_round();
+        // The new global's bytes count in the round that produced it.
+        self.publish_global(round, out);
         let w = open.train_weight;
         let record = RoundRecord {
             round,
@@ -1019,7 +1031,7 @@ impl RoundMachine {
             train_accuracy: (w > 0.0).then(|| open.train_acc_sum / w),
             eval_loss: None,
             eval_accuracy: None,
-            traffic,
+            traffic: Traffic::default(),
             full_model_fedavg_bytes: full_model_round_bytes(
                 self.rules.backbone_params,
                 open.sampled.len(),
@@ -1034,8 +1046,6 @@ impl RoundMachine {
             status = %status,
             ok = record.clients_ok,
             failed = record.clients_failed,
-            up_bytes = record.traffic.up_bytes,
-            down_bytes = record.traffic.down_bytes,
             duration_ms = record.duration_ms,
             clipped = record.robust.clipped,
             "round closed"
@@ -1058,32 +1068,23 @@ impl RoundMachine {
         }
     }
 
-    /// Encodes what the aggregator publishes: signed when it has a key.
-    fn seal(&self, envelope: &Envelope) -> Result<Vec<u8>, EncodeError> {
-        match &self.rules.signing_key {
-            Some(key) => envelope.encode_signed(&self.rules.fleet, key),
-            None => envelope.encode(),
-        }
-    }
-
-    fn receivers(&self) -> Vec<String> {
-        self.available()
-    }
-
-    fn publish(&mut self, kind: TopicKind, payload: Vec<u8>, out: &mut Vec<Action>) {
-        let topic = Topic::new(self.rules.fleet.clone(), kind);
-        let name = topic.to_topic_string().to_string();
-        let bytes = wire_size(&name, payload.len(), topic.qos());
-        let receivers = self.receivers();
-        self.s
-            .ledger
-            .aggregator_publish(bytes, receivers.iter().map(String::as_str));
+    /// Publishes `message`, its bytes counted in `round`, to every available client.
+    fn publish(&mut self, message: Outgoing, round: u32, out: &mut Vec<Action>) {
         out.push(Action::Publish {
-            topic: name,
-            payload,
-            retain: topic.retain(),
-            qos: topic.qos(),
+            message,
+            round,
+            receivers: self.available(),
         });
+    }
+
+    /// The round a client's message arriving now counts in: the open round, or the next one
+    /// between rounds.
+    pub fn accounting_round(&self) -> u32 {
+        match &self.s.phase {
+            Phase::Collecting(open) => open.round,
+            Phase::Waiting { next_round } => *next_round,
+            Phase::Done => self.rules.rounds + 1,
+        }
     }
 
     /// Encodes the global adapter in `global_dtype`. With a lossy dtype (f16, int8: stochastic
@@ -1120,48 +1121,22 @@ impl RoundMachine {
         Ok(tensors)
     }
 
-    /// Publishes the global adapter (retained), chunked on `global/{n}` above the payload limit.
-    fn publish_global(&mut self, out: &mut Vec<Action>) {
-        let tensors = self.encode_global();
-        let encoded = tensors.map_err(|e| e.to_string()).and_then(|tensors| {
-            let msg = GlobalAdapter {
-                round: self.s.global_round,
-                tensors,
-            };
-            self.seal(&Envelope::new(self.rules.run_id, self.s.global_round, msg))
-                .map_err(|e| e.to_string())
-        });
-        let payload = match encoded {
-            Ok(p) => p,
-            Err(e) => {
-                // The global adapter is built by strategies that refuse non-finite values, so
-                // this means a tensor is too large for the wire format: nothing sensible to send.
-                warn!(round = self.s.global_round, error = %e, "global adapter cannot be encoded");
-                return;
+    /// Publishes the global adapter (retained), its bytes counted in `account`: the round that
+    /// produced it when a round closes, else (the initial adapter, a re-publication) the round
+    /// that is open or next.
+    fn publish_global(&mut self, account: u32, out: &mut Vec<Action>) {
+        let round = self.s.global_round;
+        match self.encode_global() {
+            Ok(tensors) => {
+                self.publish(
+                    Outgoing::Global(GlobalAdapter { round, tensors }),
+                    account,
+                    out,
+                );
             }
-        };
-        out.push(Action::SaveGlobal {
-            round: self.s.global_round,
-            payload: payload.clone(),
-        });
-        let id = self.s.next_message_id;
-        self.s.next_message_id = id.wrapping_add(1);
-        match fedpeft_protocol::chunk::split(
-            &payload,
-            self.rules.max_payload_bytes,
-            self.rules.run_id,
-            self.s.global_round,
-            id,
-        ) {
-            Ok(parts) if parts.len() == 1 => {
-                self.publish(TopicKind::Global, payload, out);
-            }
-            Ok(parts) => {
-                for (i, part) in parts.into_iter().enumerate() {
-                    self.publish(TopicKind::GlobalChunk(i as u32), part, out);
-                }
-            }
-            Err(e) => warn!(error = %e, "global adapter cannot be chunked"),
+            // The global adapter is built by strategies that refuse non-finite values, so this
+            // means a tensor is too large for the wire format: nothing sensible to send.
+            Err(e) => warn!(round, error = %e, "global adapter cannot be encoded"),
         }
     }
 
@@ -1185,24 +1160,16 @@ impl RoundMachine {
             .iter()
             .filter_map(|c| ClientId::new(c).ok())
             .collect();
-        let msg = self.announce_message(open.round, open.deadline_unix_ms, sampled);
-        match self.seal(&Envelope::new(self.rules.run_id, open.round, msg)) {
-            Ok(p) => self.publish(TopicKind::Round, p, out),
-            Err(e) => warn!(error = %e, "round announcement cannot be encoded"),
-        }
+        let round = open.round;
+        let msg = self.announce_message(round, open.deadline_unix_ms, sampled);
+        self.publish(Outgoing::Announce(msg), round, out);
     }
 
     /// The run is over: see [`is_run_done`].
     fn publish_done(&mut self, out: &mut Vec<Action>) {
-        let msg = self.announce_message(self.rules.rounds + 1, 0, Vec::new());
-        match self.seal(&Envelope::new(
-            self.rules.run_id,
-            self.rules.rounds + 1,
-            msg,
-        )) {
-            Ok(p) => self.publish(TopicKind::Round, p, out),
-            Err(e) => warn!(error = %e, "final announcement cannot be encoded"),
-        }
+        let round = self.rules.rounds + 1;
+        let msg = self.announce_message(round, 0, Vec::new());
+        self.publish(Outgoing::RunDone(msg), round, out);
     }
 }
 

@@ -1,9 +1,11 @@
 //! The async shell: moves bytes between MQTT and the round machine, and nothing else.
 //!
 //! One task owns rumqttc's event loop and forwards what arrives over a channel (so publishing
-//! from the main loop can never deadlock against an unpolled event loop); the main loop feeds
-//! publishes, deadline ticks and evaluations to [`RoundMachine`] and carries out its actions:
-//! publish, checkpoint, evaluate, report. It stops when the run is done or `shutdown` resolves.
+//! from the main loop can never deadlock against an unpolled event loop). The [`Shell`] is the
+//! main loop's state, with one method per thing that happens: a broker connection, a
+//! subscription, a publish, a tick; each feeds the [`RoundMachine`] through the [`Inbox`] and
+//! carries out its actions: publish (through the [`Outbox`]), checkpoint, evaluate, report. It
+//! stops when the run is done or `shutdown` resolves.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -16,10 +18,12 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::broker::{self, BrokerError};
+use crate::checkpoint::Saved;
 use crate::checkpoint::{self, CheckpointError};
 use crate::config::{BrokerTarget, Config};
 use crate::host::{HostError, ModelHost};
 use crate::keys::{Enrolment, KeysError};
+use crate::outbox::{Outbox, Outgoing};
 use crate::report::{Report, RunInfo};
 use crate::round::{Action, Event, RestoreError, RoundMachine, Rules};
 use crate::strategy;
@@ -84,7 +88,6 @@ pub fn rules(config: &Config, host: &dyn ModelHost) -> Rules {
         seed: config.seed,
         local: config.local.clone(),
         max_update_bytes: config.max_update_bytes,
-        max_payload_bytes: config.max_payload_bytes,
         max_update_norm: config
             .dp
             .as_ref()
@@ -101,7 +104,6 @@ pub fn rules(config: &Config, host: &dyn ModelHost) -> Rules {
         backbone_id: host.backbone_id(),
         backbone_sha256: host.backbone_sha256(),
         peft: config.model.backbone.as_ref().map(|_| config.model.peft),
-        signing_key: None,
         global_dtype: config.global_dtype,
     }
 }
@@ -121,71 +123,464 @@ enum FromMqtt {
 /// broker address once the aggregator is subscribed (clients may join from then on).
 pub async fn run(
     config: Config,
-    mut host: Box<dyn ModelHost>,
+    host: Box<dyn ModelHost>,
     shutdown: impl Future<Output = ()>,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<Outcome, RunError> {
-    let mut ready = ready;
-    let mut rules = rules(&config, host.as_ref());
-    if let Some(path) = &config.security.signing_key {
-        let key = fedpeft_protocol::sign::read_signing_key(path).map_err(KeysError::from)?;
-        info!(key = %path.display(), public_key = %fedpeft_protocol::sign::public_key_hex(&key.verifying_key()),
-              "signing global adapters and announcements");
-        rules.signing_key = Some(key);
+    let mut shell = Shell::open(config, host, ready)?;
+    let (client, mut rx, pump) = shell.connect()?;
+    let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    while !shell.finished {
+        let events = tokio::select! {
+            _ = &mut shutdown => {
+                info!("shutdown requested; stopping");
+                break;
+            }
+            msg = rx.recv() => match msg {
+                Some(FromMqtt::Connected) => shell.on_connected(&client).await?,
+                Some(FromMqtt::Subscribed) => shell.on_subscribed(),
+                Some(FromMqtt::Publish(p)) => shell.on_publish(p),
+                Some(FromMqtt::Error(e)) => {
+                    warn!(error = %e, "MQTT connection error; reconnecting");
+                    Vec::new()
+                }
+                None => return Err(RunError::Mqtt("event loop ended".into())),
+            },
+            _ = ticker.tick() => shell.on_tick(),
+        };
+        shell.handle(events, &client).await?;
+        shell.ack(&client).await?;
     }
-    let enrolment = match &config.security.enrolled_keys {
-        Some(path) => {
+    // Let queued publishes (the final global adapter and the "done" announcement) reach the
+    // broker before disconnecting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = client.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pump.abort();
+    let report = shell.write_report()?;
+    Ok(Outcome {
+        report,
+        finished: shell.finished,
+        broker: shell.broker_addr,
+    })
+}
+
+/// The main loop's state.
+struct Shell {
+    config: Config,
+    host: Box<dyn ModelHost>,
+    machine: RoundMachine,
+    inbox: Inbox,
+    outbox: Outbox,
+    info: RunInfo,
+    ckpt_path: PathBuf,
+    global_path: PathBuf,
+    broker_addr: SocketAddr,
+    /// `mqtt` or `mqtts`, for the ready line.
+    scheme: &'static str,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    /// Subscribed once: later subscriptions are reconnections.
+    started: bool,
+    /// Events that arrived before the first subscription completed.
+    pending: Vec<Event>,
+    /// Messages handled (or queued in `pending`) but not yet acknowledged to the broker.
+    unacked: Vec<rumqttc::Publish>,
+    finished: bool,
+}
+
+impl Shell {
+    /// Reads the keys, resumes or starts the machine, starts the embedded broker if configured.
+    fn open(
+        config: Config,
+        mut host: Box<dyn ModelHost>,
+        ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    ) -> Result<Shell, RunError> {
+        let rules = rules(&config, host.as_ref());
+        let signing_key = match &config.security.signing_key {
+            Some(path) => {
+                let key =
+                    fedpeft_protocol::sign::read_signing_key(path).map_err(KeysError::from)?;
+                info!(key = %path.display(), public_key = %fedpeft_protocol::sign::public_key_hex(&key.verifying_key()),
+                      "signing global adapters and announcements");
+                Some(key)
+            }
+            None => None,
+        };
+        let mut inbox = Inbox::new(
+            config.fleet.clone(),
+            config.run_id,
+            config.max_update_bytes,
+            config.round_timeout_ms,
+        );
+        if let Some(path) = &config.security.enrolled_keys {
             let e = Enrolment::read(path)?;
             info!(file = %path.display(), clients = e.len(), "enrolment: joins, statuses and updates must be signed");
-            Some(e)
+            inbox = inbox.with_enrolment(e);
         }
-        None => None,
-    };
-    let transport = match &config.broker.tls {
-        Some(files) => Some(crate::tls::transport(files)?),
-        None => None,
-    };
-    let ckpt_path = config.output_dir.join("aggregator.ckpt");
-    let global_path = config.output_dir.join(GLOBAL_ADAPTER_FILE);
-    std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Report {
-        dir: config.output_dir.clone(),
-        source,
-    })?;
-    let kind = &config.strategy;
-    let resumed = if config.resume {
-        checkpoint::load(&ckpt_path)?
+        std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Report {
+            dir: config.output_dir.clone(),
+            source,
+        })?;
+        let ckpt_path = config.output_dir.join("aggregator.ckpt");
+        let outbox = Outbox::new(
+            config.fleet.clone(),
+            config.run_id,
+            signing_key,
+            config.max_payload_bytes,
+        );
+        let (machine, outbox) =
+            resume_or_start(&config, &rules, host.as_mut(), &ckpt_path, outbox)?;
+        let broker_addr = start_broker(&config)?;
+        Ok(Shell {
+            info: RunInfo {
+                fleet: config.fleet.to_string(),
+                peft: format!("{:?}", config.model.peft),
+                rounds_planned: config.rounds,
+                backbone_params: rules.backbone_params,
+            },
+            global_path: config.output_dir.join(GLOBAL_ADAPTER_FILE),
+            scheme: if config.broker.tls.is_some() {
+                "mqtts"
+            } else {
+                "mqtt"
+            },
+            config,
+            host,
+            machine,
+            inbox,
+            outbox,
+            ckpt_path,
+            broker_addr,
+            ready,
+            started: false,
+            pending: Vec::new(),
+            unacked: Vec::new(),
+            finished: false,
+        })
+    }
+
+    /// The MQTT client and the task that polls its event loop into a channel.
+    #[allow(clippy::type_complexity)]
+    fn connect(
+        &self,
+    ) -> Result<
+        (
+            AsyncClient,
+            mpsc::UnboundedReceiver<FromMqtt>,
+            tokio::task::JoinHandle<()>,
+        ),
+        RunError,
+    > {
+        let b = &self.config.broker;
+        let host = self.broker_addr.ip().to_string();
+        let host = match &b.target {
+            BrokerTarget::External { host, .. } => host.clone(),
+            BrokerTarget::Embedded { .. } => host,
+        };
+        let mut opts = MqttOptions::new(b.client_id.clone(), host, self.broker_addr.port());
+        opts.set_keep_alive(Duration::from_secs(b.keep_alive_secs));
+        // A persistent session: QoS 1 updates published while the aggregator is briefly away
+        // are kept by an external broker and delivered when it reconnects.
+        opts.set_clean_session(false);
+        // A message is acknowledged to the broker only once the machine has handled it and
+        // every action it caused (the checkpoint among them) is done: an aggregator that dies
+        // in between gets it again from an external broker's session when it restarts,
+        // instead of losing an update it had logged as accepted but not yet persisted.
+        opts.set_manual_acks(true);
+        opts.set_max_packet_size(b.max_packet_bytes, b.max_packet_bytes);
+        opts.set_inflight(100);
+        if let Some(files) = &b.tls {
+            opts.set_transport(crate::tls::transport(files)?);
+        }
+        if let Some((user, password)) = &b.credentials {
+            opts.set_credentials(user.clone(), password.0.clone());
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts, 4096);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pump = tokio::spawn(async move {
+            loop {
+                let msg = match eventloop.poll().await {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => FromMqtt::Connected,
+                    Ok(MqttEvent::Incoming(Packet::SubAck(_))) => FromMqtt::Subscribed,
+                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => FromMqtt::Publish(p),
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let _ = tx.send(FromMqtt::Error(e.to_string()));
+                        // rumqttc reconnects on the next poll; don't spin while the broker is
+                        // away.
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                if tx.send(msg).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok((client, rx, pump))
+    }
+
+    /// Connected (or reconnected): subscribe to the fleet's client topics.
+    async fn on_connected(&mut self, client: &AsyncClient) -> Result<Vec<Event>, RunError> {
+        info!(broker = %self.broker_addr, "connected to broker");
+        let filters: Vec<SubscribeFilter> = self
+            .inbox
+            .subscriptions()
+            .into_iter()
+            .map(|f| SubscribeFilter::new(f, rumqttc::QoS::AtLeastOnce))
+            .collect();
+        client
+            .subscribe_many(filters)
+            .await
+            .map_err(|e| RunError::Mqtt(e.to_string()))?;
+        Ok(Vec::new())
+    }
+
+    /// Subscribed: the run starts, or, after a lost connection, publishes its state again (the
+    /// broker may have restarted without its retained messages).
+    fn on_subscribed(&mut self) -> Vec<Event> {
+        if self.started {
+            return vec![Event::Reconnected];
+        }
+        self.started = true;
+        // Tests and scripts wait for this line before starting clients.
+        println!(
+            "aggregator ready: broker {}://{} fleet {} run {}",
+            self.scheme, self.broker_addr, self.config.fleet, self.config.run_id
+        );
+        if let Some(tx) = self.ready.take() {
+            let _ = tx.send(self.broker_addr);
+        }
+        let mut events = vec![Event::Start];
+        events.append(&mut self.pending);
+        events
+    }
+
+    /// A client's publish, decoded by the inbox; held until the run has started.
+    fn on_publish(&mut self, publish: rumqttc::Publish) -> Vec<Event> {
+        let ev = self
+            .inbox
+            .on_publish(&publish.topic, &publish.payload, now_ms());
+        if publish.qos != rumqttc::QoS::AtMostOnce {
+            self.unacked.push(publish);
+        }
+        match ev {
+            Some(ev) if self.started => vec![ev],
+            Some(ev) => {
+                self.pending.push(ev);
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Time passed: chunked updates that timed out, and the machine's deadline check.
+    fn on_tick(&mut self) -> Vec<Event> {
+        let mut events = self.inbox.expire(now_ms());
+        if self.started {
+            events.push(Event::Tick);
+        }
+        events
+    }
+
+    /// Feeds `events` to the machine, counting each client message in its round, and carries
+    /// out every action, including those that evaluations add.
+    async fn handle(&mut self, events: Vec<Event>, client: &AsyncClient) -> Result<(), RunError> {
+        let mut queue: VecDeque<Action> = VecDeque::new();
+        for ev in events {
+            if let Some((sender, bytes)) = ev.sender() {
+                let round = self.machine.accounting_round();
+                self.outbox.count_incoming(round, sender, bytes);
+            }
+            queue.extend(self.machine.on_event(ev, now_ms()));
+            while let Some(action) = queue.pop_front() {
+                queue.extend(self.carry_out(action, client).await?);
+            }
+        }
+        Ok(())
+    }
+
+    /// One action; returns the actions it caused (an evaluation's result).
+    async fn carry_out(
+        &mut self,
+        action: Action,
+        client: &AsyncClient,
+    ) -> Result<Vec<Action>, RunError> {
+        match action {
+            Action::Publish {
+                message,
+                round,
+                receivers,
+            } => self.publish(message, round, &receivers, client).await?,
+            Action::Checkpoint(state) => checkpoint::save(
+                &Saved {
+                    machine: *state,
+                    outbox: self.outbox.state().clone(),
+                },
+                &self.ckpt_path,
+            )?,
+            Action::Evaluate { round, adapter } => return self.evaluate(round, &adapter),
+            Action::RoundClosed(r) => {
+                self.print_round(&r);
+                self.write_report()?;
+            }
+            Action::Finished => self.finished = true,
+        }
+        Ok(Vec::new())
+    }
+
+    /// Seals and sends a message; a global adapter is also kept as the run's trained adapter.
+    async fn publish(
+        &mut self,
+        message: Outgoing,
+        round: u32,
+        receivers: &[String],
+        client: &AsyncClient,
+    ) -> Result<(), RunError> {
+        let global = matches!(message, Outgoing::Global(_));
+        let Some(sealed) = self.outbox.send(message, round, receivers) else {
+            return Ok(());
+        };
+        if global {
+            checkpoint::write_atomic(&self.global_path, &sealed.envelope).map_err(|source| {
+                RunError::Report {
+                    dir: self.config.output_dir.clone(),
+                    source,
+                }
+            })?;
+            tracing::debug!(bytes = sealed.envelope.len(), path = %self.global_path.display(), "global adapter saved");
+        }
+        for p in sealed.packets {
+            client
+                .publish(p.topic, rumqttc::QoS::AtLeastOnce, p.retain, p.payload)
+                .await
+                .map_err(|e| RunError::Mqtt(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn evaluate(
+        &mut self,
+        round: u32,
+        adapter: &crate::adapter::Adapter,
+    ) -> Result<Vec<Action>, RunError> {
+        let result = tokio::task::block_in_place(|| self.host.evaluate(adapter));
+        let actions = match result {
+            Ok(Some(e)) => self.machine.on_event(
+                Event::Evaluated {
+                    round,
+                    loss: e.loss,
+                    accuracy: e.accuracy,
+                },
+                now_ms(),
+            ),
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                error!(round, error = %e, "evaluation failed");
+                Vec::new()
+            }
+        };
+        self.write_report()?;
+        Ok(actions)
+    }
+
+    /// The progress line of a closed round.
+    fn print_round(&self, r: &crate::round::RoundRecord) {
+        // Evaluation ran just before this action: read it from the state.
+        let acc = self
+            .machine
+            .state()
+            .records
+            .iter()
+            .rev()
+            .find(|x| x.round == r.round)
+            .and_then(|x| x.eval_accuracy)
+            .map(|a| format!("{:.2}%", 100.0 * a))
+            .unwrap_or_else(|| "-".into());
+        let traffic = self.outbox.ledger().round(r.round);
+        println!(
+            "round {:>3} {:<6} acc {:>7} ok {:>3} failed {:>3} rejected {:>3} up {:>10} B down {:>10} B full-model {:>12} B {:>6.1} s",
+            r.round,
+            r.status,
+            acc,
+            r.clients_ok,
+            r.clients_failed,
+            r.rejected.values().sum::<u64>(),
+            traffic.up_bytes,
+            traffic.down_bytes,
+            r.full_model_fedavg_bytes,
+            r.duration_ms as f64 / 1000.0
+        );
+    }
+
+    /// Acknowledges what the last events' actions have made durable.
+    async fn ack(&mut self, client: &AsyncClient) -> Result<(), RunError> {
+        if !self.started {
+            return Ok(());
+        }
+        for publish in self.unacked.drain(..) {
+            client
+                .ack(&publish)
+                .await
+                .map_err(|e| RunError::Mqtt(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn write_report(&self) -> Result<Report, RunError> {
+        let report = crate::report::build(
+            self.machine.state(),
+            self.outbox.ledger(),
+            &self.info,
+            self.finished,
+        );
+        crate::report::write(&report, &self.config.output_dir).map_err(|source| {
+            RunError::Report {
+                dir: self.config.output_dir.clone(),
+                source,
+            }
+        })?;
+        Ok(report)
+    }
+}
+
+/// The machine and the outbox resumed from the checkpoint in the output folder, or a fresh run
+/// from the host's initial adapter.
+fn resume_or_start(
+    config: &Config,
+    rules: &Rules,
+    host: &mut dyn ModelHost,
+    ckpt_path: &std::path::Path,
+    outbox: Outbox,
+) -> Result<(RoundMachine, Outbox), RunError> {
+    let strategy =
+        || strategy::build_with(&config.strategy, config.dp.as_ref()).map_err(RestoreError::from);
+    let resumed: Option<Saved> = if config.resume {
+        checkpoint::load(ckpt_path)?
     } else {
         None
     };
-    let mut machine = match resumed {
-        Some(state) => {
-            info!(checkpoint = %ckpt_path.display(), global_round = state.global_round,
-                  accepted_updates = state.accepted_updates.len(), "resuming from checkpoint");
-            RoundMachine::restore(
-                rules.clone(),
-                strategy::build_with(kind, config.dp.as_ref()).map_err(RestoreError::from)?,
-                state,
-            )?
-        }
-        None => {
-            let initial = host.initial_adapter()?;
-            if initial.tensors.is_empty() {
-                return Err(RunError::EmptyAdapter);
-            }
-            RoundMachine::new(
-                rules.clone(),
-                strategy::build_with(kind, config.dp.as_ref()).map_err(RestoreError::from)?,
-                initial,
-            )
-        }
-    };
-    let info = RunInfo {
-        fleet: config.fleet.to_string(),
-        peft: format!("{:?}", config.model.peft),
-        rounds_planned: config.rounds,
-        backbone_params: rules.backbone_params,
-    };
+    if let Some(saved) = resumed {
+        let state = saved.machine;
+        info!(checkpoint = %ckpt_path.display(), global_round = state.global_round,
+              accepted_updates = state.accepted_updates.len(), "resuming from checkpoint");
+        let machine = RoundMachine::restore(rules.clone(), strategy()?, state)?;
+        return Ok((machine, outbox.with_state(saved.outbox)));
+    }
+    let initial = host.initial_adapter()?;
+    if initial.tensors.is_empty() {
+        return Err(RunError::EmptyAdapter);
+    }
+    Ok((
+        RoundMachine::new(rules.clone(), strategy()?, initial),
+        outbox,
+    ))
+}
 
+/// Starts the embedded broker if configured; the address to connect to.
+fn start_broker(config: &Config) -> Result<SocketAddr, RunError> {
     let (host_name, port) = match &config.broker.target {
         BrokerTarget::Embedded { host, port } => {
             let b = broker::start(host, *port, config.broker.max_packet_bytes)?;
@@ -194,240 +589,7 @@ pub async fn run(
         }
         BrokerTarget::External { host, port } => (host.clone(), *port),
     };
-    let broker_addr: SocketAddr = format!("{host_name}:{port}")
+    Ok(format!("{host_name}:{port}")
         .parse()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], port)));
-
-    let mut opts = MqttOptions::new(config.broker.client_id.clone(), host_name.clone(), port);
-    opts.set_keep_alive(Duration::from_secs(config.broker.keep_alive_secs));
-    // A persistent session: QoS 1 updates published while the aggregator is briefly away are
-    // kept by an external broker and delivered when it reconnects.
-    opts.set_clean_session(false);
-    // A message is acknowledged to the broker only once the machine has handled it and every
-    // action it caused (the checkpoint among them) is done: an aggregator that dies in between
-    // gets it again from an external broker's session when it restarts, instead of losing an
-    // update it had logged as accepted but not yet persisted.
-    opts.set_manual_acks(true);
-    opts.set_max_packet_size(
-        config.broker.max_packet_bytes,
-        config.broker.max_packet_bytes,
-    );
-    opts.set_inflight(100);
-    if let Some(t) = transport {
-        opts.set_transport(t);
-    }
-    if let Some((user, password)) = &config.broker.credentials {
-        opts.set_credentials(user.clone(), password.0.clone());
-    }
-    let scheme = if config.broker.tls.is_some() {
-        "mqtts"
-    } else {
-        "mqtt"
-    };
-    let (client, mut eventloop) = AsyncClient::new(opts, 4096);
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let pump = tokio::spawn(async move {
-        loop {
-            let msg = match eventloop.poll().await {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => FromMqtt::Connected,
-                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => FromMqtt::Subscribed,
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => FromMqtt::Publish(p),
-                Ok(_) => continue,
-                Err(e) => {
-                    let _ = tx.send(FromMqtt::Error(e.to_string()));
-                    // rumqttc reconnects on the next poll; don't spin while the broker is away.
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            };
-            if tx.send(msg).is_err() {
-                break;
-            }
-        }
-    });
-
-    let mut inbox = Inbox::new(
-        config.fleet.clone(),
-        config.run_id,
-        config.max_update_bytes,
-        config.round_timeout_ms,
-    );
-    if let Some(e) = enrolment {
-        inbox = inbox.with_enrolment(e);
-    }
-    let filters: Vec<SubscribeFilter> = inbox
-        .subscriptions()
-        .into_iter()
-        .map(|f| SubscribeFilter::new(f, rumqttc::QoS::AtLeastOnce))
-        .collect();
-    let mut started = false;
-    let mut pending: Vec<Event> = Vec::new();
-    // Messages handled (or queued in `pending`) but not yet acknowledged to the broker.
-    let mut unacked: Vec<rumqttc::Publish> = Vec::new();
-    let mut finished = false;
-    let mut ticker = tokio::time::interval(Duration::from_millis(200));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
-
-    loop {
-        let mut events: Vec<Event> = Vec::new();
-        tokio::select! {
-            _ = &mut shutdown => {
-                info!("shutdown requested; stopping");
-                break;
-            }
-            msg = rx.recv() => match msg {
-                Some(FromMqtt::Connected) => {
-                    info!(broker = %broker_addr, "connected to broker");
-                    client.subscribe_many(filters.clone()).await
-                        .map_err(|e| RunError::Mqtt(e.to_string()))?;
-                }
-                Some(FromMqtt::Subscribed) => {
-                    if started {
-                        // Back after a lost connection: the broker may have restarted without
-                        // its retained messages, so publish the current state again.
-                        events.push(Event::Reconnected);
-                    } else {
-                        started = true;
-                        // Tests and scripts wait for this line before starting clients.
-                        println!(
-                            "aggregator ready: broker {scheme}://{broker_addr} fleet {} run {}",
-                            config.fleet, config.run_id
-                        );
-                        if let Some(tx) = ready.take() {
-                            let _ = tx.send(broker_addr);
-                        }
-                        events.push(Event::Start);
-                        events.append(&mut pending);
-                    }
-                }
-                Some(FromMqtt::Publish(publish)) => {
-                    let ev = inbox.on_publish(&publish.topic, &publish.payload, now_ms());
-                    if publish.qos != rumqttc::QoS::AtMostOnce {
-                        unacked.push(publish);
-                    }
-                    if let Some(ev) = ev {
-                        if started { events.push(ev) } else { pending.push(ev) }
-                    }
-                }
-                Some(FromMqtt::Error(e)) => warn!(error = %e, "MQTT connection error; reconnecting"),
-                None => return Err(RunError::Mqtt("event loop ended".into())),
-            },
-            _ = ticker.tick() => {
-                events.extend(inbox.expire(now_ms()));
-                if started {
-                    events.push(Event::Tick);
-                }
-            }
-        }
-        let mut queue: VecDeque<Action> = VecDeque::new();
-        for ev in events {
-            queue.extend(machine.on_event(ev, now_ms()));
-            while let Some(action) = queue.pop_front() {
-                match action {
-                    Action::Publish {
-                        topic,
-                        payload,
-                        retain,
-                        qos: _,
-                    } => {
-                        client
-                            .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
-                            .await
-                            .map_err(|e| RunError::Mqtt(e.to_string()))?;
-                    }
-                    Action::Checkpoint(state) => checkpoint::save(&state, &ckpt_path)?,
-                    Action::SaveGlobal { round, payload } => {
-                        checkpoint::write_atomic(&global_path, &payload).map_err(|source| {
-                            RunError::Report {
-                                dir: config.output_dir.clone(),
-                                source,
-                            }
-                        })?;
-                        tracing::debug!(round, bytes = payload.len(), path = %global_path.display(), "global adapter saved");
-                    }
-                    Action::Evaluate { round, adapter } => {
-                        let result = tokio::task::block_in_place(|| host.evaluate(&adapter));
-                        match result {
-                            Ok(Some(e)) => queue.extend(machine.on_event(
-                                Event::Evaluated {
-                                    round,
-                                    loss: e.loss,
-                                    accuracy: e.accuracy,
-                                },
-                                now_ms(),
-                            )),
-                            Ok(None) => {}
-                            Err(e) => error!(round, error = %e, "evaluation failed"),
-                        }
-                        write_report(&machine, &info, &config, false)?;
-                    }
-                    Action::RoundClosed(r) => {
-                        // Evaluation ran just before this action: read it from the state.
-                        let acc = machine
-                            .state()
-                            .records
-                            .iter()
-                            .rev()
-                            .find(|x| x.round == r.round)
-                            .and_then(|x| x.eval_accuracy)
-                            .map(|a| format!("{:.2}%", 100.0 * a))
-                            .unwrap_or_else(|| "-".into());
-                        println!(
-                            "round {:>3} {:<6} acc {:>7} ok {:>3} failed {:>3} rejected {:>3} up {:>10} B down {:>10} B full-model {:>12} B {:>6.1} s",
-                            r.round,
-                            r.status,
-                            acc,
-                            r.clients_ok,
-                            r.clients_failed,
-                            r.rejected.values().sum::<u64>(),
-                            r.traffic.up_bytes,
-                            r.traffic.down_bytes,
-                            r.full_model_fedavg_bytes,
-                            r.duration_ms as f64 / 1000.0
-                        );
-                        write_report(&machine, &info, &config, false)?;
-                    }
-                    Action::Finished => finished = true,
-                }
-            }
-        }
-        if started {
-            for publish in unacked.drain(..) {
-                client
-                    .ack(&publish)
-                    .await
-                    .map_err(|e| RunError::Mqtt(e.to_string()))?;
-            }
-        }
-        if finished {
-            break;
-        }
-    }
-    // Let queued publishes (the final global adapter and the "done" announcement) reach the
-    // broker before disconnecting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = client.disconnect().await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    pump.abort();
-    let report = write_report(&machine, &info, &config, finished)?;
-    Ok(Outcome {
-        report,
-        finished,
-        broker: broker_addr,
-    })
-}
-
-fn write_report(
-    machine: &RoundMachine,
-    info: &RunInfo,
-    config: &Config,
-    finished: bool,
-) -> Result<Report, RunError> {
-    let report = crate::report::build(machine.state(), info, finished);
-    crate::report::write(&report, &config.output_dir).map_err(|source| RunError::Report {
-        dir: config.output_dir.clone(),
-        source,
-    })?;
-    Ok(report)
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], port))))
 }

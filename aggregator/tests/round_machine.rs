@@ -2,6 +2,7 @@
 
 use fedpeft_aggregator::adapter::{Adapter, Tensor};
 use fedpeft_aggregator::checkpoint;
+use fedpeft_aggregator::outbox::{Outbox, Outgoing, Packet};
 use fedpeft_aggregator::round::{
     Action, DecodeFailure, Event, JoinInfo, MachineState, Phase, QuorumFailure, RejectReason,
     RoundMachine, Rules, is_run_done,
@@ -42,7 +43,6 @@ fn rules(rounds: u32, min_clients: usize, quorum: usize) -> Rules {
             seed: 0,
         },
         max_update_bytes: 10_000,
-        max_payload_bytes: 1 << 20,
         max_update_norm: None,
         adaptive_norm_multiple: None,
         dp_sample_rate: None,
@@ -51,7 +51,6 @@ fn rules(rounds: u32, min_clients: usize, quorum: usize) -> Rules {
         backbone_id: Some("bb".into()),
         backbone_sha256: None,
         peft: Some(PeftMethod::Head),
-        signing_key: None,
         global_dtype: DType::F32,
     }
 }
@@ -129,16 +128,36 @@ fn offline(c: &str) -> Event {
     }
 }
 
-fn decoded(actions: &[Action]) -> Vec<(String, Message)> {
+/// The packets the actions publish, as the shell's outbox seals them (unchunked, unsigned).
+fn packets(actions: &[Action]) -> Vec<Packet> {
+    let mut outbox = Outbox::new(FleetName::new("test").unwrap(), 7, None, 1 << 20);
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Publish { topic, payload, .. } => {
-                Some((topic.clone(), Envelope::decode(payload).unwrap().message))
-            }
+            Action::Publish {
+                message,
+                round,
+                receivers,
+            } => outbox.send(message.clone(), *round, receivers),
             _ => None,
         })
+        .flat_map(|sealed| sealed.packets)
         .collect()
+}
+
+fn decoded(actions: &[Action]) -> Vec<(String, Message)> {
+    packets(actions)
+        .into_iter()
+        .map(|p| (p.topic, Envelope::decode(&p.payload).unwrap().message))
+        .collect()
+}
+
+/// Feeds `ev` as the shell does: its bytes counted in the machine's accounting round first.
+fn fed(m: &mut RoundMachine, outbox: &mut Outbox, ev: Event, now: u64) -> Vec<Action> {
+    if let Some((client, bytes)) = ev.sender() {
+        outbox.count_incoming(m.accounting_round(), client, bytes);
+    }
+    m.on_event(ev, now)
 }
 
 fn rejected(m: &RoundMachine, reason: RejectReason) -> u64 {
@@ -183,10 +202,30 @@ fn round_starts_once_min_clients_joined_with_global_then_announce() {
 
 #[test]
 fn round_closes_when_all_sampled_replied_with_weighted_fedavg() {
-    let mut m = started(1, 3);
-    m.on_event(update("a", 1, 0, 10, [1.0, 0.0], 0.0), T0 + 1);
-    m.on_event(update("b", 1, 0, 30, [0.0, 4.0], 1.0), T0 + 2);
-    let acts = m.on_event(update("c", 1, 0, 60, [0.0, 0.0], -1.0), T0 + 3);
+    let mut m = machine(1, 3, 3);
+    let mut outbox = Outbox::new(FleetName::new("test").unwrap(), 7, None, 1 << 20);
+    fed(&mut m, &mut outbox, Event::Start, T0);
+    for c in ["a", "b", "c"] {
+        fed(&mut m, &mut outbox, join(c, 10), T0);
+    }
+    fed(
+        &mut m,
+        &mut outbox,
+        update("a", 1, 0, 10, [1.0, 0.0], 0.0),
+        T0 + 1,
+    );
+    fed(
+        &mut m,
+        &mut outbox,
+        update("b", 1, 0, 30, [0.0, 4.0], 1.0),
+        T0 + 2,
+    );
+    let acts = fed(
+        &mut m,
+        &mut outbox,
+        update("c", 1, 0, 60, [0.0, 0.0], -1.0),
+        T0 + 3,
+    );
     // w = [1, -1] + (10·[1,0] + 30·[0,4]) / 100 = [1.1, 0.2]; b = 0.5 + (30 − 60)/100 = 0.2.
     let g = &m.state().global;
     assert_eq!(
@@ -211,7 +250,8 @@ fn round_closes_when_all_sampled_replied_with_weighted_fedavg() {
         (rec.status.as_str(), rec.clients_ok, rec.clients_failed),
         ("ok", 3, 0)
     );
-    assert_eq!(rec.traffic.up_bytes, 3 * 50 + 3 * 100);
+    // The joins before round 1 and the updates count in round 1.
+    assert_eq!(outbox.ledger().round(1).up_bytes, 3 * 50 + 3 * 100);
     assert_eq!(rec.full_model_fedavg_bytes, 1000 * 4 * 2 * 3);
     assert_eq!(rec.train_loss, Some(1.0));
     assert!(m.is_done());
@@ -551,18 +591,18 @@ fn corrupt_checkpoint_is_an_error_naming_the_file_and_keeps_the_previous_one() {
     let mut bad = good.clone();
     let last = bad.len() - 1;
     bad[last] ^= 0x40;
-    let err = checkpoint::from_bytes(&bad, &path).unwrap_err();
+    let err = checkpoint::from_bytes::<MachineState>(&bad, &path).unwrap_err();
     assert!(err.to_string().contains("agg.ckpt"), "{err}");
     assert!(err.to_string().contains("corrupt"), "{err}");
     std::fs::write(&path, &good[..20]).unwrap();
     assert!(
-        checkpoint::load(&path)
+        checkpoint::load::<MachineState>(&path)
             .unwrap_err()
             .to_string()
             .contains("agg.ckpt")
     );
     assert!(
-        checkpoint::load(&dir.path().join("none"))
+        checkpoint::load::<MachineState>(&dir.path().join("none"))
             .unwrap()
             .is_none()
     );
@@ -679,7 +719,6 @@ fn client_level_dp_through_the_machine_reports_epsilon_and_a_restart_keeps_it() 
                 let mut r = r.clone();
                 r.duration_ms = resumed.state().records[r.round as usize].duration_ms;
                 r.started_unix_ms = resumed.state().records[r.round as usize].started_unix_ms;
-                r.traffic = resumed.state().records[r.round as usize].traffic;
                 r
             })
             .collect::<Vec<_>>()
@@ -741,7 +780,7 @@ fn the_dp_sgd_epsilon_clients_state_is_recorded_per_round_and_reported_per_clien
         rounds_planned: 2,
         backbone_params: 1000,
     };
-    let report = fedpeft_aggregator::report::build(m.state(), &info, true);
+    let report = fedpeft_aggregator::report::build(m.state(), &Default::default(), &info, true);
     let local = report.local_dp.as_ref().expect("clients stated an epsilon");
     assert_eq!(
         local
@@ -763,7 +802,8 @@ fn the_dp_sgd_epsilon_clients_state_is_recorded_per_round_and_reported_per_clien
             .contains("ε median 2.000, largest 3.000, over 3 clients")
     );
     // Without DP-SGD there is nothing to report.
-    let plain = fedpeft_aggregator::report::build(started(1, 3).state(), &info, false);
+    let plain =
+        fedpeft_aggregator::report::build(started(1, 3).state(), &Default::default(), &info, false);
     assert!(plain.local_dp.is_none());
 }
 
@@ -796,7 +836,15 @@ fn durable_mode_checkpoints_joins_and_round_starts_before_announcing_and_republi
         .expect("round start checkpointed");
     let announce = second
         .iter()
-        .position(|a| matches!(a, Action::Publish { topic, .. } if topic.ends_with("/round")))
+        .position(|a| {
+            matches!(
+                a,
+                Action::Publish {
+                    message: Outgoing::Announce(_),
+                    ..
+                }
+            )
+        })
         .expect("round announced");
     assert!(
         ckpt < announce,
@@ -838,18 +886,18 @@ fn durable_mode_checkpoints_joins_and_round_starts_before_announcing_and_republi
 
 /// The global adapters a list of actions published, decoded to f32.
 fn published_globals(actions: &[Action]) -> Vec<(u32, Vec<Vec<f32>>, usize)> {
-    actions
+    packets(actions)
         .iter()
-        .filter_map(|a| match a {
-            Action::Publish { payload, .. } => match Envelope::decode(payload).unwrap().message {
+        .filter_map(|p| {
+            let payload = &p.payload;
+            match Envelope::decode(payload).unwrap().message {
                 Message::GlobalAdapter(g) => Some((
                     g.round,
                     g.tensors.iter().map(|t| t.to_f32()).collect(),
                     payload.len(),
                 )),
                 _ => None,
-            },
-            _ => None,
+            }
         })
         .collect()
 }

@@ -1,0 +1,200 @@
+//! Outgoing messages: what the round machine decided to publish → MQTT packets, and the byte
+//! ledger. The mirror of [`crate::wire::Inbox`].
+//!
+//! The machine speaks in domain messages ([`Outgoing`]: the global adapter, a round
+//! announcement, the "run done" marker). The [`Outbox`] wraps each in an envelope of the run,
+//! seals it (signs it when the run has a key), chunks it above the payload limit, names its
+//! topic, and counts every packet in the [`Ledger`]: per client, per round, up and down. It does
+//! no I/O: the shell sends the [`Packet`]s it returns.
+
+use fedpeft_protocol::{
+    EncodeError, Envelope, FleetName, GlobalAdapter, QoS, RoundAnnounce, SigningKey, Topic,
+    TopicKind,
+};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::accounting::{Ledger, wire_size};
+
+/// A message the round machine publishes, before it is sealed and named.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    /// The global adapter (retained; chunked on `global/{n}` above the payload limit).
+    Global(GlobalAdapter),
+    /// A round's announcement (retained).
+    Announce(RoundAnnounce),
+    /// The run is over: the announcement clients exit on ([`RoundAnnounce::is_run_done`]'s
+    /// form), on the round topic.
+    RunDone(RoundAnnounce),
+}
+
+impl Outgoing {
+    /// The envelope's round.
+    fn round(&self) -> u32 {
+        match self {
+            Outgoing::Global(g) => g.round,
+            Outgoing::Announce(a) | Outgoing::RunDone(a) => a.round,
+        }
+    }
+}
+
+/// One MQTT PUBLISH to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packet {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    pub qos: QoS,
+}
+
+/// What the outbox keeps across a restart (checkpointed beside the machine state).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutboxState {
+    pub ledger: Ledger,
+    /// Message id of the next chunked publish.
+    pub next_message_id: u32,
+}
+
+/// Turns [`Outgoing`] messages into packets and counts them.
+#[derive(Debug)]
+pub struct Outbox {
+    fleet: FleetName,
+    run_id: u64,
+    signing_key: Option<SigningKey>,
+    max_payload_bytes: usize,
+    state: OutboxState,
+}
+
+/// A sealed message: its packets and the whole envelope (what a client reassembles).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sealed {
+    pub envelope: Vec<u8>,
+    pub packets: Vec<Packet>,
+}
+
+impl Outbox {
+    pub fn new(
+        fleet: FleetName,
+        run_id: u64,
+        signing_key: Option<SigningKey>,
+        max_payload_bytes: usize,
+    ) -> Outbox {
+        Outbox {
+            fleet,
+            run_id,
+            signing_key,
+            max_payload_bytes,
+            state: OutboxState::default(),
+        }
+    }
+
+    /// Continues from a checkpointed state.
+    pub fn with_state(mut self, state: OutboxState) -> Outbox {
+        self.state = state;
+        self
+    }
+
+    pub fn state(&self) -> &OutboxState {
+        &self.state
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.state.ledger
+    }
+
+    /// A client's message of `wire_bytes` arrived; it counts in `round`.
+    pub fn count_incoming(&mut self, round: u32, client: &str, wire_bytes: u64) {
+        self.state.ledger.client_up(round, client, wire_bytes);
+    }
+
+    /// Seals `message` into packets and counts them in `round`, each delivered by the broker
+    /// to every one of `receivers`. `None` (logged) if it cannot be encoded or chunked: the
+    /// global adapter is built by strategies that refuse non-finite values, so that means a
+    /// tensor too large for the wire format, and there is nothing sensible to send.
+    pub fn send(&mut self, message: Outgoing, round: u32, receivers: &[String]) -> Option<Sealed> {
+        let what = match &message {
+            Outgoing::Global(_) => "global adapter",
+            Outgoing::Announce(_) => "round announcement",
+            Outgoing::RunDone(_) => "final announcement",
+        };
+        let sealed = self.seal(message).map_err(|e| e.to_string());
+        let sealed = sealed.and_then(|(envelope, kind, header_round)| {
+            let packets = self.packets(kind, header_round, &envelope)?;
+            Ok(Sealed { envelope, packets })
+        });
+        match sealed {
+            Ok(sealed) => {
+                for p in &sealed.packets {
+                    let bytes = wire_size(&p.topic, p.payload.len(), p.qos);
+                    self.state.ledger.aggregator_publish(
+                        round,
+                        bytes,
+                        receivers.iter().map(String::as_str),
+                    );
+                }
+                Some(sealed)
+            }
+            Err(e) => {
+                warn!(round, error = %e, "{what} cannot be sent");
+                None
+            }
+        }
+    }
+
+    /// The whole envelope, signed when the run has a key, and the topic kind it goes on.
+    fn seal(&self, message: Outgoing) -> Result<(Vec<u8>, Option<TopicKind>, u32), EncodeError> {
+        let round = message.round();
+        let (envelope, kind) = match message {
+            Outgoing::Global(g) => (Envelope::new(self.run_id, round, g), None),
+            Outgoing::Announce(a) | Outgoing::RunDone(a) => {
+                (Envelope::new(self.run_id, round, a), Some(TopicKind::Round))
+            }
+        };
+        let bytes = match &self.signing_key {
+            Some(key) => envelope.encode_signed(&self.fleet, key)?,
+            None => envelope.encode()?,
+        };
+        Ok((bytes, kind, round))
+    }
+
+    /// The packets of one envelope: announcements go whole on the round topic; the global
+    /// adapter whole on `global`, or in chunks on `global/{n}` above the payload limit.
+    fn packets(
+        &mut self,
+        kind: Option<TopicKind>,
+        round: u32,
+        envelope: &[u8],
+    ) -> Result<Vec<Packet>, String> {
+        if let Some(kind) = kind {
+            return Ok(vec![self.packet(kind, envelope.to_vec())]);
+        }
+        let id = self.state.next_message_id;
+        self.state.next_message_id = id.wrapping_add(1);
+        let parts = fedpeft_protocol::chunk::split(
+            envelope,
+            self.max_payload_bytes,
+            self.run_id,
+            round,
+            id,
+        )
+        .map_err(|e| format!("cannot be chunked: {e}"))?;
+        if parts.len() == 1 {
+            return Ok(vec![self.packet(TopicKind::Global, envelope.to_vec())]);
+        }
+        Ok(parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, part)| self.packet(TopicKind::GlobalChunk(i as u32), part))
+            .collect())
+    }
+
+    fn packet(&self, kind: TopicKind, payload: Vec<u8>) -> Packet {
+        let topic = Topic::new(self.fleet.clone(), kind);
+        Packet {
+            topic: topic.to_topic_string().to_string(),
+            payload,
+            retain: topic.retain(),
+            qos: topic.qos(),
+        }
+    }
+}

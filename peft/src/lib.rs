@@ -3,8 +3,9 @@
 //!
 //! Module map:
 //! - [`real`]: the scalar trait (`f32` for training, `f64` for gradient checks).
-//! - [`params`]: every tensor of a tail by stable name ([`ParamStore`]), gradients, and the
-//!   wire form of trainable tensors ([`NamedTensor`]).
+//! - [`params`]: every tensor of a tail by stable name ([`ParamStore`]), gradients, the
+//!   [`ParamSlot`]s an optimizer updates, and the wire form of trainable tensors
+//!   ([`NamedTensor`]).
 //! - [`layers`]: forward/backward of linear (+LoRA), folded BatchNorm, ReLU6, GELU, LayerNorm,
 //!   multi-head attention, poolings and softmax cross-entropy.
 //! - [`method`]: PEFT methods (`head`, `bias`, `lora`, `adapter`, `prompt`, `full-tail`) and
@@ -59,8 +60,8 @@ pub use method::{
     AdapterConfig, Family, HeadInit, LoraConfig, LoraTarget, Method, PeftConfig, PromptConfig,
     TransformerSpec,
 };
-pub use optim::{AdamW, ClipGradNorm, FedProx, Optimizer, ParamSlot, Sgd};
-pub use params::{Grads, NamedTensor, ParamStore};
+pub use optim::{AdamW, ClipGradNorm, FedProx, Optimizer, Sgd};
+pub use params::{Grads, NamedTensor, ParamSlot, ParamStore};
 pub use real::Real;
 pub use tail::{Batch, PeftTail};
 pub use weights::FrozenWeights;

@@ -259,6 +259,18 @@ impl<T: Real> Grads<T> {
     }
 }
 
+/// One trainable tensor during an optimizer step: its name, its values and its gradient,
+/// borrowed from a [`ParamStore`] and its [`Grads`].
+#[derive(Debug)]
+pub struct ParamSlot<'a> {
+    /// Stable tensor name.
+    pub name: &'a str,
+    /// Values, updated in place.
+    pub value: &'a mut [f32],
+    /// Gradient of the loss; wrappers may modify it before the update.
+    pub grad: &'a mut [f32],
+}
+
 /// A named tensor as it travels on the wire: name, shape, flat row-major f32 values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedTensor {
@@ -315,16 +327,13 @@ pub(crate) fn array_from_f32<T: Real>(
 
 impl ParamStore<f32> {
     /// Pairs each trainable tensor with its gradient, in stable order, for an optimizer.
-    pub(crate) fn slots<'a>(
-        &'a mut self,
-        grads: &'a mut Grads<f32>,
-    ) -> Vec<crate::optim::ParamSlot<'a>> {
+    pub(crate) fn slots<'a>(&'a mut self, grads: &'a mut Grads<f32>) -> Vec<ParamSlot<'a>> {
         self.params
             .iter_mut()
             .zip(grads.slots.iter_mut())
             .filter_map(|(p, g)| {
                 let g = g.as_mut()?;
-                Some(crate::optim::ParamSlot {
+                Some(ParamSlot {
                     name: p.name.as_str(),
                     value: p.value.as_slice_mut().expect("standard layout"),
                     grad: g.as_slice_mut().expect("standard layout"),

@@ -286,15 +286,7 @@ impl NamedTensor {
     /// Builds a tensor, checking that the values fill the shape.
     pub fn new(name: impl Into<String>, shape: Vec<usize>, values: Vec<f32>) -> Result<Self> {
         let name = name.into();
-        let expected: usize = shape.iter().product();
-        if expected != values.len() {
-            return Err(PeftError::Length {
-                name,
-                shape,
-                expected,
-                got: values.len(),
-            });
-        }
+        check_len(&name, &shape, values.len())?;
         Ok(Self {
             name,
             shape,
@@ -303,21 +295,27 @@ impl NamedTensor {
     }
 }
 
+/// Checks that `got` values fill `shape`: a [`PeftError::Length`] naming `name` if not.
+pub(crate) fn check_len(name: &str, shape: &[usize], got: usize) -> Result<()> {
+    let expected: usize = shape.iter().product();
+    if expected != got {
+        return Err(PeftError::Length {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            expected,
+            got,
+        });
+    }
+    Ok(())
+}
+
 /// Converts an f32 slice with a shape into an `ArrayD<T>`, checking the length.
 pub(crate) fn array_from_f32<T: Real>(
     name: &str,
     shape: &[usize],
     data: &[f32],
 ) -> Result<ArrayD<T>> {
-    let expected: usize = shape.iter().product();
-    if expected != data.len() {
-        return Err(PeftError::Length {
-            name: name.to_string(),
-            shape: shape.to_vec(),
-            expected,
-            got: data.len(),
-        });
-    }
+    check_len(name, shape, data.len())?;
     Ok(ArrayD::from_shape_vec(
         IxDyn(shape),
         data.iter().map(|&x| T::lit(x as f64)).collect(),

@@ -13,7 +13,7 @@ use crate::error::{PeftError, Result};
 use crate::layers;
 use crate::method::{Family, PeftConfig};
 use crate::optim::Optimizer;
-use crate::params::{Grads, NamedTensor};
+use crate::params::{Grads, NamedTensor, check_len};
 use crate::weights::FrozenWeights;
 
 /// What one training step did.
@@ -224,15 +224,7 @@ impl Tail for PeftTail<f32> {
                     got: t.shape.clone(),
                 });
             }
-            let expected: usize = shape.iter().product();
-            if t.values.len() != expected {
-                return Err(PeftError::Length {
-                    name: t.name.clone(),
-                    shape: shape.to_vec(),
-                    expected,
-                    got: t.values.len(),
-                });
-            }
+            check_len(&t.name, shape, t.values.len())?;
             if !seen.insert(id) {
                 return Err(PeftError::Config {
                     field: t.name.clone(),

@@ -9,17 +9,8 @@ use std::collections::HashMap;
 
 use crate::error::{PeftError, Result};
 use crate::params::NamedTensor;
-
-/// One trainable tensor during an optimizer step.
-#[derive(Debug)]
-pub struct ParamSlot<'a> {
-    /// Stable tensor name.
-    pub name: &'a str,
-    /// Values, updated in place.
-    pub value: &'a mut [f32],
-    /// Gradient of the loss; wrappers may modify it before the update.
-    pub grad: &'a mut [f32],
-}
+// Defined in `params`, next to the store that lends the slots out; kept here as well.
+pub use crate::params::ParamSlot;
 
 /// An optimizer: updates parameters in place from their gradients.
 pub trait Optimizer: std::fmt::Debug + Send {

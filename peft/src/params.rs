@@ -259,6 +259,18 @@ impl<T: Real> Grads<T> {
     }
 }
 
+/// One trainable tensor during an optimizer step: its name, its values and its gradient,
+/// borrowed from a [`ParamStore`] and its [`Grads`].
+#[derive(Debug)]
+pub struct ParamSlot<'a> {
+    /// Stable tensor name.
+    pub name: &'a str,
+    /// Values, updated in place.
+    pub value: &'a mut [f32],
+    /// Gradient of the loss; wrappers may modify it before the update.
+    pub grad: &'a mut [f32],
+}
+
 /// A named tensor as it travels on the wire: name, shape, flat row-major f32 values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedTensor {
@@ -274,15 +286,7 @@ impl NamedTensor {
     /// Builds a tensor, checking that the values fill the shape.
     pub fn new(name: impl Into<String>, shape: Vec<usize>, values: Vec<f32>) -> Result<Self> {
         let name = name.into();
-        let expected: usize = shape.iter().product();
-        if expected != values.len() {
-            return Err(PeftError::Length {
-                name,
-                shape,
-                expected,
-                got: values.len(),
-            });
-        }
+        check_len(&name, &shape, values.len())?;
         Ok(Self {
             name,
             shape,
@@ -291,21 +295,27 @@ impl NamedTensor {
     }
 }
 
+/// Checks that `got` values fill `shape`: a [`PeftError::Length`] naming `name` if not.
+pub(crate) fn check_len(name: &str, shape: &[usize], got: usize) -> Result<()> {
+    let expected: usize = shape.iter().product();
+    if expected != got {
+        return Err(PeftError::Length {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            expected,
+            got,
+        });
+    }
+    Ok(())
+}
+
 /// Converts an f32 slice with a shape into an `ArrayD<T>`, checking the length.
 pub(crate) fn array_from_f32<T: Real>(
     name: &str,
     shape: &[usize],
     data: &[f32],
 ) -> Result<ArrayD<T>> {
-    let expected: usize = shape.iter().product();
-    if expected != data.len() {
-        return Err(PeftError::Length {
-            name: name.to_string(),
-            shape: shape.to_vec(),
-            expected,
-            got: data.len(),
-        });
-    }
+    check_len(name, shape, data.len())?;
     Ok(ArrayD::from_shape_vec(
         IxDyn(shape),
         data.iter().map(|&x| T::lit(x as f64)).collect(),
@@ -315,16 +325,13 @@ pub(crate) fn array_from_f32<T: Real>(
 
 impl ParamStore<f32> {
     /// Pairs each trainable tensor with its gradient, in stable order, for an optimizer.
-    pub(crate) fn slots<'a>(
-        &'a mut self,
-        grads: &'a mut Grads<f32>,
-    ) -> Vec<crate::optim::ParamSlot<'a>> {
+    pub(crate) fn slots<'a>(&'a mut self, grads: &'a mut Grads<f32>) -> Vec<ParamSlot<'a>> {
         self.params
             .iter_mut()
             .zip(grads.slots.iter_mut())
             .filter_map(|(p, g)| {
                 let g = g.as_mut()?;
-                Some(crate::optim::ParamSlot {
+                Some(ParamSlot {
                     name: p.name.as_str(),
                     value: p.value.as_slice_mut().expect("standard layout"),
                     grad: g.as_slice_mut().expect("standard layout"),

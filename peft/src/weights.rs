@@ -7,7 +7,7 @@ use ndarray::ArrayD;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{PeftError, Result};
-use crate::params::array_from_f32;
+use crate::params::{array_from_f32, check_len};
 use crate::real::Real;
 
 /// Frozen f32 tensors by name (PyTorch layout, row-major).
@@ -21,15 +21,7 @@ impl FrozenWeights {
     /// An in-memory map `name → (shape, values)`.
     pub fn from_map(tensors: HashMap<String, (Vec<usize>, Vec<f32>)>) -> Result<Self> {
         for (name, (shape, values)) in &tensors {
-            let expected: usize = shape.iter().product();
-            if expected != values.len() {
-                return Err(PeftError::Length {
-                    name: name.clone(),
-                    shape: shape.clone(),
-                    expected,
-                    got: values.len(),
-                });
-            }
+            check_len(name, shape, values.len())?;
         }
         Ok(Self {
             tensors,

@@ -21,266 +21,27 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fedpeft_protocol::{
-    ClientId, ClientState, ClientUpdate, Codec, DType, FleetName, GlobalAdapter, LocalConfig,
-    PeftMethod, RoundAnnounce, Sampling, SplitMix64,
+    ClientId, ClientState, ClientUpdate, Codec, DType, GlobalAdapter, RoundAnnounce, Sampling,
+    SplitMix64,
 };
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub use fedpeft_config::report::{
     FailReason, RejectReason, RobustRecord, RoundRecord, RoundStatus,
 };
 
+mod admission;
+mod sampling;
+mod types;
+
+use sampling::GLOBAL_ROUNDING_STREAM;
+pub use sampling::{is_run_done, round_seed, sample_clients};
+pub use types::*;
+
 use crate::accounting::{Traffic, full_model_round_bytes};
-use crate::adapter::{Adapter, Tensor, first_non_finite};
+use crate::adapter::Adapter;
 use crate::outbox::Outgoing;
-use crate::strategy::{Accumulator, Strategy, StrategyError, StrategyState, bound_norm, median_of};
-
-/// An update the decoder could not turn into a [`ClientUpdate`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct DecodeFailure {
-    pub reason: RejectReason,
-    /// The round from the envelope header, when it was readable.
-    pub round: Option<u32>,
-    pub detail: String,
-}
-
-/// What a joining client says about itself.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JoinInfo {
-    pub num_examples: u64,
-    pub backbone_id: String,
-    pub backbone_sha256: [u8; 32],
-    pub peft: PeftMethod,
-}
-
-/// Something that happened, as the shell saw it. `wire_bytes` is the MQTT packet size(s).
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// The shell is connected and ready: (re)publish the current state.
-    Start,
-    /// The shell's broker connection came back (the broker may have restarted and lost its
-    /// retained messages): publish the global adapter and the open round's announcement again,
-    /// unchanged; deadlines stay where they were.
-    Reconnected,
-    /// A Join message.
-    Joined {
-        client: ClientId,
-        info: JoinInfo,
-        wire_bytes: u64,
-    },
-    /// A Status message (the last will arrives as `Offline`).
-    Status {
-        client: ClientId,
-        state: ClientState,
-        wire_bytes: u64,
-    },
-    /// A ClientUpdate on `update/{topic_client}`, decoded, or the reason it could not be.
-    Update {
-        topic_client: ClientId,
-        update: Box<Result<ClientUpdate, DecodeFailure>>,
-        wire_bytes: u64,
-    },
-    /// A Join or Status that was refused before it reached the machine (signature checks):
-    /// logged and counted, nothing else changes.
-    Refused {
-        /// The client the message names (unauthenticated).
-        client: String,
-        /// `join` or `status`.
-        kind: &'static str,
-        reason: RejectReason,
-        detail: String,
-        wire_bytes: u64,
-    },
-    /// The shell evaluated the global adapter of `round` on the held-out set.
-    Evaluated {
-        round: u32,
-        loss: f64,
-        accuracy: f64,
-    },
-    /// Time passed (deadlines are checked on every event, this just guarantees one).
-    Tick,
-}
-
-impl Event {
-    /// The client a message event names and its size on the wire: the bytes the shell counts
-    /// in the [`RoundMachine::accounting_round`]. `None` for events that are not messages.
-    pub fn sender(&self) -> Option<(&str, u64)> {
-        match self {
-            Event::Joined {
-                client, wire_bytes, ..
-            }
-            | Event::Status {
-                client, wire_bytes, ..
-            } => Some((client.as_str(), *wire_bytes)),
-            Event::Update {
-                topic_client,
-                wire_bytes,
-                ..
-            } => Some((topic_client.as_str(), *wire_bytes)),
-            Event::Refused {
-                client, wire_bytes, ..
-            } => Some((client.as_str(), *wire_bytes)),
-            _ => None,
-        }
-    }
-}
-
-/// What the shell must do, in order.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// Publish `message` (the shell's [`crate::outbox::Outbox`] seals, chunks and names it),
-    /// counting its bytes in `round`, delivered by the broker to each of `receivers` (the
-    /// clients subscribed: joined and online).
-    Publish {
-        message: Outgoing,
-        round: u32,
-        receivers: Vec<String>,
-    },
-    /// Write this state atomically as the checkpoint.
-    Checkpoint(Box<MachineState>),
-    /// Evaluate this adapter (the global after `round`) and send back [`Event::Evaluated`].
-    Evaluate { round: u32, adapter: Adapter },
-    /// A round closed (ok or failed): its record, for progress display.
-    RoundClosed(Box<RoundRecord>),
-    /// The run is over: the shell may shut down.
-    Finished,
-}
-
-/// What to do when a round's deadline passes with fewer than `quorum` accepted updates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub enum QuorumFailure {
-    /// Record the round as failed, keep the global adapter, go on with the next round.
-    Skip,
-    /// Keep the accepted updates and extend the deadline by one round timeout, at most
-    /// `max_extensions` times; then skip.
-    Extend { max_extensions: u32 },
-}
-
-/// The rules of a run (the validated config's round part).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rules {
-    pub run_id: u64,
-    pub fleet: FleetName,
-    /// Rounds to run (numbered 1..=rounds; the initial adapter is round 0).
-    pub rounds: u32,
-    /// Clients that must have joined before a round starts, and the fewest sampled.
-    pub min_clients: usize,
-    /// Clients that must have joined before round 1 starts (at least `min_clients`), so the
-    /// first round is sampled from the whole fleet rather than from the first to connect.
-    pub start_clients: usize,
-    /// Fraction of available clients sampled each round (at least `min_clients`).
-    pub fraction: f64,
-    /// Accepted updates needed to aggregate at the deadline.
-    pub quorum: usize,
-    pub round_timeout_ms: u64,
-    pub on_quorum_failure: QuorumFailure,
-    /// Seed of client sampling (and of each round's announced seed).
-    pub seed: u64,
-    /// Local training instructions (the seed is replaced per round).
-    pub local: LocalConfig,
-    /// Largest accepted update on the wire, bytes (all chunks together).
-    pub max_update_bytes: u64,
-    /// Optional L2 bound on each client delta (scaled down to it). With client-level DP this is
-    /// the DP clip norm S. With `adaptive_norm_multiple`, the bound of round 1 (or none).
-    pub max_update_norm: Option<f64>,
-    /// Adaptive bound: round r's bound is this multiple of the median norm of the updates
-    /// accepted in the last round that had any (before bounding); see README "Robust
-    /// aggregation and client-level DP".
-    pub adaptive_norm_multiple: Option<f64>,
-    /// Client-level DP's assumed client sampling rate q: a round that samples a larger share of
-    /// the available clients is logged as a warning (the reported ε would understate).
-    pub dp_sample_rate: Option<f64>,
-    /// Parameters of the whole backbone, for the full-model FedAvg comparison.
-    pub backbone_params: u64,
-    /// Also checkpoint after every accepted update (not only at round close), so a restarted
-    /// aggregator loses no accepted update of the open round.
-    pub checkpoint_every_update: bool,
-    /// Joins must match these (when set).
-    pub backbone_id: Option<String>,
-    pub backbone_sha256: Option<[u8; 32]>,
-    pub peft: Option<PeftMethod>,
-    /// Encoding of the published global adapter. With f16 or int8 the aggregator adopts the
-    /// decoded value as its global, so it and every client hold bit-identical adapters.
-    pub global_dtype: DType,
-}
-
-/// A client as the aggregator knows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ClientInfo {
-    pub num_examples: u64,
-    pub online: bool,
-    /// Highest sequence accepted from this client.
-    pub last_sequence: Option<u32>,
-}
-
-/// Where the run is.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-// One Phase per aggregator: the size of its open-round variant costs nothing.
-#[allow(clippy::large_enum_variant)]
-pub enum Phase {
-    /// Waiting for `min_clients` to be available before announcing `next_round`.
-    Waiting { next_round: u32 },
-    /// Round `round` is open.
-    Collecting(OpenRound),
-    /// All rounds done.
-    Done,
-}
-
-/// The open round.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OpenRound {
-    pub round: u32,
-    pub started_unix_ms: u64,
-    pub deadline_unix_ms: u64,
-    pub extensions: u32,
-    pub sampled: BTreeSet<String>,
-    /// Sampled clients whose update was accepted, with (sequence, num_examples).
-    pub accepted: BTreeMap<String, (u32, u64)>,
-    /// Sampled clients that failed (went offline, or sent a rejected update).
-    pub failed: BTreeMap<String, FailReason>,
-    pub rejected: BTreeMap<RejectReason, u64>,
-    pub acc: Accumulator,
-    /// The L2 bound applied to this round's deltas (fixed, adaptive or the DP clip norm).
-    pub norm_bound: Option<f64>,
-    /// Accepted clients in fold order, with their delta's L2 norm before bounding.
-    pub arrival: Vec<(String, f64)>,
-    /// Accepted clients whose delta was scaled down to `norm_bound`.
-    pub clipped: Vec<String>,
-    /// Σ nᵢ·lossᵢ, Σ nᵢ·accuracyᵢ and Σ nᵢ of the clients' training metrics.
-    pub train_loss_sum: f64,
-    pub train_acc_sum: f64,
-    pub train_weight: f64,
-    /// Accepted clients' own sample-level DP-SGD ε (their accountant, over every step they have
-    /// taken), as their updates stated it.
-    pub local_dp_epsilon: BTreeMap<String, f64>,
-}
-
-/// Everything the machine knows: what a checkpoint holds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MachineState {
-    pub run_id: u64,
-    pub strategy: String,
-    pub global: Adapter,
-    /// Round that produced `global` (0 = initial).
-    pub global_round: u32,
-    pub phase: Phase,
-    pub clients: BTreeMap<String, ClientInfo>,
-    /// Every accepted (client, round, sequence), so a redelivery after a restart stays a duplicate.
-    pub accepted_updates: BTreeSet<(String, u32, u32)>,
-    pub strategy_state: StrategyState,
-    pub rejected_total: BTreeMap<RejectReason, u64>,
-    /// Round rows of the report (their traffic is the outbox's ledger's).
-    pub records: Vec<RoundRecord>,
-    /// Median pre-bound norm of the last round with accepted updates (the adaptive bound's
-    /// reference).
-    pub last_median_norm: Option<f64>,
-    /// Deltas scaled down to the norm bound over the whole run.
-    pub clipped_total: u64,
-}
+use crate::strategy::{Strategy, bound_norm, median_of};
 
 /// The round state machine.
 #[derive(Debug)]
@@ -288,17 +49,6 @@ pub struct RoundMachine {
     rules: Rules,
     strategy: Box<dyn Strategy>,
     s: MachineState,
-}
-
-/// A checkpoint that does not belong to this run's configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    #[error("checkpoint is for run {found}, the config says run {expected}")]
-    RunMismatch { expected: u64, found: u64 },
-    #[error("checkpoint used strategy `{found}`, the config says `{expected}`")]
-    StrategyMismatch { expected: String, found: String },
-    #[error(transparent)]
-    Strategy(#[from] StrategyError),
 }
 
 impl RoundMachine {
@@ -592,14 +342,6 @@ impl RoundMachine {
         }
     }
 
-    fn current_round(&self) -> (Option<u32>, u32) {
-        match &self.s.phase {
-            Phase::Collecting(open) => (Some(open.round), open.round.saturating_sub(1)),
-            Phase::Waiting { next_round } => (None, next_round.saturating_sub(1)),
-            Phase::Done => (None, self.rules.rounds),
-        }
-    }
-
     fn on_update(
         &mut self,
         topic_client: ClientId,
@@ -609,126 +351,28 @@ impl RoundMachine {
         out: &mut Vec<Action>,
     ) {
         let client = topic_client.as_str().to_string();
-        let (open_round, last_closed) = self.current_round();
-        let update = match update {
-            Ok(u) => u,
+        let checked = match &update {
+            Ok(u) => admission::admit(&self.s, &self.rules, &topic_client, u, wire_bytes),
             Err(f) => {
-                let round = f.round.or(open_round).unwrap_or(last_closed);
-                self.reject(&client, round, f.reason, &f.detail, now, out);
-                return;
+                let (open_round, last_closed) =
+                    admission::current_round(&self.s, self.rules.rounds);
+                Err(admission::Refusal {
+                    reason: f.reason,
+                    round: f.round.or(open_round).unwrap_or(last_closed),
+                    detail: f.detail.clone(),
+                })
             }
         };
+        let (update, mut delta) = match (update, checked) {
+            (Ok(u), Ok(delta)) => (u, delta),
+            (_, Err(r)) => {
+                self.reject(&client, r.round, r.reason, &r.detail, now, out);
+                return;
+            }
+            (Err(_), Ok(_)) => unreachable!("an undecodable update is never admitted"),
+        };
         let round = update.round;
-        if wire_bytes > self.rules.max_update_bytes {
-            let detail = format!(
-                "{wire_bytes} bytes on the wire, limit {}",
-                self.rules.max_update_bytes
-            );
-            self.reject(&client, round, RejectReason::Oversized, &detail, now, out);
-            return;
-        }
-        if update.client != topic_client {
-            let detail = format!("body names client `{}`", update.client);
-            self.reject(
-                &client,
-                round,
-                RejectReason::ClientMismatch,
-                &detail,
-                now,
-                out,
-            );
-            return;
-        }
-        let Some(info) = self.s.clients.get(&client) else {
-            self.reject(
-                &client,
-                round,
-                RejectReason::UnknownClient,
-                "never joined",
-                now,
-                out,
-            );
-            return;
-        };
         let key = (client.clone(), round, update.sequence);
-        if self.s.accepted_updates.contains(&key) {
-            let detail = format!("sequence {} already accepted (redelivery)", update.sequence);
-            self.reject(&client, round, RejectReason::Duplicate, &detail, now, out);
-            return;
-        }
-        let Some(open) = open_round else {
-            let reason = if round == last_closed && round > 0 {
-                RejectReason::Late
-            } else if round <= last_closed {
-                RejectReason::Stale
-            } else {
-                RejectReason::FutureRound
-            };
-            self.reject(&client, round, reason, "no round open", now, out);
-            return;
-        };
-        if round != open {
-            let (reason, detail) = if round > open {
-                (RejectReason::FutureRound, format!("round {open} is open"))
-            } else if round + 1 == open {
-                (
-                    RejectReason::Late,
-                    format!("round {round} closed; round {open} is open"),
-                )
-            } else {
-                (RejectReason::Stale, format!("round {open} is open"))
-            };
-            self.reject(&client, round, reason, &detail, now, out);
-            return;
-        }
-        if let Some(last) = info.last_sequence
-            && update.sequence <= last
-        {
-            let detail = format!(
-                "sequence {} not after the last accepted {last}",
-                update.sequence
-            );
-            self.reject(&client, round, RejectReason::Stale, &detail, now, out);
-            return;
-        }
-        let Phase::Collecting(o) = &self.s.phase else {
-            return;
-        };
-        if !o.sampled.contains(&client) {
-            self.reject(&client, round, RejectReason::NotSampled, "", now, out);
-            return;
-        }
-        if let Some((seq, _)) = o.accepted.get(&client) {
-            let detail = format!("already accepted sequence {seq} this round");
-            self.reject(&client, round, RejectReason::Duplicate, &detail, now, out);
-            return;
-        }
-        // Decode to dense f32 and check the layout against the global adapter.
-        let mut delta: Vec<Tensor> = update
-            .tensors
-            .iter()
-            .map(|t| Tensor {
-                name: t.name().to_string(),
-                shape: t.shape().to_vec(),
-                data: t.to_f32(),
-            })
-            .collect();
-        if let Err(e) = self.s.global.check_layout(&delta) {
-            self.reject(
-                &client,
-                round,
-                RejectReason::WrongShape,
-                &e.to_string(),
-                now,
-                out,
-            );
-            return;
-        }
-        if let Some((tensor, index)) = first_non_finite(&delta) {
-            let detail = format!("tensor `{tensor}` value #{index}");
-            self.reject(&client, round, RejectReason::NonFinite, &detail, now, out);
-            return;
-        }
         let Phase::Collecting(o) = &mut self.s.phase else {
             return;
         };
@@ -1171,41 +815,4 @@ impl RoundMachine {
         let msg = self.announce_message(round, 0, Vec::new());
         self.publish(Outgoing::RunDone(msg), round, out);
     }
-}
-
-/// The "run done" announcement: a [`RoundAnnounce`] for round `rounds + 1` with
-/// `deadline_unix_ms == 0` and an empty client list. Clients exit when they see it.
-pub fn is_run_done(a: &RoundAnnounce) -> bool {
-    a.deadline_unix_ms == 0 && matches!(&a.sampling, Sampling::Clients(c) if c.is_empty())
-}
-
-/// Mixed into a round's seed for the global adapter's stochastic rounding (so it is not the
-/// stream the clients use for their updates).
-const GLOBAL_ROUNDING_STREAM: u64 = 0x6c0b_a1ad_a97e_0001;
-
-/// The seed announced for `round` (local shuffling, stochastic rounding).
-pub fn round_seed(seed: u64, round: u32) -> u64 {
-    SplitMix64::new(seed ^ (u64::from(round) << 32)).next_u64()
-}
-
-/// Samples `max(min_clients, ⌈fraction·n⌉)` of `available` (capped at n), reproducibly from
-/// `(seed, round)`. Returned sorted.
-pub fn sample_clients(
-    available: &[String],
-    fraction: f64,
-    min_clients: usize,
-    seed: u64,
-    round: u32,
-) -> Vec<String> {
-    let n = available.len();
-    let k = ((fraction * n as f64).ceil() as usize)
-        .max(min_clients)
-        .min(n);
-    let mut rng = StdRng::seed_from_u64(round_seed(seed, round));
-    let mut picked: Vec<String> = rand::seq::index::sample(&mut rng, n, k)
-        .into_iter()
-        .map(|i| available[i].clone())
-        .collect();
-    picked.sort();
-    picked
 }

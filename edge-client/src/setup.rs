@@ -261,6 +261,27 @@ fn per_class(labels: &[u32], shard: &[usize], classes: usize) -> Vec<usize> {
     per_class
 }
 
+/// The local activations are there: how many, their shape, where they came from. A text
+/// trunk's sequence length is logged with them.
+fn log_activations_ready(
+    features: &Features,
+    max_seq_len: Option<usize>,
+    from_cache: bool,
+    shared: bool,
+    start: Instant,
+) {
+    tracing::info!(
+        examples = features.len(),
+        row_shape = ?features.row_shape(),
+        max_seq_len,
+        from_cache,
+        in_memory = features.in_memory(),
+        shared,
+        ms = start.elapsed().as_millis() as u64,
+        "trunk activations ready"
+    );
+}
+
 /// A trainer ready to run, before the tail is attached: activations, masks, labels.
 struct LocalData {
     features: Arc<Features>,
@@ -323,15 +344,7 @@ fn image_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupE
     } else {
         features
     };
-    tracing::info!(
-        examples = features.len(),
-        row_shape = ?features.row_shape(),
-        from_cache = trunk.is_none(),
-        in_memory = features.in_memory(),
-        shared = cfg.cache_shared,
-        ms = start.elapsed().as_millis() as u64,
-        "trunk activations ready"
-    );
+    log_activations_ready(&features, None, trunk.is_none(), cfg.cache_shared, start);
     Ok(LocalData {
         features,
         masks: None,
@@ -404,15 +417,12 @@ fn text_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupEr
     } else {
         (acts.features, acts.masks)
     };
-    tracing::info!(
-        examples = features.len(),
-        row_shape = ?features.row_shape(),
-        max_seq_len = pre.max_len,
-        from_cache = trunk.is_none(),
-        in_memory = features.in_memory(),
-        shared = cfg.cache_shared,
-        ms = start.elapsed().as_millis() as u64,
-        "trunk activations ready"
+    log_activations_ready(
+        &features,
+        Some(pre.max_len),
+        trunk.is_none(),
+        cfg.cache_shared,
+        start,
     );
     Ok(LocalData {
         features,

@@ -1,19 +1,24 @@
 //! fedpeft edge client: trains a PEFT tail on local data and publishes compact updates over MQTT.
 //!
 //! Module map (pure logic first, I/O last):
-//! - [`config`]: TOML file + CLI flags, validated into an [`config::EdgeConfig`]; reconnect backoff.
+//! - [`config`]: the TOML file (`fedpeft_config::edge::EdgeFile`) + CLI flags ([`config::Cli`]),
+//!   validated table by table into an [`config::EdgeConfig`]; reconnect backoff.
 //! - [`types`]: the client's view of a round: f32 tensors, training plan, trained update.
 //! - [`session`]: the round protocol as a pure state machine (`on_event -> Vec<Action>`).
-//! - [`wire`]: topics, decoding, chunk reassembly, update encoding (dtype, top-k with error
-//!   feedback) and chunking, on the protocol crate. Pure as well.
+//! - [`wire`]: topics and the client's codec state; [`wire::decode`]: incoming publishes to
+//!   session events (chunk reassembly, run and signature checks); [`wire::encode`]: outgoing
+//!   messages to sealed, chunked packets (update dtype, top-k with error feedback). Pure as well.
 //! - [`trainer`]: the [`trainer::LocalTrainer`] trait and [`trainer::TailTrainer`], a PEFT tail
 //!   trained on cached trunk activations.
-//! - [`setup`]: config -> backbone, data shard, cached trunk activations, PEFT tail.
+//! - [`setup`]: config -> backbone, data shard, cached trunk activations, PEFT tail (the method
+//!   from `fedpeft_backbone::peft_method`, shared with the aggregator).
 //! - [`accounting`]: bytes up and down per round, MQTT framing included.
 //! - [`tls`]: the rustls configuration for an `mqtts://` broker (CA file, optional client
 //!   certificate); signing keys and the aggregator's public key come from [`config`] and are
 //!   used by [`wire`] (signed envelopes, `docs/protocol.md`).
-//! - [`client`]: the async shell (tokio + rumqttc) that runs a session: [`client::run`].
+//! - [`client`]: the async shell (tokio + rumqttc) that runs a session: [`client::run`] drives
+//!   an event-loop struct with one method per kind of event; the MQTT event loop is polled in a
+//!   task of its own (reconnect backoff, emulated dropout).
 
 pub mod accounting;
 pub mod client;

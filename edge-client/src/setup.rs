@@ -24,12 +24,10 @@ use fedpeft_backbone::{
     Runtime, TextPreprocess, Trunk, TrunkConfig, TrunkInput, open_trunk, partition,
     text_activations,
 };
-use fedpeft_peft::{
-    AdapterConfig, FrozenWeights, LoraConfig, Method, PeftConfig, PromptConfig, TransformerSpec,
-};
+use fedpeft_peft::{FrozenWeights, PeftConfig, TransformerSpec};
 use fedpeft_protocol::{Capabilities, DType, PeftMethod};
 
-use crate::config::{EdgeConfig, PartitionKind, PeftChoice, RuntimeChoice};
+use crate::config::{EdgeConfig, PartitionKind, RuntimeChoice};
 use crate::trainer::TailTrainer;
 
 /// Why local training could not be prepared. Each names the file, field or step.
@@ -78,38 +76,6 @@ pub struct LocalSetup {
     pub capabilities: Capabilities,
     /// Samples per class in this client's shard.
     pub per_class: Vec<usize>,
-}
-
-/// The protocol's name for a PEFT method.
-pub fn peft_to_wire(p: PeftChoice) -> PeftMethod {
-    match p {
-        PeftChoice::Head => PeftMethod::Head,
-        PeftChoice::Bias => PeftMethod::Bias,
-        PeftChoice::Lora { rank, alpha } => PeftMethod::Lora { rank, alpha },
-        PeftChoice::Adapter { bottleneck } => PeftMethod::Adapter { bottleneck },
-        PeftChoice::Prompt { tokens } => PeftMethod::Prompt { tokens },
-        PeftChoice::FullTail => PeftMethod::FullTail,
-    }
-}
-
-/// The peft crate's method for a configured choice.
-pub fn peft_method(p: PeftChoice) -> Method {
-    match p {
-        PeftChoice::Head => Method::Head,
-        PeftChoice::Bias => Method::Bias,
-        PeftChoice::Lora { rank, alpha } => Method::Lora(LoraConfig {
-            rank: usize::from(rank),
-            alpha: f64::from(alpha),
-            ..LoraConfig::default()
-        }),
-        PeftChoice::Adapter { bottleneck } => Method::Adapter(AdapterConfig {
-            bottleneck: usize::from(bottleneck),
-        }),
-        PeftChoice::Prompt { tokens } => Method::Prompt(PromptConfig {
-            tokens: usize::from(tokens),
-        }),
-        PeftChoice::FullTail => Method::FullTail,
-    }
 }
 
 fn load_images(cfg: &EdgeConfig) -> Result<ImageDataset, SetupError> {
@@ -176,8 +142,8 @@ pub fn check_compatible(cfg: &EdgeConfig, backbone: &Backbone) -> Result<(), Set
         });
     }
     let blocks_only = match cfg.peft {
-        PeftChoice::Adapter { .. } => Some("adapter"),
-        PeftChoice::Prompt { .. } => Some("prompt"),
+        PeftMethod::Adapter { .. } => Some("adapter"),
+        PeftMethod::Prompt { .. } => Some("prompt"),
         _ => None,
     };
     if let Some(method) = blocks_only
@@ -295,6 +261,27 @@ fn per_class(labels: &[u32], shard: &[usize], classes: usize) -> Vec<usize> {
     per_class
 }
 
+/// The local activations are there: how many, their shape, where they came from. A text
+/// trunk's sequence length is logged with them.
+fn log_activations_ready(
+    features: &Features,
+    max_seq_len: Option<usize>,
+    from_cache: bool,
+    shared: bool,
+    start: Instant,
+) {
+    tracing::info!(
+        examples = features.len(),
+        row_shape = ?features.row_shape(),
+        max_seq_len,
+        from_cache,
+        in_memory = features.in_memory(),
+        shared,
+        ms = start.elapsed().as_millis() as u64,
+        "trunk activations ready"
+    );
+}
+
 /// A trainer ready to run, before the tail is attached: activations, masks, labels.
 struct LocalData {
     features: Arc<Features>,
@@ -357,15 +344,7 @@ fn image_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupE
     } else {
         features
     };
-    tracing::info!(
-        examples = features.len(),
-        row_shape = ?features.row_shape(),
-        from_cache = trunk.is_none(),
-        in_memory = features.in_memory(),
-        shared = cfg.cache_shared,
-        ms = start.elapsed().as_millis() as u64,
-        "trunk activations ready"
-    );
+    log_activations_ready(&features, None, trunk.is_none(), cfg.cache_shared, start);
     Ok(LocalData {
         features,
         masks: None,
@@ -438,15 +417,12 @@ fn text_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupEr
     } else {
         (acts.features, acts.masks)
     };
-    tracing::info!(
-        examples = features.len(),
-        row_shape = ?features.row_shape(),
-        max_seq_len = pre.max_len,
-        from_cache = trunk.is_none(),
-        in_memory = features.in_memory(),
-        shared = cfg.cache_shared,
-        ms = start.elapsed().as_millis() as u64,
-        "trunk activations ready"
+    log_activations_ready(
+        &features,
+        Some(pre.max_len),
+        trunk.is_none(),
+        cfg.cache_shared,
+        start,
     );
     Ok(LocalData {
         features,
@@ -477,7 +453,7 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
             path: tail_path.clone(),
             source,
         })?;
-    let method = peft_method(cfg.peft);
+    let method = fedpeft_backbone::peft_method(cfg.peft);
     let seed = cfg.data.seed ^ (cfg.data.index as u64).rotate_left(29);
     let tail = fedpeft_peft::build_tail(
         family,
@@ -518,7 +494,7 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
         capabilities: Capabilities {
             backbone_id,
             backbone_sha256: sha,
-            peft: peft_to_wire(cfg.peft),
+            peft: cfg.peft,
             accepted_dtypes,
             max_packet_size: cfg.max_packet_bytes as u32,
         },

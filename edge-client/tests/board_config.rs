@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use clap::Parser;
-use fedpeft_edge::config::{Cli, EdgeConfig, PeftChoice, RuntimeChoice};
+use fedpeft_edge::config::{Cli, EdgeConfig, RuntimeChoice};
+use fedpeft_protocol::PeftMethod;
 
 #[test]
 fn the_bundled_example_config_is_valid_once_installed() {
@@ -36,7 +37,7 @@ fn the_bundled_example_config_is_valid_once_installed() {
         Path::new("/usr/local/share/fedpeft/models/efficientnet-lite0")
     );
     assert_eq!(cfg.runtime, RuntimeChoice::Auto);
-    assert!(matches!(cfg.peft, PeftChoice::Lora { rank: 8, .. }));
+    assert!(matches!(cfg.peft, PeftMethod::Lora { rank: 8, .. }));
     assert_eq!(cfg.data.max_examples, Some(500));
     // The unit's CacheDirectory= and StateDirectory=: the only writable places it has.
     assert_eq!(cfg.cache_dir, Path::new("/var/cache/fedpeft"));

@@ -147,6 +147,16 @@ pub struct RoundAnnounce {
     pub config: LocalConfig,
 }
 
+impl RoundAnnounce {
+    /// Whether this is the aggregator's "run is done" marker: no deadline
+    /// (`deadline_unix_ms == 0`) and nobody sampled (`Sampling::Clients([])`). The aggregator
+    /// publishes it (retained) for round `rounds + 1`; clients exit cleanly when they see it.
+    /// Nobody sampled with a real deadline is only a round everyone sits out.
+    pub fn is_run_done(&self) -> bool {
+        self.deadline_unix_ms == 0 && matches!(&self.sampling, Sampling::Clients(c) if c.is_empty())
+    }
+}
+
 /// The aggregated adapter after `round` (published retained); round 0 is the initial one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GlobalAdapter {
@@ -420,3 +430,43 @@ from_body!(
     Status,
     Chunk
 );
+
+#[cfg(test)]
+mod tests {
+    use alloc::vec;
+
+    use super::*;
+
+    fn announce(deadline_unix_ms: u64, sampling: Sampling) -> RoundAnnounce {
+        RoundAnnounce {
+            round: 9,
+            deadline_unix_ms,
+            sampling,
+            config: LocalConfig {
+                epochs: 1,
+                batch_size: 8,
+                learning_rate: 0.1,
+                optimizer: Optimizer::Sgd {
+                    momentum: 0.0,
+                    weight_decay: 0.0,
+                },
+                fedprox_mu: 0.0,
+                dp_sgd: None,
+                update_dtype: DType::F32,
+                top_k_fraction: None,
+                seed: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn no_deadline_and_nobody_sampled_is_the_run_done_marker() {
+        assert!(announce(0, Sampling::Clients(vec![])).is_run_done());
+        // Nobody sampled with a real deadline is a round everyone sits out.
+        assert!(!announce(5, Sampling::Clients(vec![])).is_run_done());
+        let one = vec![ClientId::new("c1").unwrap()];
+        assert!(!announce(0, Sampling::Clients(one)).is_run_done());
+        assert!(!announce(0, Sampling::All).is_run_done());
+        assert!(!announce(0, Sampling::Rate(0.0)).is_run_done());
+    }
+}

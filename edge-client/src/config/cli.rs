@@ -1,0 +1,147 @@
+//! The command line of `edge-client`: flags that override the config file's settings, and the
+//! subcommands.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use super::{PartitionKind, RuntimeChoice};
+
+/// Command-line flags of `edge-client`. Each overrides the same setting of the config file.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "edge-client",
+    version,
+    about = "fedpeft edge client: trains a PEFT tail on local data and publishes compact updates over MQTT"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// TOML config file.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Broker URL, mqtt://host[:port] or mqtts://host[:port] (TLS).
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// mqtts: PEM file of the CA the broker's certificate chains to.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// mqtts: PEM client certificate (with --client-key).
+    #[arg(long)]
+    pub client_cert: Option<PathBuf>,
+    /// mqtts: PEM private key of --client-cert.
+    #[arg(long)]
+    pub client_key: Option<PathBuf>,
+    /// MQTT username.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// File whose first line is the MQTT password (a password is never a flag).
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// Secret key file: sign Join, Status and updates (`edge-client keygen`).
+    #[arg(long)]
+    pub signing_key: Option<PathBuf>,
+    /// The aggregator's public key (64 hex digits): refuse unsigned or forged global adapters
+    /// and round announcements.
+    #[arg(long)]
+    pub aggregator_key: Option<String>,
+    /// Fleet name.
+    #[arg(long)]
+    pub fleet: Option<String>,
+    /// This client's id.
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// Run id (must match the aggregator's).
+    #[arg(long)]
+    pub run_id: Option<u64>,
+    /// Folder with the backbone manifest.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Trunk runtime.
+    #[arg(long, value_enum)]
+    pub runtime: Option<RuntimeChoice>,
+    /// PEFT method (head, bias, lora, adapter, prompt, full-tail).
+    #[arg(long)]
+    pub peft: Option<String>,
+    /// Image side for a vision trunk.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Samples per trunk batch while filling the activation cache (default 16).
+    #[arg(long)]
+    pub trunk_batch: Option<usize>,
+    /// Tokens per text for a text trunk (default: the manifest's max_len).
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// LoRA rank.
+    #[arg(long)]
+    pub lora_rank: Option<u16>,
+    /// LoRA alpha.
+    #[arg(long)]
+    pub lora_alpha: Option<f32>,
+    /// Adapter bottleneck width.
+    #[arg(long)]
+    pub bottleneck: Option<u16>,
+    /// Prompt tokens.
+    #[arg(long)]
+    pub prompt_tokens: Option<u16>,
+    /// Threads for the trunk runtime (0 = runtime default).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Data set name.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Data set folder.
+    #[arg(long)]
+    pub data_root: Option<PathBuf>,
+    /// Partition kind.
+    #[arg(long, value_enum)]
+    pub partition: Option<PartitionKind>,
+    /// Dirichlet alpha.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Number of clients the data set is split across.
+    #[arg(long)]
+    pub num_clients: Option<usize>,
+    /// This client's shard index.
+    #[arg(long)]
+    pub client_index: Option<usize>,
+    /// Partition seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep at most this many local examples.
+    #[arg(long)]
+    pub max_examples: Option<usize>,
+    /// Activation cache folder.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Cache the whole data set's activations in one entry shared by the fleet (`[cache] shared`).
+    #[arg(long)]
+    pub cache_shared: bool,
+    /// Largest MQTT packet, bytes.
+    #[arg(long)]
+    pub max_packet_bytes: Option<usize>,
+    /// JSON summary file written at exit.
+    #[arg(long)]
+    pub summary_json: Option<PathBuf>,
+    /// Emulated dropout: probability of vanishing mid-round in a sampled round (`[faults] dropout`).
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Seconds a client that vanished stays away (`[faults] dropout_offline_secs`).
+    #[arg(long)]
+    pub dropout_offline_secs: Option<f64>,
+    /// Emulated straggler: hold each finished update this many seconds (`[faults] straggle_secs`).
+    #[arg(long)]
+    pub straggle_secs: Option<f64>,
+}
+
+/// `edge-client` subcommands (none: run the client).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Generate an Ed25519 key pair: writes the secret key to a new owner-only file and prints
+    /// the public key (enrol it with the aggregator under this client's id).
+    Keygen {
+        /// Secret key file to create (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}

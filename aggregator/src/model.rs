@@ -16,10 +16,7 @@ use fedpeft_backbone::{
     ActivationCache, Backbone, CacheConfig, CacheKey, Features, ImagePreprocess, TextPreprocess,
     Trunk, TrunkConfig, TrunkInput, open_trunk, text_activations,
 };
-use fedpeft_peft::{
-    AdapterConfig, Batch, FrozenWeights, LoraConfig, Method, NamedTensor, PeftConfig, PromptConfig,
-    Tail, TransformerSpec,
-};
+use fedpeft_peft::{Batch, FrozenWeights, NamedTensor, PeftConfig, Tail, TransformerSpec};
 use fedpeft_protocol::PeftMethod;
 
 use crate::adapter::{Adapter, Tensor};
@@ -84,26 +81,6 @@ pub const DEFAULT_FROZEN_BUDGET: usize = 512 << 20;
 
 fn err(dir: &Path, what: &str, e: impl std::fmt::Display) -> HostError {
     HostError::Model(format!("backbone {}: {what}: {e}", dir.display()))
-}
-
-/// The peft crate's method for a protocol PEFT method.
-pub fn peft_method(p: PeftMethod) -> Method {
-    match p {
-        PeftMethod::Head => Method::Head,
-        PeftMethod::Bias => Method::Bias,
-        PeftMethod::Lora { rank, alpha } => Method::Lora(LoraConfig {
-            rank: usize::from(rank),
-            alpha: f64::from(alpha),
-            ..LoraConfig::default()
-        }),
-        PeftMethod::Adapter { bottleneck } => Method::Adapter(AdapterConfig {
-            bottleneck: usize::from(bottleneck),
-        }),
-        PeftMethod::Prompt { tokens } => Method::Prompt(PromptConfig {
-            tokens: usize::from(tokens),
-        }),
-        PeftMethod::FullTail => Method::FullTail,
-    }
 }
 
 impl BackboneHost {
@@ -240,7 +217,7 @@ impl BackboneHost {
         let tail = fedpeft_peft::build_tail(
             family,
             &weights,
-            PeftConfig::new(peft_method(cfg.peft), classes, cfg.seed),
+            PeftConfig::new(fedpeft_backbone::peft_method(cfg.peft), classes, cfg.seed),
         )
         .map_err(|e| err(dir, "tail", e))?;
         let pending = std::thread::Builder::new()

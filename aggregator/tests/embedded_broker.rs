@@ -328,7 +328,7 @@ async fn one_round_over_the_embedded_broker_publishes_the_fedavg_of_the_updates(
             _ => None,
         })
         .await;
-    assert!(fedpeft_aggregator::round::is_run_done(&done));
+    assert!(done.is_run_done());
     let outcome = tokio::time::timeout(Duration::from_secs(10), agg)
         .await
         .expect("aggregator finished")

@@ -5,7 +5,7 @@ use fedpeft_aggregator::checkpoint;
 use fedpeft_aggregator::outbox::{Outbox, Outgoing, Packet};
 use fedpeft_aggregator::round::{
     Action, DecodeFailure, Event, JoinInfo, MachineState, Phase, QuorumFailure, RejectReason,
-    RoundMachine, Rules, is_run_done,
+    RoundMachine, Rules,
 };
 use fedpeft_aggregator::strategy::{self, StrategyKind};
 use fedpeft_protocol::{
@@ -197,7 +197,7 @@ fn round_starts_once_min_clients_joined_with_global_then_announce() {
     assert!(msgs[0].0.ends_with("/round"));
     assert_eq!(a.round, 1);
     assert_eq!(a.deadline_unix_ms, T0 + 5 + TIMEOUT);
-    assert!(!is_run_done(a));
+    assert!(!a.is_run_done());
 }
 
 #[test]
@@ -244,7 +244,7 @@ fn round_closes_when_all_sampled_replied_with_weighted_fedavg() {
     let Message::RoundAnnounce(done) = &msgs.last().unwrap().1 else {
         panic!("last publish is not the final announcement")
     };
-    assert!(is_run_done(done));
+    assert!(done.is_run_done());
     let rec = &m.state().records[1];
     assert_eq!(
         (rec.status.as_str(), rec.clients_ok, rec.clients_failed),
@@ -554,7 +554,7 @@ fn resume_from_a_mid_round_checkpoint_equals_the_uninterrupted_run() {
         m.state()
             .records
             .iter()
-            .map(|r| (r.round, r.status.clone(), r.clients_ok, r.clients_failed))
+            .map(|r| (r.round, r.status, r.clients_ok, r.clients_failed))
             .collect::<Vec<_>>()
     };
     assert_eq!(ok(&a), ok(&b));

@@ -22,11 +22,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 // ---------------------------------------------------------------------------------------------
-// The real parsers, in one place. The aggregator and edge-client file types are moving to the
-// `fedpeft-config` crate (`fedpeft_config::aggregator::AggregatorFile`,
-// `fedpeft_config::edge::EdgeFile`, e.g. `toml::from_str::<AggregatorFile>(text)`), and the
-// refusal reasons with the report schema (`fedpeft_config::report`); when they have, only these
-// functions (and the dev-dependencies in tests/Cargo.toml) change.
+// The real parsers, in one place: the file types of `fedpeft-config`, the fleet's trial and
+// sweep parsers, and the report schema's refusal reasons.
 
 /// The aggregator's config file, as `aggregator --config` reads it (unknown keys refused).
 fn parse_aggregator(text: &str) -> Result<(), String> {
@@ -37,7 +34,7 @@ fn parse_aggregator(text: &str) -> Result<(), String> {
 
 /// The edge client's config file, as `edge-client --config` reads it (unknown keys refused).
 fn parse_edge(text: &str) -> Result<(), String> {
-    fedpeft_edge::config::FileConfig::parse(text, Path::new("edge.toml"))
+    fedpeft_config::edge::EdgeFile::parse(text, Path::new("edge.toml"))
         .map(drop)
         .map_err(|e| e.to_string())
 }

@@ -35,7 +35,7 @@ mod sampling;
 mod types;
 
 use sampling::GLOBAL_ROUNDING_STREAM;
-pub use sampling::{is_run_done, round_seed, sample_clients};
+pub use sampling::{round_seed, sample_clients};
 pub use types::*;
 
 use crate::accounting::{Traffic, full_model_round_bytes};
@@ -809,7 +809,7 @@ impl RoundMachine {
         self.publish(Outgoing::Announce(msg), round, out);
     }
 
-    /// The run is over: see [`is_run_done`].
+    /// The run is over: see [`RoundAnnounce::is_run_done`].
     fn publish_done(&mut self, out: &mut Vec<Action>) {
         let round = self.rules.rounds + 1;
         let msg = self.announce_message(round, 0, Vec::new());

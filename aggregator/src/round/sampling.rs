@@ -1,14 +1,8 @@
-//! Reproducible sampling and per-round seeds, and the "run done" marker.
+//! Reproducible sampling and per-round seeds.
 
-use fedpeft_protocol::{RoundAnnounce, Sampling, SplitMix64};
+use fedpeft_protocol::SplitMix64;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-
-/// The "run done" announcement: a [`RoundAnnounce`] for round `rounds + 1` with
-/// `deadline_unix_ms == 0` and an empty client list. Clients exit when they see it.
-pub fn is_run_done(a: &RoundAnnounce) -> bool {
-    a.deadline_unix_ms == 0 && matches!(&a.sampling, Sampling::Clients(c) if c.is_empty())
-}
 
 /// Mixed into a round's seed for the global adapter's stochastic rounding (so it is not the
 /// stream the clients use for their updates).

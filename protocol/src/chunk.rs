@@ -12,7 +12,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::envelope::{EncodeError, Envelope, crc32};
+use crate::checksum::crc32;
+use crate::envelope::{EncodeError, Envelope};
 use crate::message::Chunk;
 
 /// Upper bound on an encoded chunk envelope's size minus its data: header (version 1, run id

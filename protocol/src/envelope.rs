@@ -15,6 +15,7 @@ use core::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::checksum::{CRC_LEN, crc32};
 use crate::ids::FleetName;
 use crate::message::{
     Chunk, ClientUpdate, EvalResult, GlobalAdapter, Join, Message, MessageKind, RoundAnnounce,
@@ -29,22 +30,6 @@ pub const PROTOCOL_VERSION: u16 = 1;
 
 fn known_version(v: u16) -> bool {
     v == PROTOCOL_VERSION || v == SIGNED_VERSION
-}
-
-/// Size of the trailing checksum.
-pub const CRC_LEN: usize = 4;
-
-#[cfg(feature = "std")]
-type CrcImpl = crc::Table<16>;
-// On microcontrollers the 16 KiB slice-by-16 table costs more flash than the speed is worth.
-#[cfg(not(feature = "std"))]
-type CrcImpl = crc::Table<1>;
-
-static CRC32: crc::Crc<u32, CrcImpl> = crc::Crc::<u32, CrcImpl>::new(&crc::CRC_32_ISO_HDLC);
-
-/// CRC-32/ISO-HDLC of `bytes` (the checksum used by envelopes and chunks).
-pub fn crc32(bytes: &[u8]) -> u32 {
-    CRC32.checksum(bytes)
 }
 
 /// The header fields, readable without decoding (or checksumming) the body.

@@ -53,6 +53,7 @@ extern crate alloc;
 extern crate std;
 
 mod bytes;
+pub mod checksum;
 pub mod chunk;
 pub mod envelope;
 pub mod f16;

@@ -28,7 +28,7 @@ use core::fmt;
 
 pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 
-use crate::envelope::CRC_LEN;
+use crate::checksum::CRC_LEN;
 use crate::ids::FleetName;
 
 /// The envelope version of a signed envelope.

@@ -83,6 +83,102 @@ fn err(dir: &Path, what: &str, e: impl std::fmt::Display) -> HostError {
     HostError::Model(format!("backbone {}: {what}: {e}", dir.display()))
 }
 
+/// The number of classes, the held-out labels and the job computing their activations.
+type HeldOutPlan = (usize, Vec<usize>, HeldOutJob);
+
+/// SpamAssassin's seeded 20 % test split, tokenized and run through the trunk.
+fn text_held_out(
+    cfg: &BackboneHostConfig,
+    backbone: Backbone,
+    trunk_cfg: TrunkConfig,
+    mut cache: ActivationCache,
+) -> Result<HeldOutPlan, HostError> {
+    let dir = &cfg.dir;
+    let thread_dir = dir.clone();
+    let ds = load_spam_assassin(&spam_assassin_dir()).map_err(|e| err(dir, "SpamAssassin", e))?;
+    let (_, test) = spam_assassin_split(&ds).map_err(|e| err(dir, "held-out split", e))?;
+    let idx: Vec<usize> = test[..cfg.eval_examples.min(test.len())].to_vec();
+    let labels: Vec<usize> = idx.iter().map(|&i| ds.labels[i] as usize).collect();
+    let spam = labels.iter().filter(|&&l| l == 1).count();
+    let majority = spam.max(labels.len() - spam) as f64 / labels.len().max(1) as f64;
+    // A constant answer scores `majority_share`: the baseline a trained tail must beat.
+    tracing::info!(
+        examples = labels.len(),
+        ham = labels.len() - spam,
+        spam,
+        majority_share = format!("{majority:.4}"),
+        "held-out set: SpamAssassin's seeded 20 % test split"
+    );
+    let pre = TextPreprocess::from_backbone(&backbone, cfg.max_seq_len)
+        .map_err(|e| err(dir, "model.max_seq_len", e))?;
+    let classes = ds.num_classes();
+    let job: HeldOutJob = Box::new(move || {
+        let mut trunk: Option<Arc<dyn Trunk>> = None;
+        let acts = text_activations(
+            &mut cache,
+            backbone.trunk_sha256(),
+            &pre,
+            &ds,
+            &idx,
+            64,
+            || {
+                if trunk.is_none() {
+                    trunk = Some(Arc::from(open_trunk(&backbone, &trunk_cfg)?));
+                }
+                Ok(trunk.clone().expect("opened above"))
+            },
+        )
+        .map_err(|e| err(&thread_dir, "held-out trunk activations", e))?;
+        tracing::info!(
+            examples = idx.len(),
+            max_seq_len = pre.max_len,
+            computed = trunk.is_some(),
+            "held-out e-mails tokenized"
+        );
+        Ok((acts.features, Some(acts.masks)))
+    });
+    Ok((classes, labels, job))
+}
+
+/// The first `eval_examples` of Fashion-MNIST's test split, run through the trunk.
+fn image_held_out(
+    cfg: &BackboneHostConfig,
+    backbone: Backbone,
+    trunk_cfg: TrunkConfig,
+    mut cache: ActivationCache,
+) -> Result<HeldOutPlan, HostError> {
+    let dir = &cfg.dir;
+    let thread_dir = dir.clone();
+    let ds = fedpeft_backbone::data::fashion_mnist(false)
+        .map_err(|e| err(dir, "Fashion-MNIST test split", e))?;
+    let n = cfg.eval_examples.min(ds.labels.len());
+    let labels = (0..n).map(|i| ds.labels[i] as usize).collect();
+    let pre = ImagePreprocess::from_manifest(&backbone.manifest, Some(cfg.image_size))
+        .map_err(|e| err(dir, "preprocessing", e))?;
+    let classes = ds.num_classes();
+    let job: HeldOutJob = Box::new(move || {
+        let idx: Vec<usize> = (0..n).collect();
+        let key = CacheKey::new(
+            backbone.trunk_sha256(),
+            &hash_image_selection(&ds, &idx),
+            &pre.fingerprint(),
+        );
+        let mut trunk = None;
+        let features = cache
+            .get_or_compute(&key, n, 64, |range| {
+                if trunk.is_none() {
+                    trunk = Some(open_trunk(&backbone, &trunk_cfg)?);
+                }
+                let t = trunk.as_ref().expect("opened above");
+                let x = pre.batch(&ds, &idx[range])?;
+                t.run(&TrunkInput::Image(x))
+            })
+            .map_err(|e| err(&thread_dir, "held-out trunk activations", e))?;
+        Ok((features, None))
+    });
+    Ok((classes, labels, job))
+}
+
 impl BackboneHost {
     /// Opens the backbone and builds the tail, then starts computing the held-out activations
     /// on a thread of their own (the broker and the first round need not wait for them; the
@@ -133,86 +229,15 @@ impl BackboneHost {
         let trunk_cfg = TrunkConfig::default()
             .with_image_size(cfg.image_size)
             .with_threads(cfg.threads);
-        let mut cache = ActivationCache::new(CacheConfig {
+        let cache = ActivationCache::new(CacheConfig {
             memory_budget: 1 << 30,
             spill_dir: cfg.cache_dir.clone(),
             persist: true,
         });
-        let thread_dir = dir.clone();
-        let (classes, labels, job): (usize, Vec<usize>, HeldOutJob) = if text {
-            let ds = load_spam_assassin(&spam_assassin_dir())
-                .map_err(|e| err(dir, "SpamAssassin", e))?;
-            let (_, test) = spam_assassin_split(&ds).map_err(|e| err(dir, "held-out split", e))?;
-            let idx: Vec<usize> = test[..cfg.eval_examples.min(test.len())].to_vec();
-            let labels: Vec<usize> = idx.iter().map(|&i| ds.labels[i] as usize).collect();
-            let spam = labels.iter().filter(|&&l| l == 1).count();
-            let majority = spam.max(labels.len() - spam) as f64 / labels.len().max(1) as f64;
-            // A constant answer scores `majority_share`: the baseline a trained tail must beat.
-            tracing::info!(
-                examples = labels.len(),
-                ham = labels.len() - spam,
-                spam,
-                majority_share = format!("{majority:.4}"),
-                "held-out set: SpamAssassin's seeded 20 % test split"
-            );
-            let pre = TextPreprocess::from_backbone(&backbone, cfg.max_seq_len)
-                .map_err(|e| err(dir, "model.max_seq_len", e))?;
-            let classes = ds.num_classes();
-            let job: HeldOutJob = Box::new(move || {
-                let mut trunk: Option<Arc<dyn Trunk>> = None;
-                let acts = text_activations(
-                    &mut cache,
-                    backbone.trunk_sha256(),
-                    &pre,
-                    &ds,
-                    &idx,
-                    64,
-                    || {
-                        if trunk.is_none() {
-                            trunk = Some(Arc::from(open_trunk(&backbone, &trunk_cfg)?));
-                        }
-                        Ok(trunk.clone().expect("opened above"))
-                    },
-                )
-                .map_err(|e| err(&thread_dir, "held-out trunk activations", e))?;
-                tracing::info!(
-                    examples = idx.len(),
-                    max_seq_len = pre.max_len,
-                    computed = trunk.is_some(),
-                    "held-out e-mails tokenized"
-                );
-                Ok((acts.features, Some(acts.masks)))
-            });
-            (classes, labels, job)
+        let (classes, labels, job) = if text {
+            text_held_out(cfg, backbone, trunk_cfg, cache)?
         } else {
-            let ds = fedpeft_backbone::data::fashion_mnist(false)
-                .map_err(|e| err(dir, "Fashion-MNIST test split", e))?;
-            let n = cfg.eval_examples.min(ds.labels.len());
-            let labels = (0..n).map(|i| ds.labels[i] as usize).collect();
-            let pre = ImagePreprocess::from_manifest(m, Some(cfg.image_size))
-                .map_err(|e| err(dir, "preprocessing", e))?;
-            let classes = ds.num_classes();
-            let job: HeldOutJob = Box::new(move || {
-                let idx: Vec<usize> = (0..n).collect();
-                let key = CacheKey::new(
-                    backbone.trunk_sha256(),
-                    &hash_image_selection(&ds, &idx),
-                    &pre.fingerprint(),
-                );
-                let mut trunk = None;
-                let features = cache
-                    .get_or_compute(&key, n, 64, |range| {
-                        if trunk.is_none() {
-                            trunk = Some(open_trunk(&backbone, &trunk_cfg)?);
-                        }
-                        let t = trunk.as_ref().expect("opened above");
-                        let x = pre.batch(&ds, &idx[range])?;
-                        t.run(&TrunkInput::Image(x))
-                    })
-                    .map_err(|e| err(&thread_dir, "held-out trunk activations", e))?;
-                Ok((features, None))
-            });
-            (classes, labels, job)
+            image_held_out(cfg, backbone, trunk_cfg, cache)?
         };
         let tail = fedpeft_peft::build_tail(
             family,

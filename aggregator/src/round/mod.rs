@@ -600,7 +600,6 @@ impl RoundMachine {
                 failed_clients.insert(c.clone(), FailReason::NoReply);
             }
         }
-        let mut status = RoundStatus::Failed;
         let norms: Vec<f64> = open.arrival.iter().map(|(_, n)| *n).collect();
         let median = median_of(&norms);
         if median.is_some() {
@@ -613,39 +612,8 @@ impl RoundMachine {
             clipped_clients: open.clipped.clone(),
             ..RobustRecord::default()
         };
-        if open.accepted.len() >= quorum {
-            match self
-                .strategy
-                .aggregate(u64::from(round), &self.s.global, &open.acc)
-            {
-                Ok(next) => {
-                    self.s.global = next;
-                    self.s.global_round = round;
-                    self.s.strategy_state = self.strategy.state();
-                    status = RoundStatus::Ok;
-                    let stats = self.strategy.last_stats();
-                    robust.values_trimmed_per_coordinate = stats.values_trimmed_per_coordinate;
-                    robust.trimmed_share = open
-                        .arrival
-                        .iter()
-                        .zip(&stats.trimmed_share)
-                        .map(|((c, _), &share)| (c.clone(), share))
-                        .collect();
-                    robust.dp_noise_std = stats.dp_noise_std;
-                    robust.dp_epsilon = stats.dp_epsilon;
-                    robust.dp_delta = stats.dp_delta;
-                    if let Some(eps) = stats.dp_epsilon {
-                        info!(
-                            round,
-                            epsilon = eps,
-                            delta = stats.dp_delta.unwrap_or(0.0),
-                            noise_std = stats.dp_noise_std.unwrap_or(0.0),
-                            "client-level DP"
-                        );
-                    }
-                }
-                Err(e) => warn!(round, error = %e, "aggregation failed; global adapter unchanged"),
-            }
+        let status = if open.accepted.len() >= quorum {
+            self.aggregate(&open, &mut robust)
         } else {
             warn!(
                 round,
@@ -653,7 +621,8 @@ impl RoundMachine {
                 quorum,
                 "round failed: quorum not reached; global adapter unchanged"
             );
-        }
+            RoundStatus::Failed
+        };
         let next_round = round + 1;
         self.s.phase = if round >= self.rules.rounds {
             Phase::Done
@@ -763,6 +732,47 @@ impl RoundMachine {
             }
         }
         Ok(tensors)
+    }
+
+    /// Aggregates the open round's updates into the new global; `Ok`, or `Failed` (logged)
+    /// when the strategy cannot. Fills in what trimming and DP did.
+    fn aggregate(&mut self, open: &OpenRound, robust: &mut RobustRecord) -> RoundStatus {
+        let round = open.round;
+        match self
+            .strategy
+            .aggregate(u64::from(round), &self.s.global, &open.acc)
+        {
+            Ok(next) => {
+                self.s.global = next;
+                self.s.global_round = round;
+                self.s.strategy_state = self.strategy.state();
+                let stats = self.strategy.last_stats();
+                robust.values_trimmed_per_coordinate = stats.values_trimmed_per_coordinate;
+                robust.trimmed_share = open
+                    .arrival
+                    .iter()
+                    .zip(&stats.trimmed_share)
+                    .map(|((c, _), &share)| (c.clone(), share))
+                    .collect();
+                robust.dp_noise_std = stats.dp_noise_std;
+                robust.dp_epsilon = stats.dp_epsilon;
+                robust.dp_delta = stats.dp_delta;
+                if let Some(eps) = stats.dp_epsilon {
+                    info!(
+                        round,
+                        epsilon = eps,
+                        delta = stats.dp_delta.unwrap_or(0.0),
+                        noise_std = stats.dp_noise_std.unwrap_or(0.0),
+                        "client-level DP"
+                    );
+                }
+                RoundStatus::Ok
+            }
+            Err(e) => {
+                warn!(round, error = %e, "aggregation failed; global adapter unchanged");
+                RoundStatus::Failed
+            }
+        }
     }
 
     /// Publishes the global adapter (retained), its bytes counted in `account`: the round that

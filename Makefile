@@ -1,10 +1,10 @@
 # fedpeft — one entry point for people and CI.
 #   make run     set up, fetch models and data, build, run a small federated trial (the main job)
 #   make test    the whole test suite (what CI runs)
-#   make bench   benchmarks (figures quoted in README.md)
+#   make bench   benchmarks (figures on the book's results pages, docs/src/results/)
 #   make book    the book (docs/ -> docs/book/)
 #   make lint    rustfmt + clippy -D warnings
-#   make cross-aarch64 | cross-armv7 | cross-jetson   board bundles in dist/ (README: On the device)
+#   make cross-aarch64 | cross-armv7 | cross-jetson   board bundles in dist/ (book: guide/device.md)
 SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= auto
@@ -75,7 +75,7 @@ bundle-all: cross-aarch64 cross-armv7 cross-jetson
 # tests, one round of each board's binary on the real EfficientNet-Lite0 trunk against the host's
 # aggregator and embedded broker (tests/tests/board.rs), each bundle's install + systemd unit
 # check. Part of `make test`, after the host tests (it reuses the host build): 20 min cold on
-# an idle 2-core machine (README, Tested under emulation).
+# an idle 2-core machine (book: guide/emulation.md).
 test-cross: models
 	scripts/cross/test.sh
 

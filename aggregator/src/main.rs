@@ -1,5 +1,5 @@
 //! `aggregator`: runs a fedpeft federation's rounds beside an MQTT broker (embedded rumqttd by
-//! default; its own log is off unless RUST_LOG enables `rumqttd`). See README.md ("Aggregator") and `fedpeft_aggregator::config` for the config file.
+//! default; its own log is off unless RUST_LOG enables `rumqttd`). See the book (docs/src/guide/aggregator.md, reference/aggregator-config.md) for the config file.
 
 use std::path::PathBuf;
 

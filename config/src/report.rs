@@ -119,7 +119,7 @@ pub struct RoundRecord {
 }
 
 /// What norm bounding, order statistics and client-level DP did in one round (report field
-/// `robust`; README "Robust aggregation and client-level DP").
+/// `robust`; the book's "Robust aggregation and DP" guide).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct RobustRecord {
     /// L2 bound applied to each delta, if any.

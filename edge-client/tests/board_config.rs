@@ -1,5 +1,5 @@
 //! The example config shipped in every board bundle (cross/edge.example.toml, filled in by the
-//! bundle's install.sh) is one the edge client accepts, with the settings the README's
+//! bundle's install.sh) is one the edge client accepts, with the settings the book's
 //! "On the device" walk-through relies on.
 
 use std::path::Path;

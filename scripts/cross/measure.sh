@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The figures in README "On the device": one edge client joining an aggregator and training one
+# The figures on the book's results page "Boards" (docs/src/results/boards.md): one edge client joining an aggregator and training one
 # round of LoRA on a 500-example Fashion-MNIST shard, with its peak RSS and time to "joined".
 #   scripts/cross/measure.sh BINARY ARCH RUNTIME [CACHE_DIR]
 #     BINARY   an edge-client build (e.g. target/aarch64-unknown-linux-gnu/edge/edge-client)
@@ -7,7 +7,7 @@
 #     RUNTIME  tract | ort (ort needs ORT_DYLIB_PATH, a library of ARCH)
 #     CACHE_DIR  activation cache; default a fresh one (the trunk runs over the shard: a cold start)
 #   scripts/cross/measure.sh table
-#     the README's table: the board bundles' binaries (make cross-aarch64 cross-armv7) and the
+#     the results page's table: the board bundles' binaries (make cross-aarch64 cross-armv7) and the
 #     same client built natively with [profile.edge] (NATIVE, default target/edge/edge-client:
 #     cargo build --profile edge -p fedpeft-edge --no-default-features --features ort), each
 #     with tract (and onnxruntime where it exists), from an empty activation cache and again

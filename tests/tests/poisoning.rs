@@ -9,7 +9,7 @@
 //! attacked trimmed mean (trim 0.2) with the adaptive norm bound (2 × the previous round's
 //! median norm). Held-out accuracy after the last round: attacked FedAvg must lose at least 10
 //! points; the robust run must stay within 2 points of the clean one. The three accuracies are
-//! printed (README "Robust aggregation and client-level DP").
+//! printed (docs/src/results/poisoning.md).
 
 use std::time::Duration;
 

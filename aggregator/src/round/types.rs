@@ -163,7 +163,7 @@ pub struct Rules {
     /// the DP clip norm S. With `adaptive_norm_multiple`, the bound of round 1 (or none).
     pub max_update_norm: Option<f64>,
     /// Adaptive bound: round r's bound is this multiple of the median norm of the updates
-    /// accepted in the last round that had any (before bounding); see README "Robust
+    /// accepted in the last round that had any (before bounding); see the book's "Robust
     /// aggregation and client-level DP".
     pub adaptive_norm_multiple: Option<f64>,
     /// Client-level DP's assumed client sampling rate q: a round that samples a larger share of

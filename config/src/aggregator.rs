@@ -17,58 +17,40 @@ use crate::{BrokerTable, SecurityTable};
 #[serde(deny_unknown_fields)]
 pub struct AggregatorFile {
     /// Topic namespace `fedpeft/v1/{fleet}/…`. Default `fedpeft`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub fleet: Option<String>,
     /// Tags every message; clients drop other runs. Default 1.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub run_id: Option<u64>,
     /// Rounds after the initial adapter. Default 5.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub rounds: Option<u32>,
     /// Sampling and per-round seeds. Default 42.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Joined clients needed to start a round; the fewest sampled. Default 2.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub min_clients: Option<usize>,
     /// Joined clients needed before round 1 only. Default `min_clients`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub start_clients: Option<usize>,
     /// Fraction of available clients sampled, in (0, 1]. Default 1.0.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub fraction: Option<f64>,
     /// Accepted updates needed at the deadline. Default `min_clients`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub quorum: Option<usize>,
     /// Deadline after the announcement, seconds. Default 120.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub round_timeout_secs: Option<f64>,
     /// `"skip"` or `{ extend = { max_extensions = N } }`. Default `"skip"`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub on_quorum_failure: Option<QuorumFailureSetting>,
     /// Largest update on the wire (all chunks), bytes. Default 16 MiB.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_update_bytes: Option<u64>,
     /// Publishes above this are chunked. Default 256 KiB or less, to fit the packet limit.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_payload_bytes: Option<usize>,
     /// L2 bound on each client delta. Default none.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_update_norm: Option<f64>,
     /// Bound = this × the median norm of the previous round's updates. Default none.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub adaptive_norm_multiple: Option<f64>,
     /// Whole-backbone parameters for the full-model comparison; 0 = from the model. Default 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub backbone_params: Option<u64>,
     /// f32 | f16 | int8: encoding of the published global adapter. Default f32.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub global_dtype: Option<String>,
     /// The `[strategy]` table. Default FedAvg.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub strategy: Option<StrategyKind>,
     /// `[dp]`: client-level DP at the aggregator. Default none.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dp: Option<DpTable>,
     #[serde(default, skip_serializing_if = "is_default")]
     pub local: LocalTable,
@@ -108,22 +90,16 @@ impl AggregatorFile {
 #[serde(deny_unknown_fields)]
 pub struct DpTable {
     /// S: each delta clipped to this L2 norm. Required.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_norm: Option<f64>,
     /// σ: noise std σ·S/expected_clients per coordinate. Required.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub noise_multiplier: Option<f64>,
     /// N: clients that could be sampled (q = W/N). Required.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub fleet_size: Option<usize>,
     /// W: fixed denominator. Default max(min_clients, ⌈fraction·N⌉).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub expected_clients: Option<usize>,
     /// δ at which ε is reported. Default 1/N^1.1.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub delta: Option<f64>,
     /// Tests only: deterministic noise. Default: the operating system's randomness.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub noise_seed: Option<u64>,
 }
 
@@ -142,36 +118,25 @@ pub enum QuorumFailureSetting {
 #[serde(deny_unknown_fields)]
 pub struct LocalTable {
     /// Default 1.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub epochs: Option<u16>,
     /// Default 32.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<u32>,
     /// Default 0.05.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub learning_rate: Option<f32>,
     /// sgd | adamw. Default sgd.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub optimizer: Option<String>,
     /// sgd. Default 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub momentum: Option<f32>,
     /// Default 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub weight_decay: Option<f32>,
     /// FedProx proximal term μ. Default 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub fedprox_mu: Option<f32>,
     /// f32 | f16 | int8. Default f32.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub update_dtype: Option<String>,
     /// Top-k sparsification of updates, in (0, 1]. Default none.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub top_k_fraction: Option<f32>,
     /// DP-SGD on the clients: both or neither. Default none.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dp_clip_norm: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dp_noise_multiplier: Option<f32>,
 }
 
@@ -180,43 +145,30 @@ pub struct LocalTable {
 #[serde(deny_unknown_fields)]
 pub struct ModelTable {
     /// Backbone directory (manifest). Default none.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub backbone: Option<PathBuf>,
     /// head | bias | lora | adapter | prompt | full-tail. Default head.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub peft: Option<String>,
     /// lora. Default 8.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_rank: Option<u16>,
     /// lora. Default 16.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_alpha: Option<f32>,
     /// adapter. Default 16.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub bottleneck: Option<u16>,
     /// prompt. Default 4.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_tokens: Option<u16>,
     /// Held-out examples evaluated each round. Default 2000.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_examples: Option<usize>,
     /// Held-out set: fashion-mnist | spam-assassin. Default fashion-mnist.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
     /// Trunk input side (the clients' must match). Default 96.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub image_size: Option<usize>,
     /// Tokens per text (the clients' must match). Default: the manifest's.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_seq_len: Option<usize>,
     /// Trunk threads for the held-out activations. Default 2.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
     /// Held-out activations kept for the next run. Default `data/cache`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,
     /// Without a backbone: the adapter is these zero tensors and nothing is evaluated.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub tensors: Option<Vec<TensorShape>>,
 }
 
@@ -233,10 +185,8 @@ pub struct TensorShape {
 #[serde(deny_unknown_fields)]
 pub struct OutputTable {
     /// report.json, report.csv, aggregator.ckpt. Default `runs/latest`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
     /// Resume from `dir/aggregator.ckpt` if present. Default true.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub resume: Option<bool>,
 }
 
@@ -266,6 +216,9 @@ mod tests {
         assert_eq!(file, again);
         assert_eq!(file.rounds, Some(3));
         assert_eq!(file.broker.max_packet_bytes, Some(65536));
+        // Unset keys and empty tables are not written (TOML has no null).
+        assert_eq!(AggregatorFile::default().to_toml().trim(), "");
+        assert!(!file.to_toml().contains("[output]"));
     }
 
     #[test]

@@ -16,42 +16,29 @@ pub struct BrokerTable {
     /// `mqtt://host[:port]`, `mqtts://host[:port]` (TLS, port 8883 by default), or, for the
     /// aggregator, `embedded` (rumqttd in-process). Aggregator default `embedded`; edge client
     /// default `mqtt://127.0.0.1:1883`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// Aggregator, embedded broker: listen address. Default `127.0.0.1`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     /// Aggregator, embedded broker: listen port, 0 = a free one. Default 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     /// Largest MQTT packet sent or accepted, bytes; payloads above it are chunked. Default 1 MiB.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_packet_bytes: Option<usize>,
     /// Aggregator: its MQTT client id. Default `fedpeft-aggregator`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
     /// MQTT keep-alive, seconds. Default 30.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_alive_secs: Option<u64>,
     /// mqtts: PEM file of the CA the broker's certificate chains to. Required for mqtts.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// mqtts: PEM client certificate, for brokers that authenticate by certificate.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub client_cert: Option<PathBuf>,
     /// mqtts: PEM private key of `client_cert`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub client_key: Option<PathBuf>,
     /// MQTT username, if the broker wants one.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     /// Edge client only: the password in clear text (prefer `password_file` or `password_env`).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
     /// A file whose first line is the password.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
     /// An environment variable holding the password.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub password_env: Option<String>,
 }

@@ -67,13 +67,10 @@ impl PartitionKind {
 pub struct ClientTable {
     /// Fleet name (the topic root is `fedpeft/v1/{fleet}/`). Default `fedpeft`, as the
     /// aggregator's.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub fleet: Option<String>,
     /// This client's id, unique in the fleet. Required.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// The training run to take part in (the aggregator's `run_id`). Default 1.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub run_id: Option<u64>,
 }
 
@@ -82,41 +79,30 @@ pub struct ClientTable {
 #[serde(deny_unknown_fields)]
 pub struct ModelTable {
     /// Folder holding the backbone manifest and its files. Required.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
     /// Trunk runtime. Default `auto`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeChoice>,
     /// PEFT method: head | bias | lora | adapter | prompt | full-tail (must match the
     /// aggregator's). Default `head`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub peft: Option<String>,
     /// LoRA rank. Default 8.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_rank: Option<u16>,
     /// LoRA alpha. Default 16.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_alpha: Option<f32>,
     /// Adapter bottleneck width. Default 16.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub bottleneck: Option<u16>,
     /// Prompt tokens. Default 4.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_tokens: Option<u16>,
     /// Image side fed to a vision trunk. Default 96.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub image_size: Option<usize>,
     /// Tokens per text fed to a text trunk (`[CLS]` and `[SEP]` included; longer texts are
     /// truncated, shorter ones padded). Part of the activation cache key; must match the
     /// aggregator's. Default: the backbone manifest's `max_len` (128 for all-MiniLM-L6-v2).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_seq_len: Option<usize>,
     /// Threads for the trunk runtime (0 = runtime default). Default 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
     /// Samples per trunk batch while filling the activation cache: the trunk's intermediate
     /// tensors grow with it (the cold start's peak memory on a board). Default 16.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub trunk_batch: Option<usize>,
 }
 
@@ -126,28 +112,20 @@ pub struct ModelTable {
 pub struct DataTable {
     /// Data set: `fashion-mnist` (vision) or `spam-assassin` (text; its held-out 20 % is never
     /// trained on). Default `fashion-mnist`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
     /// Where the data set's files are. Default: the data set's usual place (backbone crate).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub root: Option<PathBuf>,
     /// `iid`, `dirichlet` or `natural` (spam-assassin only). Default `dirichlet`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub partition: Option<PartitionKind>,
     /// Dirichlet concentration (smaller = more skewed). Default 0.5.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
     /// How many clients the data set is split across. Default 1.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub num_clients: Option<usize>,
     /// This client's shard, `0..num_clients`. Default 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<usize>,
     /// Seed of the split (all clients of a fleet must use the same). Default 42.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Keep at most this many local examples (small devices, quick trials). Default: all.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_examples: Option<usize>,
 }
 
@@ -156,26 +134,21 @@ pub struct DataTable {
 #[serde(deny_unknown_fields)]
 pub struct CacheTable {
     /// Where trunk activations are cached. Default `data/cache`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
     /// Activations kept in memory, MiB; beyond that they are read from the cache file.
     /// Default 256.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_mb: Option<usize>,
     /// Keep activations on disk for the next run of this client (same trunk, same shard, same
     /// preprocessing). Default true.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub persist: Option<bool>,
     /// Key the cache on the whole data set, not this client's shard: the first client of a
     /// fleet runs the trunk once over every sample, every other client (on the same machine
     /// and cache folder) reads its own rows from that one entry. Default false.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub shared: Option<bool>,
     /// MiB for the tail's frozen prefix of the local examples: the part of the tail's forward
     /// pass no trained tensor affects (the pooled features when only the head trains, the
     /// conv head's frozen product for bias and LoRA), computed at the first round and reused
     /// by every later step. 0 turns it off. Default 128.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub frozen_mb: Option<usize>,
 }
 
@@ -184,16 +157,12 @@ pub struct CacheTable {
 #[serde(deny_unknown_fields)]
 pub struct ReconnectTable {
     /// First wait after a lost connection, in ms. Default 500.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub initial_ms: Option<u64>,
     /// Longest wait, in ms. Default 30000.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_ms: Option<u64>,
     /// Growth factor per failed attempt. Default 2.0.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub multiplier: Option<f64>,
     /// Random fraction taken off each wait (0 = none, 1 = "full jitter"). Default 0.5.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub jitter: Option<f64>,
 }
 
@@ -202,7 +171,6 @@ pub struct ReconnectTable {
 #[serde(deny_unknown_fields)]
 pub struct ReportTable {
     /// Write a JSON summary (rounds, bytes up/down) here at exit. Default: none.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub summary_json: Option<PathBuf>,
 }
 
@@ -214,14 +182,11 @@ pub struct FaultsTable {
     /// it trains, then drops its connection without DISCONNECT and without publishing (the
     /// broker publishes its last will), and comes back `dropout_offline_secs` later. Drawn per
     /// round from (`data.seed`, `data.index`, round), so a trial's dropouts replay. Default 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dropout: Option<f64>,
     /// How long a client that vanished stays away before reconnecting, seconds. Default 2.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub dropout_offline_secs: Option<f64>,
     /// A straggler: hold every finished update this long before publishing it, seconds (a slow
     /// device). An update the round's deadline has passed by is not sent. Default 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub straggle_secs: Option<f64>,
 }
 

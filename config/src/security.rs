@@ -10,14 +10,11 @@ use serde::{Deserialize, Serialize};
 pub struct SecurityTable {
     /// This party's secret key file (`aggregator keygen` / `edge-client keygen`): what it
     /// publishes is signed with it. Default: unsigned.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub signing_key: Option<PathBuf>,
     /// Aggregator: the enrolment file (client id → public key); when set, joins, updates and
     /// statuses must be signed by the enrolled key. Default: none.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub enrolled_keys: Option<PathBuf>,
     /// Edge client: the aggregator's public key (64 hex digits); global adapters and round
     /// announcements must carry its signature. Default: not checked.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub aggregator_key: Option<String>,
 }

@@ -15,7 +15,7 @@ use fedpeft_config::aggregator::{
 use fedpeft_config::{BrokerTable, SecurityTable, invalid};
 use fedpeft_protocol::{DType, DpSgd, FleetName, LocalConfig, Optimizer, PeftMethod};
 
-use crate::round::QuorumFailure;
+use crate::round::{QuorumFailure, RunSettings};
 use crate::strategy::{ClientDp, StrategyKind};
 use crate::tls::TlsFiles;
 use crate::tls::broker::BrokerAddr;
@@ -80,28 +80,14 @@ pub struct ModelConfig {
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    pub fleet: FleetName,
-    pub run_id: u64,
-    pub rounds: u32,
-    pub seed: u64,
-    pub min_clients: usize,
-    /// Joined clients needed before round 1 starts (at least `min_clients`).
-    pub start_clients: usize,
-    pub fraction: f64,
-    pub quorum: usize,
-    pub round_timeout_ms: u64,
-    pub on_quorum_failure: QuorumFailure,
-    pub max_update_bytes: u64,
+    /// The rounds' settings (the round machine's part).
+    pub run: RunSettings,
     pub max_payload_bytes: usize,
-    pub max_update_norm: Option<f64>,
-    pub adaptive_norm_multiple: Option<f64>,
+    /// Whole-backbone parameters for the full-model comparison; 0 = from the model host.
     pub backbone_params: u64,
-    /// Encoding of the published global adapter.
-    pub global_dtype: DType,
     pub strategy: StrategyKind,
     /// Client-level DP at the aggregator, if configured.
     pub dp: Option<ClientDp>,
-    pub local: LocalConfig,
     pub broker: BrokerConfig,
     pub model: ModelConfig,
     pub output_dir: PathBuf,
@@ -134,25 +120,27 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
     };
     let output: OutputTable = file.output;
     Ok(Config {
-        global_dtype: validate_dtype(file.global_dtype.as_deref())?,
-        fleet: rounds.fleet,
-        run_id: file.run_id.unwrap_or(1),
-        rounds: rounds.rounds,
-        seed: file.seed.unwrap_or(42),
-        min_clients: rounds.min_clients,
-        start_clients: rounds.start_clients,
-        fraction: rounds.fraction,
-        quorum: rounds.quorum,
-        round_timeout_ms: rounds.round_timeout_ms,
-        on_quorum_failure: rounds.on_quorum_failure,
-        max_update_bytes: file.max_update_bytes.unwrap_or(16 << 20),
+        run: RunSettings {
+            global_dtype: validate_dtype(file.global_dtype.as_deref())?,
+            fleet: rounds.fleet,
+            run_id: file.run_id.unwrap_or(1),
+            rounds: rounds.rounds,
+            seed: file.seed.unwrap_or(42),
+            min_clients: rounds.min_clients,
+            start_clients: rounds.start_clients,
+            fraction: rounds.fraction,
+            quorum: rounds.quorum,
+            round_timeout_ms: rounds.round_timeout_ms,
+            on_quorum_failure: rounds.on_quorum_failure,
+            max_update_bytes: file.max_update_bytes.unwrap_or(16 << 20),
+            max_update_norm,
+            adaptive_norm_multiple,
+            local: validate_local(file.local)?,
+        },
         max_payload_bytes,
-        max_update_norm,
-        adaptive_norm_multiple,
         backbone_params: file.backbone_params.unwrap_or(0),
         strategy,
         dp,
-        local: validate_local(file.local)?,
         broker,
         model: validate_model(file.model)?,
         output_dir: output.dir.unwrap_or_else(|| PathBuf::from("runs/latest")),
@@ -637,9 +625,9 @@ mod tests {
     #[test]
     fn minimal_config_gets_documented_defaults() {
         let c = parse(MINIMAL).unwrap();
-        assert_eq!(c.fleet.as_str(), "fedpeft");
-        assert_eq!((c.rounds, c.min_clients, c.quorum), (5, 2, 2));
-        assert_eq!(c.round_timeout_ms, 120_000);
+        assert_eq!(c.run.fleet.as_str(), "fedpeft");
+        assert_eq!((c.run.rounds, c.run.min_clients, c.run.quorum), (5, 2, 2));
+        assert_eq!(c.run.round_timeout_ms, 120_000);
         assert_eq!(c.strategy, StrategyKind::FedAvg);
         assert_eq!(c.broker.max_packet_bytes, 1 << 20);
         assert_eq!(
@@ -814,7 +802,7 @@ mod tests {
     fn shipped_trial_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/trial.toml");
         let c = validate(AggregatorFile::read(&path).unwrap()).unwrap();
-        assert_eq!((c.min_clients, c.quorum), (8, 6));
+        assert_eq!((c.run.min_clients, c.run.quorum), (8, 6));
         assert!(matches!(c.model.peft, PeftMethod::Lora { rank: 8, .. }));
     }
 
@@ -825,7 +813,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(
-            c.on_quorum_failure,
+            c.run.on_quorum_failure,
             QuorumFailure::Extend { max_extensions: 2 }
         );
     }
@@ -843,7 +831,7 @@ mod tests {
         assert!((dp.delta - 100f64.powf(-1.1)).abs() < 1e-15);
         assert!((dp.noise_std() - 1.2 * 0.5 / 10.0).abs() < 1e-15);
         let c = parse(&format!("adaptive_norm_multiple = 3.0\n{MINIMAL}")).unwrap();
-        assert_eq!(c.adaptive_norm_multiple, Some(3.0));
+        assert_eq!(c.run.adaptive_norm_multiple, Some(3.0));
         let ok_dp = "[dp]\nclip_norm = 1.0\nnoise_multiplier = 1.0\nfleet_size = 20\n";
         for (text, field, words) in [
             (

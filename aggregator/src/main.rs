@@ -159,7 +159,7 @@ fn main() -> anyhow::Result<()> {
             BackboneHost::open(&BackboneHostConfig {
                 dir: dir.clone(),
                 peft: config.model.peft,
-                seed: config.seed,
+                seed: config.run.seed,
                 eval_examples: config.model.eval_examples,
                 dataset: config.model.dataset.clone(),
                 image_size: config.model.image_size,

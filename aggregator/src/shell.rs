@@ -75,25 +75,13 @@ pub fn now_ms() -> u64 {
 
 /// The round rules a config describes, with the host's backbone facts.
 pub fn rules(config: &Config, host: &dyn ModelHost) -> Rules {
+    let mut run = config.run.clone();
+    // With client-level DP every delta is clipped to the DP clip norm S.
+    if let Some(dp) = &config.dp {
+        run.max_update_norm = Some(dp.clip_norm);
+    }
     Rules {
-        run_id: config.run_id,
-        fleet: config.fleet.clone(),
-        rounds: config.rounds,
-        min_clients: config.min_clients,
-        start_clients: config.start_clients,
-        fraction: config.fraction,
-        quorum: config.quorum,
-        round_timeout_ms: config.round_timeout_ms,
-        on_quorum_failure: config.on_quorum_failure,
-        seed: config.seed,
-        local: config.local.clone(),
-        max_update_bytes: config.max_update_bytes,
-        max_update_norm: config
-            .dp
-            .as_ref()
-            .map(|dp| dp.clip_norm)
-            .or(config.max_update_norm),
-        adaptive_norm_multiple: config.adaptive_norm_multiple,
+        run,
         dp_sample_rate: config.dp.as_ref().map(|dp| dp.sample_rate()),
         backbone_params: if config.backbone_params > 0 {
             config.backbone_params
@@ -104,7 +92,6 @@ pub fn rules(config: &Config, host: &dyn ModelHost) -> Rules {
         backbone_id: host.backbone_id(),
         backbone_sha256: host.backbone_sha256(),
         peft: config.model.backbone.as_ref().map(|_| config.model.peft),
-        global_dtype: config.global_dtype,
     }
 }
 
@@ -209,10 +196,10 @@ impl Shell {
             None => None,
         };
         let mut inbox = Inbox::new(
-            config.fleet.clone(),
-            config.run_id,
-            config.max_update_bytes,
-            config.round_timeout_ms,
+            config.run.fleet.clone(),
+            config.run.run_id,
+            config.run.max_update_bytes,
+            config.run.round_timeout_ms,
         );
         if let Some(path) = &config.security.enrolled_keys {
             let e = Enrolment::read(path)?;
@@ -225,8 +212,8 @@ impl Shell {
         })?;
         let ckpt_path = config.output_dir.join("aggregator.ckpt");
         let outbox = Outbox::new(
-            config.fleet.clone(),
-            config.run_id,
+            config.run.fleet.clone(),
+            config.run.run_id,
             signing_key,
             config.max_payload_bytes,
         );
@@ -235,9 +222,9 @@ impl Shell {
         let broker_addr = start_broker(&config)?;
         Ok(Shell {
             info: RunInfo {
-                fleet: config.fleet.to_string(),
+                fleet: config.run.fleet.to_string(),
                 peft: format!("{:?}", config.model.peft),
-                rounds_planned: config.rounds,
+                rounds_planned: config.run.rounds,
                 backbone_params: rules.backbone_params,
             },
             global_path: config.output_dir.join(GLOBAL_ADAPTER_FILE),
@@ -348,7 +335,7 @@ impl Shell {
         // Tests and scripts wait for this line before starting clients.
         println!(
             "aggregator ready: broker {}://{} fleet {} run {}",
-            self.scheme, self.broker_addr, self.config.fleet, self.config.run_id
+            self.scheme, self.broker_addr, self.config.run.fleet, self.config.run.run_id
         );
         if let Some(tx) = self.ready.take() {
             let _ = tx.send(self.broker_addr);

@@ -5,7 +5,7 @@ use fedpeft_aggregator::checkpoint;
 use fedpeft_aggregator::outbox::{Outbox, Outgoing, Packet};
 use fedpeft_aggregator::round::{
     Action, DecodeFailure, Event, JoinInfo, MachineState, Phase, QuorumFailure, RejectReason,
-    RoundMachine, Rules,
+    RoundMachine, Rules, RunSettings,
 };
 use fedpeft_aggregator::strategy::{self, StrategyKind};
 use fedpeft_protocol::{
@@ -18,40 +18,42 @@ const TIMEOUT: u64 = 10_000;
 
 fn rules(rounds: u32, min_clients: usize, quorum: usize) -> Rules {
     Rules {
-        run_id: 7,
-        fleet: FleetName::new("test").unwrap(),
-        rounds,
-        min_clients,
-        start_clients: min_clients,
-        fraction: 1.0,
-        quorum,
-        round_timeout_ms: TIMEOUT,
-        on_quorum_failure: QuorumFailure::Skip,
-        seed: 42,
-        local: LocalConfig {
-            epochs: 1,
-            batch_size: 32,
-            learning_rate: 0.1,
-            optimizer: Optimizer::Sgd {
-                momentum: 0.0,
-                weight_decay: 0.0,
+        run: RunSettings {
+            run_id: 7,
+            fleet: FleetName::new("test").unwrap(),
+            rounds,
+            min_clients,
+            start_clients: min_clients,
+            fraction: 1.0,
+            quorum,
+            round_timeout_ms: TIMEOUT,
+            on_quorum_failure: QuorumFailure::Skip,
+            seed: 42,
+            local: LocalConfig {
+                epochs: 1,
+                batch_size: 32,
+                learning_rate: 0.1,
+                optimizer: Optimizer::Sgd {
+                    momentum: 0.0,
+                    weight_decay: 0.0,
+                },
+                fedprox_mu: 0.0,
+                dp_sgd: None,
+                update_dtype: DType::F32,
+                top_k_fraction: None,
+                seed: 0,
             },
-            fedprox_mu: 0.0,
-            dp_sgd: None,
-            update_dtype: DType::F32,
-            top_k_fraction: None,
-            seed: 0,
+            max_update_bytes: 10_000,
+            max_update_norm: None,
+            adaptive_norm_multiple: None,
+            global_dtype: DType::F32,
         },
-        max_update_bytes: 10_000,
-        max_update_norm: None,
-        adaptive_norm_multiple: None,
         dp_sample_rate: None,
         backbone_params: 1000,
         checkpoint_every_update: false,
         backbone_id: Some("bb".into()),
         backbone_sha256: None,
         peft: Some(PeftMethod::Head),
-        global_dtype: DType::F32,
     }
 }
 

@@ -135,9 +135,10 @@ pub enum QuorumFailure {
     Extend { max_extensions: u32 },
 }
 
-/// The rules of a run (the validated config's round part).
+/// The settings of a run's rounds, as the config file gives them (the validated config's
+/// round part; [`Rules`] adds what the model host and the DP settings decide).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Rules {
+pub struct RunSettings {
     pub run_id: u64,
     pub fleet: FleetName,
     /// Rounds to run (numbered 1..=rounds; the initial adapter is round 0).
@@ -159,13 +160,24 @@ pub struct Rules {
     pub local: LocalConfig,
     /// Largest accepted update on the wire, bytes (all chunks together).
     pub max_update_bytes: u64,
-    /// Optional L2 bound on each client delta (scaled down to it). With client-level DP this is
-    /// the DP clip norm S. With `adaptive_norm_multiple`, the bound of round 1 (or none).
+    /// Optional L2 bound on each client delta (scaled down to it). With client-level DP the
+    /// rules put the DP clip norm S here. With `adaptive_norm_multiple`, the bound of round 1
+    /// (or none).
     pub max_update_norm: Option<f64>,
     /// Adaptive bound: round r's bound is this multiple of the median norm of the updates
     /// accepted in the last round that had any (before bounding); see the book's "Robust
     /// aggregation and client-level DP".
     pub adaptive_norm_multiple: Option<f64>,
+    /// Encoding of the published global adapter. With f16 or int8 the aggregator adopts the
+    /// decoded value as its global, so it and every client hold bit-identical adapters.
+    pub global_dtype: DType,
+}
+
+/// The rules of a run: its [`RunSettings`] (which it dereferences to) and what the model host
+/// and the DP settings add.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rules {
+    pub run: RunSettings,
     /// Client-level DP's assumed client sampling rate q: a round that samples a larger share of
     /// the available clients is logged as a warning (the reported ε would understate).
     pub dp_sample_rate: Option<f64>,
@@ -178,9 +190,19 @@ pub struct Rules {
     pub backbone_id: Option<String>,
     pub backbone_sha256: Option<[u8; 32]>,
     pub peft: Option<PeftMethod>,
-    /// Encoding of the published global adapter. With f16 or int8 the aggregator adopts the
-    /// decoded value as its global, so it and every client hold bit-identical adapters.
-    pub global_dtype: DType,
+}
+
+impl std::ops::Deref for Rules {
+    type Target = RunSettings;
+    fn deref(&self) -> &RunSettings {
+        &self.run
+    }
+}
+
+impl std::ops::DerefMut for Rules {
+    fn deref_mut(&mut self) -> &mut RunSettings {
+        &mut self.run
+    }
 }
 
 /// A client as the aggregator knows it.

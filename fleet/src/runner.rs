@@ -12,13 +12,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use fedpeft_config::aggregator::{AggregatorFile, LocalTable, ModelTable, OutputTable};
+use fedpeft_config::{BrokerTable, SecurityTable};
 
 use crate::links::Mechanism;
 use crate::netns::KernelLinks;
 use crate::relay::{Relay, RelaySpec};
 use crate::report::{self, LinkReport};
 use crate::shaper::DirectionSpec;
-use crate::trial::{Broker, Trial};
+use crate::trial::{Broker, LocalSpec, Trial};
 
 /// Set by the runner's SIGINT/SIGTERM handler: the run stops, and every guard (processes,
 /// relays, namespaces) is dropped on the way out.
@@ -277,89 +279,97 @@ pub fn make_keys(trial: &Trial, out_dir: &Path) -> anyhow::Result<String> {
     Ok(public_key_hex(&aggregator.verifying_key()))
 }
 
-/// The aggregator's config file for this trial (its own TOML schema; see
-/// `fedpeft_aggregator::config`).
-pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> toml::Table {
-    let mut root = toml::Table::new();
-    let int = |v: u64| toml::Value::Integer(v as i64);
-    root.insert("fleet".into(), trial.name.clone().into());
-    root.insert("run_id".into(), int(trial.seed));
-    root.insert("rounds".into(), int(trial.rounds.into()));
-    root.insert("seed".into(), int(trial.seed));
-    root.insert("min_clients".into(), int(trial.min_clients as u64));
-    root.insert("start_clients".into(), int(trial.start_clients as u64));
-    root.insert("fraction".into(), trial.fraction.into());
-    root.insert("quorum".into(), int(trial.quorum as u64));
-    root.insert("round_timeout_secs".into(), trial.round_timeout_secs.into());
-    root.insert("global_dtype".into(), trial.global_dtype.clone().into());
-    if let Some(strategy) = &trial.strategy {
-        root.insert("strategy".into(), toml::Value::Table(strategy.clone()));
-    }
-    if let Ok(toml::Value::Table(local)) = toml::Value::try_from(&trial.local)
-        && !local.is_empty()
-    {
-        root.insert("local".into(), toml::Value::Table(local));
-    }
-    let mut broker = toml::Table::new();
-    match (&trial.broker, port) {
-        (Broker::External { url }, _) => {
-            broker.insert("url".into(), url.clone().into());
-        }
-        (Broker::Embedded, port) => {
-            broker.insert("url".into(), "embedded".into());
-            broker.insert("port".into(), int(port.unwrap_or(0).into()));
-        }
-    }
-    broker.insert(
-        "max_packet_bytes".into(),
-        int(trial.max_packet_bytes as u64),
-    );
-    root.insert("broker".into(), toml::Value::Table(broker));
-    let mut model = toml::Table::new();
-    model.insert(
-        "backbone".into(),
-        trial.model.backbone.display().to_string().into(),
-    );
-    model.insert("peft".into(), trial.model.peft.clone().into());
-    if let Some(rank) = trial.model.lora_rank {
-        model.insert("lora_rank".into(), int(rank.into()));
-    }
-    if let Some(alpha) = trial.model.lora_alpha {
-        model.insert("lora_alpha".into(), alpha.into());
-    }
-    if let Some(b) = trial.model.bottleneck {
-        model.insert("bottleneck".into(), int(b.into()));
-    }
-    if let Some(p) = trial.model.prompt_tokens {
-        model.insert("prompt_tokens".into(), int(p.into()));
-    }
-    if let Some(n) = trial.model.max_seq_len {
-        model.insert("max_seq_len".into(), int(n as u64));
-    }
-    model.insert("image_size".into(), int(trial.model.image_size as u64));
-    model.insert("dataset".into(), trial.data.dataset.clone().into());
-    model.insert(
-        "eval_examples".into(),
-        int(trial.model.eval_examples as u64),
-    );
-    model.insert(
-        "cache_dir".into(),
-        trial.cache_dir.display().to_string().into(),
-    );
-    root.insert("model".into(), toml::Value::Table(model));
-    if trial.signed {
+/// The aggregator's config file for this trial; written with [`AggregatorFile::to_toml`].
+pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> AggregatorFile {
+    let broker = match &trial.broker {
+        Broker::External { url } => BrokerTable {
+            url: Some(url.clone()),
+            ..BrokerTable::default()
+        },
+        Broker::Embedded => BrokerTable {
+            url: Some("embedded".into()),
+            port: Some(port.unwrap_or(0)),
+            ..BrokerTable::default()
+        },
+    };
+    let security = if trial.signed {
         let keys = keys_dir(out_dir);
-        let mut security = toml::Table::new();
-        let path = |name: &str| toml::Value::from(keys.join(name).display().to_string());
-        security.insert("signing_key".into(), path("aggregator.key"));
-        security.insert("enrolled_keys".into(), path("enrolled.toml"));
-        root.insert("security".into(), toml::Value::Table(security));
+        SecurityTable {
+            signing_key: Some(keys.join("aggregator.key")),
+            enrolled_keys: Some(keys.join("enrolled.toml")),
+            ..SecurityTable::default()
+        }
+    } else {
+        SecurityTable::default()
+    };
+    AggregatorFile {
+        fleet: Some(trial.name.clone()),
+        run_id: Some(trial.seed),
+        rounds: Some(trial.rounds),
+        seed: Some(trial.seed),
+        min_clients: Some(trial.min_clients),
+        start_clients: Some(trial.start_clients),
+        fraction: Some(trial.fraction),
+        quorum: Some(trial.quorum),
+        round_timeout_secs: Some(trial.round_timeout_secs),
+        global_dtype: Some(trial.global_dtype.clone()),
+        strategy: trial.strategy.clone(),
+        local: local_table(&trial.local),
+        broker: BrokerTable {
+            max_packet_bytes: Some(trial.max_packet_bytes),
+            ..broker
+        },
+        model: model_table(trial),
+        security,
+        output: OutputTable {
+            dir: Some(out_dir.to_path_buf()),
+            resume: Some(false),
+        },
+        ..AggregatorFile::default()
     }
-    let mut output = toml::Table::new();
-    output.insert("dir".into(), out_dir.display().to_string().into());
-    output.insert("resume".into(), false.into());
-    root.insert("output".into(), toml::Value::Table(output));
-    root
+}
+
+/// The trial's `[local]` as the aggregator's (which holds `f32`s).
+fn local_table(local: &LocalSpec) -> LocalTable {
+    let f = |v: Option<f64>| v.map(as_f32);
+    LocalTable {
+        epochs: local.epochs,
+        batch_size: local.batch_size,
+        learning_rate: f(local.learning_rate),
+        optimizer: local.optimizer.clone(),
+        momentum: f(local.momentum),
+        weight_decay: f(local.weight_decay),
+        fedprox_mu: f(local.fedprox_mu),
+        update_dtype: local.update_dtype.clone(),
+        top_k_fraction: f(local.top_k_fraction),
+        dp_clip_norm: f(local.dp_clip_norm),
+        dp_noise_multiplier: f(local.dp_noise_multiplier),
+    }
+}
+
+/// The aggregator's `[model]`: the trial's model and the held-out data set.
+fn model_table(trial: &Trial) -> ModelTable {
+    let m = &trial.model;
+    ModelTable {
+        backbone: Some(m.backbone.clone()),
+        peft: Some(m.peft.clone()),
+        lora_rank: m.lora_rank,
+        lora_alpha: m.lora_alpha.map(as_f32),
+        bottleneck: m.bottleneck,
+        prompt_tokens: m.prompt_tokens,
+        max_seq_len: m.max_seq_len,
+        image_size: Some(m.image_size),
+        dataset: Some(trial.data.dataset.clone()),
+        eval_examples: Some(m.eval_examples),
+        cache_dir: Some(trial.cache_dir.clone()),
+        ..ModelTable::default()
+    }
+}
+
+/// The `f32` the aggregator reads from the number as the trial file wrote it: the shortest text
+/// of the `f64`, parsed as `f32` (rounding the `f64` instead could land one ulp away).
+fn as_f32(v: f64) -> f32 {
+    v.to_string().parse().unwrap_or(v as f32)
 }
 
 /// The command line of edge client `index`. `aggregator_key`: the aggregator's public key
@@ -579,7 +589,7 @@ pub fn run(
     };
     let config_path = out_dir.join("aggregator.toml");
     let config = aggregator_config(trial, out_dir, port);
-    std::fs::write(&config_path, toml::to_string_pretty(&config)?)
+    std::fs::write(&config_path, config.to_toml())
         .with_context(|| format!("writing {}", config_path.display()))?;
 
     let mut aggregator_cmd = Command::new(&bins.aggregator);
@@ -803,8 +813,7 @@ mod tests {
 
     #[test]
     fn the_aggregator_config_carries_the_trial_settings() {
-        let cfg = aggregator_config(&trial(), Path::new("runs/t"), Some(4321));
-        let text = toml::to_string(&cfg).unwrap();
+        let text = aggregator_config(&trial(), Path::new("runs/t"), Some(4321)).to_toml();
         for needle in [
             "rounds = 3",
             "quorum = 3",
@@ -823,6 +832,37 @@ mod tests {
             !text.contains("batch_size"),
             "unset fields stay unset:\n{text}"
         );
+    }
+
+    /// The file written for a trial means what the runner wrote when it built the file as a
+    /// TOML table (that text is kept in `testdata/`): both parse to the same [`AggregatorFile`].
+    #[test]
+    fn the_aggregator_config_means_what_the_table_built_one_meant() {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+        let quickstart = Trial::load(&data.join("../../trials/quickstart.toml")).unwrap();
+        let dp = Trial::load(&data.join("dp-fedadam-signed.toml")).unwrap();
+        for (trial, out, port, then) in [
+            (
+                &quickstart,
+                "runs/quickstart",
+                Some(4321),
+                "aggregator-quickstart.toml",
+            ),
+            (
+                &dp,
+                "runs/dp-robust",
+                None,
+                "aggregator-dp-fedadam-signed.toml",
+            ),
+        ] {
+            let text = aggregator_config(trial, Path::new(out), port).to_toml();
+            let now = AggregatorFile::parse(&text, Path::new("now.toml")).unwrap();
+            let then = AggregatorFile::read(&data.join(then)).unwrap();
+            assert_eq!(now, then, "{}: written now:\n{text}", trial.name);
+        }
+        // The f32 fields read as the aggregator reads the trial's text, not one ulp away.
+        assert_eq!(as_f32(0.001), 0.001_f32);
+        assert_eq!(dp.local.weight_decay.map(as_f32), Some(0.0001_f32));
     }
 
     /// The arguments `client_command` gives client `index` of `t`.
@@ -858,7 +898,7 @@ mod tests {
     #[test]
     fn a_signed_trial_makes_keys_enrols_every_client_and_hands_each_its_key() {
         let mut t = trial();
-        let unsigned = toml::to_string(&aggregator_config(&t, Path::new("o"), None)).unwrap();
+        let unsigned = aggregator_config(&t, Path::new("o"), None).to_toml();
         assert!(!unsigned.contains("[security]"), "{unsigned}");
         assert!(
             !client_args(&t, 1)
@@ -890,7 +930,7 @@ mod tests {
         }
         // A second run into the same folder makes new keys instead of failing on the old.
         assert_ne!(make_keys(&t, out.path()).unwrap(), agg_hex);
-        let config = toml::to_string(&aggregator_config(&t, Path::new("o"), None)).unwrap();
+        let config = aggregator_config(&t, Path::new("o"), None).to_toml();
         assert!(
             config.contains("signing_key = \"o/keys/aggregator.key\""),
             "{config}"
@@ -959,7 +999,7 @@ mod tests {
             Path::new("t.toml"),
         )
         .unwrap();
-        let text = toml::to_string(&aggregator_config(&t, Path::new("o"), None)).unwrap();
+        let text = aggregator_config(&t, Path::new("o"), None).to_toml();
         for needle in [
             "dataset = \"spam-assassin\"",
             "max_seq_len = 64",

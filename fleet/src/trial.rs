@@ -35,7 +35,7 @@
 //! delay_secs = 30.0            # ... this long after training; past the round's deadline the
 //!                              # round closes without it (reported as late)
 //!
-//! [strategy]                   # passed to the aggregator as written (see its config docs)
+//! [strategy]                   # the aggregator's table, checked here (see its config docs)
 //! kind = "fedavg"              # fedavg | fedadam | fedyogi | median | trimmed-mean
 //!
 //! [model]
@@ -74,6 +74,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fedpeft_config::strategy::StrategyKind;
 use serde::Deserialize;
 
 use crate::links::{LinkPlan, LinksSpec, Mechanism};
@@ -239,8 +240,8 @@ pub struct TrialFile {
     pub round_timeout_secs: f64,
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// The aggregator's `[strategy]` table, passed through. Default: FedAvg.
-    pub strategy: Option<toml::Table>,
+    /// The aggregator's `[strategy]` table, spelled as in its config file. Default: FedAvg.
+    pub strategy: Option<StrategyKind>,
     pub model: ModelSpec,
     pub data: DataSpec,
     #[serde(default)]
@@ -294,7 +295,7 @@ pub struct Trial {
     pub quorum: usize,
     pub round_timeout_secs: f64,
     pub seed: u64,
-    pub strategy: Option<toml::Table>,
+    pub strategy: Option<StrategyKind>,
     pub model: ModelSpec,
     pub data: DataSpec,
     pub local: LocalSpec,
@@ -817,6 +818,18 @@ mod tests {
             let err = Trial::parse(&text, Path::new("t.toml")).unwrap_err();
             assert!(err.to_string().contains(field), "{patch}: {err}");
         }
+    }
+
+    #[test]
+    fn the_strategy_is_the_aggregators_table_checked_before_anything_runs() {
+        let text = format!("{MINIMAL}\n[strategy]\nkind = \"trimmed-mean\"\ntrim = 0.2\n");
+        let t = Trial::parse(&text, Path::new("t.toml")).unwrap();
+        assert_eq!(t.strategy, Some(StrategyKind::TrimmedMean { trim: 0.2 }));
+        let text = format!("{MINIMAL}\n[strategy]\nkind = \"krum\"\n");
+        let err = Trial::parse(&text, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("t.toml") && err.contains("krum"), "{err}");
     }
 
     #[test]

@@ -28,7 +28,9 @@ pub mod report;
 pub mod rounds;
 pub mod runner;
 pub mod shaper;
+pub mod summary;
 pub mod sweep;
+pub mod table;
 pub mod trial;
 
 pub use runner::{Binaries, Outcome, run};

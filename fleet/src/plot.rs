@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::sweep::Row;
+use crate::summary::Row;
 
 /// Where the font is looked for, in order (after `FEDPEFT_PLOT_FONT`).
 pub const FONT_PATHS: [&str; 2] = [
@@ -469,7 +469,7 @@ fn human_bytes(b: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::ComputedRoundTime;
+    use crate::summary::ComputedRoundTime;
 
     fn row(name: &str, acc: &[f64], scale: u64) -> Row {
         Row {
@@ -568,7 +568,7 @@ mod tests {
             assert_eq!(series, expected, "{name}.svg series elements");
         }
         // The folder re-plots from its results file.
-        crate::sweep::write_table(dir.path(), &rows).unwrap();
+        crate::table::write_table(dir.path(), &rows).unwrap();
         std::fs::remove_file(dir.path().join("accuracy_vs_round.png")).unwrap();
         assert_eq!(plot_dir(dir.path()).unwrap().len(), 6);
         assert!(dir.path().join("accuracy_vs_round.png").is_file());

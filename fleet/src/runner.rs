@@ -545,7 +545,7 @@ fn summarize_and_plot(trial: &Trial, out_dir: &Path) -> anyhow::Result<()> {
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut report: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
-    let row = crate::sweep::row(trial, &report);
+    let row = crate::summary::row(trial, &report);
     report["summary"] = serde_json::to_value(&row)?;
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;

@@ -20,6 +20,7 @@
 //!
 //! The aggregator writes the run's report (`report.json`, `report.csv`) into the same folder.
 
+pub mod link_report;
 pub mod links;
 pub mod netns;
 pub mod plot;

@@ -14,7 +14,9 @@ use anyhow::{Context, bail};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use crate::report::TrialReport;
 use crate::summary::Row;
+use crate::table::Results;
 
 /// Where the font is looked for, in order (after `FEDPEFT_PLOT_FONT`).
 pub const FONT_PATHS: [&str; 2] = [
@@ -105,36 +107,16 @@ pub fn plot_dir(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 /// The result rows of a sweep or trial folder.
 pub fn rows_in(dir: &Path) -> anyhow::Result<Vec<Row>> {
-    let read = |name: &str| -> anyhow::Result<Option<serde_json::Value>> {
-        let path = dir.join(name);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                Ok(Some(serde_json::from_str(&text).with_context(|| {
-                    format!("{} is not JSON", path.display())
-                })?))
-            }
-            Err(_) => Ok(None),
-        }
-    };
-    if let Some(results) = read("results.json")? {
-        return serde_json::from_value(results["trials"].clone()).with_context(|| {
-            format!(
-                "{}: `trials` is not a list of result rows",
-                dir.join("results.json").display()
-            )
-        });
+    if let Some(results) = Results::read(dir)? {
+        return Ok(results.trials);
     }
-    if let Some(report) = read("report.json")? {
-        let summary = report.get("summary").cloned().with_context(|| {
+    let path = TrialReport::path(dir);
+    if path.is_file() {
+        let report = TrialReport::read(dir)?;
+        let row = report.summary.with_context(|| {
             format!(
                 "{} has no `summary` (written by fedpeft-fleet at the end of a run)",
-                dir.join("report.json").display()
-            )
-        })?;
-        let row: Row = serde_json::from_value(summary).with_context(|| {
-            format!(
-                "{}: `summary` is not a result row",
-                dir.join("report.json").display()
+                path.display()
             )
         })?;
         return Ok(vec![row]);

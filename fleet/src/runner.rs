@@ -13,13 +13,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fedpeft_config::aggregator::{AggregatorFile, LocalTable, ModelTable, OutputTable};
+use fedpeft_config::report::Report;
 use fedpeft_config::{BrokerTable, SecurityTable};
 
+use crate::link_report::{self, KernelCounters, LinkReport};
 use crate::links::Mechanism;
 use crate::netns::KernelLinks;
 use crate::relay::{Relay, RelaySpec};
-use crate::report::{self, LinkReport};
+use crate::report::TrialReport;
+use crate::rounds::Participation;
 use crate::shaper::DirectionSpec;
+use crate::summary::{self, Row};
 use crate::trial::{Broker, LocalSpec, Trial};
 
 /// Set by the runner's SIGINT/SIGTERM handler: the run stops, and every guard (processes,
@@ -537,18 +541,49 @@ fn wait_for_activations(client: &mut Child, log: &Path, timeout: Duration) -> an
     )
 }
 
-/// Adds the trial's results row (`summary`: accuracy by round, bytes, ratio to full-model
-/// FedAvg, computed per-preset round times) to `report.json` and draws its plots.
-fn summarize_and_plot(trial: &Trial, out_dir: &Path) -> anyhow::Result<()> {
-    let path = out_dir.join("report.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut report: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
-    let row = crate::summary::row(trial, &report);
-    report["summary"] = serde_json::to_value(&row)?;
-    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-        .with_context(|| format!("writing {}", path.display()))?;
+/// The aggregator's `report.json` with the fleet's sections added and printed: who took part in
+/// each round, the results row (`summary`, with its plots) and the link measurements from
+/// `links` (given the aggregator's report, for the rounds' wall times; also to `links.csv`).
+fn record_results(
+    trial: &Trial,
+    out_dir: &Path,
+    links: impl FnOnce(Option<&Report>) -> Option<LinkReport>,
+) -> anyhow::Result<Option<LinkReport>> {
+    let mut report = match TrialReport::read(out_dir) {
+        Ok(report) => Some(report),
+        Err(e) => {
+            eprintln!("fleet: no participation table, summary or plots: {e:#}");
+            None
+        }
+    };
+    if let Some(report) = &mut report {
+        let participation = Participation::new(trial, &report.aggregator);
+        participation.print();
+        report.participation = Some(participation);
+        let row = summary::row(trial, &report.aggregator);
+        print_and_plot(&row, out_dir);
+        report.summary = Some(row);
+    }
+    let links = links(report.as_ref().map(|r| &r.aggregator));
+    if let Some(links) = &links {
+        links.write_csv(out_dir)?;
+        links.print();
+    }
+    match (report, &links) {
+        (Some(mut report), _) => {
+            report.links = links.clone();
+            report.write(out_dir)?;
+        }
+        (None, Some(links)) if !TrialReport::path(out_dir).exists() => {
+            TrialReport::write_links_only(out_dir, links)?;
+        }
+        (None, _) => {}
+    }
+    Ok(links)
+}
+
+/// Prints how much less than full-model FedAvg the trial moved, and draws its plots.
+fn print_and_plot(row: &Row, out_dir: &Path) {
     if let Some(x) = row.times_less_than_full_model {
         println!(
             "fleet: per participating client-round {:.0} B up + {:.0} B down: {x:.0}x less than \
@@ -556,9 +591,10 @@ fn summarize_and_plot(trial: &Trial, out_dir: &Path) -> anyhow::Result<()> {
             row.up_bytes_per_client_round, row.down_bytes_per_client_round
         );
     }
-    let files = crate::plot::plot_rows(&[row], out_dir)?;
-    println!("fleet: {} plots in {}", files.len(), out_dir.display());
-    Ok(())
+    match crate::plot::plot_rows(std::slice::from_ref(row), out_dir) {
+        Ok(files) => println!("fleet: {} plots in {}", files.len(), out_dir.display()),
+        Err(e) => eprintln!("fleet: no plots: {e:#}"),
+    }
 }
 
 /// Runs `trial` to the end (or `deadline`), writing everything under `out_dir`.
@@ -652,7 +688,7 @@ pub fn run(
             } else {
                 "delay/jitter/loss by the relay"
             },
-            report::profile_summary(&plan.clients)
+            link_report::profile_summary(&plan.clients)
         );
     }
     let counters_before: Vec<_> = match &kernel {
@@ -727,47 +763,28 @@ pub fn run(
     for c in &mut clients {
         client_status.push(c.terminate(Duration::from_secs(20)));
     }
-    match crate::rounds::Participation::build(trial, out_dir) {
-        Ok(p) => {
-            p.write(out_dir)?;
-            p.print();
-        }
-        Err(e) => eprintln!("fleet: no participation table: {e:#}"),
-    }
-    if let Err(e) = summarize_and_plot(trial, out_dir) {
-        eprintln!("fleet: no summary or plots: {e:#}");
-    }
-    let links = match &trial.links {
-        Some(plan) => {
-            let kernel_counters = kernel.as_ref().map(|k| {
-                (0..trial.clients)
-                    .map(|i| {
-                        let now = k.counters(i);
-                        report::KernelCounters::between(
-                            counters_before[i],
-                            now,
-                            k.counters_inside(i),
-                        )
-                    })
-                    .collect()
-            });
-            let stats = relays.iter().map(Relay::snapshot).collect();
-            let netem = kernel.as_ref().is_some_and(|k| k.netem);
-            let rep = LinkReport::build(
-                trial,
-                plan,
-                mechanism,
-                netem,
-                stats,
-                kernel_counters,
-                out_dir,
-            )?;
-            rep.write(out_dir)?;
-            rep.print();
-            Some(rep)
-        }
-        None => None,
-    };
+    let links = record_results(trial, out_dir, |report| {
+        let plan = trial.links.as_ref()?;
+        let kernel_counters = kernel.as_ref().map(|k| {
+            (0..trial.clients)
+                .map(|i| {
+                    let now = k.counters(i);
+                    KernelCounters::between(counters_before[i], now, k.counters_inside(i))
+                })
+                .collect()
+        });
+        let stats = relays.iter().map(Relay::snapshot).collect();
+        let netem = kernel.as_ref().is_some_and(|k| k.netem);
+        Some(LinkReport::build(
+            trial,
+            plan,
+            mechanism,
+            netem,
+            stats,
+            kernel_counters,
+            report,
+        ))
+    })?;
     drop(relays);
     if let Some(mut k) = kernel.take() {
         k.teardown();

@@ -3,13 +3,14 @@
 //! bytes. The runner adds it to the trial's `report.json` as `summary`; a sweep's table is one
 //! row per trial; the plots draw rows.
 
+use fedpeft_config::report::Report;
 use serde::{Deserialize, Serialize};
 
 use crate::links::{PRESETS, preset};
 use crate::trial::Trial;
 
 /// Round time on one link preset, computed from a client's bytes per round.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ComputedRoundTime {
     pub preset: String,
     /// Upload of the update + download of the global + both ways' latency, seconds.
@@ -17,7 +18,7 @@ pub struct ComputedRoundTime {
 }
 
 /// One trial's line of the results table.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     pub trial: String,
     pub method: String,
@@ -83,39 +84,31 @@ impl Row {
     }
 }
 
-fn u(v: &serde_json::Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
-
-/// Reads a finished trial's `report.json` into a row.
-pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
-    let rounds = report["rounds"].as_array().cloned().unwrap_or_default();
+/// A finished trial's row, from the aggregator's report of it.
+pub fn row(trial: &Trial, report: &Report) -> Row {
     let mut acc = Vec::new();
     let mut cum = Vec::new();
     let mut total = 0u64;
     let mut client_rounds = 0u64;
     let mut sampled_client_rounds = 0u64;
     let mut ms = Vec::new();
-    for r in &rounds {
-        acc.push(r["eval_accuracy"].as_f64());
-        total += u(&r["traffic"]["up_bytes"]) + u(&r["traffic"]["down_bytes"]);
+    for r in &report.rounds {
+        acc.push(r.eval_accuracy);
+        total += r.traffic.up_bytes + r.traffic.down_bytes;
         cum.push(total);
-        if u(&r["round"]) > 0 {
-            client_rounds += u(&r["clients_ok"]);
-            sampled_client_rounds += r["sampled"].as_array().map_or(0, |s| s.len() as u64);
-            ms.push(r["duration_ms"].as_f64().unwrap_or(0.0));
+        if r.round > 0 {
+            client_rounds += r.clients_ok as u64;
+            sampled_client_rounds += r.sampled.len() as u64;
+            ms.push(r.duration_ms as f64);
         }
     }
-    let totals = &report["totals"];
-    let up = u(&totals["up_bytes"]);
-    let down = u(&totals["down_bytes"]);
-    let full = u(&totals["full_model_fedavg_bytes"]);
-    let per = |b: u64| {
-        if client_rounds == 0 {
-            0.0
-        } else {
-            b as f64 / client_rounds as f64
-        }
+    let up = report.totals.up_bytes;
+    let down = report.totals.down_bytes;
+    let full = report.totals.full_model_fedavg_bytes;
+    let up_per = if client_rounds == 0 {
+        0.0
+    } else {
+        up as f64 / client_rounds as f64
     };
     // Every joined client receives each round's global model, sampled or not: the download is
     // counted per client and round, the upload per accepted update.
@@ -125,19 +118,6 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
     } else {
         down as f64 / (done_rounds * trial.clients as u64) as f64
     };
-    let up_per = per(up);
-    let computed_round_comm = PRESETS
-        .iter()
-        .filter_map(|&name| {
-            let p = preset(name)?;
-            Some(ComputedRoundTime {
-                preset: name.to_string(),
-                comm_secs: up_per / p.up_bytes_per_sec()
-                    + down_per / p.down_bytes_per_sec()
-                    + 2.0 * p.latency_ms / 1000.0,
-            })
-        })
-        .collect();
     let participation = crate::rounds::from_report(report);
     Row {
         dropout: trial.dropout,
@@ -162,12 +142,12 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
         global_dtype: trial.global_dtype.clone(),
         dp_clip_norm: trial.local.dp_clip_norm,
         dp_noise_multiplier: trial.local.dp_noise_multiplier,
-        dp_epsilon_median: report["local_dp"]["median"].as_f64(),
-        dp_epsilon_max: report["local_dp"]["max"].as_f64(),
+        dp_epsilon_median: report.local_dp.as_ref().map(|d| d.median),
+        dp_epsilon_max: report.local_dp.as_ref().map(|d| d.max),
         final_accuracy: acc.last().copied().flatten(),
         best_accuracy: acc.iter().flatten().copied().reduce(f64::max),
-        trainable_params: u(&report["trainable_params"]),
-        backbone_params: u(&report["backbone_params"]),
+        trainable_params: report.trainable_params as u64,
+        backbone_params: report.backbone_params,
         client_rounds,
         up_bytes_per_client_round: up_per,
         down_bytes_per_client_round: down_per,
@@ -183,17 +163,36 @@ pub fn row(trial: &Trial, report: &serde_json::Value) -> Row {
         } else {
             ms.iter().sum::<f64>() / ms.len() as f64
         },
-        computed_round_comm,
+        computed_round_comm: computed_round_comm(up_per, down_per),
         accuracy_by_round: acc,
         cumulative_bytes_by_round: cum,
     }
+}
+
+/// A client-round's communication time on every preset: `up` bytes up, `down` bytes down.
+fn computed_round_comm(up: f64, down: f64) -> Vec<ComputedRoundTime> {
+    PRESETS
+        .iter()
+        .filter_map(|&name| {
+            let p = preset(name)?;
+            Some(ComputedRoundTime {
+                preset: name.to_string(),
+                comm_secs: up / p.up_bytes_per_sec()
+                    + down / p.down_bytes_per_sec()
+                    + 2.0 * p.latency_ms / 1000.0,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
+    use fedpeft_config::report::LocalDp;
+
     use super::*;
+    use crate::report::fixtures::{report, round};
 
     /// A trial of a sweep `s`: 16 clients, 2 sampled a round.
     const TRIAL: &str = r#"
@@ -213,18 +212,29 @@ mod tests {
     #[test]
     fn a_row_counts_bytes_per_accepted_client_round_and_computes_link_times() {
         let trial = Trial::parse(TRIAL, Path::new("x")).unwrap();
-        let report = serde_json::json!({
-            "finished": true, "trainable_params": 25610, "backbone_params": 4652008,
-            "totals": {"up_bytes": 4000, "down_bytes": 6000, "full_model_fedavg_bytes": 10_000_000},
-            "local_dp": {"clients": {"a": 3.5, "b": 4.0, "c": 9.25}, "median": 4.0, "max": 9.25},
-            "rounds": [
-                {"round": 0, "eval_accuracy": 0.1, "clients_ok": 0, "duration_ms": 0,
-                 "traffic": {"up_bytes": 0, "down_bytes": 0}},
-                {"round": 1, "eval_accuracy": 0.5, "clients_ok": 2, "duration_ms": 1000,
-                 "sampled": ["a", "b", "c"], "traffic": {"up_bytes": 2000, "down_bytes": 3000}},
-                {"round": 2, "eval_accuracy": 0.4, "clients_ok": 2, "duration_ms": 3000,
-                 "sampled": ["a", "b"], "traffic": {"up_bytes": 2000, "down_bytes": 3000}}
-            ]
+        let mut rounds = vec![
+            round(0, &[], 0),
+            round(1, &["a", "b", "c"], 2),
+            round(2, &["a", "b"], 2),
+        ];
+        for (r, (acc, ms)) in rounds.iter_mut().zip([(0.1, 0), (0.5, 1000), (0.4, 3000)]) {
+            r.eval_accuracy = Some(acc);
+            r.duration_ms = ms;
+            if r.round > 0 {
+                (r.traffic.up_bytes, r.traffic.down_bytes) = (2000, 3000);
+            }
+        }
+        let mut report = report(rounds);
+        report.trainable_params = 25610;
+        report.backbone_params = 4652008;
+        (report.totals.up_bytes, report.totals.down_bytes) = (4000, 6000);
+        report.totals.full_model_fedavg_bytes = 10_000_000;
+        report.local_dp = Some(LocalDp {
+            clients: [("a", 3.5), ("b", 4.0), ("c", 9.25)]
+                .map(|(c, e)| (c.to_string(), e))
+                .into(),
+            median: 4.0,
+            max: 9.25,
         });
         let r = row(&trial, &report);
         assert_eq!(r.client_rounds, 4);

@@ -39,7 +39,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use fedpeft_config::report::Report;
 
+use crate::report::TrialReport;
 use crate::runner::{Binaries, run};
 use crate::summary::row;
 use crate::table::write_table;
@@ -186,10 +188,10 @@ impl Sweep {
     }
 }
 
-fn finished_report(dir: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(dir.join("report.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    (v["finished"] == serde_json::Value::Bool(true)).then_some(v)
+/// The aggregator's report in `dir` if it says the run finished.
+fn finished_report(dir: &Path) -> Option<Report> {
+    let report = TrialReport::read(dir).ok()?.aggregator;
+    report.finished.then_some(report)
 }
 
 /// A finished trial is reused only if it ran with the settings the sweep file gives it now:

@@ -2,7 +2,10 @@
 //! the computed columns mean), `results.csv` (one line per trial, per-round series only in the
 //! JSON) and `results.md`, the markdown the README shows.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
 
 use crate::links::PRESETS;
 use crate::summary::Row;
@@ -156,19 +159,50 @@ pub fn markdown(rows: &[Row]) -> String {
     out
 }
 
+/// `results.json`: the rows, and what their computed columns mean.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    /// How `computed_round_comm` is computed ([`COMPUTED_ROUND_COMM`]).
+    pub computed_round_comm: String,
+    /// [`Results::SCHEMA`].
+    pub schema: String,
+    pub trials: Vec<Row>,
+}
+
+/// What a row's `computed_round_comm` is.
+pub const COMPUTED_ROUND_COMM: &str = "per link preset: up bytes / up rate + down bytes / down \
+    rate + 2 x one-way latency, per sampled client and round; computed from the measured bytes \
+    and the preset's figures, not measured";
+
+impl Results {
+    /// The schema name `results.json` carries.
+    pub const SCHEMA: &str = "fedpeft-sweep-results/1";
+
+    /// `<dir>/results.json`.
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("results.json")
+    }
+
+    /// Reads `<dir>/results.json`; `None` if there is none.
+    pub fn read(dir: &Path) -> anyhow::Result<Option<Results>> {
+        let path = Results::path(dir);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(None);
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .with_context(|| format!("{} is not a sweep's results table", path.display()))
+    }
+}
+
 /// Writes `results.json`, `results.csv` and `results.md` in `out`.
 pub fn write_table(out: &Path, rows: &[Row]) -> anyhow::Result<()> {
-    let json = serde_json::json!({
-        "schema": "fedpeft-sweep-results/1",
-        "computed_round_comm": "per link preset: up bytes / up rate + down bytes / down rate \
-                                + 2 x one-way latency, per sampled client and round; computed \
-                                from the measured bytes and the preset's figures, not measured",
-        "trials": rows,
-    });
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(&json)?,
-    )?;
+    let results = Results {
+        computed_round_comm: COMPUTED_ROUND_COMM.into(),
+        schema: Results::SCHEMA.into(),
+        trials: rows.to_vec(),
+    };
+    std::fs::write(Results::path(out), serde_json::to_string_pretty(&results)?)?;
     std::fs::write(out.join("results.csv"), csv(rows))?;
     std::fs::write(out.join("results.md"), markdown(rows))?;
     Ok(())

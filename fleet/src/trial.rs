@@ -636,8 +636,8 @@ impl Trial {
         }
         let family = std::fs::read_to_string(&manifest)
             .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v.get("family")?.as_str().map(str::to_string));
+            .and_then(|t| serde_json::from_str::<ManifestFamily>(&t).ok())
+            .and_then(|m| m.family);
         let (wanted, blocks) = match family.as_deref() {
             Some("conv_head") => ("fashion-mnist", false),
             Some("transformer") => ("spam-assassin", true),
@@ -697,6 +697,12 @@ impl Trial {
     pub fn client_id(&self, index: usize) -> String {
         format!("client-{index:02}")
     }
+}
+
+/// The one field of a backbone's `manifest.json` the runner reads: which kind of trunk it is.
+#[derive(Deserialize)]
+struct ManifestFamily {
+    family: Option<String>,
 }
 
 /// [`fedpeft_protocol::keyed_unit`]'s purpose for picking stragglers.

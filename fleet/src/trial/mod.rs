@@ -1,9 +1,9 @@
 //! The trial file: one TOML document that says what federation to run, validated into a
 //! [`Trial`] before any process starts.
 //!
-//! - [`file`]: the file as written, a struct per table (defaults, unknown keys refused).
-//! - [`validate`]: one check per table, into a [`Trial`]; stragglers picked by the seed.
-//! - [`preflight`]: checks against this machine (backbone built, kernel links possible).
+//! - `file`: the file as written, a struct per table (defaults, unknown keys refused).
+//! - `validate`: one check per table, into a [`Trial`]; stragglers picked by the seed.
+//! - `preflight`: checks against this machine (backbone built, kernel links possible).
 //!
 //! ```toml
 //! name = "quickstart"          # results go to runs/<name>/ unless --out says otherwise

@@ -92,6 +92,62 @@ fn short(key: &str, value: &toml::Value) -> String {
     .collect()
 }
 
+/// A trial of the sweep before it is named: its label and the fields it sets over `[base]`.
+type Run = (String, Vec<(String, toml::Value)>);
+
+/// Every combination of the grid, keys in alphabetical order (the first varies slowest),
+/// labelled by its values; none for an empty grid.
+fn grid_runs(grid: &toml::Table) -> anyhow::Result<Vec<Run>> {
+    if grid.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut combos: Vec<Vec<(String, toml::Value)>> = vec![Vec::new()];
+    for (key, values) in grid {
+        let values = values
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .with_context(|| format!("grid `{key}` must be a non-empty array"))?;
+        combos = combos
+            .into_iter()
+            .flat_map(|c| {
+                values.iter().map(move |v| {
+                    let mut c = c.clone();
+                    c.push((key.clone(), v.clone()));
+                    c
+                })
+            })
+            .collect();
+    }
+    Ok(combos
+        .into_iter()
+        .map(|c| {
+            let label = c
+                .iter()
+                .map(|(k, v)| short(k, v))
+                .collect::<Vec<_>>()
+                .join("-");
+            (label, c)
+        })
+        .collect())
+}
+
+/// The `[[extra]]` trials, each labelled by its `label`.
+fn extra_runs(extra: Vec<toml::Value>) -> anyhow::Result<Vec<Run>> {
+    let mut runs = Vec::with_capacity(extra.len());
+    for (i, e) in extra.into_iter().enumerate() {
+        let mut t = match e {
+            toml::Value::Table(t) => t,
+            _ => bail!("extra[{i}] must be a table"),
+        };
+        let label = match t.remove("label") {
+            Some(toml::Value::String(s)) => s,
+            _ => bail!("extra[{i}] needs a `label`"),
+        };
+        runs.push((label, t.into_iter().collect()));
+    }
+    Ok(runs)
+}
+
 impl Sweep {
     pub fn load(path: &Path) -> anyhow::Result<Sweep> {
         let text = std::fs::read_to_string(path)
@@ -123,49 +179,8 @@ impl Sweep {
         if let Some(k) = doc.keys().next() {
             bail!("unknown field `{k}` (expected name, base, grid, extra)");
         }
-        // Every combination of the grid, keys in alphabetical order (the first varies slowest).
-        let mut combos: Vec<Vec<(String, toml::Value)>> = vec![Vec::new()];
-        for (key, values) in &grid {
-            let values = values
-                .as_array()
-                .filter(|a| !a.is_empty())
-                .with_context(|| format!("grid `{key}` must be a non-empty array"))?;
-            combos = combos
-                .into_iter()
-                .flat_map(|c| {
-                    values.iter().map(move |v| {
-                        let mut c = c.clone();
-                        c.push((key.clone(), v.clone()));
-                        c
-                    })
-                })
-                .collect();
-        }
-        if grid.is_empty() {
-            combos.clear();
-        }
-        let mut runs: Vec<(String, Vec<(String, toml::Value)>)> = combos
-            .into_iter()
-            .map(|c| {
-                let label = c
-                    .iter()
-                    .map(|(k, v)| short(k, v))
-                    .collect::<Vec<_>>()
-                    .join("-");
-                (label, c)
-            })
-            .collect();
-        for (i, e) in extra.into_iter().enumerate() {
-            let mut t = match e {
-                toml::Value::Table(t) => t,
-                _ => bail!("extra[{i}] must be a table"),
-            };
-            let label = match t.remove("label") {
-                Some(toml::Value::String(s)) => s,
-                _ => bail!("extra[{i}] needs a `label`"),
-            };
-            runs.push((label, t.into_iter().collect()));
-        }
+        let mut runs = grid_runs(&grid)?;
+        runs.extend(extra_runs(extra)?);
         if runs.is_empty() {
             bail!("no trials: give a [grid] or [[extra]]");
         }

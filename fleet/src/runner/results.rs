@@ -66,3 +66,28 @@ fn print_and_plot(row: &Row, out_dir: &Path) {
         Err(e) => eprintln!("fleet: no plots: {e:#}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real quickstart run's `report.json`, its `participation` and `summary` written when the
+    /// fleet patched JSON values: recorded again from the aggregator's part alone, the typed
+    /// sections are the same.
+    #[test]
+    fn recorded_results_are_what_the_fleet_has_always_added() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let trial = Trial::load(&root.join("../trials/quickstart.toml")).unwrap();
+        let then: TrialReport =
+            serde_json::from_str(include_str!("../../testdata/trial-report-quickstart.json"))
+                .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        TrialReport::new(then.aggregator.clone())
+            .write(dir.path())
+            .unwrap();
+        let links = record_results(&trial, dir.path(), |_| None).unwrap();
+        assert!(links.is_none());
+        let now = TrialReport::read(dir.path()).unwrap();
+        assert_eq!(now, then);
+    }
+}

@@ -199,7 +199,7 @@ mod tests {
     /// and writes back the same keys and values.
     #[test]
     fn a_real_trial_report_reads_and_writes_back_unchanged() {
-        let text = include_str!("../testdata/trial-report-quickstart.json");
+        let text = include_str!("../fixtures/trial-report-quickstart.json");
         let report: TrialReport = serde_json::from_str(text).unwrap();
         assert!(report.participation.is_some() && report.summary.is_some());
         let then: serde_json::Value = serde_json::from_str(text).unwrap();

@@ -79,7 +79,7 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let trial = Trial::load(&root.join("../trials/quickstart.toml")).unwrap();
         let then: TrialReport =
-            serde_json::from_str(include_str!("../../testdata/trial-report-quickstart.json"))
+            serde_json::from_str(include_str!("../../fixtures/trial-report-quickstart.json"))
                 .unwrap();
         let dir = tempfile::tempdir().unwrap();
         TrialReport::new(then.aggregator.clone())

@@ -56,10 +56,10 @@ fn the_aggregator_config_carries_the_trial_settings() {
 }
 
 /// The file written for a trial means what the runner wrote when it built the file as a
-/// TOML table (that text is kept in `testdata/`): both parse to the same [`AggregatorFile`].
+/// TOML table (that text is kept in `fixtures/`): both parse to the same [`AggregatorFile`].
 #[test]
 fn the_aggregator_config_means_what_the_table_built_one_meant() {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     let quickstart = Trial::load(&data.join("../../trials/quickstart.toml")).unwrap();
     let dp = Trial::load(&data.join("dp-fedadam-signed.toml")).unwrap();
     for (trial, out, port, then) in [

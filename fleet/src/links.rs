@@ -145,7 +145,7 @@ pub fn preset(name: &str) -> Option<LinkProfile> {
 pub const PRESETS: [&str; 4] = ["nb-iot", "lte-m", "3g", "wifi"];
 
 /// How links are emulated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mechanism {
     /// Kernel when running as root with `ip netns`, veth and `tc` available, else userspace.
@@ -199,7 +199,7 @@ fn default_mechanism() -> String {
 }
 
 /// A client's link: its profile's name and figures.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
 pub struct ClientLink {
     pub profile: String,
     #[serde(flatten)]

@@ -41,6 +41,15 @@ fn install_signal_handler() {
         });
 }
 
+/// Before a trial or sweep named `name` runs: the signal handler installed, the results folder
+/// (`--out`, else `runs/<name>`), and the aggregator and edge-client binaries beside this one.
+fn prepare(out: Option<PathBuf>, name: &str) -> anyhow::Result<(PathBuf, Binaries)> {
+    install_signal_handler();
+    let out = out.unwrap_or_else(|| PathBuf::from("runs").join(name));
+    let exe = std::env::current_exe().context("locating fedpeft-fleet")?;
+    Ok((out, Binaries::beside(&exe)?))
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "fedpeft-fleet", version, about = "fedpeft fleet trials")]
 struct Cli {
@@ -111,10 +120,7 @@ fn main() -> anyhow::Result<()> {
         trial.set_mechanism(Mechanism::parse(&m).context("--links")?)?;
     }
     trial.preflight()?;
-    install_signal_handler();
-    let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&trial.name));
-    let exe = std::env::current_exe().context("locating fedpeft-fleet")?;
-    let bins = Binaries::beside(&exe)?;
+    let (out, bins) = prepare(out, &trial.name)?;
     println!(
         "fleet: trial `{}`: {} clients, {} rounds, {} on {}, results in {}",
         trial.name,
@@ -152,10 +158,7 @@ fn sweep_main(
     timeout_secs: u64,
 ) -> anyhow::Result<()> {
     let sweep = fedpeft_fleet::sweep::Sweep::load(path)?;
-    install_signal_handler();
-    let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&sweep.name));
-    let exe = std::env::current_exe().context("locating fedpeft-fleet")?;
-    let bins = Binaries::beside(&exe)?;
+    let (out, bins) = prepare(out, &sweep.name)?;
     println!(
         "sweep `{}`: {} trials, results in {}",
         sweep.name,

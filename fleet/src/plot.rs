@@ -14,7 +14,9 @@ use anyhow::{Context, bail};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::sweep::Row;
+use crate::report::TrialReport;
+use crate::summary::Row;
+use crate::table::Results;
 
 /// Where the font is looked for, in order (after `FEDPEFT_PLOT_FONT`).
 pub const FONT_PATHS: [&str; 2] = [
@@ -105,36 +107,16 @@ pub fn plot_dir(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 /// The result rows of a sweep or trial folder.
 pub fn rows_in(dir: &Path) -> anyhow::Result<Vec<Row>> {
-    let read = |name: &str| -> anyhow::Result<Option<serde_json::Value>> {
-        let path = dir.join(name);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                Ok(Some(serde_json::from_str(&text).with_context(|| {
-                    format!("{} is not JSON", path.display())
-                })?))
-            }
-            Err(_) => Ok(None),
-        }
-    };
-    if let Some(results) = read("results.json")? {
-        return serde_json::from_value(results["trials"].clone()).with_context(|| {
-            format!(
-                "{}: `trials` is not a list of result rows",
-                dir.join("results.json").display()
-            )
-        });
+    if let Some(results) = Results::read(dir)? {
+        return Ok(results.trials);
     }
-    if let Some(report) = read("report.json")? {
-        let summary = report.get("summary").cloned().with_context(|| {
+    let path = TrialReport::path(dir);
+    if path.is_file() {
+        let report = TrialReport::read(dir)?;
+        let row = report.summary.with_context(|| {
             format!(
                 "{} has no `summary` (written by fedpeft-fleet at the end of a run)",
-                dir.join("report.json").display()
-            )
-        })?;
-        let row: Row = serde_json::from_value(summary).with_context(|| {
-            format!(
-                "{}: `summary` is not a result row",
-                dir.join("report.json").display()
+                path.display()
             )
         })?;
         return Ok(vec![row]);
@@ -359,14 +341,7 @@ where
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(err)?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
 fn round_time_per_preset<DB: DrawingBackend>(
@@ -443,14 +418,21 @@ where
             .label(label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
     }
+    legend(&mut chart, SeriesLabelPosition::UpperRight)
+}
+
+/// The chart's legend, boxed on a translucent white, at `position`.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()> {
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
+        .position(position)
         .draw()
-        .map_err(err)?;
-    Ok(())
+        .map_err(err)
 }
 
 /// Bytes with a unit, to at most three decimals and without trailing zeros (`10 kB`, `1.5 MB`).
@@ -469,7 +451,7 @@ fn human_bytes(b: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::ComputedRoundTime;
+    use crate::summary::ComputedRoundTime;
 
     fn row(name: &str, acc: &[f64], scale: u64) -> Row {
         Row {
@@ -568,7 +550,7 @@ mod tests {
             assert_eq!(series, expected, "{name}.svg series elements");
         }
         // The folder re-plots from its results file.
-        crate::sweep::write_table(dir.path(), &rows).unwrap();
+        crate::table::write_table(dir.path(), &rows).unwrap();
         std::fs::remove_file(dir.path().join("accuracy_vs_round.png")).unwrap();
         assert_eq!(plot_dir(dir.path()).unwrap().len(), 6);
         assert!(dir.path().join("accuracy_vs_round.png").is_file());

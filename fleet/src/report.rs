@@ -1,324 +1,218 @@
-//! The link part of a trial's results: per round and client, the bytes each way, the time the
-//! client's update took to cross its link (first byte to last byte out of the shaper) and the
-//! global adapter's, beside what the configured rate alone predicts; the round's wall time
-//! from the aggregator's report; and, with kernel shaping, the veth's own byte counters next to
-//! the relay's. Added to `report.json` under `links`, written row by row to `links.csv`, and
-//! printed.
+//! A trial's `report.json`: the aggregator's [`Report`] (the schema `fedpeft_config` defines),
+//! and the sections the runner adds once the run is over: `participation` (who took part in
+//! each round, [`crate::rounds`]), `summary` (the trial's results row, [`crate::summary`]) and,
+//! when links were emulated, `links` ([`crate::link_report`]). One type, read and written whole.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use fedpeft_config::report::Report;
+use serde::{Deserialize, Serialize};
 
-use crate::links::{ClientLink, LinkPlan, Mechanism};
-use crate::netns::Counters;
-use crate::relay::LinkStats;
-use crate::trial::Trial;
+use crate::link_report::LinkReport;
+use crate::rounds::Participation;
+use crate::summary::Row;
 
-/// "2 x nb-iot, 2 x lte-m".
-pub fn profile_summary(clients: &[ClientLink]) -> String {
-    let mut runs: Vec<(String, usize)> = Vec::new();
-    for c in clients {
-        match runs.last_mut() {
-            Some((p, n)) if *p == c.profile => *n += 1,
-            _ => runs.push((c.profile.clone(), 1)),
-        }
-    }
-    runs.iter()
-        .map(|(p, n)| format!("{n} x {p}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A client's veth counters over the run, and the same read inside its namespace.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct KernelCounters {
-    /// Host-side veth: bytes received (= sent by the client) and sent, over the run.
-    pub up_bytes: u64,
-    pub down_bytes: u64,
-    pub up_packets: u64,
-    pub down_packets: u64,
-    /// `ip -s link` inside the namespace at the end (its end's tx / rx since creation).
-    pub inside_up_bytes: Option<u64>,
-    pub inside_down_bytes: Option<u64>,
-}
-
-impl KernelCounters {
-    pub fn between(before: Counters, after: Counters, inside: Option<(u64, u64)>) -> Self {
-        KernelCounters {
-            up_bytes: after.up_bytes - before.up_bytes,
-            down_bytes: after.down_bytes - before.down_bytes,
-            up_packets: after.up_packets - before.up_packets,
-            down_packets: after.down_packets - before.down_packets,
-            inside_up_bytes: inside.map(|i| i.0),
-            inside_down_bytes: inside.map(|i| i.1),
-        }
-    }
-}
-
-/// One client's link over the whole run.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ClientLinkReport {
-    pub client: String,
+/// `report.json` of a trial: the aggregator's report, its keys at the top level beside the
+/// fleet's sections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrialReport {
     #[serde(flatten)]
-    pub link: ClientLink,
-    /// MQTT bytes through the relay (the runner's accounting).
-    pub relay_up_bytes: u64,
-    pub relay_down_bytes: u64,
-    pub connections: u64,
-    /// With kernel shaping: the veth's counters (Ethernet frames: payload plus TCP/IP/Ethernet
-    /// headers and ACKs) and their ratio to the relay's bytes.
-    pub kernel: Option<KernelCounters>,
-    pub kernel_to_relay_up: Option<f64>,
-    pub kernel_to_relay_down: Option<f64>,
+    pub aggregator: Report,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub participation: Option<Participation>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<Row>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub links: Option<LinkReport>,
 }
 
-/// One client in one round.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ClientRound {
-    pub client: String,
-    pub profile: String,
-    pub up_bytes: u64,
-    pub down_bytes: u64,
-    /// The update's PUBLISH packets, and first byte to last byte out of the link.
-    pub update_bytes: u64,
-    pub update_send_secs: Option<f64>,
-    /// (update_bytes - burst) / up rate: the rate's share of that time.
-    pub update_rate_secs: f64,
-    pub global_bytes: u64,
-    pub global_recv_secs: Option<f64>,
-    pub global_rate_secs: f64,
-    pub lost_segments: u64,
+/// What `report.json` holds when the aggregator wrote none (it failed early) but links were
+/// measured: their section alone, so the measurements are kept.
+#[derive(Serialize)]
+struct LinksOnly<'a> {
+    links: &'a LinkReport,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RoundLinks {
-    pub round: u32,
-    /// The aggregator's round duration: announcement to aggregation.
-    pub wall_secs: Option<f64>,
-    pub clients: Vec<ClientRound>,
-}
-
-/// Which mechanism applied each property.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Applied {
-    pub rate: &'static str,
-    pub latency: &'static str,
-    pub jitter: &'static str,
-    pub loss: &'static str,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LinkReport {
-    pub schema: &'static str,
-    pub mechanism: Mechanism,
-    pub applied: Applied,
-    pub clients: Vec<ClientLinkReport>,
-    pub rounds: Vec<RoundLinks>,
-}
-
-fn rate_secs(bytes: u64, burst: u64, bytes_per_sec: f64) -> f64 {
-    bytes.saturating_sub(burst) as f64 / bytes_per_sec
-}
-
-impl LinkReport {
-    pub fn build(
-        trial: &Trial,
-        plan: &LinkPlan,
-        mechanism: Mechanism,
-        netem: bool,
-        stats: Vec<LinkStats>,
-        kernel: Option<Vec<KernelCounters>>,
-        out_dir: &Path,
-    ) -> anyhow::Result<LinkReport> {
-        let kernel_mode = mechanism == Mechanism::Kernel;
-        let shaped = if kernel_mode && netem {
-            "kernel-netem"
-        } else {
-            "userspace-relay"
-        };
-        let applied = Applied {
-            rate: if kernel_mode {
-                "kernel-tbf"
-            } else {
-                "userspace-token-bucket"
-            },
-            latency: shaped,
-            jitter: shaped,
-            loss: shaped,
-        };
-        // Round durations from the aggregator's report (absent if it wrote none).
-        let durations: BTreeMap<u32, f64> = std::fs::read_to_string(out_dir.join("report.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["rounds"].as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|r| {
-                Some((
-                    r["round"].as_u64()? as u32,
-                    r["duration_ms"].as_f64()? / 1000.0,
-                ))
-            })
-            .collect();
-        let mut clients = Vec::new();
-        for (i, (s, link)) in stats.iter().zip(&plan.clients).enumerate() {
-            let k = kernel.as_ref().map(|k| k[i].clone());
-            let ratio = |kb: u64, rb: u64| (rb > 0).then(|| kb as f64 / rb as f64);
-            clients.push(ClientLinkReport {
-                client: trial.client_id(i),
-                link: link.clone(),
-                relay_up_bytes: s.up_bytes,
-                relay_down_bytes: s.down_bytes,
-                connections: s.connections,
-                kernel_to_relay_up: k.as_ref().and_then(|k| ratio(k.up_bytes, s.up_bytes)),
-                kernel_to_relay_down: k.as_ref().and_then(|k| ratio(k.down_bytes, s.down_bytes)),
-                kernel: k,
-            });
-        }
-        let mut rounds = Vec::new();
-        for round in 1..=trial.rounds {
-            let mut rows = Vec::new();
-            for (i, (s, link)) in stats.iter().zip(&plan.clients).enumerate() {
-                let up = s.up.get(&round).cloned().unwrap_or_default();
-                let down = s.down.get(&round).cloned().unwrap_or_default();
-                rows.push(ClientRound {
-                    client: trial.client_id(i),
-                    profile: link.profile.clone(),
-                    up_bytes: up.bytes,
-                    down_bytes: down.bytes,
-                    update_bytes: up.model_bytes,
-                    update_send_secs: up.model_secs(),
-                    update_rate_secs: rate_secs(
-                        up.model_bytes,
-                        link.burst_bytes,
-                        link.link.up_bytes_per_sec(),
-                    ),
-                    global_bytes: down.model_bytes,
-                    global_recv_secs: down.model_secs(),
-                    global_rate_secs: rate_secs(
-                        down.model_bytes,
-                        link.burst_bytes,
-                        link.link.down_bytes_per_sec(),
-                    ),
-                    lost_segments: up.lost_segments + down.lost_segments,
-                });
-            }
-            rounds.push(RoundLinks {
-                round,
-                wall_secs: durations.get(&round).copied(),
-                clients: rows,
-            });
-        }
-        Ok(LinkReport {
-            schema: "fedpeft-fleet-links/1",
-            mechanism,
-            applied,
-            clients,
-            rounds,
-        })
+impl TrialReport {
+    /// `<out_dir>/report.json`.
+    pub fn path(out_dir: &Path) -> PathBuf {
+        out_dir.join("report.json")
     }
 
-    /// Adds `links` to `report.json` (the aggregator's) and writes `links.csv`.
+    /// The aggregator's report for `aggregator`, without the fleet's sections yet.
+    pub fn new(aggregator: Report) -> TrialReport {
+        TrialReport {
+            aggregator,
+            participation: None,
+            summary: None,
+            links: None,
+        }
+    }
+
+    /// Reads `<out_dir>/report.json` (the aggregator's, with any sections the fleet added).
+    pub fn read(out_dir: &Path) -> anyhow::Result<TrialReport> {
+        let path = TrialReport::path(out_dir);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a fedpeft report", path.display()))
+    }
+
+    /// Writes `<out_dir>/report.json`.
     pub fn write(&self, out_dir: &Path) -> anyhow::Result<()> {
-        let path = out_dir.join("report.json");
-        let mut report: serde_json::Value = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .with_context(|| format!("{} is not JSON", path.display()))?,
-            Err(_) => serde_json::json!({}),
-        };
-        report["links"] = serde_json::to_value(self)?;
-        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        let mut csv = String::from(
-            "round,client,profile,round_wall_secs,update_bytes,update_send_secs,update_rate_secs,\
-             global_bytes,global_recv_secs,global_rate_secs,up_bytes,down_bytes,lost_segments\n",
-        );
-        let opt = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
-        for r in &self.rounds {
-            for c in &r.clients {
-                let _ = writeln!(
-                    csv,
-                    "{},{},{},{},{},{},{:.3},{},{},{:.3},{},{},{}",
-                    r.round,
-                    c.client,
-                    c.profile,
-                    opt(r.wall_secs),
-                    c.update_bytes,
-                    opt(c.update_send_secs),
-                    c.update_rate_secs,
-                    c.global_bytes,
-                    opt(c.global_recv_secs),
-                    c.global_rate_secs,
-                    c.up_bytes,
-                    c.down_bytes,
-                    c.lost_segments
-                );
-            }
-        }
-        let path = out_dir.join("links.csv");
-        std::fs::write(&path, csv).with_context(|| format!("writing {}", path.display()))
+        write_json(out_dir, self)
     }
 
-    /// The printed summary.
-    pub fn print(&self) {
-        let a = &self.applied;
-        println!(
-            "fleet: links ({:?}): rate by {}, latency by {}, jitter by {}, loss by {}",
-            self.mechanism, a.rate, a.latency, a.jitter, a.loss
-        );
-        println!(
-            "{:>5} {:>8} {:>10} {:>8} {:>12} {:>9} {:>9} {:>12} {:>9} {:>9}",
-            "round",
-            "wall s",
-            "client",
-            "profile",
-            "update B",
-            "send s",
-            "rate s",
-            "global B",
-            "recv s",
-            "rate s"
-        );
-        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
-        for r in &self.rounds {
-            for c in &r.clients {
-                println!(
-                    "{:>5} {:>8} {:>10} {:>8} {:>12} {:>9} {:>9.3} {:>12} {:>9} {:>9.3}",
-                    r.round,
-                    opt(r.wall_secs),
-                    c.client,
-                    c.profile,
-                    c.update_bytes,
-                    opt(c.update_send_secs),
-                    c.update_rate_secs,
-                    c.global_bytes,
-                    opt(c.global_recv_secs),
-                    c.global_rate_secs
-                );
-            }
+    /// Writes a `report.json` of the `links` section alone, for a run whose aggregator wrote
+    /// no report.
+    pub fn write_links_only(out_dir: &Path, links: &LinkReport) -> anyhow::Result<()> {
+        write_json(out_dir, &LinksOnly { links })
+    }
+}
+
+fn write_json(out_dir: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    let path = TrialReport::path(out_dir);
+    std::fs::write(&path, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Aggregator reports for tests, every figure zero or empty unless a test sets it.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use fedpeft_config::report::{
+        Report, RobustRecord, RobustTotals, RoundRecord, RoundStatus, SCHEMA, Totals, Traffic,
+    };
+
+    /// A report of `rounds`.
+    pub fn report(rounds: Vec<RoundRecord>) -> Report {
+        Report {
+            schema: SCHEMA.into(),
+            run_id: 1,
+            fleet: "t".into(),
+            strategy: "fedavg".into(),
+            peft: "lora".into(),
+            rounds_planned: rounds.len().saturating_sub(1) as u32,
+            trainable_params: 0,
+            backbone_params: 0,
+            finished: true,
+            totals: Totals {
+                up_bytes: 0,
+                down_bytes: 0,
+                up_messages: 0,
+                down_messages: 0,
+                aggregator_published_bytes: 0,
+                full_model_fedavg_bytes: 0,
+                ratio_to_full_model: None,
+            },
+            rejected: Default::default(),
+            clients: Default::default(),
+            rounds,
+            robust: RobustTotals {
+                clipped_total: 0,
+                dp_epsilon: None,
+                dp_delta: None,
+            },
+            local_dp: None,
         }
-        for c in &self.clients {
-            let mut line = format!(
-                "fleet: {} ({}): relay counted {} B up, {} B down",
-                c.client, c.link.profile, c.relay_up_bytes, c.relay_down_bytes
-            );
-            if let Some(k) = &c.kernel {
-                let _ = write!(
-                    line,
-                    "; veth counted {} B up, {} B down (x{:.3} / x{:.3} the relay's: TCP/IP and \
-                     Ethernet headers, ACKs)",
-                    k.up_bytes,
-                    k.down_bytes,
-                    c.kernel_to_relay_up.unwrap_or(f64::NAN),
-                    c.kernel_to_relay_down.unwrap_or(f64::NAN)
-                );
-                if let (Some(u), Some(d)) = (k.inside_up_bytes, k.inside_down_bytes) {
-                    let _ = write!(line, "; inside the namespace {u} B sent, {d} B received");
-                }
-            }
-            println!("{line}");
+    }
+
+    /// Round `n` (0: the initial adapter) that sampled `sampled` and accepted `ok` updates.
+    pub fn round(n: u32, sampled: &[&str], ok: usize) -> RoundRecord {
+        RoundRecord {
+            round: n,
+            status: if n == 0 {
+                RoundStatus::Initial
+            } else {
+                RoundStatus::Ok
+            },
+            sampled: sampled.iter().map(|s| s.to_string()).collect(),
+            clients_ok: ok,
+            clients_failed: sampled.len().saturating_sub(ok),
+            failed_clients: Default::default(),
+            rejected: Default::default(),
+            train_loss: None,
+            train_accuracy: None,
+            eval_loss: None,
+            eval_accuracy: None,
+            traffic: Traffic::default(),
+            full_model_fedavg_bytes: 0,
+            started_unix_ms: 0,
+            duration_ms: 0,
+            robust: RobustRecord::default(),
+            local_dp_epsilon: Default::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fedpeft_config::report::{FailReason, LocalDp};
+
+    use super::fixtures::{report, round};
+    use super::*;
+    use crate::rounds::from_report;
+
+    /// The fleet's sections sit beside the aggregator's keys, and the file reads back as it was
+    /// written; a report without them (the aggregator's alone) reads too.
+    #[test]
+    fn a_trial_report_keeps_the_aggregators_keys_beside_the_fleets_sections() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r1 = round(1, &["client-00", "client-01"], 1);
+        r1.failed_clients = [("client-01".to_string(), FailReason::Offline)].into();
+        r1.eval_accuracy = Some(0.5);
+        let mut aggregator = report(vec![round(0, &[], 0), r1]);
+        aggregator.local_dp = Some(LocalDp {
+            clients: [("client-00".to_string(), 3.5)].into(),
+            median: 3.5,
+            max: 3.5,
+        });
+        std::fs::write(
+            TrialReport::path(dir.path()),
+            serde_json::to_vec(&aggregator).unwrap(),
+        )
+        .unwrap();
+        let mut read = TrialReport::read(dir.path()).unwrap();
+        assert_eq!(read, TrialReport::new(aggregator.clone()));
+
+        read.participation = Some(Participation {
+            schema: Participation::SCHEMA.into(),
+            dropout: 0.5,
+            dropout_offline_secs: 2.0,
+            stragglers: Vec::new(),
+            straggle_secs: 0.0,
+            rounds: from_report(&aggregator),
+        });
+        read.write(dir.path()).unwrap();
+        let text = std::fs::read_to_string(TrialReport::path(dir.path())).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["rounds"][1]["failed_clients"]["client-01"], "offline");
+        assert_eq!(json["local_dp"]["median"], 3.5);
+        assert_eq!(json["participation"]["rounds"][0]["dropped"], 1);
+        assert_eq!(json["participation"]["rounds"][0]["status"], "ok");
+        assert!(json.get("summary").is_none() && json.get("links").is_none());
+        assert_eq!(TrialReport::read(dir.path()).unwrap(), read);
+    }
+
+    /// The `report.json` of a real quickstart run (the aggregator's keys, `participation` and
+    /// `summary`, as the fleet wrote them when it patched JSON values) reads as a trial report
+    /// and writes back the same keys and values.
+    #[test]
+    fn a_real_trial_report_reads_and_writes_back_unchanged() {
+        let text = include_str!("../fixtures/trial-report-quickstart.json");
+        let report: TrialReport = serde_json::from_str(text).unwrap();
+        assert!(report.participation.is_some() && report.summary.is_some());
+        let then: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(serde_json::to_value(&report).unwrap(), then);
+    }
+
+    #[test]
+    fn a_missing_or_foreign_report_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = format!("{:#}", TrialReport::read(dir.path()).unwrap_err());
+        assert!(e.contains("report.json"), "{e}");
+        std::fs::write(TrialReport::path(dir.path()), r#"{"rounds": []}"#).unwrap();
+        let e = format!("{:#}", TrialReport::read(dir.path()).unwrap_err());
+        assert!(e.contains("report.json") && e.contains("schema"), "{e}");
     }
 }

@@ -5,22 +5,16 @@
 //! `report.json` under `participation` with the trial's dropout and straggler settings, and
 //! printed as a table.
 
-use std::path::Path;
-
-use anyhow::Context;
-use serde::Serialize;
+use fedpeft_config::report::{FailReason, RejectReason, Report, RoundStatus};
+use serde::{Deserialize, Serialize};
 
 use crate::trial::Trial;
 
-/// The aggregator's reasons (`failed_clients` values) for the two emulated faults.
-pub const DROPPED_REASON: &str = "offline";
-pub const LATE_REASON: &str = "no reply by the deadline";
-
 /// One round's participation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundParticipation {
     pub round: u32,
-    pub status: String,
+    pub status: RoundStatus,
     pub sampled: usize,
     pub accepted: usize,
     pub dropped: usize,
@@ -35,9 +29,10 @@ pub struct RoundParticipation {
 }
 
 /// The whole run's participation and the trial's fault settings.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Participation {
-    pub schema: &'static str,
+    /// [`Participation::SCHEMA`].
+    pub schema: String,
     pub dropout: f64,
     pub dropout_offline_secs: f64,
     pub stragglers: Vec<String>,
@@ -46,15 +41,13 @@ pub struct Participation {
 }
 
 impl Participation {
-    /// Reads `<out_dir>/report.json` (the aggregator's).
-    pub fn build(trial: &Trial, out_dir: &Path) -> anyhow::Result<Participation> {
-        let path = out_dir.join("report.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let report: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not JSON", path.display()))?;
-        Ok(Participation {
-            schema: "fedpeft-fleet-participation/1",
+    /// The schema name the `participation` section carries.
+    pub const SCHEMA: &str = "fedpeft-fleet-participation/1";
+
+    /// The participation in `trial`'s run, from the aggregator's report of it.
+    pub fn new(trial: &Trial, report: &Report) -> Participation {
+        Participation {
+            schema: Participation::SCHEMA.into(),
             dropout: trial.dropout,
             dropout_offline_secs: trial.dropout_offline_secs,
             stragglers: trial
@@ -63,20 +56,8 @@ impl Participation {
                 .map(|&i| trial.client_id(i))
                 .collect(),
             straggle_secs: trial.straggle_secs,
-            rounds: from_report(&report),
-        })
-    }
-
-    /// Adds `participation` to `report.json`.
-    pub fn write(&self, out_dir: &Path) -> anyhow::Result<()> {
-        let path = out_dir.join("report.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let mut report: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not JSON", path.display()))?;
-        report["participation"] = serde_json::to_value(self)?;
-        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))
+            rounds: from_report(report),
+        }
     }
 
     /// The printed table.
@@ -108,38 +89,34 @@ impl Participation {
 }
 
 /// The participation of every round (not the initial round 0) of an aggregator report.
-pub fn from_report(report: &serde_json::Value) -> Vec<RoundParticipation> {
-    let Some(rounds) = report["rounds"].as_array() else {
-        return Vec::new();
-    };
-    rounds
+pub fn from_report(report: &Report) -> Vec<RoundParticipation> {
+    report
+        .rounds
         .iter()
-        .filter(|r| r["round"].as_u64().is_some_and(|n| n > 0))
+        .filter(|r| r.round > 0)
         .map(|r| {
             let mut dropped = Vec::new();
             let mut late = Vec::new();
             let mut other = 0;
-            if let Some(failed) = r["failed_clients"].as_object() {
-                for (client, why) in failed {
-                    match why.as_str().unwrap_or("") {
-                        DROPPED_REASON => dropped.push(client.clone()),
-                        LATE_REASON => late.push(client.clone()),
-                        _ => other += 1,
-                    }
+            for (client, why) in &r.failed_clients {
+                match why {
+                    FailReason::Offline => dropped.push(client.clone()),
+                    FailReason::NoReply => late.push(client.clone()),
+                    FailReason::Rejected(_) => other += 1,
                 }
             }
             RoundParticipation {
-                round: r["round"].as_u64().unwrap_or(0) as u32,
-                status: r["status"].as_str().unwrap_or("").to_string(),
-                sampled: r["sampled"].as_array().map_or(0, Vec::len),
-                accepted: r["clients_ok"].as_u64().unwrap_or(0) as usize,
+                round: r.round,
+                status: r.status,
+                sampled: r.sampled.len(),
+                accepted: r.clients_ok,
                 dropped: dropped.len(),
                 late: late.len(),
                 other_failed: other,
-                late_updates_refused: r["rejected"]["late"].as_u64().unwrap_or(0),
+                late_updates_refused: r.rejected.get(&RejectReason::Late).copied().unwrap_or(0),
                 dropped_clients: dropped,
                 late_clients: late,
-                duration_ms: r["duration_ms"].as_u64().unwrap_or(0),
+                duration_ms: r.duration_ms,
             }
         })
         .collect()
@@ -149,18 +126,22 @@ pub fn from_report(report: &serde_json::Value) -> Vec<RoundParticipation> {
 mod tests {
     use super::*;
 
+    use crate::report::fixtures::{report, round};
+
     #[test]
     fn failed_clients_are_split_into_dropped_late_and_other() {
-        let report = serde_json::json!({"rounds": [
-            {"round": 0, "status": "initial", "sampled": [], "clients_ok": 0, "failed_clients": {}},
-            {"round": 1, "status": "ok", "sampled": ["a", "b", "c", "d"], "clients_ok": 1,
-             "failed_clients": {"b": "offline", "c": "no reply by the deadline",
-                                "d": "rejected: wrong_shape"},
-             "rejected": {"wrong_shape": 1}, "duration_ms": 30000},
-            {"round": 2, "status": "ok", "sampled": ["a", "b"], "clients_ok": 2,
-             "failed_clients": {}, "rejected": {"late": 1}, "duration_ms": 1000}
-        ]});
-        let rows = from_report(&report);
+        let mut r1 = round(1, &["a", "b", "c", "d"], 1);
+        r1.failed_clients = [
+            ("b", FailReason::Offline),
+            ("c", FailReason::NoReply),
+            ("d", FailReason::Rejected(RejectReason::WrongShape)),
+        ]
+        .map(|(c, why)| (c.to_string(), why))
+        .into();
+        r1.rejected = [(RejectReason::WrongShape, 1)].into();
+        let mut r2 = round(2, &["a", "b"], 2);
+        r2.rejected = [(RejectReason::Late, 1)].into();
+        let rows = from_report(&report(vec![round(0, &[], 0), r1, r2]));
         assert_eq!(rows.len(), 2);
         let r1 = &rows[0];
         assert_eq!(

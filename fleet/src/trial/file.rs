@@ -1,0 +1,216 @@
+//! The trial file as written: one struct per table, defaults filled in by serde, unknown keys
+//! refused. [`super::validate`] turns it into a [`super::Trial`].
+
+use std::path::PathBuf;
+
+use fedpeft_config::strategy::StrategyKind;
+use serde::Deserialize;
+
+use crate::links::LinksSpec;
+
+/// `[model]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Built backbone folder (manifest.json, trunk.onnx, tail.safetensors). Required.
+    pub backbone: PathBuf,
+    /// PEFT method. Default `lora`.
+    #[serde(default = "default_peft")]
+    pub peft: String,
+    /// LoRA rank. Default: the aggregator's default.
+    pub lora_rank: Option<u16>,
+    /// LoRA alpha. Default: the aggregator's default.
+    pub lora_alpha: Option<f64>,
+    /// Adapter bottleneck width. Default: the aggregator's default (16).
+    pub bottleneck: Option<u16>,
+    /// Prompt tokens. Default: the aggregator's default (4).
+    pub prompt_tokens: Option<u16>,
+    /// Tokens per text for a text backbone (clients and the aggregator's held-out set).
+    /// Default: the backbone manifest's `max_len`.
+    pub max_seq_len: Option<usize>,
+    /// Trunk runtime of the edge clients. Default `auto` (onnxruntime when its library loads, else tract).
+    #[serde(default = "default_runtime")]
+    pub runtime: String,
+    /// Image side for a vision trunk. Default 96.
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    /// Held-out examples evaluated by the aggregator each round. Default 2000.
+    #[serde(default = "default_eval_examples")]
+    pub eval_examples: usize,
+}
+
+/// `[data]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// `fashion-mnist` (for a conv-head backbone) or `spam-assassin` (for a transformer; its
+    /// seeded 20 % held-out split is the aggregator's evaluation set and no client's data).
+    /// Default `fashion-mnist`.
+    #[serde(default = "default_dataset")]
+    pub dataset: String,
+    /// Data set folder. Default: the data set's usual place.
+    pub root: Option<PathBuf>,
+    /// `iid`, `dirichlet` or `natural` (spam-assassin only: each mailing list whole on one
+    /// client, the mails from no list spread by Dirichlet(`alpha`)). Default `dirichlet`.
+    #[serde(default = "default_partition")]
+    pub partition: String,
+    /// Dirichlet concentration. Default 0.5.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Local examples kept per client. Default: all of its shard.
+    pub max_examples: Option<usize>,
+}
+
+/// `[local]` as written: the hyper-parameters the aggregator announces.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub momentum: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fedprox_mu: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_dtype: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k_fraction: Option<f64>,
+    /// Per-sample gradient clipping norm of DP-SGD (with `dp_noise_multiplier`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_clip_norm: Option<f64>,
+    /// Gaussian noise of DP-SGD as a multiple of `dp_clip_norm`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_noise_multiplier: Option<f64>,
+}
+
+/// `[stragglers]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StragglersSpec {
+    /// Share of the clients that straggle: round(fraction x clients), at least 1, picked by
+    /// the trial's seed.
+    pub fraction: f64,
+    /// Seconds a straggler holds each finished update before publishing it.
+    pub delay_secs: f64,
+}
+
+/// `[broker]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSpec {
+    /// `embedded` (rumqttd inside the aggregator, on a free loopback port) or `external`.
+    #[serde(default = "default_broker_kind")]
+    pub kind: String,
+    /// `mqtt://host:port` of an external broker.
+    pub url: Option<String>,
+    /// Largest MQTT packet; payloads above it are chunked. Default 65536.
+    #[serde(default = "default_max_packet")]
+    pub max_packet_bytes: usize,
+}
+
+impl Default for BrokerSpec {
+    fn default() -> Self {
+        BrokerSpec {
+            kind: default_broker_kind(),
+            url: None,
+            max_packet_bytes: default_max_packet(),
+        }
+    }
+}
+
+/// The trial file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrialFile {
+    pub name: String,
+    pub rounds: u32,
+    pub clients: usize,
+    #[serde(default = "one")]
+    pub fraction: f64,
+    pub min_clients: Option<usize>,
+    pub start_clients: Option<usize>,
+    pub quorum: Option<usize>,
+    #[serde(default = "default_timeout")]
+    pub round_timeout_secs: f64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// The aggregator's `[strategy]` table, spelled as in its config file. Default: FedAvg.
+    pub strategy: Option<StrategyKind>,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub local: LocalSpec,
+    #[serde(default)]
+    pub broker: BrokerSpec,
+    /// Where clients and the aggregator keep trunk activations between runs (keyed by trunk,
+    /// samples and preprocessing, so trials share it safely). Default `data/cache/activations`.
+    pub cache_dir: Option<PathBuf>,
+    /// Key the activation cache on the whole data set: the runner starts client 0 alone, waits
+    /// for its one trunk pass over every sample, then starts the rest, which read their rows
+    /// from that entry. Default false (each client caches its own shard).
+    #[serde(default)]
+    pub shared_cache: bool,
+    /// Emulated links between each client and the broker (see [`crate::links`]). Default none.
+    pub links: Option<LinksSpec>,
+    /// Probability that a sampled client vanishes mid-round. Default 0.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Seconds a vanished client stays away. Default 2.
+    #[serde(default = "default_offline")]
+    pub dropout_offline_secs: f64,
+    /// Slow clients. Default none.
+    pub stragglers: Option<StragglersSpec>,
+    /// Encoding of the published global adapter. Default: `local.update_dtype`.
+    pub global_dtype: Option<String>,
+    /// Sign and verify every message (enrolment). Default false.
+    #[serde(default)]
+    pub signed: bool,
+}
+
+fn default_offline() -> f64 {
+    2.0
+}
+fn one() -> f64 {
+    1.0
+}
+fn default_peft() -> String {
+    "lora".into()
+}
+fn default_runtime() -> String {
+    "auto".into()
+}
+fn default_image_size() -> usize {
+    96
+}
+fn default_eval_examples() -> usize {
+    2000
+}
+fn default_dataset() -> String {
+    "fashion-mnist".into()
+}
+fn default_partition() -> String {
+    "dirichlet".into()
+}
+fn default_alpha() -> f64 {
+    0.5
+}
+fn default_broker_kind() -> String {
+    "embedded".into()
+}
+fn default_max_packet() -> usize {
+    65536
+}
+fn default_timeout() -> f64 {
+    300.0
+}
+fn default_seed() -> u64 {
+    42
+}

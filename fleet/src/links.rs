@@ -141,7 +141,7 @@ pub fn preset(name: &str) -> Option<LinkProfile> {
     })
 }
 
-/// The preset names, in the README's order.
+/// The preset names, in the order the book's "Constrained links" guide lists them.
 pub const PRESETS: [&str; 4] = ["nb-iot", "lte-m", "3g", "wifi"];
 
 /// How links are emulated.

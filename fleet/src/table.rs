@@ -1,6 +1,6 @@
 //! The results table of a sweep, one [`Row`] per trial: `results.json` (the rows and what
 //! the computed columns mean), `results.csv` (one line per trial, per-round series only in the
-//! JSON) and `results.md`, the markdown the README shows.
+//! JSON) and `results.md`, the markdown the book's sweep results page shows.
 
 use std::path::{Path, PathBuf};
 
@@ -90,7 +90,7 @@ fn three_significant(x: f64) -> String {
     format!("{x:.decimals$}")
 }
 
-/// The table as markdown (`results.md`), one line per trial: what the README shows.
+/// The table as markdown (`results.md`), one line per trial: what the book's sweep results page shows.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = format!(
         "| trial | method | data, split | local training | accuracy after last round (best) \

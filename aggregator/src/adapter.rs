@@ -1,58 +1,17 @@
-//! Named dense f32 tensors: the global adapter and client deltas as the aggregator sees them.
+//! The global adapter and client deltas as the aggregator sees them: lists of dense f32
+//! [`NamedTensor`]s (fedpeft-peft's, the type the tail's trainable parameters come out as).
 //!
-//! The wire format may carry f16, int8 or top-k sparse tensors; they are decoded into these dense
-//! f32 tensors before they reach the round state machine, so every strategy does its arithmetic in
-//! one representation.
+//! The wire format may carry f16, int8 or top-k sparse tensors with `u32` shapes; they are
+//! decoded into these dense f32 tensors before they reach the round state machine, so every
+//! strategy does its arithmetic in one representation.
 
+use fedpeft_peft::NamedTensor;
 use serde::{Deserialize, Serialize};
-
-/// One named trainable tensor (row-major).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Tensor {
-    pub name: String,
-    pub shape: Vec<u32>,
-    pub data: Vec<f32>,
-}
-
-impl Tensor {
-    /// A tensor, checking that `data` holds exactly `shape.product()` values.
-    pub fn new(
-        name: impl Into<String>,
-        shape: Vec<u32>,
-        data: Vec<f32>,
-    ) -> Result<Tensor, ShapeError> {
-        let name = name.into();
-        let expected = numel(&shape);
-        if expected != data.len() {
-            return Err(ShapeError::Length {
-                name,
-                expected,
-                got: data.len(),
-            });
-        }
-        Ok(Tensor { name, shape, data })
-    }
-
-    /// A tensor of zeros.
-    pub fn zeros(name: impl Into<String>, shape: Vec<u32>) -> Tensor {
-        let n = numel(&shape);
-        Tensor {
-            name: name.into(),
-            shape,
-            data: vec![0.0; n],
-        }
-    }
-}
-
-/// Number of elements of a shape.
-pub fn numel(shape: &[u32]) -> usize {
-    shape.iter().map(|&d| d as usize).product()
-}
 
 /// The trainable tensors of a PEFT tail, in a fixed order (the order of the global adapter).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Adapter {
-    pub tensors: Vec<Tensor>,
+    pub tensors: Vec<NamedTensor>,
 }
 
 /// A tensor list that does not match the global adapter's layout.
@@ -75,19 +34,19 @@ pub enum ShapeError {
     #[error("tensor `{name}`: expected shape {expected:?}, got {got:?}")]
     Shape {
         name: String,
-        expected: Vec<u32>,
-        got: Vec<u32>,
+        expected: Vec<usize>,
+        got: Vec<usize>,
     },
 }
 
 impl Adapter {
-    pub fn new(tensors: Vec<Tensor>) -> Adapter {
+    pub fn new(tensors: Vec<NamedTensor>) -> Adapter {
         Adapter { tensors }
     }
 
     /// Total number of trainable parameters.
     pub fn num_params(&self) -> usize {
-        self.tensors.iter().map(|t| t.data.len()).sum()
+        self.tensors.iter().map(|t| t.values.len()).sum()
     }
 
     /// An adapter with this layout and every value zero.
@@ -96,13 +55,13 @@ impl Adapter {
             tensors: self
                 .tensors
                 .iter()
-                .map(|t| Tensor::zeros(t.name.clone(), t.shape.clone()))
+                .map(|t| NamedTensor::zeros(t.name.clone(), t.shape.clone()))
                 .collect(),
         }
     }
 
     /// Checks that `other` has the same tensor names, order, shapes and lengths.
-    pub fn check_layout(&self, other: &[Tensor]) -> Result<(), ShapeError> {
+    pub fn check_layout(&self, other: &[NamedTensor]) -> Result<(), ShapeError> {
         if self.tensors.len() != other.len() {
             return Err(ShapeError::Count {
                 expected: self.tensors.len(),
@@ -124,11 +83,11 @@ impl Adapter {
                     got: theirs.shape.clone(),
                 });
             }
-            if theirs.data.len() != numel(&theirs.shape) {
+            if theirs.values.len() != theirs.numel() {
                 return Err(ShapeError::Length {
                     name: theirs.name.clone(),
-                    expected: numel(&theirs.shape),
-                    got: theirs.data.len(),
+                    expected: theirs.numel(),
+                    got: theirs.values.len(),
                 });
             }
         }
@@ -137,7 +96,7 @@ impl Adapter {
 
     /// All values, tensor after tensor.
     pub fn values(&self) -> impl Iterator<Item = f32> + '_ {
-        self.tensors.iter().flat_map(|t| t.data.iter().copied())
+        self.tensors.iter().flat_map(|t| t.values.iter().copied())
     }
 
     /// L2 norm over every value of every tensor (accumulated in f64).
@@ -147,19 +106,19 @@ impl Adapter {
 }
 
 /// L2 norm over every value of a tensor list (accumulated in f64).
-pub fn l2_norm(tensors: &[Tensor]) -> f64 {
+pub fn l2_norm(tensors: &[NamedTensor]) -> f64 {
     tensors
         .iter()
-        .flat_map(|t| t.data.iter())
+        .flat_map(|t| t.values.iter())
         .map(|&v| f64::from(v) * f64::from(v))
         .sum::<f64>()
         .sqrt()
 }
 
 /// The first non-finite value in a tensor list, as (tensor name, flat index).
-pub fn first_non_finite(tensors: &[Tensor]) -> Option<(&str, usize)> {
+pub fn first_non_finite(tensors: &[NamedTensor]) -> Option<(&str, usize)> {
     tensors.iter().find_map(|t| {
-        t.data
+        t.values
             .iter()
             .position(|v| !v.is_finite())
             .map(|i| (t.name.as_str(), i))
@@ -172,14 +131,14 @@ mod tests {
 
     fn adapter() -> Adapter {
         Adapter::new(vec![
-            Tensor::new("a", vec![2], vec![1.0, 2.0]).unwrap(),
-            Tensor::new("b", vec![1, 2], vec![2.0, 4.0]).unwrap(),
+            NamedTensor::new("a", vec![2], vec![1.0, 2.0]).unwrap(),
+            NamedTensor::new("b", vec![1, 2], vec![2.0, 4.0]).unwrap(),
         ])
     }
 
     #[test]
     fn tensor_with_wrong_data_length_is_an_error_naming_it() {
-        let err = Tensor::new("w", vec![2, 3], vec![0.0; 5]).unwrap_err();
+        let err = NamedTensor::new("w", vec![2, 3], vec![0.0; 5]).unwrap_err();
         assert!(err.to_string().contains("`w`"), "{err}");
     }
 
@@ -210,7 +169,7 @@ mod tests {
         let mut g = adapter();
         assert!((g.l2_norm() - 25.0f64.sqrt()).abs() < 1e-12);
         assert_eq!(first_non_finite(&g.tensors), None);
-        g.tensors[1].data[1] = f32::INFINITY;
+        g.tensors[1].values[1] = f32::INFINITY;
         assert_eq!(first_non_finite(&g.tensors), Some(("b", 1)));
     }
 }

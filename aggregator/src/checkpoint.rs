@@ -32,9 +32,10 @@ const MAGIC: &[u8; 4] = b"FPCK";
 /// 2: norm-bound counts, the adaptive bound's reference, per-round robust records and the DP
 /// accountant joined the state. 3: the open round and each round record keep the DP-SGD ε
 /// each client stated. 4: the byte ledger (by round) and message ids moved beside the machine
-/// state ([`Saved`]); refusal and failure reasons are enums. An older file is refused by name
+/// state ([`Saved`]); refusal and failure reasons are enums. 5: adapter tensors are
+/// fedpeft-peft's `NamedTensor` (`usize` shape, `values`). An older file is refused by name
 /// rather than misread.
-const FORMAT_VERSION: u32 = 4;
+const FORMAT_VERSION: u32 = 5;
 const HEADER_LEN: usize = 4 + 4 + 32;
 
 /// Why a checkpoint could not be written or read. Every variant names the file.

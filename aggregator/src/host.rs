@@ -3,7 +3,9 @@
 //!
 //! The round machine never sees a model (its tests need none); the shell asks the host.
 
-use crate::adapter::{Adapter, Tensor};
+use fedpeft_peft::NamedTensor;
+
+use crate::adapter::Adapter;
 use crate::config::ModelConfig;
 
 /// Loss and accuracy of a global adapter on held-out data.
@@ -60,7 +62,10 @@ impl ModelHost for LayoutHost {
         Ok(Adapter::new(
             self.tensors
                 .iter()
-                .map(|(name, shape)| Tensor::zeros(name.clone(), shape.clone()))
+                .map(|(name, shape)| {
+                    let shape = shape.iter().map(|&d| d as usize).collect();
+                    NamedTensor::zeros(name.clone(), shape)
+                })
                 .collect(),
         ))
     }

@@ -16,10 +16,10 @@ use fedpeft_backbone::{
     ActivationCache, Backbone, CacheConfig, CacheKey, Features, ImagePreprocess, TextPreprocess,
     Trunk, TrunkConfig, TrunkInput, open_trunk, text_activations,
 };
-use fedpeft_peft::{Batch, FrozenWeights, NamedTensor, PeftConfig, Tail, TransformerSpec};
+use fedpeft_peft::{Batch, FrozenWeights, PeftConfig, Tail, TransformerSpec};
 use fedpeft_protocol::PeftMethod;
 
-use crate::adapter::{Adapter, Tensor};
+use crate::adapter::Adapter;
 use crate::host::{Evaluation, HostError, ModelHost};
 
 /// Where the backbone host gets its model and held-out data.
@@ -294,32 +294,13 @@ impl BackboneHost {
 
 impl ModelHost for BackboneHost {
     fn initial_adapter(&self) -> Result<Adapter, HostError> {
-        Ok(Adapter::new(
-            self.tail
-                .trainable()
-                .into_iter()
-                .map(|t| Tensor {
-                    name: t.name,
-                    shape: t.shape.iter().map(|&d| d as u32).collect(),
-                    data: t.values,
-                })
-                .collect(),
-        ))
+        Ok(Adapter::new(self.tail.trainable()))
     }
 
     fn evaluate(&mut self, adapter: &Adapter) -> Result<Option<Evaluation>, HostError> {
-        let tensors: Vec<NamedTensor> = adapter
-            .tensors
-            .iter()
-            .map(|t| NamedTensor {
-                name: t.name.clone(),
-                shape: t.shape.iter().map(|&d| d as usize).collect(),
-                values: t.data.clone(),
-            })
-            .collect();
         let e = |what: &str, x: &dyn std::fmt::Display| HostError::Model(format!("{what}: {x}"));
         self.tail
-            .set_trainable(&tensors)
+            .set_trainable(&adapter.tensors)
             .map_err(|x| e("set adapter", &x))?;
         let (features, masks) = self.features()?;
         let (mut loss, mut correct) = (0.0f64, 0usize);

@@ -36,7 +36,7 @@ fn host(peft: PeftMethod, frozen_budget: usize, cache: &std::path::Path) -> Back
 fn nudged(a: &Adapter) -> Adapter {
     let mut a = a.clone();
     for t in &mut a.tensors {
-        for (i, v) in t.data.iter_mut().enumerate() {
+        for (i, v) in t.values.iter_mut().enumerate() {
             *v += 0.01 * ((i % 7) as f32 - 3.0);
         }
     }

@@ -1,6 +1,6 @@
 //! The round state machine driven event by event: no broker, no models, no clock.
 
-use fedpeft_aggregator::adapter::{Adapter, Tensor};
+use fedpeft_aggregator::adapter::Adapter;
 use fedpeft_aggregator::checkpoint;
 use fedpeft_aggregator::outbox::{Outbox, Outgoing, Packet};
 use fedpeft_aggregator::round::{
@@ -8,6 +8,7 @@ use fedpeft_aggregator::round::{
     RoundMachine, Rules, RunSettings,
 };
 use fedpeft_aggregator::strategy::{self, StrategyKind};
+use fedpeft_peft::NamedTensor;
 use fedpeft_protocol::{
     ClientId, ClientState, ClientUpdate, Codec, DType, Envelope, FleetName, LocalConfig, Message,
     Optimizer, PeftMethod, SplitMix64, TrainMetrics,
@@ -59,8 +60,8 @@ fn rules(rounds: u32, min_clients: usize, quorum: usize) -> Rules {
 
 fn initial() -> Adapter {
     Adapter::new(vec![
-        Tensor::new("w", vec![2], vec![1.0, -1.0]).unwrap(),
-        Tensor::new("b", vec![1], vec![0.5]).unwrap(),
+        NamedTensor::new("w", vec![2], vec![1.0, -1.0]).unwrap(),
+        NamedTensor::new("b", vec![1], vec![0.5]).unwrap(),
     ])
 }
 
@@ -231,10 +232,10 @@ fn round_closes_when_all_sampled_replied_with_weighted_fedavg() {
     // w = [1, -1] + (10·[1,0] + 30·[0,4]) / 100 = [1.1, 0.2]; b = 0.5 + (30 − 60)/100 = 0.2.
     let g = &m.state().global;
     assert_eq!(
-        g.tensors[0].data,
+        g.tensors[0].values,
         vec![(1.0f64 + 0.1) as f32, (-1.0f64 + 1.2) as f32]
     );
-    assert_eq!(g.tensors[1].data, vec![(0.5f64 - 0.3) as f32]);
+    assert_eq!(g.tensors[1].values, vec![(0.5f64 - 0.3) as f32]);
     let msgs = decoded(&acts);
     assert!(matches!(&msgs[0].1, Message::GlobalAdapter(ga) if ga.round == 1));
     assert!(acts.iter().any(|a| matches!(a, Action::Checkpoint(_))));
@@ -270,7 +271,7 @@ fn deadline_with_quorum_closes_the_round_and_counts_silent_clients_as_failed() {
     assert_eq!(rec.status, "ok");
     assert_eq!(rec.clients_failed, 1);
     assert_eq!(rec.failed_clients["c"], "no reply by the deadline");
-    assert_eq!(m.state().global.tensors[0].data, vec![3.0, 1.0]);
+    assert_eq!(m.state().global.tensors[0].values, vec![3.0, 1.0]);
     // Round 2 opened right away.
     assert!(matches!(m.state().phase, Phase::Collecting(ref o) if o.round == 2));
 }
@@ -305,7 +306,7 @@ fn extend_policy_keeps_accepted_updates_and_moves_the_deadline() {
     m.on_event(update("b", 1, 0, 10, [3.0, 3.0], 3.0), T0 + TIMEOUT + 1);
     m.on_event(Event::Tick, T0 + 2 * TIMEOUT);
     assert_eq!(m.state().records[1].status, "ok");
-    assert_eq!(m.state().global.tensors[1].data, vec![2.5]);
+    assert_eq!(m.state().global.tensors[1].values, vec![2.5]);
 }
 
 #[test]
@@ -331,7 +332,7 @@ fn redelivered_update_is_idempotent_and_counted_as_duplicate() {
     assert_eq!(rejected(&m, RejectReason::Duplicate), 2);
     m.on_event(update("b", 1, 0, 10, [1.0, 1.0], 1.0), T0 + 4);
     m.on_event(update("c", 1, 0, 10, [1.0, 1.0], 1.0), T0 + 5);
-    assert_eq!(m.state().global.tensors[0].data, vec![2.0, 0.0]);
+    assert_eq!(m.state().global.tensors[0].values, vec![2.0, 0.0]);
     // After the round closed, a redelivery is still a duplicate, not a late update.
     m.on_event(u, T0 + 6);
     assert_eq!(rejected(&m, RejectReason::Duplicate), 3);
@@ -672,7 +673,7 @@ fn adaptive_norm_bound_clips_an_outsized_update_and_counts_it_per_round() {
         1.0 + (3.0 + 3.0 - 300.0) / 3.0,
         -1.0 + (4.0 + 4.0 - 400.0) / 3.0,
     ];
-    let g = &m.state().global.tensors[0].data;
+    let g = &m.state().global.tensors[0].values;
     assert!(
         (f64::from(g[0]) - g1[0]).abs() < 1e-4 && (f64::from(g[1]) - g1[1]).abs() < 1e-4,
         "{g:?}"
@@ -910,7 +911,9 @@ fn an_int8_global_is_what_the_aggregator_itself_holds_evaluates_and_builds_on() 
     r.global_dtype = DType::I8;
     // A wider adapter, so int8 rounding is visible and the payload shrinks.
     let values: Vec<f32> = (0..400).map(|i| ((i as f32) * 0.37).sin()).collect();
-    let wide = Adapter::new(vec![Tensor::new("w", vec![400], values.clone()).unwrap()]);
+    let wide = Adapter::new(vec![
+        NamedTensor::new("w", vec![400], values.clone()).unwrap(),
+    ]);
     let mut m = RoundMachine::new(
         r.clone(),
         strategy::build(&StrategyKind::FedAvg),
@@ -920,8 +923,8 @@ fn an_int8_global_is_what_the_aggregator_itself_holds_evaluates_and_builds_on() 
     f32_rules.global_dtype = DType::F32;
     let reference = RoundMachine::new(f32_rules, strategy::build(&StrategyKind::FedAvg), wide);
     // The initial adapter is adopted in its int8 form; the f32 machine keeps it exactly.
-    assert_eq!(reference.state().global.tensors[0].data, values);
-    let held = m.state().global.tensors[0].data.clone();
+    assert_eq!(reference.state().global.tensors[0].values, values);
+    let held = m.state().global.tensors[0].values.clone();
     assert_ne!(held, values, "int8 rounding changed some values");
     let step = values.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
     assert!(
@@ -940,7 +943,7 @@ fn an_int8_global_is_what_the_aggregator_itself_holds_evaluates_and_builds_on() 
         globals[0].2
     );
     let evaluated = start.iter().find_map(|a| match a {
-        Action::Evaluate { round: 0, adapter } => Some(adapter.tensors[0].data.clone()),
+        Action::Evaluate { round: 0, adapter } => Some(adapter.tensors[0].values.clone()),
         _ => None,
     });
     assert_eq!(evaluated.as_deref(), Some(held.as_slice()));
@@ -980,13 +983,13 @@ fn an_int8_global_is_what_the_aggregator_itself_holds_evaluates_and_builds_on() 
             },
         )
     };
-    let before = m.state().global.tensors[0].data.clone();
+    let before = m.state().global.tensors[0].values.clone();
     m.on_event(delta(1.0), T0 + 1);
     m.on_event(offline("b"), T0 + 2);
     let acts = m.on_event(offline("c"), T0 + 3);
     let globals = published_globals(&acts);
     assert_eq!(globals[0].0, 1);
-    let after = m.state().global.tensors[0].data.clone();
+    let after = m.state().global.tensors[0].values.clone();
     assert_eq!(
         globals[0].1[0], after,
         "round 1's published global = held, bit for bit"
@@ -1003,7 +1006,7 @@ fn an_int8_global_is_what_the_aggregator_itself_holds_evaluates_and_builds_on() 
         );
     }
     let evaluated = acts.iter().find_map(|a| match a {
-        Action::Evaluate { round: 1, adapter } => Some(adapter.tensors[0].data.clone()),
+        Action::Evaluate { round: 1, adapter } => Some(adapter.tensors[0].values.clone()),
         _ => None,
     });
     assert_eq!(evaluated.as_deref(), Some(after.as_slice()));

@@ -422,8 +422,10 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
+    use fedpeft_peft::NamedTensor;
+
     use super::*;
-    use crate::types::{Metrics, Tensor, WireDtype};
+    use crate::types::{Metrics, WireDtype};
 
     fn plan() -> TrainPlan {
         TrainPlan {
@@ -456,20 +458,20 @@ mod tests {
         Event::Adapter(GlobalAdapter {
             run_id: 1,
             round,
-            tensors: vec![Tensor {
+            tensors: vec![NamedTensor {
                 name: "head.weight".into(),
                 shape: vec![2],
-                data: vec![round as f32, 0.0],
+                values: vec![round as f32, 0.0],
             }],
         })
     }
 
     fn update() -> TrainedUpdate {
         TrainedUpdate {
-            deltas: vec![Tensor {
+            deltas: vec![NamedTensor {
                 name: "head.weight".into(),
                 shape: vec![2],
-                data: vec![0.5, -0.5],
+                values: vec![0.5, -0.5],
             }],
             metrics: Metrics {
                 loss: 0.3,

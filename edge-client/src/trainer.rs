@@ -14,7 +14,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
-use crate::types::{GlobalAdapter, Metrics, OptimizerPlan, Tensor, TrainPlan, TrainedUpdate};
+use crate::types::{GlobalAdapter, Metrics, OptimizerPlan, TrainPlan, TrainedUpdate};
 
 /// The δ at which a DP client reports ε.
 pub const DP_DELTA: f64 = 1e-5;
@@ -261,36 +261,18 @@ impl TailTrainer {
     }
 
     /// The tail's current trainable tensors (the round-0 adapter when nothing was set).
-    pub fn trainable(&self) -> Vec<Tensor> {
-        self.tail
-            .trainable()
-            .into_iter()
-            .map(|t| Tensor {
-                name: t.name,
-                shape: t.shape,
-                data: t.values,
-            })
-            .collect()
+    pub fn trainable(&self) -> Vec<NamedTensor> {
+        self.tail.trainable()
     }
 
     pub fn tail(&self) -> &dyn Tail {
         self.tail.as_ref()
     }
 
-    fn load(&mut self, adapter: &GlobalAdapter) -> Result<Vec<NamedTensor>, TrainError> {
-        let named: Vec<NamedTensor> = adapter
-            .tensors
-            .iter()
-            .map(|t| NamedTensor {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-                values: t.data.clone(),
-            })
-            .collect();
+    fn load(&mut self, adapter: &GlobalAdapter) -> Result<(), TrainError> {
         self.tail
-            .set_trainable(&named)
-            .map_err(TrainError::Adapter)?;
-        Ok(named)
+            .set_trainable(&adapter.tensors)
+            .map_err(TrainError::Adapter)
     }
 
     fn optimizer(
@@ -376,10 +358,10 @@ impl LocalTrainer for TailTrainer {
                 reason: "must be at least 1".into(),
             });
         }
-        let global_named = self.load(global)?;
+        self.load(global)?;
         self.prepare_frozen()?;
         let frozen = self.frozen.rows();
-        let mut opt = Self::optimizer(plan, &global_named)?;
+        let mut opt = Self::optimizer(plan, &global.tensors)?;
         let batch = (plan.batch_size as usize).min(n);
         if let Some(dp) = plan.dp {
             let config = DpSgdConfig {
@@ -429,17 +411,17 @@ impl LocalTrainer for TailTrainer {
                     name: g.name.clone(),
                 })
             })?;
-            let data: Vec<f32> = l.values.iter().zip(&g.data).map(|(a, b)| a - b).collect();
-            if let Some(position) = data.iter().position(|v| !v.is_finite()) {
+            let values: Vec<f32> = l.values.iter().zip(&g.values).map(|(a, b)| a - b).collect();
+            if let Some(position) = values.iter().position(|v| !v.is_finite()) {
                 return Err(TrainError::NonFiniteDelta {
                     name: g.name.clone(),
                     position,
                 });
             }
-            deltas.push(Tensor {
+            deltas.push(NamedTensor {
                 name: g.name.clone(),
                 shape: g.shape.clone(),
-                data,
+                values,
             });
         }
         let seen_f = seen.max(1) as f64;
@@ -573,9 +555,9 @@ mod tests {
         assert_eq!(update.deltas.len(), global.tensors.len());
         for ((d, g), l) in update.deltas.iter().zip(&global.tensors).zip(&local) {
             assert_eq!((&d.name, &d.shape), (&g.name, &g.shape));
-            for i in 0..d.data.len() {
+            for i in 0..d.values.len() {
                 assert!(
-                    (g.data[i] + d.data[i] - l.data[i]).abs() < 1e-6,
+                    (g.values[i] + d.values[i] - l.values[i]).abs() < 1e-6,
                     "{} [{i}]",
                     d.name
                 );
@@ -585,7 +567,7 @@ mod tests {
             update
                 .deltas
                 .iter()
-                .any(|d| d.data.iter().any(|v| *v != 0.0))
+                .any(|d| d.values.iter().any(|v| *v != 0.0))
         );
         assert_eq!(update.metrics.num_examples, 96);
         assert_eq!(update.metrics.steps, 2 * 6);
@@ -603,10 +585,10 @@ mod tests {
                 .tensors
                 .iter()
                 .zip(&update.deltas)
-                .map(|(g, d)| Tensor {
+                .map(|(g, d)| NamedTensor {
                     name: g.name.clone(),
                     shape: g.shape.clone(),
-                    data: g.data.iter().zip(&d.data).map(|(a, b)| a + b).collect(),
+                    values: g.values.iter().zip(&d.values).map(|(a, b)| a + b).collect(),
                 })
                 .collect(),
         };
@@ -635,7 +617,7 @@ mod tests {
         let norm = |u: &TrainedUpdate| -> f32 {
             u.deltas
                 .iter()
-                .flat_map(|d| &d.data)
+                .flat_map(|d| &d.values)
                 .map(|v| v * v)
                 .sum::<f32>()
                 .sqrt()
@@ -739,9 +721,9 @@ mod tests {
                 );
                 for (x, y) in a.deltas.iter().zip(&b.deltas) {
                     let d = x
-                        .data
+                        .values
                         .iter()
-                        .zip(&y.data)
+                        .zip(&y.values)
                         .map(|(p, q)| (p - q).abs())
                         .fold(0.0f32, f32::max);
                     assert!(d < 1e-5, "{name} round {round}: {} differs by {d}", x.name);

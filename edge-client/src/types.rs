@@ -1,27 +1,15 @@
-//! The edge client's own view of a round: decoded f32 tensors, the training plan a round
-//! announces and what local training produces. The wire layer ([`crate::wire`]) converts between
-//! these and the protocol crate's encoded messages, so the session and the trainer never see
-//! bytes.
+//! The edge client's own view of a round: decoded dense f32 tensors (fedpeft-peft's
+//! [`NamedTensor`], what the tail trains), the training plan a round announces and what local
+//! training produces. The wire layer ([`crate::wire`]) converts between these and the protocol
+//! crate's encoded messages (u32 shapes, f32 / f16 / int8 / sparse values), so the session and
+//! the trainer never see bytes.
 
 use std::sync::Arc;
 
+use fedpeft_peft::NamedTensor;
+
 /// A round number, as announced by the aggregator.
 pub type Round = u32;
-
-/// A named dense f32 tensor (row-major).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tensor {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-impl Tensor {
-    /// Number of elements the shape calls for.
-    pub fn numel(shape: &[usize]) -> usize {
-        shape.iter().product()
-    }
-}
 
 /// How update values travel on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -87,7 +75,7 @@ pub struct Announcement {
 pub struct GlobalAdapter {
     pub run_id: u64,
     pub round: Round,
-    pub tensors: Vec<Tensor>,
+    pub tensors: Vec<NamedTensor>,
 }
 
 /// Loss and accuracy over the examples a step saw.
@@ -107,7 +95,7 @@ pub struct Metrics {
 /// The result of local training: `delta = local - global` for every trainable tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainedUpdate {
-    pub deltas: Vec<Tensor>,
+    pub deltas: Vec<NamedTensor>,
     pub metrics: Metrics,
 }
 

@@ -9,9 +9,9 @@ use std::time::Duration;
 use fedpeft_edge::client::{ClientSettings, RunSummary, run};
 use fedpeft_edge::config::{Backoff, BrokerAddr};
 use fedpeft_edge::trainer::{LocalTrainer, TailTrainer};
-use fedpeft_edge::types::{GlobalAdapter, Tensor, TrainPlan};
+use fedpeft_edge::types::{GlobalAdapter, TrainPlan};
 use fedpeft_edge::wire::plan_from_wire;
-use fedpeft_peft::{Family, FrozenWeights, Method, PeftConfig, build_tail};
+use fedpeft_peft::{Family, FrozenWeights, Method, NamedTensor, PeftConfig, build_tail};
 use fedpeft_protocol::{
     Capabilities, ClientId, ClientState, ClientUpdate, Codec, DType, Envelope, FleetName,
     LocalConfig, Message, Optimizer, PeftMethod, Reassembler, ReassemblyLimits, RoundAnnounce,
@@ -196,7 +196,7 @@ impl Aggregator {
                 fedpeft_protocol::Tensor::encode(
                     &t.name,
                     &shape,
-                    &t.data,
+                    &t.values,
                     Codec::dense(DType::F32),
                     &mut SplitMix64::new(0),
                 )
@@ -285,7 +285,7 @@ impl Aggregator {
     }
 }
 
-fn expected_delta(global: &GlobalAdapter, plan: &TrainPlan) -> Vec<Tensor> {
+fn expected_delta(global: &GlobalAdapter, plan: &TrainPlan) -> Vec<NamedTensor> {
     trainer().train(global, plan).unwrap().deltas
 }
 
@@ -343,7 +343,7 @@ async fn a_sampled_client_joins_trains_on_the_chunked_adapter_publishes_its_upda
     assert_eq!(update.tensors.len(), expected.len());
     for (got, want) in update.tensors.iter().zip(&expected) {
         assert_eq!(got.name(), want.name);
-        assert_eq!(got.to_f32(), want.data, "{}", want.name);
+        assert_eq!(got.to_f32(), want.values, "{}", want.name);
     }
     assert!(update.metrics.accuracy > 0.0 && update.metrics.loss.is_finite());
 

@@ -15,8 +15,9 @@ use fedpeft_edge::client::{ClientSettings, run};
 use fedpeft_edge::config::{Cli, EdgeConfig};
 use fedpeft_edge::setup::{LocalSetup, build_trainer};
 use fedpeft_edge::trainer::LocalTrainer;
-use fedpeft_edge::types::{GlobalAdapter, Tensor};
+use fedpeft_edge::types::GlobalAdapter;
 use fedpeft_edge::wire::plan_from_wire;
+use fedpeft_peft::NamedTensor;
 use fedpeft_protocol::{
     ClientState, ClientUpdate, Codec, DType, Envelope, FleetName, LocalConfig, Message, Optimizer,
     RoundAnnounce, Sampling, SplitMix64, Topic, TopicKind,
@@ -171,7 +172,7 @@ fn wire_adapter(adapter: &GlobalAdapter) -> fedpeft_protocol::GlobalAdapter {
             fedpeft_protocol::Tensor::encode(
                 &t.name,
                 &shape,
-                &t.data,
+                &t.values,
                 Codec::dense(DType::F32),
                 &mut SplitMix64::new(0),
             )
@@ -184,11 +185,11 @@ fn wire_adapter(adapter: &GlobalAdapter) -> fedpeft_protocol::GlobalAdapter {
     }
 }
 
-fn plus(global: &GlobalAdapter, delta: &[Tensor]) -> GlobalAdapter {
+fn plus(global: &GlobalAdapter, delta: &[NamedTensor]) -> GlobalAdapter {
     let mut g = global.clone();
     for (t, d) in g.tensors.iter_mut().zip(delta) {
         assert_eq!(t.name, d.name);
-        for (v, dv) in t.data.iter_mut().zip(&d.data) {
+        for (v, dv) in t.values.iter_mut().zip(&d.values) {
             *v += dv;
         }
     }
@@ -278,25 +279,29 @@ async fn a_client_on_the_real_tract_trunk_joins_trains_a_round_and_publishes_its
         (update.client.as_str(), update.round, update.num_examples),
         (CLIENT, 1, EXAMPLES as u64)
     );
-    let delta: Vec<Tensor> = update
+    let delta: Vec<NamedTensor> = update
         .tensors
         .iter()
         .zip(&global.tensors)
         .map(|(got, g)| {
             assert_eq!(got.name(), g.name);
-            Tensor {
+            NamedTensor {
                 name: g.name.clone(),
                 shape: g.shape.clone(),
-                data: got.to_f32(),
+                values: got.to_f32(),
             }
         })
         .collect();
     assert_eq!(delta.len(), global.tensors.len());
     for d in &delta {
-        assert!(d.data.iter().all(|v| v.is_finite()), "{}", d.name);
+        assert!(d.values.iter().all(|v| v.is_finite()), "{}", d.name);
         // LoRA's B starts at zero and its gradient is zero unless the trunk's activations are
         // not: every tensor moving means the trunk produced a real signal.
-        assert!(d.data.iter().any(|&v| v != 0.0), "{} did not move", d.name);
+        assert!(
+            d.values.iter().any(|&v| v != 0.0),
+            "{} did not move",
+            d.name
+        );
     }
 
     // A second start of the same client finds its activations in the cache (no trunk run);
@@ -308,7 +313,7 @@ async fn a_client_on_the_real_tract_trunk_joins_trains_a_round_and_publishes_its
         .train(&global, &plan_from_wire(&local_config()))
         .unwrap();
     for (got, want) in delta.iter().zip(&expected.deltas) {
-        assert_eq!(got.data, want.data, "{}", want.name);
+        assert_eq!(got.values, want.values, "{}", want.name);
     }
     // ...and the round learned something: lower loss on its own examples than the adapter
     // it started from.

@@ -7,6 +7,8 @@
 
 use std::collections::HashMap;
 
+use serde::{Deserialize, Serialize};
+
 use ndarray::{ArrayD, ArrayView1, ArrayView2, ArrayViewD, Ix1, Ix2, IxDyn, Zip};
 
 use crate::error::{PeftError, Result};
@@ -271,8 +273,13 @@ pub struct ParamSlot<'a> {
     pub grad: &'a mut [f32],
 }
 
-/// A named tensor as it travels on the wire: name, shape, flat row-major f32 values.
-#[derive(Debug, Clone, PartialEq)]
+/// A named dense f32 tensor: name, shape, flat row-major values.
+///
+/// The one dense tensor type of fedpeft: a tail's trainable parameters, the global adapter and
+/// client deltas in the aggregator (and its checkpoints), and the edge client's decoded tensors.
+/// The wire codecs (which carry shapes as `u32` and values as f32, f16, int8 or top-k sparse)
+/// convert to and from it at their boundary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NamedTensor {
     /// Stable name, e.g. `head.weight`.
     pub name: String,
@@ -293,11 +300,31 @@ impl NamedTensor {
             values,
         })
     }
+
+    /// A tensor of zeros.
+    pub fn zeros(name: impl Into<String>, shape: Vec<usize>) -> Self {
+        let n = numel(&shape);
+        Self {
+            name: name.into(),
+            shape,
+            values: vec![0.0; n],
+        }
+    }
+
+    /// Number of values the shape calls for (the product of `shape`; 1 for a scalar).
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+}
+
+/// Number of elements of a shape (the product of its dimensions; 1 for `[]`).
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
 }
 
 /// Checks that `got` values fill `shape`: a [`PeftError::Length`] naming `name` if not.
 pub(crate) fn check_len(name: &str, shape: &[usize], got: usize) -> Result<()> {
-    let expected: usize = shape.iter().product();
+    let expected = numel(shape);
     if expected != got {
         return Err(PeftError::Length {
             name: name.to_string(),

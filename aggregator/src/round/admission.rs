@@ -7,10 +7,11 @@
 //! client is sampled and has no accepted update this round, the tensors' layout matches the
 //! global adapter's, every value is finite.
 
+use fedpeft_peft::NamedTensor;
 use fedpeft_protocol::{ClientId, ClientUpdate};
 
 use super::{MachineState, Phase, RejectReason, Rules};
-use crate::adapter::{Tensor, first_non_finite};
+use crate::adapter::first_non_finite;
 
 /// Why an update was refused, for the round it names.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,7 +47,7 @@ pub fn admit(
     topic_client: &ClientId,
     update: &ClientUpdate,
     wire_bytes: u64,
-) -> Result<Vec<Tensor>, Refusal> {
+) -> Result<Vec<NamedTensor>, Refusal> {
     let client = topic_client.as_str();
     let round = update.round;
     if wire_bytes > rules.max_update_bytes {
@@ -88,13 +89,13 @@ pub fn admit(
         let detail = format!("already accepted sequence {seq} this round");
         return Err(refuse(RejectReason::Duplicate, round, detail));
     }
-    let delta: Vec<Tensor> = update
+    let delta: Vec<NamedTensor> = update
         .tensors
         .iter()
-        .map(|t| Tensor {
+        .map(|t| NamedTensor {
             name: t.name().to_string(),
-            shape: t.shape().to_vec(),
-            data: t.to_f32(),
+            shape: t.shape().iter().map(|&d| d as usize).collect(),
+            values: t.to_f32(),
         })
         .collect();
     if let Err(e) = s.global.check_layout(&delta) {

@@ -716,19 +716,26 @@ impl RoundMachine {
             .tensors
             .iter()
             .map(|t| {
+                // The wire carries u32 dimensions.
+                let shape = t
+                    .shape
+                    .iter()
+                    .map(|&d| u32::try_from(d))
+                    .collect::<Result<Vec<u32>, _>>()
+                    .map_err(|_| format!("tensor `{}`: shape {:?} exceeds u32", t.name, t.shape))?;
                 fedpeft_protocol::Tensor::encode(
                     &t.name,
-                    &t.shape,
-                    &t.data,
+                    &shape,
+                    &t.values,
                     Codec::dense(dtype),
                     &mut rng,
                 )
+                .map_err(|e| e.to_string())
             })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
+            .collect::<Result<Vec<_>, _>>()?;
         if dtype != DType::F32 {
             for (held, sent) in self.s.global.tensors.iter_mut().zip(&tensors) {
-                held.data = sent.to_f32();
+                held.values = sent.to_f32();
             }
         }
         Ok(tensors)

@@ -3,7 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::{Adapter, Tensor};
+use fedpeft_peft::NamedTensor;
+
+use crate::adapter::Adapter;
 
 /// The deltas of one round, as the strategy needs them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,7 +33,7 @@ impl Accumulator {
         let zeros: Vec<Vec<f64>> = layout
             .tensors
             .iter()
-            .map(|t| vec![0.0; t.data.len()])
+            .map(|t| vec![0.0; t.values.len()])
             .collect();
         Accumulator::Sum {
             weighted: zeros.clone(),
@@ -60,7 +62,7 @@ impl Accumulator {
     /// Folds one client's delta in. The caller has checked its layout against the global adapter
     /// (see [`Adapter::check_layout`]). Returns `false` (and drops the delta) if a buffer is full,
     /// which the round machine prevents by accepting at most one update per sampled client.
-    pub fn fold(&mut self, num_examples: u64, delta: &[Tensor]) -> bool {
+    pub fn fold(&mut self, num_examples: u64, delta: &[NamedTensor]) -> bool {
         match self {
             Accumulator::Sum {
                 weighted,
@@ -74,7 +76,7 @@ impl Accumulator {
                 }
                 let w = num_examples as f64;
                 for ((acc, err), t) in weighted.iter_mut().zip(error.iter_mut()).zip(delta) {
-                    for ((a, e), &d) in acc.iter_mut().zip(err.iter_mut()).zip(&t.data) {
+                    for ((a, e), &d) in acc.iter_mut().zip(err.iter_mut()).zip(&t.values) {
                         let (sum, rounding) = two_sum(*a, w * f64::from(d));
                         *a = sum;
                         *e += rounding;
@@ -88,7 +90,7 @@ impl Accumulator {
                 if deltas.len() >= *capacity {
                     return false;
                 }
-                deltas.push(delta.iter().map(|t| t.data.clone()).collect());
+                deltas.push(delta.iter().map(|t| t.values.clone()).collect());
                 true
             }
         }

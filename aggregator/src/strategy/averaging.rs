@@ -121,7 +121,7 @@ mod tests {
             &g,
             &[(1, vec![1.0, 2.0]), (3, vec![5.0, -2.0])],
         );
-        assert_eq!(next.tensors[0].data, vec![14.0, 9.0]);
+        assert_eq!(next.tensors[0].values, vec![14.0, 9.0]);
     }
 
     #[test]
@@ -174,7 +174,7 @@ mod tests {
         }
         // And it is the exact mean (the ±2e8 cancel), rounded as documented.
         let exact = (7.0 * f64::from(1.0e-9f32) + 9.0 * f64::from(3.3e-7f32)) / 20.0;
-        assert_eq!(first.tensors[0].data[0], (0.25 + exact) as f32);
+        assert_eq!(first.tensors[0].values[0], (0.25 + exact) as f32);
     }
 
     #[test]
@@ -195,13 +195,13 @@ mod tests {
         let next = run(&mut s, &g, &[(2, vec![0.5])]);
         let v: f64 = 0.99 * 1e-6 + 0.01 * 0.25;
         let expected = 1.0 + 0.01 * 0.05 / (v.sqrt() + 1e-3);
-        assert_eq!(next.tensors[0].data[0], expected as f32);
+        assert_eq!(next.tensors[0].values[0], expected as f32);
         assert!((expected - 1.009_804).abs() < 1e-5, "{expected}");
         // Second step with the same delta: m = 0.9·0.05 + 0.05 = 0.095.
         let v2 = 0.99 * v + 0.01 * 0.25;
-        let expected2 = f64::from(next.tensors[0].data[0]) + 0.01 * 0.095 / (v2.sqrt() + 1e-3);
+        let expected2 = f64::from(next.tensors[0].values[0]) + 0.01 * 0.095 / (v2.sqrt() + 1e-3);
         let next2 = run(&mut s, &next, &[(2, vec![0.5])]);
-        assert_eq!(next2.tensors[0].data[0], expected2 as f32);
+        assert_eq!(next2.tensors[0].values[0], expected2 as f32);
     }
 
     #[test]
@@ -212,7 +212,7 @@ mod tests {
         let next = run(&mut s, &g, &[(1, vec![-0.5])]);
         let v: f64 = 1e-6 + 0.01 * 0.25;
         let expected = 0.01 * (-0.05) / (v.sqrt() + 1e-3);
-        assert_eq!(next.tensors[0].data[0], expected as f32);
+        assert_eq!(next.tensors[0].values[0], expected as f32);
         let st = s.state();
         assert!((st.v[0][0] - v).abs() < 1e-15);
         assert!((st.m[0][0] + 0.05).abs() < 1e-15);

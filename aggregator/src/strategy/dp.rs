@@ -255,7 +255,11 @@ mod tests {
         }
         let next = s.aggregate(1, &g, &acc).unwrap();
         let expected_mean = 0.25 * (0.0 + 1.0 + 2.0 + 3.0) / 5.0;
-        let v: Vec<f64> = next.tensors[0].data.iter().map(|&x| f64::from(x)).collect();
+        let v: Vec<f64> = next.tensors[0]
+            .values
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect();
         let mean = v.iter().sum::<f64>() / d as f64;
         let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (d - 1) as f64).sqrt();
         // Standard errors: 0.6/√d = 0.003 for the mean, 0.6/√(2d) = 0.0021 for the std: 5 σ.

@@ -181,7 +181,7 @@ pub fn build_with(
 fn apply_step(round: u64, global: &Adapter, step: &[Vec<f64>]) -> Result<Adapter, StrategyError> {
     let mut next = global.clone();
     for (t, s) in next.tensors.iter_mut().zip(step) {
-        for (x, &d) in t.data.iter_mut().zip(s) {
+        for (x, &d) in t.values.iter_mut().zip(s) {
             *x = (f64::from(*x) + d) as f32;
             if !x.is_finite() {
                 return Err(StrategyError::NonFinite {

@@ -1,6 +1,6 @@
 //! Norm bounding of client deltas, and the median its adaptive bound is a multiple of.
 
-use crate::adapter::Tensor;
+use fedpeft_peft::NamedTensor;
 
 /// Scales `delta` so that its L2 norm is at most `max_norm` (norm bounding against outsized or
 /// malicious updates). Returns the norm before scaling.
@@ -8,14 +8,14 @@ use crate::adapter::Tensor;
 /// The result's norm (computed in f64 over the f32 values) is never above `max_norm`: the f32
 /// scale is nudged down by an ulp at a time when rounding left it a hair above, since
 /// client-level DP's sensitivity is exactly this bound.
-pub fn bound_norm(delta: &mut [Tensor], max_norm: f64) -> f64 {
+pub fn bound_norm(delta: &mut [NamedTensor], max_norm: f64) -> f64 {
     let norm = crate::adapter::l2_norm(delta);
     if norm > max_norm && norm > 0.0 {
-        let original: Vec<Vec<f32>> = delta.iter().map(|t| t.data.clone()).collect();
+        let original: Vec<Vec<f32>> = delta.iter().map(|t| t.values.clone()).collect();
         let mut scale = (max_norm / norm) as f32;
         loop {
             for (t, o) in delta.iter_mut().zip(&original) {
-                for (v, &x) in t.data.iter_mut().zip(o) {
+                for (v, &x) in t.values.iter_mut().zip(o) {
                     *v = x * scale;
                 }
             }
@@ -50,11 +50,11 @@ mod tests {
         assert_eq!(bound_norm(&mut d, 1.0), 5.0);
         // [0.6f32, 0.8f32] has norm 1 + 1.7e-8 in f64: the scale goes an ulp lower so the result
         // is never above the bound (DP's sensitivity).
-        assert_eq!(d[0].data, vec![0.599_999_96, 0.799_999_95]);
+        assert_eq!(d[0].values, vec![0.599_999_96, 0.799_999_95]);
         assert!(crate::adapter::l2_norm(&d) <= 1.0);
         let mut small = one("w", vec![0.3, 0.4]);
         bound_norm(&mut small, 1.0);
-        assert_eq!(small[0].data, vec![0.3, 0.4]);
+        assert_eq!(small[0].values, vec![0.3, 0.4]);
     }
 
     #[test]
@@ -77,8 +77,8 @@ mod tests {
             assert!(after <= bound, "{after} > {bound}");
             assert!(after >= bound * (1.0 - 1e-6), "{after} far below {bound}");
             // Same direction: every value scaled by the same factor.
-            let ratio = f64::from(d[0].data[0]) / f64::from(data[0]);
-            for (a, b) in d[0].data.iter().zip(&data) {
+            let ratio = f64::from(d[0].values[0]) / f64::from(data[0]);
+            for (a, b) in d[0].values.iter().zip(&data) {
                 assert!(
                     (f64::from(*a) - ratio * f64::from(*b)).abs()
                         <= 1e-6 * f64::from(b.abs()).max(1e-30) + 1e-12

@@ -198,14 +198,14 @@ mod tests {
                 (1, vec![3.0, 0.0]),
             ],
         );
-        assert_eq!(next.tensors[0].data, vec![2.0, 0.0]);
+        assert_eq!(next.tensors[0].values, vec![2.0, 0.0]);
         // Even count: mean of the two middle values.
         let next = run(
             &mut OrderStatistic::median(),
             &g,
             &[(1, vec![1.0, 0.0]), (1, vec![4.0, 1.0])],
         );
-        assert_eq!(next.tensors[0].data, vec![2.5, 0.5]);
+        assert_eq!(next.tensors[0].values, vec![2.5, 0.5]);
     }
 
     #[test]
@@ -217,7 +217,7 @@ mod tests {
             .iter()
             .map(|&v| (1, vec![v]))
             .collect();
-        assert_eq!(run(&mut s, &g, &ups).tensors[0].data, vec![4.0]);
+        assert_eq!(run(&mut s, &g, &ups).tensors[0].values, vec![4.0]);
         assert_eq!(trimmed_mean_sorted(&[1.0, 2.0], 0.49), 1.5);
         assert_eq!(trimmed_mean_sorted(&[5.0], 0.4), 5.0);
     }

@@ -1,11 +1,13 @@
 //! Helpers shared by the strategies' tests: one-tensor adapters and a whole round.
 
 use super::Strategy;
-use crate::adapter::{Adapter, Tensor};
+use fedpeft_peft::NamedTensor;
+
+use crate::adapter::Adapter;
 
 /// One tensor `name` holding `data`.
-pub(super) fn one(name: &str, data: Vec<f32>) -> Vec<Tensor> {
-    vec![Tensor::new(name, vec![data.len() as u32], data).unwrap()]
+pub(super) fn one(name: &str, data: Vec<f32>) -> Vec<NamedTensor> {
+    vec![NamedTensor::new(name, vec![data.len()], data).unwrap()]
 }
 
 /// An adapter of one tensor `w`.

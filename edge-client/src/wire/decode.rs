@@ -1,6 +1,7 @@
 //! Incoming publishes → session events: topic and run checks, the aggregator's signature, round
 //! announcements, global adapters whole or reassembled from their chunks.
 
+use fedpeft_peft::NamedTensor;
 use fedpeft_protocol::{
     Chunk, DType, Envelope, LocalConfig, Message, Optimizer, ReassemblyError, RoundAnnounce,
     Sampling, Topic, TopicKind,
@@ -8,9 +9,7 @@ use fedpeft_protocol::{
 
 use super::{Wire, WireError};
 use crate::session::Event;
-use crate::types::{
-    Announcement, DpPlan, GlobalAdapter, OptimizerPlan, Tensor, TrainPlan, WireDtype,
-};
+use crate::types::{Announcement, DpPlan, GlobalAdapter, OptimizerPlan, TrainPlan, WireDtype};
 
 /// Converts a protocol dtype to ours.
 pub fn dtype_from_wire(d: DType) -> WireDtype {
@@ -211,10 +210,10 @@ pub fn adapter_from_wire(
         tensors: g
             .tensors
             .iter()
-            .map(|t| Tensor {
+            .map(|t| NamedTensor {
                 name: t.name().to_string(),
                 shape: t.shape().iter().map(|&d| d as usize).collect(),
-                data: t.to_f32(),
+                values: t.to_f32(),
             })
             .collect(),
     })
@@ -317,7 +316,7 @@ mod tests {
             panic!("{got:?}")
         };
         assert_eq!((a.run_id, a.round), (77, 4));
-        assert_eq!(a.tensors[0].data, data);
+        assert_eq!(a.tensors[0].values, data);
     }
 
     #[test]

@@ -114,17 +114,17 @@ impl Wire {
             let shape = shape_to_wire(&t.name, &t.shape)?;
             let encoded = match self.residuals.get_mut(&t.name) {
                 // Error feedback: what earlier rounds did not send is added to this delta.
-                Some(residual) if residual.len() == t.data.len() => {
+                Some(residual) if residual.len() == t.values.len() => {
                     WireTensor::encode_with_feedback(
-                        &t.name, &shape, &t.data, residual, codec, &mut rng,
+                        &t.name, &shape, &t.values, residual, codec, &mut rng,
                     )
                 }
                 _ if lossy => {
-                    let mut residual = vec![0.0; t.data.len()];
+                    let mut residual = vec![0.0; t.values.len()];
                     let enc = WireTensor::encode_with_feedback(
                         &t.name,
                         &shape,
-                        &t.data,
+                        &t.values,
                         &mut residual,
                         codec,
                         &mut rng,
@@ -132,7 +132,7 @@ impl Wire {
                     self.residuals.insert(t.name.clone(), residual);
                     enc
                 }
-                _ => WireTensor::encode(&t.name, &shape, &t.data, codec, &mut rng),
+                _ => WireTensor::encode(&t.name, &shape, &t.values, codec, &mut rng),
             }
             .map_err(|e| WireError::Encode {
                 what: "update",
@@ -236,7 +236,7 @@ mod tests {
         let back = decode_update(&packets);
         assert_eq!((back.round, back.sequence, back.num_examples), (2, 5, 50));
         assert_eq!(back.client.as_str(), "c1");
-        assert_eq!(back.tensors[0].to_f32(), u.deltas[0].data);
+        assert_eq!(back.tensors[0].to_f32(), u.deltas[0].values);
         assert!(
             w.residual("head.weight").is_none(),
             "exact f32 keeps no residual"
@@ -263,7 +263,7 @@ mod tests {
         }
         assert_eq!(
             decode_update(&packets).tensors[0].to_f32(),
-            u.deltas[0].data
+            u.deltas[0].values
         );
     }
 
@@ -281,11 +281,11 @@ mod tests {
         // sent + residual == the delta: nothing is lost, only delayed.
         let residual = w.residual("head.weight").unwrap().to_vec();
         for i in 0..200 {
-            assert!((sent[i] + residual[i] - u.deltas[0].data[i]).abs() < 1e-6);
+            assert!((sent[i] + residual[i] - u.deltas[0].values[i]).abs() < 1e-6);
         }
         // A zero delta next round still sends the largest leftovers.
         let mut zero = u.clone();
-        zero.deltas[0].data.iter_mut().for_each(|v| *v = 0.0);
+        zero.deltas[0].values.iter_mut().for_each(|v| *v = 0.0);
         let second = w.encode_update(1, 1, &zero, &plan).unwrap();
         let Message::ClientUpdate(second) = Envelope::decode(&second).unwrap().message else {
             panic!()

@@ -7,7 +7,9 @@ use fedpeft_protocol::{
 };
 
 use super::{JoinInfo, Packet, Wire};
-use crate::types::{Metrics, Tensor, TrainedUpdate};
+use fedpeft_peft::NamedTensor;
+
+use crate::types::{Metrics, TrainedUpdate};
 
 pub(super) fn caps() -> Capabilities {
     let mut dtypes = heapless::Vec::new();
@@ -63,10 +65,10 @@ pub(super) fn announce(round: u32, sampled: &[&str], deadline_unix_ms: u64) -> V
 
 pub(super) fn update(n: usize) -> TrainedUpdate {
     TrainedUpdate {
-        deltas: vec![Tensor {
+        deltas: vec![NamedTensor {
             name: "head.weight".into(),
             shape: vec![n],
-            data: (0..n).map(|i| ((i as f32) * 0.37).sin()).collect(),
+            values: (0..n).map(|i| ((i as f32) * 0.37).sin()).collect(),
         }],
         metrics: Metrics {
             loss: 0.5,

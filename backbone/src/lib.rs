@@ -11,8 +11,9 @@
 //! - [`data`]: Fashion-MNIST, SpamAssassin, and a user's IDX / image-folder / CSV / JSONL data.
 //! - [`partition`]: IID, Dirichlet(alpha), shards and natural client splits with summaries.
 //! - [`cache`]: the per-client trunk-activation cache (memory budget, spill to file).
-//! - [`method`]: [`peft_method`], the protocol's PEFT method name as the tail's method to
-//!   build (edge client and aggregator alike).
+//! - [`method`]: where the wire meets the tail, for the edge client and the aggregator alike:
+//!   [`peft_method`], the protocol's PEFT method name as the tail's method to build, and
+//!   [`dense`], a wire tensor as the tail's dense tensor.
 //!
 //! The tail itself (frozen layers + PEFT parameters) lives in `fedpeft-peft`; it reads the
 //! `tail.safetensors` named by the manifest.
@@ -32,7 +33,7 @@ pub use cache::{
 };
 pub use error::{BackboneError, Result};
 pub use manifest::{Backbone, Family, InputSpec, Manifest, default_models_dir};
-pub use method::peft_method;
+pub use method::{dense, peft_method};
 pub use partition::{ClientSummary, Partition, Partitioner, held_out_split, partition};
 pub use preprocess::{ImagePreprocess, TextPreprocess};
 pub use tokenizer::{Encoding, WordPiece};

@@ -1,9 +1,20 @@
-//! The wire's name for a PEFT method ([`PeftMethod`], what a client announces in its Join and
-//! what the aggregator is configured with) as the tail's [`Method`] to build: one mapping for
-//! the edge client and the aggregator, so both sides build the same tail from the same name.
+//! Where the wire meets the tail, one mapping each for the edge client and the aggregator:
+//! the wire's name for a PEFT method ([`PeftMethod`], what a client announces in its Join and
+//! what the aggregator is configured with) as the tail's [`Method`] to build, so both sides
+//! build the same tail from the same name; and a decoded wire tensor (f32, f16, int8 or top-k)
+//! as the tail's dense [`NamedTensor`].
 
-use fedpeft_peft::{AdapterConfig, LoraConfig, Method, PromptConfig};
+use fedpeft_peft::{AdapterConfig, LoraConfig, Method, NamedTensor, PromptConfig};
 use fedpeft_protocol::PeftMethod;
+
+/// A wire tensor as a dense f32 tensor (sparse and quantised values expanded).
+pub fn dense(t: &fedpeft_protocol::Tensor) -> NamedTensor {
+    NamedTensor {
+        name: t.name().to_string(),
+        shape: t.shape().iter().map(|&d| d as usize).collect(),
+        values: t.to_f32(),
+    }
+}
 
 /// The peft crate's method (with its hyper-parameters) for the protocol's method.
 pub fn peft_method(p: PeftMethod) -> Method {

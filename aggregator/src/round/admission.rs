@@ -89,15 +89,7 @@ pub fn admit(
         let detail = format!("already accepted sequence {seq} this round");
         return Err(refuse(RejectReason::Duplicate, round, detail));
     }
-    let delta: Vec<NamedTensor> = update
-        .tensors
-        .iter()
-        .map(|t| NamedTensor {
-            name: t.name().to_string(),
-            shape: t.shape().iter().map(|&d| d as usize).collect(),
-            values: t.to_f32(),
-        })
-        .collect();
+    let delta: Vec<NamedTensor> = update.tensors.iter().map(fedpeft_backbone::dense).collect();
     if let Err(e) = s.global.check_layout(&delta) {
         return Err(refuse(RejectReason::WrongShape, round, e.to_string()));
     }

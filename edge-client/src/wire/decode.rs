@@ -1,7 +1,6 @@
 //! Incoming publishes → session events: topic and run checks, the aggregator's signature, round
 //! announcements, global adapters whole or reassembled from their chunks.
 
-use fedpeft_peft::NamedTensor;
 use fedpeft_protocol::{
     Chunk, DType, Envelope, LocalConfig, Message, Optimizer, ReassemblyError, RoundAnnounce,
     Sampling, Topic, TopicKind,
@@ -207,15 +206,7 @@ pub fn adapter_from_wire(
     Ok(GlobalAdapter {
         run_id,
         round: g.round,
-        tensors: g
-            .tensors
-            .iter()
-            .map(|t| NamedTensor {
-                name: t.name().to_string(),
-                shape: t.shape().iter().map(|&d| d as usize).collect(),
-                values: t.to_f32(),
-            })
-            .collect(),
+        tensors: g.tensors.iter().map(fedpeft_backbone::dense).collect(),
     })
 }
 

@@ -135,23 +135,14 @@ impl RoundMachine {
         match event {
             Event::Start => self.on_start(now, &mut out),
             Event::Reconnected => self.on_reconnected(&mut out),
-            Event::Joined {
-                client,
-                info,
-                wire_bytes,
-            } => {
-                let _ = wire_bytes;
+            // The shell has counted each message's `wire_bytes` (`Event::sender`).
+            Event::Joined { client, info, .. } => {
                 self.on_join(client, info, now, &mut out);
                 // Who has joined decides the next sample: a restart must not forget a join the
                 // broker will not deliver again.
                 self.persist(&mut out);
             }
-            Event::Status {
-                client,
-                state,
-                wire_bytes,
-            } => {
-                let _ = wire_bytes;
+            Event::Status { client, state, .. } => {
                 let online = |m: &Self| m.s.clients.get(client.as_str()).map(|c| c.online);
                 let before = online(self);
                 self.on_status(client.clone(), state, now, &mut out);
@@ -171,9 +162,8 @@ impl RoundMachine {
                 kind,
                 reason,
                 detail,
-                wire_bytes,
+                ..
             } => {
-                let _ = wire_bytes;
                 warn!(client = %client, kind, reason = %reason, detail = %detail, "message rejected");
                 self.count_rejection(reason);
                 if let Phase::Collecting(open) = &mut self.s.phase {

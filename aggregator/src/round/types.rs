@@ -31,7 +31,9 @@ pub struct JoinInfo {
     pub peft: PeftMethod,
 }
 
-/// Something that happened, as the shell saw it. `wire_bytes` is the MQTT packet size(s).
+/// Something that happened, as the shell saw it. `wire_bytes` is the MQTT packet size(s): the
+/// shell counts them in the byte ledger ([`Event::sender`]); the machine checks an update's
+/// against `max_update_bytes`.
 #[derive(Debug, Clone)]
 pub enum Event {
     /// The shell is connected and ready: (re)publish the current state.

@@ -41,8 +41,10 @@ test-rust:
 # The book (docs/): guide, reference, design, results. Written to docs/book/ (git-ignored); a page
 # SUMMARY.md names that does not exist fails the build. tests/tests/book.rs checks its reference
 # pages against the shipped files and the parsers.
+# mdbook as scripts/setup.sh installs it: on PATH, or where cargo install puts it.
+MDBOOK ?= $(or $(shell command -v mdbook 2>/dev/null),$(or $(CARGO_HOME),$(HOME)/.cargo)/bin/mdbook)
 book: setup
-	mdbook build docs
+	$(MDBOOK) build docs
 
 test: setup book models check-nostd test-rust test-cross
 

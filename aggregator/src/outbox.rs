@@ -117,9 +117,15 @@ impl Outbox {
             Outgoing::Announce(_) => "round announcement",
             Outgoing::RunDone(_) => "final announcement",
         };
+        let header_round = message.round();
+        let global = matches!(message, Outgoing::Global(_));
         let sealed = self.seal(message).map_err(|e| e.to_string());
-        let sealed = sealed.and_then(|(envelope, kind, header_round)| {
-            let packets = self.packets(kind, header_round, &envelope)?;
+        let sealed = sealed.and_then(|envelope| {
+            let packets = if global {
+                self.global_packets(header_round, &envelope)?
+            } else {
+                vec![self.packet(TopicKind::Round, envelope.clone())]
+            };
             Ok(Sealed { envelope, packets })
         });
         match sealed {
@@ -141,33 +147,22 @@ impl Outbox {
         }
     }
 
-    /// The whole envelope, signed when the run has a key, and the topic kind it goes on.
-    fn seal(&self, message: Outgoing) -> Result<(Vec<u8>, Option<TopicKind>, u32), EncodeError> {
+    /// The whole envelope, signed when the run has a key.
+    fn seal(&self, message: Outgoing) -> Result<Vec<u8>, EncodeError> {
         let round = message.round();
-        let (envelope, kind) = match message {
-            Outgoing::Global(g) => (Envelope::new(self.run_id, round, g), None),
-            Outgoing::Announce(a) | Outgoing::RunDone(a) => {
-                (Envelope::new(self.run_id, round, a), Some(TopicKind::Round))
-            }
+        let envelope = match message {
+            Outgoing::Global(g) => Envelope::new(self.run_id, round, g),
+            Outgoing::Announce(a) | Outgoing::RunDone(a) => Envelope::new(self.run_id, round, a),
         };
-        let bytes = match &self.signing_key {
-            Some(key) => envelope.encode_signed(&self.fleet, key)?,
-            None => envelope.encode()?,
-        };
-        Ok((bytes, kind, round))
+        match &self.signing_key {
+            Some(key) => envelope.encode_signed(&self.fleet, key),
+            None => envelope.encode(),
+        }
     }
 
-    /// The packets of one envelope: announcements go whole on the round topic; the global
-    /// adapter whole on `global`, or in chunks on `global/{n}` above the payload limit.
-    fn packets(
-        &mut self,
-        kind: Option<TopicKind>,
-        round: u32,
-        envelope: &[u8],
-    ) -> Result<Vec<Packet>, String> {
-        if let Some(kind) = kind {
-            return Ok(vec![self.packet(kind, envelope.to_vec())]);
-        }
+    /// The global adapter's packets: the whole envelope on `global`, or its chunks on
+    /// `global/{n}` above the payload limit (each chunked publish gets a new message id).
+    fn global_packets(&mut self, round: u32, envelope: &[u8]) -> Result<Vec<Packet>, String> {
         let id = self.state.next_message_id;
         self.state.next_message_id = id.wrapping_add(1);
         let parts = fedpeft_protocol::chunk::split(

@@ -261,10 +261,10 @@ impl Shell {
         RunError,
     > {
         let b = &self.config.broker;
-        let host = self.broker_addr.ip().to_string();
+        // An external broker by the name it was given (it may not be an IP address).
         let host = match &b.target {
             BrokerTarget::External { host, .. } => host.clone(),
-            BrokerTarget::Embedded { .. } => host,
+            BrokerTarget::Embedded { .. } => self.broker_addr.ip().to_string(),
         };
         let mut opts = MqttOptions::new(b.client_id.clone(), host, self.broker_addr.port());
         opts.set_keep_alive(Duration::from_secs(b.keep_alive_secs));

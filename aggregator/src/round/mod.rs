@@ -341,26 +341,24 @@ impl RoundMachine {
         out: &mut Vec<Action>,
     ) {
         let client = topic_client.as_str().to_string();
-        let checked = match &update {
-            Ok(u) => admission::admit(&self.s, &self.rules, &topic_client, u, wire_bytes),
+        let update = match update {
+            Ok(u) => u,
             Err(f) => {
                 let (open_round, last_closed) =
                     admission::current_round(&self.s, self.rules.rounds);
-                Err(admission::Refusal {
-                    reason: f.reason,
-                    round: f.round.or(open_round).unwrap_or(last_closed),
-                    detail: f.detail.clone(),
-                })
-            }
-        };
-        let (update, mut delta) = match (update, checked) {
-            (Ok(u), Ok(delta)) => (u, delta),
-            (_, Err(r)) => {
-                self.reject(&client, r.round, r.reason, &r.detail, now, out);
+                let round = f.round.or(open_round).unwrap_or(last_closed);
+                self.reject(&client, round, f.reason, &f.detail, now, out);
                 return;
             }
-            (Err(_), Ok(_)) => unreachable!("an undecodable update is never admitted"),
         };
+        let mut delta =
+            match admission::admit(&self.s, &self.rules, &topic_client, &update, wire_bytes) {
+                Ok(delta) => delta,
+                Err(r) => {
+                    self.reject(&client, r.round, r.reason, &r.detail, now, out);
+                    return;
+                }
+            };
         let round = update.round;
         let key = (client.clone(), round, update.sequence);
         let Phase::Collecting(o) = &mut self.s.phase else {

@@ -85,16 +85,24 @@ impl Inbox {
         self
     }
 
-    /// `update` if its payload passes [`Inbox::authenticate`].
-    fn signed(
+    /// The event for `update` on `client`'s topic: the update if its payload passes
+    /// [`Inbox::authenticate`], marked signed when the fleet signs.
+    fn checked(
         &self,
         client: &ClientId,
         payload: &[u8],
         update: fedpeft_protocol::ClientUpdate,
-    ) -> Result<fedpeft_protocol::ClientUpdate, DecodeFailure> {
-        match self.authenticate(client.as_str(), payload) {
-            Ok(()) => Ok(update),
-            Err((reason, detail)) => Err(failure(reason, Some(update.round), detail)),
+        wire_bytes: u64,
+    ) -> Event {
+        let (update, signed) = match self.authenticate(client.as_str(), payload) {
+            Ok(()) => (Ok(update), self.enrolment.is_some()),
+            Err((reason, detail)) => (Err(failure(reason, Some(update.round), detail)), false),
+        };
+        Event::Update {
+            topic_client: client.clone(),
+            update: Box::new(update),
+            wire_bytes,
+            signed,
         }
     }
 
@@ -134,6 +142,7 @@ impl Inbox {
                     topic_client,
                     update: Box::new(Err(failure(reassembly_reason(&e), None, &e))),
                     wire_bytes: bytes,
+                    signed: false,
                 })
             })
             .collect()
@@ -267,13 +276,14 @@ impl Inbox {
             topic_client: client.clone(),
             update: Box::new(update),
             wire_bytes,
+            signed: false,
         };
         let env = match self.decode_ours(payload) {
             Ok(env) => env,
             Err(f) => return Some(ev(Err(f), wire_bytes)),
         };
         match env.message {
-            Message::ClientUpdate(u) => Some(ev(self.signed(&client, payload, u), wire_bytes)),
+            Message::ClientUpdate(u) => Some(self.checked(&client, payload, u, wire_bytes)),
             Message::Chunk(chunk) => {
                 let key = (client.as_str().to_string(), chunk.message_id);
                 let round = env.round;
@@ -289,7 +299,7 @@ impl Inbox {
                             Ok(Envelope {
                                 message: Message::ClientUpdate(u),
                                 ..
-                            }) => Some(ev(self.signed(&client, &whole, u), total)),
+                            }) => Some(self.checked(&client, &whole, u, total)),
                             Ok(other) => Some(ev(
                                 Err(failure(
                                     RejectReason::Malformed,

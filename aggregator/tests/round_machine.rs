@@ -120,6 +120,25 @@ fn raw_update(topic_client: &str, u: ClientUpdate) -> Event {
         topic_client: id(topic_client),
         update: Box::new(Ok(u)),
         wire_bytes: 100,
+        signed: false,
+    }
+}
+
+/// The same update, its signature checked by the inbox (a signed fleet).
+fn signed(ev: Event) -> Event {
+    match ev {
+        Event::Update {
+            topic_client,
+            update,
+            wire_bytes,
+            ..
+        } => Event::Update {
+            topic_client,
+            update,
+            wire_bytes,
+            signed: true,
+        },
+        other => other,
     }
 }
 
@@ -361,6 +380,7 @@ fn every_kind_of_bad_update_is_rejected_and_counted_by_reason() {
             topic_client: id("c"),
             update: Box::new(Ok(update_msg("c", 1, 0, 10, good, 0.0))),
             wire_bytes: 10_001,
+            signed: false,
         },
         T0,
     );
@@ -379,6 +399,7 @@ fn every_kind_of_bad_update_is_rejected_and_counted_by_reason() {
                     detail: "from the decoder".into(),
                 })),
                 wire_bytes: 30,
+                signed: false,
             },
             T0,
         );
@@ -396,16 +417,21 @@ fn every_kind_of_bad_update_is_rejected_and_counted_by_reason() {
     ] {
         assert_eq!(rejected(&m, reason), 1, "{reason}");
     }
-    // a, b and c each had an update for round 1 refused: they count as failed and the round
-    // closes without waiting for the deadline, global unchanged.
+    // None of them was signed: they may come from anybody, so a, b and c are still waited
+    // for; at the deadline they count as silent, global unchanged.
+    assert!(
+        matches!(m.state().phase, Phase::Collecting(ref o) if o.round == 1 && o.failed.is_empty())
+    );
+    m.on_event(Event::Tick, T0 + TIMEOUT);
     let rec = &m.state().records[1];
     assert_eq!(rec.status, "failed");
     assert_eq!(rec.clients_failed, 3);
+    assert_eq!(rec.failed_clients["a"], "no reply by the deadline");
     assert_eq!(rec.rejected[&RejectReason::NonFinite], 1);
     assert_eq!(m.state().global, initial());
     // Round 2 is open: a round-1 update is late, a round-0 one stale.
-    m.on_event(update("a", 1, 3, 10, good, 0.0), T0 + 1);
-    m.on_event(update("a", 0, 4, 10, good, 0.0), T0 + 1);
+    m.on_event(update("a", 1, 3, 10, good, 0.0), T0 + TIMEOUT + 1);
+    m.on_event(update("a", 0, 4, 10, good, 0.0), T0 + TIMEOUT + 1);
     assert_eq!(rejected(&m, RejectReason::Late), 1);
     assert_eq!(rejected(&m, RejectReason::Stale), 1);
 }
@@ -1010,4 +1036,75 @@ fn an_int8_global_is_what_the_aggregator_itself_holds_evaluates_and_builds_on() 
         _ => None,
     });
     assert_eq!(evaluated.as_deref(), Some(after.as_slice()));
+}
+
+#[test]
+fn a_refused_unsigned_message_changes_no_client_and_the_honest_update_still_counts() {
+    let honest = |m: &mut RoundMachine| {
+        m.on_event(update("a", 1, 0, 10, [1.0, 1.0], 1.0), T0 + 10);
+        m.on_event(update("b", 1, 0, 10, [3.0, 3.0], 3.0), T0 + 20);
+        m.on_event(update("c", 1, 0, 20, [5.0, 5.0], 5.0), T0 + 30);
+    };
+    let mut clean = started(2, 3);
+    honest(&mut clean);
+    let mut attacked = started(2, 3);
+    // Before b's and c's genuine updates: every kind of refusal naming them.
+    let mut short = update_msg("c", 1, 7, 10, [0.0, 0.0], 0.0);
+    short.tensors.pop();
+    let forged = [
+        raw_update("b", update_msg("a", 1, 0, 10, [9.0, 9.0], 9.0)), // client mismatch
+        update("b", 1, 0, 10, [f32::NAN, 0.0], 0.0),                 // non-finite
+        raw_update("c", short),                                      // wrong shape
+        update("c", 0, 0, 10, [0.0, 0.0], 0.0),                      // stale replay
+        update("b", 2, 0, 10, [0.0, 0.0], 0.0),                      // future round
+    ];
+    for ev in forged {
+        attacked.on_event(ev, T0 + 5);
+    }
+    let Phase::Collecting(open) = &attacked.state().phase else {
+        panic!("the round closed on refusals alone");
+    };
+    assert!(open.failed.is_empty(), "{:?}", open.failed);
+    honest(&mut attacked);
+    assert_eq!(attacked.state().global, clean.state().global);
+    let (a, c) = (&attacked.state().records[1], &clean.state().records[1]);
+    assert_eq!((a.clients_ok, a.clients_failed), (3, 0));
+    assert_eq!(
+        (a.clients_ok, a.clients_failed),
+        (c.clients_ok, c.clients_failed)
+    );
+}
+
+#[test]
+fn a_signed_update_refused_for_its_content_counts_its_client_failed() {
+    let mut m = started(2, 2);
+    m.on_event(update("a", 1, 0, 10, [1.0, 1.0], 1.0), T0 + 1);
+    m.on_event(update("b", 1, 0, 10, [3.0, 3.0], 3.0), T0 + 2);
+    // Signed and non-finite: c sent it, and will not send another.
+    m.on_event(signed(update("c", 1, 0, 10, [f32::NAN, 0.0], 0.0)), T0 + 3);
+    let rec = &m.state().records[1];
+    assert_eq!(rec.status, "ok");
+    assert_eq!(rec.failed_clients["c"], "rejected: non_finite");
+    // A signed replay of an old round is about its delivery, not its content: nobody fails.
+    m.on_event(signed(update("a", 1, 1, 10, [1.0, 1.0], 1.0)), T0 + 4);
+    let Phase::Collecting(open) = &m.state().phase else {
+        panic!("round 2 should be open");
+    };
+    assert!(open.failed.is_empty());
+}
+
+#[test]
+fn an_update_after_a_last_will_counts_the_client_once_as_accepted() {
+    let mut m = started(2, 3);
+    m.on_event(offline("c"), T0 + 1);
+    m.on_event(update("a", 1, 0, 10, [1.0, 1.0], 1.0), T0 + 2);
+    // c's update was already on its way: it arrives and is accepted.
+    m.on_event(update("c", 1, 0, 10, [5.0, 5.0], 5.0), T0 + 3);
+    let Phase::Collecting(open) = &m.state().phase else {
+        panic!("b has not replied: the round must still be open");
+    };
+    assert_eq!(open.accepted.len() + open.failed.len(), 2);
+    m.on_event(update("b", 1, 0, 10, [3.0, 3.0], 3.0), T0 + 4);
+    let rec = &m.state().records[1];
+    assert_eq!((rec.clients_ok, rec.clients_failed), (3, 0));
 }

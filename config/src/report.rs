@@ -320,13 +320,13 @@ impl RejectReason {
         RejectReason::NotEnrolled,
     ];
 
-    /// Whether the reason says the sender could not be authenticated: such a message may come
-    /// from anybody, so it says nothing about the client it names (which is not counted as
-    /// failed for it).
-    pub fn is_authentication(self) -> bool {
+    /// Whether the reason is about what a well-formed update of the open round carries (its
+    /// layout, its values, its size), rather than about its delivery (duplicate, late, stale,
+    /// not sampled, from an unknown or another client) or its decoding.
+    pub fn is_about_the_content(self) -> bool {
         matches!(
             self,
-            RejectReason::Unsigned | RejectReason::BadSignature | RejectReason::NotEnrolled
+            RejectReason::WrongShape | RejectReason::NonFinite | RejectReason::Oversized
         )
     }
 

@@ -150,15 +150,6 @@ pub enum ReassemblyError {
         /// The limit.
         max: usize,
     },
-    /// `count`, `total_len` or `crc32` differ from the payload's first chunk.
-    Inconsistent {
-        /// Payload id.
-        message_id: u32,
-        /// Chunk index.
-        index: u32,
-        /// The field that differs.
-        field: &'static str,
-    },
     /// The chunk's data length is not what its index implies.
     WrongLength {
         /// Payload id.
@@ -234,14 +225,6 @@ impl fmt::Display for ReassemblyError {
                 f,
                 "message {message_id} would be {total_len} bytes, more than the {max} allowed"
             ),
-            Inconsistent {
-                message_id,
-                index,
-                field,
-            } => write!(
-                f,
-                "chunk {index} of message {message_id} disagrees with earlier chunks on `{field}`"
-            ),
             WrongLength {
                 message_id,
                 index,
@@ -315,6 +298,19 @@ fn expected_len(total_len: u32, count: u32, index: u32) -> Option<usize> {
     Some(if index + 1 < count { size } else { last })
 }
 
+/// What a chunk's header says about the whole payload it belongs to. Chunks are put together
+/// only when they agree on all of it: a chunk that disagrees (a forged, corrupted or copied
+/// one that reuses a message id) starts a payload of its own instead of spoiling the real
+/// one, which still completes; the stray payload never completes, or fails its CRC, or
+/// expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    message_id: u32,
+    count: u32,
+    total_len: u32,
+    crc32: u32,
+}
+
 /// Reassembles chunked payloads from many senders with bounded memory. `K` identifies the
 /// sender (e.g. the topic or client id), so equal message ids from different senders do not
 /// mix. Time is supplied by the caller (`now_ms`, any monotonic milliseconds): there is no
@@ -322,7 +318,7 @@ fn expected_len(total_len: u32, count: u32, index: u32) -> Option<usize> {
 #[derive(Debug)]
 pub struct Reassembler<K: Ord> {
     limits: ReassemblyLimits,
-    partial: BTreeMap<(K, u32), Partial>,
+    partial: BTreeMap<(K, Claim), Partial>,
     reserved: usize,
 }
 
@@ -385,22 +381,13 @@ impl<K: Ord + Clone> Reassembler<K> {
             total_len,
         })?;
 
-        let key = (source, message_id);
-        if let Some(p) = self.partial.get(&key) {
-            for (field, same) in [
-                ("count", p.count == count),
-                ("total_len", p.total_len == total_len),
-                ("crc32", p.crc32 == carried),
-            ] {
-                if !same {
-                    return Err(ReassemblyError::Inconsistent {
-                        message_id,
-                        index,
-                        field,
-                    });
-                }
-            }
-        }
+        let claim = Claim {
+            message_id,
+            count,
+            total_len,
+            crc32: carried,
+        };
+        let key = (source, claim);
         if data.len() != expected {
             return Err(ReassemblyError::WrongLength {
                 message_id,
@@ -471,7 +458,7 @@ impl<K: Ord + Clone> Reassembler<K> {
     /// returning an [`ReassemblyError::Incomplete`] for each (with its source).
     pub fn expire(&mut self, now_ms: u64) -> Vec<(K, ReassemblyError)> {
         let timeout = self.limits.timeout_ms;
-        let stale: Vec<(K, u32)> = self
+        let stale: Vec<(K, Claim)> = self
             .partial
             .iter()
             .filter(|(_, p)| now_ms.saturating_sub(p.started_ms) >= timeout)
@@ -482,7 +469,7 @@ impl<K: Ord + Clone> Reassembler<K> {
             if let Some(p) = self.partial.remove(&key) {
                 self.reserved -= p.total_len as usize;
                 let err = ReassemblyError::Incomplete {
-                    message_id: key.1,
+                    message_id: key.1.message_id,
                     received: p.received_count,
                     count: p.count,
                 };

@@ -51,6 +51,12 @@ pub struct RoundMachine {
     s: MachineState,
 }
 
+/// Who an update's topic names, and whether its signature proves it.
+struct Sender {
+    client: ClientId,
+    signed: bool,
+}
+
 impl RoundMachine {
     /// A fresh run starting from `initial` (the round-0 global adapter; with a lossy
     /// `global_dtype`, its decoded wire form).
@@ -154,8 +160,13 @@ impl RoundMachine {
                 topic_client,
                 update,
                 wire_bytes,
+                signed,
             } => {
-                self.on_update(topic_client, *update, wire_bytes, now, &mut out);
+                let sender = Sender {
+                    client: topic_client,
+                    signed,
+                };
+                self.on_update(sender, *update, wire_bytes, now, &mut out);
             }
             Event::Refused {
                 client,
@@ -334,28 +345,28 @@ impl RoundMachine {
 
     fn on_update(
         &mut self,
-        topic_client: ClientId,
+        sender: Sender,
         update: Result<ClientUpdate, DecodeFailure>,
         wire_bytes: u64,
         now: u64,
         out: &mut Vec<Action>,
     ) {
-        let client = topic_client.as_str().to_string();
+        let client = sender.client.as_str().to_string();
         let update = match update {
             Ok(u) => u,
             Err(f) => {
                 let (open_round, last_closed) =
                     admission::current_round(&self.s, self.rules.rounds);
                 let round = f.round.or(open_round).unwrap_or(last_closed);
-                self.reject(&client, round, f.reason, &f.detail, now, out);
+                self.reject(&sender, round, f.reason, &f.detail, now, out);
                 return;
             }
         };
         let mut delta =
-            match admission::admit(&self.s, &self.rules, &topic_client, &update, wire_bytes) {
+            match admission::admit(&self.s, &self.rules, &sender.client, &update, wire_bytes) {
                 Ok(delta) => delta,
                 Err(r) => {
-                    self.reject(&client, r.round, r.reason, &r.detail, now, out);
+                    self.reject(&sender, r.round, r.reason, &r.detail, now, out);
                     return;
                 }
             };
@@ -383,7 +394,7 @@ impl RoundMachine {
         };
         if !o.acc.fold(weight, &delta) {
             self.reject(
-                &client,
+                &sender,
                 round,
                 RejectReason::Duplicate,
                 "accumulator full",
@@ -395,6 +406,10 @@ impl RoundMachine {
         o.arrival.push((client.clone(), norm));
         o.accepted
             .insert(client.clone(), (update.sequence, update.num_examples));
+        // A client counted failed (it went offline, say) whose update then arrives in time
+        // is a client that replied: accepted and failed never both hold one client, so the
+        // replies never outnumber the sample.
+        o.failed.remove(&client);
         let w = update.num_examples as f64;
         if update.metrics.loss.is_finite() && update.metrics.accuracy.is_finite() {
             o.train_loss_sum += w * f64::from(update.metrics.loss);
@@ -427,27 +442,31 @@ impl RoundMachine {
         *self.s.rejected_total.entry(reason).or_default() += 1;
     }
 
+    /// Counts a refused update. A refusal changes nobody's state, with one exception: a
+    /// signed update for the open round from a sampled client that is refused for what it
+    /// carries (wrong layout, non-finite values, too large). Its signature proves the client
+    /// sent it, so that client will not send a better one: it counts as failed and the round
+    /// need not wait for it. Anything unsigned may come from anybody who can publish on the
+    /// broker (a forged, truncated, replayed or copied message), so it says nothing about the
+    /// client its topic names: that client's round goes on, at worst until the deadline.
     fn reject(
         &mut self,
-        client: &str,
+        sender: &Sender,
         round: u32,
         reason: RejectReason,
         detail: &str,
         now: u64,
         out: &mut Vec<Action>,
     ) {
-        warn!(client = %client, round, reason = %reason, detail = %detail, "update rejected");
+        let client = sender.client.as_str();
+        warn!(client = %client, round, reason = %reason, detail = %detail, signed = sender.signed,
+              "update rejected");
         self.count_rejection(reason);
         if let Phase::Collecting(open) = &mut self.s.phase {
             *open.rejected.entry(reason).or_default() += 1;
-            // A sampled client whose update for this round was refused (for a reason other than
-            // being a redelivery) will not send another: it counts as failed, so the round can
-            // close without waiting for the deadline.
-            // A message that fails authentication may come from anybody: it must not knock
-            // the client it names out of the round.
-            if round == open.round
-                && reason != RejectReason::Duplicate
-                && !reason.is_authentication()
+            if sender.signed
+                && reason.is_about_the_content()
+                && round == open.round
                 && open.sampled.contains(client)
                 && !open.accepted.contains_key(client)
             {

@@ -59,6 +59,10 @@ pub enum Event {
         topic_client: ClientId,
         update: Box<Result<ClientUpdate, DecodeFailure>>,
         wire_bytes: u64,
+        /// The payload carries a valid signature by `topic_client`'s enrolled key (signed
+        /// fleets only): the one proof of who sent it. An unsigned message may come from
+        /// anybody who can publish on the broker.
+        signed: bool,
     },
     /// A Join or Status that was refused before it reached the machine (signature checks):
     /// logged and counted, nothing else changes.

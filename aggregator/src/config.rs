@@ -98,7 +98,8 @@ pub struct Config {
 /// Checks every field of the file and fills in defaults.
 pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
     let rounds = validate_rounds(&file)?;
-    let broker = validate_broker(file.broker)?;
+    let run_id = file.run_id.unwrap_or(1);
+    let broker = validate_broker(file.broker, run_id)?;
     let max_payload_bytes = validate_payload(file.max_payload_bytes, broker.max_packet_bytes)?;
     let max_update_norm = positive(file.max_update_norm, "max_update_norm", "is not positive")?;
     let adaptive_norm_multiple = positive(
@@ -123,7 +124,7 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
         run: RunSettings {
             global_dtype: validate_dtype(file.global_dtype.as_deref())?,
             fleet: rounds.fleet,
-            run_id: file.run_id.unwrap_or(1),
+            run_id,
             rounds: rounds.rounds,
             seed: file.seed.unwrap_or(42),
             min_clients: rounds.min_clients,
@@ -385,7 +386,7 @@ fn validate_dp(
     })
 }
 
-fn validate_broker(b: BrokerTable) -> Result<BrokerConfig, ConfigError> {
+fn validate_broker(b: BrokerTable, run_id: u64) -> Result<BrokerConfig, ConfigError> {
     let url = b.url.unwrap_or_else(|| "embedded".into());
     let (target, tls) = if url == "embedded" {
         if b.ca_file.is_some() || b.client_cert.is_some() || b.client_key.is_some() {
@@ -435,7 +436,11 @@ fn validate_broker(b: BrokerTable) -> Result<BrokerConfig, ConfigError> {
             format!("{max_packet_bytes} is not between 4096 and 256 MiB"),
         ));
     }
-    let client_id = b.client_id.unwrap_or_else(|| "fedpeft-aggregator".into());
+    // One session per run: a broker's queue for an earlier run (or a message that could never
+    // be delivered to it) is not this run's.
+    let client_id = b
+        .client_id
+        .unwrap_or_else(|| format!("fedpeft-aggregator-{run_id}"));
     if client_id.is_empty() || client_id.len() > 64 {
         return Err(invalid("broker.client_id", "must be 1 to 64 bytes"));
     }

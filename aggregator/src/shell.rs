@@ -104,6 +104,19 @@ enum FromMqtt {
     Subscribed,
     Publish(rumqttc::Publish),
     Error(String),
+    /// A delivery over the packet limit broke the connection; the next one starts a clean
+    /// session, in which the broker no longer holds it.
+    Oversized { bytes: usize, limit: usize },
+}
+
+/// The size of an incoming packet that broke the connection by exceeding the limit.
+fn oversized_delivery(e: &rumqttc::ConnectionError) -> Option<usize> {
+    match e {
+        rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(bytes),
+        )) => Some(*bytes),
+        _ => None,
+    }
 }
 
 /// Runs the aggregator until all rounds are done or `shutdown` resolves. `ready` receives the
@@ -131,6 +144,14 @@ pub async fn run(
                 Some(FromMqtt::Publish(p)) => shell.on_publish(p),
                 Some(FromMqtt::Error(e)) => {
                     warn!(error = %e, "MQTT connection error; reconnecting");
+                    Vec::new()
+                }
+                Some(FromMqtt::Oversized { bytes, limit }) => {
+                    warn!(bytes, limit, client_id = %shell.config.broker.client_id,
+                        "dropped a delivery over broker.max_packet_bytes; reconnecting with a \
+                         clean session so the broker does not deliver it again");
+                    // What was received but not acknowledged belonged to the old session.
+                    shell.unacked.clear();
                     Vec::new()
                 }
                 None => return Err(RunError::Mqtt("event loop ended".into())),
@@ -286,15 +307,31 @@ impl Shell {
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 4096);
         let (tx, rx) = mpsc::unbounded_channel();
+        let limit = b.max_packet_bytes;
         let pump = tokio::spawn(async move {
             loop {
                 let msg = match eventloop.poll().await {
-                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => FromMqtt::Connected,
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                        // After a clean start, resume this new session on later reconnects.
+                        eventloop.mqtt_options.set_clean_session(false);
+                        FromMqtt::Connected
+                    }
                     Ok(MqttEvent::Incoming(Packet::SubAck(_))) => FromMqtt::Subscribed,
                     Ok(MqttEvent::Incoming(Packet::Publish(p))) => FromMqtt::Publish(p),
                     Ok(_) => continue,
                     Err(e) => {
-                        let _ = tx.send(FromMqtt::Error(e.to_string()));
+                        let msg = match oversized_delivery(&e) {
+                            // Too large to read, so never acknowledged: the broker would hand
+                            // the same message to this session on every reconnect. A clean
+                            // session drops it (with whatever else was queued: those clients
+                            // count as silent in this round at worst).
+                            Some(bytes) => {
+                                eventloop.mqtt_options.set_clean_session(true);
+                                FromMqtt::Oversized { bytes, limit }
+                            }
+                            None => FromMqtt::Error(e.to_string()),
+                        };
+                        let _ = tx.send(msg);
                         // rumqttc reconnects on the next poll; don't spin while the broker is
                         // away.
                         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -141,15 +141,18 @@ impl Default for PromptConfig {
 pub enum Method {
     /// Only the classifier head.
     Head,
-    /// BitFit: every bias of the tail (linear biases, LayerNorm biases, BatchNorm shift) + head.
+    /// BitFit: every bias of the tail (linear biases, LayerNorm biases — a vit's `final_ln`
+    /// included —, BatchNorm shift) + head.
     Bias,
     /// LoRA on chosen projections + head.
     Lora(LoraConfig),
-    /// Houlsby adapters after attention and after the MLP of every tail block + head.
+    /// Houlsby adapters after attention and after the MLP of every tail block + head: on the
+    /// sublayer's output, before the residual sum (and, in a vit block, before the layer scale).
     Adapter(AdapterConfig),
-    /// Learned prompt tokens added at the tail input + head (transformer and vit only).
+    /// Learned prompt tokens joining the sequence at the tail's first block + head (transformer:
+    /// in front of every token; vit: right after the CLS token, as VPT).
     Prompt(PromptConfig),
-    /// Every tail weight + head (the accuracy baseline).
+    /// Every tail weight (a vit's layer scales included) + head (the accuracy baseline).
     FullTail,
 }
 

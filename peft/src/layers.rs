@@ -210,6 +210,43 @@ pub fn rows_to_nchw<T: Real>(rows: ArrayView2<'_, T>, b: usize, h: usize, w: usi
         .into_owned()
 }
 
+/// Per-feature scale `y = x ⊙ γ` (a ViT's layer scale; the scale half of [`FoldedBn`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LayerScale {
+    /// `[C]`.
+    pub gamma: ParamId,
+}
+
+impl LayerScale {
+    /// Forward; keeps `x` only if `γ` is trained.
+    pub fn forward<T: Real>(
+        &self,
+        p: &ParamStore<T>,
+        x: Array2<T>,
+    ) -> (Array2<T>, Option<Array2<T>>) {
+        let keep = p.trainable(self.gamma).then(|| x.clone());
+        let mut y = x;
+        y *= &p.w1(self.gamma);
+        (y, keep)
+    }
+
+    /// Backward: returns `dL/dx` if `need_dx`.
+    pub fn backward<T: Real>(
+        &self,
+        p: &ParamStore<T>,
+        x: Option<Array2<T>>,
+        dy: ArrayView2<'_, T>,
+        grads: &mut Grads<T>,
+        need_dx: bool,
+    ) -> Option<Array2<T>> {
+        if grads.wants(self.gamma) {
+            let x = x.expect("input kept when the scale is trained");
+            grads.acc1(self.gamma, (&dy * &x).sum_axis(Axis(0)).view());
+        }
+        need_dx.then(|| &dy * &p.w1(self.gamma))
+    }
+}
+
 /// Folded BatchNorm: `y = x·scale + shift` per feature (column).
 #[derive(Debug, Clone)]
 pub struct FoldedBn {
@@ -220,15 +257,17 @@ pub struct FoldedBn {
 }
 
 impl FoldedBn {
+    fn scale(&self) -> LayerScale {
+        LayerScale { gamma: self.scale }
+    }
+
     /// Forward; keeps `x` only if the scale is trained.
     pub fn forward<T: Real>(
         &self,
         p: &ParamStore<T>,
         x: Array2<T>,
     ) -> (Array2<T>, Option<Array2<T>>) {
-        let keep = p.trainable(self.scale).then(|| x.clone());
-        let mut y = x;
-        y *= &p.w1(self.scale);
+        let (mut y, keep) = self.scale().forward(p, x);
         y += &p.w1(self.shift);
         (y, keep)
     }
@@ -245,11 +284,7 @@ impl FoldedBn {
         if grads.wants(self.shift) {
             grads.acc1(self.shift, dy.sum_axis(Axis(0)).view());
         }
-        if grads.wants(self.scale) {
-            let x = x.expect("input kept when scale is trained");
-            grads.acc1(self.scale, (&dy * &x).sum_axis(Axis(0)).view());
-        }
-        need_dx.then(|| &dy * &p.w1(self.scale))
+        self.scale().backward(p, x, dy, grads, need_dx)
     }
 }
 

@@ -2,28 +2,29 @@
 //! few trainable PEFT parameters, trained by backpropagation on the device.
 //!
 //! Module map (dependencies point one way, from the top of the list down):
-//! - [`tail`]: [`PeftTail`], the two families assembled from layers with a method applied,
+//! - [`tail`]: [`PeftTail`], the three families assembled from layers with a method applied,
 //!   one file per concern:
 //!   - `tail/mod.rs`: [`PeftTail`] itself — building, batch checks, the frozen prefix,
-//!     forward and backward through either family's body and the head;
+//!     forward and backward through a family's body and the head;
 //!   - `tail/object.rs`: the object-safe [`Tail`] trait, [`build_tail`], [`StepStats`],
 //!     [`EvalStats`] (exported here at the root);
 //!   - `tail/batch.rs`: [`Batch`];
 //!   - `tail/build.rs`: config validation, frozen layers from the weights, fresh LoRA
 //!     factors and head;
 //!   - `tail/conv.rs`: the conv-head family (1×1 conv, folded BatchNorm, ReLU6, pooling);
-//!   - `tail/transformer.rs`, `tail/block.rs`, `tail/adapter.rs`: the transformer family,
-//!     one encoder block, the Houlsby adapter.
+//!   - `tail/transformer.rs`, `tail/block.rs`, `tail/adapter.rs`: the two families built of
+//!     transformer blocks (post-LN BERT `transformer`, pre-LN ViT `vit` with layer scale),
+//!     one block of either kind, the Houlsby adapter.
 //! - [`dp`] and [`accountant`]: DP-SGD and the RDP accountant.
 //! - [`optim`]: SGD, AdamW, gradient-norm clipping and the FedProx term behind [`Optimizer`].
-//! - [`layers`]: forward/backward of linear (+LoRA), folded BatchNorm, ReLU6, GELU, LayerNorm,
-//!   multi-head attention, poolings and softmax cross-entropy.
+//! - [`layers`]: forward/backward of linear (+LoRA), folded BatchNorm, layer scale, ReLU6,
+//!   GELU, LayerNorm, multi-head attention, poolings and softmax cross-entropy.
 //! - [`weights`]: frozen weights from `tail.safetensors` or an in-memory map.
 //! - [`params`]: every tensor of a tail by stable name ([`ParamStore`]), gradients, the
 //!   [`ParamSlot`]s an optimizer updates, and the wire form of trainable tensors
 //!   ([`NamedTensor`]).
 //! - [`method`]: PEFT methods (`head`, `bias`, `lora`, `adapter`, `prompt`, `full-tail`) and
-//!   the two tail families (`conv_head`, `transformer`).
+//!   the three tail families (`conv_head`, `transformer`, `vit`).
 //! - [`real`]: the scalar trait (`f32` for training, `f64` for gradient checks).
 //! - [`error`]: the one error type, [`PeftError`].
 //!
@@ -65,8 +66,8 @@ pub use accountant::RdpAccountant;
 pub use dp::{DpSgd, DpSgdConfig};
 pub use error::{PeftError, Result};
 pub use method::{
-    AdapterConfig, Family, HeadInit, LoraConfig, LoraTarget, Method, PeftConfig, PromptConfig,
-    TransformerSpec,
+    AdapterConfig, Family, Gelu, HeadInit, LoraConfig, LoraTarget, Method, PeftConfig, Pool,
+    PromptConfig, TransformerSpec, VitSpec,
 };
 pub use optim::{AdamW, ClipGradNorm, FedProx, Optimizer, Sgd};
 pub use params::{Grads, NamedTensor, ParamSlot, ParamStore};

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use serde::Deserialize;
+
 use crate::error::PeftError;
 
 /// A projection LoRA can adapt.
@@ -25,6 +27,26 @@ pub enum LoraTarget {
 }
 
 impl LoraTarget {
+    /// Every linear layer of a transformer block (`q, k, v, o, up, down`), as PEFT's
+    /// `target_modules="all-linear"` (which also leaves out the classifier, here always trained
+    /// in full).
+    pub const ALL_LINEAR: [LoraTarget; 6] =
+        [Self::Q, Self::K, Self::V, Self::O, Self::Up, Self::Down];
+
+    /// Parses a comma-separated list of targets (`"q, v"`); `all-linear` stands for
+    /// [`Self::ALL_LINEAR`].
+    pub fn parse_list(s: &str) -> Result<Vec<Self>, PeftError> {
+        let mut out = Vec::new();
+        for t in s.split(',').map(str::trim) {
+            if t == "all-linear" {
+                out.extend(Self::ALL_LINEAR);
+            } else {
+                out.push(t.parse()?);
+            }
+        }
+        Ok(out)
+    }
+
     /// The name used in configs and tensor names.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -54,7 +76,8 @@ impl FromStr for LoraTarget {
                 return Err(PeftError::Config {
                     field: "lora.targets".into(),
                     why: format!(
-                        "unknown target `{other}` (expected conv_head, q, k, v, o, up, down)"
+                        "unknown target `{other}` (expected conv_head, q, k, v, o, up, down \
+                         or all-linear in a list)"
                     ),
                 });
             }
@@ -72,7 +95,7 @@ pub struct LoraConfig {
     /// Dropout on the LoRA branch input during training, in `[0, 1)`.
     pub dropout: f64,
     /// Adapted projections; empty means the family default (`conv_head`; `q, v` as PEFT does
-    /// for BERT).
+    /// for BERT and ViT). [`LoraTarget::ALL_LINEAR`] adapts every linear layer of the blocks.
     pub targets: Vec<LoraTarget>,
 }
 
@@ -118,15 +141,18 @@ impl Default for PromptConfig {
 pub enum Method {
     /// Only the classifier head.
     Head,
-    /// BitFit: every bias of the tail (linear biases, LayerNorm biases, BatchNorm shift) + head.
+    /// BitFit: every bias of the tail (linear biases, LayerNorm biases — a vit's `final_ln`
+    /// included —, BatchNorm shift) + head.
     Bias,
     /// LoRA on chosen projections + head.
     Lora(LoraConfig),
-    /// Houlsby adapters after attention and after the MLP of every tail block + head.
+    /// Houlsby adapters after attention and after the MLP of every tail block + head: on the
+    /// sublayer's output, before the residual sum (and, in a vit block, before the layer scale).
     Adapter(AdapterConfig),
-    /// Learned prompt tokens prepended at the tail input + head (transformer only).
+    /// Learned prompt tokens joining the sequence at the tail's first block + head (transformer:
+    /// in front of every token; vit: right after the CLS token, as VPT).
     Prompt(PromptConfig),
-    /// Every tail weight + head (the accuracy baseline).
+    /// Every tail weight (a vit's layer scales included) + head (the accuracy baseline).
     FullTail,
 }
 
@@ -213,14 +239,18 @@ pub enum Family {
     ConvHead,
     /// `k` post-LN BERT encoder blocks + masked mean pooling + classifier.
     Transformer(TransformerSpec),
+    /// `k` pre-LN ViT blocks with layer scale (DINOv2) + final LayerNorm + CLS-token
+    /// classifier.
+    Vit(VitSpec),
 }
 
 impl Family {
-    /// `conv_head` or `transformer`.
+    /// `conv_head`, `transformer` or `vit`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::ConvHead => "conv_head",
             Self::Transformer(_) => "transformer",
+            Self::Vit(_) => "vit",
         }
     }
 }
@@ -239,6 +269,60 @@ impl Default for TransformerSpec {
         Self {
             heads: 12,
             ln_eps: 1e-12,
+        }
+    }
+}
+
+/// The GELU form a tail's MLP uses (manifest `tail.hyper.gelu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Gelu {
+    /// `0.5·x·(1 + erf(x/√2))`, PyTorch's `nn.GELU()` (BERT, DINOv2). The only form
+    /// implemented: a manifest naming another (`tanh`) is refused rather than computed wrong.
+    Erf,
+}
+
+/// What the classifier reads (manifest `tail.hyper.pool`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pool {
+    /// The CLS token (position 0 of the trunk's tokens), as DINOv2's linear classifier.
+    Cls,
+    /// The mean over the real tokens (sentence-transformers); learned prompt tokens are left
+    /// out. The `transformer` family always pools so.
+    MaskedMean,
+}
+
+/// ViT (DINOv2) tail hyper-parameters that the weight shapes don't carry. Deserialises from
+/// a backbone manifest's `tail.hyper` object (keys `heads`, `layer_norm_eps`, `gelu`, `k`,
+/// `pool`, all required; other keys such as `hidden` or `intermediate` are ignored, since the
+/// weight shapes give them), e.g. with `serde_json::from_value(serde_json::json!(hyper))`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct VitSpec {
+    /// Attention heads (6 for ViT-S/14).
+    pub heads: usize,
+    /// LayerNorm epsilon of every LayerNorm of the tail, the final one included (1e-6 for
+    /// DINOv2).
+    #[serde(rename = "layer_norm_eps")]
+    pub ln_eps: f64,
+    /// The MLP's GELU.
+    pub gelu: Gelu,
+    /// Blocks in the tail; `tail.safetensors` must hold exactly `blocks.0` to `blocks.{k-1}`.
+    pub k: usize,
+    /// What the classifier reads.
+    pub pool: Pool,
+}
+
+impl Default for VitSpec {
+    /// DINOv2 ViT-S/14 split after block 10 of 12.
+    fn default() -> Self {
+        Self {
+            heads: 6,
+            ln_eps: 1e-6,
+            gelu: Gelu::Erf,
+            k: 2,
+            pool: Pool::Cls,
         }
     }
 }

@@ -3,9 +3,9 @@
 //! and batch 64, for LoRA, bias and head tuning. Global average pooling and its backward used
 //! to allocate a row per sample (44 allocations per LoRA step at batch 4, 164 at batch 64).
 //!
-//! The transformer tail is not held to this: its attention runs one GEMM per sample and head,
-//! and matrixmultiply allocates packing buffers for each (376 allocations per LoRA step at
-//! batch 4, 3256 at batch 64, with 2 blocks of 4 heads).
+//! The transformer and vit tails are not held to this: their attention runs one GEMM per sample
+//! and head, and matrixmultiply allocates packing buffers for each (376 allocations per LoRA
+//! step at batch 4, 3256 at batch 64, with 2 blocks of 4 heads).
 //!
 //! Only the calling thread's allocations are counted, and a step's count is the least of three
 //! steps: another thread of the process (the test harness's, or a GEMM worker starting up) may

@@ -41,6 +41,19 @@ fn text_tail(method: Method) -> PeftTail<f64> {
     .unwrap()
 }
 
+fn vit_tail(method: Method) -> PeftTail<f64> {
+    let fam = Family::Vit(VitSpec {
+        heads: 2,
+        ..VitSpec::default()
+    });
+    PeftTail::build(
+        fam,
+        &vit_weights(2, 8, 12, 2),
+        PeftConfig::new(method, 3, 5),
+    )
+    .unwrap()
+}
+
 fn with_prefix(tail: &PeftTail<f64>, batch: &Batch<f64>) -> Batch<f64> {
     let frozen = tail
         .frozen_prefix(batch)
@@ -102,6 +115,17 @@ fn a_transformer_head_gives_the_same_logits_and_gradients_with_the_prefix() {
 }
 
 #[test]
+fn a_vit_head_gives_the_same_logits_and_gradients_with_the_prefix() {
+    let batch = vit_batch::<f64>(4, 5, 8, 13);
+    assert_same(&vit_tail(Method::Head), &batch, &[0, 1, 2, 1]);
+    let pooled = vit_tail(Method::Head)
+        .frozen_prefix(&batch)
+        .unwrap()
+        .unwrap();
+    assert_eq!(pooled.shape(), &[4, 8]);
+}
+
+#[test]
 fn the_prefix_has_the_shape_its_method_needs() {
     let batch = conv_batch::<f64>(5, 6, 3, 11);
     let head = conv_tail(Method::Head)
@@ -131,6 +155,7 @@ fn methods_that_train_where_the_features_enter_have_no_prefix_and_refuse_one() {
     let err = full.logits(&pre).unwrap_err().to_string();
     assert!(err.contains("full-tail trains the layer"), "{err}");
     let tokens = token_batch::<f64>(4, 6, 8, 12);
+    let patches = vit_batch::<f64>(4, 5, 8, 13);
     for method in [
         Method::Bias,
         lora(0.0),
@@ -139,8 +164,10 @@ fn methods_that_train_where_the_features_enter_have_no_prefix_and_refuse_one() {
         Method::FullTail,
     ] {
         let name = method.name();
-        let p = text_tail(method).frozen_prefix(&tokens).unwrap();
+        let p = text_tail(method.clone()).frozen_prefix(&tokens).unwrap();
         assert!(p.is_none(), "{name} has a prefix");
+        let p = vit_tail(method).frozen_prefix(&patches).unwrap();
+        assert!(p.is_none(), "vit {name} has a prefix");
     }
 }
 

@@ -1,5 +1,5 @@
-//! Finite-difference gradient checks in f64: every layer, and every PEFT method on both
-//! tail families (all trainable tensors randomised first so no gradient is trivially zero).
+//! Finite-difference gradient checks in f64: every layer, and every PEFT method on every
+//! tail family (all trainable tensors randomised first so no gradient is trivially zero).
 
 mod common;
 
@@ -9,8 +9,8 @@ use common::*;
 use fedpeft_peft::layers::*;
 use fedpeft_peft::params::{Grads, ParamStore};
 use fedpeft_peft::{
-    AdapterConfig, Family, LoraConfig, LoraTarget, Method, PeftConfig, PeftTail, PromptConfig,
-    TransformerSpec,
+    AdapterConfig, Family, Gelu, LoraConfig, LoraTarget, Method, PeftConfig, PeftTail, Pool,
+    PromptConfig, TransformerSpec, VitSpec,
 };
 use ndarray::{Array2, ArrayD, IxDyn};
 use rand::SeedableRng;
@@ -177,6 +177,24 @@ fn folded_batchnorm_and_relu6_pass_gradient_check() {
             let dz = relu6_backward(y.view(), dy.clone());
             let mut g = Grads::zeros_like(p);
             let dx = bn.backward(p, keep, dz.view(), &mut g, true).unwrap();
+            (g, dx)
+        });
+        (y, g)
+    });
+}
+
+#[test]
+fn layer_scale_passes_gradient_check() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut st = ParamStore::<f64>::new();
+    let gamma = st.add("ls", rand_array(&mut rng, &[4], 1.0), true).unwrap();
+    let ls = LayerScale { gamma };
+    let x = a2(&mut rng, 5, 4, 2.0);
+    check_layer("layer scale", &st, &x, &|p, x, dy| {
+        let (y, keep) = ls.forward(p, x.clone());
+        let g = dy.map(|dy| {
+            let mut g = Grads::zeros_like(p);
+            let dx = ls.backward(p, keep, dy.view(), &mut g, true).unwrap();
             (g, dx)
         });
         (y, g)
@@ -370,37 +388,68 @@ fn every_conv_head_method_passes_gradient_check() {
     }
 }
 
-#[test]
-fn every_transformer_method_passes_gradient_check() {
-    let w = transformer_weights(2, 8, 12, 20);
-    let batch = token_batch::<f64>(3, 4, 8, 21);
-    let labels = [1, 0, 2];
-    let all = vec![
-        LoraTarget::Q,
-        LoraTarget::K,
-        LoraTarget::V,
-        LoraTarget::O,
-        LoraTarget::Up,
-        LoraTarget::Down,
-    ];
-    let methods = [
+/// Every method a family of transformer blocks supports, LoRA on every linear layer.
+fn block_methods() -> [Method; 6] {
+    [
         Method::Head,
         Method::Bias,
         Method::Lora(LoraConfig {
             rank: 2,
             alpha: 4.0,
             dropout: 0.0,
-            targets: all,
+            targets: LoraTarget::ALL_LINEAR.to_vec(),
         }),
         Method::Adapter(AdapterConfig { bottleneck: 3 }),
         Method::Prompt(PromptConfig { tokens: 2 }),
         Method::FullTail,
-    ];
-    for m in methods {
+    ]
+}
+
+#[test]
+fn every_transformer_method_passes_gradient_check() {
+    let w = transformer_weights(2, 8, 12, 20);
+    let batch = token_batch::<f64>(3, 4, 8, 21);
+    let labels = [1, 0, 2];
+    for m in block_methods() {
         check_tail(
             PeftTail::<f64>::build(spec(), &w, PeftConfig::new(m, 3, 1)).unwrap(),
             &batch,
             &labels,
         );
+    }
+}
+
+fn vit(pool: Pool) -> Family {
+    Family::Vit(VitSpec {
+        heads: 2,
+        ln_eps: 1e-6,
+        gelu: Gelu::Erf,
+        k: 2,
+        pool,
+    })
+}
+
+#[test]
+fn every_vit_method_passes_gradient_check() {
+    let w = vit_weights(2, 8, 12, 22);
+    let batch = vit_batch::<f64>(3, 4, 8, 23);
+    let labels = [2, 0, 1];
+    for m in block_methods() {
+        check_tail(
+            PeftTail::<f64>::build(vit(Pool::Cls), &w, PeftConfig::new(m, 3, 1)).unwrap(),
+            &batch,
+            &labels,
+        );
+    }
+}
+
+#[test]
+fn a_mean_pooled_vit_with_prompts_or_bias_tuning_passes_gradient_check() {
+    let w = vit_weights(2, 8, 12, 24);
+    let batch = vit_batch::<f64>(2, 3, 8, 25);
+    for m in [Method::Prompt(PromptConfig { tokens: 2 }), Method::Bias] {
+        let cfg = PeftConfig::new(m, 3, 1);
+        let tail = PeftTail::<f64>::build(vit(Pool::MaskedMean), &w, cfg).unwrap();
+        check_tail(tail, &batch, &[2, 0]);
     }
 }

@@ -64,6 +64,134 @@ fn minilm_shaped_transformer_counts_are_exact() {
     assert_eq!(count(Method::FullTail), head + 2 * block);
 }
 
+fn vit() -> Family {
+    Family::Vit(VitSpec {
+        heads: 2,
+        ..VitSpec::default()
+    })
+}
+
+#[test]
+fn dinov2_vit_s_shaped_vit_counts_are_exact() {
+    let w = vit_weights(2, 384, 1536, 2);
+    let fam = Family::Vit(VitSpec::default());
+    let count = |m: Method| {
+        build_tail(fam.clone(), &w, PeftConfig::new(m, 2, 0))
+            .unwrap()
+            .num_trainable()
+    };
+    let head = 384 * 2 + 2;
+    assert_eq!(count(Method::Head), head);
+    // per block as the transformer's; plus final_ln's shift
+    assert_eq!(
+        count(Method::Bias),
+        head + 2 * (4 * 384 + 1536 + 384 + 2 * 384) + 384
+    );
+    assert_eq!(count(lora(8, vec![])), head + 2 * 2 * 8 * 768);
+    // q, k, v, o: 8·(384+384) each; up and down: 8·(384+1536) each
+    assert_eq!(
+        count(lora(8, LoraTarget::ALL_LINEAR.to_vec())),
+        head + 2 * (4 * 8 * 768 + 2 * 8 * 1920)
+    );
+    let m = 64;
+    assert_eq!(
+        count(Method::Adapter(AdapterConfig { bottleneck: m })),
+        head + 2 * 2 * (2 * 384 * m + m + 384)
+    );
+    assert_eq!(
+        count(Method::Prompt(PromptConfig { tokens: 10 })),
+        head + 10 * 384
+    );
+    // the transformer's block, two layer scales; the final LayerNorm
+    let block = 4 * (384 * 384 + 384) + 2 * 384 * 1536 + 1536 + 384 + 4 * 384 + 2 * 384;
+    let tail = 2 * block + 2 * 384;
+    assert_eq!(count(Method::FullTail), head + tail);
+    let t = build_tail(fam.clone(), &w, PeftConfig::new(Method::Head, 2, 0)).unwrap();
+    assert_eq!(t.num_frozen(), tail);
+}
+
+#[test]
+fn vit_wire_names_follow_the_transformer_s() {
+    let w = vit_weights(2, 8, 12, 3);
+    let names = |m: Method| -> Vec<String> {
+        build_tail(vit(), &w, PeftConfig::new(m, 3, 0))
+            .unwrap()
+            .trainable()
+            .into_iter()
+            .map(|t| t.name)
+            .collect()
+    };
+    let bias = names(Method::Bias);
+    assert_eq!(
+        &bias[..3],
+        [
+            "blocks.0.attn.q.bias",
+            "blocks.0.attn.k.bias",
+            "blocks.0.attn.v.bias"
+        ]
+    );
+    assert_eq!(
+        &bias[bias.len() - 3..],
+        ["final_ln.bias", "head.weight", "head.bias"]
+    );
+    assert!(bias.iter().all(|n| !n.contains("ls")), "{bias:?}");
+    let full = names(Method::FullTail);
+    for n in [
+        "blocks.0.ls1",
+        "blocks.1.ls2",
+        "final_ln.weight",
+        "blocks.1.ffn.down.weight",
+    ] {
+        assert!(full.iter().any(|f| f == n), "{n} not in {full:?}");
+    }
+    assert_eq!(
+        names(lora(2, vec![]))[..4],
+        [
+            "blocks.0.attn.q.lora_a",
+            "blocks.0.attn.q.lora_b",
+            "blocks.0.attn.v.lora_a",
+            "blocks.0.attn.v.lora_b"
+        ]
+    );
+    let a = names(Method::Adapter(AdapterConfig { bottleneck: 2 }));
+    assert!(a.contains(&"blocks.1.adapter_attn.down.weight".to_string()));
+    assert_eq!(
+        names(Method::Prompt(PromptConfig { tokens: 2 }))[0],
+        "prompt.tokens"
+    );
+}
+
+#[test]
+fn a_vit_spec_reads_a_manifest_s_tail_hyper() {
+    let hyper = serde_json::json!({
+        "hidden": 384, "heads": 6, "intermediate": 1536, "layer_norm_eps": 1e-6,
+        "gelu": "erf", "k": 2, "pool": "cls"
+    });
+    let spec: VitSpec = serde_json::from_value(hyper.clone()).unwrap();
+    assert_eq!(spec, VitSpec::default());
+    let mut tanh = hyper.clone();
+    tanh["gelu"] = "tanh".into();
+    let e = serde_json::from_value::<VitSpec>(tanh).unwrap_err();
+    assert!(e.to_string().contains("tanh"), "{e}");
+    let mut no_k = hyper;
+    no_k.as_object_mut().unwrap().remove("k");
+    let e = serde_json::from_value::<VitSpec>(no_k).unwrap_err();
+    assert!(e.to_string().contains("`k`"), "{e}");
+}
+
+#[test]
+fn lora_target_lists_parse_with_all_linear() {
+    assert_eq!(
+        LoraTarget::parse_list("q, v").unwrap(),
+        [LoraTarget::Q, LoraTarget::V]
+    );
+    assert_eq!(
+        LoraTarget::parse_list("all-linear").unwrap(),
+        LoraTarget::ALL_LINEAR
+    );
+    assert!(LoraTarget::parse_list("q,qq").is_err());
+}
+
 #[test]
 fn trainable_tensors_have_stable_wire_names() {
     let w = transformer_weights(2, 8, 12, 3);
@@ -144,6 +272,30 @@ fn unsupported_combinations_and_bad_configs_are_clear_errors() {
 }
 
 #[test]
+fn a_vit_refuses_weights_of_another_depth_or_layout_and_masked_batches() {
+    let w = vit_weights(2, 8, 12, 3);
+    let three = Family::Vit(VitSpec {
+        heads: 2,
+        k: 3,
+        ..VitSpec::default()
+    });
+    let e = build_tail(three, &w, PeftConfig::new(Method::Head, 3, 0)).unwrap_err();
+    assert!(
+        e.to_string().contains("k = 3 blocks") && e.to_string().contains("holds 2"),
+        "{e}"
+    );
+    // BERT blocks have no layer scale
+    let bert = transformer_weights(2, 8, 12, 3);
+    let e = build_tail(vit(), &bert, PeftConfig::new(Method::Head, 3, 0)).unwrap_err();
+    assert!(e.to_string().contains("blocks.0.ls1"), "{e}");
+    let t = build_tail(vit(), &w, PeftConfig::new(Method::Head, 3, 0)).unwrap();
+    let e = t.forward(&token_batch::<f32>(2, 4, 8, 1)).unwrap_err();
+    assert!(e.to_string().contains("attention mask"), "{e}");
+    let no_token = Batch::new(ndarray::ArrayD::zeros(vec![2, 0, 8]), None);
+    assert!(matches!(t.forward(&no_token), Err(PeftError::Batch(_))));
+}
+
+#[test]
 fn set_trainable_round_trips_and_rejects_bad_updates() {
     let w = conv_weights(4, 6, 1);
     let mut t = build_tail(Family::ConvHead, &w, PeftConfig::new(Method::Bias, 3, 0)).unwrap();
@@ -218,7 +370,7 @@ fn train(
 }
 
 #[test]
-fn every_method_reduces_the_training_loss_on_both_families() {
+fn every_method_reduces_the_training_loss_on_every_family() {
     let cw = conv_weights(6, 10, 4);
     let cb = conv_batch::<f32>(8, 6, 2, 5);
     let labels: Vec<usize> = (0..8).map(|i| i % 3).collect();
@@ -249,6 +401,20 @@ fn every_method_reduces_the_training_loss_on_both_families() {
         let mut t = build_tail(fam.clone(), &tw, PeftConfig::new(m.clone(), 3, 1)).unwrap();
         let (a, b) = train(t.as_mut(), &tb, &labels, &mut Sgd::with(0.2, 0.9, 0.0), 30);
         assert!(b < 0.7 * a, "transformer {m}: {a} -> {b}");
+    }
+    let vw = vit_weights(2, 8, 12, 8);
+    let vb = vit_batch::<f32>(8, 5, 8, 9);
+    for m in [
+        Method::Head,
+        Method::Bias,
+        lora(2, vec![]),
+        Method::Adapter(AdapterConfig { bottleneck: 4 }),
+        Method::Prompt(PromptConfig { tokens: 2 }),
+        Method::FullTail,
+    ] {
+        let mut t = build_tail(vit(), &vw, PeftConfig::new(m.clone(), 3, 1)).unwrap();
+        let (a, b) = train(t.as_mut(), &vb, &labels, &mut Sgd::with(0.2, 0.9, 0.0), 30);
+        assert!(b < 0.7 * a, "vit {m}: {a} -> {b}");
     }
 }
 

@@ -259,24 +259,14 @@ fn batch<T: Real>(f: &Fixture) -> (Batch<T>, Vec<usize>) {
     (Batch::new(arr(f, "in.x"), mask), labels)
 }
 
-/// Builds the tail, loads the case's initial trainable tensors, then checks logits, loss and
+/// Builds the tail, loads the case's initial trainable tensors (`{case}.init.*`, or for a
+/// pretrained tensor with no such entry its weight `w.*`), then checks logits, loss and
 /// gradients (f64 and f32) and the tensors after one SGD step (f32, through the `Tail` trait).
 fn check_case(file: &str, family: Family, case: &str, method: Method, classes: usize) {
     let f = load(file);
     let w = weights(&f);
     let prefix = format!("{case}.init.");
-    let mut init: Vec<NamedTensor> = f
-        .iter()
-        .filter_map(|(n, (s, v))| {
-            n.strip_prefix(&prefix).map(|n| {
-                NamedTensor::new(n, s.clone(), v.iter().map(|&x| x as f32).collect()).unwrap()
-            })
-        })
-        .collect();
-    init.sort_by(|a, b| a.name.cmp(&b.name));
     let cfg = PeftConfig::new(method, classes, 0);
-
-    // f64: forward and gradients to 1e-9
     let mut t64 = PeftTail::<f64>::build(family.clone(), &w, cfg.clone()).unwrap();
     let mut names: Vec<String> = t64
         .params()
@@ -285,15 +275,32 @@ fn check_case(file: &str, family: Family, case: &str, method: Method, classes: u
         .map(|(_, p)| p.name.clone())
         .collect();
     names.sort();
-    assert_eq!(
-        names,
-        init.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
-        "{file} {case}: trainable set"
-    );
-    for t in &init {
-        let id = t64.params().id(&t.name).unwrap();
-        t64.params_mut().param_mut(id).value = arr(&f, &format!("{prefix}{}", t.name));
+    for n in f.keys().filter_map(|n| n.strip_prefix(&prefix)) {
+        assert!(
+            names.iter().any(|t| t == n),
+            "{file} {case}: the fixture starts `{n}`, which the tail does not train"
+        );
     }
+    // (fixture key of the initial value, the value as it goes on the wire)
+    let init: Vec<(String, NamedTensor)> = names
+        .iter()
+        .map(|n| {
+            let key = [format!("{prefix}{n}"), format!("w.{n}")]
+                .into_iter()
+                .find(|k| f.contains_key(k))
+                .unwrap_or_else(|| panic!("{file} {case}: no initial value of `{n}`"));
+            let (s, v) = &f[&key];
+            let t = NamedTensor::new(n, s.clone(), v.iter().map(|&x| x as f32).collect());
+            (key, t.unwrap())
+        })
+        .collect();
+    for (key, t) in &init {
+        let id = t64.params().id(&t.name).unwrap();
+        t64.params_mut().param_mut(id).value = arr(&f, key);
+    }
+    let init: Vec<NamedTensor> = init.into_iter().map(|(_, t)| t).collect();
+
+    // f64: forward and gradients to 1e-9
     let (b64, labels) = batch::<f64>(&f);
     let logits = t64.logits(&b64).unwrap();
     assert_close(
@@ -423,4 +430,52 @@ fn transformer_prompt_step_matches_pytorch() {
         Method::Prompt(PromptConfig { tokens: 3 }),
         4,
     );
+}
+
+fn vit() -> Family {
+    Family::Vit(VitSpec {
+        heads: 4,
+        ln_eps: 1e-6,
+        gelu: Gelu::Erf,
+        k: 2,
+        pool: Pool::Cls,
+    })
+}
+
+#[test]
+fn vit_head_step_matches_pytorch() {
+    check_case("vit.safetensors", vit(), "head", Method::Head, 4);
+}
+
+#[test]
+fn vit_bias_step_matches_pytorch() {
+    check_case("vit.safetensors", vit(), "bias", Method::Bias, 4);
+}
+
+#[test]
+fn vit_lora_on_q_and_v_step_matches_pytorch() {
+    check_case("vit.safetensors", vit(), "lora", lora(2, 4.0, vec![]), 4);
+}
+
+#[test]
+fn vit_lora_on_every_linear_layer_step_matches_pytorch() {
+    let all = LoraTarget::parse_list("all-linear").unwrap();
+    check_case("vit.safetensors", vit(), "lora_all", lora(2, 4.0, all), 4);
+}
+
+#[test]
+fn vit_adapter_step_matches_pytorch() {
+    let adapter = Method::Adapter(AdapterConfig { bottleneck: 8 });
+    check_case("vit.safetensors", vit(), "adapter", adapter, 4);
+}
+
+#[test]
+fn vit_prompt_step_matches_pytorch() {
+    let prompt = Method::Prompt(PromptConfig { tokens: 3 });
+    check_case("vit.safetensors", vit(), "prompt", prompt, 4);
+}
+
+#[test]
+fn vit_full_tail_step_matches_pytorch() {
+    check_case("vit.safetensors", vit(), "full_tail", Method::FullTail, 4);
 }

@@ -18,8 +18,17 @@ path must match tightly and the f32 path to ~1e-5 of each tensor's scale):
   transformer.safetensors  2 post-LN BERT blocks (hidden 32, 4 heads, intermediate 64,
                            seq 6, batch 3 with padding, 4 classes); the same for `lora`
                            (q, v, up), `bias`, `adapter` (bottleneck 8) and `prompt` (3 tokens).
+  vit.safetensors          2 pre-LN ViT blocks with layer scale, final LayerNorm, CLS-token
+                           classifier (DINOv2's layout: hidden 32, 4 heads, intermediate 64,
+                           5 tokens, batch 3, no mask, 4 classes, eps 1e-6); the same for every
+                           method: `head`, `bias` (every bias incl. LayerNorm shifts and
+                           final_ln), `lora` (q, v) and `lora_all` (every linear layer), both
+                           r=2 alpha=4, `adapter` (bottleneck 8, on each sublayer's output
+                           before the layer scale), `prompt` (3 tokens after the CLS token) and
+                           `full_tail` (whose init is the `w.*` weights and the head).
 Names: `w.<contract name>` frozen weights, `in.*` inputs, `<case>.init.<wire name>`,
-`<case>.grad.<wire name>`, `<case>.after.<wire name>`, `<case>.logits`, `<case>.loss`.
+`<case>.grad.<wire name>`, `<case>.after.<wire name>`, `<case>.logits`, `<case>.loss`
+(`full_tail` stores no `init` of the frozen weights: it is `w.<name>`).
 The format is safetensors, written by hand below (Debian ships no safetensors module).
 """
 import json
@@ -148,10 +157,12 @@ def sgd_step(params, grads, lr=0.1, momentum=0.9, wd=0.01):
     opt.step()
 
 
-def run_case(name, forward, trainable, labels, out):
-    """trainable: dict wire name -> leaf tensor. Writes init, logits, loss, grads, after."""
+def run_case(name, forward, trainable, labels, out, weights=()):
+    """trainable: dict wire name -> leaf tensor. Writes init (except for the names in
+    `weights`, whose init is `w.<name>`), logits, loss, grads, after."""
     for n, t in trainable.items():
-        out[f"{name}.init.{n}"] = t.detach().clone()
+        if n not in weights:
+            out[f"{name}.init.{n}"] = t.detach().clone()
     logits = forward()
     loss = F.cross_entropy(logits, labels)
     loss.backward()
@@ -199,9 +210,8 @@ def conv_head():
     save(os.path.join(OUT, "conv_head.safetensors"), out)
 
 
-def transformer():
-    g = torch.Generator().manual_seed(3)
-    nb, d, heads, inter, s, b, k = 2, 32, 4, 64, 6, 3, 4
+def block_weights(g, nb, d, inter, layer_scale=False):
+    """The weights contract's tensors of `nb` transformer blocks (with ViT's layer scales)."""
     W = {}
     for j in range(nb):
         for n in "qkvo":
@@ -210,10 +220,75 @@ def transformer():
         for n in ("ln1", "ln2"):
             W[f"blocks.{j}.{n}.weight"] = rnd(g, d, scale=1.2, lo=0.8)
             W[f"blocks.{j}.{n}.bias"] = rnd(g, d, scale=0.1)
+        if layer_scale:
+            for n in ("ls1", "ls2"):
+                W[f"blocks.{j}.{n}"] = rnd(g, d, scale=1.0, lo=0.2)
         W[f"blocks.{j}.ffn.up.weight"] = rnd(g, inter, d, scale=1 / math.sqrt(d))
         W[f"blocks.{j}.ffn.up.bias"] = rnd(g, inter, scale=0.1)
         W[f"blocks.{j}.ffn.down.weight"] = rnd(g, d, inter, scale=1 / math.sqrt(inter))
         W[f"blocks.{j}.ffn.down.bias"] = rnd(g, d, scale=0.1)
+    return W
+
+
+def linear(P, lora, prefix, h):
+    """Linear layer `prefix` of P (name -> frozen or leaf tensor), plus its LoRA branch if
+    lora (prefix -> (A, B, scaling)) has one."""
+    y = h @ P[prefix + ".weight"].T + P[prefix + ".bias"]
+    if lora and prefix in lora:
+        a, bb, sc = lora[prefix]
+        y = y + sc * (h @ a.T) @ bb.T
+    return y
+
+
+def adapter(adapters, prefix, h):
+    """Houlsby adapter `prefix` on h: h + up(GELU(down(h))); h itself without adapters."""
+    if not adapters:
+        return h
+    z = gelu(h @ adapters[prefix + ".down.weight"].T + adapters[prefix + ".down.bias"])
+    return h + z @ adapters[prefix + ".up.weight"].T + adapters[prefix + ".up.bias"]
+
+
+def lora_params(g, W, nb, targets):
+    """LoRA r=2 (scaling 2) on `targets` of every block, B random so every gradient is
+    non-trivial: (prefix -> (A, B, scaling), wire name -> leaf)."""
+    lora, tr = {}, {}
+    for j in range(nb):
+        for n in targets:
+            pre = f"blocks.{j}.{n}"
+            o, i = W[pre + ".weight"].shape
+            a, bb = leaf(rnd(g, 2, i, scale=1 / math.sqrt(i))), leaf(rnd(g, o, 2, scale=0.2))
+            lora[pre] = (a, bb, 2.0)
+            tr[pre + ".lora_a"], tr[pre + ".lora_b"] = a, bb
+    return lora, tr
+
+
+def adapter_params(g, nb, d):
+    """Bottleneck-8 adapters after attention and after the MLP of every block, up-projection
+    random so its gradients are non-trivial: wire name -> leaf."""
+    ad = {}
+    for j in range(nb):
+        for where in ("adapter_attn", "adapter_ffn"):
+            pre = f"blocks.{j}.{where}"
+            for n, shape, sc in ((".down.weight", (8, d), 1 / math.sqrt(d)), (".down.bias", (8,), 1 / math.sqrt(d)),
+                                 (".up.weight", (d, 8), 0.2), (".up.bias", (d,), 0.1)):
+                ad[pre + n] = leaf(rnd(g, *shape, scale=sc))
+    return ad
+
+
+def biases(W):
+    """W with every bias a leaf, and those leaves by wire name."""
+    P = {n: leaf(t) if n.endswith(".bias") else t for n, t in W.items()}
+    return P, {n: t for n, t in P.items() if n.endswith(".bias")}
+
+
+def fresh_head(g, k, d):
+    return leaf(rnd(g, k, d, scale=1 / math.sqrt(d))), leaf(rnd(g, k, scale=1 / math.sqrt(d)))
+
+
+def transformer():
+    g = torch.Generator().manual_seed(3)
+    nb, d, heads, inter, s, b, k = 2, 32, 4, 64, 6, 3, 4
+    W = block_weights(g, nb, d, inter)
     x = rnd(g, b, s, d)
     mask = torch.tensor([[1.0] * 6, [1.0] * 4 + [0.0] * 2, [1.0] * 2 + [0.0] * 4])
     labels = torch.tensor([3, 0, 2])
@@ -223,17 +298,10 @@ def transformer():
     def forward(P, lora=None, adapters=None, prompt=None):
         """P: name -> tensor (frozen or leaf). lora: prefix -> (A, B, scaling)."""
         def lin(prefix, h):
-            y = h @ P[prefix + ".weight"].T + P[prefix + ".bias"]
-            if lora and prefix in lora:
-                a, bb, sc = lora[prefix]
-                y = y + sc * (h @ a.T) @ bb.T
-            return y
+            return linear(P, lora, prefix, h)
 
         def adapt(prefix, h):
-            if not adapters:
-                return h
-            z = gelu(h @ adapters[prefix + ".down.weight"].T + adapters[prefix + ".down.bias"])
-            return h + z @ adapters[prefix + ".up.weight"].T + adapters[prefix + ".up.bias"]
+            return adapter(adapters, prefix, h)
 
         h, m = x, mask
         if prompt is not None:
@@ -254,38 +322,21 @@ def transformer():
         return (h * pm).sum(1) / pm.sum(1).clamp(min=1e-9)
 
     def head():
-        return leaf(rnd(g, k, d, scale=1 / math.sqrt(d))), leaf(rnd(g, k, scale=1 / math.sqrt(d)))
+        return fresh_head(g, k, d)
 
     # lora r=2 alpha=4 on q, v, up
-    lora, tr = {}, {}
-    for j in range(nb):
-        for n, (o, i) in (("attn.q", (d, d)), ("attn.v", (d, d)), ("ffn.up", (inter, d))):
-            pre = f"blocks.{j}.{n}"
-            a, bb = leaf(rnd(g, 2, i, scale=1 / math.sqrt(i))), leaf(rnd(g, o, 2, scale=0.2))
-            lora[pre] = (a, bb, 2.0)
-            tr[pre + ".lora_a"], tr[pre + ".lora_b"] = a, bb
+    lora, tr = lora_params(g, W, nb, ("attn.q", "attn.v", "ffn.up"))
     hw_, hb = head()
     tr.update({"head.weight": hw_, "head.bias": hb})
     run_case("lora", lambda: forward(W, lora=lora) @ hw_.T + hb, tr, labels, out)
     # bias: every linear and LayerNorm bias
-    P = dict(W)
-    tr = {}
-    for n in W:
-        if n.endswith(".bias"):
-            P[n] = leaf(W[n])
-            tr[n] = P[n]
+    P, tr = biases(W)
     hw_, hb = head()
     tr.update({"head.weight": hw_, "head.bias": hb})
     run_case("bias", lambda: forward(P) @ hw_.T + hb, tr, labels, out)
-    # adapter, bottleneck 8 (up-projection random so its gradients are non-trivial)
-    ad, tr = {}, {}
-    for j in range(nb):
-        for where in ("adapter_attn", "adapter_ffn"):
-            pre = f"blocks.{j}.{where}"
-            for n, shape, sc in ((".down.weight", (8, d), 1 / math.sqrt(d)), (".down.bias", (8,), 1 / math.sqrt(d)),
-                                 (".up.weight", (d, 8), 0.2), (".up.bias", (d,), 0.1)):
-                ad[pre + n] = leaf(rnd(g, *shape, scale=sc))
-                tr[pre + n] = ad[pre + n]
+    # adapter, bottleneck 8
+    ad = adapter_params(g, nb, d)
+    tr = dict(ad)
     hw_, hb = head()
     tr.update({"head.weight": hw_, "head.bias": hb})
     run_case("adapter", lambda: forward(W, adapters=ad) @ hw_.T + hb, tr, labels, out)
@@ -297,10 +348,72 @@ def transformer():
     save(os.path.join(OUT, "transformer.safetensors"), out)
 
 
+def vit():
+    g = torch.Generator().manual_seed(4)
+    nb, d, heads, inter, s, b, k, eps = 2, 32, 4, 64, 5, 3, 4, 1e-6
+    W = block_weights(g, nb, d, inter, layer_scale=True)
+    W["final_ln.weight"] = rnd(g, d, scale=1.2, lo=0.8)
+    W["final_ln.bias"] = rnd(g, d, scale=0.1)
+    x = rnd(g, b, s, d)
+    labels = torch.tensor([1, 3, 0])
+    out = {f"w.{n}": t.float() for n, t in W.items()}
+    out.update({"in.x": x.float(), "in.labels": labels.double()})
+
+    def forward(P, lora=None, adapters=None, prompt=None):
+        """DINOv2's blocks: x + ls1 * attn(LN1(x)), x + ls2 * mlp(LN2(x)); the adapter acts
+        on a sublayer's output before the layer scale. P: name -> tensor (frozen or leaf)."""
+        def lin(prefix, h):
+            return linear(P, lora, prefix, h)
+
+        def ln(name, h):
+            return F.layer_norm(h, (d,), P[name + ".weight"], P[name + ".bias"], eps=eps)
+
+        h = x
+        if prompt is not None:
+            # VPT: prompt tokens right after the CLS token, attended to by every token
+            h = torch.cat([x[:, :1], prompt[None].expand(b, -1, -1), x[:, 1:]], 1)
+        no_mask = torch.ones(b, h.shape[1])
+        for j in range(nb):
+            pre = f"blocks.{j}"
+            a = ln(pre + ".ln1", h)
+            ctx = attention(lin(pre + ".attn.q", a), lin(pre + ".attn.k", a), lin(pre + ".attn.v", a), no_mask, heads)
+            h = h + P[pre + ".ls1"] * adapter(adapters, pre + ".adapter_attn", lin(pre + ".attn.o", ctx))
+            f = lin(pre + ".ffn.down", F.gelu(lin(pre + ".ffn.up", ln(pre + ".ln2", h))))
+            h = h + P[pre + ".ls2"] * adapter(adapters, pre + ".adapter_ffn", f)
+        return ln("final_ln", h)[:, 0]
+
+    def case(name, trainable, pooled, weights=()):
+        """Runs a case whose head is fresh; pooled: () -> the CLS features."""
+        hw_, hb = fresh_head(g, k, d)
+        trainable = dict(trainable, **{"head.weight": hw_, "head.bias": hb})
+        run_case(name, lambda: pooled() @ hw_.T + hb, trainable, labels, out, weights)
+
+    case("head", {}, lambda: forward(W))
+    # bias: every linear and LayerNorm bias, final_ln's included
+    P, tr = biases(W)
+    case("bias", tr, lambda: forward(P))
+    # lora r=2 alpha=4: on q, v (the default) and on every linear layer
+    lora, tr = lora_params(g, W, nb, ("attn.q", "attn.v"))
+    case("lora", tr, lambda: forward(W, lora=lora))
+    lora_all, tr = lora_params(g, W, nb, ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down"))
+    case("lora_all", tr, lambda: forward(W, lora=lora_all))
+    # adapter, bottleneck 8
+    ad = adapter_params(g, nb, d)
+    case("adapter", ad, lambda: forward(W, adapters=ad))
+    # prompt, 3 tokens
+    pt = leaf(rnd(g, 3, d, scale=0.5))
+    case("prompt", {"prompt.tokens": pt}, lambda: forward(W, prompt=pt))
+    # full-tail: every tensor of the tail (layer scales included) and the head
+    P = {n: leaf(t) for n, t in W.items()}
+    case("full_tail", P, lambda: forward(P), weights=W)
+    save(os.path.join(OUT, "vit.safetensors"), out)
+
+
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     layers()
     conv_head()
     transformer()
+    vit()
     for f in sorted(os.listdir(OUT)):
         print(f, os.path.getsize(os.path.join(OUT, f)), "bytes")

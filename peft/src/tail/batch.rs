@@ -1,4 +1,4 @@
-//! [`Batch`]: the trunk activations a tail reads, for both families.
+//! [`Batch`]: the trunk activations a tail reads, for every family.
 
 use ndarray::{Array2, ArrayD, Axis, s};
 
@@ -7,10 +7,10 @@ use crate::real::Real;
 /// A batch of trunk activations.
 #[derive(Debug, Clone)]
 pub struct Batch<T = f32> {
-    /// `[B, C, H, W]` (conv head) or `[B, S, D]` (transformer).
+    /// `[B, C, H, W]` (conv head) or `[B, S, D]` (transformer, vit: CLS token first).
     pub features: ArrayD<T>,
     /// `[B, S]` attention mask, 1 for real tokens and 0 for padding (transformer only;
-    /// `None` means every token is real).
+    /// `None` means every token is real, and a vit tail takes none).
     pub mask: Option<Array2<T>>,
     /// The part of the forward pass no trained tensor affects, for these samples, as
     /// [`PeftTail::frozen_prefix`](super::PeftTail::frozen_prefix) computed it; `None`: the

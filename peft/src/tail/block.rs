@@ -1,5 +1,15 @@
-//! One post-LN BERT encoder block of the transformer tail: loading it from the frozen
-//! weights with a method applied, forward and backward.
+//! One encoder block of a transformer tail, post-LN (BERT) or pre-LN with layer scale (ViT):
+//! loading it from the frozen weights with a method applied, forward and backward.
+//!
+//! A block is two residual sublayers, attention and MLP, around one [`Residual`] each, which
+//! holds what the two layouts place differently:
+//! - post-LN (BERT): `x ← LN(x + adapter(f(x)))`;
+//! - pre-LN (ViT, DINOv2): `x ← x + ls ⊙ adapter(f(LN(x)))`, `ls` the layer scale if the
+//!   family has one.
+//!
+//! In both the adapter acts on the sublayer's output (after the attention's output projection,
+//! after the MLP's down-projection): before the residual sum, and under pre-LN also before the
+//! layer scale, so a ViT adapter's update is scaled like the sublayer it adapts.
 
 use std::sync::Arc;
 
@@ -10,43 +20,60 @@ use super::adapter::{Adapter, AdapterCache};
 use super::build::{add_lora, add_weight_and_bias};
 use crate::error::Result;
 use crate::layers::{
-    AttentionCache, AttentionCore, LayerNorm, LayerNormCache, Linear, LinearCache, gelu_backward,
-    gelu_forward,
+    AttentionCache, AttentionCore, LayerNorm, LayerNormCache, LayerScale, Linear, LinearCache,
+    gelu_backward, gelu_forward,
 };
 use crate::method::{LoraTarget, Method};
 use crate::params::{Grads, ParamStore};
 use crate::real::Real;
 use crate::weights::FrozenWeights;
 
-/// One post-LN BERT encoder block.
+/// One encoder block.
 #[derive(Debug, Clone)]
 pub(super) struct Block {
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
-    ln1: LayerNorm,
     up: Linear,
     down: Linear,
-    ln2: LayerNorm,
-    adapter_attn: Option<Adapter>,
-    adapter_ffn: Option<Adapter>,
+    attn: Residual,
+    ffn: Residual,
     core: AttentionCore,
 }
 
+/// The wrapping of one residual sublayer `f`: its LayerNorm, layer scale and adapter.
+#[derive(Debug, Clone)]
+struct Residual {
+    ln: LayerNorm,
+    /// Pre-LN (`x + ls ⊙ adapter(f(LN(x)))`) or post-LN (`LN(x + adapter(f(x)))`).
+    pre_norm: bool,
+    ls: Option<LayerScale>,
+    adapter: Option<Adapter>,
+}
+
+/// What [`Residual::leave`]'s backward needs.
+struct ResidualCache<T> {
+    adapter: Option<AdapterCache<T>>,
+    /// The sublayer's output before the layer scale, if the scale is trained.
+    ls: Option<Array2<T>>,
+    /// Post-LN only.
+    ln: Option<LayerNormCache<T>>,
+}
+
 pub(super) struct BlockCache<T> {
+    attn_in: Option<LayerNormCache<T>>,
     q: LinearCache<T>,
     k: LinearCache<T>,
     v: LinearCache<T>,
     attn: AttentionCache<T>,
     o: LinearCache<T>,
-    adapter_attn: Option<AdapterCache<T>>,
-    ln1: LayerNormCache<T>,
+    attn_out: ResidualCache<T>,
+    ffn_in: Option<LayerNormCache<T>>,
     up: LinearCache<T>,
     u: Array2<T>,
     down: LinearCache<T>,
-    adapter_ffn: Option<AdapterCache<T>>,
-    ln2: LayerNormCache<T>,
+    ffn_out: ResidualCache<T>,
 }
 
 /// What loading every block of a tail shares.
@@ -61,6 +88,10 @@ pub(super) struct BlockSpec<'a> {
     pub inter: usize,
     pub heads: usize,
     pub ln_eps: f64,
+    /// Pre-LN (ViT) rather than post-LN (BERT).
+    pub pre_norm: bool,
+    /// Whether the blocks have layer scales `blocks.{j}.ls1`, `ls2` (`[hidden]`).
+    pub layer_scale: bool,
 }
 
 impl BlockSpec<'_> {
@@ -89,8 +120,12 @@ impl BlockSpec<'_> {
         })
     }
 
-    /// LayerNorm `{pre}` over the hidden size.
-    fn layer_norm<T: Real>(&self, params: &mut ParamStore<T>, pre: &str) -> Result<LayerNorm> {
+    /// LayerNorm `{pre}` over the hidden size (its shift trained under bias tuning).
+    pub(super) fn layer_norm<T: Real>(
+        &self,
+        params: &mut ParamStore<T>,
+        pre: &str,
+    ) -> Result<LayerNorm> {
         let d = self.hidden;
         let (weight, bias) =
             add_weight_and_bias(params, self.weights, self.method, pre, &[Some(d)], d)?;
@@ -99,6 +134,22 @@ impl BlockSpec<'_> {
             bias,
             eps: self.ln_eps,
         })
+    }
+
+    /// The layer scale `{name}` (`[hidden]`, trained under full-tail), if the blocks have one.
+    fn layer_scale<T: Real>(
+        &self,
+        params: &mut ParamStore<T>,
+        name: &str,
+    ) -> Result<Option<LayerScale>> {
+        if !self.layer_scale {
+            return Ok(None);
+        }
+        let gamma = self.weights.get(name, &[Some(self.hidden)])?;
+        let full = matches!(self.method, Method::FullTail);
+        Ok(Some(LayerScale {
+            gamma: params.add(name, gamma, full)?,
+        }))
     }
 
     /// The adapter `{pre}`, if the method adds adapters.
@@ -137,22 +188,28 @@ impl Block {
         let v = spec.linear(params, rng, &pre("attn.v"), LoraTarget::V, d, d)?;
         let o = spec.linear(params, rng, &pre("attn.o"), LoraTarget::O, d, d)?;
         let ln1 = spec.layer_norm(params, &pre("ln1"))?;
+        let ls1 = spec.layer_scale(params, &pre("ls1"))?;
         let up = spec.linear(params, rng, &pre("ffn.up"), LoraTarget::Up, inter, d)?;
         let down = spec.linear(params, rng, &pre("ffn.down"), LoraTarget::Down, d, inter)?;
         let ln2 = spec.layer_norm(params, &pre("ln2"))?;
+        let ls2 = spec.layer_scale(params, &pre("ls2"))?;
         let adapter_attn = spec.adapter(params, rng, &pre("adapter_attn"))?;
         let adapter_ffn = spec.adapter(params, rng, &pre("adapter_ffn"))?;
+        let residual = |ln, ls, adapter| Residual {
+            ln,
+            pre_norm: spec.pre_norm,
+            ls,
+            adapter,
+        };
         Ok(Block {
             q,
             k,
             v,
             o,
-            ln1,
             up,
             down,
-            ln2,
-            adapter_attn,
-            adapter_ffn,
+            attn: residual(ln1, ls1, adapter_attn),
+            ffn: residual(ln2, ls2, adapter_ffn),
             core: AttentionCore { heads: spec.heads },
         })
     }
@@ -163,16 +220,8 @@ impl Block {
 
     pub(super) fn has_trainable<T: Real>(&self, p: &ParamStore<T>) -> bool {
         self.linears().iter().any(|l| l.has_trainable(p))
-            || [
-                self.ln1.weight,
-                self.ln1.bias,
-                self.ln2.weight,
-                self.ln2.bias,
-            ]
-            .iter()
-            .any(|&id| p.trainable(id))
-            || self.adapter_attn.is_some()
-            || self.adapter_ffn.is_some()
+            || self.attn.has_trainable(p)
+            || self.ffn.has_trainable(p)
     }
 
     pub(super) fn forward<T: Real>(
@@ -182,86 +231,184 @@ impl Block {
         key_bias: ArrayView2<'_, T>,
         mut rng: Option<&mut StdRng>,
     ) -> (Array2<T>, BlockCache<T>) {
-        let (q, cq) = self.q.forward(p, x, rng.as_deref_mut());
-        let (k, ck) = self.k.forward(p, x, rng.as_deref_mut());
-        let (v, cv) = self.v.forward(p, x, rng.as_deref_mut());
+        let (a, attn_in) = self.attn.enter(p, x);
+        let (q, cq) = self.q.forward(p, &a, rng.as_deref_mut());
+        let (k, ck) = self.k.forward(p, &a, rng.as_deref_mut());
+        let (v, cv) = self.v.forward(p, &a, rng.as_deref_mut());
+        drop(a);
         let (ctx, attn) = self.core.forward(q, k, v, key_bias);
         let (o, co) = self.o.forward(p, &Arc::new(ctx), rng.as_deref_mut());
-        let (o, adapter_attn) = adapter_forward(self.adapter_attn.as_ref(), p, o);
-        let (a, ln1) = self.ln1.forward(p, (&**x + &o).view());
-        drop(o);
-        let a = Arc::new(a);
-        let (u, cup) = self.up.forward(p, &a, rng.as_deref_mut());
+        let (h, attn_out) = self.attn.leave(p, x, o);
+        let h = Arc::new(h);
+        let (b, ffn_in) = self.ffn.enter(p, &h);
+        let (u, cup) = self.up.forward(p, &b, rng.as_deref_mut());
+        drop(b);
         let g = Arc::new(gelu_forward(u.view()));
         let (d, cdown) = self.down.forward(p, &g, rng);
         drop(g);
-        let (d, adapter_ffn) = adapter_forward(self.adapter_ffn.as_ref(), p, d);
-        let mut res = d;
-        res += &*a;
-        let (out, ln2) = self.ln2.forward(p, res.view());
+        let (out, ffn_out) = self.ffn.leave(p, &h, d);
         (
             out,
             BlockCache {
+                attn_in,
                 q: cq,
                 k: ck,
                 v: cv,
                 attn,
                 o: co,
-                adapter_attn,
-                ln1,
+                attn_out,
+                ffn_in,
                 up: cup,
                 u,
                 down: cdown,
-                adapter_ffn,
-                ln2,
+                ffn_out,
             },
         )
     }
 
+    /// Backward from `dL/dout`: accumulates the block's gradients and returns `dL/dx` if
+    /// `need_dx` (something trainable sits below).
     pub(super) fn backward<T: Real>(
         &self,
         p: &ParamStore<T>,
         c: BlockCache<T>,
-        dout: ArrayView2<'_, T>,
+        dout: Array2<T>,
         grads: &mut Grads<T>,
         need_dx: bool,
     ) -> Option<Array2<T>> {
-        let dres = self.ln2.backward(p, c.ln2, dout, grads);
-        // res = a + adapter(down(gelu(up(a))))
-        // Without an adapter the residual branch's gradient is `dres` itself: no copy.
-        let dd = adapter_backward(self.adapter_ffn.as_ref(), c.adapter_ffn, p, &dres, grads);
+        // MLP sublayer: its input gradient is always needed (the attention sublayer's output
+        // projection sits below it).
+        let (dh, dd) = self.ffn.leave_backward(p, c.ffn_out, dout, grads);
         let dg = self
             .down
-            .backward(p, c.down, dd.as_ref().unwrap_or(&dres).view(), grads, true)
+            .backward(p, c.down, dd.as_ref().unwrap_or(&dh).view(), grads, true)
             .expect("dx requested");
         drop(dd);
         let du = gelu_backward(c.u.view(), dg);
-        let mut da = dres;
-        let da_ffn = self
+        let db = self
             .up
             .backward(p, c.up, du.view(), grads, true)
             .expect("dx requested");
-        da += &da_ffn;
-        drop(da_ffn);
-        // a = LN1(x + adapter(o(ctx)))
-        let dsum = self.ln1.backward(p, c.ln1, da.view(), grads);
-        let do_ = adapter_backward(self.adapter_attn.as_ref(), c.adapter_attn, p, &dsum, grads);
+        let dh = self.ffn.enter_backward(p, c.ffn_in, dh, db, grads);
+        // Attention sublayer.
+        let (dx, do_) = self.attn.leave_backward(p, c.attn_out, dh, grads);
         let dctx = self
             .o
-            .backward(p, c.o, do_.as_ref().unwrap_or(&dsum).view(), grads, true)
+            .backward(p, c.o, do_.as_ref().unwrap_or(&dx).view(), grads, true)
             .expect("dx requested");
         drop(do_);
         let (dq, dk, dv) = self.core.backward(c.attn, dctx.view());
-        let mut dx = need_dx.then_some(dsum);
+        // The q, k, v input's gradient: for the block's input, or for a pre-LN's trained LN.
+        let need_da = need_dx || self.attn.entry_trained(p);
+        let mut da: Option<Array2<T>> = None;
         for (lin, cache, dy) in [(&self.q, c.q, dq), (&self.k, c.k, dk), (&self.v, c.v, dv)] {
-            if !need_dx && !lin.has_trainable(p) {
+            if !need_da && !lin.has_trainable(p) {
                 continue;
             }
-            if let Some(g) = lin.backward(p, cache, dy.view(), grads, need_dx) {
-                *dx.as_mut().expect("need_dx") += &g;
+            if let Some(g) = lin.backward(p, cache, dy.view(), grads, need_da) {
+                match da.as_mut() {
+                    Some(da) => *da += &g,
+                    None => da = Some(g),
+                }
             }
         }
-        dx
+        let da = da?;
+        let dx = self.attn.enter_backward(p, c.attn_in, dx, da, grads);
+        need_dx.then_some(dx)
+    }
+}
+
+impl Residual {
+    fn has_trainable<T: Real>(&self, p: &ParamStore<T>) -> bool {
+        p.trainable(self.ln.weight)
+            || p.trainable(self.ln.bias)
+            || self.ls.is_some_and(|ls| p.trainable(ls.gamma))
+            || self.adapter.is_some()
+    }
+
+    /// Whether the sublayer's entry holds a trained tensor (a pre-LN's LayerNorm).
+    fn entry_trained<T: Real>(&self, p: &ParamStore<T>) -> bool {
+        self.pre_norm && (p.trainable(self.ln.weight) || p.trainable(self.ln.bias))
+    }
+
+    /// The sublayer's input: `LN(x)` (pre-LN) or `x` itself (post-LN).
+    fn enter<T: Real>(
+        &self,
+        p: &ParamStore<T>,
+        x: &Arc<Array2<T>>,
+    ) -> (Arc<Array2<T>>, Option<LayerNormCache<T>>) {
+        if self.pre_norm {
+            let (a, c) = self.ln.forward(p, x.view());
+            (Arc::new(a), Some(c))
+        } else {
+            (Arc::clone(x), None)
+        }
+    }
+
+    /// The block's stream after the sublayer, from its input `x` and the sublayer's output
+    /// `f`: `x + ls ⊙ adapter(f)` (pre-LN) or `LN(x + adapter(f))` (post-LN).
+    fn leave<T: Real>(
+        &self,
+        p: &ParamStore<T>,
+        x: &Array2<T>,
+        f: Array2<T>,
+    ) -> (Array2<T>, ResidualCache<T>) {
+        let (f, adapter) = adapter_forward(self.adapter.as_ref(), p, f);
+        let (mut sum, ls) = match &self.ls {
+            Some(s) => s.forward(p, f),
+            None => (f, None),
+        };
+        sum += x;
+        let (out, ln) = if self.pre_norm {
+            (sum, None)
+        } else {
+            let (y, c) = self.ln.forward(p, sum.view());
+            (y, Some(c))
+        };
+        (out, ResidualCache { adapter, ls, ln })
+    }
+
+    /// Backward of [`Self::leave`]: the gradient of the residual input `x` and of the
+    /// sublayer's output `f` (`None`: the same as `x`'s, no copy).
+    fn leave_backward<T: Real>(
+        &self,
+        p: &ParamStore<T>,
+        c: ResidualCache<T>,
+        dout: Array2<T>,
+        grads: &mut Grads<T>,
+    ) -> (Array2<T>, Option<Array2<T>>) {
+        let dsum = match c.ln {
+            Some(ln) => self.ln.backward(p, ln, dout.view(), grads),
+            None => dout,
+        };
+        let df = self
+            .ls
+            .and_then(|s| s.backward(p, c.ls, dsum.view(), grads, true));
+        let below = adapter_backward(
+            self.adapter.as_ref(),
+            c.adapter,
+            p,
+            df.as_ref().unwrap_or(&dsum),
+            grads,
+        );
+        (dsum, below.or(df))
+    }
+
+    /// Backward of [`Self::enter`]: `dx` from the residual's gradient `dres` and the
+    /// sublayer input's `din`.
+    fn enter_backward<T: Real>(
+        &self,
+        p: &ParamStore<T>,
+        c: Option<LayerNormCache<T>>,
+        mut dres: Array2<T>,
+        din: Array2<T>,
+        grads: &mut Grads<T>,
+    ) -> Array2<T> {
+        match c {
+            Some(c) => dres += &self.ln.backward(p, c, din.view(), grads),
+            None => dres += &din,
+        }
+        dres
     }
 }
 

@@ -1,4 +1,4 @@
-//! Tails: the two families assembled from [`crate::layers`], with a PEFT method applied.
+//! Tails: the three families assembled from [`crate::layers`], with a PEFT method applied.
 //!
 //! A [`PeftTail<T>`] owns every tensor in a [`ParamStore`] and a `Net` that says how they
 //! are wired. Its generic methods (loss and gradients, logits) serve both training in `f32`
@@ -7,15 +7,17 @@
 //!
 //! Files:
 //! - `mod.rs`: [`PeftTail`] — building, batch checks, the frozen prefix, forward and backward
-//!   through the body of either family and the classifier head.
+//!   through the body of a family and the classifier head.
 //! - `batch.rs`: [`Batch`], the trunk activations a tail reads.
 //! - `object.rs`: [`crate::Tail`], [`crate::build_tail`], [`crate::StepStats`] and
 //!   [`crate::EvalStats`] (exported at the crate root only).
 //! - `build.rs`: config validation, frozen layers from the weights, fresh tensors (LoRA
 //!   factors, the head).
 //! - `conv.rs`: the conv-head family (1×1 conv, folded BatchNorm, ReLU6, average pooling).
-//! - `transformer.rs`: the transformer family (encoder blocks, prompt tokens, masked mean
-//!   pooling); `block.rs`: one encoder block; `adapter.rs`: the Houlsby adapter.
+//! - `transformer.rs`: the two families of transformer blocks, `transformer` (post-LN BERT,
+//!   masked mean pooling) and `vit` (pre-LN with layer scale, final LayerNorm, CLS token),
+//!   with their prompt tokens; `block.rs`: one block of either layout; `adapter.rs`: the
+//!   Houlsby adapter.
 
 mod adapter;
 mod batch;
@@ -54,7 +56,7 @@ enum FrozenPrefix {
     ConvProduct,
 }
 
-/// Everything below the head, by family.
+/// Everything below the head: a conv head, or transformer blocks (`transformer`, `vit`).
 #[derive(Debug, Clone)]
 enum Net {
     Conv(ConvNet),
@@ -159,9 +161,8 @@ impl<T: Real> PeftTail<T> {
                 let (net, out) = ConvNet::build(weights, method, &family, &mut params, &mut rng)?;
                 (Net::Conv(net), out)
             }
-            Family::Transformer(spec) => {
-                let net =
-                    TransformerNet::build(spec, weights, method, &family, &mut params, &mut rng)?;
+            Family::Transformer(_) | Family::Vit(_) => {
+                let net = TransformerNet::build(&family, weights, method, &mut params, &mut rng)?;
                 let d = net.hidden;
                 (Net::Transformer(net), d)
             }
@@ -271,7 +272,7 @@ impl<T: Real> PeftTail<T> {
     /// of samples so that training and evaluation skip it: the pooled features when only the
     /// head is trained, the conv head's product `x·Wᵀ` when its weight is frozen (bias, LoRA).
     /// `None` when the features enter a trained layer straight away (full-tail; bias, LoRA,
-    /// adapters and prompts on a transformer). Put it in [`Batch::frozen`], row for row;
+    /// adapters and prompts on transformer blocks). Put it in [`Batch::frozen`], row for row;
     /// logits and gradients are then those of the batch without it.
     pub fn frozen_prefix(&self, batch: &Batch<T>) -> Result<Option<ArrayD<T>>> {
         // A prefix already in the batch is neither checked nor used: this computes it anew.

@@ -43,7 +43,7 @@ pub struct EvalStats {
 
 /// A trainable tail, as the edge client drives it. Implemented by [`PeftTail<f32>`].
 pub trait Tail: Send + std::fmt::Debug {
-    /// `conv_head` or `transformer`.
+    /// `conv_head`, `transformer` or `vit`.
     fn family_name(&self) -> &'static str;
     /// The PEFT method's name.
     fn method_name(&self) -> &'static str;

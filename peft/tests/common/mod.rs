@@ -38,17 +38,44 @@ pub fn conv_weights(cin: usize, cout: usize, seed: u64) -> FrozenWeights {
 /// `k` BERT blocks of hidden `d`, intermediate `inter`.
 pub fn transformer_weights(k: usize, d: usize, inter: usize, seed: u64) -> FrozenWeights {
     let mut rng = StdRng::seed_from_u64(seed);
+    FrozenWeights::from_map(block_map(k, d, inter, &mut rng)).unwrap()
+}
+
+/// `k` ViT blocks (the BERT block's tensors plus layer scales `ls1`, `ls2` in `[0.2, 1)`) and
+/// the final LayerNorm.
+pub fn vit_weights(k: usize, d: usize, inter: usize, seed: u64) -> FrozenWeights {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut m = block_map(k, d, inter, &mut rng);
+    for j in 0..k {
+        for n in ["ls1", "ls2"] {
+            let ls = (0..d).map(|_| rng.random_range(0.2..1.0)).collect();
+            m.insert(format!("blocks.{j}.{n}"), (vec![d], ls));
+        }
+    }
+    let gamma = (0..d).map(|_| rng.random_range(0.8..1.2)).collect();
+    m.insert("final_ln.weight".into(), (vec![d], gamma));
+    m.insert(
+        "final_ln.bias".into(),
+        (vec![d], rand_vec(&mut rng, d, 0.1)),
+    );
+    FrozenWeights::from_map(m).unwrap()
+}
+
+type WeightMap = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// The tensors every transformer block has, for `k` blocks.
+fn block_map(k: usize, d: usize, inter: usize, rng: &mut StdRng) -> WeightMap {
     let mut m = HashMap::new();
     let s = 1.0 / (d as f32).sqrt();
     for j in 0..k {
         for n in ["q", "k", "v", "o"] {
             m.insert(
                 format!("blocks.{j}.attn.{n}.weight"),
-                (vec![d, d], rand_vec(&mut rng, d * d, s)),
+                (vec![d, d], rand_vec(rng, d * d, s)),
             );
             m.insert(
                 format!("blocks.{j}.attn.{n}.bias"),
-                (vec![d], rand_vec(&mut rng, d, 0.1)),
+                (vec![d], rand_vec(rng, d, 0.1)),
             );
         }
         for n in ["ln1", "ln2"] {
@@ -61,28 +88,28 @@ pub fn transformer_weights(k: usize, d: usize, inter: usize, seed: u64) -> Froze
             );
             m.insert(
                 format!("blocks.{j}.{n}.bias"),
-                (vec![d], rand_vec(&mut rng, d, 0.1)),
+                (vec![d], rand_vec(rng, d, 0.1)),
             );
         }
         m.insert(
             format!("blocks.{j}.ffn.up.weight"),
-            (vec![inter, d], rand_vec(&mut rng, inter * d, s)),
+            (vec![inter, d], rand_vec(rng, inter * d, s)),
         );
         m.insert(
             format!("blocks.{j}.ffn.up.bias"),
-            (vec![inter], rand_vec(&mut rng, inter, 0.1)),
+            (vec![inter], rand_vec(rng, inter, 0.1)),
         );
         let s2 = 1.0 / (inter as f32).sqrt();
         m.insert(
             format!("blocks.{j}.ffn.down.weight"),
-            (vec![d, inter], rand_vec(&mut rng, d * inter, s2)),
+            (vec![d, inter], rand_vec(rng, d * inter, s2)),
         );
         m.insert(
             format!("blocks.{j}.ffn.down.bias"),
-            (vec![d], rand_vec(&mut rng, d, 0.1)),
+            (vec![d], rand_vec(rng, d, 0.1)),
         );
     }
-    FrozenWeights::from_map(m).unwrap()
+    m
 }
 
 pub fn rand_array<T: Real>(rng: &mut StdRng, shape: &[usize], scale: f64) -> ArrayD<T> {
@@ -107,6 +134,12 @@ pub fn token_batch<T: Real>(b: usize, s: usize, d: usize, seed: u64) -> Batch<T>
         |(i, j)| if j + i < s { T::one() } else { T::zero() },
     );
     Batch::new(features, Some(mask))
+}
+
+/// A ViT token batch `[b, s, d]` (CLS token first, no padding, no mask).
+pub fn vit_batch<T: Real>(b: usize, s: usize, d: usize, seed: u64) -> Batch<T> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    Batch::new(rand_array(&mut rng, &[b, s, d], 1.0), None)
 }
 
 /// Compares an analytic gradient with central differences of `f` at `x`.

@@ -83,6 +83,11 @@ struct Cli {
     /// Start fresh even if a checkpoint exists in the output directory.
     #[arg(long)]
     no_resume: bool,
+    /// Once subscribed (clients may join), write `{"broker", "fleet", "run_id", "pid"}` as
+    /// JSON to this file (atomically: written beside it, then renamed). For supervisors and
+    /// scripts, instead of watching the log.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -152,6 +157,7 @@ fn main() -> anyhow::Result<()> {
         Some(path) => AggregatorFile::read(path)?,
         None => AggregatorFile::default(),
     };
+    let ready_file = cli.ready_file.clone();
     cli.apply(&mut raw);
     let config = config::validate(raw).context("invalid configuration")?;
     let host: Box<dyn ModelHost> = match &config.model.backbone {
@@ -177,7 +183,31 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
     let out_dir = config.output_dir.clone();
-    let outcome = runtime.block_on(shell::run(config, host, shutdown_signal(), None))?;
+    let ready = ready_file.map(|path| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let scheme = if config.broker.tls.is_some() {
+            "mqtts"
+        } else {
+            "mqtt"
+        };
+        let (fleet, run_id) = (config.run.fleet.to_string(), config.run.run_id);
+        runtime.spawn(async move {
+            let Ok(addr) = rx.await else { return };
+            let text = serde_json::json!({
+                "broker": format!("{scheme}://{addr}"),
+                "fleet": fleet,
+                "run_id": run_id,
+                "pid": std::process::id(),
+            });
+            if let Err(e) =
+                fedpeft_aggregator::checkpoint::write_atomic(&path, text.to_string().as_bytes())
+            {
+                tracing::error!(path = %path.display(), error = %e, "cannot write the ready file");
+            }
+        });
+        tx
+    });
+    let outcome = runtime.block_on(shell::run(config, host, shutdown_signal(), ready))?;
     println!("{}", fedpeft_aggregator::report::summary(&outcome.report));
     println!(
         "report: {} and {}",

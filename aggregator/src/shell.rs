@@ -106,7 +106,10 @@ enum FromMqtt {
     Error(String),
     /// A delivery over the packet limit broke the connection; the next one starts a clean
     /// session, in which the broker no longer holds it.
-    Oversized { bytes: usize, limit: usize },
+    Oversized {
+        bytes: usize,
+        limit: usize,
+    },
 }
 
 /// The size of an incoming packet that broke the connection by exceeding the limit.

@@ -234,9 +234,9 @@ impl Inbox {
             // An empty retained publish clears a status: nothing to report.
             return None;
         }
-        // A last will is registered at connect time with the client's run id; an old run's
-        // retained status is still a status of that client, so only the body matters here.
-        match Envelope::decode(payload) {
+        // A last will is registered at connect time with the client's run id: another run's
+        // status (a retained leftover on a shared broker) says nothing about this run.
+        match self.decode_ours(payload) {
             Ok(Envelope {
                 message: Message::Status(s),
                 ..
@@ -258,8 +258,9 @@ impl Inbox {
                 warn!(client = %client, "ignoring a status message that is not this client's Status");
                 None
             }
-            Err(e) => {
-                warn!(client = %client, error = %e, "ignoring an undecodable status");
+            Err(f) => {
+                warn!(client = %client, reason = %f.reason, detail = %f.detail,
+                      "ignoring a status message");
                 None
             }
         }

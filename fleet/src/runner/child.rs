@@ -63,7 +63,7 @@ impl Child {
         log: &Path,
         echo: bool,
     ) -> anyhow::Result<Child> {
-        let mut log_file =
+        let log_file =
             File::create(log).with_context(|| format!("creating log {}", log.display()))?;
         cmd.stdin(Stdio::null());
         let child = if echo {
@@ -73,11 +73,19 @@ impl Child {
                 .with_context(|| format!("starting {name} ({cmd:?})"))?;
             let out = child.stdout.take().context("piped stdout")?;
             let err = child.stderr.take().context("piped stderr")?;
-            let mut log_err = log_file.try_clone().context("log handle")?;
+            // Both streams go to one log through one lock, a whole line per write: lines
+            // from the two threads never run into each other.
+            let log_file = std::sync::Arc::new(std::sync::Mutex::new(log_file));
+            let log_err = log_file.clone();
+            let write_line = |log: &std::sync::Mutex<File>, line: &str| {
+                if let Ok(mut f) = log.lock() {
+                    let _ = f.write_all(format!("{line}\n").as_bytes());
+                }
+            };
             thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
                     println!("{line}");
-                    let _ = writeln!(log_file, "{line}");
+                    write_line(&log_file, &line);
                 }
             });
             thread::spawn(move || {
@@ -89,7 +97,7 @@ impl Child {
                     if reporting || line.contains(" WARN ") || line.contains(" ERROR ") {
                         eprintln!("{line}");
                     }
-                    let _ = writeln!(log_err, "{line}");
+                    write_line(&log_err, &line);
                 }
             });
             child

@@ -59,7 +59,7 @@ pub fn client_command_in(
         .arg("--client-id")
         .arg(&id)
         .arg("--run-id")
-        .arg(trial.seed.to_string())
+        .arg(trial.run_id.to_string())
         .arg("--model-dir")
         .arg(&trial.model.backbone)
         .arg("--runtime")

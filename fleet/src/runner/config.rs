@@ -33,7 +33,7 @@ pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> Ag
     };
     AggregatorFile {
         fleet: Some(trial.name.clone()),
-        run_id: Some(trial.seed),
+        run_id: Some(trial.run_id),
         rounds: Some(trial.rounds),
         seed: Some(trial.seed),
         min_clients: Some(trial.min_clients),

@@ -140,11 +140,17 @@ impl<'a> TrialRun<'a> {
             aggregator_config(trial, out_dir, port).to_toml(),
         )
         .with_context(|| format!("writing {}", config_path.display()))?;
+        let ready_file = out_dir.join("aggregator.ready.json");
+        // A ready file left by an earlier run in this folder is not this run's signal.
+        let _ = std::fs::remove_file(&ready_file);
         let mut cmd = Command::new(&bins.aggregator);
-        cmd.arg("--config").arg(&config_path);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .arg("--ready-file")
+            .arg(&ready_file);
         let log = out_dir.join("logs/aggregator.log");
         let mut aggregator = Child::spawn("aggregator", cmd, &log, true)?;
-        wait_for_ready(&mut aggregator, &log)?;
+        wait_for_ready(&mut aggregator, &ready_file, &log, trial.run_id)?;
         println!(
             "fleet: broker at {broker_url}; starting {} edge clients (logs in {})",
             trial.clients,
@@ -221,6 +227,14 @@ impl<'a> TrialRun<'a> {
             if let Some(status) = self.aggregator.try_wait() {
                 return Ok(status);
             }
+            if let Some(why) = self.dead_clients() {
+                self.stop_all();
+                bail!(
+                    "trial `{}`: {why}; logs in {}",
+                    self.trial.name,
+                    logs.display()
+                );
+            }
             if interrupted() {
                 self.stop_all();
                 bail!(
@@ -240,6 +254,33 @@ impl<'a> TrialRun<'a> {
             }
             thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Why the run cannot go on for its clients, if it cannot: a client that failed (exited
+    /// with an error), or every client gone while the aggregator still waits for them.
+    /// Clients leave with success once the aggregator announces the end, so a failed exit is
+    /// never part of a run going well (a trial's dropouts disconnect, they do not exit).
+    fn dead_clients(&mut self) -> Option<String> {
+        let logs = self.out_dir.join("logs");
+        let mut exited = 0;
+        for c in &mut self.clients {
+            let Some(status) = c.try_wait() else { continue };
+            exited += 1;
+            if !status.success() {
+                let log = logs.join(format!("{}.log", c.name));
+                return Some(format!(
+                    "{} exited ({status}) while the run went on:\n{}",
+                    c.name,
+                    log_tail(&log, 8)
+                ));
+            }
+        }
+        (exited == self.clients.len() && !self.clients.is_empty()).then(|| {
+            format!(
+                "all {exited} clients exited while the aggregator still runs (did they obey \
+                 another run's messages?)"
+            )
+        })
     }
 
     /// Stops the aggregator, then every client.
@@ -277,16 +318,32 @@ impl<'a> TrialRun<'a> {
     }
 }
 
-/// Waits until the aggregator says it is ready (`aggregator ready: ...`: its broker listens and
-/// it has subscribed, so no client's join can go unheard); fails at once, with the aggregator's
+/// Waits until the aggregator's ready file names this run (its broker listens and it has
+/// subscribed, so no client's join can go unheard); fails at once, with the aggregator's
 /// error, if it exits first.
-fn wait_for_ready(aggregator: &mut Child, log: &Path) -> anyhow::Result<()> {
-    let ready = |l: &str| l.starts_with("aggregator ready:");
-    match aggregator.wait_for_log(log, ready, READY_TIMEOUT, Duration::from_millis(100)) {
-        Ok(()) => Ok(()),
-        Err(NotSeen::Interrupted) => bail!("interrupted"),
-        Err(NotSeen::Exited(status)) => {
-            // Give the log-echo thread a moment to flush the last lines.
+fn wait_for_ready(
+    aggregator: &mut Child,
+    ready_file: &Path,
+    log: &Path,
+    run_id: u64,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < READY_TIMEOUT {
+        let ready = std::fs::read(ready_file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+        if let Some(ready) = ready {
+            let said = ready.get("run_id").and_then(serde_json::Value::as_u64);
+            if said != Some(run_id) {
+                bail!(
+                    "the aggregator's ready file {} names run {said:?}, not this run ({run_id})",
+                    ready_file.display()
+                );
+            }
+            return Ok(());
+        }
+        if let Some(status) = aggregator.try_wait() {
+            // Give the log-echo threads a moment to flush the last lines.
             thread::sleep(Duration::from_millis(200));
             bail!(
                 "the aggregator exited ({status}) before it was ready:\n{}\n(whole log: {})",
@@ -294,12 +351,17 @@ fn wait_for_ready(aggregator: &mut Child, log: &Path) -> anyhow::Result<()> {
                 log.display()
             )
         }
-        Err(NotSeen::TimedOut) => bail!(
-            "the aggregator was not ready within {} s; see {}",
-            READY_TIMEOUT.as_secs(),
-            log.display()
-        ),
+        if interrupted() {
+            bail!("interrupted");
+        }
+        thread::sleep(Duration::from_millis(50));
     }
+    bail!(
+        "the aggregator was not ready within {} s (no {}); see {}",
+        READY_TIMEOUT.as_secs(),
+        ready_file.display(),
+        log.display()
+    )
 }
 
 /// Waits until a client's log says its trunk activations are ready; fails if it exits first.

@@ -7,6 +7,17 @@ use fedpeft_config::aggregator::AggregatorFile;
 use super::config::as_f32;
 use super::*;
 
+#[test]
+fn every_trial_read_gets_a_run_id_of_its_own_and_hands_it_to_everyone() {
+    let (a, b) = (trial(), trial());
+    assert_ne!(a.run_id, b.run_id);
+    assert_ne!(a.run_id, a.seed);
+    let config = aggregator_config(&a, Path::new("o"), None);
+    assert_eq!(config.run_id, Some(a.run_id));
+    let args = client_args(&a, 1);
+    assert_eq!(flag_value(&args, "--run-id"), a.run_id.to_string());
+}
+
 fn trial() -> Trial {
     Trial::parse(
         r#"
@@ -77,7 +88,10 @@ fn the_aggregator_config_means_what_the_table_built_one_meant() {
         ),
     ] {
         let text = aggregator_config(trial, Path::new(out), port).to_toml();
-        let now = AggregatorFile::parse(&text, Path::new("now.toml")).unwrap();
+        let mut now = AggregatorFile::parse(&text, Path::new("now.toml")).unwrap();
+        // The run id is fresh for every trial read; the fixture keeps the seed's.
+        assert_eq!(now.run_id, Some(trial.run_id));
+        now.run_id = Some(trial.seed);
         let then = AggregatorFile::read(&data.join(then)).unwrap();
         assert_eq!(now, then, "{}: written now:\n{text}", trial.name);
     }

@@ -158,6 +158,10 @@ pub struct Trial {
     pub global_dtype: String,
     /// Every message signed with Ed25519 and verified (keys made by the runner).
     pub signed: bool,
+    /// The run's id, fresh for every trial read (not the seed): messages another run left on
+    /// a shared broker (a retained "run done", an old global adapter) carry another id, and
+    /// the aggregator and the clients refuse them.
+    pub run_id: u64,
     /// The trial file, for error messages.
     pub path: PathBuf,
 }

@@ -47,6 +47,7 @@ pub(super) fn trial(raw: TrialFile, path: &Path) -> Check<Trial> {
     Ok(Trial {
         global_dtype,
         signed: raw.signed,
+        run_id: fresh_run_id(),
         dropout: raw.dropout,
         dropout_offline_secs: raw.dropout_offline_secs,
         stragglers,
@@ -371,4 +372,19 @@ pub fn pick_stragglers(clients: usize, fraction: f64, seed: u64) -> Vec<usize> {
     let mut picked: Vec<usize> = order.into_iter().take(n).map(|(_, i)| i).collect();
     picked.sort_unstable();
     picked
+}
+
+/// A run id no earlier run used (with overwhelming probability): 63 random bits (so it prints
+/// the same in every tool), from the operating system, or from the clock and the process id
+/// where the system has no randomness to give.
+fn fresh_run_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    let random = getrandom::fill(&mut bytes).map(|()| u64::from_le_bytes(bytes));
+    let id = random.unwrap_or_else(|_| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        fedpeft_protocol::SplitMix64::new(nanos ^ (u64::from(std::process::id()) << 32)).next_u64()
+    });
+    (id >> 1).max(1)
 }

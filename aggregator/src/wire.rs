@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use fedpeft_protocol::{
-    ClientId, DecodeError, Envelope, FleetName, Message, QoS, Reassembler, ReassemblyError,
+    Chunk, ClientId, DecodeError, Envelope, FleetName, Message, QoS, Reassembler, ReassemblyError,
     ReassemblyLimits, SignatureError, Topic, TopicKind, peek_header, sign,
 };
 use tracing::{debug, warn};
@@ -18,11 +18,36 @@ use crate::round::{DecodeFailure, Event, JoinInfo, RejectReason};
 pub struct Inbox {
     fleet: FleetName,
     run_id: u64,
-    reassembler: Reassembler<String>,
-    /// Wire bytes of the chunks received so far, per (client, message id).
-    partial_bytes: BTreeMap<(String, u32), u64>,
+    reassembler: Reassembler<PayloadKey>,
+    /// Wire bytes of the chunks the reassembler holds, per payload.
+    partial_bytes: BTreeMap<PayloadKey, u64>,
     /// When set, joins, statuses and updates must be signed by the named client's key.
     enrolment: Option<Enrolment>,
+}
+
+/// A chunked payload being put together: the client whose topic its chunks came on and the
+/// whole claim they carry, as the reassembler keys it. A stray or refused chunk that reuses a
+/// real payload's message id is not counted in that payload's wire size (which could make it
+/// oversized: refused, and counted failed when signed).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct PayloadKey {
+    client: String,
+    message_id: u32,
+    count: u32,
+    total_len: u32,
+    crc32: u32,
+}
+
+impl PayloadKey {
+    fn of(client: &ClientId, chunk: &Chunk) -> PayloadKey {
+        PayloadKey {
+            client: client.as_str().to_string(),
+            message_id: chunk.message_id,
+            count: chunk.count,
+            total_len: chunk.total_len,
+            crc32: chunk.crc32,
+        }
+    }
 }
 
 fn failure(reason: RejectReason, round: Option<u32>, detail: impl ToString) -> DecodeFailure {
@@ -135,9 +160,9 @@ impl Inbox {
         self.reassembler
             .expire(now_ms)
             .into_iter()
-            .filter_map(|(client, e)| {
-                let bytes = self.take_partial(&client, &e);
-                let topic_client = ClientId::new(&client).ok()?;
+            .filter_map(|(key, e)| {
+                let bytes = self.partial_bytes.remove(&key).unwrap_or(0);
+                let topic_client = ClientId::new(&key.client).ok()?;
                 Some(Event::Update {
                     topic_client,
                     update: Box::new(Err(failure(reassembly_reason(&e), None, &e))),
@@ -146,16 +171,6 @@ impl Inbox {
                 })
             })
             .collect()
-    }
-
-    fn take_partial(&mut self, client: &str, e: &ReassemblyError) -> u64 {
-        let id = match e {
-            ReassemblyError::Incomplete { message_id, .. }
-            | ReassemblyError::CrcMismatch { message_id, .. } => Some(*message_id),
-            _ => None,
-        };
-        id.and_then(|id| self.partial_bytes.remove(&(client.to_string(), id)))
-            .unwrap_or(0)
     }
 
     /// One received publish.
@@ -286,16 +301,16 @@ impl Inbox {
         match env.message {
             Message::ClientUpdate(u) => Some(self.checked(&client, payload, u, wire_bytes)),
             Message::Chunk(chunk) => {
-                let key = (client.as_str().to_string(), chunk.message_id);
+                let key = PayloadKey::of(&client, &chunk);
                 let round = env.round;
-                *self.partial_bytes.entry(key.clone()).or_default() += wire_bytes;
-                match self
-                    .reassembler
-                    .push(client.as_str().to_string(), chunk, now_ms)
-                {
-                    Ok(None) => None,
+                match self.reassembler.push(key.clone(), chunk, now_ms) {
+                    Ok(None) => {
+                        // Held: its bytes count in its payload when that completes or expires.
+                        *self.partial_bytes.entry(key).or_default() += wire_bytes;
+                        None
+                    }
                     Ok(Some(whole)) => {
-                        let total = self.partial_bytes.remove(&key).unwrap_or(wire_bytes);
+                        let total = self.partial_bytes.remove(&key).unwrap_or(0) + wire_bytes;
                         match self.decode_ours(&whole) {
                             Ok(Envelope {
                                 message: Message::ClientUpdate(u),
@@ -314,10 +329,10 @@ impl Inbox {
                     }
                     Err(e) => {
                         let reason = reassembly_reason(&e);
-                        // A refused chunk leaves the rest of its payload in place (except a CRC
-                        // mismatch): keep counting its bytes until it completes or expires.
+                        // A refused chunk counts alone and leaves the rest of its payload in
+                        // place, except a CRC mismatch, which drops the payload it completed.
                         let total = if matches!(e, ReassemblyError::CrcMismatch { .. }) {
-                            self.partial_bytes.remove(&key).unwrap_or(wire_bytes)
+                            self.partial_bytes.remove(&key).unwrap_or(0) + wire_bytes
                         } else {
                             wire_bytes
                         };
@@ -459,6 +474,47 @@ mod tests {
             reason(expired.into_iter().next()),
             Err((RejectReason::Incomplete, None))
         ));
+    }
+
+    #[test]
+    fn a_refused_or_stray_chunk_counts_alone_not_in_the_payload_that_shares_its_id() {
+        let whole = update_bytes(RUN, "c1");
+        let parts = fedpeft_protocol::chunk::split(&whole, 200, RUN, 3, 9).unwrap();
+        let size = |p: &[u8]| wire_size(TOPIC, p.len(), QoS::AtLeastOnce);
+        let forged = |count, crc32, data: Vec<u8>| {
+            let c = Chunk {
+                message_id: 9,
+                index: 0,
+                count,
+                total_len: 10,
+                crc32,
+                data,
+            };
+            Envelope::new(RUN, 3, c).encode().unwrap()
+        };
+        let mut ib = inbox();
+        // Refused (no chunks): counted in its own event. Held as a stray (another claim).
+        let refused = forged(0, 0, vec![0; 1000]);
+        let ev = ib.on_publish(TOPIC, &refused, 0);
+        assert!(
+            matches!(ev, Some(Event::Update { wire_bytes, .. }) if wire_bytes == size(&refused))
+        );
+        assert!(ib.on_publish(TOPIC, &forged(2, 1, vec![0; 5]), 0).is_none());
+        // A redelivered chunk of the real payload: refused, counted alone.
+        assert!(ib.on_publish(TOPIC, &parts[0], 1).is_none());
+        let ev = ib.on_publish(TOPIC, &parts[0], 1);
+        assert!(
+            matches!(ev, Some(Event::Update { wire_bytes, .. }) if wire_bytes == size(&parts[0]))
+        );
+        let mut last = None;
+        for p in &parts[1..] {
+            last = ib.on_publish(TOPIC, p, 2);
+        }
+        let Some(Event::Update { wire_bytes, .. }) = &last else {
+            panic!("{last:?}")
+        };
+        assert_eq!(*wire_bytes, parts.iter().map(|p| size(p)).sum::<u64>());
+        assert_eq!(reason(last), Ok(3));
     }
 
     #[test]

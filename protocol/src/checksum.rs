@@ -17,3 +17,12 @@ static CRC32: crc::Crc<u32, CrcImpl> = crc::Crc::<u32, CrcImpl>::new(&crc::CRC_3
 pub fn crc32(bytes: &[u8]) -> u32 {
     CRC32.checksum(bytes)
 }
+
+static CRC32C: crc::Crc<u32, CrcImpl> = crc::Crc::<u32, CrcImpl>::new(&crc::CRC_32_ISCSI);
+
+/// CRC-32C (Castagnoli) of `bytes`: the digest a chunk carries of its whole payload. Not the
+/// envelope's CRC-32: the CRC-32 of bytes that end in their own CRC-32 (every envelope) is one
+/// constant, so it would tell no two payloads apart.
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    CRC32C.checksum(bytes)
+}

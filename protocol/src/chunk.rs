@@ -12,7 +12,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::checksum::crc32;
+use crate::checksum::crc32c;
 use crate::envelope::{EncodeError, Envelope};
 use crate::message::Chunk;
 
@@ -83,7 +83,7 @@ pub fn split(
         .map_err(|_| SplitError::PayloadTooLarge { len: payload.len() })?;
     let count = payload.len().div_ceil(capacity);
     let size = payload.len().div_ceil(count);
-    let crc = crc32(payload);
+    let crc = crc32c(payload);
     payload
         .chunks(size)
         .enumerate()
@@ -284,6 +284,51 @@ struct Partial {
     received: Vec<u64>,
     received_count: u32,
     started_ms: u64,
+    /// Chunks that arrived for a filled slot with other bytes, at most [`MAX_ALTERNATES`]: a
+    /// forged or corrupted copy may have come first, so the payload is also tried with these.
+    alternates: Vec<(u32, Vec<u8>)>,
+}
+
+/// Copies with other bytes kept per payload: a payload fails its digest only when every way
+/// of putting it together with them fails (at most 2^4 tries).
+const MAX_ALTERNATES: usize = 4;
+
+impl Partial {
+    /// The payload put together with the first chunk of each slot, then with each subset of the
+    /// alternates in its slots instead: the first one whose CRC-32C is the claimed one.
+    fn assemble(self, message_id: u32) -> Result<Vec<u8>, ReassemblyError> {
+        let first = verify(message_id, self.crc32, self.buf.clone());
+        if first.is_ok() {
+            return first;
+        }
+        let alts = &self.alternates;
+        for subset in 1u32..(1 << alts.len()) {
+            let chosen: Vec<&(u32, Vec<u8>)> = (0..alts.len())
+                .filter(|i| subset & (1 << i) != 0)
+                .map(|i| &alts[i])
+                .collect();
+            let one_per_slot = chosen
+                .iter()
+                .enumerate()
+                .all(|(i, a)| chosen[..i].iter().all(|b| b.0 != a.0));
+            if !one_per_slot {
+                continue;
+            }
+            let mut buf = self.buf.clone();
+            for (index, data) in chosen {
+                let offset = self.chunk_size * *index as usize;
+                buf[offset..offset + data.len()].copy_from_slice(data);
+            }
+            if crc32c(&buf) == self.crc32 {
+                return Ok(buf);
+            }
+        }
+        first
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.alternates.iter().map(|(_, d)| d.len()).sum()
+    }
 }
 
 /// Length chunk `index` must have, or `None` when `count` and `total_len` cannot come from
@@ -430,6 +475,7 @@ impl<K: Ord + Clone> Reassembler<K> {
                     received: vec![0; (count as usize).div_ceil(64)],
                     received_count: 0,
                     started_ms: now_ms,
+                    alternates: Vec::new(),
                 },
             );
         }
@@ -438,7 +484,17 @@ impl<K: Ord + Clone> Reassembler<K> {
         };
         let (word, bit) = ((index / 64) as usize, 1u64 << (index % 64));
         if p.received[word] & bit != 0 {
-            return Err(ReassemblyError::Duplicate { message_id, index });
+            let offset = p.chunk_size * index as usize;
+            let same = p.buf[offset..offset + data.len()] == data[..]
+                || p.alternates.iter().any(|(i, d)| *i == index && *d == data);
+            let room = self.limits.max_total_bytes.saturating_sub(self.reserved) >= data.len();
+            if same || p.alternates.len() >= MAX_ALTERNATES || !room {
+                // A redelivery (QoS 1), or no room for another candidate.
+                return Err(ReassemblyError::Duplicate { message_id, index });
+            }
+            self.reserved += data.len();
+            p.alternates.push((index, data));
+            return Ok(None);
         }
         p.received[word] |= bit;
         p.received_count += 1;
@@ -450,8 +506,8 @@ impl<K: Ord + Clone> Reassembler<K> {
         let Some(done) = self.partial.remove(&key) else {
             return Ok(None);
         };
-        self.reserved -= done.total_len as usize;
-        verify(message_id, done.crc32, done.buf).map(Some)
+        self.reserved -= done.total_len as usize + done.held_bytes();
+        done.assemble(message_id).map(Some)
     }
 
     /// Drops every payload whose first chunk arrived `timeout_ms` or more before `now_ms`,
@@ -467,7 +523,7 @@ impl<K: Ord + Clone> Reassembler<K> {
         let mut out = Vec::with_capacity(stale.len());
         for key in stale {
             if let Some(p) = self.partial.remove(&key) {
-                self.reserved -= p.total_len as usize;
+                self.reserved -= p.total_len as usize + p.held_bytes();
                 let err = ReassemblyError::Incomplete {
                     message_id: key.1.message_id,
                     received: p.received_count,
@@ -481,7 +537,7 @@ impl<K: Ord + Clone> Reassembler<K> {
 }
 
 fn verify(message_id: u32, carried: u32, data: Vec<u8>) -> Result<Vec<u8>, ReassemblyError> {
-    let computed = crc32(&data);
+    let computed = crc32c(&data);
     if computed != carried {
         return Err(ReassemblyError::CrcMismatch {
             message_id,

@@ -91,10 +91,13 @@ impl PasswordFile {
 
     /// Whether `user` is in the file and `password` is theirs.
     pub fn verify(&self, user: &str, password: &[u8]) -> bool {
+        let mut derived = [0u8; HASH_LEN];
         let Some(entry) = self.users.get(user) else {
+            // As long as a known user's check (at mosquitto_passwd's default cost), so the time
+            // a refusal takes does not tell which usernames exist.
+            pbkdf2::pbkdf2_hmac::<sha2::Sha512>(password, b"no such user", 101, &mut derived);
             return false;
         };
-        let mut derived = [0u8; HASH_LEN];
         pbkdf2::pbkdf2_hmac::<sha2::Sha512>(password, &entry.salt, entry.iterations, &mut derived);
         derived.ct_eq(&entry.hash).into()
     }

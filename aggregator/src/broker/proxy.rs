@@ -131,7 +131,7 @@ async fn serve(client: TcpStream, peer: SocketAddr, gate: &Arc<Gate>) -> Result<
             client_id,
             user,
         } => {
-            warn!(%peer, client = %client_id, user = user.as_deref().unwrap_or("-"), reason = %refusal,
+            warn!(%peer, client = %client_id, user = %user.as_deref().unwrap_or("-"), reason = %refusal,
                   "embedded broker: connection refused");
             to_client.write_all(&connack).await?;
             let _ = to_client.shutdown().await;
@@ -247,4 +247,65 @@ async fn read_frame<R: AsyncRead + Unpin>(
 pub fn announce(addr: SocketAddr, gate: &Gate) {
     info!(%addr, users = gate.access.passwords.len(),
           "embedded broker: logins checked against the password file, topics against the ACL");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_packet_over_the_limit_is_refused_on_its_fixed_header_before_it_is_buffered() {
+        let (mut client, mut gate_side) = tokio::io::duplex(64);
+        // PUBLISH announcing 2 MiB; only the fixed header and a few bytes are ever sent, so a
+        // reader that waited for the whole packet would hang here.
+        client
+            .write_all(&[0x32, 0x80, 0x80, 0x80, 0x01, 0, 1, b't'])
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            read_frame(&mut gate_side, &mut buf, 1 << 20),
+        )
+        .await
+        .expect("refused without waiting for the rest");
+        assert!(
+            matches!(
+                read,
+                Err(LinkError::Frame(mqttbytes::Error::PayloadSizeLimitExceeded(n))) if n == 2 << 20
+            ),
+            "{read:?}"
+        );
+        assert!(buf.capacity() < 4096, "buffered {} bytes", buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn whole_packets_are_read_across_reads_and_a_close_between_packets_ends_cleanly() {
+        let (mut client, mut gate_side) = tokio::io::duplex(4);
+        let writer = tokio::spawn(async move {
+            // PINGREQ, then a PUBACK for packet 7, in 4-byte pieces; then close.
+            client
+                .write_all(&[0xc0, 0x00, 0x40, 0x02, 0x00, 0x07])
+                .await
+                .unwrap();
+        });
+        let mut buf = BytesMut::new();
+        let (_, ping) = read_frame(&mut gate_side, &mut buf, 1024)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&ping[..], &[0xc0, 0x00]);
+        let (_, ack) = read_frame(&mut gate_side, &mut buf, 1024)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&ack[..], &[0x40, 0x02, 0x00, 0x07]);
+        writer.await.unwrap();
+        assert!(
+            read_frame(&mut gate_side, &mut buf, 1024)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
 }

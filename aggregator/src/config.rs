@@ -12,6 +12,7 @@ pub use fedpeft_config::aggregator::AggregatorFile;
 use fedpeft_config::aggregator::{
     DpTable, LocalTable, ModelTable, OutputTable, QuorumFailureSetting,
 };
+use fedpeft_config::broker::EmbeddedBrokerTable;
 use fedpeft_config::{BrokerTable, SecurityTable, invalid};
 use fedpeft_protocol::{DType, DpSgd, FleetName, LocalConfig, Optimizer, PeftMethod};
 
@@ -54,6 +55,9 @@ pub struct BrokerConfig {
     pub tls: Option<TlsFiles>,
     /// MQTT username and password.
     pub credentials: Option<(String, Secret)>,
+    /// The embedded broker's logins and ACL (`[embedded_broker]`); `None`: anyone who can
+    /// connect may publish and subscribe anywhere.
+    pub access: Option<crate::broker::Access>,
 }
 
 /// Signed messages: the aggregator's key and the enrolled clients' keys (files, read at start).
@@ -99,7 +103,8 @@ pub struct Config {
 pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
     let rounds = validate_rounds(&file)?;
     let run_id = file.run_id.unwrap_or(1);
-    let broker = validate_broker(file.broker, run_id)?;
+    let mut broker = validate_broker(file.broker, run_id)?;
+    broker.access = validate_embedded_broker(file.embedded_broker, &broker, &rounds.fleet)?;
     let max_payload_bytes = validate_payload(file.max_payload_bytes, broker.max_packet_bytes)?;
     let max_update_norm = positive(file.max_update_norm, "max_update_norm", "is not positive")?;
     let adaptive_norm_multiple = positive(
@@ -451,7 +456,73 @@ fn validate_broker(b: BrokerTable, run_id: u64) -> Result<BrokerConfig, ConfigEr
         keep_alive_secs: b.keep_alive_secs.unwrap_or(30).max(5),
         tls,
         credentials,
+        access: None,
     })
+}
+
+/// `[embedded_broker]`: reads the password and ACL files, and checks that the aggregator itself
+/// can log in and do its work under them.
+fn validate_embedded_broker(
+    t: EmbeddedBrokerTable,
+    broker: &BrokerConfig,
+    fleet: &FleetName,
+) -> Result<Option<crate::broker::Access>, ConfigError> {
+    use crate::broker::{Access, Acl, PasswordFile};
+    let Some(password_file) = t.password_file else {
+        if t.acl_file.is_some() {
+            return Err(invalid(
+                "embedded_broker.acl_file",
+                "needs embedded_broker.password_file: an ACL on usernames nobody verified \
+                 restricts nothing",
+            ));
+        }
+        return Ok(None);
+    };
+    if !matches!(broker.target, BrokerTarget::Embedded { .. }) {
+        return Err(invalid(
+            "embedded_broker.password_file",
+            "the broker is external (broker.url): give the password and ACL files to that broker",
+        ));
+    }
+    let access = Access {
+        passwords: PasswordFile::read(&password_file)
+            .map_err(|e| invalid("embedded_broker.password_file", e.to_string()))?,
+        acl: match &t.acl_file {
+            Some(path) => {
+                Acl::read(path).map_err(|e| invalid("embedded_broker.acl_file", e.to_string()))?
+            }
+            None => Acl::fedpeft(),
+        },
+    };
+    let Some((user, password)) = &broker.credentials else {
+        return Err(invalid(
+            "broker.username",
+            "the embedded broker checks every login, the aggregator's too: set broker.username \
+             and broker.password_file (or broker.password_env)",
+        ));
+    };
+    if !access.passwords.verify(user, password.0.as_bytes()) {
+        return Err(invalid(
+            "broker.password_file",
+            format!(
+                "user `{user}` with this password is not in {}",
+                password_file.display()
+            ),
+        ));
+    }
+    access
+        .check_aggregator(user, &broker.client_id, fleet.as_str())
+        .map_err(|m| {
+            let file = t
+                .acl_file
+                .as_deref()
+                .unwrap_or(std::path::Path::new("deploy/mosquitto/acl (the default)"));
+            invalid(
+                "embedded_broker.acl_file",
+                format!("{}: {m}", file.display()),
+            )
+        })?;
+    Ok(Some(access))
 }
 
 fn validate_local(l: LocalTable) -> Result<LocalConfig, ConfigError> {
@@ -643,6 +714,90 @@ mod tests {
             }
         );
         assert_eq!(c.model.tensors, vec![("w".to_string(), vec![2, 3])]);
+    }
+
+    #[test]
+    fn the_embedded_broker_acl_needs_logins_and_lets_the_aggregator_work() {
+        let dir = tempfile::tempdir().unwrap();
+        // `mosquitto_passwd -U` of `fedpeft-aggregator:agg` (Mosquitto 2.0.11).
+        let passwd = dir.path().join("passwd");
+        std::fs::write(
+            &passwd,
+            "fedpeft-aggregator:$7$101$/kuz7+Sc5zUghDRP$G/4AeYJrfwTC+42gvRPhUaa/qr4gpnc4E5xMOsLOmh+MhsEg2zzz+o5PNDfGF8Fgi2fhn2vokoper8E7IdTE7A==\n",
+        )
+        .unwrap();
+        let pw = dir.path().join("agg.pw");
+        std::fs::write(&pw, "agg\n").unwrap();
+        let login = format!(
+            "[broker]\nusername = \"fedpeft-aggregator\"\npassword_file = \"{}\"\n",
+            pw.display()
+        );
+        let table = format!(
+            "[embedded_broker]\npassword_file = \"{}\"\n",
+            passwd.display()
+        );
+        let c = parse(&format!("{login}{table}{MINIMAL}")).unwrap();
+        let access = c.broker.access.expect("logins and ACL on");
+        assert_eq!(access.acl, crate::broker::Acl::fedpeft());
+        // Off by default, as before.
+        assert_eq!(parse(MINIMAL).unwrap().broker.access, None);
+        let narrow = dir.path().join("acl");
+        std::fs::write(
+            &narrow,
+            "user fedpeft-aggregator\ntopic read fedpeft/v1/+/join\n",
+        )
+        .unwrap();
+        for (text, field, words) in [
+            (
+                format!("{table}{MINIMAL}"),
+                "broker.username",
+                "aggregator's too",
+            ),
+            (
+                format!("[embedded_broker]\nacl_file = \"x\"\n{MINIMAL}"),
+                "embedded_broker.acl_file",
+                "password_file",
+            ),
+            (
+                format!(
+                    "[broker]\nurl = \"mqtt://h\"\nusername = \"fedpeft-aggregator\"\n{table}{MINIMAL}"
+                ),
+                "embedded_broker.password_file",
+                "external",
+            ),
+            (
+                format!("{login}{table}{MINIMAL}").replace(
+                    &passwd.display().to_string(),
+                    &dir.path().join("missing").display().to_string(),
+                ),
+                "embedded_broker.password_file",
+                "cannot read",
+            ),
+            (
+                format!(
+                    "{login}{table}acl_file = \"{}\"\n{MINIMAL}",
+                    narrow.display()
+                ),
+                "embedded_broker.acl_file",
+                "subscribe to `fedpeft/v1/fedpeft/update/+`",
+            ),
+            (
+                format!("{login}{table}{MINIMAL}").replace("agg.pw", "missing.pw"),
+                "broker.password_file",
+                "cannot read",
+            ),
+        ] {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains(words), "{text}\n{err}");
+        }
+        std::fs::write(&pw, "wrong\n").unwrap();
+        let err = parse(&format!("{login}{table}{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("broker.password_file") && err.contains("is not in"),
+            "{err}"
+        );
     }
 
     #[test]

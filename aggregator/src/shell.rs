@@ -610,7 +610,12 @@ fn resume_or_start(
 fn start_broker(config: &Config) -> Result<SocketAddr, RunError> {
     let (host_name, port) = match &config.broker.target {
         BrokerTarget::Embedded { host, port } => {
-            let b = broker::start(host, *port, config.broker.max_packet_bytes)?;
+            let b = broker::start_with(
+                host,
+                *port,
+                config.broker.max_packet_bytes,
+                config.broker.access.clone(),
+            )?;
             info!(addr = %b.addr, max_packet_bytes = config.broker.max_packet_bytes, "embedded broker listening");
             (b.addr.ip().to_string(), b.addr.port())
         }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::broker::EmbeddedBrokerTable;
 use crate::error::{ConfigError, parse_toml, read_toml};
 use crate::strategy::StrategyKind;
 use crate::{BrokerTable, SecurityTable};
@@ -56,6 +57,9 @@ pub struct AggregatorFile {
     pub local: LocalTable,
     #[serde(default, skip_serializing_if = "is_default")]
     pub broker: BrokerTable,
+    /// `[embedded_broker]`: logins and the topic ACL of the embedded broker. Default none.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub embedded_broker: EmbeddedBrokerTable,
     #[serde(default, skip_serializing_if = "is_default")]
     pub model: ModelTable,
     #[serde(default, skip_serializing_if = "is_default")]
@@ -208,6 +212,9 @@ mod tests {
             [broker]
             url = "embedded"
             max_packet_bytes = 65536
+            [embedded_broker]
+            password_file = "deploy/mosquitto/passwd"
+            acl_file = "deploy/mosquitto/acl"
             [model]
             tensors = [{ name = "head.weight", shape = [10, 1280] }]
         "#;
@@ -216,6 +223,10 @@ mod tests {
         assert_eq!(file, again);
         assert_eq!(file.rounds, Some(3));
         assert_eq!(file.broker.max_packet_bytes, Some(65536));
+        assert_eq!(
+            file.embedded_broker.acl_file.as_deref(),
+            Some(Path::new("deploy/mosquitto/acl"))
+        );
         // Unset keys and empty tables are not written (TOML has no null).
         assert_eq!(AggregatorFile::default().to_toml().trim(), "");
         assert!(!file.to_toml().contains("[output]"));

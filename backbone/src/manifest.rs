@@ -18,6 +18,8 @@ pub enum Family {
     ConvHead,
     /// BERT post-LN encoder blocks + masked mean pooling + classifier.
     Transformer,
+    /// ViT pre-LN blocks with layer scale + final LayerNorm + CLS classifier (DINOv2).
+    Vit,
 }
 
 /// One input or output tensor of the trunk graph; dims are numbers or symbolic names.
@@ -130,7 +132,48 @@ impl Manifest {
                 });
             }
         }
+        // The tail's hyper-parameters are checked here, so a bad manifest fails when it is read.
+        m.tail_family().map_err(|reason| BackboneError::Manifest {
+            path: path.to_path_buf(),
+            reason,
+        })?;
         Ok(m)
+    }
+
+    /// The peft crate's tail family with the hyper-parameters `tail.hyper` gives: one reading
+    /// of the manifest for the edge client, the aggregator and the tools.
+    pub fn tail_family(&self) -> std::result::Result<fedpeft_peft::Family, String> {
+        let hyper = serde_json::Value::Object(
+            self.tail
+                .hyper
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        );
+        let number = |name: &str| {
+            self.tail
+                .hyper
+                .get(name)
+                .and_then(serde_json::Value::as_f64)
+                .ok_or_else(|| format!("tail.hyper.{name} is missing or not a number"))
+        };
+        Ok(match self.family {
+            Family::ConvHead => fedpeft_peft::Family::ConvHead,
+            Family::Transformer => {
+                fedpeft_peft::Family::Transformer(fedpeft_peft::TransformerSpec {
+                    heads: number("heads")? as usize,
+                    ln_eps: number("layer_norm_eps")?,
+                })
+            }
+            Family::Vit => fedpeft_peft::Family::Vit(
+                serde_json::from_value(hyper).map_err(|e| format!("tail.hyper: {e}"))?,
+            ),
+        })
+    }
+
+    /// Whether the trunk reads token ids (a text backbone) rather than pixels.
+    pub fn is_text(&self) -> bool {
+        matches!(self.input, InputSpec::Text { .. })
     }
 }
 

@@ -15,7 +15,7 @@ use fedpeft_peft::{
     Batch, Family, FrozenWeights, HeadInit, Method, NamedTensor, PeftConfig, TransformerSpec,
     build_tail,
 };
-use ndarray::{Array2, ArrayD, Ix2};
+use ndarray::{Array2, ArrayD, Ix2, Ix4, s};
 
 const TOL: f32 = 1e-4;
 
@@ -138,5 +138,42 @@ fn minilm_trunk_plus_rust_tail_reproduces_the_unsplit_sentence_embedding() {
     }
     for o in &outputs[1..] {
         assert!(max_abs_diff(o, &outputs[0]) < TOL);
+    }
+}
+
+#[test]
+fn dinov2_trunk_plus_rust_vit_tail_reproduces_the_unsplit_final_layer_norm() {
+    let bb = Backbone::by_id("dinov2-vits14").unwrap();
+    // Written by `make models` from the unsplit graph (models/export_dinov2.py).
+    let fx = Fixture::at(&bb.dir.join("parity.safetensors"));
+    let pixels = fx.f32("pixels").into_dimensionality::<Ix4>().unwrap();
+    let (want_tokens, final_ln) = (fx.f32("tokens"), fx.f32("final_ln"));
+    let family = bb.manifest.tail_family().unwrap();
+    assert!(matches!(family, Family::Vit(_)), "{family:?}");
+    let weights = FrozenWeights::from_safetensors(&bb.tail_path()).unwrap();
+    // A 384-class head set to the identity exposes the CLS token's final layer norm.
+    let mut tail = build_tail(family, &weights, PeftConfig::new(Method::Head, 384, 0)).unwrap();
+    let eye: Vec<f32> = (0..384 * 384)
+        .map(|i| if i / 384 == i % 384 { 1.0 } else { 0.0 })
+        .collect();
+    tail.set_trainable(&[
+        NamedTensor::new("head.weight", vec![384, 384], eye).unwrap(),
+        NamedTensor::new("head.bias", vec![384], vec![0.0; 384]).unwrap(),
+    ])
+    .unwrap();
+    let want_cls = final_ln.slice(s![.., 0, ..]).to_owned().into_dyn();
+    for rt in runtimes() {
+        let trunk = open_trunk(&bb, &TrunkConfig::default().with_runtime(rt)).unwrap();
+        assert_eq!(trunk.runtime(), kind(rt));
+        let tokens = trunk.run(&TrunkInput::Image(pixels.clone())).unwrap();
+        let d_tokens = max_abs_diff(&tokens, &want_tokens);
+        let cls = tail.forward(&Batch::new(tokens, None)).unwrap().into_dyn();
+        let d_cls = max_abs_diff(&cls, &want_cls);
+        println!("{rt:?}: tokens max |diff| = {d_tokens:e}, CLS final LN max |diff| = {d_cls:e}");
+        assert!(d_tokens < TOL, "{rt:?}: trunk tokens differ by {d_tokens}");
+        assert!(
+            d_cls < TOL,
+            "{rt:?}: trunk + tail differ from the unsplit model by {d_cls}"
+        );
     }
 }

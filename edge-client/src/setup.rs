@@ -24,7 +24,7 @@ use fedpeft_backbone::{
     Runtime, TextPreprocess, Trunk, TrunkConfig, TrunkInput, open_trunk, partition,
     text_activations,
 };
-use fedpeft_peft::{FrozenWeights, PeftConfig, TransformerSpec};
+use fedpeft_peft::{FrozenWeights, PeftConfig};
 use fedpeft_protocol::{Capabilities, DType, PeftMethod};
 
 use crate::config::{EdgeConfig, PartitionKind, RuntimeChoice};
@@ -119,7 +119,7 @@ fn load_texts(cfg: &EdgeConfig) -> Result<TextDataset, SetupError> {
 /// Which data sets a backbone family reads.
 fn family_datasets(family: fedpeft_backbone::Family) -> &'static [&'static str] {
     match family {
-        fedpeft_backbone::Family::ConvHead => &["fashion-mnist"],
+        fedpeft_backbone::Family::ConvHead | fedpeft_backbone::Family::Vit => &["fashion-mnist"],
         fedpeft_backbone::Family::Transformer => &["spam-assassin"],
     }
 }
@@ -163,21 +163,13 @@ pub fn check_compatible(cfg: &EdgeConfig, backbone: &Backbone) -> Result<(), Set
 
 /// The peft crate's tail family for a backbone, with the hyper-parameters its manifest gives.
 pub fn tail_family(backbone: &Backbone) -> Result<fedpeft_peft::Family, SetupError> {
-    let m = &backbone.manifest;
-    match m.family {
-        fedpeft_backbone::Family::ConvHead => Ok(fedpeft_peft::Family::ConvHead),
-        fedpeft_backbone::Family::Transformer => {
-            let hyper = |name: &str| m.tail.hyper.get(name).and_then(|v| v.as_f64());
-            let missing = |name: &str| SetupError::Manifest {
-                dir: backbone.dir.clone(),
-                reason: format!("tail.hyper.{name} is missing or not a number"),
-            };
-            Ok(fedpeft_peft::Family::Transformer(TransformerSpec {
-                heads: hyper("heads").ok_or_else(|| missing("heads"))? as usize,
-                ln_eps: hyper("layer_norm_eps").ok_or_else(|| missing("layer_norm_eps"))?,
-            }))
-        }
-    }
+    backbone
+        .manifest
+        .tail_family()
+        .map_err(|reason| SetupError::Manifest {
+            dir: backbone.dir.clone(),
+            reason,
+        })
 }
 
 /// This client's shard: positions in `labels` (and `keys`) of shard `index` of the
@@ -443,7 +435,9 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
     let family = tail_family(&backbone)?;
     let m = &backbone.manifest;
     let data = match m.family {
-        fedpeft_backbone::Family::ConvHead => image_data(cfg, &backbone)?,
+        fedpeft_backbone::Family::ConvHead | fedpeft_backbone::Family::Vit => {
+            image_data(cfg, &backbone)?
+        }
         fedpeft_backbone::Family::Transformer => text_data(cfg, &backbone)?,
     };
 

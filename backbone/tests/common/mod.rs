@@ -21,8 +21,12 @@ pub struct Fixture(Vec<u8>);
 
 impl Fixture {
     pub fn load(name: &str) -> Self {
-        let p = fixture_path(name);
-        Self(std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        Self::at(&fixture_path(name))
+    }
+
+    /// A safetensors file anywhere (e.g. one `make models` built).
+    pub fn at(p: &std::path::Path) -> Self {
+        Self(std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
     }
 
     fn view(&self, name: &str) -> (Dtype, Vec<usize>, Vec<u8>) {

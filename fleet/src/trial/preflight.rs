@@ -32,11 +32,12 @@ impl Trial {
         let (wanted, blocks) = match family.as_deref() {
             Some("conv_head") => ("fashion-mnist", false),
             Some("transformer") => ("spam-assassin", true),
+            Some("vit") => ("fashion-mnist", true),
             _ => {
                 return Err(bad(
                     "model.backbone",
                     format!(
-                        "{} names no known family (conv_head or transformer)",
+                        "{} names no known family (conv_head, transformer or vit)",
                         manifest.display()
                     ),
                 ));

@@ -82,6 +82,10 @@ const AGGREGATOR_GRACE: Duration = Duration::from_secs(10);
 const CLIENT_GRACE: Duration = Duration::from_secs(5);
 /// Once the aggregator has announced the end, clients exit by themselves: this long at most.
 const CLIENT_EXIT_GRACE: Duration = Duration::from_secs(20);
+/// Clients exit as soon as the end is announced, the aggregator a moment later (it lets its
+/// last publishes go out, then writes its report): every client gone fails the trial only when
+/// the aggregator still runs this long after.
+const ALL_GONE_GRACE: Duration = Duration::from_secs(10);
 
 /// A trial while it runs. Fields drop in order on every way out: the clients (killed if still
 /// running), then the links (relays, then the namespaces the clients ran in), then the
@@ -97,6 +101,8 @@ struct TrialRun<'a> {
     /// The aggregator's public key (hex) in a signed trial.
     aggregator_key: Option<String>,
     clients: Vec<Child>,
+    /// When every client was first seen gone.
+    all_gone_since: Option<Instant>,
     links: Option<Shaping>,
     aggregator: Child,
 }
@@ -165,6 +171,7 @@ impl<'a> TrialRun<'a> {
             broker_url,
             aggregator_key,
             clients: Vec::with_capacity(trial.clients),
+            all_gone_since: None,
             links: None,
             aggregator,
         })
@@ -257,7 +264,8 @@ impl<'a> TrialRun<'a> {
     }
 
     /// Why the run cannot go on for its clients, if it cannot: a client that failed (exited
-    /// with an error), or every client gone while the aggregator still waits for them.
+    /// with an error), or every client gone while the aggregator still waits for them (for
+    /// [`ALL_GONE_GRACE`]: they also leave when the end is announced, just before it exits).
     /// Clients leave with success once the aggregator announces the end, so a failed exit is
     /// never part of a run going well (a trial's dropouts disconnect, they do not exit).
     fn dead_clients(&mut self) -> Option<String> {
@@ -275,10 +283,15 @@ impl<'a> TrialRun<'a> {
                 ));
             }
         }
-        (exited == self.clients.len() && !self.clients.is_empty()).then(|| {
+        if exited < self.clients.len() || self.clients.is_empty() {
+            return None;
+        }
+        let since = *self.all_gone_since.get_or_insert_with(Instant::now);
+        (since.elapsed() >= ALL_GONE_GRACE).then(|| {
             format!(
-                "all {exited} clients exited while the aggregator still runs (did they obey \
-                 another run's messages?)"
+                "all {exited} clients exited, and the aggregator still runs {} s later (did \
+                 they obey another run's messages?)",
+                ALL_GONE_GRACE.as_secs()
             )
         })
     }

@@ -321,12 +321,15 @@ impl RejectReason {
     ];
 
     /// Whether the reason is about what a well-formed update of the open round carries (its
-    /// layout, its values, its size), rather than about its delivery (duplicate, late, stale,
-    /// not sampled, from an unknown or another client) or its decoding.
+    /// layout, its values, its size, the client its body names), rather than about its
+    /// delivery (duplicate, late, stale, not sampled, from an unknown client) or its decoding.
     pub fn is_about_the_content(self) -> bool {
         matches!(
             self,
-            RejectReason::WrongShape | RejectReason::NonFinite | RejectReason::Oversized
+            RejectReason::WrongShape
+                | RejectReason::NonFinite
+                | RejectReason::Oversized
+                | RejectReason::ClientMismatch
         )
     }
 

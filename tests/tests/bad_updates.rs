@@ -2,7 +2,9 @@
 //! MQTT clients that send, among good updates, every kind of bad one: malformed, truncated,
 //! wrong protocol version, wrong shape, NaN, infinity, oversized, a stale round and a
 //! duplicate. Each must be refused with a log line naming the client, the round and the
-//! reason, counted in the report, and the rounds must complete with the good updates.
+//! reason, counted in the report, and the rounds must complete with the good updates. The bad
+//! updates are unsigned, so they may come from anybody: the clients they name are still waited
+//! for, and round 1 closes at its deadline with them counted as silent.
 
 use std::path::Path;
 use std::thread;
@@ -17,6 +19,8 @@ const RUN: u64 = 5;
 const W: usize = 64;
 /// Updates above this many bytes on the wire are refused as oversized.
 const MAX_UPDATE: usize = 4096;
+/// The round deadline: round 1 waits for it (its refused clients never answer).
+const TIMEOUT: u64 = 8;
 
 fn topic(kind: &str) -> String {
     format!("fedpeft/v1/{FLEET}/{kind}")
@@ -87,7 +91,7 @@ run_id = {RUN}
 rounds = 2
 min_clients = 10
 quorum = 2
-round_timeout_secs = 60
+round_timeout_secs = {TIMEOUT}
 max_update_bytes = {MAX_UPDATE}
 backbone_params = 1000000
 
@@ -169,7 +173,15 @@ fn every_kind_of_bad_update_is_refused_named_and_counted_and_the_rounds_complete
 
     aggregator
         .wait_for_line("round started round=2", Duration::from_secs(60))
-        .expect("round 1 closed at once (every sampled client answered) and round 2 started");
+        .expect("round 1 closed at its deadline and round 2 started");
+    // A refusal counted nobody failed: the round waited for its deadline.
+    assert!(
+        aggregator
+            .output()
+            .iter()
+            .any(|l| l.contains("round closed round=1") && l.contains("failed=7")),
+        "round 1 should close at its deadline with the 7 refused clients silent"
+    );
     // Round 2: an update for round 0 (two rounds old), then everybody good.
     by("stale").send(update("stale", 0, 2, W, 0.01));
     for id in ids {
@@ -222,6 +234,10 @@ fn every_kind_of_bad_update_is_refused_named_and_counted_and_the_rounds_complete
     assert_eq!(r1["status"], "ok", "{r1}");
     assert_eq!(r1["clients_ok"], 3, "{r1}");
     assert_eq!(r1["clients_failed"], 7, "{r1}");
+    assert_eq!(
+        r1["failed_clients"]["nan"], "no reply by the deadline",
+        "an unsigned refusal is not the client's reply: {r1}"
+    );
     // (good-1's duplicate may reach the aggregator after round 1 closed: the run's totals
     // count it, whichever round it fell in.)
     for (reason, n) in [

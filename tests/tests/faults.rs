@@ -105,9 +105,9 @@ fn the_aggregator_killed_mid_round_resumes_from_its_checkpoint_without_losing_or
     let sniffer = Sniffer::start(port, &fed.fleet, MAX_PACKET);
     let url = format!("mqtt://127.0.0.1:{port}");
     let mut clients: Vec<Proc> = (0..2).map(|i| fed.spawn_client(&url, i)).collect();
-    // client-02 holds three times the examples: its round takes three times as long, which
+    // client-02 holds six times the examples: its round takes six times as long, which
     // leaves a window where round 2 has accepted updates and is still open.
-    fed.max_examples = 480;
+    fed.max_examples = 960;
     clients.push(fed.spawn_client(&url, 2));
 
     wait_until(

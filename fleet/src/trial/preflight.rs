@@ -51,7 +51,12 @@ impl Trial {
                 ));
             }
         };
-        let kind = DatasetKind::parse(&self.data.dataset).expect("checked when the trial was read");
+        let kind = DatasetKind::parse(&self.data.dataset).ok_or_else(|| {
+            bad(
+                "data.dataset",
+                format!("{:?} is not {}", self.data.dataset, DatasetKind::names()),
+            )
+        })?;
         if kind.is_text() != text {
             let reads: Vec<&str> = DatasetKind::ALL
                 .into_iter()
@@ -121,9 +126,9 @@ impl Trial {
         };
         let mut seen = std::collections::BTreeSet::new();
         for index in 0..self.clients {
-            let root = self
-                .client_root(index)
-                .expect("own data has a root per client");
+            let Some(root) = self.client_root(index) else {
+                return Err(bad(field, format!("names no data for client {index}")));
+            };
             if seen.insert(root.clone()) && !root.exists() {
                 return Err(bad(
                     field,
@@ -131,7 +136,9 @@ impl Trial {
                 ));
             }
         }
-        let eval = self.eval_root().expect("own data has an eval root");
+        let Some(eval) = self.eval_root() else {
+            return Err(bad("data.eval_root", "is required with own data".into()));
+        };
         if !eval.exists() {
             return Err(bad(
                 "data.eval_root",

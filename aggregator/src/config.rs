@@ -16,6 +16,7 @@ use fedpeft_config::broker::EmbeddedBrokerTable;
 use fedpeft_config::{BrokerTable, SecurityTable, invalid};
 use fedpeft_protocol::{DType, DpSgd, FleetName, LocalConfig, Optimizer, PeftMethod};
 
+use crate::held_out::HeldOutData;
 use crate::round::{QuorumFailure, RunSettings};
 use crate::strategy::{ClientDp, StrategyKind};
 use crate::tls::TlsFiles;
@@ -73,7 +74,8 @@ pub struct ModelConfig {
     pub backbone: Option<PathBuf>,
     pub peft: PeftMethod,
     pub eval_examples: usize,
-    pub dataset: String,
+    /// The held-out set (`dataset`, `eval_root` and how to read it).
+    pub eval: HeldOutData,
     pub image_size: usize,
     pub max_seq_len: Option<usize>,
     pub threads: usize,
@@ -626,6 +628,7 @@ fn validate_model(m: ModelTable) -> Result<ModelConfig, ConfigError> {
             ));
         }
     };
+    let eval = HeldOutData::from_table(&m)?;
     let tensors: Vec<(String, Vec<u32>)> = m
         .tensors
         .unwrap_or_default()
@@ -659,13 +662,6 @@ fn validate_model(m: ModelTable) -> Result<ModelConfig, ConfigError> {
             format!("{image_size} is not in 32..=1024"),
         ));
     }
-    let dataset = m.dataset.unwrap_or_else(|| "fashion-mnist".into());
-    if !matches!(dataset.as_str(), "fashion-mnist" | "spam-assassin") {
-        return Err(invalid(
-            "model.dataset",
-            format!("`{dataset}` is not fashion-mnist or spam-assassin"),
-        ));
-    }
     if let Some(n) = m.max_seq_len
         && !(2..=512).contains(&n)
     {
@@ -678,7 +674,7 @@ fn validate_model(m: ModelTable) -> Result<ModelConfig, ConfigError> {
         backbone: m.backbone,
         peft,
         eval_examples: m.eval_examples.unwrap_or(2000),
-        dataset,
+        eval,
         image_size,
         max_seq_len: m.max_seq_len,
         threads: m.threads.unwrap_or(2).max(1),
@@ -845,14 +841,14 @@ mod tests {
     fn the_held_out_data_set_and_sequence_length_are_checked() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(
-            (c.model.dataset.as_str(), c.model.max_seq_len),
-            ("fashion-mnist", None)
+            (&c.model.eval, c.model.max_seq_len),
+            (&HeldOutData::FashionMnist { root: None }, None)
         );
         let c = parse(&format!(
             "{MINIMAL}dataset = \"spam-assassin\"\nmax_seq_len = 64\n"
         ))
         .unwrap();
-        assert_eq!(c.model.dataset, "spam-assassin");
+        assert_eq!(c.model.eval, HeldOutData::SpamAssassin { root: None });
         assert_eq!(c.model.max_seq_len, Some(64));
         for (extra, field) in [
             ("dataset = \"cifar-10\"", "model.dataset"),

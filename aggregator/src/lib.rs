@@ -16,7 +16,8 @@
 //!   [`outbox`]: the machine's outgoing messages → sealed, signed, chunked MQTT packets on their
 //!   topics, and the byte ledger.
 //! - [`host`]: the [`host::ModelHost`] trait (initial adapter, held-out evaluation);
-//!   [`model`]: its real implementation on a split backbone + PEFT tail.
+//!   [`model`]: its real implementation on a split backbone + PEFT tail, evaluating on the
+//!   [`held_out`] data the config names (a named set, or the user's own files).
 //! - [`report`]: JSON / CSV report and the summary table.
 //! - [`keys`]: the enrolment file (client id → Ed25519 public key) and `keygen`; [`tls`]: the
 //!   rustls configuration for an `mqtts://` broker.
@@ -31,6 +32,7 @@ pub mod adapter;
 pub mod broker;
 pub mod checkpoint;
 pub mod config;
+pub mod held_out;
 pub mod host;
 pub mod keys;
 pub mod model;

@@ -167,7 +167,7 @@ fn main() -> anyhow::Result<()> {
                 peft: config.model.peft,
                 seed: config.run.seed,
                 eval_examples: config.model.eval_examples,
-                dataset: config.model.dataset.clone(),
+                eval: config.model.eval.clone(),
                 image_size: config.model.image_size,
                 max_seq_len: config.model.max_seq_len,
                 threads: config.model.threads,

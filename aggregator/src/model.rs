@@ -1,9 +1,11 @@
 //! [`BackboneHost`]: the real [`ModelHost`]: a split backbone (fedpeft-backbone) with a PEFT
 //! tail (fedpeft-peft). The round-0 adapter is the tail's trainable tensors at initialization;
-//! evaluation runs the tail over the trunk activations of a held-out set, computed once on a
-//! background thread and kept on disk for the next run: the Fashion-MNIST test split for the
-//! conv head, SpamAssassin's seeded held-out 20 % (`spam_assassin_split`, which no client
-//! trains on) for the transformer tail, tokenized at `max_seq_len` like the clients' data.
+//! evaluation runs the tail over the trunk activations of a held-out set ([`HeldOutData`]),
+//! read and checked when the host opens (a file that cannot be read stops the aggregator before
+//! it starts, naming the file), run through the trunk once on a background thread and kept on
+//! disk for the next run: Fashion-MNIST's test split or the user's own images for the conv head,
+//! SpamAssassin's seeded held-out 20 % (`spam_assassin_split`, which no client trains on) or the
+//! user's own texts for the transformer tail, tokenized at `max_seq_len` like the clients' data.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +13,10 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use fedpeft_backbone::cache::hash_image_selection;
-use fedpeft_backbone::data::{load_spam_assassin, spam_assassin_dir, spam_assassin_split};
+use fedpeft_backbone::data::{
+    ImageDataset, TextDataset, fashion_mnist, fashion_mnist_at, load_spam_assassin, model_id,
+    spam_assassin_dir, spam_assassin_split,
+};
 use fedpeft_backbone::{
     ActivationCache, Backbone, CacheConfig, CacheKey, Features, ImagePreprocess, TextPreprocess,
     Trunk, TrunkConfig, TrunkInput, open_trunk, text_activations,
@@ -20,7 +25,12 @@ use fedpeft_peft::{Batch, FrozenWeights, PeftConfig, Tail};
 use fedpeft_protocol::PeftMethod;
 
 use crate::adapter::Adapter;
+pub use crate::held_out::HeldOutData;
 use crate::host::{Evaluation, HostError, ModelHost};
+
+/// Seed of the held-out subset of the user's own data when it holds more than
+/// `eval_examples`: fixed, so every run of a fleet evaluates on the same examples.
+pub const HELD_OUT_SUBSET_SEED: u64 = 0x00e7_a1d5;
 
 /// Where the backbone host gets its model and held-out data.
 #[derive(Debug, Clone)]
@@ -30,10 +40,11 @@ pub struct BackboneHostConfig {
     pub peft: PeftMethod,
     /// Seed of the tail's initialization (the round-0 adapter).
     pub seed: u64,
-    /// Held-out examples (the first ones of the test split).
+    /// Held-out examples: the first ones of a named set's test split, a seeded random subset
+    /// ([`HELD_OUT_SUBSET_SEED`]) of the user's own.
     pub eval_examples: usize,
-    /// `fashion-mnist` (conv head) or `spam-assassin` (transformer).
-    pub dataset: String,
+    /// The held-out set; its modality must be the backbone's.
+    pub eval: HeldOutData,
     /// Image side fed to the trunk (must match the clients').
     pub image_size: usize,
     /// Tokens per text (must match the clients'); `None`: the manifest's `max_len`.
@@ -83,123 +94,200 @@ fn err(dir: &Path, what: &str, e: impl std::fmt::Display) -> HostError {
     HostError::Model(format!("backbone {}: {what}: {e}", dir.display()))
 }
 
-/// The number of classes, the held-out labels and the job computing their activations.
-type HeldOutPlan = (usize, Vec<usize>, HeldOutJob);
-
-/// SpamAssassin's seeded 20 % test split, tokenized and run through the trunk.
-fn text_held_out(
-    cfg: &BackboneHostConfig,
-    backbone: Backbone,
-    trunk_cfg: TrunkConfig,
-    mut cache: ActivationCache,
-) -> Result<HeldOutPlan, HostError> {
-    let dir = &cfg.dir;
-    let thread_dir = dir.clone();
-    let ds = load_spam_assassin(&spam_assassin_dir()).map_err(|e| err(dir, "SpamAssassin", e))?;
-    let (_, test) = spam_assassin_split(&ds).map_err(|e| err(dir, "held-out split", e))?;
-    let idx: Vec<usize> = test[..cfg.eval_examples.min(test.len())].to_vec();
-    let labels: Vec<usize> = idx.iter().map(|&i| ds.labels[i] as usize).collect();
-    let spam = labels.iter().filter(|&&l| l == 1).count();
-    let majority = spam.max(labels.len() - spam) as f64 / labels.len().max(1) as f64;
-    // A constant answer scores `majority_share`: the baseline a trained tail must beat.
-    tracing::info!(
-        examples = labels.len(),
-        ham = labels.len() - spam,
-        spam,
-        majority_share = format!("{majority:.4}"),
-        "held-out set: SpamAssassin's seeded 20 % test split"
-    );
-    let pre = TextPreprocess::from_backbone(&backbone, cfg.max_seq_len)
-        .map_err(|e| err(dir, "model.max_seq_len", e))?;
-    let classes = ds.num_classes();
-    let job: HeldOutJob = Box::new(move || {
-        let mut trunk: Option<Arc<dyn Trunk>> = None;
-        let acts = text_activations(
-            &mut cache,
-            backbone.trunk_sha256(),
-            &pre,
-            &ds,
-            &idx,
-            64,
-            || {
-                if trunk.is_none() {
-                    trunk = Some(Arc::from(open_trunk(&backbone, &trunk_cfg)?));
-                }
-                Ok(trunk.clone().expect("opened above"))
-            },
-        )
-        .map_err(|e| err(&thread_dir, "held-out trunk activations", e))?;
-        tracing::info!(
-            examples = idx.len(),
-            max_seq_len = pre.max_len,
-            computed = trunk.is_some(),
-            "held-out e-mails tokenized"
-        );
-        Ok((acts.features, Some(acts.masks)))
-    });
-    Ok((classes, labels, job))
+/// The held-out examples, read and checked: the set and the positions evaluated.
+enum HeldOutSet {
+    Images(ImageDataset, Vec<usize>),
+    Texts(TextDataset, Vec<usize>),
 }
 
-/// The first `eval_examples` of Fashion-MNIST's test split, run through the trunk.
-fn image_held_out(
+/// At most `n` of `0..len`: all, or a seeded random subset in ascending order.
+fn subset(len: usize, n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..len).collect();
+    if n < len {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(HELD_OUT_SUBSET_SEED);
+        idx.shuffle(&mut rng);
+        idx.truncate(n);
+        idx.sort_unstable();
+    }
+    idx
+}
+
+/// Reads the held-out set `cfg.eval` names: the examples to evaluate and, for the user's own
+/// data, the fleet's class list (configured, or an image folder's sub-folders).
+fn read_held_out(cfg: &BackboneHostConfig) -> Result<(HeldOutSet, Option<Vec<String>>), HostError> {
+    let what = format!("held-out set ({})", cfg.eval.name());
+    let data_err = |e: fedpeft_backbone::BackboneError| err(&cfg.dir, &what, e);
+    let start = Instant::now();
+    let (set, classes) = match &cfg.eval {
+        HeldOutData::FashionMnist { root } => {
+            let ds = match root {
+                Some(dir) => fashion_mnist_at(dir, false),
+                None => fashion_mnist(false),
+            }
+            .map_err(data_err)?;
+            let n = cfg.eval_examples.min(ds.len());
+            (HeldOutSet::Images(ds, (0..n).collect()), None)
+        }
+        HeldOutData::SpamAssassin { root } => {
+            let dir = root.clone().unwrap_or_else(spam_assassin_dir);
+            let ds = load_spam_assassin(&dir).map_err(data_err)?;
+            let (_, test) = spam_assassin_split(&ds).map_err(data_err)?;
+            let idx = test[..cfg.eval_examples.min(test.len())].to_vec();
+            (HeldOutSet::Texts(ds, idx), None)
+        }
+        HeldOutData::Own { data, classes } => {
+            let classes = match classes {
+                Some(list) => list.clone(),
+                None => data.default_classes().map_err(data_err)?,
+            };
+            let set = if data.is_text() {
+                let ds = data.load_texts(&classes).map_err(data_err)?;
+                let idx = subset(ds.len(), cfg.eval_examples);
+                HeldOutSet::Texts(ds, idx)
+            } else {
+                let ds = data
+                    .load_images(&classes, cfg.image_size)
+                    .map_err(data_err)?;
+                let idx = subset(ds.len(), cfg.eval_examples);
+                HeldOutSet::Images(ds, idx)
+            };
+            (set, Some(classes))
+        }
+    };
+    let (labels, names, source) = match &set {
+        HeldOutSet::Images(ds, idx) => (
+            idx.iter().map(|&i| ds.labels[i]).collect::<Vec<_>>(),
+            &ds.classes,
+            &ds.source,
+        ),
+        HeldOutSet::Texts(ds, idx) => (
+            idx.iter().map(|&i| ds.labels[i]).collect(),
+            &ds.classes,
+            &ds.source,
+        ),
+    };
+    let mut per_class = vec![0usize; names.len()];
+    for &l in &labels {
+        per_class[l as usize] += 1;
+    }
+    let majority = per_class.iter().copied().max().unwrap_or(0) as f64 / labels.len().max(1) as f64;
+    // A constant answer scores `majority_share`: the baseline a trained tail must beat.
+    tracing::info!(
+        dataset = cfg.eval.name(),
+        source = %source.display(),
+        examples = labels.len(),
+        classes = ?names,
+        ?per_class,
+        majority_share = format!("{majority:.4}"),
+        ms = start.elapsed().as_millis() as u64,
+        "held-out set read"
+    );
+    if per_class.iter().filter(|&&n| n > 0).count() < names.len() {
+        tracing::warn!(
+            classes = ?names,
+            ?per_class,
+            "the held-out set lacks a class: its accuracy says nothing about that class"
+        );
+    }
+    Ok((set, classes))
+}
+
+/// The job computing the held-out set's trunk activations (and masks), and its labels.
+fn held_out_job(
     cfg: &BackboneHostConfig,
+    set: HeldOutSet,
     backbone: Backbone,
     trunk_cfg: TrunkConfig,
     mut cache: ActivationCache,
-) -> Result<HeldOutPlan, HostError> {
+) -> Result<(Vec<usize>, HeldOutJob), HostError> {
     let dir = &cfg.dir;
     let thread_dir = dir.clone();
-    let ds = fedpeft_backbone::data::fashion_mnist(false)
-        .map_err(|e| err(dir, "Fashion-MNIST test split", e))?;
-    let n = cfg.eval_examples.min(ds.labels.len());
-    let labels = (0..n).map(|i| ds.labels[i] as usize).collect();
-    let pre = ImagePreprocess::from_manifest(&backbone.manifest, Some(cfg.image_size))
-        .map_err(|e| err(dir, "preprocessing", e))?;
-    let classes = ds.num_classes();
-    let job: HeldOutJob = Box::new(move || {
-        let idx: Vec<usize> = (0..n).collect();
-        let key = CacheKey::new(
-            backbone.trunk_sha256(),
-            &hash_image_selection(&ds, &idx),
-            &pre.fingerprint(),
-        );
-        let mut trunk = None;
-        let features = cache
-            .get_or_compute(&key, n, 64, |range| {
-                if trunk.is_none() {
-                    trunk = Some(open_trunk(&backbone, &trunk_cfg)?);
-                }
-                let t = trunk.as_ref().expect("opened above");
-                let x = pre.batch(&ds, &idx[range])?;
-                t.run(&TrunkInput::Image(x))
-            })
-            .map_err(|e| err(&thread_dir, "held-out trunk activations", e))?;
-        Ok((features, None))
-    });
-    Ok((classes, labels, job))
+    match set {
+        HeldOutSet::Texts(ds, idx) => {
+            let labels = idx.iter().map(|&i| ds.labels[i] as usize).collect();
+            let pre = TextPreprocess::from_backbone(&backbone, cfg.max_seq_len)
+                .map_err(|e| err(dir, "model.max_seq_len", e))?;
+            let job: HeldOutJob = Box::new(move || {
+                let mut trunk: Option<Arc<dyn Trunk>> = None;
+                let acts = text_activations(
+                    &mut cache,
+                    backbone.trunk_sha256(),
+                    &pre,
+                    &ds,
+                    &idx,
+                    64,
+                    || {
+                        if trunk.is_none() {
+                            trunk = Some(Arc::from(open_trunk(&backbone, &trunk_cfg)?));
+                        }
+                        Ok(trunk.clone().expect("opened above"))
+                    },
+                )
+                .map_err(|e| err(&thread_dir, "held-out trunk activations", e))?;
+                tracing::info!(
+                    examples = idx.len(),
+                    max_seq_len = pre.max_len,
+                    computed = trunk.is_some(),
+                    "held-out texts tokenized"
+                );
+                Ok((acts.features, Some(acts.masks)))
+            });
+            Ok((labels, job))
+        }
+        HeldOutSet::Images(ds, idx) => {
+            let labels = idx.iter().map(|&i| ds.labels[i] as usize).collect();
+            let pre = ImagePreprocess::from_manifest(&backbone.manifest, Some(cfg.image_size))
+                .map_err(|e| err(dir, "preprocessing", e))?;
+            let job: HeldOutJob = Box::new(move || {
+                let key = CacheKey::new(
+                    backbone.trunk_sha256(),
+                    &hash_image_selection(&ds, &idx),
+                    &pre.fingerprint(),
+                );
+                let mut trunk = None;
+                let features = cache
+                    .get_or_compute(&key, idx.len(), 64, |range| {
+                        if trunk.is_none() {
+                            trunk = Some(open_trunk(&backbone, &trunk_cfg)?);
+                        }
+                        let t = trunk.as_ref().expect("opened above");
+                        let x = pre.batch(&ds, &idx[range])?;
+                        t.run(&TrunkInput::Image(x))
+                    })
+                    .map_err(|e| err(&thread_dir, "held-out trunk activations", e))?;
+                Ok((features, None))
+            });
+            Ok((labels, job))
+        }
+    }
 }
 
 impl BackboneHost {
-    /// Opens the backbone and builds the tail, then starts computing the held-out activations
-    /// on a thread of their own (the broker and the first round need not wait for them; the
-    /// first evaluation does). Activations are kept in `cache_dir` for the next run.
+    /// Opens the backbone, reads the held-out set and builds the tail, then starts computing
+    /// the held-out activations on a thread of their own (the broker and the first round need
+    /// not wait for them; the first evaluation does). Activations are kept in `cache_dir` for
+    /// the next run.
     pub fn open(cfg: &BackboneHostConfig) -> Result<BackboneHost, HostError> {
         let dir = &cfg.dir;
         let backbone = Backbone::open(dir).map_err(|e| err(dir, "open", e))?;
         let m = &backbone.manifest;
         let text = m.is_text();
-        let wanted = if text {
-            "spam-assassin"
-        } else {
-            "fashion-mnist"
-        };
-        if cfg.dataset != wanted {
+        if cfg.eval.is_text() != text {
+            let reads = if text {
+                "spam-assassin, csv or jsonl"
+            } else {
+                "fashion-mnist, image-folder or idx"
+            };
             return Err(err(
                 dir,
                 "model.dataset",
                 format!(
-                    "`{}` cannot feed backbone `{}` ({:?}); it reads {wanted}",
-                    cfg.dataset, m.id, m.family
+                    "`{}` cannot feed backbone `{}` ({:?}); it reads {reads}",
+                    cfg.eval.name(),
+                    m.id,
+                    m.family
                 ),
             ));
         }
@@ -213,7 +301,18 @@ impl BackboneHost {
             .ok()
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .ok_or_else(|| err(dir, "manifest", "trunk sha256 is not 64 hex digits"))?;
-        let (backbone_params, backbone_id) = (m.params.backbone, m.id.clone());
+        let (set, fleet_classes) = read_held_out(cfg)?;
+        let classes = match &set {
+            HeldOutSet::Images(ds, _) => ds.num_classes(),
+            HeldOutSet::Texts(ds, _) => ds.num_classes(),
+        };
+        // Own data: the class list is part of the model's identity; a client with another list
+        // joins with another id and is refused (`incompatible`).
+        let backbone_id = model_id(&m.id, fleet_classes.as_deref());
+        if let Some(list) = &fleet_classes {
+            tracing::info!(classes = ?list, model_id = %backbone_id, "the fleet's class list");
+        }
+        let backbone_params = m.params.backbone;
         let trunk_cfg = TrunkConfig::default()
             .with_image_size(cfg.image_size)
             .with_threads(cfg.threads);
@@ -222,11 +321,7 @@ impl BackboneHost {
             spill_dir: cfg.cache_dir.clone(),
             persist: true,
         });
-        let (classes, labels, job) = if text {
-            text_held_out(cfg, backbone, trunk_cfg, cache)?
-        } else {
-            image_held_out(cfg, backbone, trunk_cfg, cache)?
-        };
+        let (labels, job) = held_out_job(cfg, set, backbone, trunk_cfg, cache)?;
         let tail = fedpeft_peft::build_tail(
             family,
             &weights,

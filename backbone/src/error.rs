@@ -38,6 +38,13 @@ pub enum BackboneError {
         record: Option<usize>,
         reason: String,
     },
+    /// A line of a text file (CSV, JSONL) that cannot be used; lines count from 1.
+    #[error("data set {path}, line {line}: {reason}")]
+    DataLine {
+        path: PathBuf,
+        line: u64,
+        reason: String,
+    },
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error("partition: {0}")]
@@ -54,6 +61,14 @@ impl BackboneError {
         Self::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    pub(crate) fn line(path: impl Into<PathBuf>, line: u64, reason: impl Into<String>) -> Self {
+        Self::DataLine {
+            path: path.into(),
+            line,
+            reason: reason.into(),
         }
     }
 

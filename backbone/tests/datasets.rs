@@ -4,8 +4,8 @@ use std::io::Write;
 
 use fedpeft_backbone::BackboneError;
 use fedpeft_backbone::data::{
-    fashion_mnist, load_csv, load_idx_pair, load_image_folder, load_jsonl, load_spam_assassin,
-    spam_assassin_dir,
+    TextColumns, fashion_mnist, load_csv, load_idx_pair, load_image_folder, load_jsonl,
+    load_spam_assassin, spam_assassin_dir,
 };
 use fedpeft_backbone::{Partitioner, partition};
 
@@ -102,29 +102,20 @@ fn csv_and_jsonl_text_load_and_bad_records_are_named() {
         "t.csv",
         b"text,label,key\n\"hello, world\",pos,u1\nbad day,neg,\n",
     );
-    let ds = load_csv(&csv, None).unwrap();
+    let ds = load_csv(&csv, None, &TextColumns::default()).unwrap();
     assert_eq!(ds.texts[0], "hello, world");
     assert_eq!(ds.classes, vec!["pos", "neg"]);
     assert_eq!(ds.keys, vec![Some("u1".to_string()), None]);
 
     let fixed = vec!["pos".to_string(), "neg".to_string()];
     let bad = write(dir.path(), "bad.csv", b"text,label\nok,pos\nfine,maybe\n");
-    let e = load_csv(&bad, Some(&fixed)).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            BackboneError::Data {
-                record: Some(2),
-                ..
-            }
-        ),
-        "{e}"
-    );
+    let e = load_csv(&bad, Some(&fixed), &TextColumns::default()).unwrap_err();
+    assert!(matches!(e, BackboneError::DataLine { line: 3, .. }), "{e}");
     assert!(e.to_string().contains("maybe"), "{e}");
 
     let nolabel = write(dir.path(), "h.csv", b"body,label\nx,1\n");
     assert!(
-        load_csv(&nolabel, None)
+        load_csv(&nolabel, None, &TextColumns::default())
             .unwrap_err()
             .to_string()
             .contains("`text`")
@@ -135,7 +126,7 @@ fn csv_and_jsonl_text_load_and_bad_records_are_named() {
         "t.jsonl",
         b"{\"text\":\"a\",\"label\":1}\n\n{\"text\":\"b\",\"label\":0,\"key\":\"k\"}\n",
     );
-    let ds = load_jsonl(&jl, None).unwrap();
+    let ds = load_jsonl(&jl, None, &TextColumns::default()).unwrap();
     assert_eq!(ds.labels, vec![0, 1]);
     assert_eq!(ds.classes, vec!["1", "0"]);
     let broken = write(
@@ -143,17 +134,8 @@ fn csv_and_jsonl_text_load_and_bad_records_are_named() {
         "b.jsonl",
         b"{\"text\":\"a\",\"label\":1}\n{\"text\": \"oops\"\n",
     );
-    let e = load_jsonl(&broken, None).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            BackboneError::Data {
-                record: Some(2),
-                ..
-            }
-        ),
-        "{e}"
-    );
+    let e = load_jsonl(&broken, None, &TextColumns::default()).unwrap_err();
+    assert!(matches!(e, BackboneError::DataLine { line: 2, .. }), "{e}");
     assert!(e.to_string().contains("b.jsonl"));
 }
 
@@ -168,15 +150,15 @@ fn an_image_folder_loads_per_class_and_a_broken_image_is_named() {
                 .unwrap();
         }
     }
-    let ds = load_image_folder(dir.path(), None).unwrap();
+    let ds = load_image_folder(dir.path(), None, None).unwrap();
     assert_eq!(ds.len(), 4);
     assert_eq!((ds.width, ds.height, ds.channels), (5, 4, 3));
     assert_eq!(ds.labels, vec![0, 0, 1, 1]);
     assert_eq!(ds.image(2)[0], 200);
-    let resized = load_image_folder(dir.path(), Some((8, 8))).unwrap();
+    let resized = load_image_folder(dir.path(), None, Some((8, 8))).unwrap();
     assert_eq!(resized.image_len(), 8 * 8 * 3);
 
     write(&dir.path().join("dog"), "2.png", b"not a png at all");
-    let e = load_image_folder(dir.path(), None).unwrap_err();
+    let e = load_image_folder(dir.path(), None, None).unwrap_err();
     assert!(e.to_string().contains("2.png"), "{e}");
 }

@@ -162,8 +162,24 @@ pub struct ModelTable {
     pub prompt_tokens: Option<u16>,
     /// Held-out examples evaluated each round. Default 2000.
     pub eval_examples: Option<usize>,
-    /// Held-out set: fashion-mnist | spam-assassin. Default fashion-mnist.
+    /// Held-out set: fashion-mnist | spam-assassin, or the user's own data: image-folder |
+    /// idx | csv | jsonl (read from `eval_root`). Default fashion-mnist.
     pub dataset: Option<String>,
+    /// Where the held-out data is. fashion-mnist: the folder with `t10k-*-ubyte.gz` (default
+    /// `$FEDPEFT_FASHION_MNIST`, else Debian's); spam-assassin: the corpus (its seeded 20 %
+    /// is held out; default `$FEDPEFT_SPAM_ASSASSIN`, else `data/cache/spam-assassin`). Own
+    /// data (required): the class folders, the IDX images file, the CSV or JSONL file.
+    pub eval_root: Option<PathBuf>,
+    /// idx: the held-out labels file. Default: beside `eval_root`, by MNIST's naming.
+    pub eval_labels: Option<PathBuf>,
+    /// csv | jsonl: the text column (field). Default `text`.
+    pub text_column: Option<String>,
+    /// csv | jsonl: the label column (field). Default `label`.
+    pub label_column: Option<String>,
+    /// Own data: the fleet's class list, in label-id order; every client's `data.classes`
+    /// must be the same. Default for image-folder: the sub-folder names of `eval_root`,
+    /// sorted; required for idx, csv and jsonl.
+    pub classes: Option<Vec<String>>,
     /// Trunk input side (the clients' must match). Default 96.
     pub image_size: Option<usize>,
     /// Tokens per text (the clients' must match). Default: the manifest's.

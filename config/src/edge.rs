@@ -35,7 +35,7 @@ pub enum RuntimeChoice {
     Tract,
 }
 
-/// How the shared data set is split across the fleet's clients.
+/// How a data set shared by the fleet is split across its clients, or `none`: not at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
@@ -48,6 +48,11 @@ pub enum PartitionKind {
     /// client (largest first to the client with the fewest); mails from no list are spread by
     /// Dirichlet(alpha) over their labels. Only for data sets with natural keys.
     Natural,
+    /// No split: the client trains on all of its local data, as a real device does (its
+    /// `num_clients` and `index` are not used). Spelled `none`.
+    #[serde(rename = "none")]
+    #[cfg_attr(feature = "clap", value(name = "none"))]
+    Whole,
 }
 
 impl PartitionKind {
@@ -57,6 +62,7 @@ impl PartitionKind {
             PartitionKind::Iid => "iid",
             PartitionKind::Dirichlet => "dirichlet",
             PartitionKind::Natural => "natural",
+            PartitionKind::Whole => "none",
         }
     }
 }
@@ -110,12 +116,27 @@ pub struct ModelTable {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataTable {
-    /// Data set: `fashion-mnist` (vision) or `spam-assassin` (text; its held-out 20 % is never
-    /// trained on). Default `fashion-mnist`.
+    /// Data set (see [`crate::DatasetKind`]): `fashion-mnist` or `spam-assassin` (its held-out
+    /// 20 % is never trained on), or the device's own files: `image-folder`, `idx`, `csv`,
+    /// `jsonl`. Default `fashion-mnist`.
     pub dataset: Option<String>,
-    /// Where the data set's files are. Default: the data set's usual place (backbone crate).
+    /// Where the data is. Named sets: their folder (default: their usual place). Own data
+    /// (required): the folder of class folders (`image-folder`), the images file (`idx`), the
+    /// `.csv` or `.jsonl` file.
     pub root: Option<PathBuf>,
-    /// `iid`, `dirichlet` or `natural` (spam-assassin only). Default `dirichlet`.
+    /// `idx`: the labels file. Default: beside the images file, its name with `images-idx3`
+    /// replaced by `labels-idx1`.
+    pub labels: Option<PathBuf>,
+    /// `csv` / `jsonl`: the column (field) holding the text. Default `text`.
+    pub text_column: Option<String>,
+    /// `csv` / `jsonl`: the column (field) holding the label. Default `label`.
+    pub label_column: Option<String>,
+    /// Own data: the fleet's class list, in label-id order, as the aggregator's
+    /// `model.classes` (every device numbers its labels the same way). Required with own data;
+    /// refused with a named set (their classes are fixed).
+    pub classes: Option<Vec<String>>,
+    /// `iid`, `dirichlet`, `natural` (spam-assassin only) or `none` (all of the local data,
+    /// as a real device). Default `dirichlet` for a named set, `none` for own data.
     pub partition: Option<PartitionKind>,
     /// Dirichlet concentration (smaller = more skewed). Default 0.5.
     pub alpha: Option<f64>,
@@ -200,28 +221,32 @@ pub struct EdgeFile {
     /// 1048576, the aggregator's broker limit); `username` is, with the example ACL, the client
     /// id; `password`, `password_file` or `password_env` give its password. The aggregator's
     /// own keys (`host`, `port`, `client_id`) are refused.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub broker: BrokerTable,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub client: ClientTable,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub model: ModelTable,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub data: DataTable,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub cache: CacheTable,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub reconnect: ReconnectTable,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub report: ReportTable,
     /// The `[security]` table (`docs/protocol.md`, "Signed envelopes"). For an edge client:
     /// `signing_key` is this client's secret key file (`edge-client keygen`), which signs Join,
     /// Status and updates; `aggregator_key` is the aggregator's public key (64 hex digits, as
     /// `aggregator keygen` prints it). `enrolled_keys` is the aggregator's and is refused.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub security: SecurityTable,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub faults: FaultsTable,
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
 }
 
 impl EdgeFile {
@@ -233,6 +258,11 @@ impl EdgeFile {
     /// Reads and parses a TOML file.
     pub fn read(path: &Path) -> Result<EdgeFile, ConfigError> {
         read_toml(path)
+    }
+
+    /// The file as TOML text (what [`EdgeFile::parse`] reads back); empty tables are left out.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("an edge file always serializes")
     }
 }
 
@@ -294,8 +324,10 @@ mod tests {
             "[client]\nid = \"a\"\n[model]\nruntime = \"auto\"\n[data]\npartition = \"iid\"\n",
         )
         .unwrap();
-        let text = toml::to_string(&file).unwrap();
+        let text = file.to_toml();
         assert_eq!(parse(&text).unwrap(), file);
+        assert!(!text.contains("[cache]"), "{text}");
+        assert_eq!(EdgeFile::default().to_toml().trim(), "");
     }
 
     #[test]
@@ -304,6 +336,7 @@ mod tests {
             PartitionKind::Iid,
             PartitionKind::Dirichlet,
             PartitionKind::Natural,
+            PartitionKind::Whole,
         ] {
             let text = format!("[data]\npartition = \"{}\"\n", kind.name());
             assert_eq!(parse(&text).unwrap().data.partition, Some(kind));

@@ -7,6 +7,8 @@
 //! - [`error`]: [`ConfigError`], naming the file and the key.
 //! - [`broker`]: the `[broker]` table (aggregator and edge client).
 //! - [`security`]: the `[security]` table (aggregator and edge client).
+//! - [`data`]: [`DatasetKind`], the data sets the files name, and the defaults of how to read
+//!   a user's own files.
 //! - [`strategy`]: the aggregator's `[strategy]` table ([`StrategyKind`], with the server
 //!   optimizers' [`strategy::ServerOptParams`]).
 //! - [`aggregator`]: the aggregator's config file, as written (every field optional).
@@ -19,6 +21,7 @@
 
 pub mod aggregator;
 pub mod broker;
+pub mod data;
 pub mod edge;
 pub mod error;
 pub mod report;
@@ -26,6 +29,7 @@ pub mod security;
 pub mod strategy;
 
 pub use broker::BrokerTable;
+pub use data::DatasetKind;
 pub use error::{ConfigError, invalid};
 pub use security::SecurityTable;
 pub use strategy::StrategyKind;

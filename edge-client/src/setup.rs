@@ -1,10 +1,14 @@
 //! From a validated config to a ready [`TailTrainer`]: open the backbone, load the data set,
-//! take this client's shard of the fleet's partition, run the trunk once over it (or find the
-//! activations in the cache from an earlier start), and build the PEFT tail.
+//! take this client's shard of the fleet's partition (or all of it), run the trunk once over it
+//! (or find the activations in the cache from an earlier start), and build the PEFT tail.
 //!
-//! Two families: a conv head on Fashion-MNIST images, and a transformer tail on SpamAssassin
-//! e-mails (WordPiece at `max_seq_len` tokens; the trunk's activations and the attention masks
-//! are cached). SpamAssassin's held-out 20 % ([`spam_assassin_split`]) is never in a shard.
+//! Two families: a conv head on images (Fashion-MNIST, or the device's own image folder or IDX
+//! files, an image folder resized to `image_size` as it is read), and a transformer tail on
+//! texts (SpamAssassin, or the device's own CSV or JSONL; WordPiece at `max_seq_len` tokens; the
+//! trunk's activations and the attention masks are cached). SpamAssassin's held-out 20 %
+//! ([`spam_assassin_split`]) is never in a shard. Own data is labelled with the fleet's class
+//! list, and a file that cannot be read stops the client before it joins: nothing is trained on
+//! half-read data.
 //!
 //! Every client of a fleet computes the same partition from the same (data set, partition
 //! kind, number of clients, seed), so N processes each train on their own shard without any
@@ -16,8 +20,8 @@ use std::time::Instant;
 
 use fedpeft_backbone::cache::hash_image_selection;
 use fedpeft_backbone::data::{
-    FASHION_MNIST_CLASSES, ImageDataset, TextDataset, fashion_mnist, load_idx_pair,
-    load_spam_assassin, spam_assassin_dir, spam_assassin_split,
+    ImageDataset, TextDataset, fashion_mnist, fashion_mnist_at, load_spam_assassin, model_id,
+    spam_assassin_dir, spam_assassin_split,
 };
 use fedpeft_backbone::{
     ActivationCache, Backbone, CacheConfig, CacheKey, Features, ImagePreprocess, Partitioner,
@@ -27,7 +31,7 @@ use fedpeft_backbone::{
 use fedpeft_peft::{FrozenWeights, PeftConfig};
 use fedpeft_protocol::{Capabilities, DType, PeftMethod};
 
-use crate::config::{EdgeConfig, PartitionKind, RuntimeChoice};
+use crate::config::{DataSource, DatasetKind, EdgeConfig, PartitionKind, RuntimeChoice};
 use crate::trainer::TailTrainer;
 
 /// Why local training could not be prepared. Each names the file, field or step.
@@ -39,16 +43,12 @@ pub enum SetupError {
         #[source]
         source: fedpeft_backbone::BackboneError,
     },
-    #[error("data set `{dataset}`: {source}")]
+    #[error("local data ({dataset}): {source}")]
     Data {
         dataset: String,
         #[source]
         source: fedpeft_backbone::BackboneError,
     },
-    #[error(
-        "data set `{0}` is not supported by the edge client (supported: fashion-mnist, spam-assassin)"
-    )]
-    UnknownDataset(String),
     #[error("{field}: {reason}")]
     Incompatible { field: &'static str, reason: String },
     #[error("partition: {0}")]
@@ -78,49 +78,56 @@ pub struct LocalSetup {
     pub per_class: Vec<usize>,
 }
 
-fn load_images(cfg: &EdgeConfig) -> Result<ImageDataset, SetupError> {
-    let name = cfg.data.dataset.as_str();
-    let data_err = |source| SetupError::Data {
-        dataset: name.to_string(),
+fn data_err(cfg: &EdgeConfig) -> impl Fn(fedpeft_backbone::BackboneError) -> SetupError + '_ {
+    move |source| SetupError::Data {
+        dataset: cfg.data.dataset.name().to_string(),
         source,
-    };
-    match name {
-        "fashion-mnist" => match &cfg.data.root {
-            Some(root) => load_idx_pair(
-                &root.join("train-images-idx3-ubyte.gz"),
-                &root.join("train-labels-idx1-ubyte.gz"),
-                Some(
-                    FASHION_MNIST_CLASSES
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect(),
-                ),
-            )
-            .map_err(data_err),
-            None => fashion_mnist(true).map_err(data_err),
-        },
-        other => Err(SetupError::UnknownDataset(other.to_string())),
     }
 }
 
-fn load_texts(cfg: &EdgeConfig) -> Result<TextDataset, SetupError> {
-    match cfg.data.dataset.as_str() {
-        "spam-assassin" => {
-            let dir = cfg.data.root.clone().unwrap_or_else(spam_assassin_dir);
-            load_spam_assassin(&dir).map_err(|source| SetupError::Data {
-                dataset: cfg.data.dataset.clone(),
-                source,
-            })
+/// The local images: Fashion-MNIST's training split, or every image of the device's own data
+/// labelled with the fleet's classes (an image folder resized to `image_size` as it is read).
+fn load_images(cfg: &EdgeConfig) -> Result<ImageDataset, SetupError> {
+    let start = Instant::now();
+    let ds = match &cfg.data.source {
+        DataSource::Named { root: Some(root) } => fashion_mnist_at(root, true),
+        DataSource::Named { root: None } => fashion_mnist(true),
+        DataSource::Own { data, classes } => data.load_images(classes, cfg.image_size),
+    }
+    .map_err(data_err(cfg))?;
+    tracing::info!(
+        dataset = cfg.data.dataset.name(),
+        source = %ds.source.display(),
+        examples = ds.len(),
+        classes = ds.num_classes(),
+        ms = start.elapsed().as_millis() as u64,
+        "local images read"
+    );
+    Ok(ds)
+}
+
+/// The local texts and the positions a client may train on: SpamAssassin's training 80 %, or
+/// every record of the device's own file labelled with the fleet's classes.
+fn load_texts(cfg: &EdgeConfig) -> Result<(TextDataset, Vec<usize>), SetupError> {
+    match &cfg.data.source {
+        DataSource::Named { root } => {
+            let dir = root.clone().unwrap_or_else(spam_assassin_dir);
+            let ds = load_spam_assassin(&dir).map_err(data_err(cfg))?;
+            // The held-out 20 % is the aggregator's; clients split the rest.
+            let (train, _) = spam_assassin_split(&ds).map_err(data_err(cfg))?;
+            Ok((ds, train))
         }
-        other => Err(SetupError::UnknownDataset(other.to_string())),
-    }
-}
-
-/// Which data sets a backbone family reads.
-fn family_datasets(family: fedpeft_backbone::Family) -> &'static [&'static str] {
-    match family {
-        fedpeft_backbone::Family::ConvHead | fedpeft_backbone::Family::Vit => &["fashion-mnist"],
-        fedpeft_backbone::Family::Transformer => &["spam-assassin"],
+        DataSource::Own { data, classes } => {
+            let ds = data.load_texts(classes).map_err(data_err(cfg))?;
+            tracing::info!(
+                dataset = cfg.data.dataset.name(),
+                source = %ds.source.display(),
+                examples = ds.len(),
+                "local texts read"
+            );
+            let all = (0..ds.len()).collect();
+            Ok((ds, all))
+        }
     }
 }
 
@@ -128,8 +135,13 @@ fn family_datasets(family: fedpeft_backbone::Family) -> &'static [&'static str] 
 /// other modality, or adapters and prompts (which need transformer blocks) on a conv head.
 pub fn check_compatible(cfg: &EdgeConfig, backbone: &Backbone) -> Result<(), SetupError> {
     let m = &backbone.manifest;
-    let wanted = family_datasets(m.family);
-    if !wanted.contains(&cfg.data.dataset.as_str()) {
+    let text = m.is_text();
+    if cfg.data.dataset.is_text() != text {
+        let reads: Vec<&str> = DatasetKind::ALL
+            .into_iter()
+            .filter(|k| k.is_text() == text)
+            .map(DatasetKind::name)
+            .collect();
         return Err(SetupError::Incompatible {
             field: "data.dataset",
             reason: format!(
@@ -137,7 +149,7 @@ pub fn check_compatible(cfg: &EdgeConfig, backbone: &Backbone) -> Result<(), Set
                 cfg.data.dataset,
                 m.id,
                 m.family,
-                wanted.join(", ")
+                reads.join(", ")
             ),
         });
     }
@@ -180,6 +192,9 @@ pub fn client_shard(
     cfg: &EdgeConfig,
 ) -> Result<Vec<usize>, SetupError> {
     let how = match cfg.data.partition {
+        PartitionKind::Whole => {
+            return cap(cfg, (0..labels.len()).collect(), "all of the local data");
+        }
         PartitionKind::Iid => Partitioner::Iid,
         PartitionKind::Dirichlet => Partitioner::Dirichlet {
             alpha: cfg.data.alpha,
@@ -190,15 +205,18 @@ pub fn client_shard(
     };
     let p = partition(labels, keys, cfg.data.num_clients, &how, cfg.data.seed)
         .map_err(SetupError::Partition)?;
-    let mut shard = p
+    let (name, shard) = p
         .clients
         .into_iter()
         .nth(cfg.data.index)
-        .map(|c| {
-            tracing::info!(shard = %c.name, "partition");
-            c.indices
-        })
+        .map(|c| (c.name, c.indices))
         .unwrap_or_default();
+    cap(cfg, shard, &name)
+}
+
+/// `shard` capped at `max_examples` and sorted; an empty one is an error.
+fn cap(cfg: &EdgeConfig, mut shard: Vec<usize>, name: &str) -> Result<Vec<usize>, SetupError> {
+    tracing::info!(shard = %name, examples = shard.len(), "partition");
     if let Some(max) = cfg.data.max_examples.filter(|&m| m < shard.len()) {
         // A random subset, not the first `max` (a shard lists its examples class by class),
         // seeded per client so every run of the trial draws the same one.
@@ -283,7 +301,7 @@ struct LocalData {
     per_class: Vec<usize>,
 }
 
-/// Fashion-MNIST shard -> cached trunk activations.
+/// Image shard -> cached trunk activations.
 fn image_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupError> {
     let backbone_err = |source| SetupError::Backbone {
         dir: cfg.model_dir.clone(),
@@ -346,15 +364,10 @@ fn image_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupE
     })
 }
 
-/// SpamAssassin shard (of its training 80 %) -> tokens -> cached trunk activations and masks.
+/// Text shard (SpamAssassin: of its training 80 %) -> tokens -> cached trunk activations and
+/// masks.
 fn text_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupError> {
-    let data_err = |source| SetupError::Data {
-        dataset: cfg.data.dataset.clone(),
-        source,
-    };
-    let ds = load_texts(cfg)?;
-    // The held-out 20 % is the aggregator's; clients split the rest.
-    let (train, _) = spam_assassin_split(&ds).map_err(data_err)?;
+    let (ds, train) = load_texts(cfg)?;
     let labels: Vec<u32> = train.iter().map(|&i| ds.labels[i]).collect();
     let keys: Vec<Option<String>> = train.iter().map(|&i| ds.keys[i].clone()).collect();
     let positions = client_shard(&labels, Some(&keys), cfg)?;
@@ -474,10 +487,16 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
                 backbone.trunk_sha256()
             ),
         })?;
+    // Own data: the class list is part of the model's identity, so an aggregator with another
+    // list refuses this client at its join (`incompatible`).
+    let id = model_id(&m.id, cfg.data.classes());
+    if let Some(classes) = cfg.data.classes() {
+        tracing::info!(?classes, model_id = %id, "the fleet's class list");
+    }
     let backbone_id =
-        heapless::String::try_from(m.id.as_str()).map_err(|_| SetupError::Manifest {
+        heapless::String::try_from(id.as_str()).map_err(|_| SetupError::Manifest {
             dir: cfg.model_dir.clone(),
-            reason: format!("backbone id `{}` is longer than 64 bytes", m.id),
+            reason: format!("backbone id `{id}` is longer than 64 bytes"),
         })?;
     let mut accepted_dtypes = heapless::Vec::new();
     for d in [DType::F32, DType::F16, DType::I8] {
@@ -632,5 +651,73 @@ mod tests {
         assert_eq!(capped, client_shard(&labels, None, &cfg(Some(50))).unwrap());
         // A cap at or above the shard's size keeps it whole.
         assert_eq!(client_shard(&labels, None, &cfg(Some(5000))).unwrap(), full);
+    }
+
+    #[test]
+    fn a_devices_own_csv_or_jsonl_becomes_a_trainer_labelled_by_the_fleets_classes() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("local.csv");
+        std::fs::write(
+            &csv,
+            "id,message,kind
+1,win a free prize now,spam
+2,lunch at noon?,ham
+             3,\"cheap pills, order today\",spam
+",
+        )
+        .unwrap();
+        let jsonl = dir.path().join("local.jsonl");
+        std::fs::write(&jsonl, "{\"text\":\"see you at noon\",\"label\":\"ham\"}\n").unwrap();
+        let cache = dir.path().join("cache");
+        let cfg = |file: &str, extra: &[&str]| {
+            let minilm = models().join("all-minilm-l6-v2");
+            let mut args = vec![
+                "edge-client",
+                "--client-id",
+                "c0",
+                "--model-dir",
+                minilm.to_str().unwrap(),
+                "--max-seq-len",
+                "16",
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "--classes",
+                "unsure,ham,spam",
+            ];
+            args.extend_from_slice(extra);
+            let file =
+                crate::config::EdgeFile::parse(file, std::path::Path::new("e.toml")).unwrap();
+            EdgeConfig::resolve(file, &Cli::try_parse_from(args).unwrap()).unwrap()
+        };
+        let csv_cfg = cfg(
+            &format!(
+                "[data]\ndataset = \"csv\"\nroot = \"{}\"\ntext_column = \"message\"\n\
+                 label_column = \"kind\"\n",
+                csv.display()
+            ),
+            &[],
+        );
+        let setup = build_trainer(&csv_cfg).unwrap();
+        // All three messages (partition none), counted under the fleet's ids.
+        assert_eq!(setup.per_class, vec![0, 1, 2]);
+        let id = setup.capabilities.backbone_id.as_str();
+        let classes: Vec<String> = ["unsure", "ham", "spam"].map(String::from).to_vec();
+        assert_eq!(id, model_id("all-minilm-l6-v2", Some(&classes)), "{id}");
+        let jsonl_cfg = cfg(
+            "",
+            &["--dataset", "jsonl", "--data-root", jsonl.to_str().unwrap()],
+        );
+        assert_eq!(build_trainer(&jsonl_cfg).unwrap().per_class, vec![0, 1, 0]);
+        // A label outside the list stops the client, naming the file and the line.
+        std::fs::write(
+            &jsonl,
+            "{\"text\":\"a\",\"label\":\"ham\"}\n{\"text\":\"b\",\"label\":\"eggs\"}\n",
+        )
+        .unwrap();
+        let err = build_trainer(&jsonl_cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("local.jsonl, line 2") && err.contains("eggs"),
+            "{err}"
+        );
     }
 }

@@ -89,10 +89,17 @@ fn a_fleet_whose_clients_cannot_read_their_data_fails_at_once_naming_the_client_
         "",
     );
     let missing = "/nonexistent/fashion-mnist";
+    // A trial's root is the aggregator's held-out folder too (`eval_root` defaults to it): give
+    // the aggregator the real Fashion-MNIST, so only the clients cannot start.
+    let real = std::env::var("FEDPEFT_FASHION_MNIST")
+        .unwrap_or_else(|_| "/usr/share/datasets/fashion-mnist".into());
     let text = std::fs::read_to_string(&path).expect("trial file");
     std::fs::write(
         &path,
-        text.replace("[data]\n", &format!("[data]\nroot = \"{missing}\"\n")),
+        text.replace(
+            "[data]\n",
+            &format!("[data]\nroot = \"{missing}\"\neval_root = \"{real}\"\n"),
+        ),
     )
     .expect("trial file");
     let (stdout, stderr) = (dir.path().join("stdout"), dir.path().join("stderr"));

@@ -6,16 +6,22 @@ use std::path::{Path, PathBuf};
 use super::{FASHION_MNIST_CLASSES, ImageDataset};
 use crate::error::{BackboneError, Result};
 
-/// Where Debian's `dataset-fashion-mnist` installs the files (`$FEDPEFT_FASHION_MNIST` overrides).
+/// Where Fashion-MNIST's IDX files are when no config names a folder: `$FEDPEFT_FASHION_MNIST`
+/// if set, else where Debian's `dataset-fashion-mnist` installs them.
 pub fn fashion_mnist_dir() -> PathBuf {
     std::env::var_os("FEDPEFT_FASHION_MNIST")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/share/datasets/fashion-mnist"))
 }
 
-/// Fashion-MNIST's training (60,000) or test (10,000) split.
+/// Fashion-MNIST's training (60,000) or test (10,000) split, from [`fashion_mnist_dir`].
 pub fn fashion_mnist(train: bool) -> Result<ImageDataset> {
-    let dir = fashion_mnist_dir();
+    fashion_mnist_at(&fashion_mnist_dir(), train)
+}
+
+/// Fashion-MNIST's training split (`train-*-ubyte.gz`) or test split (`t10k-*-ubyte.gz`) from
+/// the folder `dir`.
+pub fn fashion_mnist_at(dir: &Path, train: bool) -> Result<ImageDataset> {
     let prefix = if train { "train" } else { "t10k" };
     let classes: Vec<String> = FASHION_MNIST_CLASSES
         .iter()
@@ -134,7 +140,7 @@ pub fn load_idx_pair(
             labels,
             Some(bad),
             format!(
-                "label {} outside the {} classes",
+                "label {} (of image {bad}, counting from 0) is outside the {} classes {classes:?}",
                 labels_v[bad],
                 classes.len()
             ),

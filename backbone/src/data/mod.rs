@@ -1,21 +1,29 @@
 //! Labelled data sets: images (IDX files, a folder per class) and text (CSV, JSONL,
 //! SpamAssassin). Loaders return owned, validated in-memory sets; a broken or mislabelled
-//! file is a [`BackboneError::Data`] naming the file and, where it applies, the record.
+//! file is a [`BackboneError::Data`] (or [`BackboneError::DataLine`]) naming the file and,
+//! where it applies, the record or line. [`OwnData`] is a user's files as a device or the
+//! aggregator reads them, labelled with the fleet's class list ([`class_list_tag`] makes the
+//! list part of the model's identity).
 
 mod folder;
 mod idx;
+mod own;
 mod spam;
 mod text;
 
 use std::path::PathBuf;
 
-pub use folder::load_image_folder;
-pub use idx::{fashion_mnist, fashion_mnist_dir, load_idx_images, load_idx_labels, load_idx_pair};
+pub use folder::{IMAGE_EXTENSIONS, image_folder_classes, load_image_folder};
+pub use idx::{
+    fashion_mnist, fashion_mnist_at, fashion_mnist_dir, load_idx_images, load_idx_labels,
+    load_idx_pair,
+};
+pub use own::{OwnData, class_list_tag, model_id};
 pub use spam::{
     SPAM_ASSASSIN_SPLIT_SEED, SPAM_ASSASSIN_TEST_FRACTION, SPAM_ASSASSIN_VERSION,
     load_spam_assassin, spam_assassin_dir, spam_assassin_split,
 };
-pub use text::{load_csv, load_jsonl};
+pub use text::{TextColumns, load_csv, load_jsonl};
 
 use crate::error::{BackboneError, Result};
 
@@ -126,15 +134,19 @@ impl LabelMap {
         }
     }
 
-    pub(crate) fn id(&mut self, name: &str, path: &std::path::Path, record: usize) -> Result<u32> {
+    /// The id of label `name` on line `line` of `path`.
+    pub(crate) fn id(&mut self, name: &str, path: &std::path::Path, line: u64) -> Result<u32> {
         if let Some(i) = self.names.iter().position(|n| n == name) {
             return Ok(i as u32);
         }
         if self.fixed {
-            return Err(BackboneError::data(
+            return Err(BackboneError::line(
                 path,
-                Some(record),
-                format!("label `{name}` is not one of {:?}", self.names),
+                line,
+                format!(
+                    "label `{name}` is not one of the fleet's classes {:?}",
+                    self.names
+                ),
             ));
         }
         self.names.push(name.to_string());

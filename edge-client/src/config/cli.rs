@@ -87,13 +87,19 @@ pub struct Cli {
     /// Threads for the trunk runtime (0 = runtime default).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Data set name.
+    /// Data set: fashion-mnist, spam-assassin, or this device's own image-folder, idx, csv or
+    /// jsonl data.
     #[arg(long)]
     pub dataset: Option<String>,
-    /// Data set folder.
+    /// Where the data is: a named set's folder; own data's class folders, IDX images file,
+    /// CSV or JSONL file.
     #[arg(long)]
     pub data_root: Option<PathBuf>,
-    /// Partition kind.
+    /// Own data: the fleet's class list in label-id order, comma-separated (as the
+    /// aggregator's model.classes).
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Option<Vec<String>>,
+    /// Partition kind (none: all of the local data).
     #[arg(long, value_enum)]
     pub partition: Option<PartitionKind>,
     /// Dirichlet alpha.

@@ -12,7 +12,8 @@
 //! - `security`: `[security]` → signing key file and the aggregator's public key;
 //! - `identity`: `[client]` → fleet, client id, run ([`validate_name`]);
 //! - `model`: `[model]` → backbone folder, runtime, PEFT method, trunk inputs;
-//! - `data`: `[data]` → [`DataSpec`]; `cache`: `[cache]`;
+//! - `data`: `[data]` → [`DataSpec`] (a named set, or the device's own files with the fleet's
+//!   class list: [`DataSource`]); `cache`: `[cache]`;
 //! - `reconnect`: `[reconnect]` → [`Backoff`]; `faults`: `[faults]` → [`FaultsSpec`].
 
 use std::path::PathBuf;
@@ -35,9 +36,10 @@ mod security;
 mod tests;
 
 pub use cli::{Cli, Command};
-pub use data::{DATASETS, DataSpec};
+pub use data::{DataSource, DataSpec};
 pub use faults::FaultsSpec;
 pub use fedpeft_config::ConfigError;
+pub use fedpeft_config::DatasetKind;
 pub use fedpeft_config::edge::{EdgeFile, PartitionKind, RuntimeChoice};
 pub use identity::{MAX_NAME_LEN, validate_name};
 pub use reconnect::Backoff;

@@ -63,7 +63,7 @@ fn a_full_file_is_read_and_defaults_fill_the_rest() {
     assert_eq!((cfg.image_size, cfg.trunk_batch), (96, 16));
     assert_eq!(cfg.data.partition, PartitionKind::Iid);
     assert_eq!((cfg.data.index, cfg.data.num_clients), (7, 8));
-    assert_eq!(cfg.data.dataset, "fashion-mnist");
+    assert_eq!(cfg.data.dataset, DatasetKind::FashionMnist);
     assert_eq!(cfg.data.seed, 42);
     assert_eq!(cfg.max_packet_bytes, 1 << 20);
     assert_eq!(cfg.keep_alive, Duration::from_secs(30));
@@ -421,4 +421,182 @@ fn the_aggregators_own_keys_of_the_shared_tables_are_refused_by_name() {
         (cfg.broker.port, cfg.keep_alive),
         (1884, Duration::from_secs(10))
     );
+}
+
+#[test]
+fn own_data_needs_a_root_and_the_fleets_classes_and_trains_on_all_of_it_by_default() {
+    let base = ["--client-id", "a", "--model-dir", "m"];
+    let with = |file: &str, extra: &[&str]| {
+        let mut v = base.to_vec();
+        v.extend_from_slice(extra);
+        EdgeConfig::resolve(parse(file).unwrap(), &cli(&v))
+    };
+    let cfg = with(
+        "[data]\ndataset = \"image-folder\"\nroot = \"/photos\"\nclasses = [\"cat\", \"dog\"]\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(cfg.data.dataset, DatasetKind::ImageFolder);
+    assert_eq!(cfg.data.partition, PartitionKind::Whole);
+    assert_eq!(
+        cfg.data.source,
+        DataSource::Own {
+            data: fedpeft_backbone::data::OwnData::ImageFolder {
+                root: PathBuf::from("/photos")
+            },
+            classes: vec!["cat".into(), "dog".into()],
+        }
+    );
+    // Flags alone do it too; a simulated split is still possible.
+    let cfg = with(
+        "",
+        &[
+            "--dataset",
+            "csv",
+            "--data-root",
+            "t.csv",
+            "--classes",
+            "ham,spam",
+            "--partition",
+            "iid",
+            "--num-clients",
+            "4",
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.data.classes(),
+        Some(&["ham".to_string(), "spam".to_string()][..])
+    );
+    assert_eq!(cfg.data.partition, PartitionKind::Iid);
+    // IDX labels are found beside MNIST-named images, or named.
+    let cfg = with(
+        "[data]\ndataset = \"idx\"\nroot = \"d/train-images-idx3-ubyte.gz\"\nclasses = [\"0\", \"1\"]\n",
+        &[],
+    )
+    .unwrap();
+    let DataSource::Own {
+        data: fedpeft_backbone::data::OwnData::Idx { labels, .. },
+        ..
+    } = cfg.data.source
+    else {
+        panic!("{:?}", cfg.data.source)
+    };
+    assert_eq!(labels, PathBuf::from("d/train-labels-idx1-ubyte.gz"));
+    let cfg = with(
+        "[data]\ndataset = \"jsonl\"\nroot = \"t.jsonl\"\ntext_column = \"body\"\nclasses = [\"a\", \"b\"]\n",
+        &[],
+    )
+    .unwrap();
+    let DataSource::Own {
+        data: fedpeft_backbone::data::OwnData::Jsonl { columns, .. },
+        ..
+    } = cfg.data.source
+    else {
+        panic!("{:?}", cfg.data.source)
+    };
+    assert_eq!(
+        (columns.text.as_str(), columns.label.as_str()),
+        ("body", "label")
+    );
+    assert_eq!(
+        with("", &["--partition", "none"]).unwrap().data.partition,
+        PartitionKind::Whole
+    );
+}
+
+#[test]
+fn bad_own_data_settings_name_their_key() {
+    let base = ["--client-id", "a", "--model-dir", "m"];
+    let classes = "classes = [\"cat\", \"dog\"]\n";
+    for (file, extra, field, words) in [
+        (
+            format!("[data]\ndataset = \"image-folder\"\n{classes}"),
+            &[][..],
+            "data.root",
+            "required",
+        ),
+        (
+            "[data]\ndataset = \"image-folder\"\nroot = \"p\"\n".to_string(),
+            &[][..],
+            "data.classes",
+            "model.classes",
+        ),
+        (
+            "[data]\ndataset = \"csv\"\nroot = \"p\"\nclasses = [\"cat\"]\n".to_string(),
+            &[][..],
+            "data.classes",
+            "at least 2",
+        ),
+        (
+            "".to_string(),
+            &[
+                "--dataset",
+                "image-folder",
+                "--data-root",
+                "p",
+                "--classes",
+                "a,a",
+            ][..],
+            "data.classes",
+            "twice",
+        ),
+        (
+            format!("[data]\n{classes}"),
+            &[][..],
+            "data.classes",
+            "fashion-mnist",
+        ),
+        (
+            format!("[data]\ndataset = \"idx\"\nroot = \"pics.idx\"\n{classes}"),
+            &[][..],
+            "data.labels",
+            "images-idx3",
+        ),
+        (
+            format!("[data]\ndataset = \"csv\"\nroot = \"t.csv\"\nlabels = \"l\"\n{classes}"),
+            &[][..],
+            "data.labels",
+            "idx",
+        ),
+        (
+            format!(
+                "[data]\ndataset = \"image-folder\"\nroot = \"p\"\ntext_column = \"t\"\n{classes}"
+            ),
+            &[][..],
+            "data.text_column",
+            "csv or jsonl",
+        ),
+        (
+            format!(
+                "[data]\ndataset = \"csv\"\nroot = \"t.csv\"\nlabel_column = \"text\"\n{classes}"
+            ),
+            &[][..],
+            "data.label_column",
+            "also the text column",
+        ),
+        (
+            format!(
+                "[data]\ndataset = \"csv\"\nroot = \"t.csv\"\npartition = \"natural\"\n{classes}"
+            ),
+            &[][..],
+            "data.partition",
+            "natural",
+        ),
+        (
+            "".to_string(),
+            &["--dataset", "folder"][..],
+            "data.dataset",
+            "image-folder",
+        ),
+    ] {
+        let mut v = base.to_vec();
+        v.extend_from_slice(extra);
+        let err = EdgeConfig::resolve(parse(&file).unwrap(), &cli(&v)).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { field: f, .. } if *f == field),
+            "{file:?} {extra:?}: {err}"
+        );
+        assert!(err.to_string().contains(words), "{file:?}: {err}");
+    }
 }

@@ -1,8 +1,11 @@
-//! An edge client's command line: its id, shard and files, the model and method as the
-//! aggregator got them, the trial's faults for it, and a signed trial's keys.
+//! An edge client's command line: its id, shard and files (the user's own data: its own root,
+//! and the fleet's class list in its config file), the model and method as the aggregator got
+//! them, the trial's faults for it, and a signed trial's keys.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use fedpeft_config::edge::{DataTable, EdgeFile};
 
 use super::child::Binaries;
 use super::keys::keys_dir;
@@ -49,7 +52,7 @@ pub fn client_command_in(
         None => Command::new(&bins.edge_client),
     };
     let id = trial.client_id(index);
-    if let Some(path) = keep_alive_config(trial, index, out_dir) {
+    if let Some(path) = client_config(trial, index, out_dir) {
         cmd.arg("--config").arg(path);
     }
     cmd.arg("--broker")
@@ -86,7 +89,7 @@ pub fn client_command_in(
         .arg(&trial.cache_dir)
         .arg("--summary-json")
         .arg(out_dir.join("clients").join(format!("{id}.json")));
-    if let Some(root) = &trial.data.root {
+    if let Some(root) = trial.client_root(index) {
         cmd.arg("--data-root").arg(root);
     }
     for (flag, value) in optional_args(trial) {
@@ -136,21 +139,39 @@ fn optional_args(trial: &Trial) -> [(&'static str, Option<String>); 6] {
     ]
 }
 
-/// On an emulated link, a config file giving client `index` a keep-alive its link can honour
-/// (the keep-alive lives in the client's config file only); `None` without links, or if the
-/// file cannot be written.
-fn keep_alive_config(trial: &Trial, index: usize, out_dir: &Path) -> Option<PathBuf> {
+/// Client `index`'s config file, for the settings that are not flags: on an emulated link, a
+/// keep-alive its link can honour; with the user's own data, the fleet's class list and how to
+/// read the files. `None` when it needs none, or if the file cannot be written (the client then
+/// stops, naming the setting it lacks).
+fn client_config(trial: &Trial, index: usize, out_dir: &Path) -> Option<PathBuf> {
+    let mut file = EdgeFile::default();
+    if let Some(keep_alive) = keep_alive_secs(trial, index) {
+        file.broker.keep_alive_secs = Some(keep_alive);
+    }
+    let d = &trial.data;
+    file.data = DataTable {
+        classes: d.classes.clone(),
+        labels: d.labels.clone(),
+        text_column: d.text_column.clone(),
+        label_column: d.label_column.clone(),
+        ..DataTable::default()
+    };
+    if file == EdgeFile::default() {
+        return None;
+    }
+    let path = out_dir
+        .join("clients")
+        .join(format!("{}.toml", trial.client_id(index)));
+    std::fs::write(&path, file.to_toml()).ok().map(|()| path)
+}
+
+/// On an emulated link, a keep-alive client `index`'s link can honour; `None` without links.
+fn keep_alive_secs(trial: &Trial, index: usize) -> Option<u64> {
     // On a slow link a 64 KiB packet each way can take longer than MQTT's default 30 s
     // keep-alive: give the client room.
     let l = &trial.links.as_ref()?.clients[index].link;
     let packet = trial.max_packet_bytes as f64;
     let secs = 2.0 * (packet / l.up_bytes_per_sec() + packet / l.down_bytes_per_sec())
         + 4.0 * (l.latency_ms + l.jitter_ms) / 1000.0;
-    let keep_alive = (secs.ceil() as u64).clamp(30, 3600);
-    let path = out_dir
-        .join("clients")
-        .join(format!("{}.toml", trial.client_id(index)));
-    std::fs::write(&path, format!("[broker]\nkeep_alive_secs = {keep_alive}\n"))
-        .ok()
-        .map(|()| path)
+    Some((secs.ceil() as u64).clamp(30, 3600))
 }

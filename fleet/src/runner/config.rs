@@ -76,7 +76,8 @@ fn local_table(local: &LocalSpec) -> LocalTable {
     }
 }
 
-/// The aggregator's `[model]`: the trial's model and the held-out data set.
+/// The aggregator's `[model]`: the trial's model, the held-out data (the same data set as the
+/// clients', from `data.eval_root`, else a named set's `data.root`) and the fleet's class list.
 fn model_table(trial: &Trial) -> ModelTable {
     let m = &trial.model;
     ModelTable {
@@ -89,6 +90,11 @@ fn model_table(trial: &Trial) -> ModelTable {
         max_seq_len: m.max_seq_len,
         image_size: Some(m.image_size),
         dataset: Some(trial.data.dataset.clone()),
+        eval_root: trial.eval_root(),
+        eval_labels: trial.data.eval_labels.clone(),
+        text_column: trial.data.text_column.clone(),
+        label_column: trial.data.label_column.clone(),
+        classes: trial.data.classes.clone(),
         eval_examples: Some(m.eval_examples),
         cache_dir: Some(trial.cache_dir.clone()),
         ..ModelTable::default()

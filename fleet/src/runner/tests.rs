@@ -251,3 +251,54 @@ fn a_text_trial_passes_its_data_set_and_sequence_length_to_both_sides() {
     assert_eq!(after("--bottleneck"), "8");
     assert_eq!(after("--peft"), "adapter");
 }
+
+/// Own data: each client gets its root as a flag and the fleet's class list (and how to read
+/// its files) in its config file; the aggregator gets the held-out data and the same list.
+#[test]
+fn an_own_data_trial_gives_each_client_its_root_and_everyone_the_same_classes() {
+    let out = tempfile::tempdir().unwrap();
+    std::fs::create_dir(out.path().join("clients")).unwrap();
+    let t = Trial::parse(
+        r#"
+        name = "own"
+        rounds = 2
+        clients = 2
+        [model]
+        backbone = "models/build/all-minilm-l6-v2"
+        [data]
+        dataset = "csv"
+        client_roots = ["site-a.csv", "site-b.csv"]
+        eval_root = "held-out.csv"
+        text_column = "review"
+        classes = ["neg", "pos"]
+        "#,
+        Path::new("own.toml"),
+    )
+    .unwrap();
+    let bins = Binaries {
+        aggregator: "agg".into(),
+        edge_client: "edge".into(),
+    };
+    let args: Vec<String> = client_command(&t, &bins, 1, "mqtt://127.0.0.1:1", out.path(), None)
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(flag_value(&args, "--dataset"), "csv");
+    assert_eq!(flag_value(&args, "--data-root"), "site-b.csv");
+    assert_eq!(flag_value(&args, "--partition"), "none");
+    let file =
+        fedpeft_config::edge::EdgeFile::read(Path::new(&flag_value(&args, "--config"))).unwrap();
+    assert_eq!(
+        file.data.classes,
+        Some(vec!["neg".to_string(), "pos".to_string()])
+    );
+    assert_eq!(file.data.text_column.as_deref(), Some("review"));
+    let agg = aggregator_config(&t, Path::new("o"), None);
+    assert_eq!(agg.model.dataset.as_deref(), Some("csv"));
+    assert_eq!(agg.model.eval_root, Some(PathBuf::from("held-out.csv")));
+    assert_eq!(agg.model.classes, file.data.classes);
+    assert_eq!(agg.model.text_column.as_deref(), Some("review"));
+    // A trial on a named set writes no client config file.
+    let args = client_args(&trial(), 0);
+    assert!(!args.iter().any(|a| a == "--config"), "{args:?}");
+}

@@ -44,15 +44,38 @@ pub struct ModelSpec {
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
     /// `fashion-mnist` (for a conv-head backbone) or `spam-assassin` (for a transformer; its
-    /// seeded 20 % held-out split is the aggregator's evaluation set and no client's data).
-    /// Default `fashion-mnist`.
+    /// seeded 20 % held-out split is the aggregator's evaluation set and no client's data), or
+    /// the user's own files: `image-folder` or `idx` (conv head), `csv` or `jsonl`
+    /// (transformer). Default `fashion-mnist`.
     #[serde(default = "default_dataset")]
     pub dataset: String,
-    /// Data set folder. Default: the data set's usual place.
+    /// Where the data is. A named set: its folder (default: its usual place). Own data: the
+    /// class folders / IDX images file / CSV / JSONL file split across the clients by
+    /// `partition`, or, with `{client}` (the client id) or `{index}` in it, each client's own.
     pub root: Option<PathBuf>,
-    /// `iid`, `dirichlet` or `natural` (spam-assassin only: each mailing list whole on one
-    /// client, the mails from no list spread by Dirichlet(`alpha`)). Default `dirichlet`.
-    #[serde(default = "default_partition")]
+    /// Own data: one root per client, in client order (instead of `root`); each client trains
+    /// on all of its own (`partition = "none"`).
+    pub client_roots: Option<Vec<PathBuf>>,
+    /// `idx` with one images file: its labels file. Default: found beside it by MNIST's naming.
+    pub labels: Option<PathBuf>,
+    /// `csv` / `jsonl`: the text column (field). Default `text`.
+    pub text_column: Option<String>,
+    /// `csv` / `jsonl`: the label column (field). Default `label`.
+    pub label_column: Option<String>,
+    /// Own data: the fleet's class list, in label-id order, given to the aggregator and every
+    /// client. Default for `image-folder`: the sub-folder names of `eval_root`, sorted;
+    /// required for the other formats.
+    pub classes: Option<Vec<String>>,
+    /// The aggregator's held-out data, in the same format. Own data: required. Named sets:
+    /// default `root` (Fashion-MNIST's `t10k-*` files, SpamAssassin's held-out 20 %).
+    pub eval_root: Option<PathBuf>,
+    /// `idx`: the held-out labels file. Default: beside `eval_root` by MNIST's naming.
+    pub eval_labels: Option<PathBuf>,
+    /// `iid`, `dirichlet`, `natural` (spam-assassin only: each mailing list whole on one
+    /// client, the mails from no list spread by Dirichlet(`alpha`)) or `none` (each client all
+    /// of its data: the only choice with a root per client, and its default). Default
+    /// `dirichlet`. Filled in when the trial is read.
+    #[serde(default)]
     pub partition: String,
     /// Dirichlet concentration. Default 0.5.
     #[serde(default = "default_alpha")]
@@ -195,9 +218,6 @@ fn default_eval_examples() -> usize {
 }
 fn default_dataset() -> String {
     "fashion-mnist".into()
-}
-fn default_partition() -> String {
-    "dirichlet".into()
 }
 fn default_alpha() -> f64 {
     0.5

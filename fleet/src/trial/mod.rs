@@ -82,6 +82,7 @@ mod validate;
 
 use std::path::{Path, PathBuf};
 
+use fedpeft_config::DatasetKind;
 use fedpeft_config::strategy::StrategyKind;
 
 pub use file::{BrokerSpec, DataSpec, LocalSpec, ModelSpec, StragglersSpec, TrialFile};
@@ -206,6 +207,31 @@ impl Trial {
     /// The client id of client `index` (`client-00`, `client-01`, …).
     pub fn client_id(&self, index: usize) -> String {
         format!("client-{index:02}")
+    }
+
+    /// Where client `index`'s data is: its entry of `data.client_roots`, `data.root` with
+    /// `{client}` and `{index}` filled in, or `data.root` (`None`: the named set's usual place).
+    pub fn client_root(&self, index: usize) -> Option<PathBuf> {
+        if let Some(roots) = &self.data.client_roots {
+            return roots.get(index).cloned();
+        }
+        let root = self.data.root.as_ref()?;
+        if !validate::is_pattern(root) {
+            return Some(root.clone());
+        }
+        let text = root
+            .to_string_lossy()
+            .replace("{client}", &self.client_id(index))
+            .replace("{index}", &index.to_string());
+        Some(PathBuf::from(text))
+    }
+
+    /// The aggregator's held-out data: `data.eval_root`, else (a named set) `data.root`.
+    pub fn eval_root(&self) -> Option<PathBuf> {
+        self.data.eval_root.clone().or_else(|| {
+            let own = DatasetKind::parse(&self.data.dataset).is_some_and(DatasetKind::is_own);
+            (!own).then(|| self.data.root.clone()).flatten()
+        })
     }
 }
 

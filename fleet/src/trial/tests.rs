@@ -318,3 +318,187 @@ fn every_trial_file_in_the_repository_is_valid() {
     assert_eq!(names[2..4], ["lte-m", "nb-iot"]);
     assert_eq!(names[6..], ["rural-3g", "rural-3g"]);
 }
+
+/// A trial on the user's own image folders: `data` is the `[data]` table's body.
+fn own(data: &str) -> Result<Trial, TrialError> {
+    let text = format!(
+        "name = \"t\"\nrounds = 2\nclients = 2\n[model]\nbackbone = \"m\"\n[data]\n{data}\n"
+    );
+    Trial::parse(&text, Path::new("t.toml"))
+}
+
+#[test]
+fn each_client_gets_its_own_root_and_trains_on_all_of_it() {
+    let t = own(
+        "dataset = \"image-folder\"\nclient_roots = [\"a/\", \"b/\"]\neval_root = \"held-out\"",
+    )
+    .unwrap();
+    assert_eq!(t.data.partition, "none");
+    assert_eq!(
+        (t.client_root(0), t.client_root(1)),
+        (Some(PathBuf::from("a/")), Some(PathBuf::from("b/")))
+    );
+    assert_eq!(t.eval_root(), Some(PathBuf::from("held-out")));
+    let t = own(
+        "dataset = \"csv\"\nroot = \"sites/{client}/{index}.csv\"\neval_root = \"t.csv\"\n\
+         classes = [\"ham\", \"spam\"]",
+    )
+    .unwrap();
+    assert_eq!(
+        t.client_root(1),
+        Some(PathBuf::from("sites/client-01/1.csv"))
+    );
+    assert_eq!(t.data.partition, "none");
+    // One root split across the clients (simulation): Dirichlet unless set.
+    let t = own("dataset = \"image-folder\"\nroot = \"all\"\neval_root = \"held-out\"").unwrap();
+    assert_eq!(
+        (t.data.partition.as_str(), t.client_root(1)),
+        ("dirichlet", Some("all".into()))
+    );
+    // A named set's held-out data is its root.
+    let t = own("root = \"/data/fmnist\"").unwrap();
+    assert_eq!(t.eval_root(), Some(PathBuf::from("/data/fmnist")));
+    assert_eq!(own("").unwrap().eval_root(), None);
+}
+
+#[test]
+fn own_data_settings_that_cannot_work_name_their_field() {
+    let img = "dataset = \"image-folder\"\neval_root = \"e\"\n";
+    for (data, field, words) in [
+        (
+            format!("{img}client_roots = [\"a\"]"),
+            "data.client_roots",
+            "1 roots for 2",
+        ),
+        (
+            format!("{img}root = \"r\"\nclient_roots = [\"a\", \"b\"]"),
+            "data.client_roots",
+            "not both",
+        ),
+        (
+            format!("{img}client_roots = [\"a\", \"b\"]\npartition = \"iid\""),
+            "data.partition",
+            "\"none\"",
+        ),
+        (
+            format!("{img}root = \"r\"\npartition = \"none\""),
+            "data.partition",
+            "same data",
+        ),
+        (img.to_string(), "data.root", "required"),
+        (
+            "dataset = \"image-folder\"\nroot = \"r\"".to_string(),
+            "data.eval_root",
+            "held-out",
+        ),
+        (
+            "dataset = \"jsonl\"\nroot = \"r\"\neval_root = \"e\"".to_string(),
+            "data.classes",
+            "required",
+        ),
+        (
+            format!("{img}root = \"r\"\nclasses = [\"a\"]"),
+            "data.classes",
+            "at least 2",
+        ),
+        (
+            "classes = [\"a\", \"b\"]".to_string(),
+            "data.classes",
+            "fixed",
+        ),
+        (
+            "client_roots = [\"a\", \"b\"]".to_string(),
+            "data.client_roots",
+            "own data",
+        ),
+        (
+            format!("{img}root = \"r\"\nlabels = \"l\""),
+            "data.labels",
+            "idx",
+        ),
+        (
+            format!("{img}root = \"r\"\ntext_column = \"t\""),
+            "data.text_column",
+            "csv or jsonl",
+        ),
+        (
+            "dataset = \"idx\"\nroot = \"pics.idx\"\neval_root = \"t10k-images-idx3-ubyte\"\n\
+             classes = [\"a\", \"b\"]"
+                .to_string(),
+            "data.labels",
+            "images-idx3",
+        ),
+        (
+            "dataset = \"idx\"\nroot = \"train-images-idx3-ubyte\"\neval_root = \"e.idx\"\n\
+             classes = [\"a\", \"b\"]"
+                .to_string(),
+            "data.eval_labels",
+            "images-idx3",
+        ),
+        (
+            format!("{img}root = \"r\"\npartition = \"natural\""),
+            "data.partition",
+            "natural",
+        ),
+    ] {
+        let err = own(&data).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("`{field}`")) && err.contains(words),
+            "{data}: {err}"
+        );
+    }
+}
+
+#[test]
+fn preflight_finds_the_own_data_and_reads_an_image_folders_classes_from_the_held_out_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let conv = dir.path().join("conv");
+    std::fs::create_dir(&conv).unwrap();
+    std::fs::write(conv.join("manifest.json"), "{\"family\": \"conv_head\"}").unwrap();
+    for class in ["dog", "cat", ".git", "bird"] {
+        std::fs::create_dir_all(dir.path().join("held-out").join(class)).unwrap();
+    }
+    std::fs::create_dir(dir.path().join("client-00")).unwrap();
+    let at = |p: &str| dir.path().join(p).display().to_string();
+    let trial = |data: &str| {
+        let mut t = own(data).unwrap();
+        t.model.backbone = conv.clone();
+        t
+    };
+    let mut t = trial(&format!(
+        "dataset = \"image-folder\"\nroot = \"{}\"\neval_root = \"{}\"",
+        at("{client}"),
+        at("held-out")
+    ));
+    let err = t.preflight().unwrap_err().to_string();
+    assert!(
+        err.contains("client-01") && err.contains("`data.root`"),
+        "{err}"
+    );
+    std::fs::create_dir(dir.path().join("client-01")).unwrap();
+    t.preflight().unwrap();
+    assert_eq!(
+        t.data.classes,
+        Some(vec!["bird".into(), "cat".into(), "dog".into()])
+    );
+    let mut t = trial(&format!(
+        "dataset = \"image-folder\"\nroot = \"{}\"\neval_root = \"{}\"",
+        at("client-00"),
+        at("nowhere")
+    ));
+    let err = t.preflight().unwrap_err().to_string();
+    assert!(
+        err.contains("`data.eval_root`") && err.contains("nowhere"),
+        "{err}"
+    );
+    let mut t = trial(&format!(
+        "dataset = \"csv\"\nroot = \"{}\"\neval_root = \"{}\"\nclasses = [\"a\", \"b\"]",
+        at("client-00"),
+        at("held-out")
+    ));
+    let err = t.preflight().unwrap_err().to_string();
+    assert!(
+        err.contains("`data.dataset`") && err.contains("image-folder"),
+        "{err}"
+    );
+}

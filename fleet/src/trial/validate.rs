@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use fedpeft_config::DatasetKind;
+use fedpeft_config::data::{Column, check_classes, idx_labels_beside, text_columns};
+
 use super::file::{BrokerSpec, DataSpec, LocalSpec, ModelSpec, TrialFile};
 use super::{Broker, FLUSH_BUDGET_SECS, Trial, TrialError};
 use crate::links::{LinkPlan, LinksSpec, Mechanism};
@@ -34,10 +37,10 @@ impl Invalid {
 type Check<T> = Result<T, Invalid>;
 
 /// The trial `raw` describes, checked table by table.
-pub(super) fn trial(raw: TrialFile, path: &Path) -> Check<Trial> {
+pub(super) fn trial(mut raw: TrialFile, path: &Path) -> Check<Trial> {
     name(&raw.name)?;
     let sizes = sizes(&raw)?;
-    data(&raw.data)?;
+    data(&mut raw.data, raw.clients)?;
     model(&raw.model)?;
     let broker = broker(&raw.broker)?;
     let links = links(raw.links.as_ref(), raw.clients, raw.broker.max_packet_bytes)?;
@@ -147,23 +150,78 @@ fn sizes(raw: &TrialFile) -> Check<Sizes> {
     })
 }
 
-/// `[data]`: a data set the fleet knows, a split it can make of it.
-fn data(data: &DataSpec) -> Check<()> {
-    if !matches!(data.dataset.as_str(), "fashion-mnist" | "spam-assassin") {
-        return Err(Invalid::new(
+/// Whether a root names each client's own folder or file (`{client}` or `{index}` in it).
+pub(super) fn is_pattern(root: &Path) -> bool {
+    let s = root.to_string_lossy();
+    s.contains("{client}") || s.contains("{index}")
+}
+
+/// `[data]`: a data set the fleet knows, where each client's part of it is, a split it can
+/// make of it, and (own data) the held-out data and the class list. Fills in the partition.
+fn data(data: &mut DataSpec, clients: usize) -> Check<()> {
+    let kind = DatasetKind::parse(&data.dataset).ok_or_else(|| {
+        Invalid::new(
             "data.dataset",
-            format!("{:?} is not fashion-mnist or spam-assassin", data.dataset),
+            format!("{:?} is not {}", data.dataset, DatasetKind::names()),
+        )
+    })?;
+    let per_client = match (&data.root, &data.client_roots) {
+        (Some(_), Some(_)) => {
+            return Err(Invalid::new(
+                "data.client_roots",
+                "set either root (split across the clients, or a {client} pattern) or \
+                 client_roots (one per client), not both",
+            ));
+        }
+        (None, Some(roots)) if roots.len() != clients => {
+            return Err(Invalid::new(
+                "data.client_roots",
+                format!("lists {} roots for {clients} clients", roots.len()),
+            ));
+        }
+        (None, Some(_)) => true,
+        (Some(root), None) => is_pattern(root),
+        (None, None) => false,
+    };
+    if per_client && !kind.is_own() {
+        return Err(Invalid::new(
+            if data.client_roots.is_some() {
+                "data.client_roots"
+            } else {
+                "data.root"
+            },
+            format!("a root per client is for the user's own data, not {kind}"),
         ));
     }
+    if data.partition.is_empty() {
+        data.partition = if per_client { "none" } else { "dirichlet" }.into();
+    }
     match data.partition.as_str() {
+        "none" if per_client || clients == 1 => {}
+        "none" => {
+            return Err(Invalid::new(
+                "data.partition",
+                "\"none\" with one root gives every client the same data: give each client its \
+                 own (client_roots, or {client} in root) or split it (iid or dirichlet)",
+            ));
+        }
+        other if per_client => {
+            return Err(Invalid::new(
+                "data.partition",
+                format!(
+                    "{other:?}: with a root per client each client trains on all of its own: \
+                     use \"none\" (the default)"
+                ),
+            ));
+        }
         "iid" | "dirichlet" => {}
-        "natural" if data.dataset == "spam-assassin" => {}
+        "natural" if kind == DatasetKind::SpamAssassin => {}
         "natural" => {
             return Err(Invalid::new(
                 "data.partition",
                 format!(
                     "\"natural\" needs a data set with a natural client key (spam-assassin: \
-                     its mailing lists); {:?} has none: use iid or dirichlet",
+                     its mailing lists); {:?} has none: use iid, dirichlet or none",
                     data.dataset
                 ),
             ));
@@ -171,7 +229,7 @@ fn data(data: &DataSpec) -> Check<()> {
         other => {
             return Err(Invalid::new(
                 "data.partition",
-                format!("{other:?} is not iid, dirichlet or natural"),
+                format!("{other:?} is not iid, dirichlet, natural or none"),
             ));
         }
     }
@@ -180,6 +238,100 @@ fn data(data: &DataSpec) -> Check<()> {
             "data.alpha",
             format!("{} must be > 0", data.alpha),
         ));
+    }
+    own_data(data, kind, per_client)
+}
+
+/// The keys of the user's own data: present where required, refused where they do not apply.
+fn own_data(data: &DataSpec, kind: DatasetKind, per_client: bool) -> Check<()> {
+    text_columns(
+        kind,
+        data.text_column.as_deref(),
+        data.label_column.as_deref(),
+    )
+    .map_err(|(column, why)| match column {
+        Column::Text => Invalid::new("data.text_column", why),
+        Column::Label => Invalid::new("data.label_column", why),
+    })?;
+    if kind != DatasetKind::Idx {
+        for (field, set) in [
+            ("data.labels", data.labels.is_some()),
+            ("data.eval_labels", data.eval_labels.is_some()),
+        ] {
+            if set {
+                return Err(Invalid::new(field, "is for dataset = \"idx\""));
+            }
+        }
+    }
+    if !kind.is_own() {
+        if data.classes.is_some() {
+            return Err(Invalid::new(
+                "data.classes",
+                format!("is for the user's own data; {kind}'s classes are fixed"),
+            ));
+        }
+        return Ok(());
+    }
+    if data.root.is_none() && data.client_roots.is_none() {
+        return Err(Invalid::new(
+            "data.root",
+            format!(
+                "is required with dataset = {kind:?}: the data split across the clients, a \
+                 {{client}} pattern, or client_roots",
+                kind = kind.name()
+            ),
+        ));
+    }
+    let Some(eval_root) = &data.eval_root else {
+        return Err(Invalid::new(
+            "data.eval_root",
+            format!(
+                "is required with dataset = {:?}: the held-out data the aggregator evaluates on \
+                 (never a client's)",
+                kind.name()
+            ),
+        ));
+    };
+    match &data.classes {
+        Some(list) => check_classes(list).map_err(|why| Invalid::new("data.classes", why))?,
+        None if kind == DatasetKind::ImageFolder => {}
+        None => {
+            return Err(Invalid::new(
+                "data.classes",
+                format!(
+                    "is required with dataset = {:?}: the fleet's class list, in label-id order",
+                    kind.name()
+                ),
+            ));
+        }
+    }
+    if kind == DatasetKind::Idx {
+        if per_client && data.labels.is_some() {
+            return Err(Invalid::new(
+                "data.labels",
+                "names one labels file; with a root per client each is found beside its \
+                 images file by MNIST's naming (…-images-idx3-… → …-labels-idx1-…)",
+            ));
+        }
+        let images: Vec<&Path> = match (&data.root, &data.client_roots) {
+            (_, Some(roots)) => roots.iter().map(PathBuf::as_path).collect(),
+            (Some(root), None) if data.labels.is_none() => vec![root.as_path()],
+            _ => Vec::new(),
+        };
+        for (field, path) in images.into_iter().map(|p| ("data.labels", p)).chain(
+            (data.eval_labels.is_none()).then_some(("data.eval_labels", eval_root.as_path())),
+        ) {
+            if idx_labels_beside(path).is_none() {
+                return Err(Invalid::new(
+                    field,
+                    format!(
+                        "is required: the name of {} has no `images-idx3` to find its labels \
+                         file by",
+                        path.display()
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }

@@ -1,0 +1,180 @@
+//! A fleet on the user's own images, end to end: the test writes image folders (PNG and JPEG,
+//! none at the model's 96 px, grey, RGB and RGBA), and `fedpeft-fleet` runs a trial file that
+//! gives each of two edge clients its own folder (`client_roots`, each client missing a class,
+//! as real devices do) and the aggregator a held-out folder (`eval_root`). The class list is
+//! the held-out folder's sub-folders, read by the runner and handed to everyone; the aggregator
+//! evaluates every global adapter on the held-out folder, so its accuracy rising well above
+//! chance (1/3) shows the clients and the aggregator numbered the classes alike.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedpeft_tests::e2e::{backbone, round_record, run_fleet, shared_cache};
+
+const ROUNDS: u32 = 3;
+
+/// Class `class`'s picture number `k`: a reddish or bluish field, or black and white
+/// horizontal stripes, at a size and in a format that vary with `k`.
+fn picture(class: &str, k: u32) -> image::DynamicImage {
+    let (w, h) = [(40, 30), (120, 90), (64, 64), (33, 50)][k as usize % 4];
+    let shade = (k * 37 % 60) as u8;
+    match class {
+        "red" if k % 3 == 2 => image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(
+            w,
+            h,
+            image::Rgba([190 + shade, 20, 30, 255]),
+        )),
+        "red" => image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+            w,
+            h,
+            image::Rgb([190 + shade, 10 + shade / 2, 20]),
+        )),
+        "blue" => image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+            w,
+            h,
+            image::Rgb([20, 30 + shade, 180 + shade]),
+        )),
+        _ => {
+            let period = 4 + k % 5;
+            image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(w, h, |_, y| {
+                image::Luma([if (y / period) % 2 == 0 { 15 } else { 240 }])
+            }))
+        }
+    }
+}
+
+/// `root/<class>/<k>.png|jpg`, `n` pictures per class, from picture number `first` on.
+fn write_folder(root: &Path, classes: &[&str], first: u32, n: u32) {
+    for class in classes {
+        let dir = root.join(class);
+        std::fs::create_dir_all(&dir).expect("class folder");
+        for k in first..first + n {
+            let img = picture(class, k);
+            let path = if k % 2 == 0 {
+                dir.join(format!("{k}.png"))
+            } else {
+                // JPEG has no alpha: an RGBA picture goes in as PNG either way.
+                match img {
+                    image::DynamicImage::ImageRgba8(_) => dir.join(format!("{k}.png")),
+                    _ => dir.join(format!("{k}.jpg")),
+                }
+            };
+            img.save(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+    }
+}
+
+fn trial(dir: &Path, site_a: &Path, site_b: &Path, held_out: &Path) -> PathBuf {
+    let text = format!(
+        r#"name = "own-images"
+rounds = {ROUNDS}
+clients = 2
+round_timeout_secs = 60
+seed = 11
+cache_dir = "{cache}"
+
+[model]
+backbone = "{backbone}"
+peft = "head"
+runtime = "auto"
+image_size = 96
+eval_examples = 200
+
+[data]
+dataset = "image-folder"
+client_roots = ["{a}", "{b}"]
+eval_root = "{held_out}"
+
+[local]
+epochs = 4
+batch_size = 8
+learning_rate = 0.01
+optimizer = "adamw"
+update_dtype = "f32"
+"#,
+        cache = shared_cache().display(),
+        backbone = backbone().display(),
+        a = site_a.display(),
+        b = site_b.display(),
+        held_out = held_out.display(),
+    );
+    let path = dir.join("own-images.toml");
+    std::fs::write(&path, text).expect("write trial");
+    path
+}
+
+/// The `model_id=` a log line that contains `needle` carries.
+fn model_id(log: &str, needle: &str) -> String {
+    let line = log
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{log}"));
+    line.split("model_id=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no model_id in {line}"))
+        .to_string()
+}
+
+#[test]
+fn a_fleet_trains_on_each_devices_own_image_folder_and_the_held_out_accuracy_rises() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (a, b, held_out) = (
+        dir.path().join("site-a"),
+        dir.path().join("site-b"),
+        dir.path().join("held-out"),
+    );
+    // Site A has no stripes, site B no red: the class list is the fleet's, not a folder's.
+    write_folder(&a, &["red", "blue"], 0, 8);
+    write_folder(&b, &["blue", "stripes"], 8, 8);
+    write_folder(&held_out, &["red", "blue", "stripes"], 16, 6);
+    let path = trial(dir.path(), &a, &b, &held_out);
+    let out = dir.path().join("out");
+    let report = run_fleet(&path, &out, Duration::from_secs(180)).report;
+
+    for r in 1..=ROUNDS {
+        let rec = round_record(&report, r);
+        assert_eq!(rec["status"], "ok", "round {r}: {rec}");
+        assert_eq!(rec["clients_ok"], 2, "round {r}: {rec}");
+    }
+    let accuracy = |r: u32| {
+        round_record(&report, r)["eval_accuracy"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no eval accuracy for round {r} in the report"))
+    };
+    let (first, last) = (accuracy(0), accuracy(ROUNDS));
+    eprintln!("held-out accuracy: round 0 {first:.3}, round {ROUNDS} {last:.3} (chance 0.333)");
+    assert!(
+        last >= 0.8 && last >= first,
+        "accuracy did not rise: round 0 {first}, round {ROUNDS} {last}"
+    );
+
+    // The aggregator evaluated on the user's held-out folder (18 pictures, 3 classes in sorted
+    // order), and every client joined with the same class list's model id.
+    let logs = out.join("logs");
+    let agg = std::fs::read_to_string(logs.join("aggregator.log")).expect("aggregator log");
+    let held = agg
+        .lines()
+        .find(|l| l.contains("held-out set read"))
+        .unwrap_or_else(|| panic!("no held-out line in:\n{agg}"));
+    assert!(
+        held.contains("dataset=\"image-folder\"") || held.contains("dataset=image-folder"),
+        "{held}"
+    );
+    assert!(
+        held.contains("examples=18") && held.contains(r#"["blue", "red", "stripes"]"#),
+        "{held}"
+    );
+    let id = model_id(&agg, "the fleet's class list");
+    assert!(id.starts_with("efficientnet-lite0#classes-"), "{id}");
+    for i in 0..2 {
+        let log = std::fs::read_to_string(logs.join(format!("client-{i:02}.log")))
+            .unwrap_or_else(|e| panic!("client {i}'s log: {e}"));
+        assert_eq!(model_id(&log, "the fleet's class list"), id, "client {i}");
+        assert!(
+            log.contains("examples=16"),
+            "client {i} read 16 pictures:\n{log}"
+        );
+    }
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use fedpeft_backbone::data::{OwnData, TextColumns};
 use fedpeft_config::aggregator::ModelTable;
-use fedpeft_config::data::{Column, check_classes, idx_labels_beside, text_columns};
+use fedpeft_config::data::{Column, check_classes, idx_labels, text_columns};
 use fedpeft_config::{ConfigError, DatasetKind, invalid};
 
 /// The held-out set every global adapter is evaluated on (`[model] dataset` and `eval_root`).
@@ -100,20 +100,8 @@ impl HeldOutData {
         let data = match kind {
             DatasetKind::ImageFolder => OwnData::ImageFolder { root },
             DatasetKind::Idx => {
-                let labels = m
-                    .eval_labels
-                    .clone()
-                    .or_else(|| idx_labels_beside(&root))
-                    .ok_or_else(|| {
-                        invalid(
-                            "model.eval_labels",
-                            format!(
-                                "is required: the name of {} has no `images-idx3` to find its \
-                                 labels file by",
-                                root.display()
-                            ),
-                        )
-                    })?;
+                let labels = idx_labels(&root, m.eval_labels.clone())
+                    .map_err(|why| invalid("model.eval_labels", why))?;
                 OwnData::Idx {
                     images: root,
                     labels,

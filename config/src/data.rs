@@ -98,6 +98,17 @@ pub fn idx_labels_beside(images: &Path) -> Option<PathBuf> {
         .then(|| images.with_file_name(name.replacen("images-idx3", "labels-idx1", 1)))
 }
 
+/// The labels file of IDX images file `images`: `given`, or the one beside it by MNIST's
+/// naming; why neither, for the key that names the labels.
+pub fn idx_labels(images: &Path, given: Option<PathBuf>) -> Result<PathBuf, String> {
+    given.or_else(|| idx_labels_beside(images)).ok_or_else(|| {
+        format!(
+            "is required: the name of {} has no `images-idx3` to find its labels file by",
+            images.display()
+        )
+    })
+}
+
 /// The column a [`text_columns`] refusal is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Column {

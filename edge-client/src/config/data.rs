@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use fedpeft_backbone::data::{OwnData, TextColumns};
-use fedpeft_config::data::{Column, check_classes, idx_labels_beside, text_columns};
+use fedpeft_config::data::{Column, check_classes, idx_labels, text_columns};
 use fedpeft_config::edge::{DataTable, PartitionKind};
 use fedpeft_config::{ConfigError, DatasetKind, invalid};
 
@@ -176,20 +176,8 @@ fn own(
     let data = match dataset {
         DatasetKind::ImageFolder => OwnData::ImageFolder { root },
         DatasetKind::Idx => {
-            let labels = table
-                .labels
-                .clone()
-                .or_else(|| idx_labels_beside(&root))
-                .ok_or_else(|| {
-                    invalid(
-                        "data.labels",
-                        format!(
-                            "is required: the name of {} has no `images-idx3` to find its labels \
-                             file by",
-                            root.display()
-                        ),
-                    )
-                })?;
+            let labels = idx_labels(&root, table.labels.clone())
+                .map_err(|why| invalid("data.labels", why))?;
             OwnData::Idx {
                 images: root,
                 labels,

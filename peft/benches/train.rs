@@ -7,7 +7,9 @@
 //! `conv-lora`, `conv-bias`: EfficientNet-Lite0 conv head at 96 px (input [64, 320, 3, 3],
 //! 320 → 1280, 10 classes; LoRA r = 8 on the 1×1 conv). `minilm-lora`, `minilm-bias`: two
 //! MiniLM blocks (hidden 384, 12 heads, intermediate 1536, sequence 64 with padding, 2 classes;
-//! LoRA r = 8 on q and v). `conv-lora-frozen`, `conv-bias-frozen`: the same steps with the
+//! LoRA r = 8 on q and v). `vit-lora`, `vit-bias`: the DINOv2 ViT-S/14 tail at 112 px (two
+//! pre-LN blocks with layer scale, hidden 384, 6 heads, 65 tokens, final LayerNorm, the CLS
+//! token under a 10-class head; LoRA r = 8 on q and v). `conv-lora-frozen`, `conv-bias-frozen`: the same steps with the
 //! batch's frozen prefix (the conv's `x·Wᵀ`) computed once beforehand, as the edge client does;
 //! their GEMM figure counts only the GEMMs that remain. `scripts/peft/bench_torch.py` runs the identical computation in
 //! PyTorch. Each configuration runs in its own child process so that peak RSS (VmHWM) is its
@@ -79,8 +81,28 @@ fn conv_weights(rng: &mut StdRng) -> FrozenWeights {
 }
 
 fn minilm_weights(rng: &mut StdRng) -> FrozenWeights {
+    FrozenWeights::from_map(block_weights(rng, false)).unwrap()
+}
+
+/// Two ViT-S/14 blocks: the MiniLM shapes plus layer scales and the final LayerNorm.
+fn vit_weights(rng: &mut StdRng) -> FrozenWeights {
+    FrozenWeights::from_map(block_weights(rng, true)).unwrap()
+}
+
+type WeightMap = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+fn block_weights(rng: &mut StdRng, vit: bool) -> WeightMap {
     let (d, i) = (384usize, 1536usize);
     let mut m = HashMap::new();
+    if vit {
+        m.insert("final_ln.weight".into(), (vec![d], vec![1.0; d]));
+        m.insert("final_ln.bias".into(), (vec![d], vec![0.0; d]));
+        for j in 0..2 {
+            for n in ["ls1", "ls2"] {
+                m.insert(format!("blocks.{j}.{n}"), (vec![d], vec![0.1; d]));
+            }
+        }
+    }
     for j in 0..2 {
         for n in ["q", "k", "v", "o"] {
             m.insert(
@@ -113,7 +135,7 @@ fn minilm_weights(rng: &mut StdRng) -> FrozenWeights {
             (vec![d], rand_vec(rng, d, 0.05)),
         );
     }
-    FrozenWeights::from_map(m).unwrap()
+    m
 }
 
 /// Forward + backward FLOPs of one step (multiply-add = 2), counting only the GEMMs.
@@ -133,6 +155,14 @@ fn step_flops(name: &str) -> f64 {
             0.0
         };
         fwd + lora
+    } else if name.starts_with("vit") {
+        // Block 1 on all 65 tokens; block 2 computes keys and values for all of them and the
+        // rest for the CLS token only.
+        let (s, d, i, h) = (65.0, 384.0, 1536.0, 6.0);
+        let full = 2.0 * b * s * (4.0 * d * d + 2.0 * d * i);
+        let last = 2.0 * b * (s * 2.0 * d * d + 2.0 * d * d + 2.0 * d * i);
+        let attn = 2.0 * b * h * 2.0 * (s * s + s) * (d / h);
+        2.0 * (full + last + attn) + (full + last + 2.0 * attn)
     } else {
         let (n, d, i, s, h) = (b * 64.0, 384.0, 1536.0, 64.0, 12.0);
         let proj = 2.0 * n * (4.0 * d * d + 2.0 * d * i);
@@ -161,6 +191,15 @@ fn run_one(name: &str, steps: usize) {
         (
             Family::ConvHead,
             conv_weights(&mut rng),
+            Batch::new(x, None),
+            10,
+        )
+    } else if name.starts_with("vit") {
+        let x =
+            ArrayD::from_shape_simple_fn(IxDyn(&[64, 65, 384]), || rng.random_range(-1.0f32..1.0));
+        (
+            Family::Vit(VitSpec::default()),
+            vit_weights(&mut rng),
             Batch::new(x, None),
             10,
         )
@@ -231,6 +270,8 @@ fn main() {
         "conv-bias-frozen",
         "minilm-lora",
         "minilm-bias",
+        "vit-lora",
+        "vit-bias",
     ];
     if args.first().map(String::as_str) == Some("gemm") {
         // The hot GEMM shape of the MiniLM tail: [4096, 384] x [384, 1536].

@@ -459,7 +459,9 @@ pub struct AttentionCache<T> {
 }
 
 impl AttentionCore {
-    /// `q, k, v: [B*S, D]`, `key_bias: [B, S]` → context `[B*S, D]`. Samples are split over
+    /// `q: [B*Sq, D]`, `k, v: [B*S, D]`, `key_bias: [B, S]` → context `[B*Sq, D]`. Each
+    /// sample's `Sq` queries attend to its `S` keys: `Sq = S` in every block but a CLS-pooled
+    /// tail's last, which needs only the CLS token's query (`Sq = 1`). Samples are split over
     /// [`threads`] threads: each (sample, head) pair is a small GEMM that matrixmultiply
     /// would run on one thread.
     pub fn forward<T: Real>(
@@ -470,9 +472,10 @@ impl AttentionCore {
         key_bias: ArrayView2<'_, T>,
     ) -> (Array2<T>, AttentionCache<T>) {
         let (b, s) = key_bias.dim();
+        let sq = q.nrows() / b.max(1);
         let d = q.ncols();
-        let mut probs = Array4::<T>::zeros((b, self.heads, s, s));
-        let mut ctx = Array2::<T>::zeros((b * s, d));
+        let mut probs = Array4::<T>::zeros((b, self.heads, sq, s));
+        let mut ctx = Array2::<T>::zeros((b * sq, d));
         let heads = self.heads;
         let chunks = split_batch(b);
         std::thread::scope(|sc| {
@@ -480,14 +483,13 @@ impl AttentionCore {
             let mut ctx_rest = ctx.view_mut();
             for (i, &(b0, b1)) in chunks.iter().enumerate() {
                 let (p_here, p_next) = probs_rest.split_at(Axis(0), b1 - b0);
-                let (c_here, c_next) = ctx_rest.split_at(Axis(0), (b1 - b0) * s);
+                let (c_here, c_next) = ctx_rest.split_at(Axis(0), (b1 - b0) * sq);
                 probs_rest = p_next;
                 ctx_rest = c_next;
-                let rows = b0 * s..b1 * s;
                 let (qv, kv, vv) = (
-                    q.slice(s![rows.clone(), ..]),
-                    k.slice(s![rows.clone(), ..]),
-                    v.slice(s![rows, ..]),
+                    q.slice(s![b0 * sq..b1 * sq, ..]),
+                    k.slice(s![b0 * s..b1 * s, ..]),
+                    v.slice(s![b0 * s..b1 * s, ..]),
                 );
                 let bias = key_bias.slice(s![b0..b1, ..]);
                 let work = move || attn_forward_chunk(heads, qv, kv, vv, bias, p_here, c_here);
@@ -501,14 +503,14 @@ impl AttentionCore {
         (ctx, AttentionCache { q, k, v, probs })
     }
 
-    /// Backward: `dctx [B*S, D]` → `(dq, dk, dv)`.
+    /// Backward: `dctx [B*Sq, D]` → `(dq [B*Sq, D], dk [B*S, D], dv [B*S, D])`.
     pub fn backward<T: Real>(
         &self,
         cache: AttentionCache<T>,
         dctx: ArrayView2<'_, T>,
     ) -> (Array2<T>, Array2<T>, Array2<T>) {
         let AttentionCache { q, k, v, probs } = cache;
-        let (b, _, s, _) = probs.dim();
+        let (b, _, sq, s) = probs.dim();
         let mut dq = Array2::<T>::zeros(q.raw_dim());
         let mut dk = Array2::<T>::zeros(k.raw_dim());
         let mut dv = Array2::<T>::zeros(v.raw_dim());
@@ -517,20 +519,19 @@ impl AttentionCore {
             let (mut dq_rest, mut dk_rest, mut dv_rest) =
                 (dq.view_mut(), dk.view_mut(), dv.view_mut());
             for (i, &(b0, b1)) in chunks.iter().enumerate() {
-                let n = (b1 - b0) * s;
-                let (dq_here, r) = dq_rest.split_at(Axis(0), n);
+                let (nq, n) = ((b1 - b0) * sq, (b1 - b0) * s);
+                let (dq_here, r) = dq_rest.split_at(Axis(0), nq);
                 dq_rest = r;
                 let (dk_here, r) = dk_rest.split_at(Axis(0), n);
                 dk_rest = r;
                 let (dv_here, r) = dv_rest.split_at(Axis(0), n);
                 dv_rest = r;
-                let rows = b0 * s..b1 * s;
                 let (qv, kv, vv) = (
-                    q.slice(s![rows.clone(), ..]),
-                    k.slice(s![rows.clone(), ..]),
-                    v.slice(s![rows.clone(), ..]),
+                    q.slice(s![b0 * sq..b1 * sq, ..]),
+                    k.slice(s![b0 * s..b1 * s, ..]),
+                    v.slice(s![b0 * s..b1 * s, ..]),
                 );
-                let dc = dctx.slice(s![rows, ..]);
+                let dc = dctx.slice(s![b0 * sq..b1 * sq, ..]);
                 let pv = probs.slice(s![b0..b1, .., .., ..]);
                 let work =
                     move || attn_backward_chunk(qv, kv, vv, pv, dc, dq_here, dk_here, dv_here);
@@ -577,14 +578,15 @@ fn attn_forward_chunk<T: Real>(
     mut ctx: ndarray::ArrayViewMut2<'_, T>,
 ) {
     let (b, s) = key_bias.dim();
+    let sq = probs.dim().2;
     let dh = q.ncols() / heads;
     let scale = T::lit(1.0 / (dh as f64).sqrt());
     for bi in 0..b {
-        let rows = bi * s..(bi + 1) * s;
+        let (qrows, rows) = (bi * sq..(bi + 1) * sq, bi * s..(bi + 1) * s);
         let bias = key_bias.row(bi);
         for hi in 0..heads {
             let cols = hi * dh..(hi + 1) * dh;
-            let qs = q.slice(s![rows.clone(), cols.clone()]);
+            let qs = q.slice(s![qrows.clone(), cols.clone()]);
             let ks = k.slice(s![rows.clone(), cols.clone()]);
             let vs = v.slice(s![rows.clone(), cols.clone()]);
             let mut pm = probs.slice_mut(s![bi, hi, .., ..]);
@@ -593,7 +595,7 @@ fn attn_forward_chunk<T: Real>(
                 row += &bias;
                 softmax_in_place(row.as_slice_mut().expect("contiguous"));
             }
-            let mut cs = ctx.slice_mut(s![rows.clone(), cols]);
+            let mut cs = ctx.slice_mut(s![qrows.clone(), cols]);
             general_mat_mul(T::one(), &pm, &vs, T::zero(), &mut cs);
         }
     }
@@ -610,17 +612,17 @@ fn attn_backward_chunk<T: Real>(
     mut dk: ndarray::ArrayViewMut2<'_, T>,
     mut dv: ndarray::ArrayViewMut2<'_, T>,
 ) {
-    let (b, h, s, _) = probs.dim();
+    let (b, h, sq, s) = probs.dim();
     let dh = q.ncols() / h;
     let scale = T::lit(1.0 / (dh as f64).sqrt());
-    let mut ds = Array2::<T>::zeros((s, s));
+    let mut ds = Array2::<T>::zeros((sq, s));
     for bi in 0..b {
-        let rows = bi * s..(bi + 1) * s;
+        let (qrows, rows) = (bi * sq..(bi + 1) * sq, bi * s..(bi + 1) * s);
         for hi in 0..h {
             let cols = hi * dh..(hi + 1) * dh;
             let pm = probs.slice(s![bi, hi, .., ..]);
-            let dc = dctx.slice(s![rows.clone(), cols.clone()]);
-            let qs = q.slice(s![rows.clone(), cols.clone()]);
+            let dc = dctx.slice(s![qrows.clone(), cols.clone()]);
+            let qs = q.slice(s![qrows.clone(), cols.clone()]);
             let ks = k.slice(s![rows.clone(), cols.clone()]);
             let vs = v.slice(s![rows.clone(), cols.clone()]);
             // dV = Pᵀ·dC
@@ -646,7 +648,7 @@ fn attn_backward_chunk<T: Real>(
                 &ds,
                 &ks,
                 T::zero(),
-                &mut dq.slice_mut(s![rows.clone(), cols.clone()]),
+                &mut dq.slice_mut(s![qrows.clone(), cols.clone()]),
             );
             general_mat_mul(
                 scale,

@@ -14,6 +14,10 @@ Configurations, batch 64, SGD momentum 0.9, random weights with the real shapes:
   minilm-lora / minilm-bias two post-LN BERT blocks (hidden 384, 12 heads, FFN 1536, GELU erf),
                             sequence 64 with padding, masked mean pooling, Linear(384, 2);
                             LoRA r=8 on q and v, or every bias (linear + LayerNorm) + head.
+  vit-lora / vit-bias       two pre-LN DINOv2 ViT-S/14 blocks (hidden 384, 6 heads, MLP 1536,
+                            GELU erf, layer scale), 65 tokens (112 px), final LayerNorm, CLS
+                            token -> Linear(384, 10), as Hugging Face's Dinov2 runs them (every
+                            token through every block); LoRA r=8 on q and v, or BitFit + head.
 """
 import json
 import math
@@ -124,10 +128,66 @@ def minilm_setup(lora):
     return params, step
 
 
+def vit_setup(lora):
+    d, inter, heads, s, b = 384, 1536, 6, 65, 64
+    x = torch.rand(b, s, d) * 2 - 1
+    labels = torch.arange(b) % 10
+    params, blocks = [], []
+    for _ in range(2):
+        blk = {}
+        for n in "qkvo":
+            blk[n + ".w"], blk[n + ".b"] = frozen(d, d), frozen(d)
+        blk["up.w"], blk["up.b"] = frozen(inter, d), frozen(inter)
+        blk["down.w"], blk["down.b"] = frozen(d, inter, scale=0.025), frozen(d)
+        for n in ("ln1", "ln2"):
+            blk[n + ".w"], blk[n + ".b"] = torch.ones(d), torch.zeros(d)
+        blk["ls1"], blk["ls2"] = torch.full((d,), 0.1), torch.full((d,), 0.1)
+        if lora:
+            for n in "qv":
+                blk[n + ".la"] = param(frozen(8, d, scale=1 / math.sqrt(d)))
+                blk[n + ".lb"] = param(torch.zeros(d, 8))
+                params += [blk[n + ".la"], blk[n + ".lb"]]
+        else:
+            for key in list(blk):
+                if key.endswith(".b"):
+                    blk[key] = param(blk[key])
+                    params.append(blk[key])
+        blocks.append(blk)
+    fw, fb = torch.ones(d), torch.zeros(d)
+    if not lora:
+        fb = param(fb)
+        params.append(fb)
+    hw, hb = param(frozen(10, d, scale=1 / math.sqrt(d))), param(frozen(10, scale=1 / math.sqrt(d)))
+    params += [hw, hb]
+
+    def lin(blk, n, h):
+        y = F.linear(h, blk[n + ".w"], blk[n + ".b"])
+        if n + ".la" in blk:
+            y = y + 2.0 * F.linear(F.linear(h, blk[n + ".la"]), blk[n + ".lb"])
+        return y
+
+    def split(t):
+        return t.view(b, s, heads, d // heads).transpose(1, 2)
+
+    def step():
+        h = x
+        for blk in blocks:
+            a = F.layer_norm(h, (d,), blk["ln1.w"], blk["ln1.b"], eps=1e-6)
+            ctx = F.scaled_dot_product_attention(split(lin(blk, "q", a)), split(lin(blk, "k", a)),
+                                                 split(lin(blk, "v", a)))
+            h = h + blk["ls1"] * lin(blk, "o", ctx.transpose(1, 2).reshape(b, s, d))
+            a = F.layer_norm(h, (d,), blk["ln2.w"], blk["ln2.b"], eps=1e-6)
+            h = h + blk["ls2"] * lin(blk, "down", F.gelu(lin(blk, "up", a)))
+        cls = F.layer_norm(h, (d,), fw, fb, eps=1e-6)[:, 0]
+        return F.cross_entropy(cls @ hw.T + hb, labels)
+
+    return params, step
+
+
 def run_one(name, steps):
     torch.manual_seed(1)
     torch.set_num_threads(THREADS)
-    setup = conv_setup if name.startswith("conv") else minilm_setup
+    setup = {"conv": conv_setup, "minilm": minilm_setup, "vit": vit_setup}[name.split("-")[0]]
     params, loss_fn = setup(name.endswith("lora"))
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
 
@@ -157,5 +217,5 @@ if __name__ == "__main__":
     if args:
         run_one(args[0], int(args[1]) if len(args) > 1 else (200 if args[0].startswith("conv") else 10))
     else:
-        for c in ["conv-lora", "conv-bias", "minilm-lora", "minilm-bias"]:
+        for c in ["conv-lora", "conv-bias", "minilm-lora", "minilm-bias", "vit-lora", "vit-bias"]:
             subprocess.run([sys.executable, __file__, c], check=True)

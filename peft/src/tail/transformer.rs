@@ -240,8 +240,11 @@ impl TransformerNet {
         let np = self.prompt_len(p);
         let mut h = Arc::new(x.into_shape_with_order((b * s_all, d)).expect("contiguous"));
         let mut caches = Vec::new();
-        for blk in &self.blocks {
-            let (out, c) = blk.forward(p, &h, key_bias.view(), rng.as_deref_mut());
+        let last = self.blocks.len() - 1;
+        for (j, blk) in self.blocks.iter().enumerate() {
+            // The classifier reads the CLS token alone: the last block computes no other.
+            let first_only = self.pool == Pool::Cls && j == last;
+            let (out, c) = blk.forward(p, &h, key_bias.view(), rng.as_deref_mut(), first_only);
             if keep_cache {
                 caches.push(c);
             }
@@ -301,7 +304,8 @@ impl TransformerNet {
         (x, pool_mask, key_bias)
     }
 
-    /// `[B, D]` from the last tokens `[B*S, D]`.
+    /// `[B, D]` from the last tokens: `[B*S, D]` for a mean, `[B, D]` already for the CLS
+    /// token (the last block computed no other).
     fn pool_forward<T: Real>(
         &self,
         tokens: ArrayView2<'_, T>,
@@ -309,11 +313,11 @@ impl TransformerNet {
     ) -> Array2<T> {
         match self.pool {
             Pool::MaskedMean => masked_mean_forward(tokens, pool_mask),
-            Pool::Cls => tokens.slice(s![..;pool_mask.ncols(), ..]).to_owned(),
+            Pool::Cls => tokens.to_owned(),
         }
     }
 
-    /// Backward of [`Self::pool_forward`]: `[B, D]` → `[B*S, D]`.
+    /// Backward of [`Self::pool_forward`].
     fn pool_backward<T: Real>(
         &self,
         dpooled: ArrayView2<'_, T>,
@@ -321,12 +325,7 @@ impl TransformerNet {
     ) -> Array2<T> {
         match self.pool {
             Pool::MaskedMean => masked_mean_backward(dpooled, pool_mask),
-            Pool::Cls => {
-                let (b, s) = pool_mask.dim();
-                let mut dx = Array2::zeros((b * s, dpooled.ncols()));
-                dx.slice_mut(s![..;s, ..]).assign(&dpooled);
-                dx
-            }
+            Pool::Cls => dpooled.to_owned(),
         }
     }
 

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 pub use fedpeft_config::ConfigError;
 pub use fedpeft_config::aggregator::AggregatorFile;
 use fedpeft_config::aggregator::{
-    DpTable, LocalTable, ModelTable, OutputTable, QuorumFailureSetting,
+    DpTable, KeepGlobals, KeepPolicy, LocalTable, ModelTable, OutputTable, QuorumFailureSetting,
 };
 use fedpeft_config::broker::EmbeddedBrokerTable;
 use fedpeft_config::{BrokerTable, SecurityTable, invalid};
@@ -98,6 +98,8 @@ pub struct Config {
     pub model: ModelConfig,
     pub output_dir: PathBuf,
     pub resume: bool,
+    /// `[output] keep_globals`.
+    pub keep_globals: KeepGlobals,
     pub security: SecurityConfig,
 }
 
@@ -153,6 +155,16 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
         model: validate_model(file.model)?,
         output_dir: output.dir.unwrap_or_else(|| PathBuf::from("runs/latest")),
         resume: output.resume.unwrap_or(true),
+        keep_globals: match output.keep_globals {
+            Some(KeepGlobals::Last(0)) => {
+                return Err(invalid(
+                    "output.keep_globals",
+                    "keeping the last 0 rounds keeps nothing; give \"all\", \"best\" or N >= 1",
+                ));
+            }
+            Some(k) => k,
+            None => KeepGlobals::Policy(KeepPolicy::All),
+        },
         security: validate_security(file.security)?,
     })
 }

@@ -38,6 +38,10 @@ pub trait ModelHost: Send + std::fmt::Debug {
     fn backbone_sha256(&self) -> Option<[u8; 32]> {
         None
     }
+    /// The class names in label-id order, if the host knows them.
+    fn classes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A host without a model: the adapter layout comes from the config (`model.tensors`), starts

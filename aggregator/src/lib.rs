@@ -32,6 +32,7 @@ pub mod adapter;
 pub mod broker;
 pub mod checkpoint;
 pub mod config;
+pub mod globals;
 pub mod held_out;
 pub mod host;
 pub mod keys;

@@ -28,9 +28,8 @@ use crate::adapter::Adapter;
 pub use crate::held_out::HeldOutData;
 use crate::host::{Evaluation, HostError, ModelHost};
 
-/// Seed of the held-out subset of the user's own data when it holds more than
-/// `eval_examples`: fixed, so every run of a fleet evaluates on the same examples.
-pub const HELD_OUT_SUBSET_SEED: u64 = 0x00e7_a1d5;
+pub use fedpeft_backbone::data::HELD_OUT_SUBSET_SEED;
+use fedpeft_backbone::data::held_out_subset;
 
 /// Where the backbone host gets its model and held-out data.
 #[derive(Debug, Clone)]
@@ -85,6 +84,7 @@ pub struct BackboneHost {
     backbone_params: u64,
     backbone_id: String,
     backbone_sha256: [u8; 32],
+    class_names: Vec<String>,
 }
 
 /// Default [`BackboneHostConfig::frozen_budget`]: 512 MiB.
@@ -98,20 +98,6 @@ fn err(dir: &Path, what: &str, e: impl std::fmt::Display) -> HostError {
 enum HeldOutSet {
     Images(ImageDataset, Vec<usize>),
     Texts(TextDataset, Vec<usize>),
-}
-
-/// At most `n` of `0..len`: all, or a seeded random subset in ascending order.
-fn subset(len: usize, n: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..len).collect();
-    if n < len {
-        use rand::SeedableRng;
-        use rand::seq::SliceRandom;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(HELD_OUT_SUBSET_SEED);
-        idx.shuffle(&mut rng);
-        idx.truncate(n);
-        idx.sort_unstable();
-    }
-    idx
 }
 
 /// Reads the held-out set `cfg.eval` names: the examples to evaluate and, for the user's own
@@ -144,13 +130,13 @@ fn read_held_out(cfg: &BackboneHostConfig) -> Result<(HeldOutSet, Option<Vec<Str
             };
             let set = if data.is_text() {
                 let ds = data.load_texts(&classes).map_err(data_err)?;
-                let idx = subset(ds.len(), cfg.eval_examples);
+                let idx = held_out_subset(ds.len(), cfg.eval_examples);
                 HeldOutSet::Texts(ds, idx)
             } else {
                 let ds = data
                     .load_images(&classes, cfg.image_size)
                     .map_err(data_err)?;
-                let idx = subset(ds.len(), cfg.eval_examples);
+                let idx = held_out_subset(ds.len(), cfg.eval_examples);
                 HeldOutSet::Images(ds, idx)
             };
             (set, Some(classes))
@@ -302,6 +288,10 @@ impl BackboneHost {
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .ok_or_else(|| err(dir, "manifest", "trunk sha256 is not 64 hex digits"))?;
         let (set, fleet_classes) = read_held_out(cfg)?;
+        let class_names = match &set {
+            HeldOutSet::Images(ds, _) => ds.classes.clone(),
+            HeldOutSet::Texts(ds, _) => ds.classes.clone(),
+        };
         let classes = match &set {
             HeldOutSet::Images(ds, _) => ds.num_classes(),
             HeldOutSet::Texts(ds, _) => ds.num_classes(),
@@ -350,6 +340,7 @@ impl BackboneHost {
             backbone_params,
             backbone_id,
             backbone_sha256: sha,
+            class_names,
         })
     }
 
@@ -448,5 +439,8 @@ impl ModelHost for BackboneHost {
     }
     fn backbone_sha256(&self) -> Option<[u8; 32]> {
         Some(self.backbone_sha256)
+    }
+    fn classes(&self) -> Vec<String> {
+        self.class_names.clone()
     }
 }

@@ -93,6 +93,7 @@ pub fn build(state: &MachineState, ledger: &Ledger, info: &RunInfo, finished: bo
             dp_delta: last_dp.and_then(|r| r.robust.dp_delta),
         },
         local_dp: local_dp(&state.records),
+        globals: None,
     }
 }
 

@@ -21,6 +21,7 @@ use crate::broker::{self, BrokerError};
 use crate::checkpoint::Saved;
 use crate::checkpoint::{self, CheckpointError};
 use crate::config::{BrokerTarget, Config};
+use crate::globals::GlobalStore;
 use crate::host::{HostError, ModelHost};
 use crate::keys::{Enrolment, KeysError};
 use crate::outbox::{Outbox, Outgoing};
@@ -28,6 +29,7 @@ use crate::report::{Report, RunInfo};
 use crate::round::{Action, Event, RestoreError, RoundMachine, Rules};
 use crate::strategy;
 use crate::wire::Inbox;
+use fedpeft_config::report::{AdapterModel, TensorLayout};
 
 /// Why a run stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +190,7 @@ struct Shell {
     info: RunInfo,
     ckpt_path: PathBuf,
     global_path: PathBuf,
+    globals: GlobalStore,
     broker_addr: SocketAddr,
     /// `mqtt` or `mqtts`, for the ready line.
     scheme: &'static str,
@@ -244,7 +247,19 @@ impl Shell {
         let (machine, outbox) =
             resume_or_start(&config, &rules, host.as_mut(), &ckpt_path, outbox)?;
         let broker_addr = start_broker(&config)?;
+        let globals = GlobalStore::open(
+            &config.output_dir,
+            config.keep_globals,
+            config.run.fleet.as_str(),
+            config.run.run_id,
+            adapter_model(&config, host.as_ref())?,
+        )
+        .map_err(|source| RunError::Report {
+            dir: config.output_dir.join(crate::globals::GLOBALS_DIR),
+            source,
+        })?;
         Ok(Shell {
+            globals,
             info: RunInfo {
                 fleet: config.run.fleet.to_string(),
                 peft: format!("{:?}", config.model.peft),
@@ -466,17 +481,20 @@ impl Shell {
         receivers: &[String],
         client: &AsyncClient,
     ) -> Result<(), RunError> {
-        let global = matches!(message, Outgoing::Global(_));
+        let global = match &message {
+            Outgoing::Global(g) => Some(g.round),
+            _ => None,
+        };
         let Some(sealed) = self.outbox.send(message, round, receivers) else {
             return Ok(());
         };
-        if global {
-            checkpoint::write_atomic(&self.global_path, &sealed.envelope).map_err(|source| {
-                RunError::Report {
+        if let Some(global_round) = global {
+            self.globals
+                .published(global_round, &sealed.envelope, &self.global_path)
+                .map_err(|source| RunError::Report {
                     dir: self.config.output_dir.clone(),
                     source,
-                }
-            })?;
+                })?;
             tracing::debug!(bytes = sealed.envelope.len(), path = %self.global_path.display(), "global adapter saved");
         }
         for p in sealed.packets {
@@ -494,6 +512,14 @@ impl Shell {
         adapter: &crate::adapter::Adapter,
     ) -> Result<Vec<Action>, RunError> {
         let result = tokio::task::block_in_place(|| self.host.evaluate(adapter));
+        if let Ok(Some(e)) = &result {
+            self.globals
+                .evaluated(round, e.accuracy, e.loss)
+                .map_err(|source| RunError::Report {
+                    dir: self.config.output_dir.clone(),
+                    source,
+                })?;
+        }
         let actions = match result {
             Ok(Some(e)) => self.machine.on_event(
                 Event::Evaluated {
@@ -557,12 +583,13 @@ impl Shell {
     }
 
     fn write_report(&self) -> Result<Report, RunError> {
-        let report = crate::report::build(
+        let mut report = crate::report::build(
             self.machine.state(),
             self.outbox.ledger(),
             &self.info,
             self.finished,
         );
+        report.globals = Some(self.globals.index().clone());
         crate::report::write(&report, &self.config.output_dir).map_err(|source| {
             RunError::Report {
                 dir: self.config.output_dir.clone(),
@@ -571,6 +598,53 @@ impl Shell {
         })?;
         Ok(report)
     }
+}
+
+/// What the run's adapters fit, for `globals/index.json`.
+fn adapter_model(config: &Config, host: &dyn ModelHost) -> Result<AdapterModel, RunError> {
+    use fedpeft_protocol::PeftMethod;
+    let m = &config.model;
+    let (mut rank, mut alpha, mut bottleneck, mut tokens) = (None, None, None, None);
+    let peft = match m.peft {
+        PeftMethod::Head => "head",
+        PeftMethod::Bias => "bias",
+        PeftMethod::Lora { rank: r, alpha: a } => {
+            (rank, alpha) = (Some(r), Some(a));
+            "lora"
+        }
+        PeftMethod::Adapter { bottleneck: b } => {
+            bottleneck = Some(b);
+            "adapter"
+        }
+        PeftMethod::Prompt { tokens: t } => {
+            tokens = Some(t);
+            "prompt"
+        }
+        PeftMethod::FullTail => "full-tail",
+    };
+    let tensors = host
+        .initial_adapter()?
+        .tensors
+        .iter()
+        .map(|t| TensorLayout {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+        })
+        .collect();
+    Ok(AdapterModel {
+        backbone: m.backbone.as_ref().map(|p| p.display().to_string()),
+        backbone_id: host.backbone_id(),
+        backbone_sha256: host.backbone_sha256().map(hex::encode),
+        peft: peft.into(),
+        lora_rank: rank,
+        lora_alpha: alpha,
+        bottleneck,
+        prompt_tokens: tokens,
+        classes: host.classes(),
+        image_size: m.backbone.is_some().then_some(m.image_size),
+        max_seq_len: m.max_seq_len,
+        tensors,
+    })
 }
 
 /// The machine and the outbox resumed from the checkpoint in the output folder, or a fresh run

@@ -1,5 +1,6 @@
 //! Trunk throughput of each runtime on this machine, one JSON line per measurement:
-//! images/s at 96 and 224 px (EfficientNet-Lite0) and sentences/s at 64 and 128 tokens
+//! images/s at 96 and 224 px (EfficientNet-Lite0) and at 112 px (the DINOv2 ViT-S/14 trunk, ten
+//! blocks; measured when `make models` built it), and sentences/s at 64 and 128 tokens
 //! (all-MiniLM-L6-v2 trunk). The onnxruntime Python peer is scripts/models/bench_onnxruntime.py;
 //! scripts/models/bench.sh runs both and prints the ratios.
 //!
@@ -28,7 +29,25 @@ fn main() -> Result<()> {
     }
     let vision = Backbone::by_id("efficientnet-lite0")?;
     let text = Backbone::by_id("all-minilm-l6-v2")?;
+    let vit = Backbone::by_id("dinov2-vits14").ok();
     for rt in runtimes {
+        if let Some(vit) = &vit {
+            let size = 112;
+            let cfg = TrunkConfig::default()
+                .with_runtime(rt)
+                .with_image_size(size)
+                .with_threads(threads);
+            let trunk = open_trunk(vit, &cfg)?;
+            let x = Array4::from_shape_fn((batch, 3, size, size), |(b, c, h, w)| {
+                (((b * 7 + c * 13 + h * 31 + w * 17) % 255) as f32 / 127.5) - 1.0
+            });
+            let input = TrunkInput::Image(x);
+            let rate = measure(seconds, batch, || trunk.run(&input).map(|_| ()))?;
+            println!(
+                "{{\"runtime\":\"{}\",\"model\":\"dinov2-vits14\",\"input\":\"{size}px\",\"batch\":{batch},\"threads\":{threads},\"per_second\":{rate:.1}}}",
+                trunk.runtime().name()
+            );
+        }
         for size in [96usize, 224] {
             let cfg = TrunkConfig::default()
                 .with_runtime(rt)

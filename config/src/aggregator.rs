@@ -208,6 +208,37 @@ pub struct OutputTable {
     pub dir: Option<PathBuf>,
     /// Resume from `dir/aggregator.ckpt` if present. Default true.
     pub resume: Option<bool>,
+    /// Which rounds' global adapters stay in `dir/globals/`: `"all"`, `"best"` (the best
+    /// evaluated and the last), or a number N (the last N, and the best). Default `"all"`.
+    pub keep_globals: Option<KeepGlobals>,
+}
+
+/// `[output] keep_globals`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum KeepGlobals {
+    /// `"all"` or `"best"`.
+    Policy(KeepPolicy),
+    /// The last N rounds' (and the best).
+    Last(u32),
+}
+
+/// The named `keep_globals` policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeepPolicy {
+    All,
+    Best,
+}
+
+impl std::fmt::Display for KeepGlobals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeepGlobals::Policy(KeepPolicy::All) => f.write_str("all"),
+            KeepGlobals::Policy(KeepPolicy::Best) => f.write_str("best"),
+            KeepGlobals::Last(n) => write!(f, "last {n}"),
+        }
+    }
 }
 
 #[cfg(test)]

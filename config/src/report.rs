@@ -67,6 +67,84 @@ pub struct Report {
     pub rounds: Vec<RoundRecord>,
     pub robust: RobustTotals,
     pub local_dp: Option<LocalDp>,
+    /// Every round's global adapter the aggregator kept (`globals/index.json`); absent in
+    /// reports of older versions.
+    #[serde(default)]
+    pub globals: Option<GlobalIndex>,
+}
+
+/// The schema name `globals/index.json` carries.
+pub const GLOBALS_SCHEMA: &str = "fedpeft-globals/1";
+
+/// `globals/index.json`: what the global adapters a run kept are, and how to use them. Each
+/// file is the global adapter exactly as the aggregator published it (a protocol envelope,
+/// signed when the aggregator signs), so its signature can still be checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GlobalIndex {
+    /// [`GLOBALS_SCHEMA`].
+    pub schema: String,
+    pub fleet: String,
+    pub run_id: u64,
+    /// What the adapters fit.
+    pub model: AdapterModel,
+    /// `keep_globals` as configured ("all", "best", "last N").
+    pub keep: String,
+    /// One entry per published global adapter, by round (round 0: the initial adapter).
+    pub rounds: Vec<GlobalEntry>,
+    /// The round with the highest held-out accuracy (the earliest among equals), if any
+    /// round was evaluated.
+    pub best: Option<u32>,
+    /// The newest round.
+    pub last: Option<u32>,
+}
+
+impl GlobalIndex {
+    /// The entry of `round`.
+    pub fn entry(&self, round: u32) -> Option<&GlobalEntry> {
+        self.rounds.iter().find(|e| e.round == round)
+    }
+}
+
+/// The model a run's adapters belong to: enough to rebuild the tail they fit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterModel {
+    /// The backbone folder as the aggregator was given it, if it had one.
+    pub backbone: Option<String>,
+    /// The backbone's identity (with the class-list digest for own data) and its trunk's
+    /// sha256: an adapter is refused on another backbone.
+    pub backbone_id: Option<String>,
+    pub backbone_sha256: Option<String>,
+    /// head | bias | lora | adapter | prompt | full-tail, with the method's settings.
+    pub peft: String,
+    pub lora_rank: Option<u16>,
+    pub lora_alpha: Option<f32>,
+    pub bottleneck: Option<u16>,
+    pub prompt_tokens: Option<u16>,
+    /// The class names in label-id order (empty without a backbone).
+    pub classes: Vec<String>,
+    pub image_size: Option<usize>,
+    pub max_seq_len: Option<usize>,
+    /// The adapter's tensors, in wire order.
+    pub tensors: Vec<TensorLayout>,
+}
+
+/// A tensor's name and shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorLayout {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// One round's global adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GlobalEntry {
+    pub round: u32,
+    /// The file, relative to the run's output folder (`globals/round-0007.bin`); `None` once
+    /// the retention policy removed it.
+    pub file: Option<String>,
+    pub bytes: u64,
+    pub eval_accuracy: Option<f64>,
+    pub eval_loss: Option<f64>,
 }
 
 /// Sample-level DP-SGD run on the clients, as they stated it: each client's accountant covers

@@ -23,6 +23,8 @@
 pub mod accounting;
 pub mod client;
 pub mod config;
+pub mod model;
+pub mod predict;
 pub mod session;
 pub mod setup;
 pub use fedpeft_tls as tls;

@@ -24,6 +24,16 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    init_logging()?;
+    if let Some(fedpeft_edge::config::Command::Predict(args)) = &cli.command {
+        let stdout = std::io::stdout();
+        return fedpeft_edge::predict::run(args, &mut stdout.lock());
+    }
+    run_client(&cli)
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default info).
+fn init_logging() -> anyhow::Result<()> {
     // RUST_LOG as `level` or `target=level,...` directives (e.g. `info,fedpeft_edge=debug`).
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => spec
@@ -43,7 +53,12 @@ fn main() -> anyhow::Result<()> {
         )
         .with(filter)
         .init();
-    let cfg = EdgeConfig::from_cli(&cli).context("invalid configuration")?;
+    Ok(())
+}
+
+/// The client: joins the fleet and trains until the run is done.
+fn run_client(cli: &Cli) -> anyhow::Result<()> {
+    let cfg = EdgeConfig::from_cli(cli).context("invalid configuration")?;
     tracing::info!(client = %cfg.client_id, fleet = %cfg.fleet, broker = %cfg.broker, "starting");
 
     // Trunk activations are computed (or loaded from the cache) before connecting, so a joined

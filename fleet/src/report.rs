@@ -114,6 +114,7 @@ pub(crate) mod fixtures {
                 dp_delta: None,
             },
             local_dp: None,
+            globals: None,
         }
     }
 

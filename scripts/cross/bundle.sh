@@ -8,6 +8,8 @@
 #              library is JetPack's onnxruntime-gpu, installed on the board, not bundled
 # The binary is built with [profile.edge] (fat LTO, 1 codegen unit, panic=abort, stripped).
 # Needs `make models` (the EfficientNet-Lite0 trunk) and scripts/cross/setup.sh for the target.
+# BUNDLE_MODELS (space-separated backbone ids, default efficientnet-lite0) picks the models the
+# bundle carries, e.g. BUNDLE_MODELS="efficientnet-lite0 dinov2-vits14" for the ViT as well.
 # BUNDLE_PROFILE (default edge) and BUNDLE_FEATURES (cargo feature flags, default per board) let
 # `make test-cross` pack the debug build its tests already made, to check the install.
 set -euo pipefail
@@ -20,9 +22,11 @@ case $name in
   jetson) triple=aarch64-unknown-linux-gnu; features=(--no-default-features --features ort,cuda,tensorrt) ;;
   *) echo "bundle: unknown board '$name' (aarch64, armv7, jetson)" >&2; exit 2 ;;
 esac
-model=models/build/efficientnet-lite0
-for f in trunk.onnx tail.safetensors manifest.json; do
-  [ -f "$model/$f" ] || { echo "bundle: $model/$f is missing: run make models" >&2; exit 1; }
+read -r -a models <<<"${BUNDLE_MODELS:-efficientnet-lite0}"
+for m in "${models[@]}"; do
+  for f in trunk.onnx tail.safetensors manifest.json; do
+    [ -f "models/build/$m/$f" ] || { echo "bundle: models/build/$m/$f is missing: run make models" >&2; exit 1; }
+  done
 done
 
 if [ -n "${BUNDLE_FEATURES+set}" ]; then read -r -a features <<<"$BUNDLE_FEATURES"; fi
@@ -33,9 +37,12 @@ bin=${CARGO_TARGET_DIR:-target}/$triple/$([ "$profile" = dev ] && echo debug || 
 
 stage=$dist/fedpeft-edge-$name
 mkdir -p "$dist"
-rm -rf "$stage" && mkdir -p "$stage/bin" "$stage/models/efficientnet-lite0"
+rm -rf "$stage" && mkdir -p "$stage/bin"
 cp "$bin" "$stage/bin/edge-client"
-cp "$model"/{trunk.onnx,tail.safetensors,manifest.json} "$stage/models/efficientnet-lite0/"
+for m in "${models[@]}"; do
+  mkdir -p "$stage/models/$m"
+  cp "models/build/$m"/{trunk.onnx,tail.safetensors,manifest.json} "$stage/models/$m/"
+done
 cp cross/install.sh cross/fedpeft-edge.service cross/edge.example.toml "$stage/"
 ort_dylib=""
 case $name in

@@ -41,6 +41,14 @@ def main():
         rate = measure(a.seconds, a.batch, lambda: s.run(None, {"pixels": x}))
         print(json.dumps({"runtime": "onnxruntime-python", "model": "efficientnet-lite0", "input": f"{size}px",
                           "batch": a.batch, "threads": a.threads, "per_second": round(rate, 1)}))
+    if (BUILD / "dinov2-vits14" / "trunk.onnx").exists():
+        s = session("dinov2-vits14", a.threads)
+        size = 112
+        b, c, h, w = np.indices((a.batch, 3, size, size))
+        x = (((b * 7 + c * 13 + h * 31 + w * 17) % 255) / 127.5 - 1.0).astype(np.float32)
+        rate = measure(a.seconds, a.batch, lambda: s.run(None, {"pixels": x}))
+        print(json.dumps({"runtime": "onnxruntime-python", "model": "dinov2-vits14", "input": f"{size}px",
+                          "batch": a.batch, "threads": a.threads, "per_second": round(rate, 1)}))
     s = session("all-minilm-l6-v2", a.threads)
     for seq in (64, 128):
         b, p = np.indices((a.batch, seq))

@@ -9,6 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::process::{Command, Output};
+
+use fedpeft_tests::binary;
 use fedpeft_tests::e2e::{backbone, round_record, run_fleet, shared_cache};
 
 const ROUNDS: u32 = 3;
@@ -104,6 +107,189 @@ update_dtype = "f32"
     path
 }
 
+/// `edge-client predict ARGS`, its output, with stderr shown.
+fn predict(args: &[&std::ffi::OsStr]) -> Output {
+    let out = Command::new(binary("edge-client"))
+        .arg("predict")
+        .args(args)
+        .output()
+        .expect("run fedpeft-edge predict");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn os<S: AsRef<std::ffi::OsStr> + ?Sized>(s: &S) -> &std::ffi::OsStr {
+    s.as_ref()
+}
+
+/// Refused, with a message on stderr that contains every one of `needles`.
+fn refused(out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted; stderr:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "the refusal does not name {n:?}:\n{err}");
+    }
+}
+
+/// The federation's model in use: every kept round's adapter, run by `edge-client predict` on
+/// the held-out folder, scores what the aggregator reported for that round; unlabelled images
+/// get a label and probabilities; bad adapters and inputs are refused by name.
+fn predictions_match_the_aggregators_evaluation(
+    out: &Path,
+    report: &serde_json::Value,
+    dir: &Path,
+    held_out: &Path,
+) {
+    let globals = report["globals"].clone();
+    assert_eq!(
+        globals["rounds"].as_array().map(Vec::len),
+        Some(ROUNDS as usize + 1),
+        "{globals}"
+    );
+    for r in 0..=ROUNDS {
+        let reported = round_record(report, r)["eval_accuracy"]
+            .as_f64()
+            .expect("accuracy");
+        let o = predict(&[
+            os("--adapter"),
+            out.as_os_str(),
+            os("--round"),
+            os(&r.to_string()),
+            os("--evaluate"),
+            held_out.as_os_str(),
+        ]);
+        assert!(o.status.success(), "predict --evaluate, round {r}");
+        let summary: serde_json::Value =
+            serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
+        assert_eq!(summary["round"], r);
+        assert_eq!(summary["examples"], 18);
+        let got = summary["accuracy"].as_f64().expect("accuracy");
+        assert!(
+            (got - reported).abs() < 1e-9,
+            "round {r}: predict scores {got}, the aggregator reported {reported}"
+        );
+        let confusion: Vec<Vec<u64>> =
+            serde_json::from_value(summary["confusion"].clone()).unwrap();
+        assert_eq!(confusion.iter().flatten().sum::<u64>(), 18);
+        assert_eq!(
+            confusion
+                .iter()
+                .map(|row| row[0] + row[1] + row[2])
+                .collect::<Vec<_>>(),
+            [6, 6, 6]
+        );
+    }
+    // Unlabelled images, a file and a folder: one line each, the best round by default, the
+    // same answers as the evaluation of that round (its confusion matrix's `stripes` row).
+    let o = predict(&[
+        os("--adapter"),
+        out.as_os_str(),
+        os("--evaluate"),
+        held_out.as_os_str(),
+    ]);
+    assert!(o.status.success());
+    let best: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(
+        best["round"], globals["best"],
+        "--round defaults to the best"
+    );
+    let o = predict(&[
+        os("--adapter"),
+        out.as_os_str(),
+        os("--top-k"),
+        os("2"),
+        held_out.join("red/16.png").as_os_str(),
+        held_out.join("stripes").as_os_str(),
+    ]);
+    assert!(o.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 7, "one file and a folder of six");
+    assert!(
+        lines[0]["input"].as_str().unwrap().ends_with("red/16.png"),
+        "{}",
+        lines[0]
+    );
+    let stripes = lines[1..]
+        .iter()
+        .filter(|l| l["label"] == "stripes")
+        .count() as u64;
+    assert_eq!(
+        stripes,
+        best["confusion"][2][2].as_u64().unwrap(),
+        "{lines:?}"
+    );
+    for l in &lines {
+        let top = l["top"].as_array().expect("top-k");
+        assert_eq!(top.len(), 2);
+        let (p0, p1) = (top[0]["p"].as_f64().unwrap(), top[1]["p"].as_f64().unwrap());
+        assert!(p0 >= p1 && p0 <= 1.0 && p1 >= 0.0, "{l}");
+        assert_eq!(l["label"], top[0]["label"]);
+    }
+    let o = predict(&[
+        os("--adapter"),
+        out.as_os_str(),
+        os("--format"),
+        os("csv"),
+        held_out.join("blue").as_os_str(),
+    ]);
+    assert!(o.status.success());
+    let csv = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        csv.starts_with("input,label,top1,p1,top2,p2,top3,p3\n"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 7);
+
+    // Bad input: each refused, naming what and where.
+    let last = out.join(format!("globals/round-{ROUNDS:04}.bin"));
+    let bytes = std::fs::read(&last).expect("the last round's adapter");
+    let cut = dir.join("cut/round.bin");
+    std::fs::create_dir_all(cut.parent().unwrap()).unwrap();
+    std::fs::copy(out.join("globals/index.json"), dir.join("cut/index.json")).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    refused(
+        &predict(&[os("--adapter"), cut.as_os_str(), held_out.as_os_str()]),
+        &["cut/round.bin", "envelope"],
+    );
+    let text_model = fedpeft_tests::workspace_root().join("models/build/all-minilm-l6-v2");
+    refused(
+        &predict(&[
+            os("--adapter"),
+            out.as_os_str(),
+            os("--model-dir"),
+            text_model.as_os_str(),
+            held_out.as_os_str(),
+        ]),
+        &["all-minilm-l6-v2", "trunk", "efficientnet-lite0"],
+    );
+    let junk = dir.join("junk");
+    std::fs::create_dir_all(&junk).unwrap();
+    std::fs::write(junk.join("photo.jpg"), b"not a jpeg").unwrap();
+    refused(
+        &predict(&[os("--adapter"), out.as_os_str(), junk.as_os_str()]),
+        &["photo.jpg", "decode"],
+    );
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    refused(
+        &predict(&[os("--adapter"), out.as_os_str(), empty.as_os_str()]),
+        &["empty", "no .png"],
+    );
+    refused(
+        &predict(&[
+            os("--adapter"),
+            out.as_os_str(),
+            os("--round"),
+            os("99"),
+            held_out.as_os_str(),
+        ]),
+        &["round 99"],
+    );
+}
+
 /// The `model_id=` a log line that contains `needle` carries.
 fn model_id(log: &str, needle: &str) -> String {
     let line = log
@@ -166,6 +352,7 @@ fn a_fleet_trains_on_each_devices_own_image_folder_and_the_held_out_accuracy_ris
         held.contains("examples=18") && held.contains(r#"["blue", "red", "stripes"]"#),
         "{held}"
     );
+    predictions_match_the_aggregators_evaluation(&out, &report, dir.path(), &held_out);
     let id = model_id(&agg, "the fleet's class list");
     assert!(id.starts_with("efficientnet-lite0#classes-"), "{id}");
     for i in 0..2 {

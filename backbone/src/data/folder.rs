@@ -204,9 +204,109 @@ pub fn load_image_folder(
     Ok(ds)
 }
 
+/// The images to predict on: each path a file, or a folder whose images are read (sorted,
+/// recursing into sub-folders; other files there are skipped). Returned with the files in
+/// order, every image resized to `side × side`, all labelled 0 (unlabelled). An undecodable
+/// image, a named file that is not an image and a folder or list with no image are errors
+/// naming the path.
+pub fn load_image_files(paths: &[PathBuf], side: u32) -> Result<(ImageDataset, Vec<PathBuf>)> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let before = files.len();
+            image_files_lenient(p, 0, &mut files)?;
+            if files.len() == before {
+                return Err(BackboneError::data(
+                    p,
+                    None,
+                    "no .png, .jpg or .jpeg image in this folder",
+                ));
+            }
+        } else if !p.exists() {
+            return Err(BackboneError::data(p, None, "no such file or folder"));
+        } else if is_image(p) {
+            files.push(p.clone());
+        } else {
+            return Err(BackboneError::data(
+                p,
+                None,
+                "not a .png, .jpg or .jpeg file",
+            ));
+        }
+    }
+    if files.is_empty() {
+        return Err(BackboneError::data(
+            Path::new("."),
+            None,
+            "no image given (name image files or folders)",
+        ));
+    }
+    let s = side as usize;
+    let mut ds = ImageDataset {
+        height: s,
+        width: s,
+        channels: 3,
+        pixels: Vec::with_capacity(files.len() * s * s * 3),
+        labels: vec![0; files.len()],
+        classes: Vec::new(),
+        source: paths.first().cloned().unwrap_or_default(),
+    };
+    for path in &files {
+        let mut rgb = decode(path)?;
+        if (rgb.width(), rgb.height()) != (side, side) {
+            rgb = image::imageops::resize(&rgb, side, side, image::imageops::FilterType::Triangle);
+        }
+        ds.pixels.extend_from_slice(rgb.as_raw());
+    }
+    Ok((ds, files))
+}
+
+/// The images below `dir`, sorted, recursing; files of other kinds are skipped.
+fn image_files_lenient(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(BackboneError::data(
+            dir,
+            None,
+            format!("nested more than {MAX_DEPTH} folders deep (a symlink loop?)"),
+        ));
+    }
+    for path in entries(dir)? {
+        if path.is_dir() {
+            image_files_lenient(&path, depth + 1, out)?;
+        } else if is_image(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_files_are_read_in_order_resized_and_a_bad_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        image::RgbImage::from_pixel(6, 4, image::Rgb([1, 2, 3]))
+            .save(sub.join("b.png"))
+            .unwrap();
+        image::RgbImage::from_pixel(3, 9, image::Rgb([9, 9, 9]))
+            .save(dir.path().join("a.jpg"))
+            .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        let (ds, files) = load_image_files(&[dir.path().to_path_buf()], 5).unwrap();
+        assert_eq!(files, [dir.path().join("a.jpg"), sub.join("b.png")]);
+        assert_eq!((ds.len(), ds.width, ds.height), (2, 5, 5));
+        assert_eq!(&ds.image(1)[..3], &[1, 2, 3]);
+        std::fs::write(dir.path().join("broken.png"), b"not a png").unwrap();
+        let e = load_image_files(&[dir.path().to_path_buf()], 5).unwrap_err();
+        assert!(e.to_string().contains("broken.png"), "{e}");
+        let empty = tempfile::tempdir().unwrap();
+        let e = load_image_files(&[empty.path().to_path_buf()], 5).unwrap_err();
+        assert!(e.to_string().contains("no .png"), "{e}");
+    }
 
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()

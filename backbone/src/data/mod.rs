@@ -13,7 +13,7 @@ mod text;
 
 use std::path::PathBuf;
 
-pub use folder::{IMAGE_EXTENSIONS, image_folder_classes, load_image_folder};
+pub use folder::{IMAGE_EXTENSIONS, image_folder_classes, load_image_files, load_image_folder};
 pub use idx::{
     fashion_mnist, fashion_mnist_at, fashion_mnist_dir, load_idx_images, load_idx_labels,
     load_idx_pair,
@@ -23,7 +23,7 @@ pub use spam::{
     SPAM_ASSASSIN_SPLIT_SEED, SPAM_ASSASSIN_TEST_FRACTION, SPAM_ASSASSIN_VERSION,
     load_spam_assassin, spam_assassin_dir, spam_assassin_split,
 };
-pub use text::{TextColumns, load_csv, load_jsonl};
+pub use text::{TextColumns, load_csv, load_jsonl, load_texts_unlabelled};
 
 use crate::error::{BackboneError, Result};
 
@@ -156,4 +156,24 @@ impl LabelMap {
     pub(crate) fn into_names(self) -> Vec<String> {
         self.names
     }
+}
+
+/// Seed of the held-out subset of the user's own data when it holds more than the examples
+/// evaluated: fixed, so every run of a fleet (and `edge-client predict --evaluate`) takes the
+/// same examples.
+pub const HELD_OUT_SUBSET_SEED: u64 = 0x00e7_a1d5;
+
+/// At most `n` of `0..len`: all, or a seeded ([`HELD_OUT_SUBSET_SEED`]) random subset in
+/// ascending order. The aggregator's held-out examples of the user's own data.
+pub fn held_out_subset(len: usize, n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..len).collect();
+    if n < len {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(HELD_OUT_SUBSET_SEED);
+        idx.shuffle(&mut rng);
+        idx.truncate(n);
+        idx.sort_unstable();
+    }
+    idx
 }

@@ -188,6 +188,79 @@ pub fn load_jsonl(
     finish(ds, labels, path)
 }
 
+/// Unlabelled texts to predict on, by the file's extension: `.csv` (a header row; the text
+/// column `text_column`), `.jsonl` (the string field `text_column` of each object), anything
+/// else one text per line. Blank lines of a text or JSONL file are skipped; an empty text in a
+/// CSV row, a line that is not a JSON object with the field, and a file with no text are errors
+/// naming the file and line. Every label is 0.
+pub fn load_texts_unlabelled(path: &Path, text_column: &str) -> Result<TextDataset> {
+    let mut ds = empty(path);
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("csv") => {
+            let file = std::fs::File::open(path).map_err(|e| BackboneError::io(path, e))?;
+            let mut rdr = csv::Reader::from_reader(file);
+            let hdr = rdr.headers().map_err(|e| csv_error(path, e))?.clone();
+            let ti = hdr
+                .iter()
+                .position(|h| h.trim() == text_column)
+                .ok_or_else(|| {
+                    BackboneError::line(
+                        path,
+                        1,
+                        format!(
+                            "the header {:?} has no `{text_column}` column",
+                            hdr.iter().collect::<Vec<_>>()
+                        ),
+                    )
+                })?;
+            let mut rec = csv::StringRecord::new();
+            while rdr.read_record(&mut rec).map_err(|e| csv_error(path, e))? {
+                let line = rec.position().map_or(0, |p| p.line());
+                let text = rec.get(ti).unwrap_or_default();
+                check_text(path, line, text_column, text)?;
+                ds.texts.push(text.to_string());
+            }
+        }
+        Some("jsonl") => {
+            let f = std::fs::File::open(path).map_err(|e| BackboneError::io(path, e))?;
+            for (i, line) in BufReader::new(f).lines().enumerate() {
+                let n = i as u64 + 1;
+                let line = line.map_err(|e| BackboneError::line(path, n, e.to_string()))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .map_err(|e| BackboneError::line(path, n, format!("not JSON: {e}")))?;
+                let text = v.get(text_column).and_then(|t| t.as_str()).ok_or_else(|| {
+                    BackboneError::line(path, n, format!("no string field `{text_column}`"))
+                })?;
+                check_text(path, n, text_column, text)?;
+                ds.texts.push(text.to_string());
+            }
+        }
+        _ => {
+            let f = std::fs::File::open(path).map_err(|e| BackboneError::io(path, e))?;
+            for (i, line) in BufReader::new(f).lines().enumerate() {
+                let line =
+                    line.map_err(|e| BackboneError::line(path, i as u64 + 1, e.to_string()))?;
+                if !line.trim().is_empty() {
+                    ds.texts.push(line);
+                }
+            }
+        }
+    }
+    if ds.texts.is_empty() {
+        return Err(BackboneError::data(path, None, "no text in it"));
+    }
+    ds.labels = vec![0; ds.texts.len()];
+    ds.keys = vec![None; ds.texts.len()];
+    Ok(ds)
+}
+
 fn empty(path: &Path) -> TextDataset {
     TextDataset {
         texts: Vec::new(),

@@ -150,4 +150,71 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Predict with the federation's model (the trunk + the tail with a kept global adapter):
+    /// the label and top-k probabilities of each image or text, or with `--evaluate` the
+    /// accuracy and confusion matrix on labelled data.
+    Predict(Box<PredictArgs>),
+}
+
+/// `edge-client predict`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PredictArgs {
+    /// The adapter: a run's results folder or its globals/ folder (with --round), or one
+    /// adapter file (`globals/round-0007.bin`, `global-adapter.bin`) with its index.json.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The kept round to use from a folder: best (highest held-out accuracy), last, or a
+    /// round number.
+    #[arg(long, default_value = "best")]
+    pub round: String,
+    /// Backbone folder. Default: the one the run's aggregator used.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Trunk runtime.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub runtime: super::RuntimeChoice,
+    /// Trunk threads.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Examples per trunk batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Probabilities printed per prediction.
+    #[arg(long, default_value_t = 3)]
+    pub top_k: usize,
+    /// Output: jsonl (one JSON object per input) or csv.
+    #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
+    pub format: String,
+    /// The aggregator's public key (64 hex digits): refuse an adapter it did not sign.
+    #[arg(long)]
+    pub aggregator_key: Option<String>,
+    /// Texts: a file of one text per line (.txt), a CSV with a header row (.csv), or JSON
+    /// lines (.jsonl), instead of images.
+    #[arg(long)]
+    pub texts: Option<PathBuf>,
+    /// CSV / JSONL: the text column (field).
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    /// CSV / JSONL with --evaluate: the label column (field).
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
+    /// Labelled data instead: print accuracy, loss and the confusion matrix. An image folder
+    /// of class sub-folders, an IDX images file (with --labels), --texts with a label
+    /// column, or --dataset fashion-mnist / spam-assassin (their held-out parts).
+    #[arg(long)]
+    pub evaluate: bool,
+    /// --evaluate on a named data set's held-out part: fashion-mnist (the test split, from
+    /// the folder given as input or the default one) or spam-assassin (its seeded 20 %).
+    #[arg(long, value_parser = ["fashion-mnist", "spam-assassin"])]
+    pub dataset: Option<String>,
+    /// --evaluate on IDX images: the labels file.
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// --evaluate: at most this many examples, chosen as the aggregator chooses its held-out
+    /// examples (the first N of a named set, a seeded subset of the user's own data).
+    #[arg(long)]
+    pub max_examples: Option<usize>,
+    /// Images: files or folders (read recursively). With --evaluate: the labelled folder or
+    /// IDX file, or a named set's folder.
+    pub inputs: Vec<PathBuf>,
 }

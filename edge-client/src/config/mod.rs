@@ -25,7 +25,7 @@ use crate::tls::TlsFiles;
 
 mod broker;
 mod cache;
-mod cli;
+pub mod cli;
 mod data;
 mod faults;
 mod identity;

@@ -53,6 +53,7 @@ pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> Ag
         output: OutputTable {
             dir: Some(out_dir.to_path_buf()),
             resume: Some(false),
+            keep_globals: None,
         },
         ..AggregatorFile::default()
     }

@@ -68,8 +68,8 @@ pub struct Report {
     pub robust: RobustTotals,
     pub local_dp: Option<LocalDp>,
     /// Every round's global adapter the aggregator kept (`globals/index.json`); absent in
-    /// reports of older versions.
-    #[serde(default)]
+    /// reports of older versions and of runs that published none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub globals: Option<GlobalIndex>,
 }
 

@@ -23,6 +23,7 @@
 pub mod accounting;
 pub mod client;
 pub mod config;
+pub mod export;
 pub mod model;
 pub mod predict;
 pub mod session;

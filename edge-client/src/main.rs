@@ -29,6 +29,12 @@ fn main() -> anyhow::Result<()> {
         let stdout = std::io::stdout();
         return fedpeft_edge::predict::run(args, &mut stdout.lock());
     }
+    if let Some(fedpeft_edge::config::Command::Export(args)) = &cli.command {
+        for f in fedpeft_edge::export::run(args)? {
+            println!("{}", f.display());
+        }
+        return Ok(());
+    }
     run_client(&cli)
 }
 

@@ -340,6 +340,11 @@ impl Model {
         }
     }
 
+    /// Every tail tensor as trained, the adapter merged in ([`Tail::merged`]).
+    pub fn merged(&self) -> Vec<NamedTensor> {
+        self.tail.merged()
+    }
+
     /// Puts another adapter of the same run in (a newer global).
     pub fn swap(&mut self, adapter: &KeptAdapter) -> Result<(), ModelError> {
         self.tail

@@ -74,4 +74,4 @@ pub use params::{Grads, NamedTensor, ParamSlot, ParamStore};
 pub use real::Real;
 pub use tail::object::{EvalStats, StepStats, Tail, build_tail};
 pub use tail::{Batch, PeftTail};
-pub use weights::FrozenWeights;
+pub use weights::{FrozenWeights, write_safetensors};

@@ -106,3 +106,40 @@ impl FrozenWeights {
         array_from_f32(name, shape, values)
     }
 }
+
+/// Writes `tensors` (f32, row-major) to a safetensors file at `path`, with `metadata` in its
+/// header (`__metadata__`), atomically (a temporary file renamed into place).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[crate::params::NamedTensor],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| t.values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, t.shape.clone(), b)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| PeftError::SafeTensors {
+                    path: path.display().to_string(),
+                    why: format!("tensor `{}`: {e}", t.name),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let io = |source| PeftError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| {
+        PeftError::SafeTensors {
+            path: tmp.display().to_string(),
+            why: e.to_string(),
+        }
+    })?;
+    std::fs::rename(&tmp, path).map_err(io)
+}

@@ -12,6 +12,9 @@
 #     cargo build --profile edge -p fedpeft-edge --no-default-features --features ort), each
 #     with tract (and onnxruntime where it exists), from an empty activation cache and again
 #     with the cache it left (a restart); one markdown row per run.
+# MODEL (a backbone id, default efficientnet-lite0), IMAGE_SIZE (default the aggregator's, 96) and
+# MAX_EXAMPLES (default 500) pick another backbone and shard, e.g. MODEL=dinov2-vits14
+# IMAGE_SIZE=112 MAX_EXAMPLES=100 for the ViT as the fedpeft-vit sweep trains it.
 # The aggregator (AGGREGATOR, default target/debug/aggregator) runs natively with its embedded
 # broker on loopback: 1 round, 1 client, held-out evaluation on 200 images. Peak RSS is GNU
 # time's maximum resident set size of the client's process; under qemu that process is the
@@ -54,6 +57,9 @@ arch=${2:?}; runtime=${3:?}
 tmp=$(mktemp -d)
 cache=${4:-$tmp/cache}
 agg=${AGGREGATOR:-$out/debug/aggregator}
+model=${MODEL:-efficientnet-lite0}
+size=${IMAGE_SIZE:-96}
+max_examples=${MAX_EXAMPLES:-500}
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cat >"$tmp/agg.toml" <<TOML
 fleet = "measure"
@@ -70,8 +76,9 @@ optimizer = "adamw"
 [broker]
 port = $port
 [model]
-backbone = "models/build/efficientnet-lite0"
+backbone = "models/build/$model"
 peft = "lora"
+image_size = $size
 eval_examples = 200
 cache_dir = "$tmp/agg-cache"
 [output]
@@ -89,9 +96,9 @@ run=()
 [ "$arch" = native ] || run=(cross/qemu-run "$arch")
 t0=$(date +%s.%N)
 /usr/bin/time -v -o "$tmp/time.txt" "${run[@]}" "$bin" --broker "mqtt://127.0.0.1:$port" \
-  --fleet measure --run-id 1 --client-id m-01 --model-dir models/build/efficientnet-lite0 \
+  --fleet measure --run-id 1 --client-id m-01 --model-dir "models/build/$model" --image-size "$size" \
   --runtime "$runtime" --peft lora --partition dirichlet --num-clients 8 --client-index 0 \
-  --max-examples 500 --cache-dir "$cache" >"$tmp/edge.log" 2>&1 &
+  --max-examples "$max_examples" --cache-dir "$cache" >"$tmp/edge.log" 2>&1 &
 edge_pid=$!
 until grep -q "client joined" "$tmp/agg.log"; do
   kill -0 $edge_pid 2>/dev/null || { cat "$tmp/edge.log" >&2; exit 1; }

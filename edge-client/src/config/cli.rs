@@ -154,6 +154,41 @@ pub enum Command {
     /// the label and top-k probabilities of each image or text, or with `--evaluate` the
     /// accuracy and confusion matrix on labelled data.
     Predict(Box<PredictArgs>),
+    /// Export the federation's model: the tail with a kept global adapter merged in (LoRA
+    /// folded into its weights) as safetensors with a model.json, and with --onnx one ONNX
+    /// file of trunk and tail.
+    Export(Box<ExportArgs>),
+}
+
+/// `edge-client export`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportArgs {
+    /// The adapter, as for `predict`: a run's results folder, its globals/ folder, or one
+    /// adapter file with its index.json.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The kept round to export from a folder: best, last, or a round number.
+    #[arg(long, default_value = "best")]
+    pub round: String,
+    /// Backbone folder. Default: the one the run's aggregator used.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// The aggregator's public key (64 hex digits): refuse an adapter it did not sign.
+    #[arg(long)]
+    pub aggregator_key: Option<String>,
+    /// Output folder (created): tail-merged.safetensors, model.json, and model.onnx with
+    /// --onnx.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write model.onnx (trunk + merged tail) with models/export_onnx.py.
+    #[arg(long)]
+    pub onnx: bool,
+    /// The Python that runs models/export_onnx.py (needs the onnx package).
+    #[arg(long, default_value = ".venv-models/bin/python")]
+    pub python: PathBuf,
+    /// models/export_onnx.py of a fedpeft checkout.
+    #[arg(long, default_value = "models/export_onnx.py")]
+    pub script: PathBuf,
 }
 
 /// `edge-client predict`.

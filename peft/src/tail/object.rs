@@ -76,6 +76,12 @@ pub trait Tail: Send + std::fmt::Debug {
     /// Replaces all trainable tensors; every trainable name must be present exactly once
     /// with its shape.
     fn set_trainable(&mut self, tensors: &[NamedTensor]) -> Result<()>;
+    /// Every tensor of the tail as trained, for a deployable model: the frozen weights in
+    /// `tail.safetensors`' names, each LoRA pair folded into its weight
+    /// (`W + (α/r)·B·A`), the classifier as `classifier.weight` / `classifier.bias` (so a
+    /// tail built with [`crate::HeadInit::Pretrained`] reads it), adapters and prompt tokens
+    /// under their own names.
+    fn merged(&self) -> Vec<NamedTensor>;
     /// Number of trainable scalars.
     fn num_trainable(&self) -> usize;
     /// Number of frozen scalars in the tail.
@@ -247,6 +253,48 @@ impl Tail for PeftTail<f32> {
                 ArrayD::from_shape_vec(IxDyn(&t.shape), t.values.clone()).expect("shape checked");
         }
         Ok(())
+    }
+
+    fn merged(&self) -> Vec<NamedTensor> {
+        let store = self.params();
+        let scaling = match &self.config().method {
+            crate::Method::Lora(l) => l.alpha / l.rank as f64,
+            _ => 0.0,
+        };
+        let mut out = Vec::new();
+        for (_, p) in store.iter() {
+            let name = p.name.as_str();
+            if name.ends_with(".lora_a") || name.ends_with(".lora_b") {
+                continue;
+            }
+            let mut value = p.value.clone();
+            if let Some(prefix) = name.strip_suffix(".weight")
+                && let (Some(a), Some(b)) = (
+                    store.id(&format!("{prefix}.lora_a")),
+                    store.id(&format!("{prefix}.lora_b")),
+                )
+            {
+                // [out, r]·[r, in] → [out, in], added to the weight whatever its trailing
+                // 1×1 dimensions (the conv head's).
+                let delta = store.w2(b).dot(&store.w2(a));
+                let scaled = delta.mapv(|v| v * scaling as f32);
+                let flat = scaled
+                    .into_shape_with_order(IxDyn(value.shape()))
+                    .expect("LoRA product has the weight's size");
+                value += &flat;
+            }
+            let name = match name {
+                "head.weight" => "classifier.weight",
+                "head.bias" => "classifier.bias",
+                other => other,
+            };
+            out.push(NamedTensor {
+                name: name.to_string(),
+                shape: value.shape().to_vec(),
+                values: value.iter().copied().collect(),
+            });
+        }
+        out
     }
 
     fn num_trainable(&self) -> usize {

@@ -141,5 +141,11 @@ pub fn write_safetensors(
             why: e.to_string(),
         }
     })?;
+    // A weights file is for others to read, whatever mode the writer created it with.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+    }
     std::fs::rename(&tmp, path).map_err(io)
 }

@@ -320,6 +320,9 @@ impl<'a> TrialRun<'a> {
         if let Some(shaping) = self.links.take() {
             shaping.teardown();
         }
+        if aggregator_status.success() {
+            export_model(&self.bins.edge_client, out_dir);
+        }
         Ok(Outcome {
             links,
             out_dir: out_dir.to_path_buf(),
@@ -328,6 +331,40 @@ impl<'a> TrialRun<'a> {
             client_status,
             elapsed: self.started.elapsed(),
         })
+    }
+}
+
+/// The trial's model in `<out>/model/` (`edge-client export`: the best round's tail merged,
+/// and `model.onnx` where the models toolchain's Python is there to write it). A failure is
+/// reported, not fatal: the trial's results stand without it.
+fn export_model(edge_client: &Path, out_dir: &Path) {
+    if !out_dir.join("globals/index.json").is_file() {
+        return;
+    }
+    let model = out_dir.join("model");
+    let mut cmd = Command::new(edge_client);
+    cmd.arg("export")
+        .arg("--adapter")
+        .arg(out_dir)
+        .arg("--out")
+        .arg(&model)
+        .env("RUST_LOG", "warn");
+    let onnx = Path::new(".venv-models/bin/python").is_file()
+        && Path::new("models/export_onnx.py").is_file();
+    if onnx {
+        cmd.arg("--onnx");
+    }
+    match cmd.output() {
+        Ok(o) if o.status.success() => println!(
+            "fleet: model exported to {} (the best round's tail merged{})",
+            model.display(),
+            if onnx { ", model.onnx" } else { "" }
+        ),
+        Ok(o) => eprintln!(
+            "fleet: no model export: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => eprintln!("fleet: no model export: {e}"),
     }
 }
 

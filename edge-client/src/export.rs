@@ -16,30 +16,19 @@ use anyhow::{Context, bail};
 use fedpeft_backbone::Runtime;
 
 use crate::config::cli::ExportArgs;
-use crate::model::{Model, ModelOptions, RoundChoice, locate, read_adapter};
+use crate::model::{Model, ModelOptions};
 
 /// `model.json`'s schema.
 pub const MODEL_SCHEMA: &str = "fedpeft-model/1";
 
 /// Runs the command; returns the files written.
 pub fn run(args: &ExportArgs) -> anyhow::Result<Vec<std::path::PathBuf>> {
-    let choice: RoundChoice = args
-        .round
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--round: {e}"))?;
-    let key = args
-        .aggregator_key
-        .as_deref()
-        .map(fedpeft_protocol::sign::parse_public_key)
-        .transpose()
-        .context("--aggregator-key")?;
-    let (file, index) = locate(&args.adapter, choice)?;
-    let adapter = read_adapter(&file, index, key.as_ref())?;
+    let adapter = crate::model::load(&args.source)?;
     // Tract: exporting needs no fast trunk, and it is always there.
     let model = Model::open(
         &adapter,
         &ModelOptions {
-            model_dir: args.model_dir.clone(),
+            model_dir: args.source.model_dir.clone(),
             runtime: Runtime::Tract,
             threads: 1,
         },

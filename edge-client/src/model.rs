@@ -149,6 +149,22 @@ pub fn locate(path: &Path, choice: RoundChoice) -> Result<(PathBuf, GlobalIndex)
     Ok((run_dir.join(file), index))
 }
 
+/// The adapter `--adapter`, `--round` and `--aggregator-key` name, read and checked.
+pub fn load(args: &crate::config::cli::AdapterArgs) -> anyhow::Result<KeptAdapter> {
+    let choice: RoundChoice = args
+        .round
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--round: {e}"))?;
+    let key = args
+        .aggregator_key
+        .as_deref()
+        .map(fedpeft_protocol::sign::parse_public_key)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--aggregator-key: {e}"))?;
+    let (file, index) = locate(&args.adapter, choice)?;
+    Ok(read_adapter(&file, index, key.as_ref())?)
+}
+
 /// Reads and checks the adapter file `file` of `index`'s run; with `key`, its signature.
 pub fn read_adapter(
     file: &Path,

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use fedpeft_backbone::Runtime;
 use fedpeft_backbone::data::{
     ImageDataset, OwnData, TextColumns, TextDataset, fashion_mnist, fashion_mnist_at,
@@ -23,7 +23,7 @@ use ndarray::Array2;
 
 use crate::config::RuntimeChoice;
 use crate::config::cli::PredictArgs;
-use crate::model::{Model, ModelOptions, RoundChoice, locate, probabilities, read_adapter};
+use crate::model::{Model, ModelOptions, probabilities};
 
 /// What is predicted on.
 enum Inputs {
@@ -45,22 +45,11 @@ pub fn run(args: &PredictArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let choice: RoundChoice = args
-        .round
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--round: {e}"))?;
-    let key = args
-        .aggregator_key
-        .as_deref()
-        .map(fedpeft_protocol::sign::parse_public_key)
-        .transpose()
-        .context("--aggregator-key")?;
-    let (file, index) = locate(&args.adapter, choice)?;
-    let adapter = read_adapter(&file, index, key.as_ref())?;
+    let adapter = crate::model::load(&args.source)?;
     let model = Model::open(
         &adapter,
         &ModelOptions {
-            model_dir: args.model_dir.clone(),
+            model_dir: args.source.model_dir.clone(),
             runtime: match args.runtime {
                 RuntimeChoice::Auto => Runtime::Auto,
                 RuntimeChoice::Ort => Runtime::Ort,

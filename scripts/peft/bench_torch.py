@@ -73,14 +73,10 @@ def conv_setup(lora):
     return params, step
 
 
-def minilm_setup(lora):
-    d, inter, heads, s, b = 384, 1536, 12, 64, 64
-    x = torch.rand(b, s, d) * 2 - 1
-    mask = torch.tensor([[1.0 if j < 32 + (i * 7) % 33 else 0.0 for j in range(s)] for i in range(b)])
-    bias_mask = ((1.0 - mask) * torch.finfo(torch.float32).min)[:, None, None, :]
-    labels = torch.arange(b) % 2
-    params = []
-    blocks = []
+def two_blocks(d, inter, lora, layer_scale=False):
+    """Two encoder blocks' weights (frozen, random) and the trained tensors: LoRA r=8 on q and
+    v, or every bias (linear and LayerNorm)."""
+    params, blocks = [], []
     for _ in range(2):
         blk = {}
         for n in "qkvo":
@@ -89,6 +85,8 @@ def minilm_setup(lora):
         blk["down.w"], blk["down.b"] = frozen(d, inter, scale=0.025), frozen(d)
         for n in ("ln1", "ln2"):
             blk[n + ".w"], blk[n + ".b"] = torch.ones(d), torch.zeros(d)
+        if layer_scale:
+            blk["ls1"], blk["ls2"] = torch.full((d,), 0.1), torch.full((d,), 0.1)
         if lora:
             for n in "qv":
                 blk[n + ".la"] = param(frozen(8, d, scale=1 / math.sqrt(d)))
@@ -100,6 +98,16 @@ def minilm_setup(lora):
                     blk[key] = param(blk[key])
                     params.append(blk[key])
         blocks.append(blk)
+    return params, blocks
+
+
+def minilm_setup(lora):
+    d, inter, heads, s, b = 384, 1536, 12, 64, 64
+    x = torch.rand(b, s, d) * 2 - 1
+    mask = torch.tensor([[1.0 if j < 32 + (i * 7) % 33 else 0.0 for j in range(s)] for i in range(b)])
+    bias_mask = ((1.0 - mask) * torch.finfo(torch.float32).min)[:, None, None, :]
+    labels = torch.arange(b) % 2
+    params, blocks = two_blocks(d, inter, lora)
     hw, hb = param(frozen(2, d, scale=1 / math.sqrt(d))), param(frozen(2, scale=1 / math.sqrt(d)))
     params += [hw, hb]
 
@@ -132,27 +140,7 @@ def vit_setup(lora):
     d, inter, heads, s, b = 384, 1536, 6, 65, 64
     x = torch.rand(b, s, d) * 2 - 1
     labels = torch.arange(b) % 10
-    params, blocks = [], []
-    for _ in range(2):
-        blk = {}
-        for n in "qkvo":
-            blk[n + ".w"], blk[n + ".b"] = frozen(d, d), frozen(d)
-        blk["up.w"], blk["up.b"] = frozen(inter, d), frozen(inter)
-        blk["down.w"], blk["down.b"] = frozen(d, inter, scale=0.025), frozen(d)
-        for n in ("ln1", "ln2"):
-            blk[n + ".w"], blk[n + ".b"] = torch.ones(d), torch.zeros(d)
-        blk["ls1"], blk["ls2"] = torch.full((d,), 0.1), torch.full((d,), 0.1)
-        if lora:
-            for n in "qv":
-                blk[n + ".la"] = param(frozen(8, d, scale=1 / math.sqrt(d)))
-                blk[n + ".lb"] = param(torch.zeros(d, 8))
-                params += [blk[n + ".la"], blk[n + ".lb"]]
-        else:
-            for key in list(blk):
-                if key.endswith(".b"):
-                    blk[key] = param(blk[key])
-                    params.append(blk[key])
-        blocks.append(blk)
+    params, blocks = two_blocks(d, inter, lora, layer_scale=True)
     fw, fb = torch.ones(d), torch.zeros(d)
     if not lora:
         fb = param(fb)

@@ -58,9 +58,10 @@ fn a_signed_trial_verifies_every_message_and_pays_64_bytes_per_upstream_message(
         assert_eq!(s["eval_loss"], p["eval_loss"], "round {r}");
         if r >= 2 {
             // From round 2 a round's upstream traffic is its updates alone (joins come before
-            // round 1): the same messages, each 64 bytes longer, give or take one byte: an
-            // update states its training time in milliseconds as a varint, which can take one
-            // byte more or less in one run than in the other (127 ms against 128 ms).
+            // round 1): the same messages, each 64 bytes longer, give or take two bytes: an
+            // update states its training time in milliseconds as a varint, 1 byte below 128 ms,
+            // 2 below 16 384 ms, 3 beyond, so a loaded machine can make one run's 2 bytes
+            // longer than the other's.
             let (pu, su) = (&p["traffic"], &s["traffic"]);
             assert_eq!(su["up_messages"], pu["up_messages"], "round {r}");
             eprintln!(
@@ -71,7 +72,7 @@ fn a_signed_trial_verifies_every_message_and_pays_64_bytes_per_upstream_message(
             let messages = u(&su["up_messages"]) as i64;
             let extra = u(&su["up_bytes"]) as i64 - u(&pu["up_bytes"]) as i64;
             assert!(
-                (extra - 64 * messages).abs() <= messages,
+                (extra - 64 * messages).abs() <= 2 * messages,
                 "round {r}: {extra} bytes more for {messages} signed messages; \
                  signed {su}, plain {pu}"
             );

@@ -75,8 +75,9 @@ fn folder_name(path: &Path) -> Result<String> {
         .ok_or_else(|| BackboneError::data(path, None, "folder name is not UTF-8"))
 }
 
-/// The image files below a class folder, sorted, recursing into sub-folders.
-fn image_files(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
+/// The image files below a class folder, sorted, recursing into sub-folders; any other file is
+/// an error when `strict` (a class folder), skipped otherwise (images to predict on).
+fn image_files(dir: &Path, depth: usize, strict: bool, out: &mut Vec<PathBuf>) -> Result<()> {
     if depth > MAX_DEPTH {
         return Err(BackboneError::data(
             dir,
@@ -86,10 +87,10 @@ fn image_files(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
     }
     for path in entries(dir)? {
         if path.is_dir() {
-            image_files(&path, depth + 1, out)?;
+            image_files(&path, depth + 1, strict, out)?;
         } else if is_image(&path) {
             out.push(path);
-        } else {
+        } else if strict {
             return Err(BackboneError::data(
                 &path,
                 None,
@@ -170,7 +171,7 @@ pub fn load_image_folder(
             .expect("checked above") as u32;
         let dir = root.join(class);
         let mut files = Vec::new();
-        image_files(&dir, 0, &mut files)?;
+        image_files(&dir, 0, true, &mut files)?;
         if files.is_empty() {
             return Err(BackboneError::data(
                 &dir,
@@ -214,7 +215,7 @@ pub fn load_image_files(paths: &[PathBuf], side: u32) -> Result<(ImageDataset, V
     for p in paths {
         if p.is_dir() {
             let before = files.len();
-            image_files_lenient(p, 0, &mut files)?;
+            image_files(p, 0, false, &mut files)?;
             if files.len() == before {
                 return Err(BackboneError::data(
                     p,
@@ -259,25 +260,6 @@ pub fn load_image_files(paths: &[PathBuf], side: u32) -> Result<(ImageDataset, V
         ds.pixels.extend_from_slice(rgb.as_raw());
     }
     Ok((ds, files))
-}
-
-/// The images below `dir`, sorted, recursing; files of other kinds are skipped.
-fn image_files_lenient(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
-    if depth > MAX_DEPTH {
-        return Err(BackboneError::data(
-            dir,
-            None,
-            format!("nested more than {MAX_DEPTH} folders deep (a symlink loop?)"),
-        ));
-    }
-    for path in entries(dir)? {
-        if path.is_dir() {
-            image_files_lenient(&path, depth + 1, out)?;
-        } else if is_image(&path) {
-            out.push(path);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -163,19 +163,8 @@ pub enum Command {
 /// `edge-client export`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExportArgs {
-    /// The adapter, as for `predict`: a run's results folder, its globals/ folder, or one
-    /// adapter file with its index.json.
-    #[arg(long)]
-    pub adapter: PathBuf,
-    /// The kept round to export from a folder: best, last, or a round number.
-    #[arg(long, default_value = "best")]
-    pub round: String,
-    /// Backbone folder. Default: the one the run's aggregator used.
-    #[arg(long)]
-    pub model_dir: Option<PathBuf>,
-    /// The aggregator's public key (64 hex digits): refuse an adapter it did not sign.
-    #[arg(long)]
-    pub aggregator_key: Option<String>,
+    #[command(flatten)]
+    pub source: AdapterArgs,
     /// Output folder (created): tail-merged.safetensors, model.json, and model.onnx with
     /// --onnx.
     #[arg(long)]
@@ -191,9 +180,9 @@ pub struct ExportArgs {
     pub script: PathBuf,
 }
 
-/// `edge-client predict`.
+/// Which kept global adapter `predict` and `export` use.
 #[derive(Debug, Clone, clap::Args)]
-pub struct PredictArgs {
+pub struct AdapterArgs {
     /// The adapter: a run's results folder or its globals/ folder (with --round), or one
     /// adapter file (`globals/round-0007.bin`, `global-adapter.bin`) with its index.json.
     #[arg(long)]
@@ -205,6 +194,16 @@ pub struct PredictArgs {
     /// Backbone folder. Default: the one the run's aggregator used.
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
+    /// The aggregator's public key (64 hex digits): refuse an adapter it did not sign.
+    #[arg(long)]
+    pub aggregator_key: Option<String>,
+}
+
+/// `edge-client predict`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    pub source: AdapterArgs,
     /// Trunk runtime.
     #[arg(long, value_enum, default_value = "auto")]
     pub runtime: super::RuntimeChoice,
@@ -220,9 +219,6 @@ pub struct PredictArgs {
     /// Output: jsonl (one JSON object per input) or csv.
     #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
     pub format: String,
-    /// The aggregator's public key (64 hex digits): refuse an adapter it did not sign.
-    #[arg(long)]
-    pub aggregator_key: Option<String>,
     /// Texts: a file of one text per line (.txt), a CSV with a header row (.csv), or JSON
     /// lines (.jsonl), instead of images.
     #[arg(long)]

@@ -101,6 +101,14 @@ def two_blocks(d, inter, lora, layer_scale=False):
     return params, blocks
 
 
+def lin(blk, n, h):
+    """Linear layer `n` of a block, with its LoRA branch (alpha / r = 2) if it has one."""
+    y = F.linear(h, blk[n + ".w"], blk[n + ".b"])
+    if n + ".la" in blk:
+        y = y + 2.0 * F.linear(F.linear(h, blk[n + ".la"]), blk[n + ".lb"])
+    return y
+
+
 def minilm_setup(lora):
     d, inter, heads, s, b = 384, 1536, 12, 64, 64
     x = torch.rand(b, s, d) * 2 - 1
@@ -110,12 +118,6 @@ def minilm_setup(lora):
     params, blocks = two_blocks(d, inter, lora)
     hw, hb = param(frozen(2, d, scale=1 / math.sqrt(d))), param(frozen(2, scale=1 / math.sqrt(d)))
     params += [hw, hb]
-
-    def lin(blk, n, h):
-        y = F.linear(h, blk[n + ".w"], blk[n + ".b"])
-        if n + ".la" in blk:
-            y = y + 2.0 * F.linear(F.linear(h, blk[n + ".la"]), blk[n + ".lb"])
-        return y
 
     def split(t):
         return t.view(b, s, heads, d // heads).transpose(1, 2)
@@ -147,12 +149,6 @@ def vit_setup(lora):
         params.append(fb)
     hw, hb = param(frozen(10, d, scale=1 / math.sqrt(d))), param(frozen(10, scale=1 / math.sqrt(d)))
     params += [hw, hb]
-
-    def lin(blk, n, h):
-        y = F.linear(h, blk[n + ".w"], blk[n + ".b"])
-        if n + ".la" in blk:
-            y = y + 2.0 * F.linear(F.linear(h, blk[n + ".la"]), blk[n + ".lb"])
-        return y
 
     def split(t):
         return t.view(b, s, heads, d // heads).transpose(1, 2)

@@ -338,9 +338,12 @@ impl<'a> TrialRun<'a> {
 /// and `model.onnx` where the models toolchain's Python is there to write it). A failure is
 /// reported, not fatal: the trial's results stand without it.
 fn export_model(edge_client: &Path, out_dir: &Path) {
-    if !out_dir.join("globals/index.json").is_file() {
+    let Some(index) = std::fs::read(out_dir.join("globals/index.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<fedpeft_config::report::GlobalIndex>(&b).ok())
+    else {
         return;
-    }
+    };
     let model = out_dir.join("model");
     let mut cmd = Command::new(edge_client);
     cmd.arg("export")
@@ -349,7 +352,10 @@ fn export_model(edge_client: &Path, out_dir: &Path) {
         .arg("--out")
         .arg(&model)
         .env("RUST_LOG", "warn");
-    let onnx = Path::new(".venv-models/bin/python").is_file()
+    // ONNX for the image backbones (the text tail's graph is not written yet), where the
+    // models toolchain is.
+    let onnx = index.model.image_size.is_some()
+        && Path::new(".venv-models/bin/python").is_file()
         && Path::new("models/export_onnx.py").is_file();
     if onnx {
         cmd.arg("--onnx");

@@ -641,7 +641,7 @@ fn adapter_model(config: &Config, host: &dyn ModelHost) -> Result<AdapterModel, 
         bottleneck,
         prompt_tokens: tokens,
         classes: host.classes(),
-        image_size: m.backbone.is_some().then_some(m.image_size),
+        image_size: (m.backbone.is_some() && !m.eval.is_text()).then_some(m.image_size),
         max_seq_len: m.max_seq_len,
         tensors,
     })

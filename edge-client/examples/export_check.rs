@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
         &adapter,
         &ModelOptions {
             model_dir: None,
-            runtime: Runtime::Ort,
+            runtime: Some(Runtime::Ort),
             threads: 2,
         },
     )?;

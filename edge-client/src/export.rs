@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use fedpeft_backbone::Runtime;
 
 use crate::config::cli::ExportArgs;
 use crate::model::{Model, ModelOptions};
@@ -24,12 +23,12 @@ pub const MODEL_SCHEMA: &str = "fedpeft-model/1";
 /// Runs the command; returns the files written.
 pub fn run(args: &ExportArgs) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let adapter = crate::model::load(&args.source)?;
-    // Tract: exporting needs no fast trunk, and it is always there.
     let model = Model::open(
         &adapter,
         &ModelOptions {
             model_dir: args.source.model_dir.clone(),
-            runtime: Runtime::Tract,
+            // The tail alone: exporting runs no trunk.
+            runtime: None,
             threads: 1,
         },
     )?;

@@ -232,7 +232,8 @@ fn method(index: &GlobalIndex) -> Result<PeftMethod, String> {
 pub struct ModelOptions {
     /// The backbone folder; `None`: the one the run's aggregator was given.
     pub model_dir: Option<PathBuf>,
-    pub runtime: Runtime,
+    /// The trunk's runtime; `None`: no trunk (the tail alone, as `export` needs it).
+    pub runtime: Option<Runtime>,
     pub threads: usize,
 }
 
@@ -240,7 +241,7 @@ pub struct ModelOptions {
 #[derive(Debug)]
 pub struct Model {
     pub backbone: Backbone,
-    trunk: Box<dyn Trunk>,
+    trunk: Option<Box<dyn Trunk>>,
     tail: Box<dyn Tail>,
     input: ModelInput,
     pub classes: Vec<String>,
@@ -326,13 +327,18 @@ impl Model {
                 size,
             )
         };
-        let mut trunk_cfg = TrunkConfig::default()
-            .with_runtime(opts.runtime)
-            .with_threads(opts.threads);
-        if let ModelInput::Image(_, size) = &input {
-            trunk_cfg = trunk_cfg.with_image_size(*size);
-        }
-        let trunk = open_trunk(&backbone, &trunk_cfg).map_err(ModelError::Trunk)?;
+        let trunk = match opts.runtime {
+            Some(runtime) => {
+                let mut cfg = TrunkConfig::default()
+                    .with_runtime(runtime)
+                    .with_threads(opts.threads);
+                if let ModelInput::Image(_, size) = &input {
+                    cfg = cfg.with_image_size(*size);
+                }
+                Some(open_trunk(&backbone, &cfg).map_err(ModelError::Trunk)?)
+            }
+            None => None,
+        };
         Ok(Model {
             backbone,
             trunk,
@@ -341,6 +347,12 @@ impl Model {
             classes,
             round: adapter.round,
         })
+    }
+
+    fn trunk(&self) -> Result<&dyn Trunk, ModelError> {
+        self.trunk
+            .as_deref()
+            .ok_or_else(|| ModelError::Input("the model was opened without its trunk".into()))
     }
 
     /// Whether the model reads texts (else images).
@@ -384,7 +396,7 @@ impl Model {
         };
         let x = pre.batch(ds, idx).map_err(ModelError::Trunk)?;
         let features = self
-            .trunk
+            .trunk()?
             .run(&TrunkInput::Image(x))
             .map_err(ModelError::Trunk)?;
         self.tail
@@ -403,7 +415,7 @@ impl Model {
         let (ids, mask) = pre.batch(ds, idx).map_err(ModelError::Trunk)?;
         let mask_f = mask.mapv(|m| m as f32);
         let features = self
-            .trunk
+            .trunk()?
             .run(&TrunkInput::Tokens { ids, mask })
             .map_err(ModelError::Trunk)?;
         self.tail

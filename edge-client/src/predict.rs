@@ -50,11 +50,11 @@ pub fn run(args: &PredictArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         &adapter,
         &ModelOptions {
             model_dir: args.source.model_dir.clone(),
-            runtime: match args.runtime {
+            runtime: Some(match args.runtime {
                 RuntimeChoice::Auto => Runtime::Auto,
                 RuntimeChoice::Ort => Runtime::Ort,
                 RuntimeChoice::Tract => Runtime::Tract,
-            },
+            }),
             threads: args.threads,
         },
     )?;

@@ -382,7 +382,7 @@ fn the_exported_model_matches_the_rust_path(out: &Path, dir: &Path, held_out: &P
         &adapter,
         &ModelOptions {
             model_dir: None,
-            runtime: fedpeft_backbone::Runtime::Tract,
+            runtime: Some(fedpeft_backbone::Runtime::Tract),
             threads: 1,
         },
     )

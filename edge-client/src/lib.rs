@@ -19,6 +19,8 @@
 //! - [`client`]: the async shell (tokio + rumqttc) that runs a session: [`client::run`] drives
 //!   an event-loop struct with one method per kind of event; the MQTT event loop is polled in a
 //!   task of its own (reconnect backoff, emulated dropout).
+//! - [`model`], [`predict`], [`export`], [`serve`]: the federation's model put to use (a kept
+//!   global adapter on the trunk: predictions, a merged deployable model, an HTTP server).
 
 pub mod accounting;
 pub mod client;
@@ -26,6 +28,7 @@ pub mod config;
 pub mod export;
 pub mod model;
 pub mod predict;
+pub mod serve;
 pub mod session;
 pub mod setup;
 pub use fedpeft_tls as tls;

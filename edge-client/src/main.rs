@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Parser;
 use fedpeft_edge::client::{self, ClientSettings};
 use fedpeft_edge::config::{Cli, EdgeConfig};
-use fedpeft_edge::setup;
+use fedpeft_edge::{serve, setup};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -28,6 +28,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(fedpeft_edge::config::Command::Predict(args)) = &cli.command {
         let stdout = std::io::stdout();
         return fedpeft_edge::predict::run(args, &mut stdout.lock());
+    }
+    if let Some(fedpeft_edge::config::Command::Serve(args)) = &cli.command {
+        return fedpeft_edge::serve::run(args);
     }
     if let Some(fedpeft_edge::config::Command::Export(args)) = &cli.command {
         for f in fedpeft_edge::export::run(args)? {
@@ -70,13 +73,27 @@ fn run_client(cli: &Cli) -> anyhow::Result<()> {
     // Trunk activations are computed (or loaded from the cache) before connecting, so a joined
     // client is ready to train at once.
     let local = setup::build_trainer(&cfg).context("preparing local training")?;
-    let settings = ClientSettings::from_config(&cfg, local.capabilities)?;
+    let mut settings = ClientSettings::from_config(&cfg, local.capabilities)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    if let Some(addr) = cfg.serve {
+        let engine = serving_engine(&cfg, local.classes)?;
+        let listener = runtime.block_on(serve::bind(addr, false))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "serving predictions: POST /predict, GET /model, GET /healthz");
+        let limits = serve::limits(8192, 64, None)?;
+        runtime.spawn(serve::serve(
+            listener,
+            engine.clone(),
+            limits,
+            std::future::pending(),
+        ));
+        settings.serve = Some(engine);
+    }
     let summary = runtime.block_on(client::run(
         settings,
         local.trainer,
@@ -105,4 +122,21 @@ fn run_client(cli: &Cli) -> anyhow::Result<()> {
     // A training thread may still be busy with a round that no longer matters: don't wait.
     runtime.shutdown_background();
     Ok(())
+}
+
+/// `--serve`: the model the fleet trains, on a trunk of its own, waiting for the fleet's first
+/// global adapter.
+fn serving_engine(cfg: &EdgeConfig, classes: Vec<String>) -> anyhow::Result<serve::Engine> {
+    let spec = fedpeft_edge::model::spec_from_config(cfg, classes);
+    let model = fedpeft_edge::model::Model::build(
+        &spec,
+        &cfg.model_dir,
+        &fedpeft_edge::model::ModelOptions {
+            model_dir: Some(cfg.model_dir.clone()),
+            runtime: Some(fedpeft_edge::config::runtime(cfg.runtime)),
+            threads: cfg.threads,
+        },
+    )
+    .context("opening the model to serve")?;
+    Ok(serve::Engine::start(model, None, 16, 64)?)
 }

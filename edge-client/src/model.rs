@@ -14,7 +14,7 @@ use fedpeft_backbone::data::{ImageDataset, TextDataset};
 use fedpeft_backbone::{
     Backbone, ImagePreprocess, Runtime, TextPreprocess, Trunk, TrunkConfig, TrunkInput, open_trunk,
 };
-use fedpeft_config::report::{GLOBALS_SCHEMA, GlobalIndex};
+use fedpeft_config::report::{AdapterModel, GLOBALS_SCHEMA, GlobalIndex};
 use fedpeft_peft::{Batch, NamedTensor, PeftConfig, Tail};
 use fedpeft_protocol::{Envelope, FleetName, Message, PeftMethod, VerifyingKey};
 use ndarray::Array2;
@@ -79,6 +79,16 @@ pub struct KeptAdapter {
 /// `choice` picks), or one adapter file (`globals/round-NNNN.bin`, or a run's
 /// `global-adapter.bin`) with the index beside it.
 pub fn locate(path: &Path, choice: RoundChoice) -> Result<(PathBuf, GlobalIndex), ModelError> {
+    let (index_path, index) = read_index(path)?;
+    if path.is_file() {
+        return Ok((path.to_path_buf(), index));
+    }
+    pick(&index_path, index, choice)
+}
+
+/// The globals index of the run `path` names (a results folder, its `globals/` folder, or an
+/// adapter file beside its index), and where it is.
+pub fn read_index(path: &Path) -> Result<(PathBuf, GlobalIndex), ModelError> {
     let index_path = if path.is_dir() {
         [path.join("globals/index.json"), path.join("index.json")]
             .into_iter()
@@ -114,9 +124,15 @@ pub fn locate(path: &Path, choice: RoundChoice) -> Result<(PathBuf, GlobalIndex)
             format!("schema `{}`, expected `{GLOBALS_SCHEMA}`", index.schema),
         ));
     }
-    if path.is_file() {
-        return Ok((path.to_path_buf(), index));
-    }
+    Ok((index_path, index))
+}
+
+/// The adapter file of the round `choice` picks from the index at `index_path`.
+fn pick(
+    index_path: &Path,
+    index: GlobalIndex,
+    choice: RoundChoice,
+) -> Result<(PathBuf, GlobalIndex), ModelError> {
     let round = match choice {
         RoundChoice::Best => index.best.or(index.last),
         RoundChoice::Last => index.last,
@@ -128,7 +144,7 @@ pub fn locate(path: &Path, choice: RoundChoice) -> Result<(PathBuf, GlobalIndex)
         .ok_or_else(|| adapter_err(&index_path, format!("the run has no round {round}")))?;
     let file = entry.file.as_ref().ok_or_else(|| {
         adapter_err(
-            &index_path,
+            index_path,
             format!(
                 "round {round}'s adapter was not kept (keep_globals = \"{}\"); kept: {:?}",
                 index.keep,
@@ -207,8 +223,7 @@ pub fn read_adapter(
 }
 
 /// The PEFT method an index names.
-fn method(index: &GlobalIndex) -> Result<PeftMethod, String> {
-    let m = &index.model;
+fn method(m: &AdapterModel) -> Result<PeftMethod, String> {
     Ok(match m.peft.as_str() {
         "head" => PeftMethod::Head,
         "bias" => PeftMethod::Bias,
@@ -225,6 +240,43 @@ fn method(index: &GlobalIndex) -> Result<PeftMethod, String> {
         "full-tail" => PeftMethod::FullTail,
         other => return Err(format!("unknown method `{other}`")),
     })
+}
+
+/// What a fleet client's adapters fit, from its configuration and its data's class names:
+/// the model `edge-client --serve` answers with while the client takes part in a run.
+pub fn spec_from_config(cfg: &crate::config::EdgeConfig, classes: Vec<String>) -> AdapterModel {
+    let (mut rank, mut alpha, mut bottleneck, mut tokens) = (None, None, None, None);
+    let peft = match cfg.peft {
+        PeftMethod::Head => "head",
+        PeftMethod::Bias => "bias",
+        PeftMethod::Lora { rank: r, alpha: a } => {
+            (rank, alpha) = (Some(r), Some(a));
+            "lora"
+        }
+        PeftMethod::Adapter { bottleneck: b } => {
+            bottleneck = Some(b);
+            "adapter"
+        }
+        PeftMethod::Prompt { tokens: t } => {
+            tokens = Some(t);
+            "prompt"
+        }
+        PeftMethod::FullTail => "full-tail",
+    };
+    AdapterModel {
+        backbone: Some(cfg.model_dir.display().to_string()),
+        backbone_id: None,
+        backbone_sha256: None,
+        peft: peft.into(),
+        lora_rank: rank,
+        lora_alpha: alpha,
+        bottleneck,
+        prompt_tokens: tokens,
+        classes,
+        image_size: Some(cfg.image_size),
+        max_seq_len: cfg.max_seq_len,
+        tensors: Vec::new(),
+    }
 }
 
 /// How the trunk is run.
@@ -247,6 +299,8 @@ pub struct Model {
     pub classes: Vec<String>,
     /// The round of the adapter in use.
     pub round: u32,
+    /// The PEFT method's name (as in the index).
+    peft: String,
 }
 
 #[derive(Debug)]
@@ -259,13 +313,26 @@ impl Model {
     /// Opens the backbone, checks that it is the adapter's, builds the tail and loads the
     /// adapter into it.
     pub fn open(adapter: &KeptAdapter, opts: &ModelOptions) -> Result<Model, ModelError> {
-        let index = &adapter.index;
-        let dir = match (&opts.model_dir, &index.model.backbone) {
+        let mut model = Model::build(&adapter.index.model, &adapter.file, opts)?;
+        model.swap(adapter)?;
+        Ok(model)
+    }
+
+    /// Opens the backbone `spec` names (or `opts.model_dir`), checks that its trunk is the
+    /// one `spec` was trained on, and builds the tail with its initial trainable tensors:
+    /// load a global adapter ([`Model::load_tensors`]) before trusting its answers. `origin`
+    /// (the adapter file, or the client's config) is named in errors.
+    pub fn build(
+        spec: &AdapterModel,
+        origin: &Path,
+        opts: &ModelOptions,
+    ) -> Result<Model, ModelError> {
+        let dir = match (&opts.model_dir, &spec.backbone) {
             (Some(d), _) => d.clone(),
             (None, Some(d)) => PathBuf::from(d),
             (None, None) => {
                 return Err(adapter_err(
-                    &adapter.file,
+                    origin,
                     "the run had no backbone (an averaging-only aggregator): nothing to predict with",
                 ));
             }
@@ -275,44 +342,34 @@ impl Model {
             reason,
         };
         let backbone = Backbone::open(&dir).map_err(|e| bb_err(e.to_string()))?;
-        if let Some(want) = &index.model.backbone_sha256
+        if let Some(want) = &spec.backbone_sha256
             && !want.eq_ignore_ascii_case(backbone.trunk_sha256())
         {
             return Err(bb_err(format!(
                 "its trunk (sha256 {}) is not the one adapter {} was trained on (backbone `{}`, \
                  trunk sha256 {want})",
                 backbone.trunk_sha256(),
-                adapter.file.display(),
-                index.model.backbone_id.as_deref().unwrap_or("?"),
+                origin.display(),
+                spec.backbone_id.as_deref().unwrap_or("?"),
             )));
         }
-        let classes = index.model.classes.clone();
+        let classes = spec.classes.clone();
         if classes.is_empty() {
-            return Err(adapter_err(&adapter.file, "the index names no classes"));
+            return Err(adapter_err(origin, "the index names no classes"));
         }
-        let method = method(index).map_err(|e| adapter_err(&adapter.file, e))?;
+        let method = method(spec).map_err(|e| adapter_err(origin, e))?;
         let family = backbone.manifest.tail_family().map_err(bb_err)?;
         let weights = fedpeft_peft::FrozenWeights::from_safetensors(&backbone.tail_path())
             .map_err(ModelError::Tail)?;
-        let mut tail = fedpeft_peft::build_tail(
+        let tail = fedpeft_peft::build_tail(
             family,
             &weights,
             PeftConfig::new(fedpeft_backbone::peft_method(method), classes.len(), 0),
         )
         .map_err(ModelError::Tail)?;
-        tail.set_trainable(&adapter.tensors).map_err(|e| {
-            adapter_err(
-                &adapter.file,
-                format!(
-                    "does not fit the {} tail of {}: {e}",
-                    index.model.peft,
-                    dir.display()
-                ),
-            )
-        })?;
         let input = if backbone.manifest.is_text() {
             ModelInput::Text(
-                TextPreprocess::from_backbone(&backbone, index.model.max_seq_len)
+                TextPreprocess::from_backbone(&backbone, spec.max_seq_len)
                     .map_err(|e| bb_err(e.to_string()))?,
             )
         } else {
@@ -320,7 +377,7 @@ impl Model {
                 fedpeft_backbone::InputSpec::Image { default_size, .. } => *default_size,
                 fedpeft_backbone::InputSpec::Text { .. } => 0,
             };
-            let size = index.model.image_size.unwrap_or(default);
+            let size = spec.image_size.unwrap_or(default);
             ModelInput::Image(
                 ImagePreprocess::from_manifest(&backbone.manifest, Some(size))
                     .map_err(|e| bb_err(e.to_string()))?,
@@ -345,7 +402,8 @@ impl Model {
             tail,
             input,
             classes,
-            round: adapter.round,
+            round: 0,
+            peft: spec.peft.clone(),
         })
     }
 
@@ -353,6 +411,11 @@ impl Model {
         self.trunk
             .as_deref()
             .ok_or_else(|| ModelError::Input("the model was opened without its trunk".into()))
+    }
+
+    /// The PEFT method's name (`lora`, `bias`, ...).
+    pub fn peft(&self) -> &str {
+        &self.peft
     }
 
     /// Whether the model reads texts (else images).
@@ -375,10 +438,28 @@ impl Model {
 
     /// Puts another adapter of the same run in (a newer global).
     pub fn swap(&mut self, adapter: &KeptAdapter) -> Result<(), ModelError> {
-        self.tail
-            .set_trainable(&adapter.tensors)
-            .map_err(|e| adapter_err(&adapter.file, e))?;
-        self.round = adapter.round;
+        self.load_tensors(adapter.round, &adapter.tensors, &adapter.file)
+    }
+
+    /// Puts round `round`'s global adapter in; tensors that do not fit the tail (by name and
+    /// shape) are refused with `origin` named, and the adapter in use stays.
+    pub fn load_tensors(
+        &mut self,
+        round: u32,
+        tensors: &[NamedTensor],
+        origin: &Path,
+    ) -> Result<(), ModelError> {
+        self.tail.set_trainable(tensors).map_err(|e| {
+            adapter_err(
+                origin,
+                format!(
+                    "does not fit the {} tail of {}: {e}",
+                    self.peft,
+                    self.backbone.dir.display()
+                ),
+            )
+        })?;
+        self.round = round;
         Ok(())
     }
 

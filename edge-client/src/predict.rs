@@ -13,7 +13,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::bail;
-use fedpeft_backbone::Runtime;
 use fedpeft_backbone::data::{
     ImageDataset, OwnData, TextColumns, TextDataset, fashion_mnist, fashion_mnist_at,
     held_out_subset, load_image_files, load_spam_assassin, load_texts_unlabelled,
@@ -21,7 +20,6 @@ use fedpeft_backbone::data::{
 };
 use ndarray::Array2;
 
-use crate::config::RuntimeChoice;
 use crate::config::cli::PredictArgs;
 use crate::model::{Model, ModelOptions, probabilities};
 
@@ -50,11 +48,7 @@ pub fn run(args: &PredictArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         &adapter,
         &ModelOptions {
             model_dir: args.source.model_dir.clone(),
-            runtime: Some(match args.runtime {
-                RuntimeChoice::Auto => Runtime::Auto,
-                RuntimeChoice::Ort => Runtime::Ort,
-                RuntimeChoice::Tract => Runtime::Tract,
-            }),
+            runtime: Some(crate::config::runtime(args.runtime)),
             threads: args.threads,
         },
     )?;
@@ -292,20 +286,31 @@ fn write_predictions(
             }
             writeln!(out, "{}", fields.join(","))?;
         } else {
-            let top_json: Vec<serde_json::Value> = top
-                .iter()
-                .map(|&(c, p)| serde_json::json!({"label": classes[c], "id": c, "p": p}))
-                .collect();
-            let line = serde_json::json!({
-                "input": name,
-                "label": classes[top[0].0],
-                "id": top[0].0,
-                "top": top_json,
-            });
+            let mut line = prediction_json(classes, row, k);
+            line["input"] = serde_json::Value::from(name.as_str());
             writeln!(out, "{line}")?;
         }
     }
     Ok(())
+}
+
+/// One input's prediction as JSON: `{"label", "id", "top": [{"label", "id", "p"}, ..]}`
+/// with the `k` most probable classes (as `predict` prints it and `serve` answers).
+pub fn prediction_json(
+    classes: &[String],
+    row: ndarray::ArrayView1<'_, f64>,
+    k: usize,
+) -> serde_json::Value {
+    let top = top_k(row, k);
+    let top_json: Vec<serde_json::Value> = top
+        .iter()
+        .map(|&(c, p)| serde_json::json!({"label": classes[c], "id": c, "p": p}))
+        .collect();
+    serde_json::json!({
+        "label": classes[top[0].0],
+        "id": top[0].0,
+        "top": top_json,
+    })
 }
 
 fn csv_field(s: &str) -> String {

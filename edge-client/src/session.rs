@@ -196,6 +196,11 @@ impl Session {
         &self.client_id
     }
 
+    /// The newest global adapter held (of the current run).
+    pub fn adapter(&self) -> Option<&SharedAdapter> {
+        self.adapter.as_ref()
+    }
+
     pub fn stats(&self) -> SessionStats {
         self.stats
     }

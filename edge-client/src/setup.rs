@@ -25,13 +25,13 @@ use fedpeft_backbone::data::{
 };
 use fedpeft_backbone::{
     ActivationCache, Backbone, CacheConfig, CacheKey, Features, ImagePreprocess, Partitioner,
-    Runtime, TextPreprocess, Trunk, TrunkConfig, TrunkInput, open_trunk, partition,
+    TextPreprocess, Trunk, TrunkConfig, TrunkInput, open_trunk, partition,
     text_activations,
 };
 use fedpeft_peft::{FrozenWeights, PeftConfig};
 use fedpeft_protocol::{Capabilities, DType, PeftMethod};
 
-use crate::config::{DataSource, DatasetKind, EdgeConfig, PartitionKind, RuntimeChoice};
+use crate::config::{DataSource, DatasetKind, EdgeConfig, PartitionKind};
 use crate::trainer::TailTrainer;
 
 /// Why local training could not be prepared. Each names the file, field or step.
@@ -76,6 +76,8 @@ pub struct LocalSetup {
     pub capabilities: Capabilities,
     /// Samples per class in this client's shard.
     pub per_class: Vec<usize>,
+    /// The class names, in label-id order (what `--serve` labels its answers with).
+    pub classes: Vec<String>,
 }
 
 fn data_err(cfg: &EdgeConfig) -> impl Fn(fedpeft_backbone::BackboneError) -> SetupError + '_ {
@@ -250,11 +252,7 @@ fn open_cache(cfg: &EdgeConfig) -> ActivationCache {
 }
 
 fn trunk_config(cfg: &EdgeConfig) -> TrunkConfig {
-    let runtime = match cfg.runtime {
-        RuntimeChoice::Auto => Runtime::Auto,
-        RuntimeChoice::Ort => Runtime::Ort,
-        RuntimeChoice::Tract => Runtime::Tract,
-    };
+    let runtime = crate::config::runtime(cfg.runtime);
     TrunkConfig::default()
         .with_runtime(runtime)
         .with_image_size(cfg.image_size)
@@ -297,7 +295,8 @@ struct LocalData {
     features: Arc<Features>,
     masks: Option<Arc<Features>>,
     labels: Vec<usize>,
-    classes: usize,
+    /// The class names, in label-id order.
+    classes: Vec<String>,
     per_class: Vec<usize>,
 }
 
@@ -311,7 +310,7 @@ fn image_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupE
     let shard = client_shard(&ds.labels, None, cfg)?;
     let per_class = per_class(&ds.labels, &shard, ds.num_classes());
     let labels: Vec<usize> = shard.iter().map(|&i| ds.labels[i] as usize).collect();
-    let classes = ds.num_classes();
+    let classes = ds.classes.clone();
     tracing::info!(examples = shard.len(), ?per_class, "local shard");
     // A shared cache holds every sample of the data set in one entry (filled once for the whole
     // fleet, left in its file: each process keeps only its own rows in memory); otherwise the
@@ -433,7 +432,7 @@ fn text_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupEr
         features,
         masks: Some(masks),
         labels: shard.iter().map(|&i| ds.labels[i] as usize).collect(),
-        classes: ds.num_classes(),
+        classes: ds.classes.clone(),
         per_class,
     })
 }
@@ -465,7 +464,7 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
     let tail = fedpeft_peft::build_tail(
         family,
         &weights,
-        PeftConfig::new(method, data.classes, seed),
+        PeftConfig::new(method, data.classes.len(), seed),
     )
     .map_err(|source| SetupError::Tail {
         path: tail_path,
@@ -512,6 +511,7 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
             max_packet_size: cfg.max_packet_bytes as u32,
         },
         per_class: data.per_class,
+        classes: data.classes,
     })
 }
 

@@ -130,6 +130,7 @@ fn settings(port: u16, id: &str) -> ClientSettings {
         faults: Default::default(),
         fault_seed: 0,
         client_index: 0,
+        serve: None,
     }
 }
 

@@ -208,6 +208,7 @@ async fn a_client_on_the_real_tract_trunk_joins_trains_a_round_and_publishes_its
         trainer,
         capabilities,
         per_class,
+        ..
     } = tokio::task::spawn_blocking({
         let cfg = cfg.clone();
         move || build_trainer(&cfg)

@@ -193,6 +193,11 @@ dir = "{out}"
 
     /// Starts edge client `index` of the fleet.
     pub fn spawn_client(&self, broker_url: &str, index: usize) -> Proc {
+        self.spawn_client_with(broker_url, index, &[])
+    }
+
+    /// Starts edge client `index` of the fleet with `extra` flags.
+    pub fn spawn_client_with(&self, broker_url: &str, index: usize, extra: &[&str]) -> Proc {
         let id = format!("client-{index:02}");
         let mut cmd = Command::new(binary("edge-client"));
         cmd.args([
@@ -221,6 +226,7 @@ dir = "{out}"
         .args(["--max-packet-bytes", &self.max_packet.to_string()])
         .arg("--cache-dir")
         .arg(shared_cache())
+        .args(extra)
         .env("RAYON_NUM_THREADS", "1");
         Proc::spawn(&id, cmd)
     }

@@ -104,13 +104,23 @@ fn image_files(dir: &Path, depth: usize, strict: bool, out: &mut Vec<PathBuf>) -
 
 /// Decodes one image (format from its bytes; EXIF orientation applied) as 8-bit RGB.
 fn decode(path: &Path) -> Result<image::RgbImage> {
+    let reader = ImageReader::open(path).map_err(|e| BackboneError::io(path, e))?;
+    decode_from(reader, path)
+}
+
+fn decode_from<R: std::io::BufRead + std::io::Seek>(
+    reader: ImageReader<R>,
+    path: &Path,
+) -> Result<image::RgbImage> {
     let undecodable = |e: image::ImageError| {
         BackboneError::data(path, None, format!("cannot decode the image: {e}"))
     };
-    let reader = ImageReader::open(path)
-        .map_err(|e| BackboneError::io(path, e))?
+    let mut reader = reader
         .with_guessed_format()
         .map_err(|e| BackboneError::io(path, e))?;
+    // The `image` crate's default limits (512 MiB of decoded pixels) bound what a hostile file
+    // can make it allocate.
+    reader.limits(image::Limits::default());
     let mut decoder = reader.into_decoder().map_err(undecodable)?;
     let orientation = decoder.orientation().map_err(undecodable)?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
@@ -123,6 +133,18 @@ fn decode(path: &Path) -> Result<image::RgbImage> {
         ));
     }
     Ok(img.to_rgb8())
+}
+
+/// Decodes one encoded image (PNG or JPEG, format read from the bytes) to `side × side` 8-bit
+/// RGB, resized as [`load_image_files`] resizes; `name` says where the bytes came from in
+/// errors (a request, an upload).
+pub fn decode_image_bytes(bytes: &[u8], side: u32, name: &str) -> Result<Vec<u8>> {
+    let path = Path::new(name);
+    let mut rgb = decode_from(ImageReader::new(std::io::Cursor::new(bytes)), path)?;
+    if (rgb.width(), rgb.height()) != (side, side) {
+        rgb = image::imageops::resize(&rgb, side, side, image::imageops::FilterType::Triangle);
+    }
+    Ok(rgb.into_raw())
 }
 
 /// Loads every image under `root`.

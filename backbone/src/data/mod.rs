@@ -13,7 +13,9 @@ mod text;
 
 use std::path::PathBuf;
 
-pub use folder::{IMAGE_EXTENSIONS, image_folder_classes, load_image_files, load_image_folder};
+pub use folder::{
+    IMAGE_EXTENSIONS, decode_image_bytes, image_folder_classes, load_image_files, load_image_folder,
+};
 pub use idx::{
     fashion_mnist, fashion_mnist_at, fashion_mnist_dir, load_idx_images, load_idx_labels,
     load_idx_pair,

@@ -49,6 +49,8 @@ pub struct ClientSettings {
     /// Seed and fleet index of this client: keys of the dropout draws.
     pub fault_seed: u64,
     pub client_index: u64,
+    /// `--serve`: every newer global adapter the session accepts is handed to this engine.
+    pub serve: Option<crate::serve::Engine>,
 }
 
 /// Why the client could not run.
@@ -91,6 +93,7 @@ impl ClientSettings {
             faults: cfg.faults,
             fault_seed: cfg.data.seed,
             client_index: cfg.data.index as u64,
+            serve: None,
         })
     }
 }

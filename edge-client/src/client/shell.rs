@@ -188,7 +188,15 @@ impl<T: LocalTrainer + 'static> Shell<T> {
     /// Hands `event` to the session and carries out its actions; `Some` when it says exit.
     fn apply(&mut self, event: Event) -> Option<ExitReason> {
         let mut exit = None;
-        for action in self.session.on_event(event) {
+        let held = self.session.adapter().cloned();
+        let actions = self.session.on_event(event);
+        if let Some(engine) = &self.settings.serve
+            && let Some(now) = self.session.adapter()
+            && !held.as_ref().is_some_and(|h| Arc::ptr_eq(h, now))
+        {
+            engine.swap(now.clone(), format!("round {} from the broker", now.round));
+        }
+        for action in actions {
             match action {
                 Action::Subscribe => self
                     .outbox

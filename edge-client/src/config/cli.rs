@@ -138,6 +138,11 @@ pub struct Cli {
     /// Emulated straggler: hold each finished update this many seconds (`[faults] straggle_secs`).
     #[arg(long)]
     pub straggle_secs: Option<f64>,
+    /// While taking part in the fleet, answer `POST /predict` on this address (e.g.
+    /// 127.0.0.1:8088) with each newer global adapter the client receives (`edge-client serve`
+    /// describes the requests).
+    #[arg(long)]
+    pub serve: Option<std::net::SocketAddr>,
 }
 
 /// `edge-client` subcommands (none: run the client).
@@ -158,6 +163,51 @@ pub enum Command {
     /// folded into its weights) as safetensors with a model.json, and with --onnx one ONNX
     /// file of trunk and tail.
     Export(Box<ExportArgs>),
+    /// Serve predictions over HTTP with a kept global adapter: `POST /predict` (an image, a
+    /// text, or JSON), `GET /model`, `GET /healthz`; with --watch, each newer adapter the run
+    /// keeps is swapped in as it appears.
+    Serve(Box<ServeArgs>),
+}
+
+/// `edge-client serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub source: AdapterArgs,
+    /// Address to listen on (port 0: any free port; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8088")]
+    pub listen: std::net::SocketAddr,
+    /// Swap in each newer global adapter the run keeps (polls the folder's index.json).
+    #[arg(long)]
+    pub watch: bool,
+    /// --watch: how often the index is read, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub watch_ms: u64,
+    /// Trunk runtime.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub runtime: super::RuntimeChoice,
+    /// Trunk threads.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Most inputs run through the trunk together (waiting requests are batched).
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Most requests waiting; more are refused with 503 and Retry-After.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Largest request body, KiB.
+    #[arg(long, default_value_t = 8192)]
+    pub max_body_kb: usize,
+    /// Most inputs (images or texts) in one request.
+    #[arg(long, default_value_t = 64)]
+    pub max_inputs: usize,
+    /// Threads answering HTTP (the model runs on its own thread).
+    #[arg(long, default_value_t = 1)]
+    pub http_threads: usize,
+    /// File whose first line is a bearer token every request must carry
+    /// (`Authorization: Bearer <token>`).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// `edge-client export`.
@@ -180,7 +230,7 @@ pub struct ExportArgs {
     pub script: PathBuf,
 }
 
-/// Which kept global adapter `predict` and `export` use.
+/// Which kept global adapter `predict`, `export` and `serve` use.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdapterArgs {
     /// The adapter: a run's results folder or its globals/ folder (with --round), or one

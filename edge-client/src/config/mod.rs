@@ -53,6 +53,15 @@ pub use crate::tls::broker::BrokerAddr;
 /// Smallest packet limit we accept: below this even a chunk header plus a topic would not fit.
 pub const MIN_PACKET_BYTES: usize = 1024;
 
+/// The trunk runtime a `--runtime` / `[model] runtime` choice names.
+pub fn runtime(choice: RuntimeChoice) -> fedpeft_backbone::Runtime {
+    match choice {
+        RuntimeChoice::Auto => fedpeft_backbone::Runtime::Auto,
+        RuntimeChoice::Ort => fedpeft_backbone::Runtime::Ort,
+        RuntimeChoice::Tract => fedpeft_backbone::Runtime::Tract,
+    }
+}
+
 /// The validated configuration the client runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EdgeConfig {
@@ -89,6 +98,8 @@ pub struct EdgeConfig {
     pub reconnect: Backoff,
     pub summary_json: Option<PathBuf>,
     pub faults: FaultsSpec,
+    /// `--serve`: answer predictions on this address while taking part.
+    pub serve: Option<std::net::SocketAddr>,
 }
 
 impl EdgeConfig {
@@ -139,6 +150,7 @@ impl EdgeConfig {
             reconnect,
             summary_json: cli.summary_json.clone().or(file.report.summary_json),
             faults,
+            serve: cli.serve,
         })
     }
 }

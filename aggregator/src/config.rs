@@ -81,6 +81,8 @@ pub struct ModelConfig {
     pub threads: usize,
     pub cache_dir: PathBuf,
     pub tensors: Vec<(String, Vec<u32>)>,
+    /// A Hugging Face PEFT LoRA folder the run starts from.
+    pub initial_adapter: Option<PathBuf>,
 }
 
 /// The validated configuration.
@@ -667,6 +669,26 @@ fn validate_model(m: ModelTable) -> Result<ModelConfig, ConfigError> {
             ));
         }
     }
+    if let Some(dir) = &m.initial_adapter {
+        if m.backbone.is_none() {
+            return Err(invalid(
+                "model.initial_adapter",
+                "needs a backbone (model.backbone) for the adapter to fit",
+            ));
+        }
+        if !matches!(peft, PeftMethod::Lora { .. }) {
+            return Err(invalid(
+                "model.initial_adapter",
+                "a Hugging Face PEFT adapter is LoRA: set peft = \"lora\"",
+            ));
+        }
+        if !dir.join("adapter_config.json").is_file() {
+            return Err(invalid(
+                "model.initial_adapter",
+                format!("{}: no adapter_config.json in this folder", dir.display()),
+            ));
+        }
+    }
     let image_size = m.image_size.unwrap_or(96);
     if !(32..=1024).contains(&image_size) {
         return Err(invalid(
@@ -692,6 +714,7 @@ fn validate_model(m: ModelTable) -> Result<ModelConfig, ConfigError> {
         threads: m.threads.unwrap_or(2).max(1),
         cache_dir: m.cache_dir.unwrap_or_else(|| PathBuf::from("data/cache")),
         tensors,
+        initial_adapter: m.initial_adapter,
     })
 }
 

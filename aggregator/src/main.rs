@@ -173,6 +173,7 @@ fn main() -> anyhow::Result<()> {
                 threads: config.model.threads,
                 cache_dir: config.model.cache_dir.clone(),
                 frozen_budget: DEFAULT_FROZEN_BUDGET,
+                initial_adapter: config.model.initial_adapter.clone(),
             })
             .context("server-side model")?,
         ),

@@ -54,6 +54,8 @@ pub struct BackboneHostConfig {
     /// Largest frozen prefix of the held-out set kept between evaluations, bytes; 0 turns it
     /// off. [`DEFAULT_FROZEN_BUDGET`] unless testing.
     pub frozen_budget: usize,
+    /// A Hugging Face PEFT LoRA folder the round-0 adapter is read from.
+    pub initial_adapter: Option<PathBuf>,
 }
 
 /// Held-out activations and, for text, their attention masks.
@@ -250,6 +252,77 @@ fn held_out_job(
     }
 }
 
+/// Puts the Hugging Face PEFT LoRA adapter in `hf` into `tail` as the run's round-0 adapter:
+/// its rank and alpha must be the run's, every LoRA factor the tail trains must be in it (and
+/// nothing else), and a classifier beside it must fit the run's classes; the classifier is the
+/// tail's fresh one otherwise.
+fn start_from_hf_adapter(
+    tail: &mut dyn fedpeft_peft::Tail,
+    manifest: &fedpeft_backbone::Manifest,
+    cfg: &BackboneHostConfig,
+    hf: &std::path::Path,
+) -> Result<(), HostError> {
+    let bad = |why: String| err(hf, "model.initial_adapter", why);
+    let PeftMethod::Lora { rank, alpha } = cfg.peft else {
+        return Err(bad("a Hugging Face PEFT adapter is LoRA: set peft = \"lora\"".into()));
+    };
+    let blocks = tail
+        .trainable()
+        .iter()
+        .filter_map(|t| t.name.strip_prefix("blocks."))
+        .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map_or(0, |b| b + 1);
+    let read = fedpeft_backbone::hf_peft::read(hf, manifest, blocks).map_err(|e| bad(e.to_string()))?;
+    if read.rank != usize::from(rank) || (read.alpha - f64::from(alpha)).abs() > 1e-6 {
+        return Err(bad(format!(
+            "r = {}, lora_alpha = {} in the adapter, but the run trains lora_rank = {rank}, \
+             lora_alpha = {alpha}",
+            read.rank, read.alpha
+        )));
+    }
+    let mut tensors = tail.trainable();
+    let mut given: std::collections::BTreeMap<&str, &fedpeft_peft::NamedTensor> = read
+        .lora
+        .iter()
+        .chain(&read.head)
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    for t in tensors.iter_mut() {
+        match given.remove(t.name.as_str()) {
+            Some(g) if g.shape == t.shape => t.values = g.values.clone(),
+            Some(g) => {
+                return Err(bad(format!(
+                    "`{}` has shape {:?}; the run's tail needs {:?}",
+                    t.name, g.shape, t.shape
+                )));
+            }
+            None if t.name.starts_with("head.") => {}
+            None => {
+                return Err(bad(format!(
+                    "no `{}` in the adapter: the run's LoRA trains it",
+                    t.name
+                )));
+            }
+        }
+    }
+    if let Some(name) = given.keys().next() {
+        return Err(bad(format!(
+            "the adapter has `{name}`, which the run's LoRA does not train (it trains the \
+             query and value projections)"
+        )));
+    }
+    tail.set_trainable(&tensors).map_err(|e| bad(e.to_string()))?;
+    tracing::info!(
+        adapter = %hf.display(),
+        rank,
+        alpha,
+        head = !read.head.is_empty(),
+        "round-0 adapter from a Hugging Face PEFT folder"
+    );
+    Ok(())
+}
+
 impl BackboneHost {
     /// Opens the backbone, reads the held-out set and builds the tail, then starts computing
     /// the held-out activations on a thread of their own (the broker and the first round need
@@ -311,13 +384,17 @@ impl BackboneHost {
             spill_dir: cfg.cache_dir.clone(),
             persist: true,
         });
+        let backbone_manifest = backbone.manifest.clone();
         let (labels, job) = held_out_job(cfg, set, backbone, trunk_cfg, cache)?;
-        let tail = fedpeft_peft::build_tail(
+        let mut tail = fedpeft_peft::build_tail(
             family,
             &weights,
             PeftConfig::new(fedpeft_backbone::peft_method(cfg.peft), classes, cfg.seed),
         )
         .map_err(|e| err(dir, "tail", e))?;
+        if let Some(hf) = &cfg.initial_adapter {
+            start_from_hf_adapter(tail.as_mut(), &backbone_manifest, cfg, hf)?;
+        }
         let pending = std::thread::Builder::new()
             .name("held-out-activations".into())
             .spawn(move || {

@@ -36,6 +36,7 @@ fn host(peft: PeftMethod, frozen_budget: usize, cache: &std::path::Path) -> Back
         threads: 1,
         cache_dir: cache.to_path_buf(),
         frozen_budget,
+        initial_adapter: None,
     })
     .expect("backbone host")
 }
@@ -119,6 +120,7 @@ fn own_host(
         max_seq_len: None,
         threads: 1,
         cache_dir: cache.to_path_buf(),
+        initial_adapter: None,
         frozen_budget: DEFAULT_FROZEN_BUDGET,
     })
 }
@@ -213,6 +215,7 @@ fn a_users_jsonl_file_is_the_held_out_set_of_a_text_backbone() {
         max_seq_len: Some(16),
         threads: 1,
         cache_dir: tmp.path().join("cache"),
+        initial_adapter: None,
         frozen_budget: DEFAULT_FROZEN_BUDGET,
     };
     let mut host = BackboneHost::open(&cfg(&["ham", "spam"])).unwrap();

@@ -21,6 +21,7 @@
 pub mod cache;
 pub mod data;
 pub mod error;
+pub mod hf_peft;
 pub mod manifest;
 pub mod method;
 pub mod partition;

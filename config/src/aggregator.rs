@@ -190,6 +190,11 @@ pub struct ModelTable {
     pub cache_dir: Option<PathBuf>,
     /// Without a backbone: the adapter is these zero tensors and nothing is evaluated.
     pub tensors: Option<Vec<TensorShape>>,
+    /// lora on a backbone cut from a Hugging Face model (all-minilm-l6-v2): start the run
+    /// from this Hugging Face PEFT LoRA folder (`adapter_config.json` +
+    /// `adapter_model.safetensors`, and `fedpeft-head.safetensors` if it is there) instead of
+    /// a fresh adapter. Its rank and alpha must be `lora_rank` and `lora_alpha`. Default none.
+    pub initial_adapter: Option<PathBuf>,
 }
 
 /// A named tensor shape (`[model] tensors`).

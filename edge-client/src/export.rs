@@ -7,7 +7,9 @@
 //! - `model.json`: what it is (run, round, held-out accuracy, backbone id and trunk sha256, the
 //!   method, the classes in label order, the input preprocessing of the manifest);
 //! - with `--onnx`, `model.onnx`: the trunk and the merged tail in one graph
-//!   (`models/export_onnx.py`), `pixels` in, `logits` out, the preprocessing in its metadata.
+//!   (`models/export_onnx.py`), `pixels` in, `logits` out, the preprocessing in its metadata;
+//! - for LoRA on a backbone cut from a Hugging Face model (MiniLM), `hf-peft/`: the adapter in
+//!   PEFT's format ([`fedpeft_backbone::hf_peft`]) and the classifier beside it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,6 +18,9 @@ use anyhow::{Context, bail};
 
 use crate::config::cli::ExportArgs;
 use crate::model::{Model, ModelOptions};
+
+/// The folder of the Hugging Face PEFT adapter (LoRA on a text backbone).
+pub const HF_PEFT_DIR: &str = "hf-peft";
 
 /// `model.json`'s schema.
 pub const MODEL_SCHEMA: &str = "fedpeft-model/1";
@@ -80,6 +85,33 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<Vec<std::path::PathBuf>> {
     std::fs::write(&json, serde_json::to_vec_pretty(&info)?)
         .with_context(|| format!("writing {}", json.display()))?;
     let mut written = vec![tail.clone(), json.clone()];
+    // A LoRA adapter on a tail cut from a Hugging Face model: also in PEFT's format.
+    if let (Some(rank), Some(alpha), Some(_)) = (
+        m.lora_rank,
+        m.lora_alpha,
+        fedpeft_backbone::hf_peft::hf_base(manifest),
+    ) {
+        let meta = [
+            ("backbone".to_string(), manifest.id.clone()),
+            (
+                "run".to_string(),
+                format!(
+                    "{} run {} round {}",
+                    adapter.index.fleet, adapter.index.run_id, adapter.round
+                ),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        written.extend(fedpeft_backbone::hf_peft::write(
+            &args.out.join(HF_PEFT_DIR),
+            manifest,
+            usize::from(rank),
+            f64::from(alpha),
+            &adapter.tensors,
+            &meta,
+        )?);
+    }
     if args.onnx {
         let onnx = args.out.join("model.onnx");
         onnx_export(args, &model.backbone.dir, &tail, &json, &onnx)?;

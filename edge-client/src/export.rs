@@ -27,6 +27,12 @@ pub const MODEL_SCHEMA: &str = "fedpeft-model/1";
 
 /// Runs the command; returns the files written.
 pub fn run(args: &ExportArgs) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    if args.source.from_broker {
+        bail!(
+            "export writes a kept adapter with its run and round (--adapter); the broker's \
+             retained global has no index"
+        );
+    }
     let adapter = crate::model::load(&args.source)?;
     let model = Model::open(
         &adapter,

@@ -27,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod export;
 pub mod model;
+pub mod observe;
 pub mod predict;
 pub mod serve;
 pub mod session;

@@ -27,10 +27,10 @@ fn main() -> anyhow::Result<()> {
     init_logging()?;
     if let Some(fedpeft_edge::config::Command::Predict(args)) = &cli.command {
         let stdout = std::io::stdout();
-        return fedpeft_edge::predict::run(args, &mut stdout.lock());
+        return fedpeft_edge::predict::run(&cli, args, &mut stdout.lock());
     }
     if let Some(fedpeft_edge::config::Command::Serve(args)) = &cli.command {
-        return fedpeft_edge::serve::run(args);
+        return fedpeft_edge::serve::run(&cli, args);
     }
     if let Some(fedpeft_edge::config::Command::Export(args)) = &cli.command {
         for f in fedpeft_edge::export::run(args)? {

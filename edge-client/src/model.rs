@@ -177,8 +177,62 @@ pub fn load(args: &crate::config::cli::AdapterArgs) -> anyhow::Result<KeptAdapte
         .map(fedpeft_protocol::sign::parse_public_key)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--aggregator-key: {e}"))?;
-    let (file, index) = locate(&args.adapter, choice)?;
+    let path = args
+        .adapter
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("--adapter: which kept adapter (or --from-broker)"))?;
+    let (file, index) = locate(path, choice)?;
     Ok(read_adapter(&file, index, key.as_ref())?)
+}
+
+/// The model `args` name, with its global adapter in: a kept one (`--adapter`), or with
+/// `--from-broker` the retained one of the fleet the client's configuration (`cli`) names.
+/// Returns the kept adapter when there is one (the broker's has no index).
+pub fn open_model(
+    cli: &crate::config::Cli,
+    args: &crate::config::cli::AdapterArgs,
+    runtime: Runtime,
+    threads: usize,
+) -> anyhow::Result<(Model, Option<KeptAdapter>)> {
+    let mut opts = ModelOptions {
+        model_dir: args.model_dir.clone(),
+        runtime: Some(runtime),
+        threads,
+    };
+    if !args.from_broker {
+        let adapter = load(args)?;
+        let model = Model::open(&adapter, &opts)?;
+        return Ok((model, Some(adapter)));
+    }
+    let (cfg, mut model) = broker_model(cli, &mut opts)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (adapter, origin) = rt.block_on(async {
+        let mut observer = crate::observe::Observer::new(&cfg)?;
+        let a = observer
+            .retained(std::time::Duration::from_secs(30))
+            .await?;
+        let origin = observer.origin(a.round);
+        anyhow::Ok((a, origin))
+    })?;
+    model.load_tensors(adapter.round, &adapter.tensors, Path::new(&origin))?;
+    tracing::info!(round = adapter.round, from = %origin, "global adapter from the broker");
+    Ok((model, None))
+}
+
+/// `--from-broker`: the client's configuration, and the model it trains (no adapter in yet).
+pub fn broker_model(
+    cli: &crate::config::Cli,
+    opts: &mut ModelOptions,
+) -> anyhow::Result<(crate::config::EdgeConfig, Model)> {
+    use anyhow::Context;
+    let cfg = crate::config::EdgeConfig::from_cli(cli)
+        .context("--from-broker reads the client's configuration")?;
+    let spec = spec_from_config(&cfg, crate::observe::class_names(&cfg));
+    opts.model_dir = Some(opts.model_dir.clone().unwrap_or(cfg.model_dir.clone()));
+    let model = Model::build(&spec, &cfg.model_dir, opts)?;
+    Ok((cfg, model))
 }
 
 /// Reads and checks the adapter file `file` of `index`'s run; with `key`, its signature.

@@ -21,7 +21,7 @@ use fedpeft_backbone::data::{
 use ndarray::Array2;
 
 use crate::config::cli::PredictArgs;
-use crate::model::{Model, ModelOptions, probabilities};
+use crate::model::{Model, probabilities};
 
 /// What is predicted on.
 enum Inputs {
@@ -39,27 +39,26 @@ impl Inputs {
 }
 
 /// Runs the command; the predictions go to `out`.
-pub fn run(args: &PredictArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+pub fn run(cli: &crate::config::Cli, args: &PredictArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let adapter = crate::model::load(&args.source)?;
-    let model = Model::open(
-        &adapter,
-        &ModelOptions {
-            model_dir: args.source.model_dir.clone(),
-            runtime: Some(crate::config::runtime(args.runtime)),
-            threads: args.threads,
-        },
+    let (model, adapter) = crate::model::open_model(
+        cli,
+        &args.source,
+        crate::config::runtime(args.runtime),
+        args.threads,
     )?;
-    tracing::info!(
-        adapter = %adapter.file.display(),
-        round = adapter.round,
-        reported_accuracy = adapter.eval_accuracy,
-        backbone = %model.backbone.manifest.id,
-        method = %adapter.index.model.peft,
-        "model ready"
-    );
+    if let Some(adapter) = &adapter {
+        tracing::info!(
+            adapter = %adapter.file.display(),
+            round = adapter.round,
+            reported_accuracy = adapter.eval_accuracy,
+            backbone = %model.backbone.manifest.id,
+            method = %adapter.index.model.peft,
+            "model ready"
+        );
+    }
     let (inputs, idx) = if args.evaluate {
         labelled(args, &model)?
     } else {
@@ -74,7 +73,7 @@ pub fn run(args: &PredictArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             Inputs::Images(ds, _) => idx.iter().map(|&i| ds.labels[i] as usize).collect(),
             Inputs::Texts(ds, _) => idx.iter().map(|&i| ds.labels[i] as usize).collect(),
         };
-        report_evaluation(&model.classes, &probs, &labels, adapter.round, out)
+        report_evaluation(&model.classes, &probs, &labels, model.round, out)
     } else {
         let names = match &inputs {
             Inputs::Images(_, n) | Inputs::Texts(_, n) => n,

@@ -114,7 +114,32 @@ fn the_model_is_served_and_hot_swapped_during_a_fleet_run_and_bad_requests_are_r
         .expect("edge-client serve prints its address");
     let watch_addr = line[line.find("http://").unwrap()..].trim().to_string();
 
+    // And one that follows the broker's retained global adapter, as an observer.
+    let backbone = fedpeft_tests::e2e::backbone();
+    let client_flags = |id: &str| -> Vec<String> {
+        [
+            "--broker", &url, "--fleet", &fed.fleet, "--run-id", "11", "--client-id", id,
+            "--peft", "lora", "--image-size", "96", "--model-dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([backbone.display().to_string()])
+        .collect()
+    };
+    let mut cmd = Command::new(binary("edge-client"));
+    cmd.args(client_flags("viewer"))
+        .args(["serve", "--from-broker", "--listen", "127.0.0.1:0"]);
+    let broker_server = Proc::spawn("serve-broker", cmd);
+    let line = broker_server
+        .wait_for_line("http://", Duration::from_secs(120))
+        .expect("edge-client serve --from-broker prints its address");
+    let broker_addr = line[line.find("http://").unwrap()..].trim().to_string();
+
     let (image, _) = png(0);
+    let png_path = dir.path().join("image.png");
+    std::fs::write(&png_path, &image).unwrap();
+    let mut broker_rounds = Vec::new();
+    let mut from_broker: Option<serde_json::Value> = None;
     let (mut fleet_rounds, mut watch_rounds) = (Vec::new(), Vec::new());
     let mut not_ready = 0;
     let deadline = Instant::now() + Duration::from_secs(900);
@@ -141,6 +166,32 @@ fn the_model_is_served_and_hot_swapped_during_a_fleet_run_and_bad_requests_are_r
         }
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         watch_rounds.push(r.json()["round"].as_u64().unwrap());
+        let r = predict_png(&broker_addr, &image, None).expect("serve --from-broker answers");
+        match r.status {
+            200 => broker_rounds.push(r.json()["round"].as_u64().unwrap()),
+            503 if broker_rounds.is_empty() => {}
+            s => panic!("serve --from-broker answered {s}: {r:?}"),
+        }
+        // Once, mid-run: predict with the broker's retained global adapter.
+        if from_broker.is_none() && watch_rounds.last().is_some_and(|&r| r >= 1) {
+            let o = Command::new(binary("edge-client"))
+                .args(client_flags("viewer-2"))
+                .args(["predict", "--from-broker", "--top-k", "10"])
+                .arg(&png_path)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let log = String::from_utf8_lossy(&o.stderr).to_string();
+            let round: u64 = log
+                .split("round=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|r| r.parse().ok())
+                .unwrap_or_else(|| panic!("no round in {log}"));
+            let mut v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            v["round"] = round.into();
+            from_broker = Some(v);
+        }
     }
     for c in &mut clients {
         let status = c
@@ -151,6 +202,9 @@ fn the_model_is_served_and_hot_swapped_during_a_fleet_run_and_bad_requests_are_r
     eprintln!("fleet client served rounds {fleet_rounds:?} ({not_ready} not ready)");
     eprintln!("standalone server served rounds {watch_rounds:?}");
     check_rounds("the fleet client's server", &fleet_rounds);
+    eprintln!("serve --from-broker served rounds {broker_rounds:?}");
+    check_rounds("edge-client serve --from-broker", &broker_rounds);
+    drop(broker_server);
 
     // The standalone server ends on the last round, with what `predict` says for it.
     let start = Instant::now();
@@ -165,8 +219,24 @@ fn the_model_is_served_and_hot_swapped_during_a_fleet_run_and_bad_requests_are_r
     };
     watch_rounds.push(u64::from(rounds));
     check_rounds("edge-client serve --watch", &watch_rounds);
-    let png_path = dir.path().join("image.png");
-    std::fs::write(&png_path, &image).unwrap();
+    let kept = |round: u64| -> serde_json::Value {
+        let cli = Command::new(binary("edge-client"))
+            .args(["predict", "--top-k", "10", "--round", &round.to_string()])
+            .arg("--adapter")
+            .arg(&out)
+            .arg(&png_path)
+            .output()
+            .unwrap();
+        assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+        serde_json::from_slice(&cli.stdout).unwrap()
+    };
+    // predict --from-broker gave what the kept adapter of its round gives.
+    let b = from_broker.expect("predict --from-broker ran during the run");
+    let round = b["round"].as_u64().unwrap();
+    let (got, want) = (probabilities(&b), probabilities(&kept(round)));
+    for (a, w) in got.iter().zip(&want) {
+        assert!((a - w).abs() < 1e-6, "round {round}: broker {got:?}, kept {want:?}");
+    }
     let cli = Command::new(binary("edge-client"))
         .args(["predict", "--top-k", "10", "--round", &rounds.to_string()])
         .arg("--adapter")

@@ -8,6 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
+/// The SpamAssassin corpus's classes, in label-id order.
+pub const SPAM_ASSASSIN_CLASSES: [&str; 2] = ["ham", "spam"];
+
 use md5::{Digest, Md5};
 
 use super::TextDataset;
@@ -116,7 +119,7 @@ pub fn load_spam_assassin(dir: &Path) -> Result<TextDataset> {
     let mut ds = TextDataset {
         texts: Vec::with_capacity(files.len()),
         labels: Vec::with_capacity(files.len()),
-        classes: vec!["ham".into(), "spam".into()],
+        classes: SPAM_ASSASSIN_CLASSES.iter().map(|c| c.to_string()).collect(),
         keys: Vec::with_capacity(files.len()),
         source: dir.to_path_buf(),
     };

@@ -235,8 +235,14 @@ pub struct ExportArgs {
 pub struct AdapterArgs {
     /// The adapter: a run's results folder or its globals/ folder (with --round), or one
     /// adapter file (`globals/round-0007.bin`, `global-adapter.bin`) with its index.json.
-    #[arg(long)]
-    pub adapter: PathBuf,
+    #[arg(long, required_unless_present = "from_broker")]
+    pub adapter: Option<PathBuf>,
+    /// predict and serve: take the fleet's global adapter from the broker instead (the
+    /// retained one; serve follows each newer one), with the broker, fleet, run, model and
+    /// data settings of the client's config and flags (`edge-client -c edge.toml predict
+    /// --from-broker ...`).
+    #[arg(long, conflicts_with = "adapter")]
+    pub from_broker: bool,
     /// The kept round to use from a folder: best (highest held-out accuracy), last, or a
     /// round number.
     #[arg(long, default_value = "best")]

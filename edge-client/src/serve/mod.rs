@@ -31,6 +31,14 @@ use crate::config::cli::ServeArgs;
 use crate::model::{KeptAdapter, Model, ModelOptions, RoundChoice};
 use crate::types::GlobalAdapter;
 
+/// Where the served adapters come from.
+enum Source {
+    /// A run's kept adapters: the engine, the run and the round loaded (none yet).
+    Kept(Engine, u64, Option<u32>),
+    /// The fleet's global adapters on the broker.
+    Broker(Engine, Box<crate::config::EdgeConfig>),
+}
+
 /// A request's headers must arrive within this (a stalled client cannot hold a connection).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -124,43 +132,61 @@ fn shared(adapter: &KeptAdapter, run_id: u64) -> Arc<GlobalAdapter> {
 
 /// `edge-client serve`: serves a kept global adapter until SIGTERM / Ctrl-C; with `--watch`,
 /// swaps in each newer one the run keeps. Prints the address it listens on to stdout.
-pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+pub fn run(cli: &crate::config::Cli, args: &ServeArgs) -> anyhow::Result<()> {
     let limits = limits(args.max_body_kb, args.max_inputs, args.token_file.as_deref())?;
-    let opts = ModelOptions {
+    let mut opts = ModelOptions {
         model_dir: args.source.model_dir.clone(),
         runtime: Some(runtime(args.runtime)),
         threads: args.threads,
     };
-    // With --watch, a run that has kept no adapter yet is fine: requests get 503 until its
-    // first one appears.
-    let (index_path, index) = crate::model::read_index(&args.source.adapter)?;
-    let kept = index.last.is_some() || args.source.adapter.is_file();
-    let (engine, run_id, round) = if kept || !args.watch {
-        let adapter = crate::model::load(&args.source)?;
-        let model = Model::open(&adapter, &opts)?;
-        tracing::info!(
-            adapter = %adapter.file.display(),
-            round = adapter.round,
-            backbone = %model.backbone.manifest.id,
-            method = %adapter.index.model.peft,
-            "model ready"
-        );
-        let engine = Engine::start(
-            model,
-            Some(adapter.file.display().to_string()),
-            args.batch,
-            args.queue,
-        )?;
-        (engine, adapter.index.run_id, Some(adapter.round))
-    } else {
-        let model = Model::build(&index.model, &index_path, &opts)?;
+    let source = if args.source.from_broker {
+        // The broker's retained global and each newer one, as they are published.
+        let (cfg, model) = crate::model::broker_model(cli, &mut opts)?;
         tracing::info!(
             backbone = %model.backbone.manifest.id,
-            method = %index.model.peft,
-            "model ready; waiting for the run's first global adapter"
+            broker = %cfg.broker,
+            fleet = %cfg.fleet,
+            "model ready; waiting for the fleet's global adapter"
         );
         let engine = Engine::start(model, None, args.batch, args.queue)?;
-        (engine, index.run_id, None)
+        Source::Broker(engine, Box::new(cfg))
+    } else {
+        let path = args
+            .source
+            .adapter
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("--adapter or --from-broker"))?;
+        // With --watch, a run that has kept no adapter yet is fine: requests get 503 until
+        // its first one appears.
+        let (index_path, index) = crate::model::read_index(&path)?;
+        let kept = index.last.is_some() || path.is_file();
+        if kept || !args.watch {
+            let adapter = crate::model::load(&args.source)?;
+            let model = Model::open(&adapter, &opts)?;
+            tracing::info!(
+                adapter = %adapter.file.display(),
+                round = adapter.round,
+                backbone = %model.backbone.manifest.id,
+                method = %adapter.index.model.peft,
+                "model ready"
+            );
+            let engine = Engine::start(
+                model,
+                Some(adapter.file.display().to_string()),
+                args.batch,
+                args.queue,
+            )?;
+            Source::Kept(engine, adapter.index.run_id, Some(adapter.round))
+        } else {
+            let model = Model::build(&index.model, &index_path, &opts)?;
+            tracing::info!(
+                backbone = %model.backbone.manifest.id,
+                method = %index.model.peft,
+                "model ready; waiting for the run's first global adapter"
+            );
+            let engine = Engine::start(model, None, args.batch, args.queue)?;
+            Source::Kept(engine, index.run_id, None)
+        }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.http_threads.max(1))
@@ -172,9 +198,33 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "serving: POST /predict, GET /model, GET /healthz");
         println!("http://{addr}");
-        if args.watch {
-            tokio::spawn(watch(args.clone(), engine.clone(), run_id, round));
-        }
+        let engine = match source {
+            Source::Kept(engine, run_id, round) => {
+                if args.watch {
+                    tokio::spawn(watch(args.clone(), engine.clone(), run_id, round));
+                }
+                engine
+            }
+            Source::Broker(engine, cfg) => {
+                let mut observer = crate::observe::Observer::new(&cfg)?;
+                let e = engine.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match observer.next().await {
+                            Ok(a) => {
+                                let origin = observer.origin(a.round);
+                                e.swap(a, origin);
+                            }
+                            Err(err) => {
+                                tracing::error!(error = %err, "following the broker");
+                                return;
+                            }
+                        }
+                    }
+                });
+                engine
+            }
+        };
         serve(
             listener,
             engine,
@@ -193,6 +243,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
 /// the engine when it is newer than the one offered last (or of a new run). A file that
 /// cannot be read or checked is logged and skipped, and the engine keeps what it serves.
 async fn watch(args: ServeArgs, engine: Engine, mut run_id: u64, mut round: Option<u32>) {
+    let Some(adapter_path) = args.source.adapter.clone() else {
+        return;
+    };
     let key = args
         .source
         .aggregator_key
@@ -205,7 +258,7 @@ async fn watch(args: ServeArgs, engine: Engine, mut run_id: u64, mut round: Opti
     let mut refused: Option<(u64, u32, Option<std::time::SystemTime>)> = None;
     loop {
         tick.tick().await;
-        let path = args.source.adapter.clone();
+        let path = adapter_path.clone();
         let found = tokio::task::spawn_blocking(move || {
             crate::model::locate(&path, RoundChoice::Last)
         })

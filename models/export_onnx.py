@@ -11,9 +11,11 @@ takes the trunk's input (`pixels`, normalised as the manifest's `input` says, re
 model's metadata) and gives `logits [batch, classes]`.
 
 Families: `conv_head` (EfficientNet-Lite0: 1x1 conv, folded BatchNorm, ReLU6, global average
-pooling, classifier) and `vit` (DINOv2: pre-LN blocks with layer scale, optional adapters and
-prompt tokens, final LayerNorm, the CLS token under the classifier). The text family's tail
-(BERT blocks with masked mean pooling) is not written yet: the script says so and exits 2.
+pooling, classifier), `vit` (DINOv2: pre-LN blocks with layer scale, optional adapters and
+prompt tokens, final LayerNorm, the CLS token under the classifier) and `transformer` (MiniLM:
+post-LN BERT blocks, the padded keys masked with the manifest's `mask_bias`, optional adapters
+and prompt tokens in front of the text, the masked mean of the text's tokens under the
+classifier). A text model takes the trunk's `input_ids` and `attention_mask`.
 """
 import argparse
 import json
@@ -150,6 +152,54 @@ def vit(g, x, t, hyper):
     return g.linear(pooled, t["classifier.weight"], t["classifier.bias"])
 
 
+def transformer(g, x, t, hyper, mask):
+    """x [B, S, D] (the trunk's hidden states), mask [B, S] int64 -> logits."""
+    d, heads, eps = hyper["hidden"], hyper["heads"], hyper["layer_norm_eps"]
+    dh = d // heads
+    m = g.op("Cast", [mask], to=TensorProto.FLOAT)  # [B, S]
+    pool_mask = m
+    if "prompt.tokens" in t:
+        # The prompt tokens go in front of the text: always attended to, never pooled.
+        p = t["prompt.tokens"][None]  # [1, P, D]
+        b1 = g.op("Slice", [g.op("Shape", [x]), g.const_i64([0]), g.const_i64([1])])
+        prompts = g.op("Tile", [g.const(p, "prompt"), g.op("Concat", [b1, g.const_i64([1, 1])], axis=0)])
+        x = g.op("Concat", [prompts, x], axis=1)
+        ones = g.op("Expand", [g.const(np.ones((1, p.shape[1]), np.float32), "ones"),
+                               g.op("Concat", [b1, g.const_i64([p.shape[1]])], axis=0)])
+        m = g.op("Concat", [ones, m], axis=1)
+        pool_mask = g.op("Concat", [g.op("Mul", [ones, g.const(np.float32(0.0), "zero")]), pool_mask], axis=1)
+    bias = g.op("Mul", [g.op("Sub", [g.const(np.float32(1.0), "one"), m]),
+                        g.const(np.float32(hyper.get("mask_bias", -10000.0)), "mask_bias")])
+    bias = g.op("Unsqueeze", [bias, g.const_i64([1, 2])])  # [B, 1, 1, S]
+    split = g.const_i64([0, 0, heads, dh])
+    merge = g.const_i64([0, 0, d])
+    scale = g.const(np.float32(1 / np.sqrt(dh)), "scale")
+    j = 0
+    while f"blocks.{j}.attn.q.weight" in t:
+        pre = f"blocks.{j}"
+        q, k, v = (g.op("Transpose", [g.op("Reshape", [g.linear(x, t[f"{pre}.attn.{n}.weight"],
+                                                                  t[f"{pre}.attn.{n}.bias"]), split])],
+                        perm=[0, 2, 1, 3]) for n in "qkv")
+        sc = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])]), scale])
+        ctx = g.op("MatMul", [g.op("Softmax", [g.op("Add", [sc, bias])], axis=-1), v])
+        ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), merge])
+        o = adapter(g, g.linear(ctx, t[f"{pre}.attn.o.weight"], t[f"{pre}.attn.o.bias"]), t,
+                    f"{pre}.adapter_attn")
+        x = g.layer_norm(g.op("Add", [x, o]), t[f"{pre}.ln1.weight"], t[f"{pre}.ln1.bias"], eps)
+        f = g.linear(g.gelu(g.linear(x, t[f"{pre}.ffn.up.weight"], t[f"{pre}.ffn.up.bias"])),
+                     t[f"{pre}.ffn.down.weight"], t[f"{pre}.ffn.down.bias"])
+        f = adapter(g, f, t, f"{pre}.adapter_ffn")
+        x = g.layer_norm(g.op("Add", [x, f]), t[f"{pre}.ln2.weight"], t[f"{pre}.ln2.bias"], eps)
+        j += 1
+    if hyper.get("pool", "masked_mean") != "masked_mean":
+        sys.exit("transformer: only masked mean pooling is exported")
+    w = g.op("Unsqueeze", [pool_mask, g.const_i64([2])])  # [B, S, 1]
+    total = g.op("ReduceSum", [g.op("Mul", [x, w]), g.const_i64([1])], keepdims=0)
+    count = g.op("ReduceSum", [w, g.const_i64([1])], keepdims=0)
+    count = g.op("Max", [count, g.const(np.float32(1e-9), "tiny")])
+    return g.linear(g.op("Div", [total, count]), t["classifier.weight"], t["classifier.bias"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", required=True, help="backbone folder (manifest.json, trunk.onnx)")
@@ -162,7 +212,7 @@ def main():
     info = json.loads(Path(a.model).read_text())
     tensors, _ = read_safetensors(a.tail)
     family = manifest["family"]
-    builders = {"conv_head": conv_head, "vit": vit}
+    builders = {"conv_head": conv_head, "vit": vit, "transformer": transformer}
     if family not in builders:
         print(f"export_onnx: the {family} tail is not exported to ONNX yet "
               f"(the merged tail is in {a.tail})", file=sys.stderr)
@@ -170,7 +220,11 @@ def main():
     trunk = onnx.load(str(backbone / manifest["trunk"]["file"]))
     features = manifest["trunk"]["output"]["name"]
     g = Graph()
-    logits = builders[family](g, features, tensors, manifest["tail"]["hyper"])
+    if family == "transformer":
+        mask = manifest["trunk"]["inputs"][1]["name"]
+        logits = transformer(g, features, tensors, manifest["tail"]["hyper"], mask)
+    else:
+        logits = builders[family](g, features, tensors, manifest["tail"]["hyper"])
     graph = trunk.graph
     graph.node.extend(g.nodes)
     graph.initializer.extend(g.inits)

@@ -264,7 +264,9 @@ fn start_from_hf_adapter(
 ) -> Result<(), HostError> {
     let bad = |why: String| err(hf, "model.initial_adapter", why);
     let PeftMethod::Lora { rank, alpha } = cfg.peft else {
-        return Err(bad("a Hugging Face PEFT adapter is LoRA: set peft = \"lora\"".into()));
+        return Err(bad(
+            "a Hugging Face PEFT adapter is LoRA: set peft = \"lora\"".into(),
+        ));
     };
     let blocks = tail
         .trainable()
@@ -273,7 +275,8 @@ fn start_from_hf_adapter(
         .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
         .max()
         .map_or(0, |b| b + 1);
-    let read = fedpeft_backbone::hf_peft::read(hf, manifest, blocks).map_err(|e| bad(e.to_string()))?;
+    let read =
+        fedpeft_backbone::hf_peft::read(hf, manifest, blocks).map_err(|e| bad(e.to_string()))?;
     if read.rank != usize::from(rank) || (read.alpha - f64::from(alpha)).abs() > 1e-6 {
         return Err(bad(format!(
             "r = {}, lora_alpha = {} in the adapter, but the run trains lora_rank = {rank}, \
@@ -312,7 +315,8 @@ fn start_from_hf_adapter(
              query and value projections)"
         )));
     }
-    tail.set_trainable(&tensors).map_err(|e| bad(e.to_string()))?;
+    tail.set_trainable(&tensors)
+        .map_err(|e| bad(e.to_string()))?;
     tracing::info!(
         adapter = %hf.display(),
         rank,

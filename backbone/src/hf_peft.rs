@@ -138,11 +138,20 @@ pub fn write(
             .iter()
             .find(|(f, _)| *f == module)
             .map(|(_, h)| *h)
-            .ok_or_else(|| bad(dir, format!("tensor `{}`: unknown module `{module}`", t.name)))?;
+            .ok_or_else(|| {
+                bad(
+                    dir,
+                    format!("tensor `{}`: unknown module `{module}`", t.name),
+                )
+            })?;
         let layer = base.first_layer + block;
         targets.insert(short(hf_module).to_string());
         layers.insert(layer);
-        let ab = if factor == "lora_a" { "lora_A" } else { "lora_B" };
+        let ab = if factor == "lora_a" {
+            "lora_A"
+        } else {
+            "lora_B"
+        };
         lora.push(NamedTensor {
             name: format!("base_model.model.encoder.layer.{layer}.{hf_module}.{ab}.weight"),
             shape: t.shape.clone(),
@@ -214,8 +223,8 @@ pub fn read(dir: &Path, manifest: &Manifest, blocks: usize) -> Result<HfLora> {
     let config_path = dir.join(ADAPTER_CONFIG);
     let text =
         std::fs::read_to_string(&config_path).map_err(|e| BackboneError::io(&config_path, e))?;
-    let c: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| bad(&config_path, format!("not JSON: {e}")))?;
+    let c: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(&config_path, format!("not JSON: {e}")))?;
     let field = |k: &str| c.get(k).filter(|v| !v.is_null());
     let peft_type = field("peft_type").and_then(|v| v.as_str()).unwrap_or("");
     if peft_type != "LORA" {
@@ -271,10 +280,7 @@ pub fn read(dir: &Path, manifest: &Manifest, blocks: usize) -> Result<HfLora> {
         if !ok {
             return Err(bad(
                 &config_path,
-                format!(
-                    "`{key}` = {}: fedpeft's LoRA has no such setting",
-                    c[key]
-                ),
+                format!("`{key}` = {}: fedpeft's LoRA has no such setting", c[key]),
             ));
         }
     }
@@ -406,11 +412,17 @@ mod tests {
             Some((0, "ffn.down", "lora_a"))
         );
         assert_eq!(
-            parse_hf("base_model.model.encoder.layer.3.attention.self.query.lora_A.weight", 4),
+            parse_hf(
+                "base_model.model.encoder.layer.3.attention.self.query.lora_A.weight",
+                4
+            ),
             None,
             "layer 3 is in the trunk"
         );
-        assert_eq!(parse_hf("base_model.model.pooler.dense.lora_A.weight", 4), None);
+        assert_eq!(
+            parse_hf("base_model.model.pooler.dense.lora_A.weight", 4),
+            None
+        );
         assert_eq!(
             parse_fedpeft("blocks.1.attn.q.lora_a"),
             Some((1, "attn.q", "lora_a"))

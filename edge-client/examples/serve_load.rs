@@ -87,7 +87,8 @@ fn main() -> anyhow::Result<()> {
         })
         .collect();
     for w in workers {
-        w.join().map_err(|_| anyhow::anyhow!("a worker panicked"))??;
+        w.join()
+            .map_err(|_| anyhow::anyhow!("a worker panicked"))??;
     }
     let wall = start.elapsed();
     let mut l = latencies.lock().unwrap().clone();

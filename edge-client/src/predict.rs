@@ -39,7 +39,11 @@ impl Inputs {
 }
 
 /// Runs the command; the predictions go to `out`.
-pub fn run(cli: &crate::config::Cli, args: &PredictArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+pub fn run(
+    cli: &crate::config::Cli,
+    args: &PredictArgs,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }

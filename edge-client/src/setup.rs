@@ -25,8 +25,7 @@ use fedpeft_backbone::data::{
 };
 use fedpeft_backbone::{
     ActivationCache, Backbone, CacheConfig, CacheKey, Features, ImagePreprocess, Partitioner,
-    TextPreprocess, Trunk, TrunkConfig, TrunkInput, open_trunk, partition,
-    text_activations,
+    TextPreprocess, Trunk, TrunkConfig, TrunkInput, open_trunk, partition, text_activations,
 };
 use fedpeft_peft::{FrozenWeights, PeftConfig};
 use fedpeft_protocol::{Capabilities, DType, PeftMethod};

@@ -10,6 +10,7 @@ Runs in .venv-models (make models).
 """
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -28,7 +29,10 @@ def main():
     so.inter_op_num_threads = 1
     s = ort.InferenceSession(a.model, so, providers=["CPUExecutionProvider"])
     inp = s.get_inputs()[0]
-    shape = [a.batch] + [int(d) for d in inp.shape[1:]]
+    # Symbolic sides (a trunk exported for any size): the run's image size, from the
+    # model.json `export` wrote beside the model.
+    side = json.load(open(os.path.join(os.path.dirname(a.model), "model.json")))["image_size"]
+    shape = [a.batch] + [d if isinstance(d, int) else side for d in inp.shape[1:]]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     for _ in range(5):
         s.run(None, {inp.name: x})

@@ -114,7 +114,8 @@ fn embeddings(backbone: &Backbone, tail: &dyn Tail) -> Array2<f32> {
 /// Runs scripts/models/hf_peft.py `mode` on `adapter`; its embeddings.
 fn reference(mode: &str, adapter: &Path, backbone: &Backbone, dir: &Path) -> Array2<f32> {
     let (ids, mask) = tokens(backbone);
-    let rows = |a: &Array2<i64>| -> Vec<Vec<i64>> { a.rows().into_iter().map(|r| r.to_vec()).collect() };
+    let rows =
+        |a: &Array2<i64>| -> Vec<Vec<i64>> { a.rows().into_iter().map(|r| r.to_vec()).collect() };
     let input = dir.join("input.json");
     std::fs::write(
         &input,
@@ -139,14 +140,22 @@ fn reference(mode: &str, adapter: &Path, backbone: &Backbone, dir: &Path) -> Arr
     let e = v["embeddings"].as_array().unwrap();
     let flat: Vec<f32> = e
         .iter()
-        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
         .collect();
     Array2::from_shape_vec((e.len(), flat.len() / e.len()), flat).unwrap()
 }
 
 fn max_diff(a: &Array2<f32>, b: &Array2<f32>) -> f32 {
     assert_eq!(a.shape(), b.shape());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -173,7 +182,10 @@ fn fedpeft_and_peft_read_each_others_lora_adapters_and_a_federation_starts_from_
     assert!(d < 1e-4, "fedpeft's adapter in peft: {d}");
     // The adapter changes the embeddings (so the check above is not of the base model alone).
     let base = reference("embed", Path::new("-"), &backbone, dir.path());
-    assert!(max_diff(&base, &theirs_emb) > 1e-2, "the adapter is a no-op");
+    assert!(
+        max_diff(&base, &theirs_emb) > 1e-2,
+        "the adapter is a no-op"
+    );
 
     // peft → fedpeft.
     let made = dir.path().join("made");
@@ -226,7 +238,9 @@ cache_dir = "{cache}"
 dir = "{out}"
 "#,
             port = free_port(),
-            backbone = workspace_root().join("models/build/all-minilm-l6-v2").display(),
+            backbone = workspace_root()
+                .join("models/build/all-minilm-l6-v2")
+                .display(),
             made = made.display(),
             cache = fedpeft_tests::e2e::shared_cache().display(),
             out = out.display(),
@@ -241,7 +255,10 @@ dir = "{out}"
     let round0 = out.join("globals/round-0000.bin");
     let start = std::time::Instant::now();
     while !round0.is_file() {
-        assert!(start.elapsed() < Duration::from_secs(60), "no round-0 global");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no round-0 global"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     agg.terminate(Duration::from_secs(10));
@@ -275,14 +292,15 @@ fn refusals(made: &Path, backbone: &Backbone, dir: &Path) {
             std::fs::copy(made.join(f), d.join(f)).unwrap();
         }
         let p = d.join("adapter_config.json");
-        let mut c: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
         edit(&mut c);
         std::fs::write(&p, c.to_string()).unwrap();
         d
     };
     let refused = |d: &Path, needle: &str| {
-        let e = hf_peft::read(d, &backbone.manifest, 2).unwrap_err().to_string();
+        let e = hf_peft::read(d, &backbone.manifest, 2)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(needle) && e.contains("adapter_"), "{e}");
     };
     refused(

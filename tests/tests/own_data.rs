@@ -6,6 +6,9 @@
 //! evaluates every global adapter on the held-out folder, so its accuracy rising well above
 //! chance (1/3) shows the clients and the aggregator numbered the classes alike.
 
+mod common;
+use common::exported::{Inputs, argmax, max_diff, onnxruntime_logits, tract_logits};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -290,81 +293,12 @@ fn predictions_match_the_aggregators_evaluation(
     );
 }
 
-/// Logits of `pixels` `[N, 3, S, S]` from the exported `model.onnx`, run by tract.
-fn tract_logits(model: &Path, pixels: &ndarray::Array4<f32>) -> ndarray::Array2<f32> {
-    use tract_onnx::prelude::*;
-    let shape = pixels.shape().to_vec();
-    let plan = tract_onnx::onnx()
-        .model_for_path(model)
-        .and_then(|m| m.with_input_fact(0, f32::fact(&shape).into()))
-        .and_then(|m| m.into_optimized())
-        .and_then(|m| m.into_runnable())
-        .expect("tract loads model.onnx");
-    let x = Tensor::from_shape(&shape, pixels.as_slice().unwrap()).unwrap();
-    let out = plan
-        .run(tvec![x.into_tvalue()])
-        .expect("tract runs model.onnx");
-    let v = out[0].to_plain_array_view::<f32>().unwrap();
-    v.to_owned()
-        .into_dimensionality()
-        .expect("logits [N, classes]")
-}
-
-/// Logits of `pixels` from the exported `model.onnx`, run by onnxruntime's Python API (the
-/// models toolchain's venv).
-fn onnxruntime_logits(
-    model: &Path,
-    pixels: &ndarray::Array4<f32>,
-    dir: &Path,
-) -> ndarray::Array2<f32> {
-    let raw = dir.join("pixels.f32");
-    let bytes: Vec<u8> = pixels.iter().flat_map(|v| v.to_le_bytes()).collect();
-    std::fs::write(&raw, bytes).unwrap();
-    let python = fedpeft_tests::workspace_root().join(".venv-models/bin/python");
-    let script = format!(
-        "import json, numpy as np, onnxruntime as ort\n\
-         x = np.fromfile({raw:?}, dtype='<f4').reshape({shape:?})\n\
-         s = ort.InferenceSession({model:?}, providers=['CPUExecutionProvider'])\n\
-         print(json.dumps(s.run(['logits'], {{'pixels': x}})[0].tolist()))\n",
-        raw = raw.display().to_string(),
-        shape = pixels.shape(),
-        model = model.display().to_string(),
-    );
-    let out = Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<Vec<f32>> = serde_json::from_slice(&out.stdout).expect("logits JSON");
-    let n = rows.len();
-    ndarray::Array2::from_shape_vec((n, rows[0].len()), rows.concat()).unwrap()
-}
-
-fn max_diff(a: &ndarray::Array2<f32>, b: &ndarray::Array2<f32>) -> f32 {
-    assert_eq!(a.dim(), b.dim());
-    (a - b).mapv(f32::abs).fold(0.0, |m, &v| m.max(v))
-}
-
 /// The exported model (trunk + merged tail in one ONNX file) gives the Rust path's logits on
 /// the held-out images in tract and in onnxruntime's Python API, and so the same accuracy.
 fn the_exported_model_matches_the_rust_path(out: &Path, dir: &Path, held_out: &Path) {
     use fedpeft_edge::model::{Model, ModelOptions, RoundChoice, locate, read_adapter};
     let export = dir.join("model");
-    let o = Command::new(binary("edge-client"))
-        .current_dir(fedpeft_tests::workspace_root())
-        .args(["export", "--onnx", "--adapter"])
-        .arg(out)
-        .arg("--out")
-        .arg(&export)
-        .output()
-        .expect("run edge-client export");
-    eprintln!("{}", String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "export failed");
+    eprintln!("{}", common::exported::export(out, &export));
     for f in ["tail-merged.safetensors", "model.json", "model.onnx"] {
         assert!(export.join(f).is_file(), "{f} missing");
     }
@@ -398,19 +332,14 @@ fn the_exported_model_matches_the_rust_path(out: &Path, dir: &Path, held_out: &P
         .unwrap();
     let pixels = pre.batch(&ds, &idx).unwrap();
     let onnx = export.join("model.onnx");
+    let inputs = Inputs::Pixels(pixels);
     let (tract, ort) = (
-        tract_logits(&onnx, &pixels),
-        onnxruntime_logits(&onnx, &pixels, dir),
+        tract_logits(&onnx, &inputs),
+        onnxruntime_logits(&onnx, &inputs, dir),
     );
     let (dt, dort) = (max_diff(&rust, &tract), max_diff(&rust, &ort));
     eprintln!("exported model against the Rust path: tract {dt:e}, onnxruntime {dort:e}");
     assert!(dt < 1e-4 && dort < 1e-4, "tract {dt}, onnxruntime {dort}");
-    let argmax = |l: &ndarray::Array2<f32>| -> Vec<usize> {
-        l.rows()
-            .into_iter()
-            .map(|r| (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap())
-            .collect()
-    };
     assert_eq!(argmax(&rust), argmax(&ort));
     assert_eq!(argmax(&rust), argmax(&tract));
 }

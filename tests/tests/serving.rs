@@ -97,7 +97,10 @@ fn the_model_is_served_and_hot_swapped_during_a_fleet_run_and_bad_requests_are_r
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let start = Instant::now();
     while !out.join("globals/index.json").is_file() {
-        assert!(start.elapsed() < Duration::from_secs(120), "no globals index");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no globals index"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut cmd = Command::new(binary("edge-client"));
@@ -118,8 +121,19 @@ fn the_model_is_served_and_hot_swapped_during_a_fleet_run_and_bad_requests_are_r
     let backbone = fedpeft_tests::e2e::backbone();
     let client_flags = |id: &str| -> Vec<String> {
         [
-            "--broker", &url, "--fleet", &fed.fleet, "--run-id", "11", "--client-id", id,
-            "--peft", "lora", "--image-size", "96", "--model-dir",
+            "--broker",
+            &url,
+            "--fleet",
+            &fed.fleet,
+            "--run-id",
+            "11",
+            "--client-id",
+            id,
+            "--peft",
+            "lora",
+            "--image-size",
+            "96",
+            "--model-dir",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -144,7 +158,10 @@ fn the_model_is_served_and_hot_swapped_during_a_fleet_run_and_bad_requests_are_r
     let mut not_ready = 0;
     let deadline = Instant::now() + Duration::from_secs(900);
     while aggregator.wait_exit(Duration::from_millis(100)).is_none() {
-        assert!(Instant::now() < deadline, "the run did not finish in 15 minutes");
+        assert!(
+            Instant::now() < deadline,
+            "the run did not finish in 15 minutes"
+        );
         if let Some(r) = predict_png(&fleet_addr, &image, None) {
             match r.status {
                 200 => fleet_rounds.push(r.json()["round"].as_u64().unwrap()),
@@ -227,7 +244,11 @@ fn the_model_is_served_and_hot_swapped_during_a_fleet_run_and_bad_requests_are_r
             .arg(&png_path)
             .output()
             .unwrap();
-        assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+        assert!(
+            cli.status.success(),
+            "{}",
+            String::from_utf8_lossy(&cli.stderr)
+        );
         serde_json::from_slice(&cli.stdout).unwrap()
     };
     // predict --from-broker gave what the kept adapter of its round gives.
@@ -235,7 +256,10 @@ fn the_model_is_served_and_hot_swapped_during_a_fleet_run_and_bad_requests_are_r
     let round = b["round"].as_u64().unwrap();
     let (got, want) = (probabilities(&b), probabilities(&kept(round)));
     for (a, w) in got.iter().zip(&want) {
-        assert!((a - w).abs() < 1e-6, "round {round}: broker {got:?}, kept {want:?}");
+        assert!(
+            (a - w).abs() < 1e-6,
+            "round {round}: broker {got:?}, kept {want:?}"
+        );
     }
     let cli = Command::new(binary("edge-client"))
         .args(["predict", "--top-k", "10", "--round", &rounds.to_string()])
@@ -244,12 +268,19 @@ fn the_model_is_served_and_hot_swapped_during_a_fleet_run_and_bad_requests_are_r
         .arg(&png_path)
         .output()
         .unwrap();
-    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
     let line: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
     let served = probabilities(&answer["predictions"][0]);
     let predicted = probabilities(&line);
     for (a, b) in served.iter().zip(&predicted) {
-        assert!((a - b).abs() < 1e-6, "served {served:?}, predict {predicted:?}");
+        assert!(
+            (a - b).abs() < 1e-6,
+            "served {served:?}, predict {predicted:?}"
+        );
     }
 
     bad_requests(&watch_addr, token, &image);
@@ -263,7 +294,11 @@ fn bad_requests(addr: &str, token: &str, image: &[u8]) {
     let auth = format!("Bearer {token}");
     let a = auth.as_str();
     refused(predict_png(addr, image, None), 401, "Bearer");
-    refused(predict_png(addr, image, Some("wrong-token-of-16+")), 401, "Bearer");
+    refused(
+        predict_png(addr, image, Some("wrong-token-of-16+")),
+        401,
+        "Bearer",
+    );
     refused(
         http(addr, "GET", "/nothing", &[("Authorization", a)], b""),
         404,
@@ -373,10 +408,13 @@ fn corrupt_adapter_is_refused(out: &Path, addr: &str, token: &str, image: &[u8],
     let next = rounds + 1;
     let file = format!("globals/round-{next:04}.bin");
     std::fs::write(out.join(&file), &last[..last.len() / 2]).unwrap();
-    index["rounds"].as_array_mut().unwrap().push(serde_json::json!({
-        "round": next, "file": file, "bytes": last.len() / 2,
-        "eval_accuracy": null, "eval_loss": null
-    }));
+    index["rounds"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "round": next, "file": file, "bytes": last.len() / 2,
+            "eval_accuracy": null, "eval_loss": null
+        }));
     index["last"] = next.into();
     let tmp = out.join("globals/index.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&index).unwrap()).unwrap();
@@ -389,7 +427,10 @@ fn corrupt_adapter_is_refused(out: &Path, addr: &str, token: &str, image: &[u8],
         if m["status"]["refused_adapters"].as_u64() == Some(1) {
             break m["status"].clone();
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "not refused: {m}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not refused: {m}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let reason = status["last_refusal"].as_str().unwrap();

@@ -5,6 +5,9 @@
 //! aggregator evaluates every global adapter on SpamAssassin's seeded held-out split, which no
 //! client trains on.
 
+mod common;
+use common::exported::{Inputs, argmax, max_diff, onnxruntime_logits, tract_logits};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -124,4 +127,49 @@ fn adapters_on_minilm_federate_over_natural_spam_assassin_shards_and_beat_round_
         shards.iter().any(|s| s.contains("fork.xent.com")),
         "the largest list is on some client: {shards:?}"
     );
+
+    the_exported_text_model_matches_the_rust_path(&out, dir.path());
+}
+
+/// The exported MiniLM model (trunk + the merged adapter tail, masked mean pooling, in one
+/// ONNX file taking `input_ids` and `attention_mask`) gives the Rust path's logits on held-out
+/// e-mails in tract and in onnxruntime's Python API.
+fn the_exported_text_model_matches_the_rust_path(out: &Path, dir: &Path) {
+    use fedpeft_edge::model::{Model, ModelOptions, RoundChoice, locate, read_adapter};
+    let export = dir.join("model");
+    common::exported::export(out, &export);
+    let (file, index) = locate(out, RoundChoice::Best).unwrap();
+    let adapter = read_adapter(&file, index, None).unwrap();
+    let model = Model::open(
+        &adapter,
+        &ModelOptions {
+            model_dir: None,
+            runtime: Some(fedpeft_backbone::Runtime::Tract),
+            threads: 1,
+        },
+    )
+    .unwrap();
+    let ds =
+        fedpeft_backbone::data::load_spam_assassin(&fedpeft_backbone::data::spam_assassin_dir())
+            .unwrap();
+    let (_, test) = fedpeft_backbone::data::spam_assassin_split(&ds).unwrap();
+    let idx = &test[..64];
+    let rust = model.text_logits(&ds, idx).unwrap();
+    let pre = fedpeft_backbone::TextPreprocess::from_backbone(
+        &model.backbone,
+        adapter.index.model.max_seq_len,
+    )
+    .unwrap();
+    let (ids, mask) = pre.batch(&ds, idx).unwrap();
+    let inputs = Inputs::Tokens(ids, mask);
+    let onnx = export.join("model.onnx");
+    let (tract, ort) = (
+        tract_logits(&onnx, &inputs),
+        onnxruntime_logits(&onnx, &inputs, dir),
+    );
+    let (dt, dort) = (max_diff(&rust, &tract), max_diff(&rust, &ort));
+    eprintln!("exported text model against the Rust path: tract {dt:e}, onnxruntime {dort:e}");
+    assert!(dt < 1e-4 && dort < 1e-4, "tract {dt}, onnxruntime {dort}");
+    assert_eq!(argmax(&rust), argmax(&ort));
+    assert_eq!(argmax(&rust), argmax(&tract));
 }

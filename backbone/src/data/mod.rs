@@ -22,9 +22,8 @@ pub use idx::{
 };
 pub use own::{OwnData, class_list_tag, model_id};
 pub use spam::{
-    SPAM_ASSASSIN_CLASSES,
-    SPAM_ASSASSIN_SPLIT_SEED, SPAM_ASSASSIN_TEST_FRACTION, SPAM_ASSASSIN_VERSION,
-    load_spam_assassin, spam_assassin_dir, spam_assassin_split,
+    SPAM_ASSASSIN_CLASSES, SPAM_ASSASSIN_SPLIT_SEED, SPAM_ASSASSIN_TEST_FRACTION,
+    SPAM_ASSASSIN_VERSION, load_spam_assassin, spam_assassin_dir, spam_assassin_split,
 };
 pub use text::{TextColumns, load_csv, load_jsonl, load_texts_unlabelled};
 

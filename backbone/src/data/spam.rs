@@ -119,7 +119,10 @@ pub fn load_spam_assassin(dir: &Path) -> Result<TextDataset> {
     let mut ds = TextDataset {
         texts: Vec::with_capacity(files.len()),
         labels: Vec::with_capacity(files.len()),
-        classes: SPAM_ASSASSIN_CLASSES.iter().map(|c| c.to_string()).collect(),
+        classes: SPAM_ASSASSIN_CLASSES
+            .iter()
+            .map(|c| c.to_string())
+            .collect(),
         keys: Vec::with_capacity(files.len()),
         source: dir.to_path_buf(),
     };

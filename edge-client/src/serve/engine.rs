@@ -242,7 +242,9 @@ impl Worker {
                 },
             };
             match msg {
-                Msg::Job(j) if j.payload.is_text() == text && total + j.payload.len() <= self.batch => {
+                Msg::Job(j)
+                    if j.payload.is_text() == text && total + j.payload.len() <= self.batch =>
+                {
                     total += j.payload.len();
                     jobs.push(j);
                 }
@@ -278,7 +280,11 @@ impl Worker {
 
     fn answer(&mut self, jobs: Vec<Job>) {
         self.waiting.fetch_sub(jobs.len(), Ordering::SeqCst);
-        let ready = self.status.lock().map(|s| s.round.is_some()).unwrap_or(false);
+        let ready = self
+            .status
+            .lock()
+            .map(|s| s.round.is_some())
+            .unwrap_or(false);
         if !ready {
             for j in jobs {
                 let _ = j.reply.send(Err(EngineError::NotReady));

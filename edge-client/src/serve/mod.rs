@@ -26,8 +26,8 @@ pub mod http;
 pub use engine::{Answer, Engine, EngineError, ModelInfo, Payload, Status};
 pub use http::HttpLimits;
 
-use crate::config::runtime;
 use crate::config::cli::ServeArgs;
+use crate::config::runtime;
 use crate::model::{KeptAdapter, Model, ModelOptions, RoundChoice};
 use crate::types::GlobalAdapter;
 
@@ -133,7 +133,11 @@ fn shared(adapter: &KeptAdapter, run_id: u64) -> Arc<GlobalAdapter> {
 /// `edge-client serve`: serves a kept global adapter until SIGTERM / Ctrl-C; with `--watch`,
 /// swaps in each newer one the run keeps. Prints the address it listens on to stdout.
 pub fn run(cli: &crate::config::Cli, args: &ServeArgs) -> anyhow::Result<()> {
-    let limits = limits(args.max_body_kb, args.max_inputs, args.token_file.as_deref())?;
+    let limits = limits(
+        args.max_body_kb,
+        args.max_inputs,
+        args.token_file.as_deref(),
+    )?;
     let mut opts = ModelOptions {
         model_dir: args.source.model_dir.clone(),
         runtime: Some(runtime(args.runtime)),
@@ -259,10 +263,9 @@ async fn watch(args: ServeArgs, engine: Engine, mut run_id: u64, mut round: Opti
     loop {
         tick.tick().await;
         let path = adapter_path.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            crate::model::locate(&path, RoundChoice::Last)
-        })
-        .await;
+        let found =
+            tokio::task::spawn_blocking(move || crate::model::locate(&path, RoundChoice::Last))
+                .await;
         let Ok(Ok((file, index))) = found else {
             continue;
         };

@@ -352,9 +352,8 @@ fn export_model(edge_client: &Path, out_dir: &Path) {
         .arg("--out")
         .arg(&model)
         .env("RUST_LOG", "warn");
-    // ONNX for the image backbones (the text tail's graph is not written yet), where the
-    // models toolchain is.
-    let onnx = index.model.image_size.is_some()
+    // ONNX where the models toolchain is (a checkout where `make models` ran).
+    let onnx = index.model.backbone.is_some()
         && Path::new(".venv-models/bin/python").is_file()
         && Path::new("models/export_onnx.py").is_file();
     if onnx {

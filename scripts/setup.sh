@@ -3,10 +3,13 @@
 #   scripts/setup.sh            system packages + Rust targets for building and testing
 set -euo pipefail
 
+# chromium and prometheus (for promtool): the monitor's test opens the dashboard in a real
+# browser and checks /metrics with Prometheus' own parser.
 need_apt=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for pkg in build-essential pkg-config python3 python3-venv python3-pip python3-torch \
-           dataset-fashion-mnist mosquitto iproute2 fonts-dejavu-core nodejs npm; do
+           dataset-fashion-mnist mosquitto iproute2 fonts-dejavu-core nodejs npm \
+           chromium prometheus; do
   have_pkg "$pkg" || need_apt+=("$pkg")
 done
 # Node may come from elsewhere than Debian (e.g. a preinstalled toolchain): only ask apt for it if missing.

@@ -42,12 +42,19 @@ pub struct Ledger {
     /// What the aggregator itself published (before the broker's fan-out).
     pub aggregator_published_bytes: u64,
     pub per_client: BTreeMap<String, Traffic>,
+    /// By message kind (`join`, `status`, `update` up; `global`, `round` down).
+    #[serde(default)]
+    pub per_kind: BTreeMap<String, Traffic>,
 }
 
 impl Ledger {
-    /// A client published `bytes` (one packet), counted in `round`.
-    pub fn client_up(&mut self, round: u32, client: &str, bytes: u64) {
+    /// A client published `bytes` (one packet of `kind`), counted in `round`.
+    pub fn client_up(&mut self, round: u32, client: &str, kind: &str, bytes: u64) {
         self.total.add_up(bytes);
+        self.per_kind
+            .entry(kind.to_string())
+            .or_default()
+            .add_up(bytes);
         self.rounds.entry(round).or_default().add_up(bytes);
         self.per_client
             .entry(client.to_string())
@@ -60,14 +67,17 @@ impl Ledger {
     pub fn aggregator_publish<'a>(
         &mut self,
         round: u32,
+        kind: &str,
         bytes: u64,
         receivers: impl IntoIterator<Item = &'a str>,
     ) {
         self.aggregator_published_bytes += bytes;
         let r = self.rounds.entry(round).or_default();
+        let k = self.per_kind.entry(kind.to_string()).or_default();
         for client in receivers {
             self.total.add_down(bytes);
             r.add_down(bytes);
+            k.add_down(bytes);
             self.per_client
                 .entry(client.to_string())
                 .or_default()
@@ -97,10 +107,12 @@ mod tests {
     #[test]
     fn fan_out_counts_down_bytes_once_per_receiver() {
         let mut l = Ledger::default();
-        l.aggregator_publish(1, 100, ["a", "b"]);
-        l.client_up(1, "a", 40);
-        l.client_up(2, "b", 7);
+        l.aggregator_publish(1, "global", 100, ["a", "b"]);
+        l.client_up(1, "a", "update", 40);
+        l.client_up(2, "b", "status", 7);
         assert_eq!(l.aggregator_published_bytes, 100);
+        assert_eq!(l.per_kind["global"].down_bytes, 200);
+        assert_eq!(l.per_kind["update"].up_bytes, 40);
         assert_eq!(l.total.down_bytes, 200);
         assert_eq!(l.per_client["a"].down_bytes, 100);
         assert_eq!(l.per_client["a"].up_bytes, 40);

@@ -103,6 +103,52 @@ pub struct Config {
     /// `[output] keep_globals`.
     pub keep_globals: KeepGlobals,
     pub security: SecurityConfig,
+    /// `[monitor]`, when it has an address.
+    pub monitor: Option<MonitorConfig>,
+}
+
+/// The monitor: metrics and the dashboard over HTTP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MonitorConfig {
+    pub listen: std::net::SocketAddr,
+    pub token_file: Option<PathBuf>,
+    /// Serving goes on this long after the run ends.
+    pub linger_ms: u64,
+    /// A label per client id (a fleet trial's link presets).
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+fn validate_monitor(
+    m: fedpeft_config::aggregator::MonitorTable,
+) -> Result<Option<MonitorConfig>, ConfigError> {
+    let Some(listen) = m.listen else {
+        if m != Default::default() {
+            return Err(invalid(
+                "monitor.listen",
+                "the [monitor] table needs an address to serve on (e.g. \"127.0.0.1:9464\")",
+            ));
+        }
+        return Ok(None);
+    };
+    let listen = listen.parse().map_err(|_| {
+        invalid(
+            "monitor.listen",
+            format!("`{listen}` is not an ip:port address (e.g. \"127.0.0.1:9464\")"),
+        )
+    })?;
+    let linger = m.linger_secs.unwrap_or(0.0);
+    if !(0.0..=86_400.0).contains(&linger) {
+        return Err(invalid(
+            "monitor.linger_secs",
+            format!("{linger} is not in 0..=86400"),
+        ));
+    }
+    Ok(Some(MonitorConfig {
+        listen,
+        token_file: m.token_file,
+        linger_ms: (linger * 1000.0) as u64,
+        labels: m.labels.unwrap_or_default(),
+    }))
 }
 
 /// Checks every field of the file and fills in defaults.
@@ -168,6 +214,7 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
             None => KeepGlobals::Policy(KeepPolicy::All),
         },
         security: validate_security(file.security)?,
+        monitor: validate_monitor(file.monitor)?,
     })
 }
 

@@ -21,6 +21,8 @@
 //! - [`report`]: JSON / CSV report and the summary table.
 //! - [`keys`]: the enrolment file (client id → Ed25519 public key) and `keygen`; [`tls`]: the
 //!   rustls configuration for an `mqtts://` broker.
+//! - [`monitor`]: `[monitor]`'s Prometheus metrics and live dashboard over HTTP, fed
+//!   snapshots of the run through a channel that keeps only the newest.
 //! - [`broker`]: the embedded rumqttd; [`shell`]: the async loop (tokio + rumqttc) that moves
 //!   bytes between MQTT and the machine.
 //!
@@ -37,6 +39,7 @@ pub mod held_out;
 pub mod host;
 pub mod keys;
 pub mod model;
+pub mod monitor;
 pub mod outbox;
 pub mod report;
 pub mod round;

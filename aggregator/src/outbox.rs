@@ -103,8 +103,8 @@ impl Outbox {
     }
 
     /// A client's message of `wire_bytes` arrived; it counts in `round`.
-    pub fn count_incoming(&mut self, round: u32, client: &str, wire_bytes: u64) {
-        self.state.ledger.client_up(round, client, wire_bytes);
+    pub fn count_incoming(&mut self, round: u32, client: &str, kind: &str, wire_bytes: u64) {
+        self.state.ledger.client_up(round, client, kind, wire_bytes);
     }
 
     /// Seals `message` into packets and counts them in `round`, each delivered by the broker
@@ -112,10 +112,10 @@ impl Outbox {
     /// global adapter is built by strategies that refuse non-finite values, so that means a
     /// tensor too large for the wire format, and there is nothing sensible to send.
     pub fn send(&mut self, message: Outgoing, round: u32, receivers: &[String]) -> Option<Sealed> {
-        let what = match &message {
-            Outgoing::Global(_) => "global adapter",
-            Outgoing::Announce(_) => "round announcement",
-            Outgoing::RunDone(_) => "final announcement",
+        let (what, kind) = match &message {
+            Outgoing::Global(_) => ("global adapter", "global"),
+            Outgoing::Announce(_) => ("round announcement", "round"),
+            Outgoing::RunDone(_) => ("final announcement", "round"),
         };
         let header_round = message.round();
         let global = matches!(message, Outgoing::Global(_));
@@ -134,6 +134,7 @@ impl Outbox {
                     let bytes = wire_size(&p.topic, p.payload.len(), p.qos);
                     self.state.ledger.aggregator_publish(
                         round,
+                        kind,
                         bytes,
                         receivers.iter().map(String::as_str),
                     );

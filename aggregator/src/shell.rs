@@ -50,6 +50,8 @@ pub enum RunError {
     Keys(#[from] KeysError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("monitor: {0}")]
+    Monitor(String),
     #[error("report in {dir}: {source}")]
     Report {
         dir: PathBuf,
@@ -133,14 +135,23 @@ pub async fn run(
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<Outcome, RunError> {
     let mut shell = Shell::open(config, host, ready)?;
+    if let Some(m) = &shell.config.monitor {
+        let monitor = crate::monitor::Monitor::start(m, &shell.config)
+            .await
+            .map_err(|e| RunError::Monitor(format!("{e:#}")))?;
+        shell.monitor = Some(monitor);
+        shell.publish_live(true);
+    }
     let (client, mut rx, pump) = shell.connect()?;
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    let mut stopped = false;
     while !shell.finished {
         let events = tokio::select! {
             _ = &mut shutdown => {
                 info!("shutdown requested; stopping");
+                stopped = true;
                 break;
             }
             msg = rx.recv() => match msg {
@@ -165,6 +176,8 @@ pub async fn run(
         };
         shell.handle(events, &client).await?;
         shell.ack(&client).await?;
+        let force = std::mem::take(&mut shell.round_closed) || shell.finished;
+        shell.publish_live(force);
     }
     // Let queued publishes (the final global adapter and the "done" announcement) reach the
     // broker before disconnecting.
@@ -173,6 +186,17 @@ pub async fn run(
     tokio::time::sleep(Duration::from_millis(100)).await;
     pump.abort();
     let report = shell.write_report()?;
+    shell.publish_live(true);
+    if let Some(m) = &shell.monitor
+        && !m.linger.is_zero()
+        && !stopped
+    {
+        info!(secs = m.linger.as_secs_f64(), addr = %m.addr, "run over; the monitor serves its final state until then (or a signal)");
+        tokio::select! {
+            _ = tokio::time::sleep(m.linger) => {}
+            _ = &mut shutdown => {}
+        }
+    }
     Ok(Outcome {
         report,
         finished: shell.finished,
@@ -202,6 +226,10 @@ struct Shell {
     /// Messages handled (or queued in `pending`) but not yet acknowledged to the broker.
     unacked: Vec<rumqttc::Publish>,
     finished: bool,
+    /// `[monitor]`, once started.
+    monitor: Option<crate::monitor::Monitor>,
+    /// A round closed since the last snapshot (the monitor gets one at once).
+    round_closed: bool,
 }
 
 impl Shell {
@@ -284,6 +312,8 @@ impl Shell {
             pending: Vec::new(),
             unacked: Vec::new(),
             finished: false,
+            monitor: None,
+            round_closed: false,
         })
     }
 
@@ -434,7 +464,11 @@ impl Shell {
         for ev in events {
             if let Some((sender, bytes)) = ev.sender() {
                 let round = self.machine.accounting_round();
-                self.outbox.count_incoming(round, sender, bytes);
+                let kind = ev.kind().unwrap_or("other");
+                self.outbox.count_incoming(round, sender, kind, bytes);
+                if let Some(m) = &mut self.monitor {
+                    m.seen(sender, now_ms());
+                }
             }
             queue.extend(self.machine.on_event(ev, now_ms()));
             while let Some(action) = queue.pop_front() {
@@ -467,6 +501,7 @@ impl Shell {
             Action::RoundClosed(r) => {
                 self.print_round(&r);
                 self.write_report()?;
+                self.round_closed = true;
             }
             Action::Finished => self.finished = true,
         }
@@ -580,6 +615,22 @@ impl Shell {
                 .map_err(|e| RunError::Mqtt(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// Hands the monitor a snapshot (throttled unless `force`).
+    fn publish_live(&mut self, force: bool) {
+        if let Some(m) = &mut self.monitor {
+            m.publish(
+                crate::monitor::View {
+                    state: self.machine.state(),
+                    ledger: self.outbox.ledger(),
+                    info: &self.info,
+                    finished: self.finished,
+                },
+                now_ms(),
+                force,
+            );
+        }
     }
 
     fn write_report(&self) -> Result<Report, RunError> {

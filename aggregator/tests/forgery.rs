@@ -310,6 +310,7 @@ struct Aggregator {
 fn without_counters(s: &MachineState) -> MachineState {
     let mut s = s.clone();
     s.rejected_total.clear();
+    s.rejected_by_client.clear();
     if let Phase::Collecting(open) = &mut s.phase {
         open.rejected.clear();
     }

@@ -177,7 +177,8 @@ fn decoded(actions: &[Action]) -> Vec<(String, Message)> {
 /// Feeds `ev` as the shell does: its bytes counted in the machine's accounting round first.
 fn fed(m: &mut RoundMachine, outbox: &mut Outbox, ev: Event, now: u64) -> Vec<Action> {
     if let Some((client, bytes)) = ev.sender() {
-        outbox.count_incoming(m.accounting_round(), client, bytes);
+        let kind = ev.kind().unwrap_or("other");
+        outbox.count_incoming(m.accounting_round(), client, kind, bytes);
     }
     m.on_event(ev, now)
 }

@@ -13,6 +13,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// How often a trunk pass over many samples logs its progress.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 use ndarray::{ArrayD, IxDyn};
 use sha2::{Digest, Sha256};
 
@@ -250,10 +253,26 @@ impl ActivationCache {
         let mut mem: Vec<f32> = Vec::new();
         let mut writer: Option<BufWriter<File>> = None;
         let tmp = partial_path(&spill);
+        // A long trunk pass (minutes on a board) logs how far it is every PROGRESS_EVERY, so
+        // `journalctl -f` shows it moving.
+        let began = std::time::Instant::now();
+        let mut noted = began;
         for start in (0..n).step_by(batch) {
             let range = start..(start + batch).min(n);
             let len = range.len();
             let out = compute(range)?;
+            if noted.elapsed() >= PROGRESS_EVERY && start + len < n {
+                noted = std::time::Instant::now();
+                let done = start + len;
+                let rate = done as f64 / began.elapsed().as_secs_f64().max(1e-9);
+                tracing::info!(
+                    done,
+                    total = n,
+                    per_s = format!("{rate:.1}"),
+                    eta_s = ((n - done) as f64 / rate.max(1e-9)).round() as u64,
+                    "trunk pass"
+                );
+            }
             if out.shape().first() != Some(&len) {
                 return Err(cache_err(
                     &spill,

@@ -66,6 +66,27 @@ pub struct AggregatorFile {
     pub output: OutputTable,
     #[serde(default, skip_serializing_if = "is_default")]
     pub security: SecurityTable,
+    /// `[monitor]`: Prometheus metrics and the live dashboard. Default off.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub monitor: MonitorTable,
+}
+
+/// `[monitor]`: the aggregator serves `/metrics` (Prometheus text format), a live dashboard at
+/// `/` and its data at `/api/state` and `/api/events` (server-sent events).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorTable {
+    /// Address to serve on, e.g. `"127.0.0.1:9464"`; port 0 picks a free one (logged). Default
+    /// none: no monitor.
+    pub listen: Option<String>,
+    /// File whose first line (16 characters or more) is a bearer token every request must
+    /// carry. Default none (and a warning in the log when `listen` is not loopback).
+    pub token_file: Option<PathBuf>,
+    /// Keep serving the final state this many seconds after the run ends. Default 0.
+    pub linger_secs: Option<f64>,
+    /// A label per client id for the dashboard's client table (a fleet trial sets each
+    /// client's link preset). Default none.
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {

@@ -95,6 +95,9 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    fedpeft_fleet::runner::progress::install(
+        fedpeft_fleet::runner::progress::Progress::for_terminal(),
+    );
     let (trial, out, timeout_secs, links) = match Cli::parse().command {
         Cmd::Run {
             trial,

@@ -204,6 +204,11 @@ impl Sweep {
 }
 
 /// The aggregator's report in `dir` if it says the run finished.
+/// Whether the trial in `dir` has a finished report.
+pub(crate) fn finished(dir: &Path) -> bool {
+    finished_report(dir).is_some()
+}
+
 fn finished_report(dir: &Path) -> Option<Report> {
     let report = TrialReport::read(dir).ok()?.aggregator;
     report.finished.then_some(report)
@@ -235,7 +240,12 @@ pub fn run_sweep(
 ) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut rows = Vec::new();
+    let bar = crate::runner::progress::current().trials(sweep.trials.len());
     for (i, (name, text)) in sweep.trials.iter().enumerate() {
+        if let Some(b) = &bar {
+            b.set_position(i as u64);
+            b.set_message(name.clone());
+        }
         let dir = out.join(name);
         let mut trial = Trial::parse(text, Path::new(name))?;
         let report = match finished_report(&dir) {

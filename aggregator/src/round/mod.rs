@@ -71,6 +71,7 @@ impl RoundMachine {
             accepted_updates: BTreeSet::new(),
             strategy_state: strategy.state(),
             rejected_total: BTreeMap::new(),
+            rejected_by_client: BTreeMap::new(),
             records: Vec::new(),
             last_median_norm: None,
             clipped_total: 0,
@@ -176,7 +177,7 @@ impl RoundMachine {
                 ..
             } => {
                 warn!(client = %client, kind, reason = %reason, detail = %detail, "message rejected");
-                self.count_rejection(reason);
+                self.count_rejection(reason, &client);
                 if let Phase::Collecting(open) = &mut self.s.phase {
                     *open.rejected.entry(reason).or_default() += 1;
                 }
@@ -270,7 +271,7 @@ impl RoundMachine {
         let name = client.as_str().to_string();
         if let Some(why) = self.incompatibility(&info) {
             warn!(client = %name, reason = %RejectReason::Incompatible, detail = %why, "join rejected");
-            self.count_rejection(RejectReason::Incompatible);
+            self.count_rejection(RejectReason::Incompatible, name.as_str());
             return;
         }
         let entry = self.s.clients.entry(name.clone()).or_insert(ClientInfo {
@@ -438,8 +439,17 @@ impl RoundMachine {
         self.persist(out);
     }
 
-    fn count_rejection(&mut self, reason: RejectReason) {
+    /// Counts a refusal by reason, and by the client its topic names when that client has
+    /// joined (a message naming an unknown id cannot grow the table).
+    fn count_rejection(&mut self, reason: RejectReason, client: &str) {
         *self.s.rejected_total.entry(reason).or_default() += 1;
+        if self.s.clients.contains_key(client) {
+            *self
+                .s
+                .rejected_by_client
+                .entry(client.to_string())
+                .or_default() += 1;
+        }
     }
 
     /// Counts a refused update. A refusal changes nobody's state, with one exception: a
@@ -461,7 +471,7 @@ impl RoundMachine {
         let client = sender.client.as_str();
         warn!(client = %client, round, reason = %reason, detail = %detail, signed = sender.signed,
               "update rejected");
-        self.count_rejection(reason);
+        self.count_rejection(reason, client);
         if let Phase::Collecting(open) = &mut self.s.phase {
             *open.rejected.entry(reason).or_default() += 1;
             if sender.signed

@@ -88,6 +88,17 @@ pub enum Event {
 impl Event {
     /// The client a message event names and its size on the wire: the bytes the shell counts
     /// in the [`RoundMachine::accounting_round`]. `None` for events that are not messages.
+    /// The kind of a client's message (`join`, `status`, `update`), for the byte ledger.
+    pub fn kind(&self) -> Option<&'static str> {
+        match self {
+            Event::Joined { .. } => Some("join"),
+            Event::Status { .. } => Some("status"),
+            Event::Update { .. } => Some("update"),
+            Event::Refused { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+
     pub fn sender(&self) -> Option<(&str, u64)> {
         match self {
             Event::Joined {
@@ -276,6 +287,9 @@ pub struct MachineState {
     pub accepted_updates: BTreeSet<(String, u32, u32)>,
     pub strategy_state: StrategyState,
     pub rejected_total: BTreeMap<RejectReason, u64>,
+    /// Refusals naming each joined client (by its topic; unsigned ones may be forged).
+    #[serde(default)]
+    pub rejected_by_client: BTreeMap<String, u64>,
     /// Round rows of the report (their traffic is the outbox's ledger's).
     pub records: Vec<RoundRecord>,
     /// Median pre-bound norm of the last round with accepted updates (the adaptive bound's

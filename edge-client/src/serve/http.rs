@@ -16,10 +16,10 @@
 use std::sync::Arc;
 
 use base64::Engine as _;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use fedpeft_http::hyper::body::Incoming;
+use fedpeft_http::hyper::header::{self, HeaderValue};
+use fedpeft_http::hyper::{Method, Request, StatusCode};
+use fedpeft_http::{Reply, error, json};
 use serde::Deserialize;
 
 use super::engine::{Engine, EngineError, Payload};
@@ -40,61 +40,25 @@ pub(super) struct App {
     pub limits: HttpLimits,
 }
 
-type Reply = Response<Full<Bytes>>;
-
-fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(value.to_string() + "\n")));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Reply {
-    json(status, &serde_json::json!({ "error": message.to_string() }))
-}
-
 /// Answers one request.
-pub(super) async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Reply, hyper::Error> {
-    if let Some(token) = &app.limits.token
-        && !authorized(&req, token)
-    {
-        let mut r = error(
-            StatusCode::UNAUTHORIZED,
-            "this server needs `Authorization: Bearer <token>`",
-        );
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Ok(r);
+pub(super) async fn handle(app: Arc<App>, req: Request<Incoming>) -> Reply {
+    if let Err(r) = fedpeft_http::check_token(&req, app.limits.token.as_deref()) {
+        return *r;
     }
     let allowed = match req.uri().path() {
         "/predict" => Method::POST,
         "/model" | "/healthz" => Method::GET,
         other => {
-            return Ok(error(
+            return error(
                 StatusCode::NOT_FOUND,
                 format!("no `{other}` here: POST /predict, GET /model, GET /healthz"),
-            ));
+            );
         }
     };
-    if req.method() != allowed && !(allowed == Method::GET && req.method() == Method::HEAD) {
-        let mut r = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{} takes {allowed} only", req.uri().path()),
-        );
-        r.headers_mut().insert(
-            header::ALLOW,
-            HeaderValue::from_static(if allowed == Method::POST {
-                "POST"
-            } else {
-                "GET, HEAD"
-            }),
-        );
-        return Ok(r);
+    if let Err(r) = fedpeft_http::check_method(&req, &[allowed]) {
+        return *r;
     }
-    Ok(match req.uri().path() {
+    match req.uri().path() {
         "/healthz" => {
             if app.engine.status().round.is_some() {
                 json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
@@ -112,20 +76,7 @@ pub(super) async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Repl
             }),
         ),
         _ => predict(&app, req).await,
-    })
-}
-
-fn authorized<B>(req: &Request<B>, token: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    let Some(given) = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    given.as_bytes().ct_eq(token.as_bytes()).into()
+    }
 }
 
 /// The JSON body `POST /predict` takes.
@@ -146,22 +97,6 @@ enum Inputs {
 }
 
 async fn predict(app: &App, req: Request<Incoming>) -> Reply {
-    let limit = app.limits.max_body_bytes;
-    let too_large = || {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is over the {limit}-byte limit"),
-        )
-    };
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > limit as u64
-    {
-        return too_large();
-    }
     let mut top_k = match query_top_k(req.uri().query()) {
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
@@ -178,10 +113,9 @@ async fn predict(app: &App, req: Request<Incoming>) -> Reply {
                 .to_ascii_lowercase()
         })
         .unwrap_or_default();
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+    let body = match fedpeft_http::body(req, app.limits.max_body_bytes).await {
+        Ok(b) => b,
+        Err(r) => return *r,
     };
     let info = &app.engine.info;
     let inputs = match content_type.as_str() {

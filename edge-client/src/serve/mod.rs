@@ -9,15 +9,11 @@
 //! and `--token-file` makes every request carry `Authorization: Bearer <token>`.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 pub mod engine;
@@ -39,22 +35,9 @@ enum Source {
     Broker(Engine, Box<crate::config::EdgeConfig>),
 }
 
-/// A request's headers must arrive within this (a stalled client cannot hold a connection).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Binds `addr`, warning when it is not a loopback address.
-pub async fn bind(addr: SocketAddr, token: bool) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr} for serving"))?;
-    if !addr.ip().is_loopback() {
-        if token {
-            tracing::warn!(%addr, "serving beyond this machine (a bearer token is required)");
-        } else {
-            tracing::warn!(%addr, "serving beyond this machine with no token: anyone who can reach it can ask the model");
-        }
-    }
-    Ok(listener)
+pub async fn bind(addr: std::net::SocketAddr, token: bool) -> anyhow::Result<TcpListener> {
+    fedpeft_http::bind(addr, token, "serving predictions").await
 }
 
 /// Answers requests on `listener` until `shutdown` resolves.
@@ -65,32 +48,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let app = Arc::new(http::App { engine, limits });
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accepting a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let app = app.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| http::handle(app.clone(), req));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended");
-            }
-        });
-    }
+    let handler: fedpeft_http::Handler =
+        Arc::new(move |req| Box::pin(http::handle(app.clone(), req)));
+    fedpeft_http::serve(listener, handler, shutdown).await;
 }
 
 /// The limits `args` set, with the token read from its file.
@@ -99,21 +59,7 @@ pub fn limits(
     max_inputs: usize,
     token_file: Option<&Path>,
 ) -> anyhow::Result<HttpLimits> {
-    let token = match token_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the token file {}", path.display()))?;
-            let token = text.lines().next().unwrap_or("").trim().to_string();
-            if token.len() < 16 {
-                anyhow::bail!(
-                    "{}: the token's first line must hold at least 16 characters",
-                    path.display()
-                );
-            }
-            Some(token)
-        }
-        None => None,
-    };
+    let token = token_file.map(fedpeft_http::read_token).transpose()?;
     Ok(HttpLimits {
         max_body_bytes: max_body_kb.saturating_mul(1024),
         max_inputs: max_inputs.max(1),

@@ -83,8 +83,9 @@ impl Child {
                 }
             };
             thread::spawn(move || {
+                let progress = super::progress::current();
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    println!("{line}");
+                    progress.println(&line);
                     write_line(&log_file, &line);
                 }
             });

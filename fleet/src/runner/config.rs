@@ -55,8 +55,29 @@ pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> Ag
             resume: Some(false),
             keep_globals: None,
         },
+        monitor: monitor_table(trial),
         ..AggregatorFile::default()
     }
+}
+
+/// The trial's `[monitor]`, each client labelled with its link preset (when links are
+/// emulated and the trial names none itself).
+fn monitor_table(trial: &Trial) -> fedpeft_config::aggregator::MonitorTable {
+    let Some(mut m) = trial.monitor.clone() else {
+        return Default::default();
+    };
+    if m.labels.is_none()
+        && let Some(plan) = &trial.links
+    {
+        m.labels = Some(
+            plan.clients
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (trial.client_id(i), c.profile.clone()))
+                .collect(),
+        );
+    }
+    m
 }
 
 /// The trial's `[local]` as the aggregator's (which holds `f32`s).

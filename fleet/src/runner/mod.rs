@@ -19,6 +19,7 @@ mod child;
 mod client;
 mod config;
 mod keys;
+pub mod progress;
 mod results;
 mod shaping;
 
@@ -71,8 +72,12 @@ pub fn run(
     let mut run = TrialRun::start(trial, bins, out_dir, deadline)?;
     run.start_links()?;
     run.start_clients()?;
-    let aggregator_status = run.wait_for_end()?;
-    run.finish(aggregator_status)
+    let bar = progress::current().rounds(&trial.name, trial.rounds);
+    let aggregator_status = run.wait_for_end(bar.as_ref());
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    run.finish(aggregator_status?)
 }
 
 /// How long the aggregator may take to be ready (its held-out activations may be computed
@@ -228,9 +233,16 @@ impl<'a> TrialRun<'a> {
 
     /// Waits for the aggregator to exit, which is the end of the run; stops every process and
     /// fails on an interrupt or at the deadline.
-    fn wait_for_end(&mut self) -> anyhow::Result<ExitStatus> {
+    fn wait_for_end(&mut self, bar: Option<&progress::RoundsBar>) -> anyhow::Result<ExitStatus> {
         let logs = self.out_dir.join("logs");
+        let mut polled = Instant::now();
         loop {
+            if let Some(b) = bar
+                && polled.elapsed() >= Duration::from_millis(500)
+            {
+                polled = Instant::now();
+                b.update(self.out_dir);
+            }
             if let Some(status) = self.aggregator.try_wait() {
                 return Ok(status);
             }
@@ -284,6 +296,10 @@ impl<'a> TrialRun<'a> {
             }
         }
         if exited < self.clients.len() || self.clients.is_empty() {
+            return None;
+        }
+        // A finished run whose aggregator still serves its monitor (`linger_secs`).
+        if crate::sweep::finished(self.out_dir) {
             return None;
         }
         let since = *self.all_gone_since.get_or_insert_with(Instant::now);

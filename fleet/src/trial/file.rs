@@ -196,6 +196,9 @@ pub struct TrialFile {
     /// Sign and verify every message (enrolment). Default false.
     #[serde(default)]
     pub signed: bool,
+    /// The aggregator's `[monitor]` (metrics and the live dashboard), as in its config file;
+    /// the runner adds each client's link preset as its label. Default none.
+    pub monitor: Option<fedpeft_config::aggregator::MonitorTable>,
 }
 
 fn default_offline() -> f64 {

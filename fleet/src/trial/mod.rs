@@ -159,6 +159,8 @@ pub struct Trial {
     pub global_dtype: String,
     /// Every message signed with Ed25519 and verified (keys made by the runner).
     pub signed: bool,
+    /// The aggregator's `[monitor]`, if any.
+    pub monitor: Option<fedpeft_config::aggregator::MonitorTable>,
     /// The run's id, fresh for every trial read (not the seed): messages another run left on
     /// a shared broker (a retained "run done", an old global adapter) carry another id, and
     /// the aggregator and the clients refuse them.

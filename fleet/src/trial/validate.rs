@@ -50,6 +50,7 @@ pub(super) fn trial(mut raw: TrialFile, path: &Path) -> Check<Trial> {
     Ok(Trial {
         global_dtype,
         signed: raw.signed,
+        monitor: raw.monitor.clone(),
         run_id: fresh_run_id(),
         dropout: raw.dropout,
         dropout_offline_secs: raw.dropout_offline_secs,

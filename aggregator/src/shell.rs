@@ -187,6 +187,13 @@ pub async fn run(
     pump.abort();
     let report = shell.write_report()?;
     shell.publish_live(true);
+    if let Some(m) = &shell.monitor {
+        info!(
+            snapshots = m.snapshots,
+            ms = format!("{:.1}", m.snapshot_time.as_secs_f64() * 1e3),
+            "monitor: time the run spent building snapshots"
+        );
+    }
     if let Some(m) = &shell.monitor
         && !m.linger.is_zero()
         && !stopped

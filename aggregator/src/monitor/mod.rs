@@ -131,6 +131,9 @@ pub struct Monitor {
     last_sent_ms: u64,
     settings: BTreeMap<String, String>,
     pub linger: Duration,
+    /// Snapshots built, and the time building them took (the monitor's cost to the shell).
+    pub snapshots: u64,
+    pub snapshot_time: Duration,
 }
 
 impl Monitor {
@@ -161,6 +164,8 @@ impl Monitor {
             last_sent_ms: 0,
             settings: settings(config),
             linger: Duration::from_millis(cfg.linger_ms),
+            snapshots: 0,
+            snapshot_time: Duration::ZERO,
         })
     }
 
@@ -180,8 +185,11 @@ impl Monitor {
             return;
         }
         self.last_sent_ms = now;
+        let began = std::time::Instant::now();
         let live = self.snapshot(view, now);
         self.tx.send_replace(Arc::new(live));
+        self.snapshots += 1;
+        self.snapshot_time += began.elapsed();
     }
 
     fn snapshot(&self, v: View<'_>, now: u64) -> Live {

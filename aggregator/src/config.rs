@@ -17,7 +17,7 @@ use fedpeft_config::{BrokerTable, SecurityTable, invalid};
 use fedpeft_protocol::{DType, DpSgd, FleetName, LocalConfig, Optimizer, PeftMethod};
 
 use crate::held_out::HeldOutData;
-use crate::round::{QuorumFailure, RunSettings};
+use crate::round::{QuorumFailure, RunSettings, SecureSettings};
 use crate::strategy::{ClientDp, StrategyKind};
 use crate::tls::TlsFiles;
 use crate::tls::broker::BrokerAddr;
@@ -151,9 +151,101 @@ fn validate_monitor(
     }))
 }
 
+/// `secure_aggregation`: `true`/`false` or a table; and what cannot combine with it.
+fn validate_secure(
+    value: Option<toml::Value>,
+    file: &AggregatorFile,
+    min_clients: usize,
+) -> Result<Option<SecureSettings>, ConfigError> {
+    use fedpeft_config::aggregator::SecureAggregationTable;
+    let table =
+        match value {
+            None | Some(toml::Value::Boolean(false)) => return Ok(None),
+            Some(toml::Value::Boolean(true)) => SecureAggregationTable::default(),
+            Some(toml::Value::Table(t)) => toml::Value::Table(t)
+                .try_into::<SecureAggregationTable>()
+                .map_err(|e| invalid("secure_aggregation", e.message().to_string()))?,
+            Some(other) => {
+                return Err(invalid(
+                    "secure_aggregation",
+                    format!("`{other}`: give true, false or a [secure_aggregation] table"),
+                ));
+            }
+        };
+    if table.enabled == Some(false) {
+        return Ok(None);
+    }
+    let refuse = |key: &'static str, why: &str| {
+        Err(invalid(
+            key,
+            format!("cannot be combined with secure_aggregation: {why}"),
+        ))
+    };
+    match &file.strategy {
+        Some(StrategyKind::Median) | Some(StrategyKind::TrimmedMean { .. }) => {
+            return refuse(
+                "strategy",
+                "order statistics (median, trimmed mean) need each client's update, and the \
+                 aggregator sees only their sum (fedavg, fedadam and fedyogi work on the sum)",
+            );
+        }
+        _ => {}
+    }
+    if file.local.top_k_fraction.is_some() {
+        return refuse(
+            "local.top_k_fraction",
+            "top-k updates send different coordinates per client, which a masked sum cannot \
+             add (and the chosen indices would leak); masked vectors are dense",
+        );
+    }
+    if file.dp.is_some() {
+        return refuse(
+            "dp",
+            "client-level DP at the aggregator clips and noises each update, which it no \
+             longer sees; use sample-level DP-SGD on the devices (local.dp_sgd)",
+        );
+    }
+    if file.adaptive_norm_multiple.is_some() {
+        return refuse(
+            "adaptive_norm_multiple",
+            "the adaptive bound follows the median of the clients' update norms, which the \
+             aggregator no longer sees; give a fixed max_update_norm (devices apply it)",
+        );
+    }
+    let settings = SecureSettings {
+        neighbours: table.neighbours,
+        threshold: table.threshold,
+        modulus_bits: table.modulus_bits.unwrap_or(16),
+        clip: table.clip.unwrap_or(0.25),
+        stage_timeout_ms: match table.stage_timeout_secs {
+            None => 30_000,
+            Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => (s * 1000.0) as u64,
+            Some(s) => {
+                return Err(invalid(
+                    "secure_aggregation.stage_timeout_secs",
+                    format!("{s} is not in (0, 86400]"),
+                ));
+            }
+        },
+    };
+    if !(settings.clip.is_finite() && settings.clip > 0.0) {
+        return Err(invalid(
+            "secure_aggregation.clip",
+            format!("{} is not a positive number", settings.clip),
+        ));
+    }
+    // The rules on k, t and m, for the smallest round the run may have.
+    settings
+        .params(min_clients.max(2))
+        .check(min_clients.max(2))
+        .map_err(|e| invalid("secure_aggregation", e.to_string()))?;
+    Ok(Some(settings))
+}
+
 /// Checks every field of the file and fills in defaults.
 pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
     let rounds = validate_rounds(&file)?;
+    let secure = validate_secure(file.secure_aggregation.clone(), &file, rounds.min_clients)?;
     let run_id = file.run_id.unwrap_or(1);
     let mut broker = validate_broker(file.broker, run_id)?;
     broker.access = validate_embedded_broker(file.embedded_broker, &broker, &rounds.fleet)?;
@@ -194,6 +286,7 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
             max_update_norm,
             adaptive_norm_multiple,
             local: validate_local(file.local)?,
+            secure,
         },
         max_payload_bytes,
         backbone_params: file.backbone_params.unwrap_or(0),

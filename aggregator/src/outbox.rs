@@ -8,8 +8,8 @@
 //! no I/O: the shell sends the [`Packet`]s it returns.
 
 use fedpeft_protocol::{
-    EncodeError, Envelope, FleetName, GlobalAdapter, QoS, RoundAnnounce, SigningKey, Topic,
-    TopicKind,
+    ClientId, EncodeError, Envelope, FleetName, GlobalAdapter, QoS, RoundAnnounce, SecAggRelay,
+    SecAggRoster, SecAggUnmask, SecureRoundAnnounce, SigningKey, Topic, TopicKind,
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -26,6 +26,14 @@ pub enum Outgoing {
     /// The run is over: the announcement clients exit on ([`RoundAnnounce::is_run_done`]'s
     /// form), on the round topic.
     RunDone(RoundAnnounce),
+    /// A secure round's announcement (retained, on the round topic).
+    SecureAnnounce(SecureRoundAnnounce),
+    /// A secure round's roster (retained, on the secagg topic).
+    Roster(SecAggRoster),
+    /// The shares relayed to one client (its inbox topic).
+    Relay { to: ClientId, relay: SecAggRelay },
+    /// A secure round's unmask request (retained, on the secagg topic).
+    Unmask(SecAggUnmask),
 }
 
 impl Outgoing {
@@ -34,6 +42,22 @@ impl Outgoing {
         match self {
             Outgoing::Global(g) => g.round,
             Outgoing::Announce(a) | Outgoing::RunDone(a) => a.round,
+            Outgoing::SecureAnnounce(a) => a.announce.round,
+            Outgoing::Roster(r) => r.round,
+            Outgoing::Relay { relay, .. } => relay.round,
+            Outgoing::Unmask(u) => u.round,
+        }
+    }
+
+    /// The topic it goes to (the global adapter's chunks aside).
+    fn topic(&self) -> TopicKind {
+        match self {
+            Outgoing::Global(_) => TopicKind::Global,
+            Outgoing::Announce(_) | Outgoing::RunDone(_) | Outgoing::SecureAnnounce(_) => {
+                TopicKind::Round
+            }
+            Outgoing::Roster(_) | Outgoing::Unmask(_) => TopicKind::SecAgg,
+            Outgoing::Relay { to, .. } => TopicKind::Inbox(to.clone()),
         }
     }
 }
@@ -116,7 +140,12 @@ impl Outbox {
             Outgoing::Global(_) => ("global adapter", "global"),
             Outgoing::Announce(_) => ("round announcement", "round"),
             Outgoing::RunDone(_) => ("final announcement", "round"),
+            Outgoing::SecureAnnounce(_) => ("secure round announcement", "round"),
+            Outgoing::Roster(_) => ("secure aggregation roster", "secagg"),
+            Outgoing::Relay { .. } => ("relayed shares", "secagg"),
+            Outgoing::Unmask(_) => ("unmask request", "secagg"),
         };
+        let topic = message.topic();
         let header_round = message.round();
         let global = matches!(message, Outgoing::Global(_));
         let sealed = self.seal(message).map_err(|e| e.to_string());
@@ -124,7 +153,7 @@ impl Outbox {
             let packets = if global {
                 self.global_packets(header_round, &envelope)?
             } else {
-                vec![self.packet(TopicKind::Round, envelope.clone())]
+                vec![self.packet(topic, envelope.clone())]
             };
             Ok(Sealed { envelope, packets })
         });
@@ -154,6 +183,10 @@ impl Outbox {
         let envelope = match message {
             Outgoing::Global(g) => Envelope::new(self.run_id, round, g),
             Outgoing::Announce(a) | Outgoing::RunDone(a) => Envelope::new(self.run_id, round, a),
+            Outgoing::SecureAnnounce(a) => Envelope::new(self.run_id, round, a),
+            Outgoing::Roster(r) => Envelope::new(self.run_id, round, r),
+            Outgoing::Relay { relay, .. } => Envelope::new(self.run_id, round, relay),
+            Outgoing::Unmask(u) => Envelope::new(self.run_id, round, u),
         };
         match &self.signing_key {
             Some(key) => envelope.encode_signed(&self.fleet, key),

@@ -511,6 +511,15 @@ impl Shell {
                 self.round_closed = true;
             }
             Action::Finished => self.finished = true,
+            Action::SecureSum { round, sum } => {
+                if let Some(dir) = std::env::var_os("FEDPEFT_SECAGG_DUMP_DIR") {
+                    let path = std::path::Path::new(&dir).join(format!("aggregator-r{round}.sum"));
+                    let bytes: Vec<u8> = sum.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    if let Err(e) = std::fs::write(&path, bytes) {
+                        warn!(path = %path.display(), error = %e, "could not write the unmasked sum");
+                    }
+                }
+            }
         }
         Ok(Vec::new())
     }

@@ -131,6 +131,40 @@ impl Inbox {
         }
     }
 
+    /// The event for a secure-aggregation message on `client`'s update topic, authenticated
+    /// like an update; `None` for any other kind.
+    fn secure(
+        &self,
+        client: &ClientId,
+        payload: &[u8],
+        message: Message,
+        wire_bytes: u64,
+    ) -> Result<Event, Box<Message>> {
+        use crate::round::secure::Uplink;
+        let round = message.body_round();
+        let uplink = match message {
+            Message::SecAggKeys(m) => Uplink::Keys(m),
+            Message::SecAggShares(m) => Uplink::Shares(m),
+            Message::SecAggMasked(m) => Uplink::Masked(m),
+            Message::SecAggReveal(m) => Uplink::Reveal(m),
+            other => return Err(Box::new(other)),
+        };
+        Ok(match self.authenticate(client.as_str(), payload) {
+            Ok(()) => Event::SecAgg {
+                topic_client: client.clone(),
+                message: Box::new(uplink),
+                wire_bytes,
+                signed: self.enrolment.is_some(),
+            },
+            Err((reason, detail)) => Event::Update {
+                topic_client: client.clone(),
+                update: Box::new(Err(failure(reason, round, detail))),
+                wire_bytes,
+                signed: false,
+            },
+        })
+    }
+
     /// Checks the signature of a whole (reassembled) payload from `client`, when enrolment is
     /// configured.
     fn authenticate(&self, client: &str, payload: &[u8]) -> Result<(), (RejectReason, String)> {
@@ -316,6 +350,10 @@ impl Inbox {
                                 message: Message::ClientUpdate(u),
                                 ..
                             }) => Some(self.checked(&client, &whole, u, total)),
+                            Ok(Envelope {
+                                message: m @ Message::SecAggMasked(_),
+                                ..
+                            }) => self.secure(&client, &whole, m, total).ok(),
                             Ok(other) => Some(ev(
                                 Err(failure(
                                     RejectReason::Malformed,
@@ -340,14 +378,17 @@ impl Inbox {
                     }
                 }
             }
-            other => Some(ev(
-                Err(failure(
-                    RejectReason::Malformed,
-                    Some(env.round),
-                    format!("a {} on an update topic", other.kind()),
+            other => match self.secure(&client, payload, other, wire_bytes) {
+                Ok(event) => Some(event),
+                Err(other) => Some(ev(
+                    Err(failure(
+                        RejectReason::Malformed,
+                        Some(env.round),
+                        format!("a {} on an update topic", other.kind()),
+                    )),
+                    wire_bytes,
                 )),
-                wire_bytes,
-            )),
+            },
         }
     }
 }

@@ -111,6 +111,7 @@ fn rules() -> Rules {
             max_update_norm: None,
             adaptive_norm_multiple: None,
             global_dtype: DType::F32,
+            secure: None,
         },
         dp_sample_rate: None,
         backbone_params: 1000,

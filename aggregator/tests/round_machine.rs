@@ -48,6 +48,7 @@ fn rules(rounds: u32, min_clients: usize, quorum: usize) -> Rules {
             max_update_norm: None,
             adaptive_norm_multiple: None,
             global_dtype: DType::F32,
+            secure: None,
         },
         dp_sample_rate: None,
         backbone_params: 1000,

@@ -69,6 +69,30 @@ pub struct AggregatorFile {
     /// `[monitor]`: Prometheus metrics and the live dashboard. Default off.
     #[serde(default, skip_serializing_if = "is_default")]
     pub monitor: MonitorTable,
+    /// `secure_aggregation = true`, or a `[secure_aggregation]` table
+    /// ([`SecureAggregationTable`]): the aggregator learns only the sum of the updates. Kept as
+    /// TOML here and checked by the aggregator, so an error names the key. Default off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<toml::Value>,
+}
+
+/// `[secure_aggregation]`: SecAgg+ rounds. Every key is optional.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregationTable {
+    /// Off with `false` (the table kept for later). Default true.
+    pub enabled: Option<bool>,
+    /// k, each client's neighbourhood size (even). Default 2·⌈log2 n⌉ for n sampled clients,
+    /// everyone when that is n − 1 or more.
+    pub neighbours: Option<u16>,
+    /// t, shares needed to reconstruct, k/2 < t <= k. Default ⌊k/2⌋ + 1.
+    pub threshold: Option<u16>,
+    /// m, the masked sum is in Z_{2^m}, m bits per value on the wire (12..=32). Default 16.
+    pub modulus_bits: Option<u8>,
+    /// Update values are clipped to [-clip, clip] before quantization. Default 0.25.
+    pub clip: Option<f32>,
+    /// Deadline of each key, share and unmask stage, seconds. Default 30.
+    pub stage_timeout_secs: Option<f64>,
 }
 
 /// `[monitor]`: the aggregator serves `/metrics` (Prometheus text format), a live dashboard at

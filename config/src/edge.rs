@@ -209,6 +209,10 @@ pub struct FaultsTable {
     /// A straggler: hold every finished update this long before publishing it, seconds (a slow
     /// device). An update the round's deadline has passed by is not sent. Default 0.
     pub straggle_secs: Option<f64>,
+    /// In secure-aggregation rounds, go silent for the rest of the round after sending this
+    /// stage's message: `"keys"`, `"shares"` or `"masked"`, in every secure round, or in round
+    /// N only with `"shares@N"` (a device that drops out mid-protocol). Default none.
+    pub secagg_drop_after: Option<String>,
 }
 
 /// The edge client's TOML file as written, before validation. Every field is optional.

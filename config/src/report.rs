@@ -194,6 +194,34 @@ pub struct RoundRecord {
     /// update (its own accountant, every step it has taken so far, at its δ; fedpeft's edge
     /// client uses δ = 1e-5). Empty when no client trains with DP-SGD.
     pub local_dp_epsilon: BTreeMap<String, f64>,
+    /// Secure aggregation's stages, in a secure round (null otherwise). Always written: the
+    /// checkpoint's encoding is positional.
+    #[serde(default)]
+    pub secure: Option<SecureRecord>,
+}
+
+/// One secure-aggregation round (report field `secure`): who reached each stage, how long
+/// each took, and why the round failed if it did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SecureRecord {
+    /// Neighbourhood size k and threshold t used.
+    pub neighbours: u16,
+    pub threshold: u16,
+    /// Bits per masked value.
+    pub modulus_bits: u8,
+    /// Clients whose keys were accepted (stage 1), whose shares were accepted (stage 2), whose
+    /// masked input was accepted (stage 3) and who revealed their shares (stage 4).
+    pub advertised: Vec<String>,
+    pub shared: Vec<String>,
+    pub masked: Vec<String>,
+    pub revealed: Vec<String>,
+    /// Wall time of each stage, ms: keys (from the announcement: includes local training),
+    /// shares, masked input, unmasking.
+    pub stage_ms: [u64; 4],
+    /// Clients whose revealed shares did not reconstruct their peer's secret.
+    pub bad_shares: Vec<String>,
+    /// Why the round failed, when it did.
+    pub failure: Option<String>,
 }
 
 /// What norm bounding, order statistics and client-level DP did in one round (report field
@@ -373,10 +401,13 @@ pub enum RejectReason {
     BadSignature,
     /// Enrolment is configured and the client id has no enrolled key.
     NotEnrolled,
+    /// A secure-aggregation message refused: for a stage that is not open, from a client not
+    /// in that stage, a repeat, or shares, keys or a masked vector that do not check out.
+    SecAgg,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 19] = [
+    pub const ALL: [RejectReason; 20] = [
         RejectReason::Malformed,
         RejectReason::WrongVersion,
         RejectReason::BadChecksum,
@@ -396,6 +427,7 @@ impl RejectReason {
         RejectReason::Unsigned,
         RejectReason::BadSignature,
         RejectReason::NotEnrolled,
+        RejectReason::SecAgg,
     ];
 
     /// Whether the reason is about what a well-formed update of the open round carries (its
@@ -432,6 +464,7 @@ impl RejectReason {
             RejectReason::Unsigned => "unsigned",
             RejectReason::BadSignature => "bad_signature",
             RejectReason::NotEnrolled => "not_enrolled",
+            RejectReason::SecAgg => "secagg",
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod export;
 pub mod model;
 pub mod observe;
 pub mod predict;
+pub mod secure;
 pub mod serve;
 pub mod session;
 pub mod setup;

@@ -42,8 +42,43 @@ pub enum Event {
         sequence: u32,
         result: Result<TrainedUpdate, String>,
     },
+    /// A secure-aggregation stage message from the aggregator.
+    SecAgg(SecureDown),
     /// SIGTERM / SIGINT.
     Shutdown,
+}
+
+/// A secure-aggregation message from the aggregator (see `fedpeft_protocol::secagg`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SecureDown {
+    Roster(fedpeft_protocol::SecAggRoster),
+    Relay(fedpeft_protocol::SecAggRelay),
+    Unmask(fedpeft_protocol::SecAggUnmask),
+}
+
+impl SecureDown {
+    pub fn round(&self) -> Round {
+        match self {
+            SecureDown::Roster(m) => m.round,
+            SecureDown::Relay(m) => m.round,
+            SecureDown::Unmask(m) => m.round,
+        }
+    }
+}
+
+/// A step of a secure round for the shell's [`crate::secure::SecureClient`].
+#[derive(Debug, Clone)]
+pub enum SecureStep {
+    /// Training of a secure round finished: quantize the update and advertise keys.
+    Start {
+        round: Round,
+        sequence: u32,
+        update: TrainedUpdate,
+        adapter: SharedAdapter,
+        setup: fedpeft_protocol::SecAggSetup,
+    },
+    /// The aggregator opened the next stage of the current round.
+    Stage(SecureDown),
 }
 
 /// A message this client publishes; the wire layer picks topic, encoding and chunking.
@@ -58,6 +93,8 @@ pub enum Outbound {
         update: TrainedUpdate,
         plan: TrainPlan,
     },
+    /// A secure-aggregation message (keys, shares, masked input, revealed shares).
+    SecAgg(Box<fedpeft_protocol::Message>),
 }
 
 /// Why the client exits (both are clean exits, code 0).
@@ -93,6 +130,8 @@ pub enum Action {
     Vanish { round: Round },
     /// Stop the process.
     Exit(ExitReason),
+    /// Take the next step of a secure round.
+    Secure(Box<SecureStep>),
 }
 
 /// Emulated unreliability of this client (edge client `[faults]`).
@@ -257,6 +296,18 @@ impl Session {
             } => self.on_trained(round, sequence, result),
             Event::RunDone => self.finish(ExitReason::RunDone),
             Event::Shutdown => self.finish(ExitReason::Signal),
+            Event::SecAgg(down) => {
+                if self.current_round() == Some(down.round()) {
+                    vec![Action::Secure(Box::new(SecureStep::Stage(down)))]
+                } else {
+                    self.stats.stale_dropped += 1;
+                    tracing::debug!(
+                        round = down.round(),
+                        "secure-aggregation message of another round dropped"
+                    );
+                    Vec::new()
+                }
+            }
         }
     }
 
@@ -351,6 +402,20 @@ impl Session {
                         );
                         actions.push(Action::Vanish { round });
                     }
+                    Some(a) if a.secure.is_some() => match (a.secure, self.adapter.clone()) {
+                        (Some(setup), Some(adapter)) => {
+                            self.stats.rounds_trained += 1;
+                            self.stats.updates_sent += 1;
+                            actions.push(Action::Secure(Box::new(SecureStep::Start {
+                                round,
+                                sequence,
+                                update,
+                                adapter,
+                                setup,
+                            })));
+                        }
+                        _ => tracing::error!(round, "no global adapter held; update not sent"),
+                    },
                     Some(a) => {
                         self.stats.rounds_trained += 1;
                         self.stats.updates_sent += 1;
@@ -456,6 +521,7 @@ mod tests {
             sampled: sampled.iter().map(|s| s.to_string()).collect(),
             plan: plan(),
             deadline_unix_ms: 0,
+            secure: None,
         })
     }
 
@@ -839,6 +905,7 @@ mod tests {
             sampled: vec!["c1".into()],
             plan: plan(),
             deadline_unix_ms: 0,
+            secure: None,
         };
         // The old run's round-0 adapter must not be trained on in the new run.
         assert!(train_actions(&s.on_event(Event::Announce(new_run))).is_empty());
@@ -879,5 +946,46 @@ mod tests {
         let actions = s.on_event(Event::Shutdown);
         assert_eq!(actions.len(), 1);
         assert!(matches!(actions[0], Action::Exit(ExitReason::Signal)));
+    }
+
+    #[test]
+    fn a_secure_round_hands_its_update_to_the_secure_client_and_never_sends_it_plain() {
+        let mut s = connected("c1");
+        s.on_event(adapter(0));
+        let setup = fedpeft_protocol::SecAggSetup {
+            neighbours: 2,
+            threshold: 2,
+            modulus_bits: 16,
+            clip: 0.25,
+            norm_bound: 0.0,
+            reference_examples: 10,
+            max_clients: 3,
+        };
+        let Event::Announce(mut a) = announce(1, &["c1"]) else {
+            unreachable!()
+        };
+        a.secure = Some(setup);
+        assert_eq!(train_actions(&s.on_event(Event::Announce(a))).len(), 1);
+        let actions = s.on_event(Event::TrainingFinished {
+            round: 1,
+            sequence: 0,
+            result: Ok(update()),
+        });
+        assert!(sent_updates(&actions).is_empty(), "a plain update went out");
+        assert!(actions.iter().any(|a| matches!(
+            a,
+            Action::Secure(step) if matches!(**step, SecureStep::Start { round: 1, .. })
+        )));
+        // Stage messages of the current round pass through; another round's are dropped.
+        let unmask = |round| {
+            Event::SecAgg(SecureDown::Unmask(fedpeft_protocol::SecAggUnmask {
+                round,
+                deadline_unix_ms: 0,
+                survivors: vec![],
+                dropped: vec![],
+            }))
+        };
+        assert_eq!(s.on_event(unmask(1)).len(), 1);
+        assert!(s.on_event(unmask(2)).is_empty());
     }
 }

@@ -68,6 +68,8 @@ pub struct Announcement {
     pub plan: TrainPlan,
     /// Milliseconds since the Unix epoch after which the aggregator stops waiting.
     pub deadline_unix_ms: u64,
+    /// A secure-aggregation round's parameters (the update goes out masked, in stages).
+    pub secure: Option<fedpeft_protocol::SecAggSetup>,
 }
 
 /// The global adapter clients start round `round` from.

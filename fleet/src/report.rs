@@ -142,6 +142,7 @@ pub(crate) mod fixtures {
             duration_ms: 0,
             robust: RobustRecord::default(),
             local_dp_epsilon: Default::default(),
+            secure: None,
         }
     }
 }

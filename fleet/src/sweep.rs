@@ -344,9 +344,22 @@ label = "lora-dp"
         let small = Sweep::load(&dir.join("small.toml")).unwrap();
         assert_eq!(small.trials.len(), 2);
         let full = Sweep::load(&dir.join("fedpeft.toml")).unwrap();
-        // 4 methods x 2 alphas (LoRA as extras, for its own learning rate), 3 DP trials, 2
-        // with 30 % mid-round dropout and 5 methods on the text backbone.
-        assert_eq!(full.trials.len(), 18);
+        // 4 methods x 2 alphas (LoRA as extras, for its own learning rate), LoRA under secure
+        // aggregation, 3 DP trials, 2 with 30 % mid-round dropout and 5 methods on the text
+        // backbone.
+        assert_eq!(full.trials.len(), 19);
+        let secure: Vec<_> = full
+            .trials
+            .iter()
+            .filter(|(_, text)| {
+                Trial::parse(text, Path::new("x"))
+                    .unwrap()
+                    .secure_aggregation
+                    .is_some()
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        assert_eq!(secure.len(), 1, "{secure:?}");
         for (name, text) in &full.trials {
             let t = Trial::parse(text, Path::new(name)).unwrap();
             if t.data.dataset == "fashion-mnist" {

@@ -71,9 +71,19 @@ fn topic_json(topic: &str, message: &Message) -> Value {
                 (&t.kind, message.kind()),
                 (T::Global, M::GlobalAdapter)
                     | (T::GlobalChunk(_), M::Chunk)
-                    | (T::Round, M::RoundAnnounce)
+                    | (T::Round, M::RoundAnnounce | M::SecureRoundAnnounce)
                     | (T::Join, M::Join)
-                    | (T::Update(_), M::ClientUpdate | M::Chunk)
+                    | (
+                        T::Update(_),
+                        M::ClientUpdate
+                            | M::Chunk
+                            | M::SecAggKeys
+                            | M::SecAggShares
+                            | M::SecAggMasked
+                            | M::SecAggReveal
+                    )
+                    | (T::SecAgg, M::SecAggRoster | M::SecAggUnmask)
+                    | (T::Inbox(_), M::SecAggRelay | M::Chunk)
                     | (T::Status(_), M::Status)
                     | (T::Eval(_), M::EvalResult)
             );
@@ -214,7 +224,107 @@ fn body_json(message: &Message, detail: Detail) -> Value {
             }
             v
         }
+        Message::SecureRoundAnnounce(m) => {
+            let mut v = body_json(&Message::RoundAnnounce(m.announce.clone()), detail);
+            let s = &m.setup;
+            v["secure_aggregation"] = json!({
+                "neighbours": s.neighbours,
+                "threshold": s.threshold,
+                "modulus_bits": s.modulus_bits,
+                "clip": num(s.clip),
+                "norm_bound": num(s.norm_bound),
+                "reference_examples": s.reference_examples,
+                "max_clients": s.max_clients,
+            });
+            v
+        }
+        Message::SecAggKeys(m) => json!({
+            "client": m.client.as_str(),
+            "round": m.round,
+            "enc_pk": hex(&m.enc_pk),
+            "mask_pk": hex(&m.mask_pk),
+            "commitment": hex(&m.commitment),
+        }),
+        Message::SecAggRoster(m) => json!({
+            "round": m.round,
+            "deadline_unix_ms": m.deadline_unix_ms,
+            "graph_seed": hex(&m.graph_seed),
+            "entries": m.entries.iter().map(|e| json!({
+                "client": e.client.as_str(),
+                "enc_pk": hex(&e.enc_pk),
+                "mask_pk": hex(&e.mask_pk),
+                "commitment": hex(&e.commitment),
+            })).collect::<Vec<_>>(),
+        }),
+        Message::SecAggShares(m) => json!({
+            "client": m.client.as_str(),
+            "round": m.round,
+            "shares": peer_bytes_json(&m.shares, "to", detail),
+        }),
+        Message::SecAggRelay(m) => json!({
+            "round": m.round,
+            "deadline_unix_ms": m.deadline_unix_ms,
+            "survivors": ids_json(&m.survivors),
+            "shares": peer_bytes_json(&m.shares, "from", detail),
+        }),
+        Message::SecAggMasked(m) => {
+            let mut v = json!({
+                "client": m.client.as_str(),
+                "round": m.round,
+                "sequence": m.sequence,
+                "num_examples": m.num_examples,
+                "len": m.len,
+                "values_bytes": m.values.len(),
+            });
+            if detail == Detail::Full {
+                v["values_hex"] = json!(hex(&m.values));
+            }
+            v
+        }
+        Message::SecAggUnmask(m) => json!({
+            "round": m.round,
+            "deadline_unix_ms": m.deadline_unix_ms,
+            "survivors": ids_json(&m.survivors),
+            "dropped": ids_json(&m.dropped),
+        }),
+        Message::SecAggReveal(m) => json!({
+            "client": m.client.as_str(),
+            "round": m.round,
+            "shares": m.shares.iter().map(|s| {
+                let mut v = json!({
+                    "of": s.peer.as_str(),
+                    "kind": match s.kind {
+                        fedpeft_protocol::RevealKind::SelfMask => "self_mask",
+                        fedpeft_protocol::RevealKind::MaskKey => "mask_key",
+                    },
+                    "bytes": s.share.len(),
+                });
+                if detail == Detail::Full {
+                    v["hex"] = json!(hex(&s.share));
+                }
+                v
+            }).collect::<Vec<_>>(),
+        }),
     }
+}
+
+fn ids_json(ids: &[fedpeft_protocol::ClientId]) -> Value {
+    json!(ids.iter().map(|c| c.as_str()).collect::<Vec<_>>())
+}
+
+fn peer_bytes_json(items: &[fedpeft_protocol::PeerBytes], role: &str, detail: Detail) -> Value {
+    json!(
+        items
+            .iter()
+            .map(|p| {
+                let mut v = json!({ role: p.peer.as_str(), "bytes": p.bytes.len() });
+                if detail == Detail::Full {
+                    v["hex"] = json!(hex(&p.bytes));
+                }
+                v
+            })
+            .collect::<Vec<_>>()
+    )
 }
 
 fn peft_json(p: PeftMethod) -> Value {

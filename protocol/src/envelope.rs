@@ -269,6 +269,14 @@ impl Envelope {
             Message::EvalResult(m) => postcard::to_extend(m, out),
             Message::Status(m) => postcard::to_extend(m, out),
             Message::Chunk(m) => postcard::to_extend(m, out),
+            Message::SecureRoundAnnounce(m) => postcard::to_extend(m, out),
+            Message::SecAggKeys(m) => postcard::to_extend(m, out),
+            Message::SecAggRoster(m) => postcard::to_extend(m, out),
+            Message::SecAggShares(m) => postcard::to_extend(m, out),
+            Message::SecAggRelay(m) => postcard::to_extend(m, out),
+            Message::SecAggMasked(m) => postcard::to_extend(m, out),
+            Message::SecAggUnmask(m) => postcard::to_extend(m, out),
+            Message::SecAggReveal(m) => postcard::to_extend(m, out),
         }
         .map_err(EncodeError::Postcard)?;
         if let Some((fleet, key)) = signer {
@@ -300,6 +308,14 @@ impl Envelope {
             MessageKind::EvalResult => Message::EvalResult(body_of::<EvalResult>(kind, body)?),
             MessageKind::Status => Message::Status(body_of::<Status>(kind, body)?),
             MessageKind::Chunk => Message::Chunk(body_of::<Chunk>(kind, body)?),
+            MessageKind::SecureRoundAnnounce => Message::SecureRoundAnnounce(body_of(kind, body)?),
+            MessageKind::SecAggKeys => Message::SecAggKeys(body_of(kind, body)?),
+            MessageKind::SecAggRoster => Message::SecAggRoster(body_of(kind, body)?),
+            MessageKind::SecAggShares => Message::SecAggShares(body_of(kind, body)?),
+            MessageKind::SecAggRelay => Message::SecAggRelay(body_of(kind, body)?),
+            MessageKind::SecAggMasked => Message::SecAggMasked(body_of(kind, body)?),
+            MessageKind::SecAggUnmask => Message::SecAggUnmask(body_of(kind, body)?),
+            MessageKind::SecAggReveal => Message::SecAggReveal(body_of(kind, body)?),
         };
         if let Some(b) = message.body_round()
             && b != header.round

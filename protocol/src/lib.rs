@@ -10,6 +10,8 @@
 //!   (with [`Sampling`], [`LocalConfig`]), [`GlobalAdapter`], [`ClientUpdate`] (with
 //!   [`TrainMetrics`]), [`EvalResult`], [`Status`] ([`ClientState`], also the MQTT last will),
 //!   [`Chunk`] — wrapped in [`Message`].
+//! - [`secagg`]: the secure-aggregation (SecAgg+) stages' messages, [`SecureRoundAnnounce`]
+//!   to [`SecAggReveal`].
 //! - [`tensor`]: named [`Tensor`]s in f32 / f16 / int8 ([`Values`]), dense or top-k sparse.
 //!   [`Tensor::encode`] (f32 slice -> tensor with a [`Codec`]), [`Tensor::encode_with_feedback`]
 //!   (error feedback, caller keeps the residual), [`Tensor::to_f32`],
@@ -61,6 +63,7 @@ pub mod ids;
 pub mod message;
 pub mod mqtt;
 pub mod rng;
+pub mod secagg;
 pub mod sign;
 pub mod tensor;
 pub mod topic;
@@ -76,6 +79,10 @@ pub use message::{
     TrainMetrics,
 };
 pub use rng::{SplitMix64, keyed_unit};
+pub use secagg::{
+    PeerBytes, RevealKind, RevealedShare, RosterEntry, SecAggKeys, SecAggMasked, SecAggRelay,
+    SecAggReveal, SecAggRoster, SecAggSetup, SecAggShares, SecAggUnmask, SecureRoundAnnounce,
+};
 pub use sign::{SIGNED_VERSION, SignatureError, SigningKey, VerifyingKey};
 pub use tensor::{Codec, DType, NonFinite, Tensor, TensorError, Values};
 pub use topic::{QoS, Topic, TopicError, TopicKind};

@@ -9,6 +9,10 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::ClientId;
+use crate::secagg::{
+    SecAggKeys, SecAggMasked, SecAggRelay, SecAggReveal, SecAggRoster, SecAggShares, SecAggUnmask,
+    SecureRoundAnnounce,
+};
 use crate::tensor::{DType, Tensor, TensorError};
 
 /// Longest backbone id, in bytes.
@@ -273,11 +277,27 @@ pub enum MessageKind {
     Status = 6,
     /// [`Chunk`].
     Chunk = 7,
+    /// [`SecureRoundAnnounce`].
+    SecureRoundAnnounce = 8,
+    /// [`SecAggKeys`].
+    SecAggKeys = 9,
+    /// [`SecAggRoster`].
+    SecAggRoster = 10,
+    /// [`SecAggShares`].
+    SecAggShares = 11,
+    /// [`SecAggRelay`].
+    SecAggRelay = 12,
+    /// [`SecAggMasked`].
+    SecAggMasked = 13,
+    /// [`SecAggUnmask`].
+    SecAggUnmask = 14,
+    /// [`SecAggReveal`].
+    SecAggReveal = 15,
 }
 
 impl MessageKind {
     /// All kinds, in code order.
-    pub const ALL: [MessageKind; 7] = [
+    pub const ALL: [MessageKind; 15] = [
         MessageKind::Join,
         MessageKind::RoundAnnounce,
         MessageKind::GlobalAdapter,
@@ -285,6 +305,14 @@ impl MessageKind {
         MessageKind::EvalResult,
         MessageKind::Status,
         MessageKind::Chunk,
+        MessageKind::SecureRoundAnnounce,
+        MessageKind::SecAggKeys,
+        MessageKind::SecAggRoster,
+        MessageKind::SecAggShares,
+        MessageKind::SecAggRelay,
+        MessageKind::SecAggMasked,
+        MessageKind::SecAggUnmask,
+        MessageKind::SecAggReveal,
     ];
 
     /// The kind with wire code `code`, if any.
@@ -302,6 +330,14 @@ impl MessageKind {
             MessageKind::EvalResult => "eval_result",
             MessageKind::Status => "status",
             MessageKind::Chunk => "chunk",
+            MessageKind::SecureRoundAnnounce => "secure_round_announce",
+            MessageKind::SecAggKeys => "secagg_keys",
+            MessageKind::SecAggRoster => "secagg_roster",
+            MessageKind::SecAggShares => "secagg_shares",
+            MessageKind::SecAggRelay => "secagg_relay",
+            MessageKind::SecAggMasked => "secagg_masked",
+            MessageKind::SecAggUnmask => "secagg_unmask",
+            MessageKind::SecAggReveal => "secagg_reveal",
         }
     }
 }
@@ -329,6 +365,22 @@ pub enum Message {
     Status(Status),
     /// See [`Chunk`].
     Chunk(Chunk),
+    /// See [`SecureRoundAnnounce`].
+    SecureRoundAnnounce(SecureRoundAnnounce),
+    /// See [`SecAggKeys`].
+    SecAggKeys(SecAggKeys),
+    /// See [`SecAggRoster`].
+    SecAggRoster(SecAggRoster),
+    /// See [`SecAggShares`].
+    SecAggShares(SecAggShares),
+    /// See [`SecAggRelay`].
+    SecAggRelay(SecAggRelay),
+    /// See [`SecAggMasked`].
+    SecAggMasked(SecAggMasked),
+    /// See [`SecAggUnmask`].
+    SecAggUnmask(SecAggUnmask),
+    /// See [`SecAggReveal`].
+    SecAggReveal(SecAggReveal),
 }
 
 impl Message {
@@ -342,6 +394,14 @@ impl Message {
             Message::EvalResult(_) => MessageKind::EvalResult,
             Message::Status(_) => MessageKind::Status,
             Message::Chunk(_) => MessageKind::Chunk,
+            Message::SecureRoundAnnounce(_) => MessageKind::SecureRoundAnnounce,
+            Message::SecAggKeys(_) => MessageKind::SecAggKeys,
+            Message::SecAggRoster(_) => MessageKind::SecAggRoster,
+            Message::SecAggShares(_) => MessageKind::SecAggShares,
+            Message::SecAggRelay(_) => MessageKind::SecAggRelay,
+            Message::SecAggMasked(_) => MessageKind::SecAggMasked,
+            Message::SecAggUnmask(_) => MessageKind::SecAggUnmask,
+            Message::SecAggReveal(_) => MessageKind::SecAggReveal,
         }
     }
 
@@ -352,6 +412,14 @@ impl Message {
             Message::GlobalAdapter(m) => Some(m.round),
             Message::ClientUpdate(m) => Some(m.round),
             Message::EvalResult(m) => Some(m.round),
+            Message::SecureRoundAnnounce(m) => Some(m.announce.round),
+            Message::SecAggKeys(m) => Some(m.round),
+            Message::SecAggRoster(m) => Some(m.round),
+            Message::SecAggShares(m) => Some(m.round),
+            Message::SecAggRelay(m) => Some(m.round),
+            Message::SecAggMasked(m) => Some(m.round),
+            Message::SecAggUnmask(m) => Some(m.round),
+            Message::SecAggReveal(m) => Some(m.round),
             Message::Join(_) | Message::Status(_) | Message::Chunk(_) => None,
         }
     }
@@ -363,7 +431,17 @@ impl Message {
             Message::ClientUpdate(m) => Some(&m.client),
             Message::EvalResult(m) => Some(&m.client),
             Message::Status(m) => Some(&m.client),
-            Message::RoundAnnounce(_) | Message::GlobalAdapter(_) | Message::Chunk(_) => None,
+            Message::SecAggKeys(m) => Some(&m.client),
+            Message::SecAggShares(m) => Some(&m.client),
+            Message::SecAggMasked(m) => Some(&m.client),
+            Message::SecAggReveal(m) => Some(&m.client),
+            Message::RoundAnnounce(_)
+            | Message::GlobalAdapter(_)
+            | Message::Chunk(_)
+            | Message::SecureRoundAnnounce(_)
+            | Message::SecAggRoster(_)
+            | Message::SecAggRelay(_)
+            | Message::SecAggUnmask(_) => None,
         }
     }
 
@@ -428,7 +506,15 @@ from_body!(
     ClientUpdate,
     EvalResult,
     Status,
-    Chunk
+    Chunk,
+    SecureRoundAnnounce,
+    SecAggKeys,
+    SecAggRoster,
+    SecAggShares,
+    SecAggRelay,
+    SecAggMasked,
+    SecAggUnmask,
+    SecAggReveal
 );
 
 #[cfg(test)]

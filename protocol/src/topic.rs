@@ -8,6 +8,8 @@
 //! fedpeft/v1/{fleet}/update/{client}   ClientUpdate, chunks   QoS 1
 //! fedpeft/v1/{fleet}/status/{client}   Status (+ last will)   QoS 1, retained
 //! fedpeft/v1/{fleet}/eval/{client}     EvalResult             QoS 1
+//! fedpeft/v1/{fleet}/secagg            SecAggRoster, SecAggUnmask   QoS 1, retained
+//! fedpeft/v1/{fleet}/inbox/{client}    SecAggRelay            QoS 1
 //! ```
 //! One topic per client for updates and status lets a broker ACL pin each client to its own.
 //! A chunked global adapter goes to numbered retained sub-topics because MQTT retains only the
@@ -55,6 +57,10 @@ pub enum TopicKind {
     Status(ClientId),
     /// A client's evaluation results.
     Eval(ClientId),
+    /// The open secure round's current stage (roster, unmask request).
+    SecAgg,
+    /// Messages for one client from the aggregator (the shares relayed to it).
+    Inbox(ClientId),
 }
 
 /// A parsed or to-be-built topic: fleet plus kind.
@@ -89,7 +95,7 @@ impl fmt::Display for TopicError {
             TopicError::BadClient(e) => write!(f, "topic client segment: {e}"),
             TopicError::UnknownKind => write!(
                 f,
-                "topic kind is not one of global, global/{{n}}, round, join, update/{{client}}, status/{{client}}, eval/{{client}}"
+                "topic kind is not one of global, global/{{n}}, round, join, update/{{client}}, status/{{client}}, eval/{{client}}, secagg, inbox/{{client}}"
             ),
             TopicError::BadChunkNumber => write!(f, "global chunk number is not a decimal u32"),
         }
@@ -107,7 +113,10 @@ impl Topic {
     /// The client the topic belongs to, if any.
     pub fn client(&self) -> Option<&ClientId> {
         match &self.kind {
-            TopicKind::Update(c) | TopicKind::Status(c) | TopicKind::Eval(c) => Some(c),
+            TopicKind::Update(c)
+            | TopicKind::Status(c)
+            | TopicKind::Eval(c)
+            | TopicKind::Inbox(c) => Some(c),
             _ => None,
         }
     }
@@ -121,7 +130,11 @@ impl Topic {
     pub fn retain(&self) -> bool {
         matches!(
             self.kind,
-            TopicKind::Global | TopicKind::GlobalChunk(_) | TopicKind::Round | TopicKind::Status(_)
+            TopicKind::Global
+                | TopicKind::GlobalChunk(_)
+                | TopicKind::Round
+                | TopicKind::Status(_)
+                | TopicKind::SecAgg
         )
     }
 
@@ -163,6 +176,8 @@ impl Topic {
             ("update", a @ Some(_)) => TopicKind::Update(client(a)?),
             ("status", a @ Some(_)) => TopicKind::Status(client(a)?),
             ("eval", a @ Some(_)) => TopicKind::Eval(client(a)?),
+            ("secagg", None) => TopicKind::SecAgg,
+            ("inbox", a @ Some(_)) => TopicKind::Inbox(client(a)?),
             _ => return Err(TopicError::UnknownKind),
         };
         Ok(Topic { fleet, kind })
@@ -180,6 +195,8 @@ impl fmt::Display for Topic {
             TopicKind::Update(c) => write!(f, "update/{c}"),
             TopicKind::Status(c) => write!(f, "status/{c}"),
             TopicKind::Eval(c) => write!(f, "eval/{c}"),
+            TopicKind::SecAgg => f.write_str("secagg"),
+            TopicKind::Inbox(c) => write!(f, "inbox/{c}"),
         }
     }
 }
@@ -249,6 +266,12 @@ mod tests {
             (
                 TopicKind::Eval(c.clone()),
                 "fedpeft/v1/lab/eval/pi-07",
+                false,
+            ),
+            (TopicKind::SecAgg, "fedpeft/v1/lab/secagg", true),
+            (
+                TopicKind::Inbox(c.clone()),
+                "fedpeft/v1/lab/inbox/pi-07",
                 false,
             ),
         ];

@@ -184,7 +184,16 @@ dir = "{out}"
     pub fn start_aggregator(&self, config: &Path, name: &str) -> Proc {
         let mut cmd = Command::new(binary("aggregator"));
         cmd.arg("--config").arg(config);
-        let aggregator = Proc::spawn(name, cmd);
+        Self::ready(Proc::spawn(name, cmd), name)
+    }
+
+    /// [`Federation::start_aggregator`] with `cmd` (the aggregator binary with its arguments
+    /// and environment).
+    pub fn start_aggregator_cmd(&self, cmd: Command, name: &str) -> Proc {
+        Self::ready(Proc::spawn(name, cmd), name)
+    }
+
+    fn ready(aggregator: Proc, name: &str) -> Proc {
         aggregator
             .wait_for_line("aggregator ready", std::time::Duration::from_secs(120))
             .unwrap_or_else(|| panic!("{name} did not get ready within 120 s"));
@@ -198,6 +207,12 @@ dir = "{out}"
 
     /// Starts edge client `index` of the fleet with `extra` flags.
     pub fn spawn_client_with(&self, broker_url: &str, index: usize, extra: &[&str]) -> Proc {
+        let cmd = self.client_command(broker_url, index, extra);
+        Proc::spawn(&format!("client-{index:02}"), cmd)
+    }
+
+    /// The command [`Federation::spawn_client_with`] runs.
+    pub fn client_command(&self, broker_url: &str, index: usize, extra: &[&str]) -> Command {
         let id = format!("client-{index:02}");
         let mut cmd = Command::new(binary("edge-client"));
         cmd.args([
@@ -228,7 +243,7 @@ dir = "{out}"
         .arg(shared_cache())
         .args(extra)
         .env("RAYON_NUM_THREADS", "1");
-        Proc::spawn(&id, cmd)
+        cmd
     }
 
     /// The aggregator's report.json.

@@ -272,6 +272,32 @@ pub fn render(live: &Live) -> String {
             );
         }
     }
+    if let Some((round, ms)) = live
+        .rounds
+        .iter()
+        .rev()
+        .find_map(|r| r.secure_stage_ms.map(|ms| (r.round, ms)))
+    {
+        o.one(
+            "fedpeft_secagg_round",
+            "gauge",
+            "The last secure-aggregation round.",
+            f64::from(round),
+        );
+        o.head(
+            "fedpeft_secagg_stage_seconds",
+            "gauge",
+            "Wall time of each stage of the last secure-aggregation round (keys includes local \
+             training).",
+        );
+        for (stage, v) in ["keys", "shares", "masked", "unmask"].iter().zip(ms) {
+            o.sample(
+                "fedpeft_secagg_stage_seconds",
+                &[("stage", stage)],
+                v as f64 / 1e3,
+            );
+        }
+    }
     let eps: Vec<(&str, &str, f64)> = [
         ("client", "aggregator", t.dp_epsilon),
         ("sample", "max", t.local_dp_epsilon_max),
@@ -309,6 +335,7 @@ mod tests {
                     status: if round == 0 { "initial" } else { "ok" }.into(),
                     duration_ms,
                     eval_accuracy: Some(0.5),
+                    secure_stage_ms: (round == 2).then_some([30_000, 1500, 250, 8000]),
                     ..RoundRow::default()
                 })
                 .to_vec(),
@@ -317,6 +344,11 @@ mod tests {
         };
         let m = render(&live);
         assert!(m.contains(r#"fleet="a\"b\\c""#), "{m}");
+        assert!(m.contains("fedpeft_secagg_round 2\n"), "{m}");
+        assert!(
+            m.contains("fedpeft_secagg_stage_seconds{stage=\"unmask\"} 8\n"),
+            "{m}"
+        );
         assert!(m.contains("fedpeft_round_duration_seconds_bucket{le=\"1\"} 0\n"));
         assert!(m.contains("fedpeft_round_duration_seconds_bucket{le=\"2\"} 1\n"));
         assert!(m.contains("fedpeft_round_duration_seconds_bucket{le=\"60\"} 2\n"));

@@ -81,6 +81,9 @@ pub struct RoundRow {
     /// Bytes up and down from the start to the end of the round.
     pub cumulative_bytes: u64,
     pub duration_ms: u64,
+    /// A secure round's stage times (keys, shares, masked input, unmasking), ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secure_stage_ms: Option<[u64; 4]>,
 }
 
 /// One joined client.
@@ -251,6 +254,7 @@ impl Monitor {
                 bytes,
                 cumulative_bytes: cumulative,
                 duration_ms: r.duration_ms,
+                secure_stage_ms: r.secure.as_ref().map(|x| x.stage_ms),
             });
         }
         for (id, info) in &s.clients {

@@ -32,6 +32,7 @@ pub use fedpeft_config::report::{
 
 mod admission;
 mod sampling;
+pub mod secure;
 mod types;
 
 use sampling::GLOBAL_ROUNDING_STREAM;
@@ -49,6 +50,10 @@ pub struct RoundMachine {
     rules: Rules,
     strategy: Box<dyn Strategy>,
     s: MachineState,
+    /// The open secure round's protocol state (never checkpointed; see [`secure`]).
+    live: Option<secure::Live>,
+    /// The record of a secure round that failed before its protocol state existed.
+    secure_failure: Option<secure::SecureRecord>,
 }
 
 /// Who an update's topic names, and whether its signature proves it.
@@ -76,7 +81,13 @@ impl RoundMachine {
             last_median_norm: None,
             clipped_total: 0,
         };
-        let mut m = RoundMachine { rules, strategy, s };
+        let mut m = RoundMachine {
+            rules,
+            strategy,
+            s,
+            live: None,
+            secure_failure: None,
+        };
         if let Err(e) = m.encode_global() {
             warn!(error = %e, "initial global adapter cannot be encoded");
         }
@@ -111,6 +122,8 @@ impl RoundMachine {
             rules,
             strategy,
             s: state,
+            live: None,
+            secure_failure: None,
         })
     }
 
@@ -130,6 +143,9 @@ impl RoundMachine {
 
     /// The open round's deadline, if a round is open (the shell's next tick).
     pub fn deadline(&self) -> Option<u64> {
+        if let Some(live) = &self.live {
+            return Some(live.deadline_unix_ms);
+        }
         match &self.s.phase {
             Phase::Collecting(open) => Some(open.deadline_unix_ms),
             _ => None,
@@ -168,6 +184,19 @@ impl RoundMachine {
                     signed,
                 };
                 self.on_update(sender, *update, wire_bytes, now, &mut out);
+            }
+            Event::SecAgg {
+                topic_client,
+                message,
+                wire_bytes,
+                signed,
+            } => {
+                let sender = Sender {
+                    client: topic_client,
+                    signed,
+                };
+                self.on_secure(sender, *message, wire_bytes, now, &mut out);
+                self.persist(&mut out);
             }
             Event::Refused {
                 client,
@@ -220,6 +249,7 @@ impl RoundMachine {
                 duration_ms: 0,
                 robust: RobustRecord::default(),
                 local_dp_epsilon: BTreeMap::new(),
+                secure: None,
             });
             out.push(Action::Evaluate {
                 round: 0,
@@ -230,6 +260,23 @@ impl RoundMachine {
             Phase::Waiting { .. } => {
                 self.publish_global(self.accounting_round(), out);
                 self.maybe_start_round(now, out);
+            }
+            Phase::Collecting(open) if open.secure => {
+                // A secure round's secrets and running sum are gone with the old process: the
+                // round fails (nothing of it is aggregated) and the next one opens.
+                warn!(
+                    round = open.round,
+                    "round resumed mid secure aggregation: it fails"
+                );
+                self.secure_failure = Some(secure::SecureRecord {
+                    failure: Some("the aggregator restarted during the round".into()),
+                    ..Default::default()
+                });
+                self.publish_global(self.accounting_round(), out);
+                if let Phase::Collecting(o) = &mut self.s.phase {
+                    o.accepted.clear();
+                }
+                self.close_round(now, out);
             }
             Phase::Collecting(mut open) => {
                 // Resumed mid-round: same round, same sample, fresh deadline.
@@ -262,6 +309,7 @@ impl RoundMachine {
             Phase::Collecting(_) => {
                 self.publish_global(self.accounting_round(), out);
                 self.publish_announce(out);
+                self.secure_republish(out);
             }
             Phase::Done => self.publish_done(out),
         }
@@ -363,6 +411,18 @@ impl RoundMachine {
                 return;
             }
         };
+        if self.live.is_some() || self.rules.secure.is_some() {
+            let detail = "a plain update in a secure-aggregation run";
+            self.reject(
+                &sender,
+                update.round,
+                RejectReason::SecAgg,
+                detail,
+                now,
+                out,
+            );
+            return;
+        }
         let mut delta =
             match admission::admit(&self.s, &self.rules, &sender.client, &update, wire_bytes) {
                 Ok(delta) => delta,
@@ -538,12 +598,28 @@ impl RoundMachine {
             (Some(m), Some(median)) if median > 0.0 => Some(m * median),
             _ => self.rules.max_update_norm,
         };
+        let deadline = now + self.rules.round_timeout_ms;
+        let sampled: BTreeSet<String> = sampled.into_iter().collect();
+        let secure = self.rules.secure.is_some();
+        if secure {
+            match self.secure_open(next_round, &sampled, now, deadline) {
+                Ok(live) => self.live = Some(live),
+                Err(why) => {
+                    warn!(round = next_round, reason = %why, "secure round cannot run");
+                    self.secure_failure = Some(secure::SecureRecord {
+                        failure: Some(why),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
         self.s.phase = Phase::Collecting(OpenRound {
             round: next_round,
             started_unix_ms: now,
-            deadline_unix_ms: now + self.rules.round_timeout_ms,
+            deadline_unix_ms: deadline,
+            secure,
             extensions: 0,
-            sampled: sampled.into_iter().collect(),
+            sampled,
             accepted: BTreeMap::new(),
             failed: BTreeMap::new(),
             rejected: BTreeMap::new(),
@@ -560,10 +636,18 @@ impl RoundMachine {
         // resumes this round with the same clients, so updates the broker redelivers to it, or
         // clients send again, still belong to an open round.
         out.push(Action::Checkpoint(Box::new(self.s.clone())));
+        if secure && self.live.is_none() {
+            self.close_round(now, out);
+            return;
+        }
         self.publish_announce(out);
     }
 
     fn check_deadline(&mut self, now: u64, out: &mut Vec<Action>) {
+        if self.live.is_some() {
+            self.secure_deadline(now, out);
+            return;
+        }
         let Phase::Collecting(open) = &mut self.s.phase else {
             return;
         };
@@ -594,6 +678,10 @@ impl RoundMachine {
 
     /// Closes the round early once every sampled client has replied (accepted or failed).
     fn maybe_close(&mut self, now: u64, out: &mut Vec<Action>) {
+        if self.live.is_some() {
+            self.secure_progress(now, out);
+            return;
+        }
         let Phase::Collecting(open) = &self.s.phase else {
             return;
         };
@@ -670,6 +758,11 @@ impl RoundMachine {
             duration_ms: now.saturating_sub(open.started_unix_ms),
             robust,
             local_dp_epsilon: open.local_dp_epsilon.clone(),
+            secure: self
+                .live
+                .take()
+                .map(|l| l.record)
+                .or_else(|| self.secure_failure.take()),
         };
         info!(
             round,
@@ -840,7 +933,14 @@ impl RoundMachine {
             .collect();
         let round = open.round;
         let msg = self.announce_message(round, open.deadline_unix_ms, sampled);
-        self.publish(Outgoing::Announce(msg), round, out);
+        let message = match self.secure_setup() {
+            Some(setup) => Outgoing::SecureAnnounce(fedpeft_protocol::SecureRoundAnnounce {
+                announce: msg,
+                setup,
+            }),
+            None => Outgoing::Announce(msg),
+        };
+        self.publish(message, round, out);
     }
 
     /// The run is over: see [`RoundAnnounce::is_run_done`].

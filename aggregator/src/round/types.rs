@@ -81,6 +81,14 @@ pub enum Event {
         loss: f64,
         accuracy: f64,
     },
+    /// A secure-aggregation message on `update/{topic_client}`, decoded.
+    SecAgg {
+        topic_client: ClientId,
+        message: Box<super::secure::Uplink>,
+        wire_bytes: u64,
+        /// As for [`Event::Update`].
+        signed: bool,
+    },
     /// Time passed (deadlines are checked on every event, this just guarantees one).
     Tick,
 }
@@ -94,6 +102,7 @@ impl Event {
             Event::Joined { .. } => Some("join"),
             Event::Status { .. } => Some("status"),
             Event::Update { .. } => Some("update"),
+            Event::SecAgg { .. } => Some("secagg"),
             Event::Refused { kind, .. } => Some(kind),
             _ => None,
         }
@@ -108,6 +117,11 @@ impl Event {
                 client, wire_bytes, ..
             } => Some((client.as_str(), *wire_bytes)),
             Event::Update {
+                topic_client,
+                wire_bytes,
+                ..
+            }
+            | Event::SecAgg {
                 topic_client,
                 wire_bytes,
                 ..
@@ -137,6 +151,9 @@ pub enum Action {
     Evaluate { round: u32, adapter: Adapter },
     /// A round closed (ok or failed): its record, for progress display.
     RoundClosed(Box<RoundRecord>),
+    /// A secure round's unmasked sum (`[Σ n_u, Σ q_u…]` mod 2^m): the shell writes it to
+    /// `$FEDPEFT_SECAGG_DUMP_DIR` when that is set (audits and tests), and otherwise drops it.
+    SecureSum { round: u32, sum: Vec<u32> },
     /// The run is over: the shell may shut down.
     Finished,
 }
@@ -188,6 +205,40 @@ pub struct RunSettings {
     /// Encoding of the published global adapter. With f16 or int8 the aggregator adopts the
     /// decoded value as its global, so it and every client hold bit-identical adapters.
     pub global_dtype: DType,
+    /// Secure aggregation (SecAgg+): the aggregator learns only the sum. Default none.
+    pub secure: Option<SecureSettings>,
+}
+
+/// `[secure_aggregation]`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecureSettings {
+    /// k; `None`: 2·⌈log2 n⌉ for n sampled clients.
+    pub neighbours: Option<u16>,
+    /// t; `None`: ⌊k/2⌋ + 1.
+    pub threshold: Option<u16>,
+    pub modulus_bits: u8,
+    pub clip: f32,
+    /// Deadline of the key, share and unmask stages.
+    pub stage_timeout_ms: u64,
+}
+
+impl SecureSettings {
+    /// The protocol's parameters for a round that samples `n` clients.
+    pub fn params(&self, n: usize) -> fedpeft_secagg::Params {
+        // Default k: 2·⌈log2 n⌉, at most the largest even number below n (everyone else, or
+        // all but one), at least 2; default t: a majority of k.
+        let k = self.neighbours.unwrap_or_else(|| {
+            let log2 = (usize::BITS - n.max(2).saturating_sub(1).leading_zeros()) as usize;
+            let cap = n.saturating_sub(1) & !1;
+            (2 * log2).min(cap).clamp(2, 254) as u16
+        });
+        fedpeft_secagg::Params {
+            neighbours: k,
+            threshold: self.threshold.unwrap_or(k / 2 + 1),
+            modulus_bits: self.modulus_bits,
+            clip: self.clip,
+        }
+    }
 }
 
 /// The rules of a run: its [`RunSettings`] (which it dereferences to) and what the model host
@@ -250,6 +301,9 @@ pub struct OpenRound {
     pub round: u32,
     pub started_unix_ms: u64,
     pub deadline_unix_ms: u64,
+    /// A secure-aggregation round (its protocol state is not checkpointed).
+    #[serde(default)]
+    pub secure: bool,
     pub extensions: u32,
     pub sampled: BTreeSet<String>,
     /// Sampled clients whose update was accepted, with (sequence, num_examples).

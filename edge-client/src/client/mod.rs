@@ -66,6 +66,8 @@ pub enum ClientError {
     Key(#[from] fedpeft_protocol::sign::KeyFileError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("secure aggregation: {0}")]
+    Secure(String),
 }
 
 impl ClientSettings {

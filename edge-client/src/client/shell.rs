@@ -54,6 +54,8 @@ pub(super) struct Shell<T> {
     started: Instant,
     /// The round whose bytes are logged when the session moves past it.
     logged_round: Option<Round>,
+    /// Secure-aggregation rounds: keys, shares, masking.
+    secure: crate::secure::SecureClient,
 }
 
 impl<T: LocalTrainer + 'static> Shell<T> {
@@ -61,6 +63,8 @@ impl<T: LocalTrainer + 'static> Shell<T> {
     pub(super) fn start(settings: ClientSettings, trainer: T) -> Result<Shell<T>, ClientError> {
         let wire = wire(&settings, trainer.num_examples());
         let client_id = settings.client_id.as_str().to_string();
+        let settings_client_id = settings.client_id.clone();
+        let settings_drop_after = settings.faults.secagg_drop_after;
         let opts = mqtt_options(&settings, &wire.last_will()?)?;
         let connect_size = network::connect_packet_size(&opts);
         let (mqtt, eventloop) = AsyncClient::new(opts, 64);
@@ -89,6 +93,8 @@ impl<T: LocalTrainer + 'static> Shell<T> {
             counters: ShellCounters::default(),
             started: Instant::now(),
             logged_round: None,
+            secure: crate::secure::SecureClient::new(settings_client_id, settings_drop_after)
+                .map_err(ClientError::Secure)?,
         })
     }
 
@@ -212,6 +218,13 @@ impl<T: LocalTrainer + 'static> Shell<T> {
                 Action::Vanish { round } => self.vanish(round),
                 Action::Disconnect => self.outbox.push_back(Request::Disconnect),
                 Action::Exit(reason) => exit = Some(reason),
+                Action::Secure(step) => match self.secure.step(*step) {
+                    Ok(Some(message)) => self.send(&Outbound::SecAgg(Box::new(message))),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "secure round: this client drops out of it")
+                    }
+                },
             }
         }
         self.log_round_change();

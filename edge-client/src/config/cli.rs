@@ -138,6 +138,11 @@ pub struct Cli {
     /// Emulated straggler: hold each finished update this many seconds (`[faults] straggle_secs`).
     #[arg(long)]
     pub straggle_secs: Option<f64>,
+
+    /// Emulated mid-protocol dropout in secure rounds: go silent after sending this stage's
+    /// message, `keys`, `shares` or `masked` (`[faults] secagg_drop_after`).
+    #[arg(long, value_name = "STAGE")]
+    pub secagg_drop_after: Option<String>,
     /// While taking part in the fleet, answer `POST /predict` on this address (e.g.
     /// 127.0.0.1:8088) with each newer global adapter the client receives (`edge-client serve`
     /// describes the requests).

@@ -13,6 +13,8 @@ pub struct FaultsSpec {
     pub dropout: f64,
     pub dropout_offline: Duration,
     pub straggle: Duration,
+    /// Go silent in secure rounds after sending this stage's message.
+    pub secagg_drop_after: Option<crate::secure::DropAfter>,
 }
 
 /// A number of seconds in `0..=86400` (a day), `default` when unset.
@@ -46,5 +48,17 @@ pub(super) fn resolve(table: FaultsTable, cli: &Cli) -> Result<FaultsSpec, Confi
             cli.straggle_secs.or(table.straggle_secs),
             0.0,
         )?,
+        secagg_drop_after: match cli
+            .secagg_drop_after
+            .clone()
+            .or(table.secagg_drop_after)
+            .as_deref()
+        {
+            None => None,
+            Some(s) => Some(
+                s.parse()
+                    .map_err(|e: String| invalid("faults.secagg_drop_after", e))?,
+            ),
+        },
     })
 }

@@ -7,7 +7,7 @@ use fedpeft_protocol::{
 };
 
 use super::{Wire, WireError};
-use crate::session::Event;
+use crate::session::{Event, SecureDown};
 use crate::types::{Announcement, DpPlan, GlobalAdapter, OptimizerPlan, TrainPlan, WireDtype};
 
 /// Converts a protocol dtype to ours.
@@ -109,7 +109,27 @@ impl Wire {
         match (&parsed.kind, env.message) {
             (TopicKind::Round, Message::RoundAnnounce(a)) => {
                 self.check_aggregator(topic, "round announcement", payload)?;
-                Ok(Some(self.announcement(env.run_id, a)))
+                Ok(Some(self.announcement(env.run_id, a, None)))
+            }
+            (TopicKind::Round, Message::SecureRoundAnnounce(a)) => {
+                self.check_aggregator(topic, "secure round announcement", payload)?;
+                Ok(Some(self.announcement(
+                    env.run_id,
+                    a.announce,
+                    Some(a.setup),
+                )))
+            }
+            (TopicKind::SecAgg, Message::SecAggRoster(r)) => {
+                self.check_aggregator(topic, "secure aggregation roster", payload)?;
+                Ok(Some(Event::SecAgg(SecureDown::Roster(r))))
+            }
+            (TopicKind::SecAgg, Message::SecAggUnmask(u)) => {
+                self.check_aggregator(topic, "unmask request", payload)?;
+                Ok(Some(Event::SecAgg(SecureDown::Unmask(u))))
+            }
+            (TopicKind::Inbox(to), Message::SecAggRelay(r)) if *to == self.client => {
+                self.check_aggregator(topic, "relayed shares", payload)?;
+                Ok(Some(Event::SecAgg(SecureDown::Relay(r))))
             }
             (TopicKind::Global, Message::GlobalAdapter(g))
             | (TopicKind::GlobalChunk(_), Message::GlobalAdapter(g)) => {
@@ -124,7 +144,12 @@ impl Wire {
     }
 
     /// A (checked) round announcement: the end of the run, or a round with who is sampled.
-    fn announcement(&self, run_id: u64, a: RoundAnnounce) -> Event {
+    fn announcement(
+        &self,
+        run_id: u64,
+        a: RoundAnnounce,
+        secure: Option<fedpeft_protocol::SecAggSetup>,
+    ) -> Event {
         if a.is_run_done() {
             return Event::RunDone;
         }
@@ -141,6 +166,7 @@ impl Wire {
             sampled,
             plan: plan_from_wire(&a.config),
             deadline_unix_ms: a.deadline_unix_ms,
+            secure,
         })
     }
 

@@ -89,6 +89,21 @@ impl Wire {
                 let payload = self.encode_update(*round, *sequence, update, plan)?;
                 self.split("update", self.update_topic(), payload, *round, false)
             }
+            Outbound::SecAgg(message) => {
+                let message = (**message).clone();
+                let round = message.body_round().unwrap_or(0);
+                let payload = self.seal(
+                    "secure aggregation message",
+                    Envelope::new(self.run_id, round, message),
+                )?;
+                self.split(
+                    "secure aggregation message",
+                    self.update_topic(),
+                    payload,
+                    round,
+                    false,
+                )
+            }
         }
     }
 

@@ -173,12 +173,15 @@ impl Wire {
     }
 
     /// Topic filters to subscribe to (QoS 1), in this order: the global adapter with its chunk
-    /// sub-topics, then the round announcement. Brokers hand out retained messages filter by
+    /// sub-topics, then the round announcement, then the secure-aggregation stage topic and
+    /// this client's inbox. Brokers hand out retained messages filter by
     /// filter, so after a reconnect the adapter arrives before the announcement that uses it.
     pub fn subscriptions(&self) -> Vec<String> {
         vec![
             filter::global(&self.fleet).as_str().to_string(),
             self.topic(TopicKind::Round),
+            self.topic(TopicKind::SecAgg),
+            self.topic(TopicKind::Inbox(self.client.clone())),
         ]
     }
 
@@ -223,7 +226,9 @@ mod tests {
             w.subscriptions(),
             vec![
                 "fedpeft/v1/lab/global/#".to_string(),
-                "fedpeft/v1/lab/round".to_string()
+                "fedpeft/v1/lab/round".to_string(),
+                "fedpeft/v1/lab/secagg".to_string(),
+                "fedpeft/v1/lab/inbox/c1".to_string(),
             ]
         );
         assert_eq!(w.status_topic(), "fedpeft/v1/lab/status/c1");

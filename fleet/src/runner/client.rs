@@ -106,6 +106,9 @@ pub fn client_command_in(
             .arg("--dropout-offline-secs")
             .arg(trial.dropout_offline_secs.to_string());
     }
+    if let Some(stage) = trial.secagg_dropouts.stage_of(index) {
+        cmd.arg("--secagg-drop-after").arg(stage);
+    }
     if trial.stragglers.contains(&index) {
         cmd.arg("--straggle-secs")
             .arg(trial.straggle_secs.to_string());

@@ -56,6 +56,7 @@ pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> Ag
             keep_globals: None,
         },
         monitor: monitor_table(trial),
+        secure_aggregation: trial.secure_aggregation.clone(),
         ..AggregatorFile::default()
     }
 }

@@ -199,6 +199,39 @@ pub struct TrialFile {
     /// The aggregator's `[monitor]` (metrics and the live dashboard), as in its config file;
     /// the runner adds each client's link preset as its label. Default none.
     pub monitor: Option<fedpeft_config::aggregator::MonitorTable>,
+    /// The aggregator's `secure_aggregation` (`true` or a table), as in its config file.
+    /// Default none.
+    pub secure_aggregation: Option<toml::Value>,
+    /// Clients (by index) that go silent in every secure round after a stage: emulated
+    /// mid-protocol dropouts. Default none.
+    pub secagg_dropouts: Option<SecAggDropouts>,
+}
+
+/// `[secagg_dropouts]`: client indices that stop answering every secure round after sending
+/// their keys, their shares or their masked input.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggDropouts {
+    #[serde(default)]
+    pub keys: Vec<usize>,
+    #[serde(default)]
+    pub shares: Vec<usize>,
+    #[serde(default)]
+    pub masked: Vec<usize>,
+}
+
+impl SecAggDropouts {
+    /// The stage client `index` drops after, if any.
+    pub fn stage_of(&self, index: usize) -> Option<&'static str> {
+        [
+            (&self.keys, "keys"),
+            (&self.shares, "shares"),
+            (&self.masked, "masked"),
+        ]
+        .into_iter()
+        .find(|(list, _)| list.contains(&index))
+        .map(|(_, stage)| stage)
+    }
 }
 
 fn default_offline() -> f64 {

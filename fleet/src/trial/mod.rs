@@ -161,6 +161,10 @@ pub struct Trial {
     pub signed: bool,
     /// The aggregator's `[monitor]`, if any.
     pub monitor: Option<fedpeft_config::aggregator::MonitorTable>,
+    /// The aggregator's `secure_aggregation`, if any.
+    pub secure_aggregation: Option<toml::Value>,
+    /// Emulated secure-aggregation dropouts.
+    pub secagg_dropouts: file::SecAggDropouts,
     /// The run's id, fresh for every trial read (not the seed): messages another run left on
     /// a shared broker (a retained "run done", an old global adapter) carry another id, and
     /// the aggregator and the clients refuse them.

@@ -51,6 +51,8 @@ pub(super) fn trial(mut raw: TrialFile, path: &Path) -> Check<Trial> {
         global_dtype,
         signed: raw.signed,
         monitor: raw.monitor.clone(),
+        secure_aggregation: raw.secure_aggregation.clone(),
+        secagg_dropouts: secagg_dropouts(&raw)?,
         run_id: fresh_run_id(),
         dropout: raw.dropout,
         dropout_offline_secs: raw.dropout_offline_secs,
@@ -540,4 +542,48 @@ fn fresh_run_id() -> u64 {
         fedpeft_protocol::SplitMix64::new(nanos ^ (u64::from(std::process::id()) << 32)).next_u64()
     });
     (id >> 1).max(1)
+}
+
+/// `[secagg_dropouts]`: client indices in range, each at one stage at most, and only with
+/// secure aggregation on.
+fn secagg_dropouts(raw: &TrialFile) -> Check<super::file::SecAggDropouts> {
+    let Some(d) = raw.secagg_dropouts.clone() else {
+        return Ok(Default::default());
+    };
+    let on = match &raw.secure_aggregation {
+        None | Some(toml::Value::Boolean(false)) => false,
+        Some(toml::Value::Table(t)) => t.get("enabled") != Some(&toml::Value::Boolean(false)),
+        Some(_) => true,
+    };
+    if !on {
+        return Err(Invalid::new(
+            "secagg_dropouts",
+            "emulates dropouts of the secure-aggregation protocol: set secure_aggregation too",
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (key, list) in [
+        ("keys", &d.keys),
+        ("shares", &d.shares),
+        ("masked", &d.masked),
+    ] {
+        for &i in list {
+            if i >= raw.clients {
+                return Err(Invalid::new(
+                    "secagg_dropouts",
+                    format!(
+                        "{key}: client {i} does not exist (clients 0..{})",
+                        raw.clients
+                    ),
+                ));
+            }
+            if !seen.insert(i) {
+                return Err(Invalid::new(
+                    "secagg_dropouts",
+                    format!("client {i} is listed at more than one stage"),
+                ));
+            }
+        }
+    }
+    Ok(d)
 }

@@ -103,6 +103,91 @@ pub fn all() -> Vec<(&'static str, Envelope)> {
         crc32: 0xdeadbeef,
         data: vec![1, 2, 3],
     };
+    let peer = || ClientId::new("jetson").unwrap();
+    let secure = SecureRoundAnnounce {
+        announce: announce.clone(),
+        setup: SecAggSetup {
+            neighbours: 4,
+            threshold: 3,
+            modulus_bits: 16,
+            clip: 0.5,
+            norm_bound: 0.0,
+            reference_examples: 1200,
+            max_clients: 2,
+        },
+    };
+    let keys = SecAggKeys {
+        client: client(),
+        round: 5,
+        enc_pk: [0x11; 32],
+        mask_pk: [0x22; 32],
+        commitment: [0x33; 32],
+    };
+    let roster = SecAggRoster {
+        round: 5,
+        deadline_unix_ms: 1_764_000_000_000,
+        graph_seed: [0x44; 32],
+        entries: vec![RosterEntry {
+            client: client(),
+            enc_pk: [0x11; 32],
+            mask_pk: [0x22; 32],
+            commitment: [0x33; 32],
+        }],
+    };
+    let shares = SecAggShares {
+        client: client(),
+        round: 5,
+        shares: vec![PeerBytes {
+            peer: peer(),
+            bytes: vec![0xc0, 0xff, 0xee],
+        }],
+    };
+    let relay = SecAggRelay {
+        round: 5,
+        deadline_unix_ms: 1_764_000_000_000,
+        survivors: vec![client(), peer()],
+        shares: vec![PeerBytes {
+            peer: peer(),
+            bytes: vec![0xc0, 0xff, 0xee],
+        }],
+    };
+    let masked = SecAggMasked {
+        client: client(),
+        round: 5,
+        sequence: 9,
+        num_examples: 600,
+        metrics: TrainMetrics {
+            loss: 0.5,
+            accuracy: 0.75,
+            steps: 38,
+            elapsed_ms: 1500,
+            epsilon: None,
+        },
+        len: 2,
+        values: vec![0x58, 0x02, 0xff, 0x7f],
+    };
+    let unmask = SecAggUnmask {
+        round: 5,
+        deadline_unix_ms: 1_764_000_000_000,
+        survivors: vec![client()],
+        dropped: vec![peer()],
+    };
+    let reveal = SecAggReveal {
+        client: client(),
+        round: 5,
+        shares: vec![
+            RevealedShare {
+                peer: peer(),
+                kind: RevealKind::MaskKey,
+                share: vec![1, 2],
+            },
+            RevealedShare {
+                peer: client(),
+                kind: RevealKind::SelfMask,
+                share: vec![3],
+            },
+        ],
+    };
     vec![
         ("join", Envelope::new(RUN_ID, 0, join)),
         ("round_announce", Envelope::new(RUN_ID, 5, announce)),
@@ -111,5 +196,13 @@ pub fn all() -> Vec<(&'static str, Envelope)> {
         ("eval_result", Envelope::new(RUN_ID, 5, eval)),
         ("status", Envelope::new(RUN_ID, 5, status)),
         ("chunk", Envelope::new(RUN_ID, 5, chunk)),
+        ("secure_round_announce", Envelope::new(RUN_ID, 5, secure)),
+        ("secagg_keys", Envelope::new(RUN_ID, 5, keys)),
+        ("secagg_roster", Envelope::new(RUN_ID, 5, roster)),
+        ("secagg_shares", Envelope::new(RUN_ID, 5, shares)),
+        ("secagg_relay", Envelope::new(RUN_ID, 5, relay)),
+        ("secagg_masked", Envelope::new(RUN_ID, 5, masked)),
+        ("secagg_unmask", Envelope::new(RUN_ID, 5, unmask)),
+        ("secagg_reveal", Envelope::new(RUN_ID, 5, reveal)),
     ]
 }

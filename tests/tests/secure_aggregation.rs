@@ -1,0 +1,262 @@
+//! Secure aggregation (SecAgg+) end to end: the aggregator with its embedded broker and 8 real
+//! edge clients (EfficientNet-Lite0 trunk, LoRA), neighbourhoods of k = 4, threshold t = 3,
+//! arithmetic mod 2^16, and a sniffer on the broker that records every message.
+//!
+//! - round 1: client-07 goes silent after advertising its keys; round 2: client-06 after
+//!   dealing its shares (its pairwise masks are removed with its reconstructed mask key);
+//!   round 3: client-05 after its masked input (it is in the sum without revealing): each
+//!   round completes, and its unmasked sum equals — exactly, as integers mod 2^16 — the sum of
+//!   the quantized inputs of the clients the report lists in it (each device wrote its own
+//!   input to `$FEDPEFT_SECAGG_DUMP_DIR`, which nothing ever sends);
+//! - round 4: five clients go silent after sharing, so fewer than t are left: the round fails
+//!   with the reason stated in the report, the global adapter is unchanged, and round 5 runs;
+//! - no masked vector on the broker equals its client's input (the coordinates agree no more
+//!   often than chance), and masked vectors pass a chi-square test of uniformity that the
+//!   inputs fail; nothing the aggregator writes (report, checkpoint, globals) contains any
+//!   client's input.
+//!
+//! Refusals (replays, wrong lengths, wrong stages, forged shares) are the round machine's
+//! tests (`aggregator/tests/secure_rounds.rs`) and `fedpeft-secagg`'s.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fedpeft_protocol::{Envelope, Message};
+use fedpeft_tests::e2e::{Federation, round_record};
+use fedpeft_tests::{Sniffer, binary, free_port};
+
+const CLIENTS: usize = 8;
+const ROUNDS: u32 = 5;
+const MAX_PACKET: usize = 262_144;
+const BITS: u8 = 16;
+
+fn read_u32s(path: &Path) -> Vec<u32> {
+    std::fs::read(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn names(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Pearson's chi-square statistic of the top 8 bits of `values` (m-bit) over 256 buckets.
+fn chi_square(values: &[u32]) -> f64 {
+    let mut buckets = [0u64; 256];
+    for v in values {
+        buckets[((v >> (BITS - 8)) & 0xff) as usize] += 1;
+    }
+    let e = values.len() as f64 / 256.0;
+    buckets.iter().map(|&o| (o as f64 - e).powi(2) / e).sum()
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_aggregator_learns_exactly_the_sum_through_dropouts_at_every_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let dumps = dir.path().join("dumps");
+    std::fs::create_dir(&dumps).unwrap();
+    let fed = Federation {
+        fleet: "secagg".into(),
+        run_id: 23,
+        max_packet: MAX_PACKET,
+        dir: dir.path().to_path_buf(),
+        clients: CLIENTS,
+        max_examples: 48,
+    };
+    let port = free_port();
+    let top = format!(
+        "min_clients = {CLIENTS}\nquorum = 3\nround_timeout_secs = 240.0\n\n\
+         [secure_aggregation]\nneighbours = 4\nthreshold = 3\nmodulus_bits = {BITS}\n\
+         clip = 0.25\nstage_timeout_secs = 8.0\n"
+    );
+    let config = fed.aggregator_config("embedded", port, ROUNDS, &top, "epochs = 1");
+    let mut cmd = std::process::Command::new(binary("aggregator"));
+    cmd.arg("--config")
+        .arg(&config)
+        .env("FEDPEFT_SECAGG_DUMP_DIR", &dumps);
+    let mut aggregator = fed.start_aggregator_cmd(cmd, "aggregator");
+    let sniffer = Sniffer::start(port, &fed.fleet, MAX_PACKET);
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let drops: BTreeMap<usize, &str> = [
+        (7, "keys@1"),
+        (6, "shares@2"),
+        (5, "masked@3"),
+        (0, "shares@4"),
+        (1, "shares@4"),
+        (2, "shares@4"),
+        (3, "shares@4"),
+        (4, "shares@4"),
+    ]
+    .into();
+    let mut clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let extra = ["--secagg-drop-after", drops[&i]];
+            let mut cmd = fed.client_command(&url, i, &extra);
+            cmd.env("FEDPEFT_SECAGG_DUMP_DIR", &dumps);
+            fedpeft_tests::Proc::spawn(&format!("client-{i:02}"), cmd)
+        })
+        .collect();
+
+    let start = Instant::now();
+    let report = loop {
+        if let Ok(b) = std::fs::read(fed.out().join("report.json"))
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b)
+            && v["finished"] == true
+        {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(900),
+            "the run did not finish:\n{}",
+            aggregator.output().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    let modulus = 1u64 << BITS;
+    let mut checked = 0;
+    for r in 1..=ROUNDS {
+        let rec = round_record(&report, r);
+        let secure = &rec["secure"];
+        assert!(secure.is_object(), "round {r} has no secure record: {rec}");
+        eprintln!(
+            "round {r}: {} advertised, {} shared, {} masked, {} revealed, stage ms {}, failure {}",
+            secure["advertised"].as_array().map_or(0, Vec::len),
+            secure["shared"].as_array().map_or(0, Vec::len),
+            secure["masked"].as_array().map_or(0, Vec::len),
+            secure["revealed"].as_array().map_or(0, Vec::len),
+            secure["stage_ms"],
+            secure["failure"]
+        );
+        if r == 4 {
+            assert_eq!(rec["status"], "failed", "round 4: {rec}");
+            let why = secure["failure"].as_str().unwrap_or_default();
+            assert!(
+                !why.is_empty(),
+                "round 4 failed without a stated reason: {rec}"
+            );
+            continue;
+        }
+        assert_eq!(rec["status"], "ok", "round {r}: {rec}");
+        let masked = names(&secure["masked"]);
+        let shared = names(&secure["shared"]);
+        let revealed = names(&secure["revealed"]);
+        let has = |list: &[String], c: &str| list.iter().any(|x| x == c);
+        match r {
+            1 => assert!(!has(&shared, "client-07"), "round 1: {secure}"),
+            2 => {
+                assert!(has(&shared, "client-06"), "round 2: {secure}");
+                assert!(!has(&masked, "client-06"), "round 2: {secure}");
+            }
+            3 => {
+                assert!(has(&masked, "client-05"), "round 3: {secure}");
+                assert!(!has(&revealed, "client-05"), "round 3: {secure}");
+            }
+            _ => assert_eq!(masked.len(), CLIENTS, "round {r}: {secure}"),
+        }
+        assert_eq!(rec["clients_ok"], masked.len(), "round {r}");
+        // The unmasked sum is exactly the sum of the survivors' quantized inputs.
+        let sum = read_u32s(&dumps.join(format!("aggregator-r{r}.sum")));
+        let mut expected = vec![0u64; sum.len()];
+        for c in &masked {
+            let input = read_u32s(&dumps.join(format!("{c}-r{r}.input")));
+            assert_eq!(input.len(), sum.len(), "round {r}: {c}'s input length");
+            for (e, v) in expected.iter_mut().zip(&input) {
+                *e = (*e + u64::from(*v)) % modulus;
+            }
+        }
+        let got: Vec<u64> = sum.iter().map(|&v| u64::from(v)).collect();
+        assert_eq!(
+            got, expected,
+            "round {r}: the unmasked sum is not the inputs' sum"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 4, "rounds 1, 2, 3 and 5 checked");
+    assert_eq!(
+        round_record(&report, 5)["status"],
+        "ok",
+        "round 5 runs after the failed one"
+    );
+
+    // What crossed the broker: masked vectors, never an input.
+    let mut seen_masked = 0;
+    for (topic, payload) in sniffer.messages() {
+        let Ok(env) = Envelope::decode(&payload) else {
+            continue;
+        };
+        if let Message::SecAggMasked(m) = env.message {
+            let values = fedpeft_secagg::unpack(&m.values, BITS, m.len as usize).unwrap();
+            let input = read_u32s(&dumps.join(format!("{}-r{}.input", m.client, m.round)));
+            let same = values.iter().zip(&input).filter(|(a, b)| a == b).count();
+            // Chance agreement is len / 2^16 (under 1 for a LoRA adapter): allow a handful.
+            assert!(
+                same <= 8,
+                "{topic}: {same} of {} masked values equal the input",
+                values.len()
+            );
+            // 255 degrees of freedom: the 99.9 % critical value is 330.5.
+            let (cm, ci) = (chi_square(&values[1..]), chi_square(&input[1..]));
+            assert!(
+                cm < 330.5,
+                "{topic}: masked vector not uniform (chi-square {cm:.0})"
+            );
+            assert!(
+                ci > 330.5,
+                "{topic}: the input itself looks uniform ({ci:.0})"
+            );
+            seen_masked += 1;
+        }
+    }
+    assert!(
+        seen_masked >= 20,
+        "only {seen_masked} masked vectors on the broker"
+    );
+
+    // Nothing the aggregator keeps holds an input.
+    let inputs: Vec<Vec<u8>> = std::fs::read_dir(&dumps)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "input"))
+        .map(|e| {
+            let values = read_u32s(&e.path());
+            fedpeft_secagg::pack(&values[1..33], BITS)
+        })
+        .collect();
+    for f in files(&fed.out()) {
+        let bytes = std::fs::read(&f).unwrap();
+        for needle in &inputs {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_slice()),
+                "{} contains a client's quantized input",
+                f.display()
+            );
+        }
+    }
+
+    aggregator.terminate(Duration::from_secs(10));
+    for c in &mut clients {
+        c.terminate(Duration::from_secs(10));
+    }
+}

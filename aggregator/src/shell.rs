@@ -669,26 +669,8 @@ impl Shell {
 
 /// What the run's adapters fit, for `globals/index.json`.
 fn adapter_model(config: &Config, host: &dyn ModelHost) -> Result<AdapterModel, RunError> {
-    use fedpeft_protocol::PeftMethod;
     let m = &config.model;
-    let (mut rank, mut alpha, mut bottleneck, mut tokens) = (None, None, None, None);
-    let peft = match m.peft {
-        PeftMethod::Head => "head",
-        PeftMethod::Bias => "bias",
-        PeftMethod::Lora { rank: r, alpha: a } => {
-            (rank, alpha) = (Some(r), Some(a));
-            "lora"
-        }
-        PeftMethod::Adapter { bottleneck: b } => {
-            bottleneck = Some(b);
-            "adapter"
-        }
-        PeftMethod::Prompt { tokens: t } => {
-            tokens = Some(t);
-            "prompt"
-        }
-        PeftMethod::FullTail => "full-tail",
-    };
+    let p = m.peft.fields();
     let tensors = host
         .initial_adapter()?
         .tensors
@@ -702,11 +684,11 @@ fn adapter_model(config: &Config, host: &dyn ModelHost) -> Result<AdapterModel, 
         backbone: m.backbone.as_ref().map(|p| p.display().to_string()),
         backbone_id: host.backbone_id(),
         backbone_sha256: host.backbone_sha256().map(hex::encode),
-        peft: peft.into(),
-        lora_rank: rank,
-        lora_alpha: alpha,
-        bottleneck,
-        prompt_tokens: tokens,
+        peft: p.name.into(),
+        lora_rank: p.lora_rank,
+        lora_alpha: p.lora_alpha,
+        bottleneck: p.bottleneck,
+        prompt_tokens: p.prompt_tokens,
         classes: host.classes(),
         image_size: (m.backbone.is_some() && !m.eval.is_text()).then_some(m.image_size),
         max_seq_len: m.max_seq_len,

@@ -299,33 +299,16 @@ fn method(m: &AdapterModel) -> Result<PeftMethod, String> {
 /// What a fleet client's adapters fit, from its configuration and its data's class names:
 /// the model `edge-client --serve` answers with while the client takes part in a run.
 pub fn spec_from_config(cfg: &crate::config::EdgeConfig, classes: Vec<String>) -> AdapterModel {
-    let (mut rank, mut alpha, mut bottleneck, mut tokens) = (None, None, None, None);
-    let peft = match cfg.peft {
-        PeftMethod::Head => "head",
-        PeftMethod::Bias => "bias",
-        PeftMethod::Lora { rank: r, alpha: a } => {
-            (rank, alpha) = (Some(r), Some(a));
-            "lora"
-        }
-        PeftMethod::Adapter { bottleneck: b } => {
-            bottleneck = Some(b);
-            "adapter"
-        }
-        PeftMethod::Prompt { tokens: t } => {
-            tokens = Some(t);
-            "prompt"
-        }
-        PeftMethod::FullTail => "full-tail",
-    };
+    let p = cfg.peft.fields();
     AdapterModel {
         backbone: Some(cfg.model_dir.display().to_string()),
         backbone_id: None,
         backbone_sha256: None,
-        peft: peft.into(),
-        lora_rank: rank,
-        lora_alpha: alpha,
-        bottleneck,
-        prompt_tokens: tokens,
+        peft: p.name.into(),
+        lora_rank: p.lora_rank,
+        lora_alpha: p.lora_alpha,
+        bottleneck: p.bottleneck,
+        prompt_tokens: p.prompt_tokens,
         classes,
         image_size: Some(cfg.image_size),
         max_seq_len: cfg.max_seq_len,

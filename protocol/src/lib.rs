@@ -75,8 +75,8 @@ pub use envelope::{
 pub use ids::{ClientId, FleetName, IdError};
 pub use message::{
     Capabilities, Chunk, ClientState, ClientUpdate, DpSgd, EvalResult, GlobalAdapter, Join,
-    LocalConfig, Message, MessageKind, Optimizer, PeftMethod, RoundAnnounce, Sampling, Status,
-    TrainMetrics,
+    LocalConfig, Message, MessageKind, Optimizer, PeftFields, PeftMethod, RoundAnnounce, Sampling,
+    Status, TrainMetrics,
 };
 pub use rng::{SplitMix64, keyed_unit};
 pub use secagg::{

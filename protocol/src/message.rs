@@ -46,6 +46,48 @@ pub enum PeftMethod {
     FullTail,
 }
 
+/// A [`PeftMethod`] as named fields: its name (`head`, `bias`, `lora`, `adapter`, `prompt`,
+/// `full-tail`) and the settings the method has.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeftFields {
+    pub name: &'static str,
+    pub lora_rank: Option<u16>,
+    pub lora_alpha: Option<f32>,
+    pub bottleneck: Option<u16>,
+    pub prompt_tokens: Option<u16>,
+}
+
+impl PeftMethod {
+    /// The method as named fields (what model files and reports write).
+    pub fn fields(self) -> PeftFields {
+        let mut f = PeftFields {
+            name: "",
+            lora_rank: None,
+            lora_alpha: None,
+            bottleneck: None,
+            prompt_tokens: None,
+        };
+        f.name = match self {
+            PeftMethod::Head => "head",
+            PeftMethod::Bias => "bias",
+            PeftMethod::Lora { rank, alpha } => {
+                (f.lora_rank, f.lora_alpha) = (Some(rank), Some(alpha));
+                "lora"
+            }
+            PeftMethod::Adapter { bottleneck } => {
+                f.bottleneck = Some(bottleneck);
+                "adapter"
+            }
+            PeftMethod::Prompt { tokens } => {
+                f.prompt_tokens = Some(tokens);
+                "prompt"
+            }
+            PeftMethod::FullTail => "full-tail",
+        };
+        f
+    }
+}
+
 /// What a client can do; sent once in [`Join`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Capabilities {

@@ -463,6 +463,16 @@ fn unsampled_and_unknown_senders_and_other_rounds_are_refused() {
     }
     m.on_event(ev, T0);
     assert_eq!(rejected(&m, RejectReason::ClientMismatch), 1);
+    // A small-order key (all zeros) is refused alone, by reason.
+    let mut weak = keys("a", 1);
+    if let Event::SecAgg { message, .. } = &mut weak
+        && let Uplink::Keys(k) = &mut **message
+    {
+        k.mask_pk = [0; 32];
+    }
+    let before = rejected(&m, RejectReason::SecAgg);
+    m.on_event(weak, T0);
+    assert_eq!(rejected(&m, RejectReason::SecAgg), before + 1);
     // Accepted once, then a duplicate.
     m.on_event(keys("a", 1), T0);
     m.on_event(keys("a", 1), T0);

@@ -241,17 +241,21 @@ impl RoundMachine {
         };
         let result: Result<(), String> = match message {
             Uplink::Keys(k) => {
-                live.keys.insert(
-                    client.clone(),
-                    sa::RosterEntry {
-                        client: client.clone(),
-                        enc_pk: k.enc_pk,
-                        mask_pk: k.mask_pk,
-                        self_mask_commitment: k.commitment,
-                    },
-                );
-                live.record.advertised.push(client.clone());
-                Ok(())
+                let entry = sa::RosterEntry {
+                    client: client.clone(),
+                    enc_pk: k.enc_pk,
+                    mask_pk: k.mask_pk,
+                    self_mask_commitment: k.commitment,
+                };
+                // A weak (small-order) key is refused here, alone: in the roster it would
+                // make the whole round fail.
+                entry
+                    .check_keys(round)
+                    .map_err(|e| e.to_string())
+                    .map(|()| {
+                        live.keys.insert(client.clone(), entry);
+                        live.record.advertised.push(client.clone());
+                    })
             }
             Uplink::Shares(s) => {
                 let shares = s

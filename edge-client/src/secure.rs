@@ -178,13 +178,7 @@ impl SecureClient {
             client,
             input,
             num_examples: m.num_examples,
-            metrics: TrainMetrics {
-                loss: m.loss,
-                accuracy: m.accuracy,
-                steps: m.steps,
-                elapsed_ms: m.elapsed_ms,
-                epsilon: m.epsilon,
-            },
+            metrics: crate::wire::metrics_to_wire(m),
             answered: 0,
         });
         tracing::info!(

@@ -11,7 +11,18 @@ use fedpeft_protocol::{
 
 use super::{Packet, Wire, WireError, fnv1a};
 use crate::session::Outbound;
-use crate::types::{Round, TrainPlan, TrainedUpdate, WireDtype};
+use crate::types::{Metrics, Round, TrainPlan, TrainedUpdate, WireDtype};
+
+/// Training metrics as an update (plain or masked) carries them.
+pub fn metrics_to_wire(m: &Metrics) -> TrainMetrics {
+    TrainMetrics {
+        loss: m.loss,
+        accuracy: m.accuracy,
+        steps: m.steps,
+        elapsed_ms: m.elapsed_ms,
+        epsilon: m.epsilon,
+    }
+}
 
 /// Converts our dtype to the protocol's.
 pub fn dtype_to_wire(d: WireDtype) -> DType {
@@ -161,13 +172,7 @@ impl Wire {
             round,
             sequence,
             num_examples: m.num_examples,
-            metrics: TrainMetrics {
-                loss: m.loss,
-                accuracy: m.accuracy,
-                steps: m.steps,
-                elapsed_ms: m.elapsed_ms,
-                epsilon: m.epsilon,
-            },
+            metrics: metrics_to_wire(m),
             tensors,
         };
         self.seal("update", Envelope::new(self.run_id, round, msg))

@@ -42,7 +42,7 @@ pub mod encode;
 mod fixtures;
 
 pub use decode::{adapter_from_wire, dtype_from_wire, plan_from_wire};
-pub use encode::dtype_to_wire;
+pub use encode::{dtype_to_wire, metrics_to_wire};
 
 /// Why an incoming publish was not turned into an event, or an outgoing one not encoded.
 #[derive(Debug, thiserror::Error)]

@@ -403,6 +403,7 @@ pub enum RejectReason {
     NotEnrolled,
     /// A secure-aggregation message refused: for a stage that is not open, from a client not
     /// in that stage, a repeat, or shares, keys or a masked vector that do not check out.
+    #[serde(rename = "secagg")]
     SecAgg,
 }
 
@@ -505,6 +506,10 @@ mod tests {
             assert_eq!(RejectReason::from_name(r.as_str()), Some(r));
             let json = format!("\"{}\"", r.as_str());
             assert_eq!(toml::Value::String(r.as_str().into()).to_string(), json);
+            // The report's keys are serde's names: the same as `as_str`'s.
+            let table: BTreeMap<RejectReason, u64> = [(r, 1)].into();
+            let text = toml::to_string(&table).unwrap();
+            assert_eq!(text.trim(), format!("{} = 1", r.as_str()), "{r:?}");
         }
         names.sort();
         names.dedup();

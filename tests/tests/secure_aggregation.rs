@@ -15,16 +15,31 @@
 //!   inputs fail; nothing the aggregator writes (report, checkpoint, globals) contains any
 //!   client's input.
 //!
-//! Refusals (replays, wrong lengths, wrong stages, forged shares) are the round machine's
-//! tests (`aggregator/tests/secure_rounds.rs`) and `fedpeft-secagg`'s.
+//! A second fleet (5 clients, k = 4, t = 3) is signed and runs over Mosquitto, with an attacker
+//! on the broker and the aggregator SIGKILLed mid-protocol:
+//! - round 1: as the round is announced, key material for client-01 signed by a key that is not
+//!   its enrolled one is published on its topic (before client-01's own); once client-02's
+//!   masked input is on the broker, it is published again (a replay), and client-03's shares
+//!   are kept for later. Each is refused and counted by reason, and the round completes with
+//!   all five clients (client-01's real keys are in the roster);
+//! - round 2: once the roster is out, the aggregator is SIGKILLed and started again on its
+//!   checkpoint: the round fails with the stated reason ("restarted"), and no unmasking of it
+//!   ever happens;
+//! - round 3: client-03's round-1 shares (a share for another round) are refused; the round
+//!   completes with everyone.
+//!
+//! Refusals of malformed messages (wrong lengths, wrong stages, unknown or mismatched senders,
+//! forged shares) are also the round machine's tests (`aggregator/tests/secure_rounds.rs`) and
+//! `fedpeft-secagg`'s.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fedpeft_protocol::{Envelope, Message};
+use fedpeft_protocol::sign;
+use fedpeft_protocol::{Envelope, FleetName, Message, SigningKey};
 use fedpeft_tests::e2e::{Federation, round_record};
-use fedpeft_tests::{Sniffer, binary, free_port};
+use fedpeft_tests::{Mosquitto, Proc, Sniffer, binary, free_port};
 
 const CLIENTS: usize = 8;
 const ROUNDS: u32 = 5;
@@ -256,6 +271,242 @@ fn the_aggregator_learns_exactly_the_sum_through_dropouts_at_every_stage() {
     }
 
     aggregator.terminate(Duration::from_secs(10));
+    for c in &mut clients {
+        c.terminate(Duration::from_secs(10));
+    }
+}
+
+/// `edge-client keygen --out FILE` (or the aggregator's): the key file and its public key.
+fn keygen(program: &str, path: &Path) -> (std::path::PathBuf, fedpeft_protocol::VerifyingKey) {
+    let out = std::process::Command::new(binary(program))
+        .args(["keygen", "--out"])
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program} keygen: {e}"));
+    assert!(out.status.success(), "{program} keygen: {out:?}");
+    let public = sign::parse_public_key(std::str::from_utf8(&out.stdout).unwrap()).unwrap();
+    (path.to_path_buf(), public)
+}
+
+/// The first recorded message (topic, payload, envelope) that `want` picks, waiting up to 300 s.
+fn wait_for(
+    sniffer: &Sniffer,
+    what: &str,
+    aggregator: &Proc,
+    want: impl Fn(&str, &Envelope) -> bool,
+) -> (String, Vec<u8>, Envelope) {
+    let start = Instant::now();
+    loop {
+        for (topic, payload) in sniffer.messages() {
+            if let Ok(env) = Envelope::decode(&payload)
+                && want(&topic, &env)
+            {
+                return (topic, payload, env);
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "never saw {what}:\n{}",
+            aggregator.output().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_announce(env: &Envelope, round: u32) -> bool {
+    matches!(&env.message, Message::SecureRoundAnnounce(a) if a.announce.round == round)
+}
+
+/// A publisher on the broker that is not part of the fleet.
+fn attacker(port: u16) -> rumqttc::Client {
+    let mut opts = rumqttc::MqttOptions::new("attacker", "127.0.0.1", port);
+    opts.set_max_packet_size(MAX_PACKET + 1024, MAX_PACKET + 1024);
+    let (client, mut connection) = rumqttc::Client::new(opts, 64);
+    std::thread::spawn(move || for _ in connection.iter() {});
+    client
+}
+
+fn publish(attacker: &rumqttc::Client, topic: &str, payload: Vec<u8>) {
+    attacker
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+        .expect("attacker publish");
+}
+
+#[test]
+fn forged_keys_replays_and_an_aggregator_killed_mid_protocol_are_refused_or_fail_cleanly() {
+    const N: usize = 5;
+    const ROUNDS: u32 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(MAX_PACKET as u32);
+    let fleet_name = "secagg-signed";
+    let fed = Federation {
+        fleet: fleet_name.into(),
+        run_id: 24,
+        max_packet: MAX_PACKET,
+        dir: dir.path().to_path_buf(),
+        clients: N,
+        max_examples: 48,
+    };
+    let (agg_key, agg_public) = keygen("aggregator", &dir.path().join("aggregator.key"));
+    let mut enrolled = String::from("[clients]\n");
+    let mut client_keys = Vec::new();
+    for i in 0..N {
+        let id = format!("client-{i:02}");
+        let (path, public) = keygen("edge-client", &dir.path().join(format!("{id}.key")));
+        enrolled.push_str(&format!("{id} = \"{}\"\n", sign::public_key_hex(&public)));
+        client_keys.push(path);
+    }
+    let (forger_key, _) = keygen("edge-client", &dir.path().join("forger.key"));
+    let forger: SigningKey = sign::read_signing_key(&forger_key).unwrap();
+    let enrolment = dir.path().join("enrolled.toml");
+    std::fs::write(&enrolment, enrolled).unwrap();
+    let top = format!(
+        "min_clients = {N}\nquorum = 3\nround_timeout_secs = 240.0\n\n\
+         [security]\nsigning_key = \"{}\"\nenrolled_keys = \"{}\"\n\n\
+         [secure_aggregation]\nneighbours = 4\nthreshold = 3\nmodulus_bits = {BITS}\n\
+         clip = 0.25\nstage_timeout_secs = 8.0\n",
+        agg_key.display(),
+        enrolment.display()
+    );
+    let config = fed.aggregator_config(&broker.url(), 0, ROUNDS, &top, "epochs = 1");
+    let mut aggregator = fed.start_aggregator(&config, "aggregator");
+    let sniffer = Sniffer::start(broker.port, fleet_name, MAX_PACKET);
+    let attacker = attacker(broker.port);
+    let agg_hex = sign::public_key_hex(&agg_public);
+    let mut clients: Vec<_> = (0..N)
+        .map(|i| {
+            let key = client_keys[i].to_str().unwrap().to_string();
+            let extra = ["--signing-key", &key, "--aggregator-key", &agg_hex];
+            fed.spawn_client_with(&broker.url(), i, &extra)
+        })
+        .collect();
+    let fleet = FleetName::new(fleet_name).unwrap();
+    let topic_of = |client: &str| format!("fedpeft/v1/{fleet_name}/update/{client}");
+
+    // Round 1: forged key material for client-01, before its own.
+    wait_for(&sniffer, "round 1's announcement", &aggregator, |_, e| {
+        is_announce(e, 1)
+    });
+    let forged = Envelope::new(
+        24,
+        1,
+        fedpeft_protocol::SecAggKeys {
+            client: fedpeft_protocol::ClientId::new("client-01").unwrap(),
+            round: 1,
+            enc_pk: [9; 32],
+            mask_pk: [9; 32],
+            commitment: [7; 32],
+        },
+    )
+    .encode_signed(&fleet, &forger)
+    .unwrap();
+    publish(&attacker, &topic_of("client-01"), forged);
+    // A replay of client-02's masked input; client-03's shares kept for round 3.
+    let (topic, masked, _) = wait_for(
+        &sniffer,
+        "client-02's masked input",
+        &aggregator,
+        |_, e| matches!(&e.message, Message::SecAggMasked(m) if m.round == 1 && m.client.as_str() == "client-02"),
+    );
+    publish(&attacker, &topic, masked);
+    let (shares_topic, shares, _) = wait_for(
+        &sniffer,
+        "client-03's shares",
+        &aggregator,
+        |_, e| matches!(&e.message, Message::SecAggShares(m) if m.round == 1 && m.client.as_str() == "client-03"),
+    );
+
+    // Round 2: SIGKILL once the roster is out, then start again on the checkpoint.
+    wait_for(
+        &sniffer,
+        "round 2's roster",
+        &aggregator,
+        |_, e| matches!(&e.message, Message::SecAggRoster(r) if r.round == 2),
+    );
+    aggregator.kill_hard();
+    let mut aggregator = fed.start_aggregator(&config, "aggregator-restarted");
+
+    // Round 3: round 1's shares again.
+    wait_for(&sniffer, "round 3's announcement", &aggregator, |_, e| {
+        is_announce(e, 3)
+    });
+    publish(&attacker, &shares_topic, shares);
+
+    let status = aggregator
+        .wait_exit(Duration::from_secs(600))
+        .unwrap_or_else(|| panic!("the restarted aggregator did not finish"));
+    assert!(status.success(), "aggregator exited with {status}");
+    let report = fed.report();
+
+    let r1 = round_record(&report, 1);
+    assert_eq!(r1["status"], "ok", "round 1: {r1}");
+    let shared = names(&r1["secure"]["shared"]);
+    assert_eq!(shared.len(), N, "round 1: everyone shared: {r1}");
+    assert_eq!(names(&r1["secure"]["masked"]).len(), N, "round 1: {r1}");
+    let rejected = &r1["rejected"];
+    assert_eq!(
+        rejected["bad_signature"], 1,
+        "round 1: the forged keys are refused as bad_signature: {r1}"
+    );
+    let replays: u64 = rejected
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.as_str() != "bad_signature")
+        .map(|(_, v)| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(replays, 1, "round 1: the masked replay is refused: {r1}");
+    // The roster carries client-01's own keys, not the forger's.
+    let (_, _, roster) = wait_for(
+        &sniffer,
+        "round 1's roster",
+        &aggregator,
+        |_, e| matches!(&e.message, Message::SecAggRoster(r) if r.round == 1),
+    );
+    let Message::SecAggRoster(roster) = roster.message else {
+        unreachable!()
+    };
+    let entry = roster
+        .entries
+        .iter()
+        .find(|c| c.client.as_str() == "client-01")
+        .expect("client-01 in round 1's roster");
+    assert_ne!(entry.enc_pk, [9; 32], "the forged key reached the roster");
+
+    let r2 = round_record(&report, 2);
+    assert_eq!(r2["status"], "failed", "round 2: {r2}");
+    let why = r2["secure"]["failure"].as_str().unwrap_or_default();
+    assert!(why.contains("restarted"), "round 2's reason: {r2}");
+    // No unmask request for round 2 ever crossed the broker, so no share of it was revealed.
+    for (topic, payload) in sniffer.messages() {
+        if let Ok(env) = Envelope::decode(&payload) {
+            match &env.message {
+                Message::SecAggUnmask(u) => assert_ne!(u.round, 2, "{topic}: round 2 unmasked"),
+                Message::SecAggReveal(r) => assert_ne!(r.round, 2, "{topic}: round 2 revealed"),
+                _ => {}
+            }
+        }
+    }
+
+    let r3 = round_record(&report, 3);
+    assert_eq!(r3["status"], "ok", "round 3: {r3}");
+    assert_eq!(names(&r3["secure"]["masked"]).len(), N, "round 3: {r3}");
+    // Round 1's shares are refused as late, named with their client and round (the clients'
+    // own redeliveries of round 2's messages to the restarted aggregator are late too).
+    assert!(
+        r3["rejected"]["late"].as_u64().unwrap_or(0) >= 1,
+        "round 3: round 1's shares are refused as late: {r3}"
+    );
+    let output = aggregator.output();
+    assert!(
+        output.iter().any(|l| l.contains("rejected")
+            && l.contains("client=client-03")
+            && l.contains("round=1 ")
+            && l.contains("late")),
+        "the restarted aggregator names round 1's shares:\n{}",
+        output.join("\n")
+    );
+
     for c in &mut clients {
         c.terminate(Duration::from_secs(10));
     }

@@ -198,13 +198,6 @@ fn validate_secure(
              add (and the chosen indices would leak); masked vectors are dense",
         );
     }
-    if file.dp.is_some() {
-        return refuse(
-            "dp",
-            "client-level DP at the aggregator clips and noises each update, which it no \
-             longer sees; use sample-level DP-SGD on the devices (local.dp_sgd)",
-        );
-    }
     if file.adaptive_norm_multiple.is_some() {
         return refuse(
             "adaptive_norm_multiple",
@@ -227,6 +220,8 @@ fn validate_secure(
                 ));
             }
         },
+        // Filled in by `validate` once `[dp]` is checked.
+        dp: None,
     };
     if !(settings.clip.is_finite() && settings.clip > 0.0) {
         return Err(invalid(
@@ -240,6 +235,32 @@ fn validate_secure(
         .check(min_clients.max(2))
         .map_err(|e| invalid("secure_aggregation", e.to_string()))?;
     Ok(Some(settings))
+}
+
+/// `[dp]` in a secure run: distributed DP, the noise added on the devices (see
+/// [`crate::round::SecureDp`]). The DP settings themselves were checked by [`validate_dp`].
+fn validate_secure_dp(
+    dp: &ClientDp,
+    min_contributions: Option<usize>,
+    quorum: usize,
+) -> Result<crate::round::SecureDp, ConfigError> {
+    let min_contributions = min_contributions.unwrap_or(quorum).max(1);
+    if min_contributions > dp.expected_clients {
+        return Err(invalid(
+            "dp.min_contributions",
+            format!(
+                "{min_contributions} is more than dp.expected_clients ({}): no round could \
+                 reach it",
+                dp.expected_clients
+            ),
+        ));
+    }
+    Ok(crate::round::SecureDp {
+        clip_norm: dp.clip_norm,
+        noise_multiplier: dp.noise_multiplier,
+        expected_clients: dp.expected_clients,
+        min_contributions,
+    })
 }
 
 /// Checks every field of the file and fills in defaults.
@@ -257,6 +278,7 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
         "is not a positive number",
     )?;
     let strategy = validate_strategy(file.strategy.unwrap_or(StrategyKind::FedAvg))?;
+    let file_min_contributions = file.dp.as_ref().and_then(|d| d.min_contributions);
     let dp = match file.dp {
         None => None,
         Some(raw) => Some(validate_dp(
@@ -267,6 +289,30 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
             rounds.min_clients,
             rounds.fraction,
         )?),
+    };
+    let dp = dp.map(|d| ClientDp {
+        on_devices: secure.is_some(),
+        ..d
+    });
+    let secure = match (secure, &dp) {
+        (Some(mut settings), Some(dp)) => {
+            settings.dp = Some(validate_secure_dp(
+                dp,
+                file_min_contributions,
+                rounds.quorum,
+            )?);
+            Some(settings)
+        }
+        (secure, _) => {
+            if file_min_contributions.is_some() {
+                return Err(invalid(
+                    "dp.min_contributions",
+                    "is for distributed DP, which needs secure_aggregation; with DP at the \
+                     aggregator every accepted update is in the sum",
+                ));
+            }
+            secure
+        }
     };
     let output: OutputTable = file.output;
     Ok(Config {
@@ -544,6 +590,8 @@ fn validate_dp(
         fleet_size,
         delta,
         noise_seed: raw.noise_seed,
+        // Set by `validate` for a secure run.
+        on_devices: false,
     })
 }
 
@@ -1147,6 +1195,77 @@ mod tests {
             c.run.on_quorum_failure,
             QuorumFailure::Extend { max_extensions: 2 }
         );
+    }
+
+    #[test]
+    fn secure_aggregation_refuses_what_needs_individual_updates_and_takes_dp_on_devices() {
+        let secure = "min_clients = 8\nsecure_aggregation = true\n";
+        let c = parse(&format!("{secure}{MINIMAL}")).unwrap();
+        let s = c.run.secure.expect("secure aggregation on");
+        assert_eq!((s.modulus_bits, s.clip, s.dp), (16, 0.25, None));
+        for (text, field, words) in [
+            (
+                "[strategy]\nkind = \"median\"\n",
+                "strategy",
+                "order statistics",
+            ),
+            (
+                "[local]\ntop_k_fraction = 0.1\n",
+                "local.top_k_fraction",
+                "top-k",
+            ),
+            (
+                "adaptive_norm_multiple = 2.0\n",
+                "adaptive_norm_multiple",
+                "median",
+            ),
+            (
+                "[secure_aggregation]\nthreshold = 1\nneighbours = 4\n",
+                "secure_aggregation",
+                "threshold",
+            ),
+        ] {
+            let text = text.replace("secure_aggregation = true\n", "");
+            let base = if text.contains("[secure_aggregation]") {
+                "min_clients = 8\n".to_string()
+            } else {
+                secure.to_string()
+            };
+            let e = parse(&format!("{base}{text}{MINIMAL}")).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(field) && msg.contains(words), "{text}: {msg}");
+        }
+        // [dp] with secure aggregation: distributed, the noise added on the devices.
+        let dp = "[dp]\nclip_norm = 1.0\nnoise_multiplier = 0.8\nfleet_size = 40\n";
+        let c = parse(&format!(
+            "{secure}quorum = 6\nfraction = 0.2\n{dp}{MINIMAL}"
+        ))
+        .unwrap();
+        assert!(c.dp.as_ref().unwrap().on_devices);
+        let d = c.run.secure.unwrap().dp.expect("distributed DP");
+        assert_eq!((d.expected_clients, d.min_contributions), (8, 6));
+        assert_eq!((d.clip_norm, d.noise_multiplier), (1.0, 0.8));
+        let c = parse(&format!("{dp}{MINIMAL}")).unwrap();
+        assert!(
+            !c.dp.unwrap().on_devices,
+            "without secure aggregation DP is central"
+        );
+        for (text, words) in [
+            (
+                format!("{secure}fraction = 0.2\n{dp}min_contributions = 9\n"),
+                "more than",
+            ),
+            (
+                format!("{dp}min_contributions = 2\n"),
+                "needs secure_aggregation",
+            ),
+        ] {
+            let msg = parse(&format!("{text}{MINIMAL}")).unwrap_err().to_string();
+            assert!(
+                msg.contains("dp.min_contributions") && msg.contains(words),
+                "{text}: {msg}"
+            );
+        }
     }
 
     #[test]

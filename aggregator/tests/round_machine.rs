@@ -717,6 +717,7 @@ fn client_level_dp_through_the_machine_reports_epsilon_and_a_restart_keeps_it() 
         fleet_size: 30,
         delta: 1e-5,
         noise_seed: Some(3),
+        on_devices: false,
     };
     let mut r = rules(3, 3, 3);
     r.max_update_norm = Some(dp.clip_norm);

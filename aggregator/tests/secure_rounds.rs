@@ -68,6 +68,7 @@ fn rules() -> Rules {
                 modulus_bits: 16,
                 clip: 0.5,
                 stage_timeout_ms: 5_000,
+                dp: None,
             }),
         },
         dp_sample_rate: None,

@@ -150,6 +150,10 @@ pub struct DpTable {
     pub delta: Option<f64>,
     /// Tests only: deterministic noise. Default: the operating system's randomness.
     pub noise_seed: Option<u64>,
+    /// Secure aggregation only (distributed DP): the fewest masked inputs a round's sum may
+    /// hold; the devices' noise is calibrated so that this many carry the full noise.
+    /// Default: the quorum.
+    pub min_contributions: Option<usize>,
 }
 
 /// What to do when a round's deadline passes short of its quorum.

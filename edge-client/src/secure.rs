@@ -134,40 +134,76 @@ impl SecureClient {
             .check(max_clients)
             .map_err(|e| format!("round {round}: the announced parameters: {e}"))?;
         let mut values = flatten(update, adapter)?;
-        if setup.norm_bound > 0.0 {
+        // Distributed DP: the bound leaves room for the rounding, so the rounded contribution
+        // stays within S (see `fedpeft_protocol::SecAggDp`).
+        let norm_bound = match setup.dp {
+            Some(dp) => {
+                let rounding = setup.reference_examples as f64
+                    * params.step(max_clients)
+                    * (values.len() as f64).sqrt();
+                let bound = f64::from(dp.clip_norm) - rounding;
+                if bound.is_nan() || bound <= 0.0 {
+                    return Err(format!(
+                        "round {round}: the announced DP clip norm {} is below the rounding \
+                         error {rounding}",
+                        dp.clip_norm
+                    ));
+                }
+                Some(bound)
+            }
+            None => (setup.norm_bound > 0.0).then_some(f64::from(setup.norm_bound)),
+        };
+        if let Some(bound) = norm_bound {
             let norm = values
                 .iter()
                 .map(|v| f64::from(*v).powi(2))
                 .sum::<f64>()
                 .sqrt();
-            if norm > f64::from(setup.norm_bound) {
-                let scale = (f64::from(setup.norm_bound) / norm) as f32;
+            if norm > bound {
+                let scale = (bound / norm) as f32;
                 values.iter_mut().for_each(|v| *v *= scale);
-                tracing::info!(
-                    round,
-                    norm,
-                    bound = setup.norm_bound,
-                    "update norm bounded on the device"
-                );
+                tracing::info!(round, norm, bound, "update norm bounded on the device");
             }
         }
         let m = &update.metrics;
-        let input = sa::quantize(
+        // Under distributed DP every client weighs the same.
+        let (examples, value_clip) = match setup.dp {
+            Some(dp) => (1, dp.value_clip),
+            None => (m.num_examples, setup.clip),
+        };
+        values
+            .iter_mut()
+            .for_each(|v| *v = v.clamp(-value_clip, value_clip));
+        let mut input = sa::quantize(
             &params,
             max_clients,
             &values,
-            m.num_examples,
+            examples,
             setup.reference_examples,
             &mut self.rng,
         )
         .map_err(|e| format!("round {round}: quantizing the update: {e}"))?;
-        if let Some(dir) = std::env::var_os("FEDPEFT_SECAGG_DUMP_DIR") {
-            // Audits and tests only: the device's own quantized input, never sent.
-            let path = std::path::Path::new(&dir).join(format!("{}-r{round}.input", self.me));
-            let bytes: Vec<u8> = input.iter().flat_map(|v| v.to_le_bytes()).collect();
-            if let Err(e) = std::fs::write(&path, bytes) {
-                tracing::warn!(path = %path.display(), error = %e, "could not write the quantized input");
+        let dump = std::env::var_os("FEDPEFT_SECAGG_DUMP_DIR");
+        if let Some(dp) = setup.dp {
+            if let Some(dir) = &dump {
+                // Audits and tests only: the input before the device's noise.
+                dump_u32s(dir, &format!("{}-r{round}.clean", self.me), &input);
             }
+            sa::add_discrete_gaussian(
+                &mut input[1..],
+                dp.noise_steps,
+                params.modulus_bits,
+                &mut self.rng,
+            );
+            tracing::info!(
+                round,
+                noise_steps = dp.noise_steps,
+                "distributed DP: noise added on the device"
+            );
+        }
+        if let Some(dir) = &dump {
+            // Audits and tests only: the device's own quantized input, never sent.
+            dump_u32s(dir, &format!("{}-r{round}.input", self.me), &input);
         }
         let (client, advertise) =
             sa::ClientRound::new(params, round, self.me.as_str(), &mut self.rng);
@@ -350,4 +386,13 @@ fn flatten(update: &TrainedUpdate, adapter: &GlobalAdapter) -> Result<Vec<f32>, 
         ));
     }
     Ok(out)
+}
+
+/// Writes `values` (little-endian u32s) to `dir/name`: the secure-aggregation audit files.
+fn dump_u32s(dir: &std::ffi::OsStr, name: &str, values: &[u32]) {
+    let path = std::path::Path::new(dir).join(name);
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    if let Err(e) = std::fs::write(&path, bytes) {
+        tracing::warn!(path = %path.display(), error = %e, "could not write a secure-aggregation audit file");
+    }
 }

@@ -960,6 +960,7 @@ mod tests {
             norm_bound: 0.0,
             reference_examples: 10,
             max_clients: 3,
+            dp: None,
         };
         let Event::Announce(mut a) = announce(1, &["c1"]) else {
             unreachable!()

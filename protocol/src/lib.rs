@@ -80,8 +80,9 @@ pub use message::{
 };
 pub use rng::{SplitMix64, keyed_unit};
 pub use secagg::{
-    PeerBytes, RevealKind, RevealedShare, RosterEntry, SecAggKeys, SecAggMasked, SecAggRelay,
-    SecAggReveal, SecAggRoster, SecAggSetup, SecAggShares, SecAggUnmask, SecureRoundAnnounce,
+    PeerBytes, RevealKind, RevealedShare, RosterEntry, SecAggDp, SecAggKeys, SecAggMasked,
+    SecAggRelay, SecAggReveal, SecAggRoster, SecAggSetup, SecAggShares, SecAggUnmask,
+    SecureRoundAnnounce,
 };
 pub use sign::{SIGNED_VERSION, SignatureError, SigningKey, VerifyingKey};
 pub use tensor::{Codec, DType, NonFinite, Tensor, TensorError, Values};

@@ -46,6 +46,25 @@ pub struct SecAggSetup {
     pub reference_examples: u64,
     /// Most contributions the sum may hold (the sample size): fixes the quantization step.
     pub max_clients: u32,
+    /// Client-level DP noise added on the devices (distributed DP), when the run has `[dp]`.
+    pub dp: Option<SecAggDp>,
+}
+
+/// Distributed client-level DP in a secure round: what each device does to its update before
+/// masking it. With it, every client weighs the same (a device puts 1 in the weight slot and
+/// scales its update by `1 / reference_examples`), `clip` is the quantization range, wide
+/// enough for the sum and its noise.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SecAggDp {
+    /// S: the L2 bound on one client's contribution after rounding. A device bounds its
+    /// update to S minus the largest rounding error (`reference_examples · step · √d`), so the
+    /// rounded vector stays within S.
+    pub clip_norm: f32,
+    /// Every update value is clipped to `[-value_clip, value_clip]` (after the norm bound).
+    pub value_clip: f32,
+    /// Standard deviation of the discrete Gaussian noise each device adds to each value of its
+    /// quantized input, in quantization steps.
+    pub noise_steps: f64,
 }
 
 /// A round announcement for a secure round (on the round topic, retained, in place of a

@@ -145,6 +145,7 @@ mod client;
 mod crypto;
 mod error;
 mod graph;
+mod noise;
 mod params;
 mod quant;
 mod server;
@@ -156,6 +157,7 @@ pub use client::{Advertise, ClientRound, Reveal, RosterEntry};
 pub use crypto::{REVEAL_SHARE_LEN, SHARE_CIPHERTEXT_LEN, SHARE_PLAINTEXT_LEN, TAG_LEN};
 pub use error::{Failure, RevealKind, SecAggError, Stage};
 pub use graph::neighbourhoods;
+pub use noise::{add_discrete_gaussian, discrete_gaussian};
 pub use params::{
     MAX_MODULUS_BITS, MAX_NEIGHBOURS, MIN_LEVELS, MIN_MODULUS_BITS, ParamError, Params,
 };

@@ -45,6 +45,9 @@ const CLIENTS: usize = 8;
 const ROUNDS: u32 = 5;
 const MAX_PACKET: usize = 262_144;
 const BITS: u8 = 16;
+/// Distributed DP in the signed fleet: S and σ.
+const DP_CLIP: f32 = 1.0;
+const DP_SIGMA: f32 = 0.5;
 
 fn read_u32s(path: &Path) -> Vec<u32> {
     std::fs::read(path)
@@ -364,12 +367,22 @@ fn forged_keys_replays_and_an_aggregator_killed_mid_protocol_are_refused_or_fail
         "min_clients = {N}\nquorum = 3\nround_timeout_secs = 240.0\n\n\
          [security]\nsigning_key = \"{}\"\nenrolled_keys = \"{}\"\n\n\
          [secure_aggregation]\nneighbours = 4\nthreshold = 3\nmodulus_bits = {BITS}\n\
-         clip = 0.25\nstage_timeout_secs = 8.0\n",
+         clip = 0.25\nstage_timeout_secs = 8.0\n\n\
+         [dp]\nclip_norm = {DP_CLIP}\nnoise_multiplier = {DP_SIGMA}\nfleet_size = {N}\n",
         agg_key.display(),
         enrolment.display()
     );
     let config = fed.aggregator_config(&broker.url(), 0, ROUNDS, &top, "epochs = 1");
-    let mut aggregator = fed.start_aggregator(&config, "aggregator");
+    let dumps = dir.path().join("dumps");
+    std::fs::create_dir(&dumps).unwrap();
+    let start_aggregator = |name: &str| {
+        let mut cmd = std::process::Command::new(binary("aggregator"));
+        cmd.arg("--config")
+            .arg(&config)
+            .env("FEDPEFT_SECAGG_DUMP_DIR", &dumps);
+        fed.start_aggregator_cmd(cmd, name)
+    };
+    let mut aggregator = start_aggregator("aggregator");
     let sniffer = Sniffer::start(broker.port, fleet_name, MAX_PACKET);
     let attacker = attacker(broker.port);
     let agg_hex = sign::public_key_hex(&agg_public);
@@ -377,7 +390,9 @@ fn forged_keys_replays_and_an_aggregator_killed_mid_protocol_are_refused_or_fail
         .map(|i| {
             let key = client_keys[i].to_str().unwrap().to_string();
             let extra = ["--signing-key", &key, "--aggregator-key", &agg_hex];
-            fed.spawn_client_with(&broker.url(), i, &extra)
+            let mut cmd = fed.client_command(&broker.url(), i, &extra);
+            cmd.env("FEDPEFT_SECAGG_DUMP_DIR", &dumps);
+            Proc::spawn(&format!("client-{i:02}"), cmd)
         })
         .collect();
     let fleet = FleetName::new(fleet_name).unwrap();
@@ -424,7 +439,7 @@ fn forged_keys_replays_and_an_aggregator_killed_mid_protocol_are_refused_or_fail
         |_, e| matches!(&e.message, Message::SecAggRoster(r) if r.round == 2),
     );
     aggregator.kill_hard();
-    let mut aggregator = fed.start_aggregator(&config, "aggregator-restarted");
+    let mut aggregator = start_aggregator("aggregator-restarted");
 
     // Round 3: round 1's shares again.
     wait_for(&sniffer, "round 3's announcement", &aggregator, |_, e| {
@@ -490,6 +505,89 @@ fn forged_keys_replays_and_an_aggregator_killed_mid_protocol_are_refused_or_fail
 
     let r3 = round_record(&report, 3);
     assert_eq!(r3["status"], "ok", "round 3: {r3}");
+
+    // Distributed DP: each device added discrete Gaussian noise of the announced size, the
+    // unmasked sum is exactly the sum of the noised inputs (one weight per client), and the
+    // accountant stated ε for the two aggregated rounds (the failed one cost nothing).
+    let messages = sniffer.messages();
+    for r in [1, 3] {
+        let setup = messages
+            .iter()
+            .filter_map(|(_, p)| Envelope::decode(p).ok())
+            .find_map(|e| match e.message {
+                Message::SecureRoundAnnounce(a) if a.announce.round == r => Some(a.setup),
+                _ => None,
+            })
+            .expect("the round's announcement");
+        let dp = setup.dp.expect("distributed DP announced");
+        assert_eq!((dp.clip_norm, dp.value_clip), (DP_CLIP, 0.25), "round {r}");
+        // σ·S / (reference · √min_contributions) with reference W = 5, min_contributions the
+        // quorum, 3; in steps of range / levels.
+        let per_device = f64::from(DP_SIGMA * DP_CLIP) / (N as f64 * 3f64.sqrt());
+        let levels = ((1u64 << (BITS - 1)) - N as u64 - 1) as f64;
+        let step = f64::from(setup.clip) / levels;
+        assert!(
+            (dp.noise_steps * step / per_device - 1.0).abs() < 1e-3,
+            "round {r}: {dp:?}, clip {}",
+            setup.clip
+        );
+        let modulus = 1i64 << BITS;
+        let signed = |v: i64| {
+            let v = v.rem_euclid(modulus);
+            if v >= modulus / 2 { v - modulus } else { v }
+        };
+        let mut expected = vec![0u64; 0];
+        for i in 0..N {
+            let c = format!("client-{i:02}");
+            let clean = read_u32s(&dumps.join(format!("{c}-r{r}.clean")));
+            let input = read_u32s(&dumps.join(format!("{c}-r{r}.input")));
+            assert_eq!(clean[0], 1, "round {r}: {c} weighs 1 under DP");
+            assert_eq!(input[0], 1, "round {r}: no noise on the weight");
+            let noise: Vec<f64> = clean[1..]
+                .iter()
+                .zip(&input[1..])
+                .map(|(&a, &b)| signed(i64::from(b) - i64::from(a)) as f64)
+                .collect();
+            let n = noise.len() as f64;
+            let mean = noise.iter().sum::<f64>() / n;
+            let sd = (noise.iter().map(|z| (z - mean).powi(2)).sum::<f64>() / n).sqrt();
+            eprintln!(
+                "round {r}: {c}: noise mean {mean:.1}, sd {sd:.1} (announced {:.1})",
+                dp.noise_steps
+            );
+            assert!(
+                (sd / dp.noise_steps - 1.0).abs() < 0.05 && mean.abs() < 5.0 * sd / n.sqrt(),
+                "round {r}: {c}'s noise: mean {mean}, sd {sd}, announced {}",
+                dp.noise_steps
+            );
+            if expected.is_empty() {
+                expected = vec![0; input.len()];
+            }
+            for (e, v) in expected.iter_mut().zip(&input) {
+                *e = (*e + u64::from(*v)) % modulus as u64;
+            }
+        }
+        let sum: Vec<u64> = read_u32s(&dumps.join(format!("aggregator-r{r}.sum")))
+            .into_iter()
+            .map(u64::from)
+            .collect();
+        assert_eq!(sum[0], N as u64, "round {r}: one weight per client");
+        assert_eq!(sum, expected, "round {r}: the sum of the noised inputs");
+    }
+    let eps = |r: u32| round_record(&report, r)["robust"]["dp_epsilon"].as_f64();
+    let (e1, e3) = (
+        eps(1).expect("ε after round 1"),
+        eps(3).expect("ε after round 3"),
+    );
+    assert!(e1 > 0.0 && e3 > e1, "ε: round 1 {e1}, round 3 {e3}");
+    assert_eq!(eps(2), None, "the failed round states no ε");
+    let std = round_record(&report, 3)["robust"]["dp_noise_std"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (std - f64::from(DP_SIGMA * DP_CLIP) / N as f64).abs() < 1e-6,
+        "noise std {std}"
+    );
     assert_eq!(names(&r3["secure"]["masked"]).len(), N, "round 3: {r3}");
     // Round 1's shares are refused as late, named with their client and round (the clients'
     // own redeliveries of round 2's messages to the restarted aggregator are late too).

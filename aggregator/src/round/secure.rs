@@ -21,14 +21,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use fedpeft_peft::NamedTensor;
 use fedpeft_protocol::{
-    ClientId, PeerBytes, RevealKind, RosterEntry, SecAggKeys, SecAggMasked, SecAggRelay,
+    ClientId, PeerBytes, RevealKind, RosterEntry, SecAggDp, SecAggKeys, SecAggMasked, SecAggRelay,
     SecAggReveal, SecAggRoster, SecAggSetup, SecAggShares, SecAggUnmask, TrainMetrics,
 };
 use fedpeft_secagg as sa;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::{Action, Phase, RejectReason, RoundMachine, Sender};
+use super::{Action, NOISE_HEADROOM_SIGMAS, Phase, RejectReason, RoundMachine, SecureDp, Sender};
 use crate::outbox::Outgoing;
 pub use fedpeft_config::report::SecureRecord;
 
@@ -165,13 +165,22 @@ impl RoundMachine {
             .as_ref()
             .ok_or("secure aggregation is not configured")?;
         let n = sampled.len();
-        let params = settings.params(n);
+        let mut params = settings.params(n);
         params.check(n).map_err(|e| e.to_string())?;
-        let reference_examples = sampled
-            .iter()
-            .map(|c| self.s.clients.get(c).map_or(0, |i| i.num_examples))
-            .sum::<u64>()
-            .max(1);
+        let (reference_examples, dp) = match &settings.dp {
+            None => {
+                let examples = sampled
+                    .iter()
+                    .map(|c| self.s.clients.get(c).map_or(0, |i| i.num_examples))
+                    .sum::<u64>()
+                    .max(1);
+                (examples, None)
+            }
+            Some(dp) => {
+                let (reference, device) = self.distributed_dp(dp, &mut params, n, round)?;
+                (reference, Some(device))
+            }
+        };
         let setup = SecAggSetup {
             neighbours: params.neighbours,
             threshold: params.threshold,
@@ -180,6 +189,7 @@ impl RoundMachine {
             norm_bound: self.rules.max_update_norm.unwrap_or(0.0) as f32,
             reference_examples,
             max_clients: n as u32,
+            dp,
         };
         Ok(Live {
             round,
@@ -202,6 +212,73 @@ impl RoundMachine {
                 ..SecureRecord::default()
             },
         })
+    }
+
+    /// Distributed DP for a round of `n` sampled clients: every client weighs `1 / reference`
+    /// (reference = max(W, n), so the weights add up to at most 1), each device adds discrete
+    /// Gaussian noise of standard deviation `σ·S / (reference·√min_contributions)`, so a sum
+    /// of at least `min_contributions` inputs carries at least `σ·S / reference` — `σ·S / W`
+    /// once [`RoundMachine::secure_finish`] scales it by `reference / W`. `params.clip` becomes
+    /// the quantization range: the clipped values plus [`NOISE_HEADROOM_SIGMAS`] standard
+    /// deviations of the noise of a sum of all `n`.
+    fn distributed_dp(
+        &self,
+        dp: &SecureDp,
+        params: &mut sa::Params,
+        n: usize,
+        round: u32,
+    ) -> Result<(u64, SecAggDp), String> {
+        if n < dp.min_contributions {
+            return Err(format!(
+                "{n} clients sampled, fewer than the {} contributions the devices' DP noise is \
+                 calibrated for (dp.min_contributions)",
+                dp.min_contributions
+            ));
+        }
+        let reference = dp.expected_clients.max(n);
+        let value_clip = f64::from(params.clip);
+        let per_device = dp.noise_multiplier * dp.clip_norm
+            / (reference as f64 * (dp.min_contributions as f64).sqrt());
+        let range = value_clip + NOISE_HEADROOM_SIGMAS * per_device * (n as f64).sqrt();
+        params.clip = range as f32;
+        params
+            .check(n)
+            .map_err(|e| format!("the quantization range for the DP noise: {e}"))?;
+        let step = params.step(n);
+        // The largest rounding error of one contribution, in the update's units: each value
+        // moves by less than one step of the scaled (÷ reference) vector.
+        let d = self
+            .s
+            .global
+            .tensors
+            .iter()
+            .map(|t| t.values.len())
+            .sum::<usize>();
+        let rounding = reference as f64 * step * (d as f64).sqrt();
+        if rounding > dp.clip_norm / 2.0 {
+            return Err(format!(
+                "modulus_bits {} is too coarse for distributed DP: rounding {d} values can move \
+                 a contribution by {rounding:.3}, more than half of dp.clip_norm {}; raise \
+                 secure_aggregation.modulus_bits",
+                params.modulus_bits, dp.clip_norm
+            ));
+        }
+        let device = SecAggDp {
+            clip_norm: dp.clip_norm as f32,
+            value_clip: value_clip as f32,
+            noise_steps: per_device / step,
+        };
+        info!(
+            round,
+            reference,
+            min_contributions = dp.min_contributions,
+            noise_std_per_device = per_device,
+            noise_steps = device.noise_steps,
+            range,
+            device_norm_bound = dp.clip_norm - rounding,
+            "distributed DP: the devices add the noise"
+        );
+        Ok((reference as u64, device))
     }
 
     pub(super) fn secure_setup(&self) -> Option<SecAggSetup> {
@@ -621,18 +698,44 @@ impl RoundMachine {
         } else {
             (1u64 << live.params.modulus_bits) - 1
         };
-        if weight_sum != total & modulus_mask {
+        let dp = self.rules.secure.as_ref().and_then(|s| s.dp);
+        // Under distributed DP every device puts 1 in the weight slot.
+        let expected_weight = if dp.is_some() {
+            live.u3.len() as u64
+        } else {
+            total
+        };
+        if weight_sum != expected_weight & modulus_mask {
             return Err(format!(
-                "the masked weights sum to {weight_sum}, the survivors state {total} examples \
-                 (mod 2^{})",
+                "the masked weights sum to {weight_sum}, expected {expected_weight} ({}, mod \
+                 2^{})",
+                if dp.is_some() {
+                    "one per surviving client"
+                } else {
+                    "the examples the survivors state"
+                },
                 live.params.modulus_bits
             ));
         }
         if total == 0 {
             return Err("the survivors state no examples".into());
         }
-        // values = Σ (n_u / reference) · v_u; the weighted mean divides by Σ n_u / reference.
-        let scale = live.setup.reference_examples as f64 / total as f64;
+        let scale = match dp {
+            // values = Σ v_u / reference + noise; the DP average is Σ v_u / W + noise.
+            Some(dp) => {
+                if live.u3.len() < dp.min_contributions {
+                    return Err(format!(
+                        "{} masked inputs, fewer than the {} the devices' DP noise is \
+                         calibrated for",
+                        live.u3.len(),
+                        dp.min_contributions
+                    ));
+                }
+                live.setup.reference_examples as f64 / dp.expected_clients as f64
+            }
+            // values = Σ (n_u / reference) · v_u; the weighted mean divides by Σ n_u / reference.
+            None => live.setup.reference_examples as f64 / total as f64,
+        };
         let mut flat = values.into_iter().map(|v| (v * scale) as f32);
         let delta: Vec<NamedTensor> = self
             .s

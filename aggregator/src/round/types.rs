@@ -220,7 +220,29 @@ pub struct SecureSettings {
     pub clip: f32,
     /// Deadline of the key, share and unmask stages.
     pub stage_timeout_ms: u64,
+    /// Distributed client-level DP (`[dp]` in a secure run): the devices add the noise.
+    pub dp: Option<SecureDp>,
 }
+
+/// Client-level DP with secure aggregation: each device clips its update to S and adds its
+/// share of the Gaussian noise, so the unmasked sum of at least `min_contributions` inputs
+/// carries noise of standard deviation at least σ·S/W (the central mechanism's), and no one —
+/// the aggregator included — sees a noise-free input or sum.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SecureDp {
+    /// S.
+    pub clip_norm: f64,
+    /// σ.
+    pub noise_multiplier: f64,
+    /// W: the fixed denominator of the average.
+    pub expected_clients: usize,
+    /// The fewest masked inputs a round's sum may hold (fewer: the round fails).
+    pub min_contributions: usize,
+}
+
+/// How many standard deviations of the sum's noise the quantization range leaves above the
+/// clipped values, so the sum wraps modulo 2^m with probability below 2e-9 per value.
+pub const NOISE_HEADROOM_SIGMAS: f64 = 6.0;
 
 impl SecureSettings {
     /// The protocol's parameters for a round that samples `n` clients.

@@ -45,6 +45,10 @@ pub struct ClientDp {
     /// Seed of the noise. `None` (the default) draws it from the OS: noise an observer can
     /// predict protects nothing. A fixed seed is for tests only.
     pub noise_seed: Option<u64>,
+    /// Distributed DP (a secure-aggregation run): the devices clipped their updates and added
+    /// the noise, and the round's accumulator holds the one unmasked, already noised average
+    /// (Σ clipped deltas / W + noise); this strategy adds nothing and only accounts.
+    pub on_devices: bool,
 }
 
 impl ClientDp {
@@ -180,9 +184,23 @@ impl Strategy for DpFedAvg {
         // Every delta was folded with weight 1, so weighted + error is the exact sum of the
         // clipped deltas (dividing by 1 is exact).
         let sum = exact_sum_over(weighted, error, 1.0);
-        let mut rng = self.noise_rng(round);
         let std = self.dp.noise_std();
-        let mean = noised_mean(&sum, self.dp.expected_clients as f64, std, &mut rng);
+        let mean = if self.dp.on_devices {
+            // The unmasked sum: already Σ clipped / W plus the devices' noise.
+            if *count != 1 {
+                return Err(StrategyError::State {
+                    strategy: "dp-fedavg",
+                    reason: format!(
+                        "distributed DP expects the one unmasked sum of a secure round, got \
+                         {count} deltas"
+                    ),
+                });
+            }
+            sum
+        } else {
+            let mut rng = self.noise_rng(round);
+            noised_mean(&sum, self.dp.expected_clients as f64, std, &mut rng)
+        };
         let next = self.inner.apply_mean(round, global, &mean)?;
         self.accountant
             .compose(self.dp.sample_rate(), self.dp.noise_multiplier, 1)
@@ -238,6 +256,7 @@ mod tests {
             fleet_size,
             delta: 1e-6,
             noise_seed: Some(7),
+            on_devices: false,
         }
     }
 

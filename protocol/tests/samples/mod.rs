@@ -114,6 +114,11 @@ pub fn all() -> Vec<(&'static str, Envelope)> {
             norm_bound: 0.0,
             reference_examples: 1200,
             max_clients: 2,
+            dp: Some(SecAggDp {
+                clip_norm: 1.0,
+                value_clip: 0.25,
+                noise_steps: 512.0,
+            }),
         },
     };
     let keys = SecAggKeys {

@@ -94,6 +94,7 @@ pub fn build(state: &MachineState, ledger: &Ledger, info: &RunInfo, finished: bo
         },
         local_dp: local_dp(&state.records),
         globals: None,
+        round_timing: Vec::new(),
     }
 }
 

@@ -7,11 +7,11 @@
 //! carries out its actions: publish (through the [`Outbox`]), checkpoint, evaluate, report. It
 //! stops when the run is done or `shutdown` resolves.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, SubscribeFilter};
 use tokio::sync::mpsc;
@@ -29,6 +29,7 @@ use crate::report::{Report, RunInfo};
 use crate::round::{Action, Event, RestoreError, RoundMachine, Rules};
 use crate::strategy;
 use crate::wire::Inbox;
+use fedpeft_config::report::RoundTiming;
 use fedpeft_config::report::{AdapterModel, TensorLayout};
 
 /// Why a run stopped with an error.
@@ -75,6 +76,11 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Milliseconds, to 0.01 ms.
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
 }
 
 /// The round rules a config describes, with the host's backbone facts.
@@ -157,7 +163,10 @@ pub async fn run(
             msg = rx.recv() => match msg {
                 Some(FromMqtt::Connected) => shell.on_connected(&client).await?,
                 Some(FromMqtt::Subscribed) => shell.on_subscribed(),
-                Some(FromMqtt::Publish(p)) => shell.on_publish(p),
+                Some(FromMqtt::Publish(p)) => {
+                    shell.arrived = Instant::now();
+                    shell.on_publish(p)
+                }
                 Some(FromMqtt::Error(e)) => {
                     warn!(error = %e, "MQTT connection error; reconnecting");
                     Vec::new()
@@ -172,7 +181,10 @@ pub async fn run(
                 }
                 None => return Err(RunError::Mqtt("event loop ended".into())),
             },
-            _ = ticker.tick() => shell.on_tick(),
+            _ = ticker.tick() => {
+                shell.arrived = Instant::now();
+                shell.on_tick()
+            }
         };
         shell.handle(events, &client).await?;
         shell.ack(&client).await?;
@@ -237,6 +249,13 @@ struct Shell {
     monitor: Option<crate::monitor::Monitor>,
     /// A round closed since the last snapshot (the monitor gets one at once).
     round_closed: bool,
+    /// When the message (or tick) being handled arrived: where a round's handover starts.
+    arrived: Instant,
+    /// The round the event being handled closed, and when its closing message arrived, until
+    /// the next round's announcement is handed to the broker.
+    handover: Option<(u32, Instant)>,
+    /// The aggregator's time between rounds, per round this process closed.
+    timing: BTreeMap<u32, RoundTiming>,
 }
 
 impl Shell {
@@ -321,6 +340,9 @@ impl Shell {
             finished: false,
             monitor: None,
             round_closed: false,
+            arrived: Instant::now(),
+            handover: None,
+            timing: BTreeMap::new(),
         })
     }
 
@@ -477,10 +499,28 @@ impl Shell {
                     m.seen(sender, now_ms());
                 }
             }
+            let open_before = self.machine.open_round();
+            let started = Instant::now();
             queue.extend(self.machine.on_event(ev, now_ms()));
+            if let Some(round) = open_before
+                && self.machine.open_round() != Some(round)
+            {
+                self.timing.insert(
+                    round,
+                    RoundTiming {
+                        round,
+                        handover_ms: None,
+                        close_ms: ms(started.elapsed()),
+                        evaluation_ms: None,
+                    },
+                );
+                self.handover = Some((round, self.arrived));
+            }
             while let Some(action) = queue.pop_front() {
                 queue.extend(self.carry_out(action, client).await?);
             }
+            // A round announced later (waiting for clients) is not a handover.
+            self.handover = None;
         }
         Ok(())
     }
@@ -536,6 +576,11 @@ impl Shell {
             Outgoing::Global(g) => Some(g.round),
             _ => None,
         };
+        let announced = match &message {
+            Outgoing::Announce(a) => Some(a.round),
+            Outgoing::SecureAnnounce(a) => Some(a.announce.round),
+            _ => None,
+        };
         let Some(sealed) = self.outbox.send(message, round, receivers) else {
             return Ok(());
         };
@@ -554,6 +599,20 @@ impl Shell {
                 .await
                 .map_err(|e| RunError::Mqtt(e.to_string()))?;
         }
+        if let (Some(next), Some((closed, arrived))) = (announced, self.handover)
+            && next == closed + 1
+        {
+            let handover = ms(arrived.elapsed());
+            if let Some(t) = self.timing.get_mut(&closed) {
+                t.handover_ms = Some(handover);
+            }
+            self.handover = None;
+            info!(
+                round = closed,
+                handover_ms = format!("{handover:.1}"),
+                "next round announced"
+            );
+        }
         Ok(())
     }
 
@@ -562,7 +621,11 @@ impl Shell {
         round: u32,
         adapter: &crate::adapter::Adapter,
     ) -> Result<Vec<Action>, RunError> {
+        let started = Instant::now();
         let result = tokio::task::block_in_place(|| self.host.evaluate(adapter));
+        if let Some(t) = self.timing.get_mut(&round) {
+            t.evaluation_ms = Some(ms(started.elapsed()));
+        }
         if let Ok(Some(e)) = &result {
             self.globals
                 .evaluated(round, e.accuracy, e.loss)
@@ -657,6 +720,7 @@ impl Shell {
             self.finished,
         );
         report.globals = Some(self.globals.index().clone());
+        report.round_timing = self.timing.values().cloned().collect();
         crate::report::write(&report, &self.config.output_dir).map_err(|source| {
             RunError::Report {
                 dir: self.config.output_dir.clone(),

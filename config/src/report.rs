@@ -22,7 +22,8 @@
 //!                         dp_noise_std, dp_epsilon, dp_delta },     // client-level DP, else null
 //!               local_dp_epsilon: { id: ε } } ],  // DP-SGD on the clients: ε each one stated
 //!   robust: { clipped_total, dp_epsilon, dp_delta },   // whole run (ε after the last round)
-//!   local_dp: { clients: { id: ε }, median, max } | null }  // each client's latest stated ε
+//!   local_dp: { clients: { id: ε }, median, max } | null,  // each client's latest stated ε
+//!   round_timing: [ { round, handover_ms, close_ms, evaluation_ms } ] }  // aggregator's own time
 //! ```
 //! The book's "Report schema" and "Robust aggregation and client-level DP" pages explain each figure.
 //! Byte counts are MQTT PUBLISH packets including framing (the aggregator's `accounting` module).
@@ -71,6 +72,24 @@ pub struct Report {
     /// reports of older versions and of runs that published none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub globals: Option<GlobalIndex>,
+    /// The aggregator's own time between rounds, for each round this process closed (absent in
+    /// reports of older versions; rounds closed before a restart have none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub round_timing: Vec<RoundTiming>,
+}
+
+/// What the aggregator spent between one round and the next, measured on its clock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundTiming {
+    pub round: u32,
+    /// From the arrival of the message that closed the round (its last accepted update, or
+    /// the deadline's tick) to the next round's announcement handed to the broker; `None` for
+    /// the last round, or while the next round waits for clients.
+    pub handover_ms: Option<f64>,
+    /// Closing the round: aggregation, the new global's encoding and the checkpoint's state.
+    pub close_ms: f64,
+    /// The held-out evaluation of the new global (after the announcement), if it ran.
+    pub evaluation_ms: Option<f64>,
 }
 
 /// The schema name `globals/index.json` carries.

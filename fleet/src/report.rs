@@ -115,6 +115,7 @@ pub(crate) mod fixtures {
             },
             local_dp: None,
             globals: None,
+            round_timing: Vec::new(),
         }
     }
 

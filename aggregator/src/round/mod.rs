@@ -775,19 +775,30 @@ impl RoundMachine {
         );
         self.s.records.push(record.clone());
         out.push(Action::Checkpoint(Box::new(self.s.clone())));
-        if status == RoundStatus::Ok {
-            out.push(Action::Evaluate {
-                round,
-                adapter: self.s.global.clone(),
-            });
-        }
-        out.push(Action::RoundClosed(Box::new(record)));
+        // The held-out evaluation runs after the next round is announced, while the clients
+        // train: it is not on the path from this round's last update to the next round.
+        let evaluate = (status == RoundStatus::Ok).then(|| Action::Evaluate {
+            round,
+            adapter: self.s.global.clone(),
+        });
         if self.is_done() {
+            out.extend(evaluate);
+            out.push(Action::RoundClosed(Box::new(record)));
             info!(rounds = self.rules.rounds, "all rounds done");
             self.publish_done(out);
             out.push(Action::Finished);
         } else {
             self.maybe_start_round(now, out);
+            out.extend(evaluate);
+            out.push(Action::RoundClosed(Box::new(record)));
+        }
+    }
+
+    /// The round being collected, if one is open.
+    pub fn open_round(&self) -> Option<u32> {
+        match &self.s.phase {
+            Phase::Collecting(open) => Some(open.round),
+            _ => None,
         }
     }
 

@@ -54,8 +54,9 @@ pub struct RosterEntry {
 
 impl RosterEntry {
     /// Refuses small-order public keys (with which the X25519 "shared" secret is all zeros,
-    /// known to anyone). [`crate::ServerRound::new`] and [`ClientRound::share`] call it on
-    /// every entry; the aggregator can call it on each advertisement as it arrives.
+    /// known to anyone). [`crate::ServerRound::new`] calls it on every entry and
+    /// [`ClientRound::share`] on the client's neighbours (the only keys it uses); the aggregator
+    /// can call it on each advertisement as it arrives.
     pub fn check_keys(&self, round: u32) -> Result<(), SecAggError> {
         for (pk, key) in [(&self.enc_pk, "encryption"), (&self.mask_pk, "mask")] {
             if crypto::is_weak_public_key(pk) {
@@ -243,7 +244,7 @@ impl ClientRound {
     /// ciphertext [`crate::SHARE_CIPHERTEXT_LEN`] bytes.
     ///
     /// Refuses: duplicate roster ids, a roster without this client or with other keys for it,
-    /// small-order keys, fewer than `threshold + 1` members, parameters that break the rules of
+    /// small-order keys of its neighbours, fewer than `threshold + 1` members, parameters that break the rules of
     /// [`Params::check`] (the headroom aside), and a second call.
     pub fn share(
         &mut self,
@@ -300,12 +301,16 @@ impl ClientRound {
                 need,
             });
         }
-        for entry in members.values() {
-            entry.check_keys(round)?;
-        }
         let ids: Vec<String> = members.keys().cloned().collect();
         let mut graph = neighbourhoods(graph_seed, &ids, self.params.neighbours);
         let neighbours = graph.remove(&self.me).unwrap_or_default();
+        // Only the neighbours' keys are ever used here; checking all 2n would make a device's
+        // work grow with the roster (the aggregator checks every key as it arrives).
+        for v in &neighbours {
+            if let Some(entry) = members.get(v) {
+                entry.check_keys(round)?;
+            }
+        }
         let (_, threshold) = self.params.effective(members.len());
         let mut my_x = BTreeMap::new();
         for v in &neighbours {

@@ -927,6 +927,16 @@ fn client_refuses_bad_rosters() {
             ..
         })
     ));
+    // A small-order key of a client that is not a neighbour: the client never uses it, so
+    // it does not check it (the aggregator refuses such a key as it arrives).
+    let graph = neighbourhoods(&GRAPH_SEED, &ids, 4);
+    let stranger = ids
+        .iter()
+        .position(|v| v != "c1" && !graph["c1"].contains(v))
+        .expect("c1 has a non-neighbour among 6 with k = 4");
+    let mut weak = roster.clone();
+    weak[stranger].enc_pk = [0; 32];
+    clients[1].share(&weak, &GRAPH_SEED, &mut r).unwrap();
 }
 
 #[test]

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 
 /// How often a trunk pass over many samples logs its progress.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most bytes of consecutive rows read from a cache file at once.
+const READ_CHUNK: usize = 1 << 20;
 
 use ndarray::{ArrayD, IxDyn};
 use sha2::{Digest, Sha256};
@@ -100,8 +102,17 @@ impl Features {
 
     /// The rows at `indices` (positions within the cached selection), as `[len, row_shape..]`.
     pub fn rows(&self, indices: &[usize]) -> Result<ArrayD<f32>> {
+        let mut out = Vec::with_capacity(indices.len() * self.row_len());
+        self.read_rows(indices, &mut out)?;
+        let mut shape = vec![indices.len()];
+        shape.extend_from_slice(&self.row_shape);
+        ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| cache_err(Path::new("(rows)"), e))
+    }
+
+    /// Appends the rows at `indices` to `out`. From a file, a run of consecutive rows is one
+    /// read (at most [`READ_CHUNK`] bytes at a time).
+    fn read_rows(&self, indices: &[usize], out: &mut Vec<f32>) -> Result<()> {
         let r = self.row_len();
-        let mut out = Vec::with_capacity(indices.len() * r);
         match &self.store {
             Store::Memory(v) => {
                 for &i in indices {
@@ -115,12 +126,25 @@ impl Features {
                 let mut f = file
                     .lock()
                     .map_err(|_| cache_err(path, "file mutex poisoned"))?;
-                let mut buf = vec![0u8; r * 4];
-                for &i in indices {
-                    if i >= self.n {
-                        return Err(self.oob(i, path));
+                let per_read = (READ_CHUNK / (r * 4).max(1)).max(1);
+                let mut buf = Vec::new();
+                let mut k = 0;
+                while k < indices.len() {
+                    let first = indices[k];
+                    if first >= self.n {
+                        return Err(self.oob(first, path));
                     }
-                    f.seek(SeekFrom::Start(offset + (i * r * 4) as u64))
+                    // The run of rows first, first + 1, ... that follows in `indices`.
+                    let mut run = 1;
+                    while run < per_read
+                        && k + run < indices.len()
+                        && indices[k + run] == first + run
+                        && first + run < self.n
+                    {
+                        run += 1;
+                    }
+                    buf.resize(run * r * 4, 0);
+                    f.seek(SeekFrom::Start(offset + (first * r * 4) as u64))
                         .map_err(|e| BackboneError::io(path, e))?;
                     f.read_exact(&mut buf)
                         .map_err(|e| BackboneError::io(path, e))?;
@@ -128,31 +152,38 @@ impl Features {
                         buf.chunks_exact(4)
                             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
                     );
+                    k += run;
                 }
             }
         }
-        let mut shape = vec![indices.len()];
-        shape.extend_from_slice(&self.row_shape);
-        ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| cache_err(Path::new("(rows)"), e))
+        Ok(())
     }
 
     /// The rows at `indices` as a new in-memory entry: a fleet client's own rows out of an entry
     /// that holds the whole data set (which may stay in its file, shared through the page cache).
     pub fn select(&self, indices: &[usize]) -> Result<Features> {
-        let mut rows = Vec::with_capacity(indices.len() * self.row_len());
-        let mut sorted: Vec<(usize, usize)> = indices.iter().copied().enumerate().collect();
-        // Read in file order (one pass forward), then put the rows back in the caller's order.
-        sorted.sort_unstable_by_key(|&(_, i)| i);
-        let picked = self.rows(&sorted.iter().map(|&(_, i)| i).collect::<Vec<_>>())?;
-        let picked = picked.as_standard_layout();
-        let data = picked.as_slice().unwrap_or_default();
         let r = self.row_len();
-        let mut at = vec![0usize; indices.len()];
-        for (k, &(pos, _)) in sorted.iter().enumerate() {
-            at[pos] = k;
-        }
-        for &k in &at {
-            rows.extend_from_slice(&data[k * r..(k + 1) * r]);
+        let mut rows = Vec::with_capacity(indices.len() * r);
+        if indices.is_sorted() {
+            // A shard (always ascending): straight into the new entry, one pass forward.
+            self.read_rows(indices, &mut rows)?;
+        } else {
+            // Read in file order (one pass forward), then put the rows back in the caller's
+            // order.
+            let mut sorted: Vec<(usize, usize)> = indices.iter().copied().enumerate().collect();
+            sorted.sort_unstable_by_key(|&(_, i)| i);
+            let mut data = Vec::with_capacity(indices.len() * r);
+            self.read_rows(
+                &sorted.iter().map(|&(_, i)| i).collect::<Vec<_>>(),
+                &mut data,
+            )?;
+            let mut at = vec![0usize; indices.len()];
+            for (k, &(pos, _)) in sorted.iter().enumerate() {
+                at[pos] = k;
+            }
+            for &k in &at {
+                rows.extend_from_slice(&data[k * r..(k + 1) * r]);
+            }
         }
         Ok(Features {
             n: indices.len(),
@@ -535,6 +566,22 @@ mod tests {
             .collect();
         assert_eq!(got.as_slice().unwrap(), want.as_slice());
         assert!(whole.select(&[40]).is_err());
+        assert!(whole.select(&[38, 39, 40]).is_err());
+        // An ascending shard (runs of consecutive rows read at once, a repeat) gives the same
+        // rows as one row at a time.
+        let shard = [0, 1, 2, 3, 9, 10, 10, 11, 39];
+        let got = whole.select(&shard).unwrap();
+        let want: Vec<f32> = shard
+            .iter()
+            .flat_map(|&i| [i as f32, -(i as f32), 0.5])
+            .collect();
+        assert_eq!(
+            got.rows(&(0..shard.len()).collect::<Vec<_>>())
+                .unwrap()
+                .as_slice()
+                .unwrap(),
+            want.as_slice()
+        );
     }
 
     /// Two caches of one process (two hosts on one cache folder) fill the same entry at the

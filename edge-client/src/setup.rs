@@ -1,6 +1,11 @@
 //! From a validated config to a ready [`TailTrainer`]: open the backbone, load the data set,
 //! take this client's shard of the fleet's partition (or all of it), run the trunk once over it
-//! (or find the activations in the cache from an earlier start), and build the PEFT tail.
+//! (or find the activations in the cache from an earlier start), and build the PEFT tail. One
+//! log line, `local training ready`, says how long each step took.
+//!
+//! Fashion-MNIST is read from its decoded copy in the cache folder ([`DecodedImages`]: made once,
+//! memory-mapped by every client of a fleet), so a client reads the labels and its own images,
+//! not the whole gzip'd set.
 //!
 //! Two families: a conv head on images (Fashion-MNIST, or the device's own image folder or IDX
 //! files, an image folder resized to `image_size` as it is read), and a transformer tail on
@@ -20,8 +25,8 @@ use std::time::Instant;
 
 use fedpeft_backbone::cache::hash_image_selection;
 use fedpeft_backbone::data::{
-    ImageDataset, TextDataset, fashion_mnist, fashion_mnist_at, load_spam_assassin, model_id,
-    spam_assassin_dir, spam_assassin_split,
+    DecodedImages, ImageDataset, TextDataset, fashion_mnist_decoded, fashion_mnist_dir,
+    load_spam_assassin, model_id, spam_assassin_dir, spam_assassin_split,
 };
 use fedpeft_backbone::{
     ActivationCache, Backbone, CacheConfig, CacheKey, Features, ImagePreprocess, Partitioner,
@@ -86,25 +91,110 @@ fn data_err(cfg: &EdgeConfig) -> impl Fn(fedpeft_backbone::BackboneError) -> Set
     }
 }
 
-/// The local images: Fashion-MNIST's training split, or every image of the device's own data
-/// labelled with the fleet's classes (an image folder resized to `image_size` as it is read).
-fn load_images(cfg: &EdgeConfig) -> Result<ImageDataset, SetupError> {
-    let start = Instant::now();
-    let ds = match &cfg.data.source {
-        DataSource::Named { root: Some(root) } => fashion_mnist_at(root, true),
-        DataSource::Named { root: None } => fashion_mnist(true),
-        DataSource::Own { data, classes } => data.load_images(classes, cfg.image_size),
+/// The local images: Fashion-MNIST's training split from its decoded copy in the cache folder
+/// (made by the first process that needs it, then mapped by every client: each reads the labels
+/// and its own images only), or every image of the device's own data labelled with the fleet's
+/// classes (an image folder resized to `image_size` as it is read).
+enum LocalImages {
+    Decoded {
+        set: DecodedImages,
+        /// The whole set, read out of `set` only if the trunk must run over all of it.
+        whole: Option<ImageDataset>,
+    },
+    Read(ImageDataset),
+}
+
+impl LocalImages {
+    fn len(&self) -> usize {
+        match self {
+            Self::Decoded { set, .. } => set.len(),
+            Self::Read(ds) => ds.len(),
+        }
     }
-    .map_err(data_err(cfg))?;
-    tracing::info!(
-        dataset = cfg.data.dataset.name(),
-        source = %ds.source.display(),
-        examples = ds.len(),
-        classes = ds.num_classes(),
-        ms = start.elapsed().as_millis() as u64,
-        "local images read"
-    );
-    Ok(ds)
+
+    fn labels(&self) -> std::borrow::Cow<'_, [u32]> {
+        match self {
+            Self::Decoded { set, .. } => set.labels_u32().into(),
+            Self::Read(ds) => ds.labels.as_slice().into(),
+        }
+    }
+
+    fn classes(&self) -> &[String] {
+        match self {
+            Self::Decoded { set, .. } => set.classes(),
+            Self::Read(ds) => &ds.classes,
+        }
+    }
+
+    /// The images at `indices`, in that order (only those are read from a decoded copy).
+    fn select(
+        &mut self,
+        indices: &[usize],
+    ) -> Result<ImageDataset, fedpeft_backbone::BackboneError> {
+        match self {
+            Self::Decoded { set, .. } => set.select(indices),
+            Self::Read(ds) => Ok(ds.select(indices)),
+        }
+    }
+
+    /// sha256 of every image, in order (a decoded copy keeps it in its header).
+    fn hash_all(&self) -> String {
+        match self {
+            Self::Decoded { set, .. } => set.hash_all(),
+            Self::Read(ds) => {
+                let all: Vec<usize> = (0..ds.len()).collect();
+                hash_image_selection(ds, &all)
+            }
+        }
+    }
+
+    /// The whole set.
+    fn whole(&mut self) -> Result<&ImageDataset, fedpeft_backbone::BackboneError> {
+        match self {
+            Self::Decoded { set, whole } => {
+                if whole.is_none() {
+                    *whole = Some(set.to_dataset()?);
+                }
+                Ok(whole.as_ref().expect("read above"))
+            }
+            Self::Read(ds) => Ok(ds),
+        }
+    }
+}
+
+fn load_images(cfg: &EdgeConfig) -> Result<LocalImages, SetupError> {
+    let start = Instant::now();
+    let images = match &cfg.data.source {
+        DataSource::Named { root } => {
+            let dir = root.clone().unwrap_or_else(fashion_mnist_dir);
+            let set = fashion_mnist_decoded(&cfg.cache_dir, &dir, true).map_err(data_err(cfg))?;
+            tracing::info!(
+                dataset = cfg.data.dataset.name(),
+                source = %set.source().display(),
+                examples = set.len(),
+                classes = set.classes().len(),
+                copy = %set.copy_path().map(|p| p.display().to_string()).unwrap_or_else(|| "none (in memory)".into()),
+                ms = start.elapsed().as_millis() as u64,
+                "local images opened"
+            );
+            LocalImages::Decoded { set, whole: None }
+        }
+        DataSource::Own { data, classes } => {
+            let ds = data
+                .load_images(classes, cfg.image_size)
+                .map_err(data_err(cfg))?;
+            tracing::info!(
+                dataset = cfg.data.dataset.name(),
+                source = %ds.source.display(),
+                examples = ds.len(),
+                classes = ds.num_classes(),
+                ms = start.elapsed().as_millis() as u64,
+                "local images read"
+            );
+            LocalImages::Read(ds)
+        }
+    };
+    Ok(images)
 }
 
 /// The local texts and the positions a client may train on: SpamAssassin's training 80 %, or
@@ -297,6 +387,31 @@ struct LocalData {
     /// The class names, in label-id order.
     classes: Vec<String>,
     per_class: Vec<usize>,
+    phases: Phases,
+}
+
+/// Where a client's start-up went, in milliseconds: logged once as `local training ready`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Phases {
+    /// Opening the backbone (its manifest; the trunk is opened only when it must run).
+    backbone_ms: u64,
+    /// Reading (or mapping) the local data set.
+    data_ms: u64,
+    /// This client's shard of the fleet's partition.
+    partition_ms: u64,
+    /// The shard's trunk activations: from the activation cache, or the trunk run over it.
+    activations_ms: u64,
+    /// Whether the trunk ran (an activation-cache miss).
+    trunk_ran: bool,
+    /// The PEFT tail's frozen weights and the trainer.
+    tail_ms: u64,
+}
+
+/// Milliseconds since `clock`, which restarts.
+fn lap(clock: &mut Instant) -> u64 {
+    let ms = clock.elapsed().as_millis() as u64;
+    *clock = Instant::now();
+    ms
 }
 
 /// Image shard -> cached trunk activations.
@@ -305,30 +420,35 @@ fn image_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupE
         dir: cfg.model_dir.clone(),
         source,
     };
-    let ds = load_images(cfg)?;
-    let shard = client_shard(&ds.labels, None, cfg)?;
-    let per_class = per_class(&ds.labels, &shard, ds.num_classes());
-    let labels: Vec<usize> = shard.iter().map(|&i| ds.labels[i] as usize).collect();
-    let classes = ds.classes.clone();
+    let mut phases = Phases::default();
+    let mut clock = Instant::now();
+    let mut images = load_images(cfg)?;
+    phases.data_ms = lap(&mut clock);
+    let all_labels = images.labels();
+    let shard = client_shard(&all_labels, None, cfg)?;
+    let per_class = per_class(&all_labels, &shard, images.classes().len());
+    let labels: Vec<usize> = shard.iter().map(|&i| all_labels[i] as usize).collect();
+    drop(all_labels);
+    let classes = images.classes().to_vec();
     tracing::info!(examples = shard.len(), ?per_class, "local shard");
+    phases.partition_ms = lap(&mut clock);
     // A shared cache holds every sample of the data set in one entry (filled once for the whole
-    // fleet, left in its file: each process keeps only its own rows in memory); otherwise the
-    // entry is this client's shard, and only the shard's images are kept while the trunk runs
-    // (500 of Fashion-MNIST's 60 000 are 0.4 MB of its 47 MB).
-    let (ds, selection): (_, Vec<usize>) = if cfg.cache_shared {
-        let n = ds.len();
-        (ds, (0..n).collect())
+    // fleet, left in its file: each process keeps only its own rows in memory), keyed by the
+    // whole set's hash (a decoded copy keeps it: no image is read); the set is read only if
+    // the trunk must run. Otherwise the entry is this client's shard, and only the shard's
+    // images are read (500 of Fashion-MNIST's 60 000 are 0.4 MB of its 47 MB).
+    let (data_hash, n, mut shard_set) = if cfg.cache_shared {
+        (images.hash_all(), images.len(), None)
     } else {
-        (ds.select(&shard), (0..shard.len()).collect())
+        let ds = images.select(&shard).map_err(data_err(cfg))?;
+        let all: Vec<usize> = (0..ds.len()).collect();
+        (hash_image_selection(&ds, &all), ds.len(), Some(ds))
     };
+    let selection: Vec<usize> = (0..n).collect();
 
     let pre = ImagePreprocess::from_manifest(&backbone.manifest, Some(cfg.image_size))
         .map_err(backbone_err)?;
-    let key = CacheKey::new(
-        backbone.trunk_sha256(),
-        &hash_image_selection(&ds, &selection),
-        &pre.fingerprint(),
-    );
+    let key = CacheKey::new(backbone.trunk_sha256(), &data_hash, &pre.fingerprint());
     let mut cache = open_cache(cfg);
     let trunk_cfg = trunk_config(cfg);
     // The trunk is opened only on a cache miss: a restarted client with cached activations
@@ -343,7 +463,11 @@ fn image_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupE
                 trunk = Some(t);
             }
             let t = trunk.as_ref().expect("opened above");
-            let x = pre.batch(&ds, &selection[range])?;
+            let ds = match &mut shard_set {
+                Some(ds) => &*ds,
+                None => images.whole()?,
+            };
+            let x = pre.batch(ds, &selection[range])?;
             t.run(&TrunkInput::Image(x))
         })
         .map_err(SetupError::Trunk)?;
@@ -353,19 +477,25 @@ fn image_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupE
         features
     };
     log_activations_ready(&features, None, trunk.is_none(), cfg.cache_shared, start);
+    phases.activations_ms = lap(&mut clock);
+    phases.trunk_ran = trunk.is_some();
     Ok(LocalData {
         features,
         masks: None,
         labels,
         classes,
         per_class,
+        phases,
     })
 }
 
 /// Text shard (SpamAssassin: of its training 80 %) -> tokens -> cached trunk activations and
 /// masks.
 fn text_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupError> {
+    let mut phases = Phases::default();
+    let mut clock = Instant::now();
     let (ds, train) = load_texts(cfg)?;
+    phases.data_ms = lap(&mut clock);
     let labels: Vec<u32> = train.iter().map(|&i| ds.labels[i]).collect();
     let keys: Vec<Option<String>> = train.iter().map(|&i| ds.keys[i].clone()).collect();
     let positions = client_shard(&labels, Some(&keys), cfg)?;
@@ -377,6 +507,7 @@ fn text_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupEr
         .collect::<std::collections::BTreeSet<_>>()
         .len();
     tracing::info!(examples = shard.len(), ?per_class, lists, "local shard");
+    phases.partition_ms = lap(&mut clock);
 
     let pre = TextPreprocess::from_backbone(backbone, cfg.max_seq_len).map_err(|source| {
         SetupError::Incompatible {
@@ -427,30 +558,38 @@ fn text_data(cfg: &EdgeConfig, backbone: &Backbone) -> Result<LocalData, SetupEr
         cfg.cache_shared,
         start,
     );
+    phases.activations_ms = lap(&mut clock);
+    phases.trunk_ran = trunk.is_some();
     Ok(LocalData {
         features,
         masks: Some(masks),
         labels: shard.iter().map(|&i| ds.labels[i] as usize).collect(),
         classes: ds.classes.clone(),
         per_class,
+        phases,
     })
 }
 
 /// Prepares local training as the config says.
 pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
+    let began = Instant::now();
+    let mut clock = began;
     let backbone = Backbone::open(&cfg.model_dir).map_err(|source| SetupError::Backbone {
         dir: cfg.model_dir.clone(),
         source,
     })?;
     check_compatible(cfg, &backbone)?;
     let family = tail_family(&backbone)?;
+    let backbone_ms = lap(&mut clock);
     let m = &backbone.manifest;
-    let data = match m.family {
+    let mut data = match m.family {
         fedpeft_backbone::Family::ConvHead | fedpeft_backbone::Family::Vit => {
             image_data(cfg, &backbone)?
         }
         fedpeft_backbone::Family::Transformer => text_data(cfg, &backbone)?,
     };
+    data.phases.backbone_ms = backbone_ms;
+    clock = Instant::now();
 
     let tail_path = backbone.tail_path();
     let weights =
@@ -474,6 +613,21 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
     if let Some(masks) = data.masks {
         trainer = trainer.with_masks(masks)?;
     }
+    let p = Phases {
+        tail_ms: lap(&mut clock),
+        ..data.phases
+    };
+    // One line with where start-up went (the MQTT connection follows: `connected`).
+    tracing::info!(
+        backbone_ms = p.backbone_ms,
+        data_ms = p.data_ms,
+        partition_ms = p.partition_ms,
+        activations_ms = p.activations_ms,
+        trunk_ran = p.trunk_ran,
+        tail_ms = p.tail_ms,
+        total_ms = began.elapsed().as_millis() as u64,
+        "local training ready"
+    );
 
     let sha = hex::decode(backbone.trunk_sha256())
         .ok()
@@ -517,6 +671,7 @@ pub fn build_trainer(cfg: &EdgeConfig) -> Result<LocalSetup, SetupError> {
 #[cfg(test)]
 mod tests {
     use clap::Parser;
+    use fedpeft_backbone::data::fashion_mnist_at;
 
     use super::*;
     use crate::config::{Cli, EdgeConfig};
@@ -632,6 +787,74 @@ mod tests {
             );
             assert!(err.to_string().starts_with(field), "{err}");
         }
+    }
+
+    /// A Fashion-MNIST client of a 64-client fleet, as `fedpeft-fleet` starts it.
+    fn fashion_cfg(cache: &std::path::Path, extra: &[&str]) -> EdgeConfig {
+        let mut args = vec![
+            "edge-client",
+            "--client-id",
+            "c",
+            "--model-dir",
+            "m",
+            "--num-clients",
+            "64",
+            "--seed",
+            "42",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        EdgeConfig::from_cli(&Cli::try_parse_from(args).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_shard_from_the_decoded_copy_is_byte_identical_to_one_from_the_gzip_files() {
+        let reference = fashion_mnist_at(&fashion_mnist_dir(), true).unwrap();
+        let all: Vec<usize> = (0..reference.len()).collect();
+        let reference_hash = hash_image_selection(&reference, &all);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        // The sweep's Dirichlet splits (alpha 0.1 and 0.5), an IID one, and the quick start's
+        // capped shards.
+        let splits: [&[&str]; 4] = [
+            &["--partition", "dirichlet", "--alpha", "0.5"],
+            &["--partition", "dirichlet", "--alpha", "0.1"],
+            &["--partition", "iid"],
+            &[
+                "--partition",
+                "dirichlet",
+                "--alpha",
+                "0.5",
+                "--max-examples",
+                "500",
+            ],
+        ];
+        for split in splits {
+            for index in ["0", "5", "37", "63"] {
+                let mut args = split.to_vec();
+                args.extend(["--client-index", index]);
+                let cfg = fashion_cfg(&cache, &args);
+                let want = client_shard(&reference.labels, None, &cfg).unwrap();
+                let mut images = load_images(&cfg).unwrap();
+                assert!(
+                    matches!(&images, LocalImages::Decoded { set, .. } if set.is_mapped()),
+                    "{args:?}"
+                );
+                let shard = client_shard(&images.labels(), None, &cfg).unwrap();
+                assert_eq!(shard, want, "{args:?}");
+                // Same images, same order, same labels, classes and source: the same
+                // activation-cache keys, per shard and for the whole set.
+                let got = images.select(&shard).unwrap();
+                assert_eq!(got, reference.select(&want), "{args:?}");
+                assert_eq!(images.hash_all(), reference_hash, "{args:?}");
+            }
+        }
+        // One copy, made by the first client; the whole set from it is the decoded one.
+        let copies = std::fs::read_dir(cache.join("datasets")).unwrap().count();
+        assert_eq!(copies, 1);
+        let mut images = load_images(&fashion_cfg(&cache, &[])).unwrap();
+        assert_eq!(images.whole().unwrap(), &reference);
     }
 
     #[test]

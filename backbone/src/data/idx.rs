@@ -22,16 +22,24 @@ pub fn fashion_mnist(train: bool) -> Result<ImageDataset> {
 /// Fashion-MNIST's training split (`train-*-ubyte.gz`) or test split (`t10k-*-ubyte.gz`) from
 /// the folder `dir`.
 pub fn fashion_mnist_at(dir: &Path, train: bool) -> Result<ImageDataset> {
+    let (images, labels) = fashion_mnist_files(dir, train);
+    load_idx_pair(&images, &labels, Some(fashion_mnist_classes()))
+}
+
+/// The images and labels files of Fashion-MNIST's training or test split in `dir`.
+pub(crate) fn fashion_mnist_files(dir: &Path, train: bool) -> (PathBuf, PathBuf) {
     let prefix = if train { "train" } else { "t10k" };
-    let classes: Vec<String> = FASHION_MNIST_CLASSES
+    (
+        dir.join(format!("{prefix}-images-idx3-ubyte.gz")),
+        dir.join(format!("{prefix}-labels-idx1-ubyte.gz")),
+    )
+}
+
+pub(crate) fn fashion_mnist_classes() -> Vec<String> {
+    FASHION_MNIST_CLASSES
         .iter()
         .map(|s| s.to_string())
-        .collect();
-    load_idx_pair(
-        &dir.join(format!("{prefix}-images-idx3-ubyte.gz")),
-        &dir.join(format!("{prefix}-labels-idx1-ubyte.gz")),
-        Some(classes),
-    )
+        .collect()
 }
 
 fn read_all(path: &Path) -> Result<Vec<u8>> {

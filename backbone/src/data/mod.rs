@@ -1,10 +1,13 @@
 //! Labelled data sets: images (IDX files, a folder per class) and text (CSV, JSONL,
-//! SpamAssassin). Loaders return owned, validated in-memory sets; a broken or mislabelled
+//! SpamAssassin). Loaders return owned, validated in-memory sets ([`DecodedImages`]: an IDX
+//! pair decoded once into a cache folder and memory-mapped, so a fleet's processes each read
+//! only their shard); a broken or mislabelled
 //! file is a [`BackboneError::Data`] (or [`BackboneError::DataLine`]) naming the file and,
 //! where it applies, the record or line. [`OwnData`] is a user's files as a device or the
 //! aggregator reads them, labelled with the fleet's class list ([`class_list_tag`] makes the
 //! list part of the model's identity).
 
+mod decoded;
 mod folder;
 mod idx;
 mod own;
@@ -13,6 +16,7 @@ mod text;
 
 use std::path::PathBuf;
 
+pub use decoded::{DECODED_VERSION, DecodedImages, fashion_mnist_decoded};
 pub use folder::{
     IMAGE_EXTENSIONS, decode_image_bytes, image_folder_classes, load_image_files, load_image_folder,
 };

@@ -726,18 +726,20 @@ fn poisoned_run(
     };
     std::fs::create_dir_all(dir).expect("run folder");
     let top = "min_clients = 3\nquorum = 2\nround_timeout_secs = 60.0";
-    // Poisoned: local training long enough (about 1.5 s) that no update is in flight while the
-    // aggregator reconnects (half a second), since a clean session loses what was queued for it.
-    let (rounds, local) = if poison_in_round_2 {
-        (3, "epochs = 25")
+    // Poisoned: every client holds its finished update for 4 s (the straggler fault), so no
+    // update is in flight while the aggregator reconnects (half a second after the poison),
+    // since a clean session loses what was queued for it. How long training takes on this
+    // machine does not matter (on a fast one, 25 epochs took 0.4 s: an update was lost).
+    let (rounds, extra): (u32, &[&str]) = if poison_in_round_2 {
+        (3, &["--straggle-secs", "4"])
     } else {
-        (2, "epochs = 1")
+        (2, &[])
     };
-    let config = fed.aggregator_config(&broker.url(), broker.port, rounds, top, local);
+    let config = fed.aggregator_config(&broker.url(), broker.port, rounds, top, "epochs = 1");
     let name = format!("aggregator-run-{run_id}");
     let mut aggregator = fed.start_aggregator(&config, &name);
     let mut clients: Vec<Proc> = (0..fed.clients)
-        .map(|i| fed.spawn_client(&broker.url(), i))
+        .map(|i| fed.spawn_client_with(&broker.url(), i, extra))
         .collect();
     if poison_in_round_2 {
         aggregator

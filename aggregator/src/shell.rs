@@ -109,6 +109,10 @@ pub fn rules(config: &Config, host: &dyn ModelHost) -> Rules {
 /// receive it (`fedpeft-decode` prints it).
 pub const GLOBAL_ADAPTER_FILE: &str = "global-adapter.bin";
 
+/// Most client messages handled as one batch: one checkpoint (one fsync) covers them all before
+/// they are acknowledged, instead of one per accepted update or join.
+const MAX_BATCH: usize = 1024;
+
 enum FromMqtt {
     Connected,
     Subscribed,
@@ -153,38 +157,27 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut stopped = false;
+    // A message taken from the channel while a batch of publishes was gathered: next in line.
+    let mut held: Option<FromMqtt> = None;
     while !shell.finished {
-        let events = tokio::select! {
-            _ = &mut shutdown => {
-                info!("shutdown requested; stopping");
-                stopped = true;
-                break;
+        let events = match held.take() {
+            Some(msg) => {
+                shell
+                    .on_mqtt(Some(msg), &client, &mut rx, &mut held)
+                    .await?
             }
-            msg = rx.recv() => match msg {
-                Some(FromMqtt::Connected) => shell.on_connected(&client).await?,
-                Some(FromMqtt::Subscribed) => shell.on_subscribed(),
-                Some(FromMqtt::Publish(p)) => {
+            None => tokio::select! {
+                _ = &mut shutdown => {
+                    info!("shutdown requested; stopping");
+                    stopped = true;
+                    break;
+                }
+                msg = rx.recv() => shell.on_mqtt(msg, &client, &mut rx, &mut held).await?,
+                _ = ticker.tick() => {
                     shell.arrived = Instant::now();
-                    shell.on_publish(p)
+                    shell.on_tick()
                 }
-                Some(FromMqtt::Error(e)) => {
-                    warn!(error = %e, "MQTT connection error; reconnecting");
-                    Vec::new()
-                }
-                Some(FromMqtt::Oversized { bytes, limit }) => {
-                    warn!(bytes, limit, client_id = %shell.config.broker.client_id,
-                        "dropped a delivery over broker.max_packet_bytes; reconnecting with a \
-                         clean session so the broker does not deliver it again");
-                    // What was received but not acknowledged belonged to the old session.
-                    shell.unacked.clear();
-                    Vec::new()
-                }
-                None => return Err(RunError::Mqtt("event loop ended".into())),
             },
-            _ = ticker.tick() => {
-                shell.arrived = Instant::now();
-                shell.on_tick()
-            }
         };
         shell.handle(events, &client).await?;
         shell.ack(&client).await?;
@@ -256,6 +249,13 @@ struct Shell {
     handover: Option<(u32, Instant)>,
     /// The aggregator's time between rounds, per round this process closed.
     timing: BTreeMap<u32, RoundTiming>,
+    /// The newest state a checkpoint action asked for, not written yet: written before any
+    /// other action is carried out and at the end of each batch, so a batch of accepted updates
+    /// costs one checkpoint, and nothing is published or acknowledged before the state that
+    /// led to it is on disk.
+    pending_checkpoint: Option<Box<crate::round::MachineState>>,
+    /// Publishes gathered for the next batch (see [`Shell::on_mqtt`]), not decoded yet.
+    batch: Vec<rumqttc::Publish>,
 }
 
 impl Shell {
@@ -343,6 +343,8 @@ impl Shell {
             arrived: Instant::now(),
             handover: None,
             timing: BTreeMap::new(),
+            pending_checkpoint: None,
+            batch: Vec::new(),
         })
     }
 
@@ -423,6 +425,52 @@ impl Shell {
         Ok((client, rx, pump))
     }
 
+    /// One message from the MQTT task. A publish takes the publishes already waiting behind
+    /// it along into `batch` (at most [`MAX_BATCH`]; any other message is left in `held`): the
+    /// next [`Shell::handle`] handles the batch as one, with one checkpoint, before any of it
+    /// is acknowledged (group commit).
+    async fn on_mqtt(
+        &mut self,
+        msg: Option<FromMqtt>,
+        client: &AsyncClient,
+        rx: &mut mpsc::UnboundedReceiver<FromMqtt>,
+        held: &mut Option<FromMqtt>,
+    ) -> Result<Vec<Event>, RunError> {
+        Ok(match msg {
+            Some(FromMqtt::Connected) => self.on_connected(client).await?,
+            Some(FromMqtt::Subscribed) => self.on_subscribed(),
+            Some(FromMqtt::Publish(p)) => {
+                self.arrived = Instant::now();
+                // Decoded one at a time by `handle`.
+                self.batch.push(p);
+                for _ in 1..MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(FromMqtt::Publish(p)) => self.batch.push(p),
+                        Ok(other) => {
+                            *held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                Vec::new()
+            }
+            Some(FromMqtt::Error(e)) => {
+                warn!(error = %e, "MQTT connection error; reconnecting");
+                Vec::new()
+            }
+            Some(FromMqtt::Oversized { bytes, limit }) => {
+                warn!(bytes, limit, client_id = %self.config.broker.client_id,
+                    "dropped a delivery over broker.max_packet_bytes; reconnecting with a \
+                     clean session so the broker does not deliver it again");
+                // What was received but not acknowledged belonged to the old session.
+                self.unacked.clear();
+                Vec::new()
+            }
+            None => return Err(RunError::Mqtt("event loop ended".into())),
+        })
+    }
+
     /// Connected (or reconnected): subscribe to the fleet's client topics.
     async fn on_connected(&mut self, client: &AsyncClient) -> Result<Vec<Event>, RunError> {
         info!(broker = %self.broker_addr, "connected to broker");
@@ -460,11 +508,15 @@ impl Shell {
     }
 
     /// A client's publish, decoded by the inbox; held until the run has started.
-    fn on_publish(&mut self, publish: rumqttc::Publish) -> Vec<Event> {
+    fn on_publish(&mut self, mut publish: rumqttc::Publish) -> Vec<Event> {
         let ev = self
             .inbox
             .on_publish(&publish.topic, &publish.payload, now_ms());
         if publish.qos != rumqttc::QoS::AtMostOnce {
+            // The acknowledgement needs the packet id and QoS only. The payload is a slice of
+            // rumqttc's read buffer: kept until the batch is acknowledged, each one would pin
+            // a whole buffer allocation, and a burst of updates the aggregator's memory.
+            publish.payload = bytes::Bytes::new();
             self.unacked.push(publish);
         }
         match ev {
@@ -490,7 +542,21 @@ impl Shell {
     /// out every action, including those that evaluations add.
     async fn handle(&mut self, events: Vec<Event>, client: &AsyncClient) -> Result<(), RunError> {
         let mut queue: VecDeque<Action> = VecDeque::new();
-        for ev in events {
+        let mut events: VecDeque<Event> = events.into();
+        // The batch's publishes, decoded one at a time as their turn comes (decoded all at
+        // once, a batch of updates would be held twice over).
+        let mut batch = std::mem::take(&mut self.batch).into_iter();
+        loop {
+            let ev = match events.pop_front() {
+                Some(ev) => ev,
+                None => match batch.next() {
+                    Some(publish) => {
+                        events.extend(self.on_publish(publish));
+                        continue;
+                    }
+                    None => break,
+                },
+            };
             if let Some((sender, bytes)) = ev.sender() {
                 let round = self.machine.accounting_round();
                 let kind = ev.kind().unwrap_or("other");
@@ -522,6 +588,20 @@ impl Shell {
             // A round announced later (waiting for clients) is not a handover.
             self.handover = None;
         }
+        self.flush_checkpoint()
+    }
+
+    /// Writes the pending checkpoint, if any.
+    fn flush_checkpoint(&mut self) -> Result<(), RunError> {
+        if let Some(state) = self.pending_checkpoint.take() {
+            checkpoint::save(
+                &Saved {
+                    machine: *state,
+                    outbox: self.outbox.state().clone(),
+                },
+                &self.ckpt_path,
+            )?;
+        }
         Ok(())
     }
 
@@ -531,19 +611,19 @@ impl Shell {
         action: Action,
         client: &AsyncClient,
     ) -> Result<Vec<Action>, RunError> {
+        if let Action::Checkpoint(state) = action {
+            // A later state of the same machine supersedes it (see `pending_checkpoint`).
+            self.pending_checkpoint = Some(state);
+            return Ok(Vec::new());
+        }
+        self.flush_checkpoint()?;
         match action {
             Action::Publish {
                 message,
                 round,
                 receivers,
             } => self.publish(message, round, &receivers, client).await?,
-            Action::Checkpoint(state) => checkpoint::save(
-                &Saved {
-                    machine: *state,
-                    outbox: self.outbox.state().clone(),
-                },
-                &self.ckpt_path,
-            )?,
+            Action::Checkpoint(_) => {}
             Action::Evaluate { round, adapter } => return self.evaluate(round, &adapter),
             Action::RoundClosed(r) => {
                 self.print_round(&r);

@@ -32,6 +32,8 @@
 //!   it is ready, makes the links, starts the clients, waits for the end of the run, records the
 //!   results and stops whatever is left. Every process logs to `<out>/logs/`.
 //! - [`sweep`]: many trials from one sweep file, run in turn, and their results table.
+//! - [`swarm`]: a load generator, N virtual MQTT clients in one process against a running
+//!   aggregator, with an exact check of every global adapter it publishes.
 //!
 //! The aggregator writes the run's report (`report.json`, `report.csv`) into the same folder.
 
@@ -45,6 +47,7 @@ pub mod rounds;
 pub mod runner;
 pub mod shaper;
 pub mod summary;
+pub mod swarm;
 pub mod sweep;
 pub mod table;
 pub mod trial;

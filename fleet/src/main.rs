@@ -92,6 +92,9 @@ enum Cmd {
         /// The results folder.
         dir: PathBuf,
     },
+    /// Load generator: N virtual clients in this process, each a real MQTT session speaking
+    /// the protocol to a running aggregator (see the book's "Load testing with a swarm").
+    Swarm(Box<fedpeft_fleet::swarm::SwarmArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -110,6 +113,12 @@ fn main() -> anyhow::Result<()> {
             out,
             timeout_secs,
         } => return sweep_main(&sweep, out, timeout_secs),
+        Cmd::Swarm(args) => {
+            if !fedpeft_fleet::swarm::main(*args)? {
+                bail!("swarm: a check failed or the run did not finish (see its report)");
+            }
+            return Ok(());
+        }
         Cmd::Plot { dir } => {
             let files = fedpeft_fleet::plot::plot_dir(&dir)?;
             for f in files {

@@ -4,11 +4,12 @@
 set -euo pipefail
 
 # chromium and prometheus (for promtool): the monitor's test opens the dashboard in a real
-# browser and checks /metrics with Prometheus' own parser.
+# browser and checks /metrics with Prometheus' own parser. nats-server: the broker cluster's
+# test (tests/tests/cluster.rs) runs a fleet on three nodes of it.
 need_apt=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for pkg in build-essential pkg-config python3 python3-venv python3-pip python3-torch \
-           dataset-fashion-mnist mosquitto iproute2 fonts-dejavu-core nodejs npm \
+           dataset-fashion-mnist mosquitto nats-server iproute2 fonts-dejavu-core nodejs npm \
            chromium prometheus; do
   have_pkg "$pkg" || need_apt+=("$pkg")
 done

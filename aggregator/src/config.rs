@@ -20,7 +20,7 @@ use crate::held_out::HeldOutData;
 use crate::round::{QuorumFailure, RunSettings, SecureSettings};
 use crate::strategy::{ClientDp, StrategyKind};
 use crate::tls::TlsFiles;
-use crate::tls::broker::BrokerAddr;
+use crate::tls::broker::BrokerList;
 
 fn setting(e: crate::tls::broker::SettingError) -> ConfigError {
     invalid(e.key, e.message)
@@ -31,8 +31,8 @@ fn setting(e: crate::tls::broker::SettingError) -> ConfigError {
 pub enum BrokerTarget {
     /// Run rumqttd in-process on `host:port` (port 0 = a free one).
     Embedded { host: String, port: u16 },
-    /// Connect to an external broker.
-    External { host: String, port: u16 },
+    /// Connect to an external broker: one, or the nodes of a cluster, tried in turn.
+    External(BrokerList),
 }
 
 /// A password, kept out of `Debug` output and logs.
@@ -611,20 +611,26 @@ fn validate_broker(b: BrokerTable, run_id: u64) -> Result<BrokerConfig, ConfigEr
         };
         (target, None)
     } else {
+        if url.split(',').any(|u| u.trim() == "embedded") {
+            return Err(invalid(
+                "broker.url",
+                format!(
+                    "`{url}`: `embedded` (the broker in this process) stands alone; a list \
+                     names the nodes of an external broker"
+                ),
+            ));
+        }
         if b.host.is_some() || b.port.is_some() {
             return Err(invalid(
                 "broker.host",
                 "host and port are for the embedded broker; put them in the url",
             ));
         }
-        let addr = BrokerAddr::parse(&url).map_err(setting)?;
-        let tls = crate::tls::broker::tls_files(&addr, b.ca_file, b.client_cert, b.client_key, "")
-            .map_err(setting)?;
-        let target = BrokerTarget::External {
-            host: addr.host,
-            port: addr.port,
-        };
-        (target, tls)
+        let brokers = BrokerList::parse(&url).map_err(setting)?;
+        let tls =
+            crate::tls::broker::tls_files(&brokers, b.ca_file, b.client_cert, b.client_key, "")
+                .map_err(setting)?;
+        (BrokerTarget::External(brokers), tls)
     };
     if b.password.is_some() {
         return Err(invalid(
@@ -1094,13 +1100,7 @@ mod tests {
         assert!(
             matches!(c.strategy, StrategyKind::FedYogi(ref p) if p.server_lr == 0.1 && p.beta1 == 0.9)
         );
-        assert_eq!(
-            c.broker.target,
-            BrokerTarget::External {
-                host: "10.0.0.2".into(),
-                port: 1884
-            }
-        );
+        assert_eq!(c.broker.target, external("mqtt://10.0.0.2:1884"));
         let c = parse(&format!("[strategy]\nkind = \"median\"\n{MINIMAL}")).unwrap();
         assert_eq!(c.strategy, StrategyKind::Median);
         // URLs are read as the edge client reads them (`crate::tls::broker::BrokerAddr`).
@@ -1116,13 +1116,45 @@ mod tests {
             assert!(err.contains("`broker.url`"), "{bad}: {err}");
         }
         let c = parse(&format!("[broker]\nurl = \"mqtt://[::1]:1999\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.broker.target, external("mqtt://[::1]:1999"));
+    }
+
+    fn external(urls: &str) -> BrokerTarget {
+        BrokerTarget::External(BrokerList::parse(urls).unwrap())
+    }
+
+    #[test]
+    fn the_url_may_list_the_nodes_of_a_cluster_with_one_scheme() {
+        let c = parse(&format!(
+            "[broker]\nurl = \"mqtt://n1:1883, mqtt://n2:1884,mqtt://n3\"\n{MINIMAL}"
+        ))
+        .unwrap();
         assert_eq!(
             c.broker.target,
-            BrokerTarget::External {
-                host: "::1".into(),
-                port: 1999
-            }
+            external("mqtt://n1:1883,mqtt://n2:1884,mqtt://n3:1883")
         );
+        let c = parse(&format!(
+            "[broker]\nurl = \"mqtts://n1,mqtts://n2\"\nca_file = \"ca.crt\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.broker.target, external("mqtts://n1,mqtts://n2"));
+        assert!(c.broker.tls.is_some());
+        for (url, says) in [
+            ("mqtt://n1,mqtts://n2", "mixes plain and TLS"),
+            ("mqtt://n1,,mqtt://n2", "entry 2 of the list is empty"),
+            ("mqtt://n1,n2:1883", "entry 2 of the list"),
+            ("mqtt://n1,mqtt://n1:1883", "twice"),
+            ("embedded,mqtt://n1", "stands alone"),
+            ("mqtt://n1,embedded", "stands alone"),
+        ] {
+            let err = parse(&format!("[broker]\nurl = \"{url}\"\n{MINIMAL}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`broker.url`") && err.contains(says),
+                "{url}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -1135,13 +1167,7 @@ mod tests {
             pw.display()
         ))
         .unwrap();
-        assert_eq!(
-            c.broker.target,
-            BrokerTarget::External {
-                host: "broker.lan".into(),
-                port: 8883
-            }
-        );
+        assert_eq!(c.broker.target, external("mqtts://broker.lan:8883"));
         assert_eq!(
             c.broker.tls.as_ref().unwrap().ca_file,
             PathBuf::from("ca.crt")

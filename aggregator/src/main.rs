@@ -50,7 +50,8 @@ struct Cli {
     /// Sampling seed.
     #[arg(long)]
     seed: Option<u64>,
-    /// "embedded", mqtt://host:port or mqtts://host:port (TLS).
+    /// "embedded", mqtt://host:port or mqtts://host:port (TLS), or the nodes of a cluster as a
+    /// comma-separated list of URLs (tried in turn when a connection fails).
     #[arg(long)]
     broker: Option<String>,
     /// mqtts: PEM file of the CA the broker's certificate chains to.

@@ -28,6 +28,8 @@ use crate::outbox::{Outbox, Outgoing};
 use crate::report::{Report, RunInfo};
 use crate::round::{Action, Event, RestoreError, RoundMachine, Rules};
 use crate::strategy;
+use crate::tls::broker::{BrokerAddr, BrokerList};
+use crate::tls::failover::Failover;
 use crate::wire::Inbox;
 use fedpeft_config::report::RoundTiming;
 use fedpeft_config::report::{AdapterModel, TensorLayout};
@@ -114,10 +116,18 @@ pub const GLOBAL_ADAPTER_FILE: &str = "global-adapter.bin";
 const MAX_BATCH: usize = 1024;
 
 enum FromMqtt {
-    Connected,
+    /// Connected (again) to this broker of the list; whether it still held our session.
+    Connected {
+        broker: BrokerAddr,
+        session_present: bool,
+    },
     Subscribed,
     Publish(rumqttc::Publish),
-    Error(String),
+    /// The connection failed or broke; the next attempt goes to `next`.
+    Error {
+        reason: String,
+        next: BrokerAddr,
+    },
     /// A delivery over the packet limit broke the connection; the next one starts a clean
     /// session, in which the broker no longer holds it.
     Oversized {
@@ -348,7 +358,22 @@ impl Shell {
         })
     }
 
-    /// The MQTT client and the task that polls its event loop into a channel.
+    /// The brokers to connect to: the embedded one, or the external broker's list (each by
+    /// the name it was given: it may not be an IP address).
+    fn brokers(&self) -> BrokerList {
+        match &self.config.broker.target {
+            BrokerTarget::External(brokers) => brokers.clone(),
+            BrokerTarget::Embedded { .. } => BrokerList::from(BrokerAddr {
+                host: self.broker_addr.ip().to_string(),
+                port: self.broker_addr.port(),
+                tls: false,
+            }),
+        }
+    }
+
+    /// The MQTT client and the task that polls its event loop into a channel. A connection
+    /// that fails or breaks is tried again on the next broker of the list (the same one when
+    /// there is one).
     #[allow(clippy::type_complexity)]
     fn connect(
         &self,
@@ -361,12 +386,62 @@ impl Shell {
         RunError,
     > {
         let b = &self.config.broker;
-        // An external broker by the name it was given (it may not be an IP address).
-        let host = match &b.target {
-            BrokerTarget::External { host, .. } => host.clone(),
-            BrokerTarget::Embedded { .. } => self.broker_addr.ip().to_string(),
-        };
-        let mut opts = MqttOptions::new(b.client_id.clone(), host, self.broker_addr.port());
+        let mut failover = Failover::new(self.brokers(), |addr| self.mqtt_options(addr))?;
+        let (client, mut eventloop) = AsyncClient::new(failover.options(), 4096);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let limit = b.max_packet_bytes;
+        let pump = tokio::spawn(async move {
+            loop {
+                let msg = match eventloop.poll().await {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                        // After a clean start, resume this new session on later reconnects.
+                        eventloop.mqtt_options.set_clean_session(false);
+                        FromMqtt::Connected {
+                            broker: failover.current().clone(),
+                            session_present: ack.session_present,
+                        }
+                    }
+                    Ok(MqttEvent::Incoming(Packet::SubAck(_))) => FromMqtt::Subscribed,
+                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => FromMqtt::Publish(p),
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let oversized = oversized_delivery(&e);
+                        if oversized.is_some() {
+                            // Too large to read, so never acknowledged: the broker would hand
+                            // the same message to this session on every reconnect. A clean
+                            // session drops it (with whatever else was queued: those clients
+                            // count as silent in this round at worst).
+                            eventloop.mqtt_options.set_clean_session(true);
+                        }
+                        // The next attempt goes to the next broker of the list, with the
+                        // session flag just set.
+                        let next = failover.advance(&mut eventloop).clone();
+                        let msg = match oversized {
+                            Some(bytes) => FromMqtt::Oversized { bytes, limit },
+                            None => FromMqtt::Error {
+                                reason: e.to_string(),
+                                next,
+                            },
+                        };
+                        let _ = tx.send(msg);
+                        // rumqttc reconnects on the next poll; don't spin while the broker is
+                        // away.
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                if tx.send(msg).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok((client, rx, pump))
+    }
+
+    /// The aggregator's CONNECT to `addr`.
+    fn mqtt_options(&self, addr: &BrokerAddr) -> Result<MqttOptions, RunError> {
+        let b = &self.config.broker;
+        let mut opts = MqttOptions::new(b.client_id.clone(), &addr.host, addr.port);
         opts.set_keep_alive(Duration::from_secs(b.keep_alive_secs));
         // A persistent session: QoS 1 updates published while the aggregator is briefly away
         // are kept by an external broker and delivered when it reconnects.
@@ -384,45 +459,7 @@ impl Shell {
         if let Some((user, password)) = &b.credentials {
             opts.set_credentials(user.clone(), password.0.clone());
         }
-        let (client, mut eventloop) = AsyncClient::new(opts, 4096);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let limit = b.max_packet_bytes;
-        let pump = tokio::spawn(async move {
-            loop {
-                let msg = match eventloop.poll().await {
-                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                        // After a clean start, resume this new session on later reconnects.
-                        eventloop.mqtt_options.set_clean_session(false);
-                        FromMqtt::Connected
-                    }
-                    Ok(MqttEvent::Incoming(Packet::SubAck(_))) => FromMqtt::Subscribed,
-                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => FromMqtt::Publish(p),
-                    Ok(_) => continue,
-                    Err(e) => {
-                        let msg = match oversized_delivery(&e) {
-                            // Too large to read, so never acknowledged: the broker would hand
-                            // the same message to this session on every reconnect. A clean
-                            // session drops it (with whatever else was queued: those clients
-                            // count as silent in this round at worst).
-                            Some(bytes) => {
-                                eventloop.mqtt_options.set_clean_session(true);
-                                FromMqtt::Oversized { bytes, limit }
-                            }
-                            None => FromMqtt::Error(e.to_string()),
-                        };
-                        let _ = tx.send(msg);
-                        // rumqttc reconnects on the next poll; don't spin while the broker is
-                        // away.
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue;
-                    }
-                };
-                if tx.send(msg).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok((client, rx, pump))
+        Ok(opts)
     }
 
     /// One message from the MQTT task. A publish takes the publishes already waiting behind
@@ -437,7 +474,10 @@ impl Shell {
         held: &mut Option<FromMqtt>,
     ) -> Result<Vec<Event>, RunError> {
         Ok(match msg {
-            Some(FromMqtt::Connected) => self.on_connected(client).await?,
+            Some(FromMqtt::Connected {
+                broker,
+                session_present,
+            }) => self.on_connected(client, &broker, session_present).await?,
             Some(FromMqtt::Subscribed) => self.on_subscribed(),
             Some(FromMqtt::Publish(p)) => {
                 self.arrived = Instant::now();
@@ -455,8 +495,8 @@ impl Shell {
                 }
                 Vec::new()
             }
-            Some(FromMqtt::Error(e)) => {
-                warn!(error = %e, "MQTT connection error; reconnecting");
+            Some(FromMqtt::Error { reason, next }) => {
+                warn!(error = %reason, next = %next, "MQTT connection error; reconnecting");
                 Vec::new()
             }
             Some(FromMqtt::Oversized { bytes, limit }) => {
@@ -472,8 +512,13 @@ impl Shell {
     }
 
     /// Connected (or reconnected): subscribe to the fleet's client topics.
-    async fn on_connected(&mut self, client: &AsyncClient) -> Result<Vec<Event>, RunError> {
-        info!(broker = %self.broker_addr, "connected to broker");
+    async fn on_connected(
+        &mut self,
+        client: &AsyncClient,
+        broker: &BrokerAddr,
+        session_present: bool,
+    ) -> Result<Vec<Event>, RunError> {
+        info!(%broker, session_present, "connected to broker");
         let filters: Vec<SubscribeFilter> = self
             .inbox
             .subscriptions()
@@ -886,7 +931,7 @@ fn start_broker(config: &Config) -> Result<SocketAddr, RunError> {
             info!(addr = %b.addr, max_packet_bytes = config.broker.max_packet_bytes, "embedded broker listening");
             (b.addr.ip().to_string(), b.addr.port())
         }
-        BrokerTarget::External { host, port } => (host.clone(), *port),
+        BrokerTarget::External(brokers) => (brokers.first().host.clone(), brokers.first().port),
     };
     Ok(format!("{host_name}:{port}")
         .parse()

@@ -16,9 +16,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerTable {
-    /// `mqtt://host[:port]`, `mqtts://host[:port]` (TLS, port 8883 by default), or, for the
-    /// aggregator, `embedded` (rumqttd in-process). Aggregator default `embedded`; edge client
-    /// default `mqtt://127.0.0.1:1883`.
+    /// `mqtt://host[:port]`, `mqtts://host[:port]` (TLS, port 8883 by default), the nodes of a
+    /// cluster as a comma-separated list of such URLs (one scheme for all; the first is tried
+    /// first, a failed connection moves on to the next), or, for the aggregator alone,
+    /// `embedded` (rumqttd in-process). Aggregator default `embedded`; edge client default
+    /// `mqtt://127.0.0.1:1883`.
     pub url: Option<String>,
     /// Aggregator, embedded broker: listen address. Default `127.0.0.1`.
     pub host: Option<String>,

@@ -68,7 +68,7 @@ fn init_logging() -> anyhow::Result<()> {
 /// The client: joins the fleet and trains until the run is done.
 fn run_client(cli: &Cli) -> anyhow::Result<()> {
     let cfg = EdgeConfig::from_cli(cli).context("invalid configuration")?;
-    tracing::info!(client = %cfg.client_id, fleet = %cfg.fleet, broker = %cfg.broker, "starting");
+    tracing::info!(client = %cfg.client_id, fleet = %cfg.fleet, broker = %cfg.brokers, "starting");
 
     // Trunk activations are computed (or loaded from the cache) before connecting, so a joined
     // client is ready to train at once.

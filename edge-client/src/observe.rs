@@ -17,6 +17,7 @@ use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet as MqttPacket
 
 use crate::config::EdgeConfig;
 use crate::session::Event;
+use crate::tls::failover::Failover;
 use crate::types::SharedAdapter;
 use crate::wire::{JoinInfo, Wire};
 
@@ -32,15 +33,16 @@ pub fn observer_id(client_id: &str) -> String {
 pub struct Observer {
     client: AsyncClient,
     events: rumqttc::EventLoop,
+    /// The brokers of the list; a failed connection moves on to the next.
+    failover: Failover,
     wire: Wire,
-    broker: String,
     newest: Option<(u64, u32)>,
 }
 
 impl std::fmt::Debug for Observer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Observer")
-            .field("broker", &self.broker)
+            .field("broker", &self.failover.current())
             .field("newest", &self.newest)
             .finish_non_exhaustive()
     }
@@ -67,29 +69,32 @@ impl Observer {
         if let Some(key) = cfg.aggregator_key {
             wire = wire.with_aggregator_key(key);
         }
-        let mut opts = MqttOptions::new(&id, &cfg.broker.host, cfg.broker.port);
-        opts.set_keep_alive(cfg.keep_alive)
-            .set_clean_session(true)
-            .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
-        if let Some((user, pass)) = &cfg.credentials {
-            opts.set_credentials(user, pass);
-        }
-        if let Some(files) = &cfg.tls {
-            opts.set_transport(crate::tls::transport(files)?);
-        }
-        let (client, events) = AsyncClient::new(opts, 16);
+        let failover = Failover::new(cfg.brokers.clone(), |broker| {
+            let mut opts = MqttOptions::new(&id, &broker.host, broker.port);
+            opts.set_keep_alive(cfg.keep_alive)
+                .set_clean_session(true)
+                .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
+            if let Some((user, pass)) = &cfg.credentials {
+                opts.set_credentials(user, pass);
+            }
+            if let Some(files) = &cfg.tls {
+                opts.set_transport(crate::tls::transport(files)?);
+            }
+            Ok::<_, anyhow::Error>(opts)
+        })?;
+        let (client, events) = AsyncClient::new(failover.options(), 16);
         Ok(Observer {
             client,
             events,
+            failover,
             wire,
-            broker: cfg.broker.to_string(),
             newest: None,
         })
     }
 
     /// Where the adapters come from, for logs and refusals.
     pub fn origin(&self, round: u32) -> String {
-        format!("round {round} from {}", self.broker)
+        format!("round {round} from {}", self.failover.current())
     }
 
     /// The next global adapter newer than the last one returned (the retained one first).
@@ -99,7 +104,9 @@ impl Observer {
             let event = match self.events.poll().await {
                 Ok(e) => e,
                 Err(e) => {
-                    tracing::warn!(broker = %self.broker, error = %e, "observer: connection; retrying in 1 s");
+                    let broker = self.failover.current().clone();
+                    let next = self.failover.advance(&mut self.events);
+                    tracing::warn!(%broker, error = %e, %next, "observer: connection; retrying in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
@@ -146,7 +153,7 @@ impl Observer {
                      aggregator running, and the run id right?)",
                     self.wire_fleet(),
                     self.wire.run_id(),
-                    self.broker
+                    self.failover.current()
                 )
             })?
     }

@@ -29,7 +29,7 @@ fn the_bundled_example_config_is_valid_once_installed() {
     assert_eq!(cfg.client_id, "pi-01");
     assert_eq!(cfg.fleet, "fedpeft");
     assert_eq!(
-        (cfg.broker.host.as_str(), cfg.broker.port),
+        (cfg.brokers.first().host.as_str(), cfg.brokers.first().port),
         ("aggregator.local", 1883)
     );
     assert_eq!(

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use fedpeft_edge::client::{ClientSettings, RunSummary, run};
-use fedpeft_edge::config::{Backoff, BrokerAddr};
+use fedpeft_edge::config::{Backoff, BrokerAddr, BrokerList};
 use fedpeft_edge::trainer::{LocalTrainer, TailTrainer};
 use fedpeft_edge::types::{GlobalAdapter, TrainPlan};
 use fedpeft_edge::wire::plan_from_wire;
@@ -100,11 +100,12 @@ fn settings(port: u16, id: &str) -> ClientSettings {
     let mut dtypes = heapless::Vec::new();
     dtypes.push(DType::F32).unwrap();
     ClientSettings {
-        broker: BrokerAddr {
+        brokers: BrokerAddr {
             host: "127.0.0.1".into(),
             port,
             tls: false,
-        },
+        }
+        .into(),
         keep_alive: Duration::from_secs(5),
         max_packet_bytes: MAX_PACKET,
         credentials: None,
@@ -422,4 +423,35 @@ async fn a_client_started_before_its_broker_keeps_retrying_and_stops_on_shutdown
         })
         .await;
     assert_eq!(offline.as_str(), "edge-b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_first_broker_is_down_connects_to_the_next_one_of_its_list() {
+    let (dead, live) = (free_port(), free_port());
+    start_broker(live, Duration::from_secs(10), Duration::from_secs(10));
+    let mut agg = Aggregator::connect(live).await;
+    let mut settings = settings(dead, "edge-c");
+    settings.brokers =
+        BrokerList::parse(&format!("mqtt://127.0.0.1:{dead},mqtt://127.0.0.1:{live}")).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let client = tokio::spawn(run(settings, trainer(), async {
+        let _ = stop_rx.await;
+    }));
+    // Nothing listens on the first: only a move to the second brings the client here.
+    let online = agg
+        .wait_for("status online on the second broker", |_, m| match m {
+            Message::Status(s) if s.state == ClientState::Online => Some(s.client),
+            _ => None,
+        })
+        .await;
+    assert_eq!(online.as_str(), "edge-c");
+    stop_tx.send(()).unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(10), client)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.exit, "signal");
+    assert!(summary.connection_errors >= 1, "{summary:?}");
+    assert_eq!(summary.connects, 1);
 }

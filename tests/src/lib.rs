@@ -2,10 +2,11 @@
 //!
 //! The end-to-end tests run the real binaries (`aggregator`, `edge-client`) as separate
 //! processes against a real MQTT broker on loopback: the aggregator's embedded rumqttd, or a
-//! Mosquitto started here on a free port. Every process is owned by a guard that kills it when
-//! the test ends, pass or fail.
+//! Mosquitto started here on a free port, or a NATS cluster ([`nats`]). Every process is owned
+//! by a guard that kills it when the test ends, pass or fail.
 
 pub mod e2e;
+pub mod nats;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};

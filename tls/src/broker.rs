@@ -110,11 +110,104 @@ impl std::fmt::Display for BrokerAddr {
     }
 }
 
-/// The TLS files for a connection to `addr`: a CA file is required for `mqtts://` and refused
-/// without it, and a client certificate comes with its key. `ca_hint` follows the message when
-/// the CA file is missing (as where else it can be given, ` (--ca-file)`).
+/// The brokers to connect to, in the order they are tried: one URL, or the nodes of one
+/// cluster as a comma-separated list (`mqtt://n1:1883,mqtt://n2:1883`). The first is tried
+/// first; a connection that fails or is lost moves on to the next, round-robin. Never empty, no
+/// URL twice, and one scheme for all (the TLS files and credentials are one setting for every
+/// node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerList(Vec<BrokerAddr>);
+
+impl BrokerList {
+    /// Parses `broker.url`: a URL as [`BrokerAddr::parse`] reads it, or several separated by
+    /// commas (spaces around them are ignored). A URL has no commas of its own, so the split
+    /// is unambiguous.
+    pub fn parse(urls: &str) -> Result<BrokerList, SettingError> {
+        let bad = |message: String| SettingError::new("broker.url", message);
+        let mut list: Vec<BrokerAddr> = Vec::new();
+        for (i, url) in urls.split(',').map(str::trim).enumerate() {
+            if url.is_empty() {
+                return Err(bad(format!(
+                    "`{urls}`: entry {} of the list is empty; separate URLs with single commas",
+                    i + 1
+                )));
+            }
+            let addr = BrokerAddr::parse(url).map_err(|e| {
+                if urls.contains(',') {
+                    bad(format!("entry {} of the list: {}", i + 1, e.message))
+                } else {
+                    e
+                }
+            })?;
+            if let Some(first) = list.first()
+                && first.tls != addr.tls
+            {
+                return Err(bad(format!(
+                    "`{urls}` mixes plain and TLS brokers (`{first}` and `{addr}`): every URL \
+                     of the list takes the same TLS files, so all are mqtt:// or all mqtts://"
+                )));
+            }
+            if list.contains(&addr) {
+                return Err(bad(format!("`{urls}` names `{addr}` twice")));
+            }
+            list.push(addr);
+        }
+        Ok(BrokerList(list))
+    }
+
+    /// The broker tried first.
+    pub fn first(&self) -> &BrokerAddr {
+        &self.0[0]
+    }
+
+    /// Broker `i` of the list, counting round: `i` past the end starts over.
+    pub fn get(&self, i: usize) -> &BrokerAddr {
+        &self.0[i % self.0.len()]
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Always false: a list has at least one broker (clippy wants the method beside `len`).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, BrokerAddr> {
+        self.0.iter()
+    }
+
+    /// `mqtts://`: TLS to every broker of the list.
+    pub fn tls(&self) -> bool {
+        self.first().tls
+    }
+}
+
+impl From<BrokerAddr> for BrokerList {
+    fn from(addr: BrokerAddr) -> BrokerList {
+        BrokerList(vec![addr])
+    }
+}
+
+/// The list as `broker.url` writes it: the URLs, separated by commas.
+impl std::fmt::Display for BrokerList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, addr) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{addr}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The TLS files for connections to `brokers`: a CA file is required for `mqtts://` and
+/// refused without it, and a client certificate comes with its key. `ca_hint` follows the
+/// message when the CA file is missing (as where else it can be given, ` (--ca-file)`).
 pub fn tls_files(
-    addr: &BrokerAddr,
+    brokers: &BrokerList,
     ca_file: Option<PathBuf>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
@@ -130,7 +223,7 @@ pub fn tls_files(
             ));
         }
     };
-    match (addr.tls, ca_file) {
+    match (brokers.tls(), ca_file) {
         (true, Some(ca_file)) => Ok(Some(TlsFiles {
             ca_file,
             client_cert,
@@ -138,13 +231,13 @@ pub fn tls_files(
         (true, None) => Err(SettingError::new(
             "broker.ca_file",
             format!(
-                "`{addr}` is TLS: name the CA certificate (PEM) the broker's certificate chains \
-                 to{ca_hint}"
+                "`{brokers}` is TLS: name the CA certificate (PEM) the broker's certificate \
+                 chains to{ca_hint}"
             ),
         )),
         (false, ca) if ca.is_some() || client_cert.is_some() => Err(SettingError::new(
             "broker.ca_file",
-            format!("TLS files are set but `{addr}` is not an mqtts:// URL"),
+            format!("TLS files are set but `{brokers}` is not an mqtts:// URL"),
         )),
         (false, _) => Ok(None),
     }
@@ -256,9 +349,47 @@ mod tests {
     }
 
     #[test]
+    fn a_list_of_brokers_shares_one_scheme_and_names_each_broker_once() {
+        let one = BrokerList::parse("mqtt://h:1999").unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one.first(), &BrokerAddr::parse("mqtt://h:1999").unwrap());
+        let three = BrokerList::parse("mqtt://a:1, tcp://[::1]:2 ,mqtt://c").unwrap();
+        assert_eq!(three.to_string(), "mqtt://a:1,mqtt://[::1]:2,mqtt://c:1883");
+        assert_eq!(
+            three.iter().map(|a| a.port).collect::<Vec<_>>(),
+            [1, 2, 1883]
+        );
+        // Round-robin: past the end starts over.
+        assert_eq!(three.get(3), three.first());
+        assert_eq!(three.get(4).host, "::1");
+        assert!(BrokerList::parse("mqtts://a,ssl://b:8884").unwrap().tls());
+        assert_eq!(BrokerList::parse(&three.to_string()).unwrap(), three);
+        for (bad, says) in [
+            ("", "entry 1 of the list is empty"),
+            ("mqtt://a,", "entry 2 of the list is empty"),
+            ("mqtt://a,,mqtt://b", "entry 2 of the list is empty"),
+            ("mqtt://a,mqtts://b", "mixes plain and TLS"),
+            ("mqtts://a,tcp://b", "mixes plain and TLS"),
+            ("mqtt://a:1883,mqtt://a", "names `mqtt://a:1883` twice"),
+            (
+                "mqtt://a,http://b",
+                "entry 2 of the list: `http://b`: unknown scheme",
+            ),
+            (
+                "mqtt://a,b:1883",
+                "entry 2 of the list: `b:1883` has no scheme",
+            ),
+        ] {
+            let e = BrokerList::parse(bad).unwrap_err();
+            assert_eq!(e.key, "broker.url", "{bad}");
+            assert!(e.message.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn tls_files_go_with_mqtts_only_and_a_certificate_with_its_key() {
-        let tls = BrokerAddr::parse("mqtts://h").unwrap();
-        let plain = BrokerAddr::parse("mqtt://h").unwrap();
+        let tls = BrokerList::parse("mqtts://h").unwrap();
+        let plain = BrokerList::parse("mqtt://h").unwrap();
         let p = |s: &str| Some(PathBuf::from(s));
         let files = tls_files(&tls, p("ca"), p("c"), p("k"), "")
             .unwrap()

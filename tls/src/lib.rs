@@ -1,9 +1,12 @@
 //! fedpeft-tls: TLS to the MQTT broker (`mqtts://`) for the aggregator and the edge client, a
 //! rustls client configuration on the `ring` provider from PEM files — the CA that signed the broker's certificate and, optionally, a
 //! client certificate and key for brokers that authenticate clients by certificate. [`broker`]
-//! reads and checks the settings both programs take to reach a broker.
+//! reads and checks the settings both programs take to reach a broker (one URL, or the nodes of
+//! a cluster), and [`failover`] moves rumqttc's event loop on to the next node of the list when
+//! a connection fails.
 
 pub mod broker;
+pub mod failover;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

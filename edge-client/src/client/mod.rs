@@ -6,8 +6,9 @@
 //! - `shell`: the event loop of a run, a struct with one method per kind of event (MQTT
 //!   packet in or out, connection error, finished training, shutdown) and per session action;
 //! - `network`: the rumqttc event loop polled in its own task, which sleeps the reconnect
-//!   backoff (exponential, with jitter) between failed attempts and carries out the emulated
-//!   dropout; the requests handed to rumqttc; the size of our CONNECT.
+//!   backoff (exponential, with jitter) between failed attempts, moves each next attempt on to
+//!   the next broker of the list, and carries out the emulated dropout; the requests handed to
+//!   rumqttc; the size of our CONNECT.
 
 use std::future::Future;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use fedpeft_protocol::{Capabilities, ClientId, FleetName, SigningKey, VerifyingK
 use serde::Serialize;
 
 use crate::accounting::ByteLedger;
-use crate::config::{Backoff, BrokerAddr, EdgeConfig};
+use crate::config::{Backoff, BrokerList, EdgeConfig};
 use crate::session::{ExitReason, SessionStats};
 use crate::tls::{TlsError, TlsFiles};
 use crate::trainer::LocalTrainer;
@@ -29,7 +30,8 @@ mod shell;
 /// Everything the shell needs to connect and introduce itself.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
-    pub broker: BrokerAddr,
+    /// The broker, or the nodes of a cluster in the order they are tried.
+    pub brokers: BrokerList,
     pub keep_alive: Duration,
     pub max_packet_bytes: usize,
     pub credentials: Option<(String, String)>,
@@ -77,7 +79,7 @@ impl ClientSettings {
         capabilities: Capabilities,
     ) -> Result<ClientSettings, ClientError> {
         Ok(ClientSettings {
-            broker: cfg.broker.clone(),
+            brokers: cfg.brokers.clone(),
             keep_alive: cfg.keep_alive,
             max_packet_bytes: cfg.max_packet_bytes,
             credentials: cfg.credentials.clone(),

@@ -8,22 +8,31 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet as MqttPacket, QoS};
+use rumqttc::{
+    AsyncClient, ConnAck, Event as MqttEvent, EventLoop, MqttOptions, Packet as MqttPacket, QoS,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::accounting::{ByteLedger, packet_size};
-use crate::config::Backoff;
+use crate::config::{Backoff, BrokerAddr};
+use crate::tls::failover::Failover;
 use crate::types::Round;
 use crate::wire::Packet;
 
 /// What the event-loop task forwards.
 pub(super) enum Net {
+    /// Connected to `broker` (of the list): its CONNACK.
+    Connected {
+        broker: BrokerAddr,
+        ack: ConnAck,
+    },
     Event(MqttEvent),
-    /// A failed poll; the task sleeps `retry_in` before trying again.
+    /// A failed poll; the task sleeps `retry_in`, then tries `next`.
     Error {
         reason: String,
         retry_in: Duration,
+        next: BrokerAddr,
     },
 }
 
@@ -43,10 +52,17 @@ pub(super) struct Poller {
     pub task: JoinHandle<()>,
 }
 
-/// Polls `eventloop` in a task until the shell hangs up: forwards every event, sleeps the
-/// backoff (drawn from an RNG seeded with `seed`) after each failed attempt, and on a vanish
-/// request drops the connection without DISCONNECT and stays away.
-pub(super) fn spawn_poller(mut eventloop: EventLoop, backoff: Backoff, seed: u64) -> Poller {
+/// Polls `eventloop` (built on `failover`'s options) in a task until the shell hangs up:
+/// forwards every event, sleeps the backoff (drawn from an RNG seeded with `seed`) after each
+/// failed attempt and makes the next one on the next broker of the list, and on a vanish
+/// request drops the connection without DISCONNECT and stays away (coming back to the same
+/// broker).
+pub(super) fn spawn_poller(
+    mut eventloop: EventLoop,
+    mut failover: Failover,
+    backoff: Backoff,
+    seed: u64,
+) -> Poller {
     let (net_tx, events) = mpsc::unbounded_channel::<Net>();
     let (vanish, mut vanish_rx) = mpsc::unbounded_channel::<Duration>();
     let task = tokio::spawn(async move {
@@ -64,24 +80,36 @@ pub(super) fn spawn_poller(mut eventloop: EventLoop, backoff: Backoff, seed: u64
                 }
                 polled = eventloop.poll() => polled,
             };
-            match polled {
-                Ok(ev) => {
-                    if matches!(ev, MqttEvent::Incoming(MqttPacket::ConnAck(_))) {
-                        attempt = 0;
-                    }
-                    if net_tx.send(Net::Event(ev)).is_err() {
-                        return;
+            let net = match polled {
+                Ok(MqttEvent::Incoming(MqttPacket::ConnAck(ack))) => {
+                    attempt = 0;
+                    Net::Connected {
+                        broker: failover.current().clone(),
+                        ack,
                     }
                 }
+                Ok(ev) => Net::Event(ev),
                 Err(e) => {
                     let retry_in = backoff.delay(attempt, rng.random::<f64>());
                     attempt = attempt.saturating_add(1);
                     let reason = e.to_string();
-                    if net_tx.send(Net::Error { reason, retry_in }).is_err() {
+                    let next = failover.advance(&mut eventloop).clone();
+                    if net_tx
+                        .send(Net::Error {
+                            reason,
+                            retry_in,
+                            next,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                     tokio::time::sleep(retry_in).await;
+                    continue;
                 }
+            };
+            if net_tx.send(net).is_err() {
+                return;
             }
         }
     });

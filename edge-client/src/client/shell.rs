@@ -9,15 +9,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{
-    AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Outgoing, Packet as MqttPacket,
-    Publish, QoS,
+    AsyncClient, ConnAck, Event as MqttEvent, LastWill, MqttOptions, Outgoing,
+    Packet as MqttPacket, Publish, QoS,
 };
 use tokio::sync::mpsc;
 
 use super::network::{self, Net, Poller, Request};
 use super::{ClientError, ClientSettings, RunSummary, ShellCounters};
 use crate::accounting::{ByteLedger, packet_size};
+use crate::config::BrokerAddr;
 use crate::session::{Action, Event, ExitReason, Faults, Outbound, Session};
+use crate::tls::failover::Failover;
 use crate::trainer::LocalTrainer;
 use crate::types::{Round, SharedAdapter, TrainPlan, TrainedUpdate};
 use crate::wire::{JoinInfo, Packet, Wire, fnv1a};
@@ -65,10 +67,15 @@ impl<T: LocalTrainer + 'static> Shell<T> {
         let client_id = settings.client_id.as_str().to_string();
         let settings_client_id = settings.client_id.clone();
         let settings_drop_after = settings.faults.secagg_drop_after;
-        let opts = mqtt_options(&settings, &wire.last_will()?)?;
+        let will = wire.last_will()?;
+        let failover = Failover::new(settings.brokers.clone(), |addr| {
+            mqtt_options(&settings, &will, addr)
+        })?;
+        let opts = failover.options();
         let connect_size = network::connect_packet_size(&opts);
         let (mqtt, eventloop) = AsyncClient::new(opts, 64);
-        let poller = network::spawn_poller(eventloop, settings.reconnect, fnv1a(&client_id));
+        let poller =
+            network::spawn_poller(eventloop, failover, settings.reconnect, fnv1a(&client_id));
         let (train_tx, train_rx) = mpsc::unbounded_channel();
         let session = Session::new(&client_id).with_faults(Faults {
             dropout: settings.faults.dropout,
@@ -125,30 +132,39 @@ impl<T: LocalTrainer + 'static> Shell<T> {
         Event::Shutdown
     }
 
-    /// What the event loop saw: a packet in or out, or a failed connection.
+    /// What the event loop saw: a connection, a packet in or out, or a failed connection.
     fn on_net(&mut self, net: Net) -> Option<Event> {
         match net {
+            Net::Connected { broker, ack } => self.on_connected(&broker, ack),
             Net::Event(MqttEvent::Incoming(packet)) => self.on_incoming(packet),
             Net::Event(MqttEvent::Outgoing(packet)) => {
                 self.on_outgoing(packet);
                 None
             }
-            Net::Error { reason, retry_in } => self.on_connection_error(reason, retry_in),
+            Net::Error {
+                reason,
+                retry_in,
+                next,
+            } => self.on_connection_error(reason, retry_in, &next),
         }
+    }
+
+    /// Connected to `broker` (the first of the list, or the one a failed connection moved on
+    /// to).
+    fn on_connected(&mut self, broker: &BrokerAddr, ack: ConnAck) -> Option<Event> {
+        let round = self.session.current_round();
+        let session_present = ack.session_present;
+        self.ledger.received(round, MqttPacket::ConnAck(ack).size());
+        // Our CONNECT went out just before this answer.
+        self.ledger.sent(round, self.connect_size);
+        tracing::info!(%broker, session_present, "connected");
+        Some(Event::Connected { session_present })
     }
 
     fn on_incoming(&mut self, packet: MqttPacket) -> Option<Event> {
         let round = self.session.current_round();
         self.ledger.received(round, packet.size());
         match packet {
-            MqttPacket::ConnAck(ack) => {
-                // Our CONNECT went out just before this answer.
-                self.ledger.sent(round, self.connect_size);
-                tracing::info!(broker = %self.settings.broker, session_present = ack.session_present, "connected");
-                Some(Event::Connected {
-                    session_present: ack.session_present,
-                })
-            }
             MqttPacket::Publish(p) => self.on_publish(p),
             _ => None,
         }
@@ -184,10 +200,16 @@ impl<T: LocalTrainer + 'static> Shell<T> {
         }
     }
 
-    /// The poller retries by itself after `retry_in`; the session hears of the first loss only.
-    fn on_connection_error(&mut self, reason: String, retry_in: Duration) -> Option<Event> {
+    /// The poller retries by itself after `retry_in`, on `next`; the session hears of the first
+    /// loss only.
+    fn on_connection_error(
+        &mut self,
+        reason: String,
+        retry_in: Duration,
+        next: &BrokerAddr,
+    ) -> Option<Event> {
         self.counters.connection_errors += 1;
-        tracing::warn!(%reason, retry_in_ms = retry_in.as_millis() as u64, "connection lost or refused; retrying");
+        tracing::warn!(%reason, retry_in_ms = retry_in.as_millis() as u64, %next, "connection lost or refused; retrying");
         self.session.is_connected().then_some(Event::ConnectionLost)
     }
 
@@ -372,6 +394,9 @@ impl<T: LocalTrainer + 'static> Shell<T> {
                 Ok(Some(Net::Event(MqttEvent::Outgoing(Outgoing::PubAck(_))))) => {
                     self.ledger.sent(round, packet_size::ACK)
                 }
+                Ok(Some(Net::Connected { ack, .. })) => {
+                    self.ledger.received(round, MqttPacket::ConnAck(ack).size())
+                }
                 Ok(Some(Net::Event(_))) => {}
                 Ok(Some(Net::Error { .. })) | Ok(None) | Err(_) => {
                     tracing::warn!(
@@ -430,14 +455,14 @@ fn wire(settings: &ClientSettings, num_examples: u64) -> Wire {
     wire
 }
 
-/// CONNECT as this client sends it: a persistent session, the packet limit both ways, the last
-/// will, credentials and TLS.
-fn mqtt_options(settings: &ClientSettings, will: &Packet) -> Result<MqttOptions, ClientError> {
-    let mut opts = MqttOptions::new(
-        settings.client_id.as_str(),
-        &settings.broker.host,
-        settings.broker.port,
-    );
+/// CONNECT to `broker` as this client sends it: a persistent session, the packet limit both
+/// ways, the last will, credentials and TLS.
+fn mqtt_options(
+    settings: &ClientSettings,
+    will: &Packet,
+    broker: &BrokerAddr,
+) -> Result<MqttOptions, ClientError> {
+    let mut opts = MqttOptions::new(settings.client_id.as_str(), &broker.host, broker.port);
     opts.set_keep_alive(settings.keep_alive)
         // Persistent session: QoS 1 messages queued while we were away are delivered on return.
         .set_clean_session(false)

@@ -4,13 +4,13 @@ use std::time::Duration;
 
 use fedpeft_config::{BrokerTable, ConfigError, invalid};
 
-use super::{BrokerAddr, Cli, MIN_PACKET_BYTES};
+use super::{BrokerList, Cli, MIN_PACKET_BYTES};
 use crate::tls::TlsFiles;
 use crate::tls::broker::SettingError;
 
 /// The validated connection settings.
 pub(super) struct Connection {
-    pub broker: BrokerAddr,
+    pub brokers: BrokerList,
     pub keep_alive: Duration,
     pub max_packet_bytes: usize,
     pub credentials: Option<(String, String)>,
@@ -45,7 +45,8 @@ fn refuse_aggregator_keys(table: &BrokerTable) -> Result<(), ConfigError> {
 }
 
 /// Flags over `[broker]` over the defaults (`mqtt://127.0.0.1:1883`, keep-alive 30 s, 1 MiB
-/// packets), validated; a password file is read here.
+/// packets), validated; a password file is read here. The URL may list several brokers (the
+/// nodes of a cluster), as the aggregator's may.
 pub(super) fn resolve(table: BrokerTable, cli: &Cli) -> Result<Connection, ConfigError> {
     refuse_aggregator_keys(&table)?;
     let url = cli
@@ -53,7 +54,7 @@ pub(super) fn resolve(table: BrokerTable, cli: &Cli) -> Result<Connection, Confi
         .clone()
         .or(table.url)
         .unwrap_or_else(|| "mqtt://127.0.0.1:1883".to_string());
-    let broker = BrokerAddr::parse(&url).map_err(setting)?;
+    let brokers = BrokerList::parse(&url).map_err(setting)?;
 
     let keep_alive_secs = table.keep_alive_secs.unwrap_or(30);
     if !(1..=65_535).contains(&keep_alive_secs) {
@@ -82,7 +83,7 @@ pub(super) fn resolve(table: BrokerTable, cli: &Cli) -> Result<Connection, Confi
         crate::tls::broker::credentials(cli.username.clone().or(table.username), password)
             .map_err(setting)?;
     let tls = crate::tls::broker::tls_files(
-        &broker,
+        &brokers,
         cli.ca_file.clone().or(table.ca_file),
         cli.client_cert.clone().or(table.client_cert),
         cli.client_key.clone().or(table.client_key),
@@ -90,7 +91,7 @@ pub(super) fn resolve(table: BrokerTable, cli: &Cli) -> Result<Connection, Confi
     )
     .map_err(setting)?;
     Ok(Connection {
-        broker,
+        brokers,
         keep_alive: Duration::from_secs(keep_alive_secs),
         max_packet_bytes,
         credentials,

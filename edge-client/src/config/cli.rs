@@ -20,7 +20,8 @@ pub struct Cli {
     /// TOML config file.
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,
-    /// Broker URL, mqtt://host[:port] or mqtts://host[:port] (TLS).
+    /// Broker URL, mqtt://host[:port] or mqtts://host[:port] (TLS), or the nodes of a cluster
+    /// as a comma-separated list of URLs (tried in turn when a connection fails).
     #[arg(long)]
     pub broker: Option<String>,
     /// mqtts: PEM file of the CA the broker's certificate chains to.

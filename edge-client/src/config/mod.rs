@@ -8,7 +8,7 @@
 //! with its default); its `[broker]` and `[security]` tables are the aggregator's too, so the
 //! keys only the aggregator reads are refused here by name. One resolver per table:
 //! - `cli`: the flags ([`Cli`]) and subcommands ([`Command`]);
-//! - `broker`: `[broker]` → address, keep-alive, packet limit, credentials, TLS files;
+//! - `broker`: `[broker]` → addresses, keep-alive, packet limit, credentials, TLS files;
 //! - `security`: `[security]` → signing key file and the aggregator's public key;
 //! - `identity`: `[client]` → fleet, client id, run ([`validate_name`]);
 //! - `model`: `[model]` → backbone folder, runtime, PEFT method, trunk inputs;
@@ -47,8 +47,9 @@ pub use reconnect::Backoff;
 /// The file as written, under its earlier name here (the config fuzz target reads it so).
 pub use fedpeft_config::edge::EdgeFile as FileConfig;
 
-/// Where the broker is: read as the aggregator reads it.
-pub use crate::tls::broker::BrokerAddr;
+/// Where the broker is (one URL, or the nodes of a cluster in the order they are tried): read
+/// as the aggregator reads it.
+pub use crate::tls::broker::{BrokerAddr, BrokerList};
 
 /// Smallest packet limit we accept: below this even a chunk header plus a topic would not fit.
 pub const MIN_PACKET_BYTES: usize = 1024;
@@ -65,7 +66,9 @@ pub fn runtime(choice: RuntimeChoice) -> fedpeft_backbone::Runtime {
 /// The validated configuration the client runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EdgeConfig {
-    pub broker: BrokerAddr,
+    /// The broker, or the nodes of a cluster: the first is tried first, a failed connection
+    /// moves on to the next.
+    pub brokers: BrokerList,
     pub keep_alive: Duration,
     pub max_packet_bytes: usize,
     pub credentials: Option<(String, String)>,
@@ -124,7 +127,7 @@ impl EdgeConfig {
         let reconnect = reconnect::resolve(file.reconnect)?;
         let faults = faults::resolve(file.faults, cli)?;
         Ok(EdgeConfig {
-            broker: connection.broker,
+            brokers: connection.brokers,
             keep_alive: connection.keep_alive,
             max_packet_bytes: connection.max_packet_bytes,
             credentials: connection.credentials,

@@ -42,12 +42,12 @@ fn a_full_file_is_read_and_defaults_fill_the_rest() {
     .unwrap();
     let cfg = EdgeConfig::resolve(file, &cli(&[])).unwrap();
     assert_eq!(
-        cfg.broker,
-        BrokerAddr {
+        cfg.brokers,
+        BrokerList::from(BrokerAddr {
             host: "broker.local".into(),
             port: 1884,
             tls: false,
-        }
+        })
     );
     assert_eq!(cfg.fleet, "lab");
     assert_eq!(cfg.client_id, "pi-07");
@@ -89,8 +89,41 @@ fn flags_override_the_file() {
     .unwrap();
     assert_eq!(cfg.client_id, "b");
     assert_eq!(cfg.data.index, 3);
-    assert_eq!(cfg.broker.port, 1883);
-    assert_eq!(cfg.broker.host, "10.0.0.2");
+    assert_eq!(cfg.brokers.first().port, 1883);
+    assert_eq!(cfg.brokers.first().host, "10.0.0.2");
+}
+
+#[test]
+fn the_broker_may_be_a_list_of_cluster_nodes_with_one_scheme() {
+    let base = ["--client-id", "a", "--model-dir", "m"];
+    let with = |url: &str| {
+        let mut args = base.to_vec();
+        args.extend(["--broker", url]);
+        EdgeConfig::resolve(EdgeFile::default(), &cli(&args))
+    };
+    let cfg = with("mqtt://n2:1884,mqtt://n3:1885,mqtt://n1").unwrap();
+    assert_eq!(
+        cfg.brokers.to_string(),
+        "mqtt://n2:1884,mqtt://n3:1885,mqtt://n1:1883"
+    );
+    // The file's key takes the same list.
+    let file = parse(
+        "[client]\nid = \"a\"\n[model]\ndir = \"m\"\n[broker]\nurl = \"mqtt://n1, mqtt://n2\"\n",
+    )
+    .unwrap();
+    let cfg = EdgeConfig::resolve(file, &cli(&[])).unwrap();
+    assert_eq!(cfg.brokers.len(), 2);
+    for (url, says) in [
+        ("mqtt://n1,mqtts://n2", "mixes plain and TLS"),
+        ("mqtt://n1,", "entry 2 of the list is empty"),
+        ("mqtt://n1,n2", "entry 2 of the list"),
+    ] {
+        let msg = with(url).unwrap_err().to_string();
+        assert!(
+            msg.contains("broker.url") && msg.contains(says),
+            "{url}: {msg}"
+        );
+    }
 }
 
 #[test]
@@ -346,7 +379,7 @@ fn tls_password_and_keys_are_read_from_files_and_flags_and_refused_clearly() {
         &hex,
     ])
     .unwrap();
-    assert!(cfg.broker.tls);
+    assert!(cfg.brokers.tls());
     assert_eq!(cfg.tls.unwrap().ca_file, PathBuf::from("ca.crt"));
     assert_eq!(
         cfg.credentials,
@@ -418,7 +451,7 @@ fn the_aggregators_own_keys_of_the_shared_tables_are_refused_by_name() {
     )
     .unwrap();
     assert_eq!(
-        (cfg.broker.port, cfg.keep_alive),
+        (cfg.brokers.first().port, cfg.keep_alive),
         (1884, Duration::from_secs(10))
     );
 }

@@ -94,7 +94,7 @@ pub fn run(cli: &crate::config::Cli, args: &ServeArgs) -> anyhow::Result<()> {
         let (cfg, model) = crate::model::broker_model(cli, &mut opts)?;
         tracing::info!(
             backbone = %model.backbone.manifest.id,
-            broker = %cfg.broker,
+            broker = %cfg.brokers,
             fleet = %cfg.fleet,
             "model ready; waiting for the fleet's global adapter"
         );

@@ -28,6 +28,14 @@ pub struct Saved {
     pub outbox: OutboxState,
 }
 
+/// [`Saved`] by reference, written without copying the state: the same bytes (postcard
+/// encodes a reference as the value).
+#[derive(Debug, serde::Serialize)]
+pub struct SavedRef<'a> {
+    pub machine: &'a MachineState,
+    pub outbox: &'a OutboxState,
+}
+
 const MAGIC: &[u8; 4] = b"FPCK";
 /// 2: norm-bound counts, the adaptive bound's reference, per-round robust records and the DP
 /// accountant joined the state. 3: the open round and each round record keep the DP-SGD ε

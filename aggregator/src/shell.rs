@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::broker::{self, BrokerError};
-use crate::checkpoint::Saved;
 use crate::checkpoint::{self, CheckpointError};
+use crate::checkpoint::{Saved, SavedRef};
 use crate::config::{BrokerTarget, Config};
 use crate::globals::GlobalStore;
 use crate::host::{HostError, ModelHost};
@@ -259,11 +259,11 @@ struct Shell {
     handover: Option<(u32, Instant)>,
     /// The aggregator's time between rounds, per round this process closed.
     timing: BTreeMap<u32, RoundTiming>,
-    /// The newest state a checkpoint action asked for, not written yet: written before any
-    /// other action is carried out and at the end of each batch, so a batch of accepted updates
+    /// A checkpoint action is waiting: the machine's state is written before any other
+    /// action is carried out and at the end of each batch, so a batch of accepted updates
     /// costs one checkpoint, and nothing is published or acknowledged before the state that
     /// led to it is on disk.
-    pending_checkpoint: Option<Box<crate::round::MachineState>>,
+    pending_checkpoint: bool,
     /// Publishes gathered for the next batch (see [`Shell::on_mqtt`]), not decoded yet.
     batch: Vec<rumqttc::Publish>,
 }
@@ -353,7 +353,7 @@ impl Shell {
             arrived: Instant::now(),
             handover: None,
             timing: BTreeMap::new(),
-            pending_checkpoint: None,
+            pending_checkpoint: false,
             batch: Vec::new(),
         })
     }
@@ -638,11 +638,11 @@ impl Shell {
 
     /// Writes the pending checkpoint, if any.
     fn flush_checkpoint(&mut self) -> Result<(), RunError> {
-        if let Some(state) = self.pending_checkpoint.take() {
+        if std::mem::take(&mut self.pending_checkpoint) {
             checkpoint::save(
-                &Saved {
-                    machine: *state,
-                    outbox: self.outbox.state().clone(),
+                &SavedRef {
+                    machine: self.machine.state(),
+                    outbox: self.outbox.state(),
                 },
                 &self.ckpt_path,
             )?;
@@ -656,9 +656,9 @@ impl Shell {
         action: Action,
         client: &AsyncClient,
     ) -> Result<Vec<Action>, RunError> {
-        if let Action::Checkpoint(state) = action {
-            // A later state of the same machine supersedes it (see `pending_checkpoint`).
-            self.pending_checkpoint = Some(state);
+        if let Action::Checkpoint = action {
+            // Written with the machine's newest state (see `pending_checkpoint`).
+            self.pending_checkpoint = true;
             return Ok(Vec::new());
         }
         self.flush_checkpoint()?;
@@ -668,7 +668,7 @@ impl Shell {
                 round,
                 receivers,
             } => self.publish(message, round, &receivers, client).await?,
-            Action::Checkpoint(_) => {}
+            Action::Checkpoint => {}
             Action::Evaluate { round, adapter } => return self.evaluate(round, &adapter),
             Action::RoundClosed(r) => {
                 self.print_round(&r);

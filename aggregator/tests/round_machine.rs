@@ -259,7 +259,7 @@ fn round_closes_when_all_sampled_replied_with_weighted_fedavg() {
     assert_eq!(g.tensors[1].values, vec![(0.5f64 - 0.3) as f32]);
     let msgs = decoded(&acts);
     assert!(matches!(&msgs[0].1, Message::GlobalAdapter(ga) if ga.round == 1));
-    assert!(acts.iter().any(|a| matches!(a, Action::Checkpoint(_))));
+    assert!(acts.iter().any(|a| matches!(a, Action::Checkpoint)));
     assert!(
         acts.iter()
             .any(|a| matches!(a, Action::Evaluate { round: 1, .. }))
@@ -849,22 +849,20 @@ fn durable_mode_checkpoints_joins_and_round_starts_before_announcing_and_republi
     let mut m = RoundMachine::new(r.clone(), strategy::build(&StrategyKind::FedAvg), initial());
     m.on_event(Event::Start, T0);
     let first = m.on_event(join("a", 10), T0);
-    let saved: Vec<&MachineState> = first
+    let saved = first
         .iter()
-        .filter_map(|a| match a {
-            Action::Checkpoint(s) => Some(s.as_ref()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(saved.len(), 1, "one checkpoint per join");
-    assert!(saved[0].clients.contains_key("a"));
+        .filter(|a| matches!(a, Action::Checkpoint))
+        .count();
+    assert_eq!(saved, 1, "one checkpoint per join");
+    // The shell writes the machine's state as it is after the event.
+    assert!(m.state().clients.contains_key("a"));
 
     // The join that completes min_clients starts round 1: one checkpoint, holding the open
     // round, and it comes before the announcement.
     let second = m.on_event(join("b", 10), T0 + 1);
     let ckpt = second
         .iter()
-        .position(|a| matches!(a, Action::Checkpoint(_)))
+        .position(|a| matches!(a, Action::Checkpoint))
         .expect("round start checkpointed");
     let announce = second
         .iter()
@@ -885,19 +883,16 @@ fn durable_mode_checkpoints_joins_and_round_starts_before_announcing_and_republi
     assert_eq!(
         second
             .iter()
-            .filter(|a| matches!(a, Action::Checkpoint(_)))
+            .filter(|a| matches!(a, Action::Checkpoint))
             .count(),
         1
     );
-    let Action::Checkpoint(open) = &second[ckpt] else {
-        unreachable!()
-    };
-    assert!(matches!(open.phase, Phase::Collecting(ref o) if o.round == 1));
+    assert!(matches!(m.state().phase, Phase::Collecting(ref o) if o.round == 1));
 
     // The broker came back: the same global and announcement again, deadline unchanged,
     // nothing to persist.
     let again = m.on_event(Event::Reconnected, T0 + 5_000);
-    assert!(!again.iter().any(|a| matches!(a, Action::Checkpoint(_))));
+    assert!(!again.iter().any(|a| matches!(a, Action::Checkpoint)));
     let msgs = decoded(&again);
     assert_eq!(msgs.len(), 2, "{msgs:?}");
     assert!(matches!(&msgs[0].1, Message::GlobalAdapter(g) if g.round == 0));
@@ -908,7 +903,7 @@ fn durable_mode_checkpoints_joins_and_round_starts_before_announcing_and_republi
 
     // Going offline is persisted; a restored machine keeps who is online.
     let gone = m.on_event(offline("b"), T0 + 6_000);
-    assert!(gone.iter().any(|a| matches!(a, Action::Checkpoint(_))));
+    assert!(gone.iter().any(|a| matches!(a, Action::Checkpoint)));
     let restored =
         RoundMachine::restore(r, strategy::build(&StrategyKind::FedAvg), m.state().clone())
             .unwrap();
@@ -1110,4 +1105,33 @@ fn an_update_after_a_last_will_counts_the_client_once_as_accepted() {
     m.on_event(update("b", 1, 0, 10, [3.0, 3.0], 3.0), T0 + 4);
     let rec = &m.state().records[1];
     assert_eq!((rec.clients_ok, rec.clients_failed), (3, 0));
+}
+
+#[test]
+fn a_checkpoint_written_by_reference_reads_back_as_the_saved_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agg.ckpt");
+    let m = started(1, 3);
+    let outbox = Outbox::new(FleetName::new("test").unwrap(), 7, None, 1 << 20);
+    checkpoint::save(
+        &checkpoint::SavedRef {
+            machine: m.state(),
+            outbox: outbox.state(),
+        },
+        &path,
+    )
+    .unwrap();
+    let owned = checkpoint::Saved {
+        machine: m.state().clone(),
+        outbox: outbox.state().clone(),
+    };
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        checkpoint::to_bytes(&owned, &path).unwrap(),
+        "the same bytes as the owned form"
+    );
+    assert_eq!(
+        checkpoint::load::<checkpoint::Saved>(&path).unwrap(),
+        Some(owned)
+    );
 }

@@ -297,9 +297,9 @@ impl RoundMachine {
     /// Checkpoints the state unless `out` already does (in durable mode).
     fn persist(&self, out: &mut Vec<Action>) {
         if self.rules.checkpoint_every_update
-            && !out.iter().any(|a| matches!(a, Action::Checkpoint(_)))
+            && !out.iter().any(|a| matches!(a, Action::Checkpoint))
         {
-            out.push(Action::Checkpoint(Box::new(self.s.clone())));
+            out.push(Action::Checkpoint);
         }
     }
 
@@ -635,7 +635,7 @@ impl RoundMachine {
         // Persist the open round (its sample) before announcing it: a restarted aggregator
         // resumes this round with the same clients, so updates the broker redelivers to it, or
         // clients send again, still belong to an open round.
-        out.push(Action::Checkpoint(Box::new(self.s.clone())));
+        out.push(Action::Checkpoint);
         if secure && self.live.is_none() {
             self.close_round(now, out);
             return;
@@ -774,7 +774,7 @@ impl RoundMachine {
             "round closed"
         );
         self.s.records.push(record.clone());
-        out.push(Action::Checkpoint(Box::new(self.s.clone())));
+        out.push(Action::Checkpoint);
         // The held-out evaluation runs after the next round is announced, while the clients
         // train: it is not on the path from this round's last update to the next round.
         let evaluate = (status == RoundStatus::Ok).then(|| Action::Evaluate {

@@ -145,8 +145,13 @@ pub enum Action {
         round: u32,
         receivers: Vec<String>,
     },
-    /// Write this state atomically as the checkpoint.
-    Checkpoint(Box<MachineState>),
+    /// Write the machine's state atomically as the checkpoint. The shell reads it from the
+    /// machine ([`super::RoundMachine::state`]) when it writes, without a copy: a copy per
+    /// accepted update cost O(clients) each (the clients, the accepted updates, the records),
+    /// O(clients²) a round, and held 10 000-client rounds to about 120 updates per second.
+    /// The state written is the machine's newest when the next other action is carried out or
+    /// the batch of events ends, which is this one's or a later one's.
+    Checkpoint,
     /// Evaluate this adapter (the global after `round`) and send back [`Event::Evaluated`].
     Evaluate { round: u32, adapter: Adapter },
     /// A round closed (ok or failed): its record, for progress display.

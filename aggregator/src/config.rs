@@ -91,6 +91,8 @@ pub struct Config {
     /// The rounds' settings (the round machine's part).
     pub run: RunSettings,
     pub max_payload_bytes: usize,
+    /// Chunked updates being reassembled at once, and the bytes they may reserve together.
+    pub reassembly: Reassembly,
     /// Whole-backbone parameters for the full-model comparison; 0 = from the model host.
     pub backbone_params: u64,
     pub strategy: StrategyKind,
@@ -271,6 +273,12 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
     let mut broker = validate_broker(file.broker, run_id)?;
     broker.access = validate_embedded_broker(file.embedded_broker, &broker, &rounds.fleet)?;
     let max_payload_bytes = validate_payload(file.max_payload_bytes, broker.max_packet_bytes)?;
+    let max_update_bytes = file.max_update_bytes.unwrap_or(16 << 20);
+    let reassembly = validate_reassembly(
+        file.max_chunked_updates,
+        file.max_reassembly_bytes,
+        max_update_bytes,
+    )?;
     let max_update_norm = positive(file.max_update_norm, "max_update_norm", "is not positive")?;
     let adaptive_norm_multiple = positive(
         file.adaptive_norm_multiple,
@@ -328,13 +336,14 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
             quorum: rounds.quorum,
             round_timeout_ms: rounds.round_timeout_ms,
             on_quorum_failure: rounds.on_quorum_failure,
-            max_update_bytes: file.max_update_bytes.unwrap_or(16 << 20),
+            max_update_bytes,
             max_update_norm,
             adaptive_norm_multiple,
             local: validate_local(file.local)?,
             secure,
         },
         max_payload_bytes,
+        reassembly,
         backbone_params: file.backbone_params.unwrap_or(0),
         strategy,
         dp,
@@ -435,6 +444,39 @@ fn positive(
         Some(n) if !(n.is_finite() && n > 0.0) => Err(invalid(field, format!("{n} {what}"))),
         n => Ok(n),
     }
+}
+
+/// Bounds on chunked updates that are still missing chunks: their memory, whatever the fleet's
+/// size (see `max_chunked_updates` in the configuration reference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reassembly {
+    pub max_in_flight: usize,
+    pub max_bytes: u64,
+}
+
+fn validate_reassembly(
+    max_chunked_updates: Option<usize>,
+    max_reassembly_bytes: Option<u64>,
+    max_update_bytes: u64,
+) -> Result<Reassembly, ConfigError> {
+    let max_in_flight = max_chunked_updates.unwrap_or(64);
+    if max_in_flight == 0 {
+        return Err(invalid("max_chunked_updates", "must be at least 1"));
+    }
+    let max_bytes = max_reassembly_bytes.unwrap_or(max_update_bytes.saturating_mul(4));
+    if max_bytes < max_update_bytes {
+        return Err(invalid(
+            "max_reassembly_bytes",
+            format!(
+                "{max_bytes} is less than max_update_bytes ({max_update_bytes}): no update of that \
+                 size could be reassembled"
+            ),
+        ));
+    }
+    Ok(Reassembly {
+        max_in_flight,
+        max_bytes,
+    })
 }
 
 fn validate_payload(
@@ -1050,6 +1092,11 @@ mod tests {
                 "broker.max_packet_bytes",
             ),
             ("max_payload_bytes = 2000000\n", "max_payload_bytes"),
+            ("max_chunked_updates = 0\n", "max_chunked_updates"),
+            (
+                "max_update_bytes = 1000000\nmax_reassembly_bytes = 999999\n",
+                "max_reassembly_bytes",
+            ),
             (
                 "[strategy]\nkind = \"trimmed-mean\"\ntrim = 0.5\n",
                 "strategy.trim",

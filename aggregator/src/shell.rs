@@ -291,7 +291,8 @@ impl Shell {
             config.run.run_id,
             config.run.max_update_bytes,
             config.run.round_timeout_ms,
-        );
+        )
+        .with_reassembly(config.reassembly.max_in_flight, config.reassembly.max_bytes);
         if let Some(path) = &config.security.enrolled_keys {
             let e = Enrolment::read(path)?;
             info!(file = %path.display(), clients = e.len(), "enrolment: joins, statuses and updates must be signed");

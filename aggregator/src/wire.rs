@@ -80,8 +80,9 @@ fn reassembly_reason(e: &ReassemblyError) -> RejectReason {
 }
 
 impl Inbox {
-    /// `max_update_bytes` bounds a reassembled update; at most 64 chunked updates are in flight
-    /// and `chunk_timeout_ms` after its first chunk an incomplete one is dropped.
+    /// `max_update_bytes` bounds a reassembled update; at most 64 chunked updates, 4 ×
+    /// `max_update_bytes` together, are in flight (see [`Inbox::with_reassembly`]), and
+    /// `chunk_timeout_ms` after its first chunk an incomplete one is dropped.
     pub fn new(
         fleet: FleetName,
         run_id: u64,
@@ -101,6 +102,18 @@ impl Inbox {
             partial_bytes: BTreeMap::new(),
             enrolment: None,
         }
+    }
+
+    /// At most `max_in_flight` chunked updates, reserving `max_bytes` together, wait for
+    /// their other chunks; a chunk that would start one more is refused as `oversized`.
+    pub fn with_reassembly(mut self, max_in_flight: usize, max_bytes: u64) -> Inbox {
+        let limits = ReassemblyLimits {
+            max_in_flight,
+            max_total_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+            ..self.reassembler.limits()
+        };
+        self.reassembler = Reassembler::new(limits);
+        self
     }
 
     /// Requires every join, status and update to be signed with the enrolled key of the client
@@ -514,6 +527,40 @@ mod tests {
         assert!(matches!(
             reason(expired.into_iter().next()),
             Err((RejectReason::Incomplete, None))
+        ));
+    }
+
+    #[test]
+    fn the_reassembly_limits_are_the_configured_ones() {
+        let topic = |c: &str| format!("fedpeft/v1/f/update/{c}");
+        let first_chunk = |c: &str| {
+            let whole = update_bytes(RUN, c);
+            fedpeft_protocol::chunk::split(&whole, 200, RUN, 3, 9).unwrap()[0].clone()
+        };
+        // The default: 64 chunked updates at once.
+        let mut ib = inbox();
+        for i in 0..64 {
+            let c = format!("c{i}");
+            assert!(
+                ib.on_publish(&topic(&c), &first_chunk(&c), 0).is_none(),
+                "{c}"
+            );
+        }
+        assert!(matches!(
+            reason(ib.on_publish(&topic("c64"), &first_chunk("c64"), 0)),
+            Err((RejectReason::Oversized, _))
+        ));
+        // Configured: two.
+        let mut ib = inbox().with_reassembly(2, 1 << 20);
+        for c in ["a", "b"] {
+            assert!(
+                ib.on_publish(&topic(c), &first_chunk(c), 0).is_none(),
+                "{c}"
+            );
+        }
+        assert!(matches!(
+            reason(ib.on_publish(&topic("c"), &first_chunk("c"), 0)),
+            Err((RejectReason::Oversized, _))
         ));
     }
 

@@ -41,6 +41,10 @@ pub struct AggregatorFile {
     pub max_update_bytes: Option<u64>,
     /// Publishes above this are chunked. Default 256 KiB or less, to fit the packet limit.
     pub max_payload_bytes: Option<usize>,
+    /// Chunked updates held at once while their other chunks arrive. Default 64.
+    pub max_chunked_updates: Option<usize>,
+    /// Bytes those may reserve, all together. Default 4 × `max_update_bytes`.
+    pub max_reassembly_bytes: Option<u64>,
     /// L2 bound on each client delta. Default none.
     pub max_update_norm: Option<f64>,
     /// Bound = this × the median norm of the previous round's updates. Default none.

@@ -377,6 +377,11 @@ impl<K: Ord + Clone> Reassembler<K> {
         }
     }
 
+    /// Its limits.
+    pub fn limits(&self) -> ReassemblyLimits {
+        self.limits
+    }
+
     /// Payloads currently being reassembled.
     pub fn in_flight(&self) -> usize {
         self.partial.len()

@@ -98,8 +98,27 @@ impl NatsCluster {
     /// Starts `nodes` routed nodes and returns once the cluster has a JetStream meta leader
     /// and every node accepts MQTT connections (the first one creates the MQTT streams, which
     /// needs JetStream up on enough nodes to place their replicas; connections are refused
-    /// until then).
+    /// until then). A node that cannot bind one of its ports (free when drawn, taken since by
+    /// another test process: `free_port` checks, it cannot reserve) stops the attempt, and the
+    /// cluster starts again on other ports.
     pub fn start(nodes: usize) -> NatsCluster {
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            let cluster = Self::spawn(nodes);
+            match cluster.wait_ready(Duration::from_secs(60)) {
+                Ok(()) => return cluster,
+                Err(fatal) if attempt < ATTEMPTS && fatal.contains("address already in use") => {
+                    eprintln!(
+                        "NATS cluster, attempt {attempt}: {fatal}; starting again on other ports"
+                    );
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    fn spawn(nodes: usize) -> NatsCluster {
         let dir = tempfile::tempdir().expect("temp dir for the NATS cluster");
         let ports: Vec<Ports> = (0..nodes)
             .map(|_| Ports {
@@ -130,33 +149,50 @@ impl NatsCluster {
                 }
             })
             .collect();
-        let cluster = NatsCluster { nodes, _dir: dir };
-        cluster.wait_ready(Duration::from_secs(60));
-        cluster
+        NatsCluster { nodes, _dir: dir }
     }
 
-    fn wait_ready(&self, limit: Duration) {
+    /// Waits for the meta leader on every node, then for MQTT on every node; a node's fatal
+    /// error (`[FTL]`, after which it exits) ends the wait at once.
+    fn wait_ready(&self, limit: Duration) -> Result<(), String> {
         let start = Instant::now();
-        for node in &self.nodes {
-            let proc = &node.proc;
-            // "Self is new JetStream cluster metadata leader" on the leader, "JetStream
-            // cluster new metadata leader: n2/fedpeft" on the others.
-            proc.wait_for_line("metadata leader", limit.saturating_sub(start.elapsed()))
-                .unwrap_or_else(|| {
-                    panic!("{}: no JetStream meta leader within {limit:?}", node.name)
-                });
+        loop {
+            let mut led = 0;
+            for node in &self.nodes {
+                let log = node.proc.output();
+                if let Some(fatal) = log.iter().find(|l| l.contains("[FTL]")) {
+                    return Err(format!("{}: {fatal}", node.name));
+                }
+                // "Self is new JetStream cluster metadata leader" on the leader, "JetStream
+                // cluster new metadata leader: n2/fedpeft" on the others.
+                if log.iter().any(|l| l.contains("metadata leader")) {
+                    led += 1;
+                }
+            }
+            if led == self.nodes.len() {
+                break;
+            }
+            if start.elapsed() >= limit {
+                return Err(format!(
+                    "{} of {} nodes saw a JetStream meta leader within {limit:?}",
+                    led,
+                    self.nodes.len()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
         for node in &self.nodes {
             while !mqtt_accepts(node.mqtt_port) {
-                assert!(
-                    start.elapsed() < limit,
-                    "{}: MQTT on 127.0.0.1:{} did not accept a session within {limit:?}",
-                    node.name,
-                    node.mqtt_port
-                );
+                if start.elapsed() >= limit {
+                    return Err(format!(
+                        "{}: MQTT on 127.0.0.1:{} did not accept a session within {limit:?}",
+                        node.name, node.mqtt_port
+                    ));
+                }
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
+        Ok(())
     }
 
     /// `mqtt://127.0.0.1:<port>` of node `i`.

@@ -41,9 +41,10 @@ const MAGIC: &[u8; 4] = b"FPCK";
 /// accountant joined the state. 3: the open round and each round record keep the DP-SGD ε
 /// each client stated. 4: the byte ledger (by round) and message ids moved beside the machine
 /// state ([`Saved`]); refusal and failure reasons are enums. 5: adapter tensors are
-/// fedpeft-peft's `NamedTensor` (`usize` shape, `values`). An older file is refused by name
+/// fedpeft-peft's `NamedTensor` (`usize` shape, `values`). 6: the machine state
+/// carries a site's view of its root (`upstream`). An older file is refused by name
 /// rather than misread.
-const FORMAT_VERSION: u32 = 5;
+const FORMAT_VERSION: u32 = 6;
 const HEADER_LEN: usize = 4 + 4 + 32;
 
 /// Why a checkpoint could not be written or read. Every variant names the file.

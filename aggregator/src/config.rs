@@ -265,9 +265,87 @@ fn validate_secure_dp(
     })
 }
 
+/// What a site cannot combine with, read from the file before its parts are taken apart.
+struct SiteChecks {
+    strategy: Option<StrategyKind>,
+    secure: bool,
+    dp: bool,
+}
+
+/// `[site]`: the root's fleet and run, this site's id there, and what a site cannot do.
+fn validate_site(
+    table: fedpeft_config::aggregator::SiteTable,
+    checks: &SiteChecks,
+    fleet: &FleetName,
+    max_packet_bytes: usize,
+) -> Result<crate::round::SiteSettings, ConfigError> {
+    let refuse = |key: &'static str, why: &str| Err(invalid(key, format!("a site {why}")));
+    match &checks.strategy {
+        None | Some(StrategyKind::FedAvg) => {}
+        Some(_) => {
+            return refuse(
+                "strategy",
+                "forwards the exact weighted sum of its devices' updates (fedavg); the root's \
+                 strategy (fedavg, fedadam, fedyogi) turns the sums into the global adapter",
+            );
+        }
+    }
+    if checks.secure {
+        return refuse(
+            "secure_aggregation",
+            "sees and forwards the sum of its devices' updates; secure aggregation across \
+             sites is not supported",
+        );
+    }
+    if checks.dp {
+        return refuse(
+            "dp",
+            "forwards a weighted sum, while client-level DP weighs every device alike and adds \
+             noise once, at the aggregator that sees every update",
+        );
+    }
+    let root = table
+        .root_fleet
+        .ok_or_else(|| invalid("site.root_fleet", "is required: the root's fleet name"))?;
+    let upstream_fleet =
+        FleetName::new(&root).map_err(|e| invalid("site.root_fleet", e.to_string()))?;
+    if upstream_fleet == *fleet {
+        return Err(invalid(
+            "site.root_fleet",
+            format!(
+                "`{root}` is this site's own fleet; the site's devices need a fleet of their own \
+                 (the bridge carries only the root's)"
+            ),
+        ));
+    }
+    let id = table
+        .id
+        .ok_or_else(|| invalid("site.id", "is required: this site's client id at the root"))?;
+    let id = fedpeft_protocol::ClientId::new(&id).map_err(|e| invalid("site.id", e.to_string()))?;
+    let margin = table.margin_secs.unwrap_or(2.0);
+    if !(margin.is_finite() && (0.0..=3600.0).contains(&margin)) {
+        return Err(invalid(
+            "site.margin_secs",
+            format!("{margin} is not in 0..=3600"),
+        ));
+    }
+    Ok(crate::round::SiteSettings {
+        upstream_fleet,
+        upstream_run_id: table.root_run_id.unwrap_or(1),
+        id,
+        margin_ms: (margin * 1000.0).round() as u64,
+        max_packet_bytes: u32::try_from(max_packet_bytes).unwrap_or(u32::MAX),
+    })
+}
+
 /// Checks every field of the file and fills in defaults.
 pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
     let rounds = validate_rounds(&file)?;
+    let file_site_checks = SiteChecks {
+        strategy: file.strategy.clone(),
+        secure: false,
+        dp: file.dp.is_some(),
+    };
     let secure = validate_secure(file.secure_aggregation.clone(), &file, rounds.min_clients)?;
     let run_id = file.run_id.unwrap_or(1);
     let mut broker = validate_broker(file.broker, run_id)?;
@@ -322,6 +400,18 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
             secure
         }
     };
+    let site = match file.site {
+        None => None,
+        Some(table) => Some(validate_site(
+            table,
+            &SiteChecks {
+                secure: secure.is_some(),
+                ..file_site_checks
+            },
+            &rounds.fleet,
+            broker.max_packet_bytes,
+        )?),
+    };
     let output: OutputTable = file.output;
     Ok(Config {
         run: RunSettings {
@@ -341,6 +431,7 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
             adaptive_norm_multiple,
             local: validate_local(file.local)?,
             secure,
+            site,
         },
         max_payload_bytes,
         reassembly,

@@ -8,8 +8,9 @@
 //! no I/O: the shell sends the [`Packet`]s it returns.
 
 use fedpeft_protocol::{
-    ClientId, EncodeError, Envelope, FleetName, GlobalAdapter, QoS, RoundAnnounce, SecAggRelay,
-    SecAggRoster, SecAggUnmask, SecureRoundAnnounce, SigningKey, Topic, TopicKind,
+    ClientId, EncodeError, Envelope, FleetName, GlobalAdapter, Join, QoS, RoundAnnounce,
+    SecAggRelay, SecAggRoster, SecAggUnmask, SecureRoundAnnounce, SigningKey, SiteAggregate,
+    Status, Topic, TopicKind,
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -34,6 +35,12 @@ pub enum Outgoing {
     Relay { to: ClientId, relay: SecAggRelay },
     /// A secure round's unmask request (retained, on the secagg topic).
     Unmask(SecAggUnmask),
+    /// A site joins its root (the root's join topic).
+    Join(Join),
+    /// A site's status at its root (retained, on its status topic).
+    Status(Status),
+    /// A site's partial aggregate (its update topic; chunked above the payload limit).
+    Aggregate(SiteAggregate),
 }
 
 impl Outgoing {
@@ -46,6 +53,8 @@ impl Outgoing {
             Outgoing::Roster(r) => r.round,
             Outgoing::Relay { relay, .. } => relay.round,
             Outgoing::Unmask(u) => u.round,
+            Outgoing::Join(_) | Outgoing::Status(_) => 0,
+            Outgoing::Aggregate(a) => a.round,
         }
     }
 
@@ -58,6 +67,9 @@ impl Outgoing {
             }
             Outgoing::Roster(_) | Outgoing::Unmask(_) => TopicKind::SecAgg,
             Outgoing::Relay { to, .. } => TopicKind::Inbox(to.clone()),
+            Outgoing::Join(_) => TopicKind::Join,
+            Outgoing::Status(s) => TopicKind::Status(s.client.clone()),
+            Outgoing::Aggregate(a) => TopicKind::Update(a.site.clone()),
         }
     }
 }
@@ -144,6 +156,9 @@ impl Outbox {
             Outgoing::Roster(_) => ("secure aggregation roster", "secagg"),
             Outgoing::Relay { .. } => ("relayed shares", "secagg"),
             Outgoing::Unmask(_) => ("unmask request", "secagg"),
+            Outgoing::Join(_) => ("site join", "join"),
+            Outgoing::Status(_) => ("site status", "status"),
+            Outgoing::Aggregate(_) => ("site aggregate", "update"),
         };
         let topic = message.topic();
         let header_round = message.round();
@@ -152,6 +167,8 @@ impl Outbox {
         let sealed = sealed.and_then(|envelope| {
             let packets = if global {
                 self.global_packets(header_round, &envelope)?
+            } else if let TopicKind::Update(_) = topic {
+                self.chunked_packets(topic, header_round, &envelope)?
             } else {
                 vec![self.packet(topic, envelope.clone())]
             };
@@ -187,6 +204,9 @@ impl Outbox {
             Outgoing::Roster(r) => Envelope::new(self.run_id, round, r),
             Outgoing::Relay { relay, .. } => Envelope::new(self.run_id, round, relay),
             Outgoing::Unmask(u) => Envelope::new(self.run_id, round, u),
+            Outgoing::Join(j) => Envelope::new(self.run_id, round, j),
+            Outgoing::Status(s) => Envelope::new(self.run_id, round, s),
+            Outgoing::Aggregate(a) => Envelope::new(self.run_id, round, a),
         };
         match &self.signing_key {
             Some(key) => envelope.encode_signed(&self.fleet, key),
@@ -214,6 +234,33 @@ impl Outbox {
             .into_iter()
             .enumerate()
             .map(|(i, part)| self.packet(TopicKind::GlobalChunk(i as u32), part))
+            .collect())
+    }
+
+    /// A message on one topic: the whole envelope, or its chunks on the same topic above the
+    /// payload limit (as devices send updates).
+    fn chunked_packets(
+        &mut self,
+        kind: TopicKind,
+        round: u32,
+        envelope: &[u8],
+    ) -> Result<Vec<Packet>, String> {
+        if envelope.len() <= self.max_payload_bytes {
+            return Ok(vec![self.packet(kind, envelope.to_vec())]);
+        }
+        let id = self.state.next_message_id;
+        self.state.next_message_id = id.wrapping_add(1);
+        let parts = fedpeft_protocol::chunk::split(
+            envelope,
+            self.max_payload_bytes,
+            self.run_id,
+            round,
+            id,
+        )
+        .map_err(|e| format!("cannot be chunked: {e}"))?;
+        Ok(parts
+            .into_iter()
+            .map(|part| self.packet(kind.clone(), part))
             .collect())
     }
 

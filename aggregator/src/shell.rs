@@ -107,6 +107,29 @@ pub fn rules(config: &Config, host: &dyn ModelHost) -> Rules {
     }
 }
 
+/// A site's last will: its offline status in the root's fleet, as the root's run reads it.
+fn site_will(
+    site: &crate::round::SiteSettings,
+    key: Option<&fedpeft_protocol::SigningKey>,
+) -> Result<(String, Vec<u8>), RunError> {
+    use fedpeft_protocol::{ClientState, Envelope, Status, Topic, TopicKind};
+    let status = Status {
+        client: site.id.clone(),
+        state: ClientState::Offline,
+    };
+    let env = Envelope::new(site.upstream_run_id, 0, status);
+    let payload = match key {
+        Some(k) => env.encode_signed(&site.upstream_fleet, k),
+        None => env.encode(),
+    }
+    .map_err(|e| RunError::Mqtt(format!("site last will: {e}")))?;
+    let topic = Topic::new(
+        site.upstream_fleet.clone(),
+        TopicKind::Status(site.id.clone()),
+    );
+    Ok((topic.to_topic_string().to_string(), payload))
+}
+
 /// The newest global adapter of a run, in its output folder: the envelope exactly as clients
 /// receive it (`fedpeft-decode` prints it).
 pub const GLOBAL_ADAPTER_FILE: &str = "global-adapter.bin";
@@ -233,6 +256,10 @@ struct Shell {
     machine: RoundMachine,
     inbox: Inbox,
     outbox: Outbox,
+    /// A site's messages to its root (`[site]`): sealed with the root's fleet and run.
+    upstream: Option<Outbox>,
+    /// A site's last will: its offline status at the root (topic, payload).
+    will: Option<(String, Vec<u8>)>,
     info: RunInfo,
     ckpt_path: PathBuf,
     global_path: PathBuf,
@@ -293,6 +320,30 @@ impl Shell {
             config.run.round_timeout_ms,
         )
         .with_reassembly(config.reassembly.max_in_flight, config.reassembly.max_bytes);
+        let mut upstream = None;
+        let mut will = None;
+        if let Some(site) = &config.run.site {
+            inbox = inbox.with_root(
+                site.upstream_fleet.clone(),
+                site.upstream_run_id,
+                config.broker.max_packet_bytes.saturating_mul(64),
+            );
+            let outbox = Outbox::new(
+                site.upstream_fleet.clone(),
+                site.upstream_run_id,
+                signing_key.clone(),
+                config.max_payload_bytes,
+            )
+            .with_state(crate::outbox::OutboxState {
+                // Chunk message ids of a restarted site start elsewhere than the last run's.
+                next_message_id: now_ms() as u32,
+                ..Default::default()
+            });
+            will = Some(site_will(site, signing_key.as_ref())?);
+            upstream = Some(outbox);
+            info!(root_fleet = %site.upstream_fleet, root_run = site.upstream_run_id, site = %site.id,
+                  "site mode: rounds follow the root's, aggregates go to it");
+        }
         if let Some(path) = &config.security.enrolled_keys {
             let e = Enrolment::read(path)?;
             info!(file = %path.display(), clients = e.len(), "enrolment: joins, statuses and updates must be signed");
@@ -342,6 +393,8 @@ impl Shell {
             machine,
             inbox,
             outbox,
+            upstream,
+            will,
             ckpt_path,
             broker_addr,
             ready,
@@ -454,6 +507,15 @@ impl Shell {
         opts.set_manual_acks(true);
         opts.set_max_packet_size(b.max_packet_bytes, b.max_packet_bytes);
         opts.set_inflight(100);
+        if let Some((topic, payload)) = &self.will {
+            // The broker tells the root (over the bridge) when this site goes away.
+            opts.set_last_will(rumqttc::LastWill::new(
+                topic.clone(),
+                payload.clone(),
+                rumqttc::QoS::AtLeastOnce,
+                true,
+            ));
+        }
         if let Some(files) = &b.tls {
             opts.set_transport(crate::tls::transport(files)?);
         }
@@ -677,6 +739,7 @@ impl Shell {
                 self.round_closed = true;
             }
             Action::Finished => self.finished = true,
+            Action::Upstream(message) => self.send_upstream(message, client).await?,
             Action::SecureSum { round, sum } => {
                 if let Some(dir) = std::env::var_os("FEDPEFT_SECAGG_DUMP_DIR") {
                     let path = std::path::Path::new(&dir).join(format!("aggregator-r{round}.sum"));
@@ -688,6 +751,28 @@ impl Shell {
             }
         }
         Ok(Vec::new())
+    }
+
+    /// A site's message to its root, on the root's topics (which the bridge carries).
+    async fn send_upstream(
+        &mut self,
+        message: Outgoing,
+        client: &AsyncClient,
+    ) -> Result<(), RunError> {
+        let Some(outbox) = self.upstream.as_mut() else {
+            return Ok(());
+        };
+        let round = self.machine.accounting_round();
+        let Some(sealed) = outbox.send(message, round, &[]) else {
+            return Ok(());
+        };
+        for p in sealed.packets {
+            client
+                .publish(p.topic, rumqttc::QoS::AtLeastOnce, p.retain, p.payload)
+                .await
+                .map_err(|e| RunError::Mqtt(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Seals and sends a message; a global adapter is also kept as the run's trained adapter.

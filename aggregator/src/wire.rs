@@ -23,6 +23,17 @@ pub struct Inbox {
     partial_bytes: BTreeMap<PayloadKey, u64>,
     /// When set, joins, statuses and updates must be signed by the named client's key.
     enrolment: Option<Enrolment>,
+    /// A site's root: its fleet and run, and its chunked global adapters being put together.
+    root: Option<Root>,
+}
+
+/// What a site's inbox knows of its root.
+#[derive(Debug)]
+struct Root {
+    fleet: FleetName,
+    run_id: u64,
+    /// Chunks of the root's global adapter, keyed by message id.
+    chunks: Reassembler<u32>,
 }
 
 /// A chunked payload being put together: the client whose topic its chunks came on and the
@@ -101,7 +112,24 @@ impl Inbox {
             }),
             partial_bytes: BTreeMap::new(),
             enrolment: None,
+            root: None,
         }
+    }
+
+    /// A site's inbox: also takes its root's announcements and global adapter (fleet `fleet`,
+    /// run `run_id`), bridged to this broker.
+    pub fn with_root(mut self, fleet: FleetName, run_id: u64, max_global_bytes: usize) -> Inbox {
+        self.root = Some(Root {
+            fleet,
+            run_id,
+            chunks: Reassembler::new(ReassemblyLimits {
+                max_in_flight: 4,
+                max_total_bytes: max_global_bytes.saturating_mul(2),
+                max_message_bytes: max_global_bytes,
+                timeout_ms: 600_000,
+            }),
+        });
+        self
     }
 
     /// At most `max_in_flight` chunked updates, reserving `max_bytes` together, wait for
@@ -139,6 +167,27 @@ impl Inbox {
         Event::Update {
             topic_client: client.clone(),
             update: Box::new(update),
+            wire_bytes,
+            signed,
+        }
+    }
+
+    /// The event for a site's aggregate on `client`'s update topic, authenticated like an
+    /// update.
+    fn partial(
+        &self,
+        client: &ClientId,
+        payload: &[u8],
+        partial: fedpeft_protocol::SiteAggregate,
+        wire_bytes: u64,
+    ) -> Event {
+        let (partial, signed) = match self.authenticate(client.as_str(), payload) {
+            Ok(()) => (Ok(partial), self.enrolment.is_some()),
+            Err((reason, detail)) => (Err(failure(reason, Some(partial.round), detail)), false),
+        };
+        Event::Partial {
+            topic_client: client.clone(),
+            partial: Box::new(partial),
             wire_bytes,
             signed,
         }
@@ -196,10 +245,18 @@ impl Inbox {
 
     /// The topic filters the aggregator subscribes to.
     pub fn subscriptions(&self) -> Vec<String> {
-        ["join", "update/+", "status/+"]
+        let mut filters: Vec<String> = ["join", "update/+", "status/+"]
             .iter()
             .map(|t| format!("{}/{}/{t}", fedpeft_protocol::topic::ROOT, self.fleet))
-            .collect()
+            .collect();
+        if let Some(root) = &self.root {
+            filters.extend(
+                ["round", "global", "global/+"]
+                    .iter()
+                    .map(|t| format!("{}/{}/{t}", fedpeft_protocol::topic::ROOT, root.fleet)),
+            );
+        }
+        filters
     }
 
     /// Drops chunked updates that never completed; one rejection event each.
@@ -226,6 +283,9 @@ impl Inbox {
         tracing::debug!(topic, bytes, "publish received");
         let parsed = match Topic::parse(topic) {
             Ok(t) if t.fleet == self.fleet => t,
+            Ok(t) if self.root.as_ref().is_some_and(|r| r.fleet == t.fleet) => {
+                return self.from_root(topic, t.kind, payload, now_ms);
+            }
             Ok(_) | Err(_) => {
                 debug!(topic, "ignoring a publish on a foreign topic");
                 return None;
@@ -238,6 +298,72 @@ impl Inbox {
             // Our own retained publishes echo back only if subscribed to them; evaluation
             // results from clients are not used yet.
             _ => None,
+        }
+    }
+
+    /// A message on the root's topics (a site's inbox only): its announcement or global
+    /// adapter, whole or from chunks. Anything else, undecodable or of another run is logged and
+    /// dropped: it is not a client's, so nothing is counted against anyone.
+    fn from_root(
+        &mut self,
+        topic: &str,
+        kind: TopicKind,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> Option<Event> {
+        use crate::round::UpstreamMessage;
+        let root = self.root.as_mut()?;
+        if payload.is_empty() {
+            // A cleared retained message.
+            return None;
+        }
+        let decode = |bytes: &[u8], run_id: u64| -> Result<Envelope, String> {
+            let env = Envelope::decode(bytes).map_err(|e| e.to_string())?;
+            if env.run_id != run_id {
+                return Err(format!("run {} (the root's run is {run_id})", env.run_id));
+            }
+            Ok(env)
+        };
+        let env = match decode(payload, root.run_id) {
+            Ok(env) => env,
+            Err(e) => {
+                warn!(topic, error = %e, "ignoring a message from the root");
+                return None;
+            }
+        };
+        let message = match (kind, env.message) {
+            (TopicKind::GlobalChunk(_), Message::Chunk(chunk)) => {
+                let id = chunk.message_id;
+                match root.chunks.push(id, chunk, now_ms) {
+                    Ok(None) => return None,
+                    Ok(Some(whole)) => match decode(&whole, root.run_id) {
+                        Ok(env) => env.message,
+                        Err(e) => {
+                            warn!(topic, error = %e, "ignoring the root's chunked global adapter");
+                            return None;
+                        }
+                    },
+                    // A retained chunk delivered again on reconnect: already held.
+                    Err(ReassemblyError::Duplicate { .. }) => return None,
+                    Err(e) => {
+                        warn!(topic, error = %e, "ignoring a chunk of the root's global adapter");
+                        return None;
+                    }
+                }
+            }
+            (_, m) => m,
+        };
+        match message {
+            Message::RoundAnnounce(a) => {
+                Some(Event::Upstream(Box::new(UpstreamMessage::Announce(a))))
+            }
+            Message::GlobalAdapter(g) => {
+                Some(Event::Upstream(Box::new(UpstreamMessage::Global(g))))
+            }
+            other => {
+                warn!(topic, kind = %other.kind(), "ignoring a message from the root a site does not take");
+                None
+            }
         }
     }
 
@@ -347,6 +473,7 @@ impl Inbox {
         };
         match env.message {
             Message::ClientUpdate(u) => Some(self.checked(&client, payload, u, wire_bytes)),
+            Message::SiteAggregate(a) => Some(self.partial(&client, payload, a, wire_bytes)),
             Message::Chunk(chunk) => {
                 let key = PayloadKey::of(&client, &chunk);
                 let round = env.round;
@@ -363,6 +490,10 @@ impl Inbox {
                                 message: Message::ClientUpdate(u),
                                 ..
                             }) => Some(self.checked(&client, &whole, u, total)),
+                            Ok(Envelope {
+                                message: Message::SiteAggregate(a),
+                                ..
+                            }) => Some(self.partial(&client, &whole, a, total)),
                             Ok(Envelope {
                                 message: m @ Message::SecAggMasked(_),
                                 ..

@@ -112,6 +112,7 @@ fn rules() -> Rules {
             adaptive_norm_multiple: None,
             global_dtype: DType::F32,
             secure: None,
+            site: None,
         },
         dp_sample_rate: None,
         backbone_params: 1000,

@@ -49,6 +49,7 @@ fn rules(rounds: u32, min_clients: usize, quorum: usize) -> Rules {
             adaptive_norm_multiple: None,
             global_dtype: DType::F32,
             secure: None,
+            site: None,
         },
         dp_sample_rate: None,
         backbone_params: 1000,

@@ -70,6 +70,7 @@ fn rules() -> Rules {
                 stage_timeout_ms: 5_000,
                 dp: None,
             }),
+            site: None,
         },
         dp_sample_rate: None,
         backbone_params: 1000,

@@ -78,6 +78,26 @@ pub struct AggregatorFile {
     /// TOML here and checked by the aggregator, so an error names the key. Default off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_aggregation: Option<toml::Value>,
+    /// `[site]`: run as a site under a root aggregator, whose topics reach this broker over a
+    /// bridge. Default none (a root, or a flat run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<SiteTable>,
+}
+
+/// `[site]`: this aggregator serves the devices on its broker for a root aggregator, and
+/// forwards one exact partial aggregate per round.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteTable {
+    /// The root's fleet name (its topics, bridged to this broker). Required.
+    pub root_fleet: Option<String>,
+    /// The root's run id. Default 1 (the root's default).
+    pub root_run_id: Option<u64>,
+    /// This site's client id in the root's fleet. Required.
+    pub id: Option<String>,
+    /// The site closes its round this many seconds before the root's deadline, so its
+    /// aggregate reaches the root in time. Default 2.
+    pub margin_secs: Option<f64>,
 }
 
 /// `[secure_aggregation]`: SecAgg+ rounds. Every key is optional.

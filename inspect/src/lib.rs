@@ -81,6 +81,7 @@ fn topic_json(topic: &str, message: &Message) -> Value {
                             | M::SecAggShares
                             | M::SecAggMasked
                             | M::SecAggReveal
+                            | M::SiteAggregate
                     )
                     | (T::SecAgg, M::SecAggRoster | M::SecAggUnmask)
                     | (T::Inbox(_), M::SecAggRelay | M::Chunk)
@@ -305,6 +306,32 @@ fn body_json(message: &Message, detail: Detail) -> Value {
                 v
             }).collect::<Vec<_>>(),
         }),
+        Message::SiteAggregate(m) => {
+            let tensors: Vec<_> = m
+                .tensors
+                .iter()
+                .map(|t| {
+                    let mut v = json!({ "name": t.name, "values": t.sum.len() });
+                    if detail == Detail::Full {
+                        // Each value is the exact pair `sum + error`.
+                        v["sum"] = json!(t.sum);
+                        v["error"] = json!(t.error);
+                    }
+                    v
+                })
+                .collect();
+            json!({
+                "site": m.site.as_str(),
+                "round": m.round,
+                "sequence": m.sequence,
+                "updates": m.updates,
+                "weight": m.weight,
+                "train_loss_sum": m.train_loss_sum,
+                "train_accuracy_sum": m.train_accuracy_sum,
+                "train_weight": m.train_weight,
+                "tensors": tensors,
+            })
+        }
     }
 }
 

@@ -277,6 +277,7 @@ impl Envelope {
             Message::SecAggMasked(m) => postcard::to_extend(m, out),
             Message::SecAggUnmask(m) => postcard::to_extend(m, out),
             Message::SecAggReveal(m) => postcard::to_extend(m, out),
+            Message::SiteAggregate(m) => postcard::to_extend(m, out),
         }
         .map_err(EncodeError::Postcard)?;
         if let Some((fleet, key)) = signer {
@@ -316,6 +317,7 @@ impl Envelope {
             MessageKind::SecAggMasked => Message::SecAggMasked(body_of(kind, body)?),
             MessageKind::SecAggUnmask => Message::SecAggUnmask(body_of(kind, body)?),
             MessageKind::SecAggReveal => Message::SecAggReveal(body_of(kind, body)?),
+            MessageKind::SiteAggregate => Message::SiteAggregate(body_of(kind, body)?),
         };
         if let Some(b) = message.body_round()
             && b != header.round

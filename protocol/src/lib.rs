@@ -12,6 +12,7 @@
 //!   [`Chunk`] — wrapped in [`Message`].
 //! - [`secagg`]: the secure-aggregation (SecAgg+) stages' messages, [`SecureRoundAnnounce`]
 //!   to [`SecAggReveal`].
+//! - [`site`]: [`SiteAggregate`], a site aggregator's exact partial sum for its root.
 //! - [`tensor`]: named [`Tensor`]s in f32 / f16 / int8 ([`Values`]), dense or top-k sparse.
 //!   [`Tensor::encode`] (f32 slice -> tensor with a [`Codec`]), [`Tensor::encode_with_feedback`]
 //!   (error feedback, caller keeps the residual), [`Tensor::to_f32`],
@@ -65,6 +66,7 @@ pub mod mqtt;
 pub mod rng;
 pub mod secagg;
 pub mod sign;
+pub mod site;
 pub mod tensor;
 pub mod topic;
 
@@ -85,5 +87,6 @@ pub use secagg::{
     SecureRoundAnnounce,
 };
 pub use sign::{SIGNED_VERSION, SignatureError, SigningKey, VerifyingKey};
+pub use site::{ExactSum, SiteAggregate};
 pub use tensor::{Codec, DType, NonFinite, Tensor, TensorError, Values};
 pub use topic::{QoS, Topic, TopicError, TopicKind};

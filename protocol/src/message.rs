@@ -13,6 +13,7 @@ use crate::secagg::{
     SecAggKeys, SecAggMasked, SecAggRelay, SecAggReveal, SecAggRoster, SecAggShares, SecAggUnmask,
     SecureRoundAnnounce,
 };
+use crate::site::SiteAggregate;
 use crate::tensor::{DType, Tensor, TensorError};
 
 /// Longest backbone id, in bytes.
@@ -335,11 +336,13 @@ pub enum MessageKind {
     SecAggUnmask = 14,
     /// [`SecAggReveal`].
     SecAggReveal = 15,
+    /// [`SiteAggregate`].
+    SiteAggregate = 16,
 }
 
 impl MessageKind {
     /// All kinds, in code order.
-    pub const ALL: [MessageKind; 15] = [
+    pub const ALL: [MessageKind; 16] = [
         MessageKind::Join,
         MessageKind::RoundAnnounce,
         MessageKind::GlobalAdapter,
@@ -355,6 +358,7 @@ impl MessageKind {
         MessageKind::SecAggMasked,
         MessageKind::SecAggUnmask,
         MessageKind::SecAggReveal,
+        MessageKind::SiteAggregate,
     ];
 
     /// The kind with wire code `code`, if any.
@@ -380,6 +384,7 @@ impl MessageKind {
             MessageKind::SecAggMasked => "secagg_masked",
             MessageKind::SecAggUnmask => "secagg_unmask",
             MessageKind::SecAggReveal => "secagg_reveal",
+            MessageKind::SiteAggregate => "site_aggregate",
         }
     }
 }
@@ -423,6 +428,8 @@ pub enum Message {
     SecAggUnmask(SecAggUnmask),
     /// See [`SecAggReveal`].
     SecAggReveal(SecAggReveal),
+    /// See [`SiteAggregate`].
+    SiteAggregate(SiteAggregate),
 }
 
 impl Message {
@@ -444,6 +451,7 @@ impl Message {
             Message::SecAggMasked(_) => MessageKind::SecAggMasked,
             Message::SecAggUnmask(_) => MessageKind::SecAggUnmask,
             Message::SecAggReveal(_) => MessageKind::SecAggReveal,
+            Message::SiteAggregate(_) => MessageKind::SiteAggregate,
         }
     }
 
@@ -462,6 +470,7 @@ impl Message {
             Message::SecAggMasked(m) => Some(m.round),
             Message::SecAggUnmask(m) => Some(m.round),
             Message::SecAggReveal(m) => Some(m.round),
+            Message::SiteAggregate(m) => Some(m.round),
             Message::Join(_) | Message::Status(_) | Message::Chunk(_) => None,
         }
     }
@@ -477,6 +486,7 @@ impl Message {
             Message::SecAggShares(m) => Some(&m.client),
             Message::SecAggMasked(m) => Some(&m.client),
             Message::SecAggReveal(m) => Some(&m.client),
+            Message::SiteAggregate(m) => Some(&m.site),
             Message::RoundAnnounce(_)
             | Message::GlobalAdapter(_)
             | Message::Chunk(_)
@@ -499,6 +509,9 @@ impl Message {
     /// Structural checks beyond what the serde layer sees: every tensor consistent, tensor
     /// names unique within the message.
     pub(crate) fn check(&self) -> Result<(), TensorError> {
+        if let Message::SiteAggregate(m) = self {
+            return m.check();
+        }
         let tensors = self.tensors();
         for (i, t) in tensors.iter().enumerate() {
             t.check_structure()?;
@@ -556,7 +569,8 @@ from_body!(
     SecAggRelay,
     SecAggMasked,
     SecAggUnmask,
-    SecAggReveal
+    SecAggReveal,
+    SiteAggregate
 );
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ pub struct Refusal {
     pub detail: String,
 }
 
-fn refuse(reason: RejectReason, round: u32, detail: impl Into<String>) -> Refusal {
+pub(super) fn refuse(reason: RejectReason, round: u32, detail: impl Into<String>) -> Refusal {
     Refusal {
         reason,
         round,
@@ -48,34 +48,69 @@ pub fn admit(
     update: &ClientUpdate,
     wire_bytes: u64,
 ) -> Result<Vec<NamedTensor>, Refusal> {
-    let client = topic_client.as_str();
     let round = update.round;
-    if wire_bytes > rules.max_update_bytes {
+    let sender = Submission {
+        topic_client,
+        body_client: &update.client,
+        round,
+        sequence: update.sequence,
+        wire_bytes,
+    };
+    admit_sender(s, rules, &sender)?;
+    let delta: Vec<NamedTensor> = update.tensors.iter().map(fedpeft_backbone::dense).collect();
+    if let Err(e) = s.global.check_layout(&delta) {
+        return Err(refuse(RejectReason::WrongShape, round, e.to_string()));
+    }
+    if let Some((tensor, index)) = first_non_finite(&delta) {
+        let detail = format!("tensor `{tensor}` value #{index}");
+        return Err(refuse(RejectReason::NonFinite, round, detail));
+    }
+    Ok(delta)
+}
+
+/// Who sent a contribution to the open round, and which one it is: an update's or a site
+/// aggregate's header.
+pub struct Submission<'a> {
+    pub topic_client: &'a ClientId,
+    /// The client (or site) its body names.
+    pub body_client: &'a ClientId,
+    pub round: u32,
+    pub sequence: u32,
+    pub wire_bytes: u64,
+}
+
+/// The checks that do not look at the values, in the order of the module's list: size, the
+/// body names the topic's client, joined, not a redelivery, the open round, a newer
+/// sequence, sampled, first this round.
+pub fn admit_sender(s: &MachineState, rules: &Rules, sub: &Submission<'_>) -> Result<(), Refusal> {
+    let client = sub.topic_client.as_str();
+    let round = sub.round;
+    if sub.wire_bytes > rules.max_update_bytes {
         let detail = format!(
-            "{wire_bytes} bytes on the wire, limit {}",
-            rules.max_update_bytes
+            "{} bytes on the wire, limit {}",
+            sub.wire_bytes, rules.max_update_bytes
         );
         return Err(refuse(RejectReason::Oversized, round, detail));
     }
-    if update.client != *topic_client {
-        let detail = format!("body names client `{}`", update.client);
+    if sub.body_client != sub.topic_client {
+        let detail = format!("body names client `{}`", sub.body_client);
         return Err(refuse(RejectReason::ClientMismatch, round, detail));
     }
     let Some(info) = s.clients.get(client) else {
         return Err(refuse(RejectReason::UnknownClient, round, "never joined"));
     };
-    let key = (client.to_string(), round, update.sequence);
+    let key = (client.to_string(), round, sub.sequence);
     if s.accepted_updates.contains(&key) {
-        let detail = format!("sequence {} already accepted (redelivery)", update.sequence);
+        let detail = format!("sequence {} already accepted (redelivery)", sub.sequence);
         return Err(refuse(RejectReason::Duplicate, round, detail));
     }
     check_round(s, rules, round)?;
     if let Some(last) = info.last_sequence
-        && update.sequence <= last
+        && sub.sequence <= last
     {
         let detail = format!(
             "sequence {} not after the last accepted {last}",
-            update.sequence
+            sub.sequence
         );
         return Err(refuse(RejectReason::Stale, round, detail));
     }
@@ -89,15 +124,7 @@ pub fn admit(
         let detail = format!("already accepted sequence {seq} this round");
         return Err(refuse(RejectReason::Duplicate, round, detail));
     }
-    let delta: Vec<NamedTensor> = update.tensors.iter().map(fedpeft_backbone::dense).collect();
-    if let Err(e) = s.global.check_layout(&delta) {
-        return Err(refuse(RejectReason::WrongShape, round, e.to_string()));
-    }
-    if let Some((tensor, index)) = first_non_finite(&delta) {
-        let detail = format!("tensor `{tensor}` value #{index}");
-        return Err(refuse(RejectReason::NonFinite, round, detail));
-    }
-    Ok(delta)
+    Ok(())
 }
 
 /// The update's round must be the open one.

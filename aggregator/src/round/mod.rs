@@ -33,6 +33,7 @@ pub use fedpeft_config::report::{
 mod admission;
 mod sampling;
 pub mod secure;
+mod site;
 mod types;
 
 use sampling::GLOBAL_ROUNDING_STREAM;
@@ -80,6 +81,7 @@ impl RoundMachine {
             records: Vec::new(),
             last_median_norm: None,
             clipped_total: 0,
+            upstream: UpstreamState::default(),
         };
         let mut m = RoundMachine {
             rules,
@@ -222,6 +224,19 @@ impl RoundMachine {
                 }
                 info!(round, loss, accuracy, "evaluated global adapter");
             }
+            Event::Partial {
+                topic_client,
+                partial,
+                wire_bytes,
+                signed,
+            } => {
+                let sender = Sender {
+                    client: topic_client,
+                    signed,
+                };
+                self.on_partial(sender, *partial, wire_bytes, now, &mut out);
+            }
+            Event::Upstream(msg) => self.on_upstream(*msg, now, &mut out),
             Event::Tick => {}
         }
         self.check_deadline(now, &mut out);
@@ -256,6 +271,7 @@ impl RoundMachine {
                 adapter: self.s.global.clone(),
             });
         }
+        self.join_root(out);
         match self.s.phase.clone() {
             Phase::Waiting { .. } => {
                 self.publish_global(self.accounting_round(), out);
@@ -282,7 +298,9 @@ impl RoundMachine {
                 // Resumed mid-round: same round, same sample, fresh deadline.
                 info!(round = open.round, sampled = ?open.sampled, accepted = open.accepted.len(),
                       "round resumed");
-                open.deadline_unix_ms = now + self.rules.round_timeout_ms;
+                open.deadline_unix_ms = self
+                    .site_round_deadline(now)
+                    .unwrap_or(now + self.rules.round_timeout_ms);
                 self.s.phase = Phase::Collecting(open);
                 self.publish_global(self.accounting_round(), out);
                 self.publish_announce(out);
@@ -304,6 +322,7 @@ impl RoundMachine {
     }
 
     fn on_reconnected(&mut self, out: &mut Vec<Action>) {
+        self.join_root(out);
         match self.s.phase {
             Phase::Waiting { .. } => self.publish_global(self.accounting_round(), out),
             Phase::Collecting(_) => {
@@ -562,6 +581,9 @@ impl RoundMachine {
         let Phase::Waiting { next_round } = self.s.phase else {
             return;
         };
+        if !self.root_allows(next_round) {
+            return;
+        }
         let available = self.available();
         let needed = if next_round == 1 {
             self.rules.start_clients.max(self.rules.min_clients)
@@ -598,7 +620,9 @@ impl RoundMachine {
             (Some(m), Some(median)) if median > 0.0 => Some(m * median),
             _ => self.rules.max_update_norm,
         };
-        let deadline = now + self.rules.round_timeout_ms;
+        let deadline = self
+            .site_round_deadline(now)
+            .unwrap_or(now + self.rules.round_timeout_ms);
         let sampled: BTreeSet<String> = sampled.into_iter().collect();
         let secure = self.rules.secure.is_some();
         if secure {
@@ -658,7 +682,9 @@ impl RoundMachine {
             self.close_round(now, out);
             return;
         }
+        // A site cannot extend: the root's deadline does not move.
         if let QuorumFailure::Extend { max_extensions } = self.rules.on_quorum_failure
+            && self.rules.site.is_none()
             && open.extensions < max_extensions
         {
             open.extensions += 1;
@@ -717,7 +743,10 @@ impl RoundMachine {
             clipped_clients: open.clipped.clone(),
             ..RobustRecord::default()
         };
-        let status = if open.accepted.len() >= quorum {
+        let site = self.rules.site.clone();
+        let status = if let Some(site) = &site {
+            self.forward(site, &open, quorum, out)
+        } else if open.accepted.len() >= quorum {
             self.aggregate(&open, &mut robust)
         } else {
             warn!(
@@ -729,13 +758,16 @@ impl RoundMachine {
             RoundStatus::Failed
         };
         let next_round = round + 1;
-        self.s.phase = if round >= self.rules.rounds {
+        self.s.phase = if round >= self.rules.rounds && site.is_none() {
             Phase::Done
         } else {
             Phase::Waiting { next_round }
         };
-        // The new global's bytes count in the round that produced it.
-        self.publish_global(round, out);
+        // The new global's bytes count in the round that produced it. A site's comes from its
+        // root.
+        if site.is_none() {
+            self.publish_global(round, out);
+        }
         let w = open.train_weight;
         let record = RoundRecord {
             round,
@@ -777,7 +809,7 @@ impl RoundMachine {
         out.push(Action::Checkpoint);
         // The held-out evaluation runs after the next round is announced, while the clients
         // train: it is not on the path from this round's last update to the next round.
-        let evaluate = (status == RoundStatus::Ok).then(|| Action::Evaluate {
+        let evaluate = (status == RoundStatus::Ok && site.is_none()).then(|| Action::Evaluate {
             round,
             adapter: self.s.global.clone(),
         });
@@ -907,6 +939,13 @@ impl RoundMachine {
     /// produced it when a round closes, else (the initial adapter, a re-publication) the round
     /// that is open or next.
     fn publish_global(&mut self, account: u32, out: &mut Vec<Action>) {
+        if self.rules.site.is_some() {
+            // A site passes its root's adapter on as the root encoded it, once it has one.
+            if let Some(g) = self.s.upstream.global.clone() {
+                self.publish(Outgoing::Global(g), account, out);
+            }
+            return;
+        }
         let round = self.s.global_round;
         match self.encode_global() {
             Ok(tensors) => {
@@ -923,8 +962,11 @@ impl RoundMachine {
     }
 
     fn announce_message(&self, round: u32, deadline: u64, sampled: Vec<ClientId>) -> RoundAnnounce {
-        let mut config = self.rules.local.clone();
-        config.seed = round_seed(self.rules.seed, round);
+        let config = self.root_config(round).unwrap_or_else(|| {
+            let mut config = self.rules.local.clone();
+            config.seed = round_seed(self.rules.seed, round);
+            config
+        });
         RoundAnnounce {
             round,
             deadline_unix_ms: deadline,
@@ -956,7 +998,10 @@ impl RoundMachine {
 
     /// The run is over: see [`RoundAnnounce::is_run_done`].
     fn publish_done(&mut self, out: &mut Vec<Action>) {
-        let round = self.rules.rounds + 1;
+        let round = match (&self.rules.site, &self.s.upstream.announce) {
+            (Some(_), Some(a)) => a.round,
+            _ => self.rules.rounds + 1,
+        };
         let msg = self.announce_message(round, 0, Vec::new());
         self.publish(Outgoing::RunDone(msg), round, out);
     }

@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fedpeft_protocol::{
-    ClientId, ClientState, ClientUpdate, DType, FleetName, LocalConfig, PeftMethod,
+    ClientId, ClientState, ClientUpdate, DType, FleetName, GlobalAdapter, LocalConfig, PeftMethod,
+    RoundAnnounce, SiteAggregate,
 };
 use serde::{Deserialize, Serialize};
 
@@ -89,8 +90,28 @@ pub enum Event {
         /// As for [`Event::Update`].
         signed: bool,
     },
+    /// A site's partial aggregate on `update/{topic_client}` (see [`super::site`]), decoded,
+    /// or the reason it could not be.
+    Partial {
+        topic_client: ClientId,
+        partial: Box<Result<SiteAggregate, DecodeFailure>>,
+        wire_bytes: u64,
+        /// As for [`Event::Update`].
+        signed: bool,
+    },
+    /// A message from this site's root (site mode only): its announcement or global adapter.
+    Upstream(Box<UpstreamMessage>),
     /// Time passed (deadlines are checked on every event, this just guarantees one).
     Tick,
+}
+
+/// What a site hears from its root.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamMessage {
+    /// The root's round announcement (or its "run done" marker).
+    Announce(RoundAnnounce),
+    /// The root's global adapter, as it sent it.
+    Global(GlobalAdapter),
 }
 
 impl Event {
@@ -101,7 +122,7 @@ impl Event {
         match self {
             Event::Joined { .. } => Some("join"),
             Event::Status { .. } => Some("status"),
-            Event::Update { .. } => Some("update"),
+            Event::Update { .. } | Event::Partial { .. } => Some("update"),
             Event::SecAgg { .. } => Some("secagg"),
             Event::Refused { kind, .. } => Some(kind),
             _ => None,
@@ -117,6 +138,11 @@ impl Event {
                 client, wire_bytes, ..
             } => Some((client.as_str(), *wire_bytes)),
             Event::Update {
+                topic_client,
+                wire_bytes,
+                ..
+            }
+            | Event::Partial {
                 topic_client,
                 wire_bytes,
                 ..
@@ -159,6 +185,9 @@ pub enum Action {
     /// A secure round's unmasked sum (`[Σ n_u, Σ q_u…]` mod 2^m): the shell writes it to
     /// `$FEDPEFT_SECAGG_DUMP_DIR` when that is set (audits and tests), and otherwise drops it.
     SecureSum { round: u32, sum: Vec<u32> },
+    /// Send `message` to this site's root (site mode only): the shell's upstream outbox seals
+    /// it with the root's run and fleet.
+    Upstream(Outgoing),
     /// The run is over: the shell may shut down.
     Finished,
 }
@@ -212,6 +241,25 @@ pub struct RunSettings {
     pub global_dtype: DType,
     /// Secure aggregation (SecAgg+): the aggregator learns only the sum. Default none.
     pub secure: Option<SecureSettings>,
+    /// Site mode: this aggregator runs its root's rounds for the devices on its broker and
+    /// forwards one exact partial aggregate per round. Default none (a root, or a flat run).
+    pub site: Option<SiteSettings>,
+}
+
+/// `[site]`, checked: who this site's root is and what the site is called there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SiteSettings {
+    /// The root's fleet (its topics reach this broker over a bridge).
+    pub upstream_fleet: FleetName,
+    /// The root's run id.
+    pub upstream_run_id: u64,
+    /// This site's client id in the root's fleet.
+    pub id: ClientId,
+    /// The site closes its round this long before the root's deadline, so its aggregate
+    /// arrives in time.
+    pub margin_ms: u64,
+    /// The largest packet the site accepts (its join tells the root).
+    pub max_packet_bytes: u32,
 }
 
 /// `[secure_aggregation]`, checked.
@@ -378,6 +426,21 @@ pub struct MachineState {
     pub last_median_norm: Option<f64>,
     /// Deltas scaled down to the norm bound over the whole run.
     pub clipped_total: u64,
+    /// Site mode: what the site knows of its root (empty otherwise).
+    pub upstream: UpstreamState,
+}
+
+/// A site's view of its root: checkpointed, so a restarted site resumes the root's round.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamState {
+    /// The root's newest announcement.
+    pub announce: Option<RoundAnnounce>,
+    /// The root's newest global adapter, as received (republished to the devices verbatim).
+    pub global: Option<GlobalAdapter>,
+    /// The newest root round this site has finished with (forwarded, failed or sat out).
+    pub last_round: u32,
+    /// Sequence of the next aggregate sent to the root.
+    pub next_sequence: u32,
 }
 
 /// A checkpoint that does not belong to this run's configuration.

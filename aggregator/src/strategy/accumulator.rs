@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use fedpeft_peft::NamedTensor;
+use fedpeft_protocol::ExactSum;
 
 use crate::adapter::Adapter;
 
@@ -93,6 +94,99 @@ impl Accumulator {
                 deltas.push(delta.iter().map(|t| t.values.clone()).collect());
                 true
             }
+        }
+    }
+}
+
+impl Accumulator {
+    /// Folds a site's exact partial sum in (Σ nᵢ·Δᵢ over its devices as `sum + error`, weight
+    /// Σ nᵢ, `updates` of them): each pair is added with the same TwoSum as a device's delta,
+    /// so the sum equals the one the devices' deltas would have made, folded here one by one.
+    /// The caller has checked the layout ([`Accumulator::check_exact_layout`]). `false` for a
+    /// buffer, which needs each delta (order statistics).
+    pub fn fold_exact(&mut self, weight: u64, updates: usize, sums: &[ExactSum]) -> bool {
+        let Accumulator::Sum {
+            weighted,
+            error,
+            total_examples,
+            count,
+        } = self
+        else {
+            return false;
+        };
+        if error.len() != weighted.len() {
+            *error = weighted.iter().map(|t| vec![0.0; t.len()]).collect();
+        }
+        for ((acc, err), t) in weighted.iter_mut().zip(error.iter_mut()).zip(sums) {
+            for (((a, e), &s), &se) in acc.iter_mut().zip(err.iter_mut()).zip(&t.sum).zip(&t.error)
+            {
+                let (sum, rounding) = two_sum(*a, s);
+                *a = sum;
+                *e += rounding + se;
+            }
+        }
+        *total_examples += weight;
+        *count += updates;
+        true
+    }
+
+    /// Whether `sums` has the layout of this sum (tensor count, order, names' lengths):
+    /// `Err` names the first difference.
+    pub fn check_exact_layout(&self, layout: &Adapter, sums: &[ExactSum]) -> Result<(), String> {
+        if sums.len() != layout.tensors.len() {
+            return Err(format!(
+                "{} tensors, the global adapter has {}",
+                sums.len(),
+                layout.tensors.len()
+            ));
+        }
+        for (t, g) in sums.iter().zip(&layout.tensors) {
+            if t.name != g.name {
+                return Err(format!("tensor `{}` where `{}` belongs", t.name, g.name));
+            }
+            if t.sum.len() != g.values.len() {
+                return Err(format!(
+                    "tensor `{}`: {} values, the global adapter's has {}",
+                    t.name,
+                    t.sum.len(),
+                    g.values.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The exact sum as a site forwards it, named by `layout`'s tensors; `None` for a buffer.
+    pub fn exact_sums(&self, layout: &Adapter) -> Option<Vec<ExactSum>> {
+        let Accumulator::Sum {
+            weighted, error, ..
+        } = self
+        else {
+            return None;
+        };
+        Some(
+            layout
+                .tensors
+                .iter()
+                .zip(weighted)
+                .enumerate()
+                .map(|(i, (g, sum))| ExactSum {
+                    name: g.name.clone(),
+                    sum: sum.clone(),
+                    error: error
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| vec![0.0; sum.len()]),
+                })
+                .collect(),
+        )
+    }
+
+    /// The weight folded in so far (Σ nᵢ), for a sum.
+    pub fn total_weight(&self) -> u64 {
+        match self {
+            Accumulator::Sum { total_examples, .. } => *total_examples,
+            Accumulator::Buffer { .. } => 0,
         }
     }
 }

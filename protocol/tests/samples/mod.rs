@@ -193,6 +193,24 @@ pub fn all() -> Vec<(&'static str, Envelope)> {
             },
         ],
     };
+    let site = SiteAggregate {
+        site: ClientId::new("site-a").unwrap(),
+        round: 5,
+        sequence: 5,
+        updates: 2,
+        weight: 900,
+        train_loss_sum: 450.0,
+        train_accuracy_sum: 675.0,
+        train_weight: 900.0,
+        tensors: vec![ExactSum {
+            name: "head.bias".into(),
+            sum: vec![0.5, -1.0],
+            error: vec![
+                0.0,
+                1.0 / 1024.0 / 1024.0 / 1024.0 / 1024.0 / 1024.0 / 1024.0,
+            ],
+        }],
+    };
     vec![
         ("join", Envelope::new(RUN_ID, 0, join)),
         ("round_announce", Envelope::new(RUN_ID, 5, announce)),
@@ -209,5 +227,6 @@ pub fn all() -> Vec<(&'static str, Envelope)> {
         ("secagg_masked", Envelope::new(RUN_ID, 5, masked)),
         ("secagg_unmask", Envelope::new(RUN_ID, 5, unmask)),
         ("secagg_reveal", Envelope::new(RUN_ID, 5, reveal)),
+        ("site_aggregate", Envelope::new(RUN_ID, 5, site)),
     ]
 }

@@ -241,6 +241,12 @@ impl Mosquitto {
     /// anonymous access on 127.0.0.1 only and an explicit packet size limit. It keeps nothing
     /// on disk: a restart loses every session and retained message.
     pub fn start(max_packet_bytes: u32) -> Mosquitto {
+        Self::start_with(max_packet_bytes, "")
+    }
+
+    /// [`Mosquitto::start`] with `extra` lines at the end of its configuration (a bridge's
+    /// `connection` stanza, say).
+    pub fn start_with(max_packet_bytes: u32, extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().expect("temp dir for mosquitto");
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
@@ -248,7 +254,7 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_packet_size {max_packet_bytes}\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+                 max_packet_size {max_packet_bytes}\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}"
             ),
         )
         .expect("write mosquitto.conf");

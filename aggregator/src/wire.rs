@@ -284,7 +284,7 @@ impl Inbox {
         let parsed = match Topic::parse(topic) {
             Ok(t) if t.fleet == self.fleet => t,
             Ok(t) if self.root.as_ref().is_some_and(|r| r.fleet == t.fleet) => {
-                return self.from_root(topic, t.kind, payload, now_ms);
+                return self.on_root_publish(topic, t.kind, payload, now_ms);
             }
             Ok(_) | Err(_) => {
                 debug!(topic, "ignoring a publish on a foreign topic");
@@ -304,7 +304,7 @@ impl Inbox {
     /// A message on the root's topics (a site's inbox only): its announcement or global
     /// adapter, whole or from chunks. Anything else, undecodable or of another run is logged and
     /// dropped: it is not a client's, so nothing is counted against anyone.
-    fn from_root(
+    fn on_root_publish(
         &mut self,
         topic: &str,
         kind: TopicKind,

@@ -338,9 +338,89 @@ fn validate_site(
     })
 }
 
+/// `[async]`: the buffer and the staleness rule, and what an asynchronous run cannot do.
+fn validate_buffered(
+    table: fedpeft_config::aggregator::AsyncTable,
+    strategy: &StrategyKind,
+    secure: bool,
+    site: bool,
+    dp: bool,
+    quorum: Option<usize>,
+    min_clients: usize,
+) -> Result<crate::round::BufferedSettings, ConfigError> {
+    let refuse = |key: &'static str, why: &str| {
+        Err(invalid(
+            key,
+            format!("cannot be combined with [async]: {why}"),
+        ))
+    };
+    if matches!(
+        strategy,
+        StrategyKind::Median | StrategyKind::TrimmedMean { .. }
+    ) {
+        return refuse(
+            "strategy",
+            "order statistics need a round's updates side by side, and an asynchronous buffer \
+             mixes updates of different versions (fedavg, fedadam and fedyogi work)",
+        );
+    }
+    if secure {
+        return refuse(
+            "secure_aggregation",
+            "its stages need every sampled client of one round at once",
+        );
+    }
+    if site {
+        return refuse("site", "a site follows its root's rounds");
+    }
+    if dp {
+        return refuse(
+            "dp",
+            "the accountant assumes each round samples its clients independently, which \
+             buffered updates of different versions do not",
+        );
+    }
+    let buffer = table.buffer.ok_or_else(|| {
+        invalid(
+            "async.buffer",
+            "is required: updates per new global adapter",
+        )
+    })?;
+    if buffer == 0 || buffer > min_clients {
+        return Err(invalid(
+            "async.buffer",
+            format!(
+                "{buffer} must be between 1 and min_clients ({min_clients}), so a round's sample \
+                 can fill it"
+            ),
+        ));
+    }
+    if let Some(quorum) = quorum
+        && quorum > buffer
+    {
+        return Err(invalid(
+            "quorum",
+            format!("{quorum} is more than async.buffer ({buffer}): no buffer could reach it"),
+        ));
+    }
+    let exponent = table.staleness_exponent.unwrap_or(0.5);
+    if !(exponent.is_finite() && (0.0..=8.0).contains(&exponent)) {
+        return Err(invalid(
+            "async.staleness_exponent",
+            format!("{exponent} is not in 0..=8"),
+        ));
+    }
+    Ok(crate::round::BufferedSettings {
+        buffer,
+        max_staleness: table.max_staleness.unwrap_or(4),
+        exponent,
+    })
+}
+
 /// Checks every field of the file and fills in defaults.
 pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
     let rounds = validate_rounds(&file)?;
+    let explicit_quorum = file.quorum;
     let file_site_checks = SiteChecks {
         strategy: file.strategy.clone(),
         secure: false,
@@ -412,6 +492,23 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
             broker.max_packet_bytes,
         )?),
     };
+    let buffered = match file.buffered {
+        None => None,
+        Some(table) => Some(validate_buffered(
+            table,
+            &strategy,
+            secure.is_some(),
+            site.is_some(),
+            dp.is_some(),
+            explicit_quorum,
+            rounds.min_clients,
+        )?),
+    };
+    // Asynchronous: a buffer closes with `quorum` updates at its deadline, at most `buffer`.
+    let quorum = match (&buffered, explicit_quorum) {
+        (Some(b), None) => rounds.quorum.min(b.buffer),
+        _ => rounds.quorum,
+    };
     let output: OutputTable = file.output;
     Ok(Config {
         run: RunSettings {
@@ -423,7 +520,7 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
             min_clients: rounds.min_clients,
             start_clients: rounds.start_clients,
             fraction: rounds.fraction,
-            quorum: rounds.quorum,
+            quorum,
             round_timeout_ms: rounds.round_timeout_ms,
             on_quorum_failure: rounds.on_quorum_failure,
             max_update_bytes,
@@ -432,6 +529,7 @@ pub fn validate(file: AggregatorFile) -> Result<Config, ConfigError> {
             local: validate_local(file.local)?,
             secure,
             site,
+            buffered,
         },
         max_payload_bytes,
         reassembly,

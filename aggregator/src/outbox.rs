@@ -8,9 +8,9 @@
 //! no I/O: the shell sends the [`Packet`]s it returns.
 
 use fedpeft_protocol::{
-    ClientId, EncodeError, Envelope, FleetName, GlobalAdapter, Join, QoS, RoundAnnounce,
-    SecAggRelay, SecAggRoster, SecAggUnmask, SecureRoundAnnounce, SigningKey, SiteAggregate,
-    Status, Topic, TopicKind,
+    AsyncRoundAnnounce, ClientId, EncodeError, Envelope, FleetName, GlobalAdapter, Join, QoS,
+    RoundAnnounce, SecAggRelay, SecAggRoster, SecAggUnmask, SecureRoundAnnounce, SigningKey,
+    SiteAggregate, Status, Topic, TopicKind,
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -29,6 +29,8 @@ pub enum Outgoing {
     RunDone(RoundAnnounce),
     /// A secure round's announcement (retained, on the round topic).
     SecureAnnounce(SecureRoundAnnounce),
+    /// An asynchronous run's announcement (retained, on the round topic).
+    AsyncAnnounce(AsyncRoundAnnounce),
     /// A secure round's roster (retained, on the secagg topic).
     Roster(SecAggRoster),
     /// The shares relayed to one client (its inbox topic).
@@ -50,6 +52,7 @@ impl Outgoing {
             Outgoing::Global(g) => g.round,
             Outgoing::Announce(a) | Outgoing::RunDone(a) => a.round,
             Outgoing::SecureAnnounce(a) => a.announce.round,
+            Outgoing::AsyncAnnounce(a) => a.announce.round,
             Outgoing::Roster(r) => r.round,
             Outgoing::Relay { relay, .. } => relay.round,
             Outgoing::Unmask(u) => u.round,
@@ -62,9 +65,10 @@ impl Outgoing {
     fn topic(&self) -> TopicKind {
         match self {
             Outgoing::Global(_) => TopicKind::Global,
-            Outgoing::Announce(_) | Outgoing::RunDone(_) | Outgoing::SecureAnnounce(_) => {
-                TopicKind::Round
-            }
+            Outgoing::Announce(_)
+            | Outgoing::RunDone(_)
+            | Outgoing::SecureAnnounce(_)
+            | Outgoing::AsyncAnnounce(_) => TopicKind::Round,
             Outgoing::Roster(_) | Outgoing::Unmask(_) => TopicKind::SecAgg,
             Outgoing::Relay { to, .. } => TopicKind::Inbox(to.clone()),
             Outgoing::Join(_) => TopicKind::Join,
@@ -153,6 +157,7 @@ impl Outbox {
             Outgoing::Announce(_) => ("round announcement", "round"),
             Outgoing::RunDone(_) => ("final announcement", "round"),
             Outgoing::SecureAnnounce(_) => ("secure round announcement", "round"),
+            Outgoing::AsyncAnnounce(_) => ("round announcement", "round"),
             Outgoing::Roster(_) => ("secure aggregation roster", "secagg"),
             Outgoing::Relay { .. } => ("relayed shares", "secagg"),
             Outgoing::Unmask(_) => ("unmask request", "secagg"),
@@ -201,6 +206,7 @@ impl Outbox {
             Outgoing::Global(g) => Envelope::new(self.run_id, round, g),
             Outgoing::Announce(a) | Outgoing::RunDone(a) => Envelope::new(self.run_id, round, a),
             Outgoing::SecureAnnounce(a) => Envelope::new(self.run_id, round, a),
+            Outgoing::AsyncAnnounce(a) => Envelope::new(self.run_id, round, a),
             Outgoing::Roster(r) => Envelope::new(self.run_id, round, r),
             Outgoing::Relay { relay, .. } => Envelope::new(self.run_id, round, relay),
             Outgoing::Unmask(u) => Envelope::new(self.run_id, round, u),

@@ -790,6 +790,7 @@ impl Shell {
         let announced = match &message {
             Outgoing::Announce(a) => Some(a.round),
             Outgoing::SecureAnnounce(a) => Some(a.announce.round),
+            Outgoing::AsyncAnnounce(a) => Some(a.announce.round),
             _ => None,
         };
         let Some(sealed) = self.outbox.send(message, round, receivers) else {

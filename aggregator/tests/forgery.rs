@@ -113,6 +113,7 @@ fn rules() -> Rules {
             global_dtype: DType::F32,
             secure: None,
             site: None,
+            buffered: None,
         },
         dp_sample_rate: None,
         backbone_params: 1000,

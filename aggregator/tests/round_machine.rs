@@ -50,6 +50,7 @@ fn rules(rounds: u32, min_clients: usize, quorum: usize) -> Rules {
             global_dtype: DType::F32,
             secure: None,
             site: None,
+            buffered: None,
         },
         dp_sample_rate: None,
         backbone_params: 1000,

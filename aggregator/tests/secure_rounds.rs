@@ -71,6 +71,7 @@ fn rules() -> Rules {
                 dp: None,
             }),
             site: None,
+            buffered: None,
         },
         dp_sample_rate: None,
         backbone_params: 1000,

@@ -58,6 +58,7 @@ fn rules(fleet: &str, min_clients: usize, site: Option<&str>) -> Rules {
                 margin_ms: 1_000,
                 max_packet_bytes: 1 << 20,
             }),
+            buffered: None,
         },
         dp_sample_rate: None,
         backbone_params: 1000,

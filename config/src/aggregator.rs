@@ -82,6 +82,24 @@ pub struct AggregatorFile {
     /// bridge. Default none (a root, or a flat run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<SiteTable>,
+    /// `[async]`: asynchronous buffered aggregation (FedBuff): no round barrier. Default none
+    /// (synchronous rounds).
+    #[serde(default, rename = "async", skip_serializing_if = "Option::is_none")]
+    pub buffered: Option<AsyncTable>,
+}
+
+/// `[async]`: a new global adapter from every `buffer` accepted updates, stale ones weighted
+/// down; clients train whenever they are free on the newest adapter they hold.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AsyncTable {
+    /// K: updates folded into each new global adapter. Required.
+    pub buffer: Option<usize>,
+    /// Updates trained for up to this many versions before the current one are accepted.
+    /// Default 4.
+    pub max_staleness: Option<u32>,
+    /// An update τ versions behind weighs (1 + τ)^-a. Default 0.5.
+    pub staleness_exponent: Option<f64>,
 }
 
 /// `[site]`: this aggregator serves the devices on its broker for a root aggregator, and

@@ -217,6 +217,9 @@ pub struct RoundRecord {
     /// checkpoint's encoding is positional.
     #[serde(default)]
     pub secure: Option<SecureRecord>,
+    /// Asynchronous runs: how many versions behind each accepted update was, by client.
+    #[serde(default)]
+    pub staleness: BTreeMap<String, u32>,
 }
 
 /// One secure-aggregation round (report field `secure`): who reached each stage, how long

@@ -387,7 +387,14 @@ impl Session {
                 tracing::error!(round, %reason, "local training failed; no update for this round");
             }
             Ok(update) => {
-                let current = self.announce.as_ref().filter(|a| a.round == round);
+                // In an asynchronous run an update trained for an earlier round still counts,
+                // weighted down, while it is at most `max_staleness` rounds behind.
+                let current = self.announce.as_ref().filter(|a| {
+                    a.round == round
+                        || a.max_staleness.is_some_and(|s| {
+                            a.round > round && a.round - round <= s && a.secure.is_none()
+                        })
+                });
                 match current {
                     Some(_) if self.faults.drops_out(round) => {
                         // Emulated dropout: the update is lost with the connection.
@@ -522,6 +529,7 @@ mod tests {
             plan: plan(),
             deadline_unix_ms: 0,
             secure: None,
+            max_staleness: None,
         })
     }
 
@@ -586,6 +594,63 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn async_announce(round: Round, max_staleness: u32) -> Event {
+        match announce(round, &["c1"]) {
+            Event::Announce(a) => Event::Announce(Announcement {
+                max_staleness: Some(max_staleness),
+                ..a
+            }),
+            other => other,
+        }
+    }
+
+    #[test]
+    fn an_asynchronous_run_takes_an_update_that_finished_after_the_round_moved_on() {
+        let mut s = connected("c1");
+        s.on_event(adapter(0));
+        assert_eq!(
+            train_actions(&s.on_event(async_announce(1, 2))),
+            vec![(1, 0, 0)]
+        );
+        // Two new versions while c1 trains on version 0.
+        s.on_event(adapter(1));
+        s.on_event(async_announce(2, 2));
+        s.on_event(adapter(2));
+        s.on_event(async_announce(3, 2));
+        let acts = s.on_event(Event::TrainingFinished {
+            round: 1,
+            sequence: 0,
+            result: Ok(update()),
+        });
+        // Two rounds behind: sent, and c1 starts on the newest version at once.
+        assert_eq!(sent_updates(&acts), vec![(1, 0)]);
+        assert_eq!(train_actions(&acts), vec![(3, 1, 2)]);
+        // Three rounds behind: dropped.
+        s.on_event(adapter(5));
+        s.on_event(async_announce(6, 2));
+        let acts = s.on_event(Event::TrainingFinished {
+            round: 3,
+            sequence: 1,
+            result: Ok(update()),
+        });
+        assert!(sent_updates(&acts).is_empty());
+    }
+
+    #[test]
+    fn a_synchronous_run_drops_an_update_that_finished_after_the_round_moved_on() {
+        let mut s = connected("c1");
+        s.on_event(adapter(0));
+        s.on_event(announce(1, &["c1"]));
+        s.on_event(adapter(1));
+        s.on_event(announce(2, &["c1"]));
+        let acts = s.on_event(Event::TrainingFinished {
+            round: 1,
+            sequence: 0,
+            result: Ok(update()),
+        });
+        assert!(sent_updates(&acts).is_empty());
     }
 
     #[test]
@@ -906,6 +971,7 @@ mod tests {
             plan: plan(),
             deadline_unix_ms: 0,
             secure: None,
+            max_staleness: None,
         };
         // The old run's round-0 adapter must not be trained on in the new run.
         assert!(train_actions(&s.on_event(Event::Announce(new_run))).is_empty());

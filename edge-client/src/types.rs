@@ -70,6 +70,9 @@ pub struct Announcement {
     pub deadline_unix_ms: u64,
     /// A secure-aggregation round's parameters (the update goes out masked, in stages).
     pub secure: Option<fedpeft_protocol::SecAggSetup>,
+    /// An asynchronous (buffered) run: an update that finishes after the round moved on is
+    /// still sent when it is at most this many rounds behind.
+    pub max_staleness: Option<u32>,
 }
 
 /// The global adapter clients start round `round` from.

@@ -144,6 +144,7 @@ pub(crate) mod fixtures {
             robust: RobustRecord::default(),
             local_dp_epsilon: Default::default(),
             secure: None,
+            staleness: Default::default(),
         }
     }
 }

@@ -71,7 +71,10 @@ fn topic_json(topic: &str, message: &Message) -> Value {
                 (&t.kind, message.kind()),
                 (T::Global, M::GlobalAdapter)
                     | (T::GlobalChunk(_), M::Chunk)
-                    | (T::Round, M::RoundAnnounce | M::SecureRoundAnnounce)
+                    | (
+                        T::Round,
+                        M::RoundAnnounce | M::SecureRoundAnnounce | M::AsyncRoundAnnounce
+                    )
                     | (T::Join, M::Join)
                     | (
                         T::Update(_),
@@ -223,6 +226,11 @@ fn body_json(message: &Message, detail: Detail) -> Value {
             if detail == Detail::Full {
                 v["data_hex"] = json!(hex(&c.data));
             }
+            v
+        }
+        Message::AsyncRoundAnnounce(m) => {
+            let mut v = body_json(&Message::RoundAnnounce(m.announce.clone()), detail);
+            v["max_staleness"] = json!(m.max_staleness);
             v
         }
         Message::SecureRoundAnnounce(m) => {

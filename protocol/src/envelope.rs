@@ -278,6 +278,7 @@ impl Envelope {
             Message::SecAggUnmask(m) => postcard::to_extend(m, out),
             Message::SecAggReveal(m) => postcard::to_extend(m, out),
             Message::SiteAggregate(m) => postcard::to_extend(m, out),
+            Message::AsyncRoundAnnounce(m) => postcard::to_extend(m, out),
         }
         .map_err(EncodeError::Postcard)?;
         if let Some((fleet, key)) = signer {
@@ -318,6 +319,7 @@ impl Envelope {
             MessageKind::SecAggUnmask => Message::SecAggUnmask(body_of(kind, body)?),
             MessageKind::SecAggReveal => Message::SecAggReveal(body_of(kind, body)?),
             MessageKind::SiteAggregate => Message::SiteAggregate(body_of(kind, body)?),
+            MessageKind::AsyncRoundAnnounce => Message::AsyncRoundAnnounce(body_of(kind, body)?),
         };
         if let Some(b) = message.body_round()
             && b != header.round

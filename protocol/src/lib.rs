@@ -76,9 +76,9 @@ pub use envelope::{
 };
 pub use ids::{ClientId, FleetName, IdError};
 pub use message::{
-    Capabilities, Chunk, ClientState, ClientUpdate, DpSgd, EvalResult, GlobalAdapter, Join,
-    LocalConfig, Message, MessageKind, Optimizer, PeftFields, PeftMethod, RoundAnnounce, Sampling,
-    Status, TrainMetrics,
+    AsyncRoundAnnounce, Capabilities, Chunk, ClientState, ClientUpdate, DpSgd, EvalResult,
+    GlobalAdapter, Join, LocalConfig, Message, MessageKind, Optimizer, PeftFields, PeftMethod,
+    RoundAnnounce, Sampling, Status, TrainMetrics,
 };
 pub use rng::{SplitMix64, keyed_unit};
 pub use secagg::{

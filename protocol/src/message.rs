@@ -204,6 +204,20 @@ impl RoundAnnounce {
     }
 }
 
+/// A round of an asynchronous buffered run (FedBuff), on the round topic (retained) in place of
+/// a [`RoundAnnounce`]. There is no round barrier: the aggregator makes a new global adapter
+/// from every `buffer` updates it accepts and announces the next round at once, so a client
+/// that finishes training after the round moved on still sends its update, up to
+/// `max_staleness` rounds late; the aggregator weighs it down by its staleness.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AsyncRoundAnnounce {
+    /// The round (the global adapter version being built), its deadline, who takes part and
+    /// how to train.
+    pub announce: RoundAnnounce,
+    /// Updates trained for up to this many rounds before `announce.round` are still accepted.
+    pub max_staleness: u32,
+}
+
 /// The aggregated adapter after `round` (published retained); round 0 is the initial one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GlobalAdapter {
@@ -338,11 +352,13 @@ pub enum MessageKind {
     SecAggReveal = 15,
     /// [`SiteAggregate`].
     SiteAggregate = 16,
+    /// [`AsyncRoundAnnounce`].
+    AsyncRoundAnnounce = 17,
 }
 
 impl MessageKind {
     /// All kinds, in code order.
-    pub const ALL: [MessageKind; 16] = [
+    pub const ALL: [MessageKind; 17] = [
         MessageKind::Join,
         MessageKind::RoundAnnounce,
         MessageKind::GlobalAdapter,
@@ -359,6 +375,7 @@ impl MessageKind {
         MessageKind::SecAggUnmask,
         MessageKind::SecAggReveal,
         MessageKind::SiteAggregate,
+        MessageKind::AsyncRoundAnnounce,
     ];
 
     /// The kind with wire code `code`, if any.
@@ -385,6 +402,7 @@ impl MessageKind {
             MessageKind::SecAggUnmask => "secagg_unmask",
             MessageKind::SecAggReveal => "secagg_reveal",
             MessageKind::SiteAggregate => "site_aggregate",
+            MessageKind::AsyncRoundAnnounce => "async_round_announce",
         }
     }
 }
@@ -430,6 +448,8 @@ pub enum Message {
     SecAggReveal(SecAggReveal),
     /// See [`SiteAggregate`].
     SiteAggregate(SiteAggregate),
+    /// See [`AsyncRoundAnnounce`].
+    AsyncRoundAnnounce(AsyncRoundAnnounce),
 }
 
 impl Message {
@@ -452,6 +472,7 @@ impl Message {
             Message::SecAggUnmask(_) => MessageKind::SecAggUnmask,
             Message::SecAggReveal(_) => MessageKind::SecAggReveal,
             Message::SiteAggregate(_) => MessageKind::SiteAggregate,
+            Message::AsyncRoundAnnounce(_) => MessageKind::AsyncRoundAnnounce,
         }
     }
 
@@ -471,6 +492,7 @@ impl Message {
             Message::SecAggUnmask(m) => Some(m.round),
             Message::SecAggReveal(m) => Some(m.round),
             Message::SiteAggregate(m) => Some(m.round),
+            Message::AsyncRoundAnnounce(m) => Some(m.announce.round),
             Message::Join(_) | Message::Status(_) | Message::Chunk(_) => None,
         }
     }
@@ -493,7 +515,8 @@ impl Message {
             | Message::SecureRoundAnnounce(_)
             | Message::SecAggRoster(_)
             | Message::SecAggRelay(_)
-            | Message::SecAggUnmask(_) => None,
+            | Message::SecAggUnmask(_)
+            | Message::AsyncRoundAnnounce(_) => None,
         }
     }
 
@@ -570,7 +593,8 @@ from_body!(
     SecAggMasked,
     SecAggUnmask,
     SecAggReveal,
-    SiteAggregate
+    SiteAggregate,
+    AsyncRoundAnnounce
 );
 
 #[cfg(test)]

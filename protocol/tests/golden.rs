@@ -16,7 +16,7 @@ fn unhex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-const GOLDEN: [(&str, &str); 16] = [
+const GOLDEN: [(&str, &str); 17] = [
     (
         "join",
         "01b42400010570692d3031096d696e696c6d2d6c36abababababababababababababababababababababababababababababababab0204000000410200028050d80448d6c23f",
@@ -75,6 +75,10 @@ const GOLDEN: [(&str, &str); 16] = [
         "site_aggregate",
         "01b424051006736974652d6105050284070000000000207c4000000000001885400000000000208c400109686561642e6269617302000000000000e03f000000000000f0bf020000000000000000000000000000303c5786f76d",
     ),
+    (
+        "async_round_announce",
+        "01b42405110580d0dfb4ab3301020570692d3031066a6574736f6e02200ad7233c006666663f0000000000000000000201cdcccc3d6304e535d726",
+    ),
 ];
 
 #[test]
@@ -132,7 +136,7 @@ fn an_unknown_version_is_rejected_before_anything_else() {
 
 #[test]
 fn an_unknown_kind_is_a_typed_error() {
-    for code in [0u8, 17, 255] {
+    for code in [0u8, 18, 255] {
         let bytes = with_crc(vec![1, 0, 0, code]);
         assert_eq!(
             Envelope::decode(&bytes),

@@ -117,10 +117,17 @@ pub fn admit_sender(s: &MachineState, rules: &Rules, sub: &Submission<'_>) -> Re
     let Phase::Collecting(open) = &s.phase else {
         unreachable!("check_round refuses updates while no round is open")
     };
+    if rules.buffered.is_some() && round < open.round {
+        // A stale update of an asynchronous run: its client was sampled for its own round
+        // and may send again for this one; the sequence check above keeps it to one each.
+        return Ok(());
+    }
     if !open.sampled.contains(client) {
         return Err(refuse(RejectReason::NotSampled, round, ""));
     }
-    if let Some((seq, _)) = open.accepted.get(client) {
+    if let Some((seq, _)) = open.accepted.get(client)
+        && rules.buffered.is_none()
+    {
         let detail = format!("already accepted sequence {seq} this round");
         return Err(refuse(RejectReason::Duplicate, round, detail));
     }
@@ -141,6 +148,12 @@ fn check_round(s: &MachineState, rules: &Rules, round: u32) -> Result<(), Refusa
         return Err(refuse(reason, round, "no round open"));
     };
     if round == open {
+        return Ok(());
+    }
+    if let Some(b) = &rules.buffered
+        && round < open
+        && open - round <= b.max_staleness
+    {
         return Ok(());
     }
     let (reason, detail) = if round > open {

@@ -265,6 +265,7 @@ impl RoundMachine {
                 robust: RobustRecord::default(),
                 local_dp_epsilon: BTreeMap::new(),
                 secure: None,
+                staleness: BTreeMap::new(),
             });
             out.push(Action::Evaluate {
                 round: 0,
@@ -472,6 +473,17 @@ impl RoundMachine {
         } else {
             1
         };
+        if let Some(b) = &self.rules.buffered {
+            // FedBuff: an update τ versions behind counts (1 + τ)^-a of a fresh one.
+            let staleness = o.round - round;
+            if staleness > 0 {
+                let factor = b.weight(staleness) as f32;
+                for t in &mut delta {
+                    t.values.iter_mut().for_each(|v| *v *= factor);
+                }
+            }
+            o.staleness.insert(client.clone(), staleness);
+        }
         if !o.acc.fold(weight, &delta) {
             self.reject(
                 &sender,
@@ -655,6 +667,7 @@ impl RoundMachine {
             train_acc_sum: 0.0,
             train_weight: 0.0,
             local_dp_epsilon: BTreeMap::new(),
+            staleness: BTreeMap::new(),
         });
         // Persist the open round (its sample) before announcing it: a restarted aggregator
         // resumes this round with the same clients, so updates the broker redelivers to it, or
@@ -678,7 +691,7 @@ impl RoundMachine {
         if now < open.deadline_unix_ms {
             return;
         }
-        if open.accepted.len() >= self.rules.quorum.min(open.sampled.len()) {
+        if open.acc.count() >= self.rules.quorum.min(open.sampled.len()) {
             self.close_round(now, out);
             return;
         }
@@ -711,6 +724,13 @@ impl RoundMachine {
         let Phase::Collecting(open) = &self.s.phase else {
             return;
         };
+        if let Some(b) = &self.rules.buffered {
+            // Asynchronous: the buffer is full, whoever is still training.
+            if open.acc.count() >= b.buffer {
+                self.close_round(now, out);
+            }
+            return;
+        }
         let replied = open.accepted.len() + open.failed.len();
         if replied < open.sampled.len() {
             return;
@@ -726,9 +746,12 @@ impl RoundMachine {
         let round = open.round;
         let quorum = self.rules.quorum.min(open.sampled.len()).max(1);
         let mut failed_clients = open.failed.clone();
-        for c in &open.sampled {
-            if !open.accepted.contains_key(c) && !failed_clients.contains_key(c) {
-                failed_clients.insert(c.clone(), FailReason::NoReply);
+        // Without a round barrier a sampled client that has not replied is still training.
+        if self.rules.buffered.is_none() {
+            for c in &open.sampled {
+                if !open.accepted.contains_key(c) && !failed_clients.contains_key(c) {
+                    failed_clients.insert(c.clone(), FailReason::NoReply);
+                }
             }
         }
         let norms: Vec<f64> = open.arrival.iter().map(|(_, n)| *n).collect();
@@ -746,7 +769,7 @@ impl RoundMachine {
         let site = self.rules.site.clone();
         let status = if let Some(site) = &site {
             self.forward(site, &open, quorum, out)
-        } else if open.accepted.len() >= quorum {
+        } else if open.acc.count() >= quorum {
             self.aggregate(&open, &mut robust)
         } else {
             warn!(
@@ -795,6 +818,7 @@ impl RoundMachine {
                 .take()
                 .map(|l| l.record)
                 .or_else(|| self.secure_failure.take()),
+            staleness: open.staleness.clone(),
         };
         info!(
             round,
@@ -986,12 +1010,16 @@ impl RoundMachine {
             .collect();
         let round = open.round;
         let msg = self.announce_message(round, open.deadline_unix_ms, sampled);
-        let message = match self.secure_setup() {
-            Some(setup) => Outgoing::SecureAnnounce(fedpeft_protocol::SecureRoundAnnounce {
+        let message = match (self.secure_setup(), &self.rules.buffered) {
+            (Some(setup), _) => Outgoing::SecureAnnounce(fedpeft_protocol::SecureRoundAnnounce {
                 announce: msg,
                 setup,
             }),
-            None => Outgoing::Announce(msg),
+            (None, Some(b)) => Outgoing::AsyncAnnounce(fedpeft_protocol::AsyncRoundAnnounce {
+                announce: msg,
+                max_staleness: b.max_staleness,
+            }),
+            (None, None) => Outgoing::Announce(msg),
         };
         self.publish(message, round, out);
     }

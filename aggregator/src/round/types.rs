@@ -244,6 +244,26 @@ pub struct RunSettings {
     /// Site mode: this aggregator runs its root's rounds for the devices on its broker and
     /// forwards one exact partial aggregate per round. Default none (a root, or a flat run).
     pub site: Option<SiteSettings>,
+    /// Asynchronous buffered aggregation (FedBuff): no round barrier. Default none.
+    pub buffered: Option<BufferedSettings>,
+}
+
+/// `[async]`, checked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BufferedSettings {
+    /// K: updates per new global adapter.
+    pub buffer: usize,
+    /// The most versions an accepted update may be behind.
+    pub max_staleness: u32,
+    /// a in the staleness weight (1 + τ)^-a.
+    pub exponent: f64,
+}
+
+impl BufferedSettings {
+    /// The weight of an update `staleness` versions behind.
+    pub fn weight(&self, staleness: u32) -> f64 {
+        (1.0 + f64::from(staleness)).powf(-self.exponent)
+    }
 }
 
 /// `[site]`, checked: who this site's root is and what the site is called there.
@@ -400,6 +420,8 @@ pub struct OpenRound {
     /// Accepted clients' own sample-level DP-SGD ε (their accountant, over every step they have
     /// taken), as their updates stated it.
     pub local_dp_epsilon: BTreeMap<String, f64>,
+    /// Asynchronous runs: each accepted update's staleness (versions behind), by client.
+    pub staleness: BTreeMap<String, u32>,
 }
 
 /// Everything the machine knows: what a checkpoint holds.

@@ -109,7 +109,16 @@ impl Wire {
         match (&parsed.kind, env.message) {
             (TopicKind::Round, Message::RoundAnnounce(a)) => {
                 self.check_aggregator(topic, "round announcement", payload)?;
-                Ok(Some(self.announcement(env.run_id, a, None)))
+                Ok(Some(self.announcement(env.run_id, a, None, None)))
+            }
+            (TopicKind::Round, Message::AsyncRoundAnnounce(a)) => {
+                self.check_aggregator(topic, "round announcement", payload)?;
+                Ok(Some(self.announcement(
+                    env.run_id,
+                    a.announce,
+                    None,
+                    Some(a.max_staleness),
+                )))
             }
             (TopicKind::Round, Message::SecureRoundAnnounce(a)) => {
                 self.check_aggregator(topic, "secure round announcement", payload)?;
@@ -117,6 +126,7 @@ impl Wire {
                     env.run_id,
                     a.announce,
                     Some(a.setup),
+                    None,
                 )))
             }
             (TopicKind::SecAgg, Message::SecAggRoster(r)) => {
@@ -149,6 +159,7 @@ impl Wire {
         run_id: u64,
         a: RoundAnnounce,
         secure: Option<fedpeft_protocol::SecAggSetup>,
+        max_staleness: Option<u32>,
     ) -> Event {
         if a.is_run_done() {
             return Event::RunDone;
@@ -167,6 +178,7 @@ impl Wire {
             plan: plan_from_wire(&a.config),
             deadline_unix_ms: a.deadline_unix_ms,
             secure,
+            max_staleness,
         })
     }
 

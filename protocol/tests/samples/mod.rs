@@ -193,6 +193,10 @@ pub fn all() -> Vec<(&'static str, Envelope)> {
             },
         ],
     };
+    let buffered = AsyncRoundAnnounce {
+        announce: announce.clone(),
+        max_staleness: 4,
+    };
     let site = SiteAggregate {
         site: ClientId::new("site-a").unwrap(),
         round: 5,
@@ -228,5 +232,6 @@ pub fn all() -> Vec<(&'static str, Envelope)> {
         ("secagg_unmask", Envelope::new(RUN_ID, 5, unmask)),
         ("secagg_reveal", Envelope::new(RUN_ID, 5, reveal)),
         ("site_aggregate", Envelope::new(RUN_ID, 5, site)),
+        ("async_round_announce", Envelope::new(RUN_ID, 5, buffered)),
     ]
 }

@@ -166,8 +166,7 @@ fn every_buffer_of_updates_makes_a_version_and_stale_ones_weigh_less() {
     assert_eq!(w(&m), expected);
     let record = m.state().records.last().unwrap();
     assert_eq!(record.round, 2);
-    assert_eq!(record.staleness.get("c"), Some(&1));
-    assert_eq!(record.staleness.get("a"), Some(&0));
+    assert_eq!(record.staleness, vec![("c".into(), 1), ("a".into(), 0)]);
     // Nobody counts as failed for still training.
     assert!(record.failed_clients.is_empty(), "{record:?}");
 

@@ -217,9 +217,9 @@ pub struct RoundRecord {
     /// checkpoint's encoding is positional.
     #[serde(default)]
     pub secure: Option<SecureRecord>,
-    /// Asynchronous runs: how many versions behind each accepted update was, by client.
+    /// Asynchronous runs: (client, versions behind) of each accepted update, in arrival order.
     #[serde(default)]
-    pub staleness: BTreeMap<String, u32>,
+    pub staleness: Vec<(String, u32)>,
 }
 
 /// One secure-aggregation round (report field `secure`): who reached each stage, how long

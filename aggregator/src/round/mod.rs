@@ -265,7 +265,7 @@ impl RoundMachine {
                 robust: RobustRecord::default(),
                 local_dp_epsilon: BTreeMap::new(),
                 secure: None,
-                staleness: BTreeMap::new(),
+                staleness: Vec::new(),
             });
             out.push(Action::Evaluate {
                 round: 0,
@@ -482,7 +482,7 @@ impl RoundMachine {
                     t.values.iter_mut().for_each(|v| *v *= factor);
                 }
             }
-            o.staleness.insert(client.clone(), staleness);
+            o.staleness.push((client.clone(), staleness));
         }
         if !o.acc.fold(weight, &delta) {
             self.reject(
@@ -667,7 +667,7 @@ impl RoundMachine {
             train_acc_sum: 0.0,
             train_weight: 0.0,
             local_dp_epsilon: BTreeMap::new(),
-            staleness: BTreeMap::new(),
+            staleness: Vec::new(),
         });
         // Persist the open round (its sample) before announcing it: a restarted aggregator
         // resumes this round with the same clients, so updates the broker redelivers to it, or

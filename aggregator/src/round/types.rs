@@ -420,8 +420,8 @@ pub struct OpenRound {
     /// Accepted clients' own sample-level DP-SGD ε (their accountant, over every step they have
     /// taken), as their updates stated it.
     pub local_dp_epsilon: BTreeMap<String, f64>,
-    /// Asynchronous runs: each accepted update's staleness (versions behind), by client.
-    pub staleness: BTreeMap<String, u32>,
+    /// Asynchronous runs: (client, versions behind) of each accepted update, in arrival order.
+    pub staleness: Vec<(String, u32)>,
 }
 
 /// Everything the machine knows: what a checkpoint holds.

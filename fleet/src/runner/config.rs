@@ -57,6 +57,7 @@ pub fn aggregator_config(trial: &Trial, out_dir: &Path, port: Option<u16>) -> Ag
         },
         monitor: monitor_table(trial),
         secure_aggregation: trial.secure_aggregation.clone(),
+        buffered: trial.buffered.clone(),
         ..AggregatorFile::default()
     }
 }

@@ -205,6 +205,10 @@ pub struct TrialFile {
     /// Clients (by index) that go silent in every secure round after a stage: emulated
     /// mid-protocol dropouts. Default none.
     pub secagg_dropouts: Option<SecAggDropouts>,
+    /// The aggregator's `[async]` (asynchronous buffered aggregation), as in its config file.
+    /// Default none (synchronous rounds).
+    #[serde(rename = "async")]
+    pub buffered: Option<fedpeft_config::aggregator::AsyncTable>,
 }
 
 /// `[secagg_dropouts]`: client indices that stop answering every secure round after sending

@@ -165,6 +165,8 @@ pub struct Trial {
     pub secure_aggregation: Option<toml::Value>,
     /// Emulated secure-aggregation dropouts.
     pub secagg_dropouts: file::SecAggDropouts,
+    /// The aggregator's `[async]`, if any.
+    pub buffered: Option<fedpeft_config::aggregator::AsyncTable>,
     /// The run's id, fresh for every trial read (not the seed): messages another run left on
     /// a shared broker (a retained "run done", an old global adapter) carry another id, and
     /// the aggregator and the clients refuse them.

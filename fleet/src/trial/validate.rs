@@ -52,6 +52,7 @@ pub(super) fn trial(mut raw: TrialFile, path: &Path) -> Check<Trial> {
         signed: raw.signed,
         monitor: raw.monitor.clone(),
         secure_aggregation: raw.secure_aggregation.clone(),
+        buffered: raw.buffered.clone(),
         secagg_dropouts: secagg_dropouts(&raw)?,
         run_id: fresh_run_id(),
         dropout: raw.dropout,

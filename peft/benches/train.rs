@@ -164,12 +164,27 @@ fn step_flops(name: &str) -> f64 {
         let attn = 2.0 * b * h * 2.0 * (s * s + s) * (d / h);
         2.0 * (full + last + attn) + (full + last + 2.0 * attn)
     } else {
+        // Every token, padding too: the step as PyTorch computes it. The Rust tail runs the
+        // projections and the MLP on the real tokens alone (3 059 of 4 096 here; attention
+        // still on the padded layout): see `executed_flops`.
         let (n, d, i, s, h) = (b * 64.0, 384.0, 1536.0, 64.0, 12.0);
         let proj = 2.0 * n * (4.0 * d * d + 2.0 * d * i);
         let attn = 2.0 * b * h * 2.0 * s * s * (d / h);
         // backward: input gradients through every GEMM (2 blocks) + attention's two extra GEMMs
         2.0 * (proj + attn) + 2.0 * (proj + 2.0 * attn)
     }
+}
+
+/// Like [`step_flops`], but for MiniLM counting the row-wise GEMMs on the real tokens only
+/// (`real` rows), as the tail executes them.
+fn executed_flops(name: &str, real: f64) -> f64 {
+    if !name.starts_with("minilm") {
+        return step_flops(name);
+    }
+    let (b, d, i, s, h) = (64.0, 384.0, 1536.0, 64.0, 12.0);
+    let proj = 2.0 * real * (4.0 * d * d + 2.0 * d * i);
+    let attn = 2.0 * b * h * 2.0 * s * s * (d / h);
+    2.0 * (proj + attn) + 2.0 * (proj + 2.0 * attn)
 }
 
 fn run_one(name: &str, steps: usize) {
@@ -219,6 +234,7 @@ fn run_one(name: &str, steps: usize) {
             2,
         )
     };
+    let real_tokens = batch.mask.as_ref().map_or(0.0, |m| m.sum() as f64);
     let labels: Vec<usize> = (0..64).map(|i| i % classes).collect();
     let mut tail = build_tail(family, &weights, PeftConfig::new(method, classes, 0)).unwrap();
     drop(weights);
@@ -245,9 +261,10 @@ fn run_one(name: &str, steps: usize) {
     let secs = t.elapsed().as_secs_f64();
     let sps = (steps * 64) as f64 / secs;
     let gflops = step_flops(name) * steps as f64 / secs / 1e9;
+    let executed = executed_flops(name, real_tokens) * steps as f64 / secs / 1e9;
     println!(
         "{{\"impl\":\"rust\",\"config\":\"{name}\",\"batch\":64,\"steps\":{steps},\"samples_per_s\":{sps:.1},\
-\"gemm_gflops\":{gflops:.1},\"trainable\":{},\"peak_rss_mib\":{:.1},\"rss_before_train_mib\":{:.1},\
+\"gemm_gflops\":{gflops:.1},\"executed_gflops\":{executed:.1},\"trainable\":{},\"peak_rss_mib\":{:.1},\"rss_before_train_mib\":{:.1},\
 \"peak_rss_delta_mib\":{:.1},\"peak_heap_delta_mib\":{:.1},\"threads\":{}}}",
         tail.num_trainable(),
         status_kib("VmHWM:") as f64 / 1024.0,
@@ -274,19 +291,31 @@ fn main() {
         "vit-bias",
     ];
     if args.first().map(String::as_str) == Some("gemm") {
-        // The hot GEMM shape of the MiniLM tail: [4096, 384] x [384, 1536].
+        // The hot GEMM shapes: MiniLM's MLP up-projection [4096, 384] x [384, 1536] and the
+        // conv head's 1x1 conv [576, 320] x [320, 1280], on matrixmultiply (ndarray's `dot`)
+        // and on the GEMM the tail uses (`fedpeft_peft::gemm`).
         let mut rng = StdRng::seed_from_u64(0);
-        let a = Array2::from_shape_simple_fn((4096, 384), || rng.random_range(-1.0f32..1.0));
-        let b = Array2::from_shape_simple_fn((1536, 384), || rng.random_range(-1.0f32..1.0));
-        let _ = a.dot(&b.t());
-        let t = Instant::now();
-        for _ in 0..20 {
-            std::hint::black_box(a.dot(&b.t()));
+        for (m, k, n, reps) in [(4096, 384, 1536, 20), (576, 320, 1280, 200)] {
+            let a = Array2::from_shape_simple_fn((m, k), || rng.random_range(-1.0f32..1.0));
+            let b = Array2::from_shape_simple_fn((n, k), || rng.random_range(-1.0f32..1.0));
+            let flop = reps as f64 * 2.0 * (m * k * n) as f64;
+            let _ = a.dot(&b.t());
+            let t = Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(a.dot(&b.t()));
+            }
+            let gf = flop / t.elapsed().as_secs_f64() / 1e9;
+            println!(
+                "{{\"impl\":\"rust-matrixmultiply\",\"gemm\":\"{m}x{k}x{n}\",\"gflops\":{gf:.1}}}"
+            );
+            let _ = gemm::matmul(&a.view(), &b.t());
+            let t = Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(gemm::matmul(&a.view(), &b.t()));
+            }
+            let gf = flop / t.elapsed().as_secs_f64() / 1e9;
+            println!("{{\"impl\":\"rust-gemm\",\"gemm\":\"{m}x{k}x{n}\",\"gflops\":{gf:.1}}}");
         }
-        let gf = 20.0 * 2.0 * 4096.0 * 384.0 * 1536.0 / t.elapsed().as_secs_f64() / 1e9;
-        println!(
-            "{{\"impl\":\"rust-matrixmultiply\",\"gemm\":\"4096x384x1536\",\"gflops\":{gf:.1}}}"
-        );
         return;
     }
     if let Some(name) = args.first() {

@@ -8,18 +8,20 @@
 
 use std::sync::Arc;
 
-use ndarray::linalg::{general_mat_mul, general_mat_vec_mul};
+use ndarray::linalg::general_mat_vec_mul;
 use ndarray::{Array1, Array2, Array4, ArrayView1, ArrayView2, Axis, Zip, s};
 use rand::Rng;
 use rand::rngs::StdRng;
 
+pub use crate::gelu::{gelu, gelu_backward, gelu_forward, gelu_grad};
+use crate::gemm::{gemm, matmul};
 use crate::params::{Grads, ParamId, ParamStore};
 use crate::real::Real;
 
 /// `a · bᵀ` for row-major activations times a `[out, in]` weight.
 #[inline]
 pub(crate) fn mm_t<T: Real>(a: ArrayView2<'_, T>, b: ArrayView2<'_, T>) -> Array2<T> {
-    a.dot(&b.t())
+    matmul(&a, &b.t())
 }
 
 /// LoRA factors attached to a [`Linear`]: `y += scaling · B·A·dropout(x)`.
@@ -124,7 +126,13 @@ impl Linear {
                 Some(m) => mm_t((&**x * m).view(), a),
                 None => mm_t(x.view(), a),
             };
-            general_mat_mul(T::lit(l.scaling), &xa, &bm.t(), T::one(), &mut y);
+            gemm(
+                T::lit(l.scaling),
+                &xa.view(),
+                &bm.t(),
+                T::one(),
+                &mut y.view_mut(),
+            );
             cache.xa = Some(xa);
             cache.mask = mask;
         }
@@ -147,34 +155,34 @@ impl Linear {
         }
         if grads.wants(self.w) {
             let x = cache.x.as_ref().expect("input cached when W is trained");
-            grads.acc2(self.w, dy.t().dot(&**x).view());
+            grads.acc2(self.w, matmul(&dy.t(), &x.view()).view());
         }
-        let mut dx = need_dx.then(|| dy.dot(&p.w2(self.w)));
+        let mut dx = need_dx.then(|| matmul(&dy, &p.w2(self.w)));
         if let Some(l) = &self.lora {
             let a = p.w2(l.a);
             let bm = p.w2(l.b);
             let xa = cache.xa.as_ref().expect("LoRA caches x·Aᵀ");
             let s = T::lit(l.scaling);
             if grads.wants(l.b) {
-                let mut gb = dy.t().dot(xa);
+                let mut gb = matmul(&dy.t(), &xa.view());
                 gb *= s;
                 grads.acc2(l.b, gb.view());
             }
             // d(xa) = s · dy · B  ([N, r])
-            let mut dxa = dy.dot(&bm);
+            let mut dxa = matmul(&dy, &bm);
             dxa *= s;
             if grads.wants(l.a) {
                 let x = cache.x.as_ref().expect("input cached for LoRA");
                 let ga = match &cache.mask {
-                    Some(m) => dxa.t().dot(&(&**x * m)),
-                    None => dxa.t().dot(&**x),
+                    Some(m) => matmul(&dxa.t(), &(&**x * m).view()),
+                    None => matmul(&dxa.t(), &x.view()),
                 };
                 grads.acc2(l.a, ga.view());
             }
             if let Some(dx) = dx.as_mut() {
                 match &cache.mask {
-                    Some(m) => *dx += &(dxa.dot(&a) * m),
-                    None => general_mat_mul(T::one(), &dxa, &a, T::one(), dx),
+                    Some(m) => *dx += &(matmul(&dxa.view(), &a) * m),
+                    None => gemm(T::one(), &dxa.view(), &a, T::one(), &mut dx.view_mut()),
                 }
             }
         }
@@ -299,71 +307,13 @@ pub fn relu6_forward<T: Real>(mut x: Array2<T>) -> Array2<T> {
 /// The output equals the input exactly there, so the output suffices as cache.
 pub fn relu6_backward<T: Real>(y: ArrayView2<'_, T>, mut dy: Array2<T>) -> Array2<T> {
     let six = T::lit(6.0);
+    // A select, not a branch: with about half the pixels clamped a branch mispredicts often
+    // (it was a quarter of a conv-head `bias` step); `&` rather than `&&` keeps it one.
     Zip::from(&mut dy).and(y).for_each(|d, &v| {
-        if !(v > T::zero() && v < six) {
-            *d = T::zero();
-        }
+        let pass = (v > T::zero()) & (v < six);
+        *d = if pass { *d } else { T::zero() };
     });
     dy
-}
-
-/// GELU, erf form (as BERT): `0.5·x·(1 + erf(x/√2))`.
-pub fn gelu<T: Real>(x: T) -> T {
-    T::lit(0.5) * x * (T::one() + (x * T::lit(std::f64::consts::FRAC_1_SQRT_2)).erf_())
-}
-
-/// Derivative of [`gelu`]: `Φ(x) + x·φ(x)`.
-pub fn gelu_grad<T: Real>(x: T) -> T {
-    let cdf = T::lit(0.5) * (T::one() + (x * T::lit(std::f64::consts::FRAC_1_SQRT_2)).erf_());
-    let pdf = (T::lit(-0.5) * x * x).exp() * T::lit(0.398_942_280_401_432_7);
-    cdf + x * pdf
-}
-
-/// GELU forward over a matrix (the input is the cache).
-pub fn gelu_forward<T: Real>(u: ArrayView2<'_, T>) -> Array2<T> {
-    par_map(u, gelu)
-}
-
-/// GELU backward given the pre-activation.
-pub fn gelu_backward<T: Real>(u: ArrayView2<'_, T>, mut dy: Array2<T>) -> Array2<T> {
-    par_zip(dy.view_mut(), u, |d, x| *d *= gelu_grad(x));
-    dy
-}
-
-/// `f(out, inp)` element-wise, split by rows over [`threads`] threads for large matrices.
-fn par_zip<T: Real, F: Fn(&mut T, T) + Sync + Copy + Send>(
-    out: ndarray::ArrayViewMut2<'_, T>,
-    inp: ArrayView2<'_, T>,
-    f: F,
-) {
-    let rows = out.nrows();
-    if out.len() < 1 << 16 || rows < 2 {
-        Zip::from(out).and(inp).for_each(|o, &x| f(o, x));
-        return;
-    }
-    let chunks = split_batch(rows);
-    std::thread::scope(|sc| {
-        let mut rest = out;
-        for (i, &(r0, r1)) in chunks.iter().enumerate() {
-            let (here, next) = rest.split_at(Axis(0), r1 - r0);
-            rest = next;
-            let src = inp.slice(s![r0..r1, ..]);
-            let work = move || Zip::from(here).and(src).for_each(|o, &x| f(o, x));
-            if i + 1 == chunks.len() {
-                work();
-            } else {
-                sc.spawn(work);
-            }
-        }
-    });
-}
-
-/// Element-wise map, split over [`threads`] threads for large matrices (GELU's `erf` is the costliest
-/// element-wise op in the tail).
-fn par_map<T: Real>(u: ArrayView2<'_, T>, f: fn(T) -> T) -> Array2<T> {
-    let mut out = Array2::zeros(u.raw_dim());
-    par_zip(out.view_mut(), u, move |o, x| *o = f(x));
-    out
 }
 
 /// LayerNorm over the last axis with affine `weight` and `bias`.
@@ -449,21 +399,24 @@ pub struct AttentionCore {
     pub heads: usize,
 }
 
-/// What [`AttentionCore::backward`] needs.
+/// What [`AttentionCore::backward`] needs. The attention probabilities (`[B, heads, Sq, S]`,
+/// 12.6 MiB per MiniLM block at batch 64) are not kept: backward recomputes each (sample, head)
+/// block of them with the forward's own operations, in the same order, so they are bitwise the
+/// same, for ~1 % more FLOPs.
 #[derive(Debug)]
 pub struct AttentionCache<T> {
     q: Array2<T>,
     k: Array2<T>,
     v: Array2<T>,
-    probs: Array4<T>,
+    key_bias: Array2<T>,
 }
 
 impl AttentionCore {
     /// `q: [B*Sq, D]`, `k, v: [B*S, D]`, `key_bias: [B, S]` → context `[B*Sq, D]`. Each
     /// sample's `Sq` queries attend to its `S` keys: `Sq = S` in every block but a CLS-pooled
     /// tail's last, which needs only the CLS token's query (`Sq = 1`). Samples are split over
-    /// [`threads`] threads: each (sample, head) pair is a small GEMM that matrixmultiply
-    /// would run on one thread.
+    /// [`threads`] threads: each (sample, head) pair is a small GEMM that [`crate::gemm`]
+    /// runs on the calling thread.
     pub fn forward<T: Real>(
         &self,
         q: Array2<T>,
@@ -471,28 +424,25 @@ impl AttentionCore {
         v: Array2<T>,
         key_bias: ArrayView2<'_, T>,
     ) -> (Array2<T>, AttentionCache<T>) {
-        let (b, s) = key_bias.dim();
+        let b = key_bias.nrows();
         let sq = q.nrows() / b.max(1);
         let d = q.ncols();
-        let mut probs = Array4::<T>::zeros((b, self.heads, sq, s));
         let mut ctx = Array2::<T>::zeros((b * sq, d));
         let heads = self.heads;
         let chunks = split_batch(b);
         std::thread::scope(|sc| {
-            let mut probs_rest = probs.view_mut();
             let mut ctx_rest = ctx.view_mut();
             for (i, &(b0, b1)) in chunks.iter().enumerate() {
-                let (p_here, p_next) = probs_rest.split_at(Axis(0), b1 - b0);
                 let (c_here, c_next) = ctx_rest.split_at(Axis(0), (b1 - b0) * sq);
-                probs_rest = p_next;
                 ctx_rest = c_next;
+                let s = key_bias.ncols();
                 let (qv, kv, vv) = (
                     q.slice(s![b0 * sq..b1 * sq, ..]),
                     k.slice(s![b0 * s..b1 * s, ..]),
                     v.slice(s![b0 * s..b1 * s, ..]),
                 );
                 let bias = key_bias.slice(s![b0..b1, ..]);
-                let work = move || attn_forward_chunk(heads, qv, kv, vv, bias, p_here, c_here);
+                let work = move || attn_forward_chunk(heads, qv, kv, vv, bias, c_here);
                 if i + 1 == chunks.len() {
                     work();
                 } else {
@@ -500,7 +450,8 @@ impl AttentionCore {
                 }
             }
         });
-        (ctx, AttentionCache { q, k, v, probs })
+        let key_bias = key_bias.to_owned();
+        (ctx, AttentionCache { q, k, v, key_bias })
     }
 
     /// Backward: `dctx [B*Sq, D]` → `(dq [B*Sq, D], dk [B*S, D], dv [B*S, D])`.
@@ -509,8 +460,10 @@ impl AttentionCore {
         cache: AttentionCache<T>,
         dctx: ArrayView2<'_, T>,
     ) -> (Array2<T>, Array2<T>, Array2<T>) {
-        let AttentionCache { q, k, v, probs } = cache;
-        let (b, _, sq, s) = probs.dim();
+        let AttentionCache { q, k, v, key_bias } = cache;
+        let (b, s) = key_bias.dim();
+        let sq = q.nrows() / b.max(1);
+        let heads = self.heads;
         let mut dq = Array2::<T>::zeros(q.raw_dim());
         let mut dk = Array2::<T>::zeros(k.raw_dim());
         let mut dv = Array2::<T>::zeros(v.raw_dim());
@@ -526,15 +479,15 @@ impl AttentionCore {
                 dk_rest = r;
                 let (dv_here, r) = dv_rest.split_at(Axis(0), n);
                 dv_rest = r;
-                let (qv, kv, vv) = (
-                    q.slice(s![b0 * sq..b1 * sq, ..]),
-                    k.slice(s![b0 * s..b1 * s, ..]),
-                    v.slice(s![b0 * s..b1 * s, ..]),
-                );
+                let inputs = AttnInputs {
+                    heads,
+                    q: q.slice(s![b0 * sq..b1 * sq, ..]),
+                    k: k.slice(s![b0 * s..b1 * s, ..]),
+                    v: v.slice(s![b0 * s..b1 * s, ..]),
+                    key_bias: key_bias.slice(s![b0..b1, ..]),
+                };
                 let dc = dctx.slice(s![b0 * sq..b1 * sq, ..]);
-                let pv = probs.slice(s![b0..b1, .., .., ..]);
-                let work =
-                    move || attn_backward_chunk(qv, kv, vv, pv, dc, dq_here, dk_here, dv_here);
+                let work = move || attn_backward_chunk(inputs, dc, dq_here, dk_here, dv_here);
                 if i + 1 == chunks.len() {
                     work();
                 } else {
@@ -546,8 +499,9 @@ impl AttentionCore {
     }
 }
 
-/// Threads for the hand-parallelised parts (attention, element-wise maps): `FEDPEFT_THREADS`,
-/// else `MATMUL_NUM_THREADS` (the GEMM threads), else the available cores.
+/// Threads for the hand-parallelised parts (attention, element-wise maps) and for splitting a
+/// large GEMM ([`crate::gemm`]): `FEDPEFT_THREADS`, else `MATMUL_NUM_THREADS` (matrixmultiply's
+/// threads, kept for its remaining uses), else the available cores.
 pub fn threads() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| {
@@ -568,65 +522,99 @@ fn split_batch(b: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// One thread's samples of an attention: queries `[b*Sq, D]`, keys and values `[b*S, D]`,
+/// key bias `[b, S]`.
+#[derive(Clone, Copy)]
+struct AttnInputs<'a, T> {
+    heads: usize,
+    q: ArrayView2<'a, T>,
+    k: ArrayView2<'a, T>,
+    v: ArrayView2<'a, T>,
+    key_bias: ArrayView2<'a, T>,
+}
+
+impl<T: Real> AttnInputs<'_, T> {
+    /// Sample `bi`'s attention probabilities for head `hi` into `pm: [Sq, S]`:
+    /// `softmax(scale·q·kᵀ + bias)` by rows. Forward and backward both call this, so the
+    /// probabilities backward recomputes are bitwise the forward's.
+    fn probs_into(&self, bi: usize, hi: usize, pm: &mut Array2<T>) {
+        let (sq, s) = pm.dim();
+        let dh = self.q.ncols() / self.heads;
+        let scale = T::lit(1.0 / (dh as f64).sqrt());
+        let cols = hi * dh..(hi + 1) * dh;
+        let qs = self.q.slice(s![bi * sq..(bi + 1) * sq, cols.clone()]);
+        let ks = self.k.slice(s![bi * s..(bi + 1) * s, cols]);
+        gemm(scale, &qs, &ks.t(), T::zero(), &mut pm.view_mut());
+        let bias = self.key_bias.row(bi);
+        for mut row in pm.rows_mut() {
+            row += &bias;
+            softmax_in_place(row.as_slice_mut().expect("contiguous"));
+        }
+    }
+}
+
 fn attn_forward_chunk<T: Real>(
     heads: usize,
     q: ArrayView2<'_, T>,
     k: ArrayView2<'_, T>,
     v: ArrayView2<'_, T>,
     key_bias: ArrayView2<'_, T>,
-    mut probs: ndarray::ArrayViewMut4<'_, T>,
     mut ctx: ndarray::ArrayViewMut2<'_, T>,
 ) {
     let (b, s) = key_bias.dim();
-    let sq = probs.dim().2;
+    let sq = q.nrows() / b.max(1);
     let dh = q.ncols() / heads;
-    let scale = T::lit(1.0 / (dh as f64).sqrt());
+    let inputs = AttnInputs {
+        heads,
+        q,
+        k,
+        v,
+        key_bias,
+    };
+    let mut pm = Array2::<T>::zeros((sq, s));
     for bi in 0..b {
         let (qrows, rows) = (bi * sq..(bi + 1) * sq, bi * s..(bi + 1) * s);
-        let bias = key_bias.row(bi);
         for hi in 0..heads {
             let cols = hi * dh..(hi + 1) * dh;
-            let qs = q.slice(s![qrows.clone(), cols.clone()]);
-            let ks = k.slice(s![rows.clone(), cols.clone()]);
+            inputs.probs_into(bi, hi, &mut pm);
             let vs = v.slice(s![rows.clone(), cols.clone()]);
-            let mut pm = probs.slice_mut(s![bi, hi, .., ..]);
-            general_mat_mul(scale, &qs, &ks.t(), T::zero(), &mut pm);
-            for mut row in pm.rows_mut() {
-                row += &bias;
-                softmax_in_place(row.as_slice_mut().expect("contiguous"));
-            }
             let mut cs = ctx.slice_mut(s![qrows.clone(), cols]);
-            general_mat_mul(T::one(), &pm, &vs, T::zero(), &mut cs);
+            gemm(T::one(), &pm.view(), &vs, T::zero(), &mut cs);
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn attn_backward_chunk<T: Real>(
-    q: ArrayView2<'_, T>,
-    k: ArrayView2<'_, T>,
-    v: ArrayView2<'_, T>,
-    probs: ndarray::ArrayView4<'_, T>,
+    inputs: AttnInputs<'_, T>,
     dctx: ArrayView2<'_, T>,
     mut dq: ndarray::ArrayViewMut2<'_, T>,
     mut dk: ndarray::ArrayViewMut2<'_, T>,
     mut dv: ndarray::ArrayViewMut2<'_, T>,
 ) {
-    let (b, h, sq, s) = probs.dim();
+    let AttnInputs {
+        heads: h,
+        q,
+        k,
+        v,
+        key_bias,
+    } = inputs;
+    let (b, s) = key_bias.dim();
+    let sq = q.nrows() / b.max(1);
     let dh = q.ncols() / h;
     let scale = T::lit(1.0 / (dh as f64).sqrt());
+    let mut pm = Array2::<T>::zeros((sq, s));
     let mut ds = Array2::<T>::zeros((sq, s));
     for bi in 0..b {
         let (qrows, rows) = (bi * sq..(bi + 1) * sq, bi * s..(bi + 1) * s);
         for hi in 0..h {
             let cols = hi * dh..(hi + 1) * dh;
-            let pm = probs.slice(s![bi, hi, .., ..]);
+            inputs.probs_into(bi, hi, &mut pm);
             let dc = dctx.slice(s![qrows.clone(), cols.clone()]);
             let qs = q.slice(s![qrows.clone(), cols.clone()]);
             let ks = k.slice(s![rows.clone(), cols.clone()]);
             let vs = v.slice(s![rows.clone(), cols.clone()]);
             // dV = Pᵀ·dC
-            general_mat_mul(
+            gemm(
                 T::one(),
                 &pm.t(),
                 &dc,
@@ -634,7 +622,7 @@ fn attn_backward_chunk<T: Real>(
                 &mut dv.slice_mut(s![rows.clone(), cols.clone()]),
             );
             // dP = dC·Vᵀ, then the softmax Jacobian: dS = P ⊙ (dP − rowsum(dP ⊙ P))
-            general_mat_mul(T::one(), &dc, &vs.t(), T::zero(), &mut ds);
+            gemm(T::one(), &dc, &vs.t(), T::zero(), &mut ds.view_mut());
             Zip::from(ds.rows_mut())
                 .and(pm.rows())
                 .for_each(|mut dr, pr| {
@@ -643,14 +631,14 @@ fn attn_backward_chunk<T: Real>(
                         .and(&pr)
                         .for_each(|g, &pv| *g = pv * (*g - dot));
                 });
-            general_mat_mul(
+            gemm(
                 scale,
-                &ds,
+                &ds.view(),
                 &ks,
                 T::zero(),
                 &mut dq.slice_mut(s![qrows.clone(), cols.clone()]),
             );
-            general_mat_mul(
+            gemm(
                 scale,
                 &ds.t(),
                 &qs,

@@ -25,6 +25,8 @@
 //!   ([`NamedTensor`]).
 //! - [`method`]: PEFT methods (`head`, `bias`, `lora`, `adapter`, `prompt`, `full-tail`) and
 //!   the three tail families (`conv_head`, `transformer`, `vit`).
+//! - [`gelu`]: GELU and its derivative; in `f32` vectorised, with a stated error bound.
+//! - [`gemm`]: the matrix products (the `gemm` crate; the crate's one `unsafe` call).
 //! - [`real`]: the scalar trait (`f32` for training, `f64` for gradient checks).
 //! - [`error`]: the one error type, [`PeftError`].
 //!
@@ -54,6 +56,8 @@
 pub mod accountant;
 pub mod dp;
 pub mod error;
+pub mod gelu;
+pub mod gemm;
 pub mod layers;
 pub mod method;
 pub mod optim;

@@ -14,6 +14,12 @@ pub trait Real: NdFloat + Default + std::iter::Sum {
     /// The additive bias for a masked-out attention key: the dtype's most negative finite
     /// value, as current Hugging Face BERT does (`torch.finfo(dtype).min`).
     fn mask_bias() -> Self;
+    /// GELU over a slice, `out[i] = GELU(x[i])`: the vectorised approximation of
+    /// [`crate::gelu`] for `f32` (its error is stated there), the exact `libm` form for `f64`.
+    fn gelu_slice(x: &[Self], out: &mut [Self]);
+    /// The GELU backward pass in place, `dy[i] *= GELU'(u[i])`: approximate for `f32` as
+    /// [`Self::gelu_slice`], exact for `f64`.
+    fn gelu_grad_mul(u: &[Self], dy: &mut [Self]);
 }
 
 impl Real for f32 {
@@ -29,6 +35,12 @@ impl Real for f32 {
     fn mask_bias() -> Self {
         f32::MIN
     }
+    fn gelu_slice(x: &[Self], out: &mut [Self]) {
+        crate::gelu::gelu_slice(x, out);
+    }
+    fn gelu_grad_mul(u: &[Self], dy: &mut [Self]) {
+        crate::gelu::gelu_grad_mul(u, dy);
+    }
 }
 
 impl Real for f64 {
@@ -43,5 +55,15 @@ impl Real for f64 {
     }
     fn mask_bias() -> Self {
         f64::MIN
+    }
+    fn gelu_slice(x: &[Self], out: &mut [Self]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = crate::layers::gelu(v);
+        }
+    }
+    fn gelu_grad_mul(u: &[Self], dy: &mut [Self]) {
+        for (d, &v) in dy.iter_mut().zip(u) {
+            *d *= crate::layers::gelu_grad(v);
+        }
     }
 }

@@ -17,7 +17,8 @@
 //! - `transformer.rs`: the two families of transformer blocks, `transformer` (post-LN BERT,
 //!   masked mean pooling) and `vit` (pre-LN with layer scale, final LayerNorm, CLS token),
 //!   with their prompt tokens; `block.rs`: one block of either layout; `adapter.rs`: the
-//!   Houlsby adapter.
+//!   Houlsby adapter; `pack.rs`: a padded batch's real tokens, packed for the blocks' row-wise
+//!   layers.
 
 mod adapter;
 mod batch;
@@ -25,6 +26,7 @@ mod block;
 mod build;
 mod conv;
 pub(crate) mod object;
+mod pack;
 mod transformer;
 
 use std::sync::Arc;

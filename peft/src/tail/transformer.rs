@@ -19,6 +19,7 @@ use rand_distr::{Distribution, Normal};
 use super::batch::Batch;
 use super::block::{Block, BlockCache, BlockSpec};
 use super::build::{config_err, unsupported};
+use super::pack::Packing;
 use crate::error::{PeftError, Result};
 use crate::layers::{LayerNorm, LayerNormCache, masked_mean_backward, masked_mean_forward};
 use crate::method::{Family, LoraTarget, Method, Pool};
@@ -47,6 +48,8 @@ pub(super) struct TransformerCache<T> {
     blocks: Vec<BlockCache<T>>,
     final_ln: Option<LayerNormCache<T>>,
     pool_mask: Array2<T>,
+    /// The real tokens the blocks ran on, if the batch had padding (mean pooling only).
+    packing: Option<Packing>,
     batch: usize,
     prompt: usize,
     seq: usize,
@@ -238,13 +241,30 @@ impl TransformerNet {
         let (x, pool_mask, key_bias) = self.inputs(p, batch);
         let (b, s_all, d) = x.dim();
         let np = self.prompt_len(p);
-        let mut h = Arc::new(x.into_shape_with_order((b * s_all, d)).expect("contiguous"));
+        let x = x.into_shape_with_order((b * s_all, d)).expect("contiguous");
+        // Padding left out of the row-wise layers (exact; see `pack.rs`): mean pooling only,
+        // the CLS-only last block has its own row selection.
+        let packing = match self.pool {
+            Pool::MaskedMean => Packing::from_masks(key_bias.view(), pool_mask.view()),
+            Pool::Cls => None,
+        };
+        let mut h = Arc::new(match &packing {
+            Some(pk) => pk.gather(x.view()),
+            None => x,
+        });
         let mut caches = Vec::new();
         let last = self.blocks.len() - 1;
         for (j, blk) in self.blocks.iter().enumerate() {
             // The classifier reads the CLS token alone: the last block computes no other.
             let first_only = self.pool == Pool::Cls && j == last;
-            let (out, c) = blk.forward(p, &h, key_bias.view(), rng.as_deref_mut(), first_only);
+            let (out, c) = blk.forward(
+                p,
+                &h,
+                key_bias.view(),
+                rng.as_deref_mut(),
+                first_only,
+                packing.as_ref(),
+            );
             if keep_cache {
                 caches.push(c);
             }
@@ -252,11 +272,15 @@ impl TransformerNet {
         }
         let final_ln = self.final_ln.as_ref().map(|ln| ln.forward(p, h.view()));
         let tokens = final_ln.as_ref().map_or(h.view(), |(y, _)| y.view());
-        let pooled = self.pool_forward(tokens, pool_mask.view());
+        let pooled = match &packing {
+            Some(pk) => self.pool_forward(pk.scatter(tokens).view(), pool_mask.view()),
+            None => self.pool_forward(tokens, pool_mask.view()),
+        };
         let cache = keep_cache.then(|| TransformerCache {
             blocks: caches,
             final_ln: final_ln.map(|(_, c)| c),
             pool_mask,
+            packing,
             batch: b,
             prompt: np,
             seq: s_all - np,
@@ -343,15 +367,22 @@ impl TransformerNet {
         for j in 1..self.blocks.len() {
             need_below[j] = need_below[j - 1] || self.blocks[j - 1].has_trainable(p);
         }
+        let packing = cache.packing.as_ref();
         let mut dh = self.pool_backward(dpooled.view(), cache.pool_mask.view());
+        if let Some(pk) = packing {
+            dh = pk.gather(dh.view());
+        }
         if let (Some(ln), Some(c)) = (&self.final_ln, cache.final_ln) {
             dh = ln.backward(p, c, dh.view(), grads);
         }
         for (j, (blk, c)) in self.blocks.iter().zip(cache.blocks).enumerate().rev() {
-            match blk.backward(p, c, dh, grads, need_below[j]) {
+            match blk.backward(p, c, dh, grads, need_below[j], packing) {
                 Some(d) => dh = d,
                 None => return,
             }
+        }
+        if let Some(pk) = packing {
+            dh = pk.scatter(dh.view());
         }
         if let Some(id) = self.prompt
             && grads.wants(id)

@@ -12,11 +12,13 @@ use crate::manifest::{Backbone, InputSpec};
 
 #[cfg(feature = "ort")]
 mod ort_impl;
+mod tract_depthwise;
 mod tract_impl;
 
 #[cfg(feature = "ort")]
 pub use ort_impl::OrtTrunk;
-pub use tract_impl::TractTrunk;
+pub use tract_depthwise::{ChannelLastDepthwise, replace_depthwise};
+pub use tract_impl::{TractTrunk, channel_last_depthwise};
 
 /// A batch of trunk inputs.
 #[derive(Debug, Clone)]
@@ -95,7 +97,8 @@ pub enum ExecutionProvider {
 #[derive(Debug, Clone)]
 pub struct TrunkConfig {
     pub runtime: Runtime,
-    /// Intra-op threads (onnxruntime); 0 = the runtime's default.
+    /// Threads: onnxruntime's intra-op threads (0 = its default); tract splits a batch's samples
+    /// over this many workers (0 = one, tract's default).
     pub threads: usize,
     /// Path of `libonnxruntime.so`; else `ORT_DYLIB_PATH`, else `models/build/onnxruntime/`.
     pub ort_library: Option<PathBuf>,

@@ -162,7 +162,7 @@ fn every_buffer_of_updates_makes_a_version_and_stale_ones_weigh_less() {
     // a's fresh update for round 2 (a has no update in this buffer yet: sent anyway).
     m.on_event(update("a", 2, 2, 10, -1.0), T0 + 4);
     let scaled = f64::from(2.0f32 * (2.0f64.powf(-0.5) as f32));
-    let expected = (v1 + (10.0 * scaled + 10.0 * -1.0) / 20.0) as f32;
+    let expected = (v1 + (10.0 * scaled - 10.0) / 20.0) as f32;
     assert_eq!(w(&m), expected);
     let record = m.state().records.last().unwrap();
     assert_eq!(record.round, 2);

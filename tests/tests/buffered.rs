@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use fedpeft_tests::e2e::{Federation, observe, round_record, two_sum};
+use fedpeft_tests::e2e::{Federation, Tensors, observe, round_record, two_sum};
 use fedpeft_tests::{Mosquitto, Proc, Sniffer};
 
 const CLIENTS: usize = 4;
@@ -69,7 +69,7 @@ fn versions_come_from_the_first_updates_and_a_stragglers_stale_ones_count_less()
         // Recompute the version from the observed updates the report names.
         let previous = &seen.globals[&(version - 1)];
         let published = &seen.globals[&version];
-        let updates: Vec<(u64, f32, &Vec<(String, Vec<f32>)>)> = taken
+        let updates: Vec<(u64, f32, &Tensors)> = taken
             .iter()
             .map(|(client, s)| {
                 let (n, delta) = &seen.updates[&(version - s)][client];

@@ -223,16 +223,7 @@ impl Outbox {
     /// The global adapter's packets: the whole envelope on `global`, or its chunks on
     /// `global/{n}` above the payload limit (each chunked publish gets a new message id).
     fn global_packets(&mut self, round: u32, envelope: &[u8]) -> Result<Vec<Packet>, String> {
-        let id = self.state.next_message_id;
-        self.state.next_message_id = id.wrapping_add(1);
-        let parts = fedpeft_protocol::chunk::split(
-            envelope,
-            self.max_payload_bytes,
-            self.run_id,
-            round,
-            id,
-        )
-        .map_err(|e| format!("cannot be chunked: {e}"))?;
+        let parts = self.split(round, envelope)?;
         if parts.len() == 1 {
             return Ok(vec![self.packet(TopicKind::Global, envelope.to_vec())]);
         }
@@ -254,20 +245,19 @@ impl Outbox {
         if envelope.len() <= self.max_payload_bytes {
             return Ok(vec![self.packet(kind, envelope.to_vec())]);
         }
-        let id = self.state.next_message_id;
-        self.state.next_message_id = id.wrapping_add(1);
-        let parts = fedpeft_protocol::chunk::split(
-            envelope,
-            self.max_payload_bytes,
-            self.run_id,
-            round,
-            id,
-        )
-        .map_err(|e| format!("cannot be chunked: {e}"))?;
-        Ok(parts
+        Ok(self
+            .split(round, envelope)?
             .into_iter()
             .map(|part| self.packet(kind.clone(), part))
             .collect())
+    }
+
+    /// `envelope` as chunk envelopes of at most the payload limit, under a new message id.
+    fn split(&mut self, round: u32, envelope: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+        let id = self.state.next_message_id;
+        self.state.next_message_id = id.wrapping_add(1);
+        fedpeft_protocol::chunk::split(envelope, self.max_payload_bytes, self.run_id, round, id)
+            .map_err(|e| format!("cannot be chunked: {e}"))
     }
 
     fn packet(&self, kind: TopicKind, payload: Vec<u8>) -> Packet {

@@ -691,7 +691,9 @@ impl RoundMachine {
         if now < open.deadline_unix_ms {
             return;
         }
-        if open.acc.count() >= self.rules.quorum.min(open.sampled.len()) {
+        if contributions(self.rules.buffered.is_some(), open)
+            >= self.rules.quorum.min(open.sampled.len())
+        {
             self.close_round(now, out);
             return;
         }
@@ -769,7 +771,7 @@ impl RoundMachine {
         let site = self.rules.site.clone();
         let status = if let Some(site) = &site {
             self.forward(site, &open, quorum, out)
-        } else if open.acc.count() >= quorum {
+        } else if contributions(self.rules.buffered.is_some(), &open) >= quorum {
             self.aggregate(&open, &mut robust)
         } else {
             warn!(
@@ -1032,5 +1034,16 @@ impl RoundMachine {
         };
         let msg = self.announce_message(round, 0, Vec::new());
         self.publish(Outgoing::RunDone(msg), round, out);
+    }
+}
+
+/// What counts towards a round's quorum: its accepted clients (a secure round's too, whose sum
+/// is not in the accumulator), or in an asynchronous run the updates in the buffer (a client
+/// may have two there).
+fn contributions(buffered: bool, open: &OpenRound) -> usize {
+    if buffered {
+        open.acc.count()
+    } else {
+        open.accepted.len()
     }
 }

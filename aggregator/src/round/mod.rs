@@ -299,9 +299,7 @@ impl RoundMachine {
                 // Resumed mid-round: same round, same sample, fresh deadline.
                 info!(round = open.round, sampled = ?open.sampled, accepted = open.accepted.len(),
                       "round resumed");
-                open.deadline_unix_ms = self
-                    .site_round_deadline(now)
-                    .unwrap_or(now + self.rules.round_timeout_ms);
+                open.deadline_unix_ms = self.round_deadline(now);
                 self.s.phase = Phase::Collecting(open);
                 self.publish_global(self.accounting_round(), out);
                 self.publish_announce(out);
@@ -632,9 +630,7 @@ impl RoundMachine {
             (Some(m), Some(median)) if median > 0.0 => Some(m * median),
             _ => self.rules.max_update_norm,
         };
-        let deadline = self
-            .site_round_deadline(now)
-            .unwrap_or(now + self.rules.round_timeout_ms);
+        let deadline = self.round_deadline(now);
         let sampled: BTreeSet<String> = sampled.into_iter().collect();
         let secure = self.rules.secure.is_some();
         if secure {

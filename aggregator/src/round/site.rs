@@ -350,11 +350,13 @@ impl RoundMachine {
         out.push(Action::Upstream(Outgoing::Join(join)));
     }
 
-    /// Site side: the deadline of a round opened now (a margin before the root's).
-    pub(super) fn site_round_deadline(&self, now: u64) -> Option<u64> {
-        let site = self.rules.site.as_ref()?;
-        let a = self.s.upstream.announce.as_ref()?;
-        Some(site_deadline(site, a, self.rules.round_timeout_ms, now))
+    /// The deadline of a round opened (or resumed) now: the round timeout from now, and for a
+    /// site that has the root's announcement, a margin before the root's deadline.
+    pub(super) fn round_deadline(&self, now: u64) -> u64 {
+        match (&self.rules.site, &self.s.upstream.announce) {
+            (Some(site), Some(a)) => site_deadline(site, a, self.rules.round_timeout_ms, now),
+            _ => now + self.rules.round_timeout_ms,
+        }
     }
 
     /// Site side: whether round `next_round` may open now (the root announced it, sampling

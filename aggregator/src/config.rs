@@ -50,6 +50,8 @@ impl std::fmt::Debug for Secret {
 pub struct BrokerConfig {
     pub target: BrokerTarget,
     pub max_packet_bytes: usize,
+    /// Bytes of received publishes held before the machine has handled them.
+    pub receive_buffer_bytes: usize,
     pub client_id: String,
     pub keep_alive_secs: u64,
     /// TLS to an external broker (`mqtts://`).
@@ -882,6 +884,16 @@ fn validate_broker(b: BrokerTable, run_id: u64) -> Result<BrokerConfig, ConfigEr
             format!("{max_packet_bytes} is not between 4096 and 256 MiB"),
         ));
     }
+    let receive_buffer_bytes = b.receive_buffer_bytes.unwrap_or(16 << 20);
+    if !(max_packet_bytes..=1 << 30).contains(&receive_buffer_bytes) {
+        return Err(invalid(
+            "broker.receive_buffer_bytes",
+            format!(
+                "{receive_buffer_bytes} is not between broker.max_packet_bytes \
+                 ({max_packet_bytes}: one message must fit) and 1 GiB"
+            ),
+        ));
+    }
     // One session per run: a broker's queue for an earlier run (or a message that could never
     // be delivered to it) is not this run's.
     let client_id = b
@@ -893,6 +905,7 @@ fn validate_broker(b: BrokerTable, run_id: u64) -> Result<BrokerConfig, ConfigEr
     Ok(BrokerConfig {
         target,
         max_packet_bytes,
+        receive_buffer_bytes,
         client_id,
         keep_alive_secs: b.keep_alive_secs.unwrap_or(30).max(5),
         tls,
@@ -1162,6 +1175,7 @@ mod tests {
         assert_eq!(c.run.round_timeout_ms, 120_000);
         assert_eq!(c.strategy, StrategyKind::FedAvg);
         assert_eq!(c.broker.max_packet_bytes, 1 << 20);
+        assert_eq!(c.broker.receive_buffer_bytes, 16 << 20);
         assert_eq!(
             c.broker.target,
             BrokerTarget::Embedded {
@@ -1279,6 +1293,10 @@ mod tests {
             (
                 "[broker]\nmax_packet_bytes = 100\n",
                 "broker.max_packet_bytes",
+            ),
+            (
+                "[broker]\nmax_packet_bytes = 65536\nreceive_buffer_bytes = 65535\n",
+                "broker.receive_buffer_bytes",
             ),
             ("max_payload_bytes = 2000000\n", "max_payload_bytes"),
             ("max_chunked_updates = 0\n", "max_chunked_updates"),

@@ -11,10 +11,11 @@ use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, SubscribeFilter};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{error, info, warn};
 
 use crate::broker::{self, BrokerError};
@@ -138,6 +139,13 @@ pub const GLOBAL_ADAPTER_FILE: &str = "global-adapter.bin";
 /// they are acknowledged, instead of one per accepted update or join.
 const MAX_BATCH: usize = 1024;
 
+/// Requests (publishes, subscriptions, acknowledgements) the machine may queue for the MQTT
+/// task. Acknowledgements are one per received QoS 1 publish, and a broker cannot have more
+/// than 65 535 of those unacknowledged (packet ids are 16 bits): with room for all of them and
+/// the machine's own publishes, queueing a request never waits, so the machine never blocks on
+/// the MQTT task while that task waits for receive budget the machine would release.
+const REQUEST_CAPACITY: usize = 65_536 + 4_096;
+
 enum FromMqtt {
     /// Connected (again) to this broker of the list; whether it still held our session.
     Connected {
@@ -145,7 +153,8 @@ enum FromMqtt {
         session_present: bool,
     },
     Subscribed,
-    Publish(rumqttc::Publish),
+    /// A publish, with its share of the receive budget (released when it is handled).
+    Publish(rumqttc::Publish, OwnedSemaphorePermit),
     /// The connection failed or broke; the next attempt goes to `next`.
     Error {
         reason: String,
@@ -292,7 +301,7 @@ struct Shell {
     /// led to it is on disk.
     pending_checkpoint: bool,
     /// Publishes gathered for the next batch (see [`Shell::on_mqtt`]), not decoded yet.
-    batch: Vec<rumqttc::Publish>,
+    batch: Vec<(rumqttc::Publish, OwnedSemaphorePermit)>,
 }
 
 impl Shell {
@@ -441,9 +450,19 @@ impl Shell {
     > {
         let b = &self.config.broker;
         let mut failover = Failover::new(self.brokers(), |addr| self.mqtt_options(addr))?;
-        let (client, mut eventloop) = AsyncClient::new(failover.options(), 4096);
+        let (client, mut eventloop) = AsyncClient::new(failover.options(), REQUEST_CAPACITY);
         let (tx, rx) = mpsc::unbounded_channel();
         let limit = b.max_packet_bytes;
+        // The bytes of received publishes this task may hand over before the machine has
+        // handled them (`broker.receive_buffer_bytes`, at least one packet). When the machine
+        // falls behind, the task stops polling the event loop, so nothing more is read from the
+        // socket: TCP's flow control leaves the rest of a burst in the broker, which queues it
+        // for this session, instead of in this process. MQTT 3.1.1 has no receive maximum, and
+        // a broker's own in-flight limit (Mosquitto's `max_inflight_messages`) is the broker's
+        // setting: without this bound a burst of 10 000 updates of 100 KB moved up to 400 MB
+        // into the aggregator (docs/src/results/swarm.md).
+        let budget = b.receive_buffer_bytes.max(limit);
+        let receive = Arc::new(Semaphore::new(budget));
         let pump = tokio::spawn(async move {
             loop {
                 let msg = match eventloop.poll().await {
@@ -456,7 +475,20 @@ impl Shell {
                         }
                     }
                     Ok(MqttEvent::Incoming(Packet::SubAck(_))) => FromMqtt::Subscribed,
-                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => FromMqtt::Publish(p),
+                    Ok(MqttEvent::Incoming(Packet::Publish(mut p))) => {
+                        // Not polled while it waits: no more is read from the socket.
+                        let share =
+                            u32::try_from(p.payload.len().clamp(1, budget)).unwrap_or(u32::MAX);
+                        let Ok(permit) = receive.clone().acquire_many_owned(share).await else {
+                            break;
+                        };
+                        // The payload is a slice of rumqttc's read buffer, and one live slice
+                        // keeps the whole buffer (grown to hold every packet read with it)
+                        // allocated. Copied out, a waiting message costs its own size, which
+                        // the budget counts, and the buffer is reused.
+                        p.payload = bytes::Bytes::copy_from_slice(&p.payload);
+                        FromMqtt::Publish(p, permit)
+                    }
                     Ok(_) => continue,
                     Err(e) => {
                         let oversized = oversized_delivery(&e);
@@ -542,13 +574,13 @@ impl Shell {
                 session_present,
             }) => self.on_connected(client, &broker, session_present).await?,
             Some(FromMqtt::Subscribed) => self.on_subscribed(),
-            Some(FromMqtt::Publish(p)) => {
+            Some(FromMqtt::Publish(p, permit)) => {
                 self.arrived = Instant::now();
                 // Decoded one at a time by `handle`.
-                self.batch.push(p);
+                self.batch.push((p, permit));
                 for _ in 1..MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(FromMqtt::Publish(p)) => self.batch.push(p),
+                        Ok(FromMqtt::Publish(p, permit)) => self.batch.push((p, permit)),
                         Ok(other) => {
                             *held = Some(other);
                             break;
@@ -658,8 +690,10 @@ impl Shell {
             let ev = match events.pop_front() {
                 Some(ev) => ev,
                 None => match batch.next() {
-                    Some(publish) => {
+                    Some((publish, permit)) => {
                         events.extend(self.on_publish(publish));
+                        // Its bytes are decoded (or refused): the MQTT task may read on.
+                        drop(permit);
                         continue;
                     }
                     None => break,

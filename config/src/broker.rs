@@ -28,6 +28,10 @@ pub struct BrokerTable {
     pub port: Option<u16>,
     /// Largest MQTT packet sent or accepted, bytes; payloads above it are chunked. Default 1 MiB.
     pub max_packet_bytes: Option<usize>,
+    /// Aggregator: bytes of received messages it holds before handling them; beyond this it
+    /// stops reading and the broker keeps the rest of a burst. Default 16 MiB, at least
+    /// `max_packet_bytes`.
+    pub receive_buffer_bytes: Option<usize>,
     /// Aggregator: its MQTT client id. Default `fedpeft-aggregator`.
     pub client_id: Option<String>,
     /// MQTT keep-alive, seconds. Default 30.

@@ -136,6 +136,9 @@ update_dtype = "{dtype}"
 [broker]
 {broker_table}
 max_packet_bytes = 1048576
+# The least it takes (one packet): a burst outgrows it, so the aggregator's MQTT task stops
+# reading while the machine catches up, and nothing may be lost or stall.
+receive_buffer_bytes = 1048576
 
 {layout}
 [output]

@@ -33,6 +33,12 @@ fn refuse_aggregator_keys(table: &BrokerTable) -> Result<(), ConfigError> {
             table.client_id.is_some(),
             "is the aggregator's MQTT client id; an edge client's is `client.id`",
         ),
+        (
+            "broker.receive_buffer_bytes",
+            table.receive_buffer_bytes.is_some(),
+            "bounds what the aggregator holds of a burst of updates; an edge client receives \
+             one announcement and one global adapter per round",
+        ),
     ] {
         if set {
             return Err(invalid(

@@ -432,6 +432,10 @@ fn the_aggregators_own_keys_of_the_shared_tables_are_refused_by_name() {
         ("[broker]\nport = 1884\n", "broker.port"),
         ("[broker]\nclient_id = \"agg\"\n", "broker.client_id"),
         (
+            "[broker]\nreceive_buffer_bytes = 65536\n",
+            "broker.receive_buffer_bytes",
+        ),
+        (
             "[security]\nenrolled_keys = \"keys.toml\"\n",
             "security.enrolled_keys",
         ),
